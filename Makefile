@@ -1,0 +1,40 @@
+# ferrite's front door. Every target installs what it needs, idempotently.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements-dev.txt)
+ORT_LIB     := $(CURDIR)/.cache/onnxruntime/libonnxruntime.so
+SERVER_BIN  := $(CURDIR)/target/debug/ferrite-server
+
+# ort (load-dynamic) finds ONNX Runtime through this variable.
+export ORT_DYLIB_PATH := $(ORT_LIB)
+
+.PHONY: help venv ort build test test-rust test-python demo clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+venv: $(VENV)/.installed ## Python virtualenv for tests and tools
+$(VENV)/.installed: requirements-dev.txt
+	@echo "==> creating $(VENV) (pinned in requirements-dev.txt)"
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --progress-bar on -r requirements-dev.txt
+	touch $@
+
+ort: $(ORT_LIB) ## ONNX Runtime shared library, taken from the pinned onnxruntime wheel
+$(ORT_LIB): $(VENV)/.installed
+	@mkdir -p $(dir $@)
+	cp -f $(VENV)/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION) $@
+	@echo "==> ONNX Runtime $(ORT_VERSION) at $@"
+
+build: ## build every binary (debug)
+	cargo build --workspace --bins
+
+test: venv ort build ## run every test
+	cargo test --workspace
+	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
+
+clean:
+	rm -rf target .cache

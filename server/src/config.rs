@@ -1,0 +1,164 @@
+//! Per-model settings: the server-wide defaults from the command line,
+//! overridden by an optional `ferrite.json` next to the model's versions.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::runtime::ExecutionProvider;
+
+/// File name of the per-model settings in a model repository.
+pub const MODEL_SETTINGS_FILE: &str = "ferrite.json";
+
+/// Settings a model may override. Every field is optional; unknown fields
+/// are refused so that a typo does not silently fall back to a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettingsFile {
+    pub max_batch_size: Option<usize>,
+    pub max_queue_delay_microseconds: Option<u64>,
+    pub max_queue_size: Option<usize>,
+    pub instance_count: Option<usize>,
+    pub intra_op_threads: Option<usize>,
+    pub execution_provider: Option<ExecutionProvider>,
+}
+
+impl ModelSettingsFile {
+    /// Reads `dir/ferrite.json`; a missing file means no overrides.
+    pub fn read(dir: &Path) -> anyhow::Result<ModelSettingsFile> {
+        let path = dir.join(MODEL_SETTINGS_FILE);
+        match std::fs::read(&path) {
+            Ok(text) => serde_json::from_slice(&text)
+                .map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelSettingsFile::default()),
+            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+/// The settings a model runs with, after defaults and overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSettings {
+    /// Largest batch the dynamic batcher forms; 1 turns batching off.
+    pub max_batch_size: usize,
+    /// How long the batcher may hold the oldest request to grow a batch.
+    pub max_queue_delay: Duration,
+    /// Requests that may wait; beyond it requests are refused (queue full).
+    pub max_queue_size: usize,
+    /// ONNX Runtime sessions, each on its own thread.
+    pub instance_count: usize,
+    /// Threads per session; 0 means the available CPUs divided by instances.
+    pub intra_op_threads: usize,
+    pub execution_provider: ExecutionProvider,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            max_batch_size: 32,
+            max_queue_delay: Duration::ZERO,
+            max_queue_size: 1024,
+            instance_count: 1,
+            intra_op_threads: 0,
+            execution_provider: ExecutionProvider::Cpu,
+        }
+    }
+}
+
+impl ModelSettings {
+    /// These settings with the file's overrides applied.
+    pub fn with_overrides(self, file: &ModelSettingsFile) -> ModelSettings {
+        ModelSettings {
+            max_batch_size: file.max_batch_size.unwrap_or(self.max_batch_size).max(1),
+            max_queue_delay: file
+                .max_queue_delay_microseconds
+                .map(Duration::from_micros)
+                .unwrap_or(self.max_queue_delay),
+            max_queue_size: file.max_queue_size.unwrap_or(self.max_queue_size).max(1),
+            instance_count: file.instance_count.unwrap_or(self.instance_count).max(1),
+            intra_op_threads: file.intra_op_threads.unwrap_or(self.intra_op_threads),
+            execution_provider: file.execution_provider.unwrap_or(self.execution_provider),
+        }
+    }
+
+    /// Threads per session: the configured count, or the CPUs this process
+    /// may use (its cgroup quota included) shared among the instances.
+    pub fn threads_per_instance(&self) -> usize {
+        if self.intra_op_threads > 0 {
+            return self.intra_op_threads;
+        }
+        (available_cpus() / self.instance_count).max(1)
+    }
+}
+
+/// CPUs this process may use: the smaller of the CPUs it may run on and its
+/// cgroup CPU quota (v2 `cpu.max` or v1 `cpu.cfs_quota_us`), rounded up.
+pub fn available_cpus() -> usize {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    match cgroup_cpu_quota() {
+        Some(quota) => cpus.min(quota.ceil().max(1.0) as usize),
+        None => cpus,
+    }
+}
+
+fn cgroup_cpu_quota() -> Option<f64> {
+    if let Ok(text) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        return parse_cpu_max(&text);
+    }
+    let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").ok()?;
+    let period = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_period_us").ok()?;
+    parse_cfs(&quota, &period)
+}
+
+/// Parses cgroup v2 `cpu.max` ("max 100000" or "200000 100000").
+fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut parts = text.split_whitespace();
+    let quota: f64 = parts.next()?.parse().ok()?;
+    let period: f64 = parts.next()?.parse().ok()?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
+}
+
+/// Parses cgroup v1 quota and period (-1 quota means unlimited).
+fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
+    let quota: f64 = quota.trim().parse().ok()?;
+    let period: f64 = period.trim().parse().ok()?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_quota_parsing() {
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("250000 100000\n"), Some(2.5));
+        assert_eq!(parse_cfs("-1\n", "100000\n"), None);
+        assert_eq!(parse_cfs("50000\n", "100000\n"), Some(0.5));
+    }
+
+    #[test]
+    fn overrides_apply_and_clamp() {
+        let file: ModelSettingsFile =
+            serde_json::from_str(r#"{"max_batch_size": 0, "instance_count": 3, "execution_provider": "cuda"}"#).unwrap();
+        let settings = ModelSettings::default().with_overrides(&file);
+        assert_eq!(settings.max_batch_size, 1);
+        assert_eq!(settings.instance_count, 3);
+        assert_eq!(settings.execution_provider, ExecutionProvider::Cuda);
+        assert_eq!(settings.max_queue_size, 1024);
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        assert!(serde_json::from_str::<ModelSettingsFile>(r#"{"max_batch": 4}"#).is_err());
+    }
+
+    #[test]
+    fn explicit_threads_win() {
+        let settings = ModelSettings { intra_op_threads: 3, ..ModelSettings::default() };
+        assert_eq!(settings.threads_per_instance(), 3);
+        let shared = ModelSettings { instance_count: 1024, ..ModelSettings::default() };
+        assert_eq!(shared.threads_per_instance(), 1);
+    }
+}

@@ -1,0 +1,187 @@
+//! The gRPC frontend: `inference.GRPCInferenceService` (KServe v2 with
+//! Triton's extensions). Converts messages with `codec` and hands requests
+//! to the models; it never touches ONNX Runtime.
+
+pub mod codec;
+pub mod limit;
+pub mod describe;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use ferrite_proto::inference::*;
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::InferError;
+use crate::state::ServerState;
+
+/// How many requests of one ModelStreamInfer stream run at once; responses
+/// keep the order of the requests.
+const STREAM_CONCURRENCY: usize = 64;
+
+/// The service implementation.
+pub struct InferenceService {
+    state: Arc<ServerState>,
+}
+
+impl InferenceService {
+    pub fn new(state: Arc<ServerState>) -> Self {
+        InferenceService { state }
+    }
+}
+
+/// Decodes, runs and encodes one ModelInfer request.
+async fn infer(
+    state: &ServerState,
+    message: ModelInferRequest,
+    deadline: Option<Instant>,
+) -> Result<ModelInferResponse, InferError> {
+    let size = message.encoded_len();
+    if size > state.max_message_bytes {
+        return Err(too_large(size, state.max_message_bytes));
+    }
+    let decoded = codec::decode_request(message, deadline)?;
+    let response = state.infer(&decoded.model_name, &decoded.model_version, decoded.request).await?;
+    Ok(codec::encode_response(response))
+}
+
+fn too_large(size: usize, limit: usize) -> InferError {
+    InferError::invalid(format!("the request is {size} bytes, over the server's limit of {limit} bytes"))
+}
+
+fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    codec::parse_grpc_timeout(value).map(|timeout| Instant::now() + timeout)
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse { ready: self.state.ready() }))
+    }
+
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let ready = self.state.model(&request.name, &request.version).is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(describe::server_metadata()))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.state.repository.get(&request.name, &request.version)?;
+        let versions = self.state.repository.loaded(Some(&request.name));
+        Ok(Response::new(describe::model_metadata(&model, &versions)))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let deadline = grpc_deadline(&request);
+        Ok(Response::new(infer(&self.state, request.into_inner(), deadline).await?))
+    }
+
+    type ModelStreamInferStream = ResponseStream;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let state = self.state.clone();
+        let responses = request
+            .into_inner()
+            .map(move |message| {
+                let state = state.clone();
+                async move {
+                    let reply = match message {
+                        Ok(message) => infer(&state, message, None).await,
+                        // A malformed or oversized message: say so on the stream.
+                        Err(status) => Err(InferError::invalid(status.message().to_string())),
+                    };
+                    Ok(match reply {
+                        Ok(response) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        Err(error) => ModelStreamInferResponse { error_message: error.message, infer_response: None },
+                    })
+                }
+            })
+            .buffered(STREAM_CONCURRENCY);
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.state.repository.get(&request.name, &request.version)?;
+        Ok(Response::new(ModelConfigResponse { config: Some(describe::model_config(&model)) }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let models = if request.name.is_empty() {
+            self.state.repository.loaded(None)
+        } else {
+            vec![self.state.repository.get(&request.name, &request.version)?]
+        };
+        let model_stats = models.iter().map(|m| describe::model_statistics(m)).collect();
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let ready_only = request.into_inner().ready;
+        let models = self
+            .state
+            .repository
+            .index()
+            .into_iter()
+            .filter(|entry| !ready_only || entry.state == "READY")
+            .map(|entry| repository_index_response::ModelIndex {
+                name: entry.name,
+                version: entry.version,
+                state: entry.state.to_string(),
+                reason: entry.reason,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.state.repository.load(&request.into_inner().model_name).await?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.state.repository.unload(&request.into_inner().model_name).await?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+}

@@ -1,0 +1,327 @@
+//! The HTTP frontend: the KServe v2 REST API with Triton's extensions
+//! (binary tensor data, model configuration, statistics, repository), and
+//! the Prometheus endpoint served on the metrics port.
+
+mod json;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::error::InferError;
+use crate::grpc::describe;
+use crate::metrics::METRICS;
+use crate::model::{InferRequest, Model};
+use crate::scheduler::Priority;
+use crate::state::ServerState;
+
+type AppState = Arc<ServerState>;
+
+/// An error as the KServe REST API reports it.
+struct HttpError(InferError);
+
+impl From<InferError> for HttpError {
+    fn from(error: InferError) -> Self {
+        HttpError(error)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (self.0.kind.http_status(), Json(json!({"error": self.0.message}))).into_response()
+    }
+}
+
+type HttpResult<T> = Result<T, HttpError>;
+
+/// Routes of the inference API.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_message_bytes;
+    Router::new()
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2", get(|| async { Json(server_metadata()) }))
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_version))
+        .route("/v2/models/{model}/stats", get(model_statistics))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_statistics_version))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load))
+        .route("/v2/repository/models/{model}/unload", post(unload))
+        // Bodies over the limit are refused while being read (see `infer`).
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Routes of the metrics port.
+pub fn metrics_router() -> Router {
+    Router::new().route(
+        "/metrics",
+        get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }),
+    )
+}
+
+async fn server_ready(State(state): State<AppState>) -> StatusCode {
+    if state.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+fn server_metadata() -> Value {
+    let meta = describe::server_metadata();
+    json!({"name": meta.name, "version": meta.version, "extensions": meta.extensions})
+}
+
+async fn model_metadata(state: State<AppState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
+    model_metadata_version(state, Path((model, String::new()))).await
+}
+
+async fn model_metadata_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> HttpResult<Json<Value>> {
+    let model = state.repository.get(&name, &version)?;
+    let meta = describe::model_metadata(&model, &state.repository.loaded(Some(&name)));
+    let tensor = |t: &ferrite_proto::inference::model_metadata_response::TensorMetadata| {
+        json!({"name": t.name, "datatype": t.datatype, "shape": t.shape})
+    };
+    Ok(Json(json!({
+        "name": meta.name,
+        "versions": meta.versions,
+        "platform": meta.platform,
+        "inputs": meta.inputs.iter().map(tensor).collect::<Vec<_>>(),
+        "outputs": meta.outputs.iter().map(tensor).collect::<Vec<_>>(),
+    })))
+}
+
+async fn model_ready(state: State<AppState>, Path(model): Path<String>) -> StatusCode {
+    model_ready_version(state, Path((model, String::new()))).await
+}
+
+async fn model_ready_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> StatusCode {
+    if state.model(&name, &version).is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+async fn model_config(state: State<AppState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
+    model_config_version(state, Path((model, String::new()))).await
+}
+
+/// The Triton-style configuration as JSON, with enum names as Triton
+/// prints them.
+async fn model_config_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> HttpResult<Json<Value>> {
+    let model = state.repository.get(&name, &version)?;
+    let tensors = |specs: &[crate::runtime::TensorSpec]| {
+        specs
+            .iter()
+            .map(|spec| {
+                json!({
+                    "name": spec.name,
+                    "data_type": format!("TYPE_{}", if spec.datatype.as_str() == "BYTES" { "STRING" } else { spec.datatype.as_str() }),
+                    "dims": describe::config_dims(&model, spec),
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut config = json!({
+        "name": model.name,
+        "platform": describe::PLATFORM,
+        "backend": "onnxruntime",
+        "version_policy": {"all": {}},
+        "max_batch_size": model.max_batch_size.unwrap_or(0),
+        "input": tensors(&model.signature.inputs),
+        "output": tensors(&model.signature.outputs),
+        "instance_group": [{"name": format!("{}_0", model.name), "count": model.settings.instance_count,
+            "kind": if model.settings.execution_provider == crate::runtime::ExecutionProvider::Cpu { "KIND_CPU" } else { "KIND_GPU" }}],
+    });
+    if model.max_batch_size.is_some() {
+        config["dynamic_batching"] = json!({
+            "max_queue_delay_microseconds": model.settings.max_queue_delay.as_micros() as u64,
+            "priority_levels": 2,
+            "default_priority_level": 2,
+        });
+    }
+    Ok(Json(config))
+}
+
+fn statistics_json(models: &[Arc<Model>]) -> Value {
+    let duration = |d: Option<ferrite_proto::inference::StatisticDuration>| {
+        let d = d.unwrap_or_default();
+        json!({"count": d.count, "ns": d.ns})
+    };
+    let stats: Vec<Value> = models
+        .iter()
+        .map(|model| {
+            let s = describe::model_statistics(model);
+            let i = s.inference_stats.unwrap_or_default();
+            json!({
+                "name": s.name,
+                "version": s.version,
+                "last_inference": s.last_inference,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    "success": duration(i.success), "fail": duration(i.fail), "queue": duration(i.queue),
+                    "compute_input": duration(i.compute_input), "compute_infer": duration(i.compute_infer),
+                    "compute_output": duration(i.compute_output), "cache_hit": duration(i.cache_hit),
+                    "cache_miss": duration(i.cache_miss),
+                },
+                "batch_stats": s.batch_stats.into_iter().map(|b| json!({
+                    "batch_size": b.batch_size,
+                    "compute_input": duration(b.compute_input),
+                    "compute_infer": duration(b.compute_infer),
+                    "compute_output": duration(b.compute_output),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"model_stats": stats})
+}
+
+async fn all_statistics(State(state): State<AppState>) -> Json<Value> {
+    Json(statistics_json(&state.repository.loaded(None)))
+}
+
+async fn model_statistics(state: State<AppState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
+    model_statistics_version(state, Path((model, String::new()))).await
+}
+
+async fn model_statistics_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> HttpResult<Json<Value>> {
+    let model = state.repository.get(&name, &version)?;
+    Ok(Json(statistics_json(&[model])))
+}
+
+async fn repository_index(State(state): State<AppState>, body: Bytes) -> Json<Value> {
+    let ready_only = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["ready"].as_bool()).unwrap_or(false);
+    let entries: Vec<Value> = state
+        .repository
+        .index()
+        .into_iter()
+        .filter(|e| !ready_only || e.state == "READY")
+        .map(|e| {
+            let mut entry = json!({"name": e.name, "state": e.state});
+            if !e.version.is_empty() {
+                entry["version"] = json!(e.version);
+            }
+            if !e.reason.is_empty() {
+                entry["reason"] = json!(e.reason);
+            }
+            entry
+        })
+        .collect();
+    Json(Value::Array(entries))
+}
+
+async fn load(State(state): State<AppState>, Path(model): Path<String>) -> HttpResult<StatusCode> {
+    state.repository.load(&model).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn unload(State(state): State<AppState>, Path(model): Path<String>) -> HttpResult<StatusCode> {
+    state.repository.unload(&model).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn infer(
+    state: State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> HttpResult<Response> {
+    infer_version(state, Path((model, String::new())), headers, body).await
+}
+
+async fn infer_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> HttpResult<Response> {
+    let body = body.map_err(|e| {
+        InferError::invalid(format!(
+            "cannot read the request body (the limit is {} bytes): {e}",
+            state.max_message_bytes
+        ))
+    })?;
+    let header_length = match headers.get(json::HEADER_LENGTH) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| InferError::invalid(format!("{} must be a byte count", json::HEADER_LENGTH)))?,
+        ),
+        None => None,
+    };
+    let (request, binary) = json::split_body(&body, header_length)?;
+    let priority = match request.parameters.get("priority").and_then(Value::as_i64) {
+        Some(1) => Priority::High,
+        _ => Priority::Normal,
+    };
+    let deadline = request
+        .parameters
+        .get("timeout")
+        .and_then(Value::as_u64)
+        .filter(|&us| us > 0)
+        .map(|us| Instant::now() + std::time::Duration::from_micros(us));
+    let binary_default = request.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    let outputs = request.outputs.unwrap_or_default();
+    let binary_outputs: Vec<(String, bool)> = outputs
+        .iter()
+        .map(|o| {
+            let binary = o.parameters.get("binary_data").and_then(Value::as_bool).unwrap_or(binary_default);
+            (o.name.clone(), binary)
+        })
+        .collect();
+    let inputs = json::decode_inputs(request.inputs, binary)?;
+    let id = request.id.unwrap_or_default();
+    let response = state
+        .infer(
+            &name,
+            &version,
+            InferRequest {
+                id: id.clone(),
+                inputs,
+                outputs: outputs.into_iter().map(|o| o.name).collect(),
+                priority,
+                deadline,
+            },
+        )
+        .await?;
+    let is_binary = |output: &str| {
+        binary_outputs.iter().find(|(name, _)| name == output).map(|(_, b)| *b).unwrap_or(binary_default)
+    };
+    let (body, json_len) =
+        json::encode_response(&response.model_name, &response.model_version, &id, &response.outputs, is_binary);
+    Ok(match json_len {
+        Some(len) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::HeaderName::from_static(json::HEADER_LENGTH), len.to_string()),
+            ],
+            body,
+        )
+            .into_response(),
+        None => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+    })
+}

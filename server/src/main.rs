@@ -1,0 +1,149 @@
+//! The `ferrite-server` command line.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferrite_server::config::ModelSettings;
+use ferrite_server::repository::Sources;
+use ferrite_server::runtime::ExecutionProvider;
+use ferrite_server::server::{serve, ServeOptions};
+
+/// ferrite model server: serves ONNX models over the Open Inference Protocol
+/// (KServe v2 / Triton) on gRPC and HTTP, with dynamic batching.
+#[derive(Parser, Debug)]
+#[command(name = "ferrite-server", version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "FERRITE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve models until SIGTERM (then drain and exit 0).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Model repository: every DIR/<model>/<version>/model.onnx is served;
+    /// an optional DIR/<model>/ferrite.json overrides the settings below.
+    #[arg(long, env = "FERRITE_MODEL_REPOSITORY")]
+    model_repository: Option<PathBuf>,
+    /// Serve one ONNX file as NAME (version 1). Repeatable; in the
+    /// environment, separate entries with commas.
+    #[arg(long = "model", value_name = "NAME=PATH", env = "FERRITE_MODELS", value_delimiter = ',', value_parser = parse_model)]
+    models: Vec<(String, PathBuf)>,
+    /// Address to listen on. With no model flags at all, the embedded demo
+    /// model `demo` is served.
+    #[arg(long, env = "FERRITE_HOST", default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// Port of the KServe v2 REST API.
+    #[arg(long, env = "FERRITE_HTTP_PORT", default_value_t = 8000)]
+    http_port: u16,
+    /// Port of the gRPC API (inference, health, reflection).
+    #[arg(long, env = "FERRITE_GRPC_PORT", default_value_t = 8001)]
+    grpc_port: u16,
+    /// Port of the Prometheus /metrics endpoint.
+    #[arg(long, env = "FERRITE_METRICS_PORT", default_value_t = 8002)]
+    metrics_port: u16,
+    /// Largest dynamic batch; 1 turns batching off. Batching applies to
+    /// models whose inputs and outputs all have a dynamic first dimension.
+    #[arg(long, env = "FERRITE_MAX_BATCH_SIZE", default_value_t = 32)]
+    max_batch_size: usize,
+    /// Longest time (microseconds) the batcher holds a request to grow a
+    /// batch; 0 batches only what is already waiting.
+    #[arg(long, env = "FERRITE_MAX_QUEUE_DELAY_US", default_value_t = 0)]
+    max_queue_delay_us: u64,
+    /// Requests that may wait per model; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "FERRITE_MAX_QUEUE_SIZE", default_value_t = 1024)]
+    max_queue_size: usize,
+    /// ONNX Runtime sessions per model, each on its own thread.
+    #[arg(long, env = "FERRITE_INSTANCES", default_value_t = 1)]
+    instances: usize,
+    /// Threads per session; 0 divides the CPUs this container may use
+    /// (cgroup quota included) among the instances.
+    #[arg(long, env = "FERRITE_INTRA_OP_THREADS", default_value_t = 0)]
+    intra_op_threads: usize,
+    /// Execution provider.
+    #[arg(long, env = "FERRITE_EXECUTION_PROVIDER", value_enum, default_value = "cpu")]
+    execution_provider: ExecutionProvider,
+    /// Largest request message, in bytes, on gRPC and HTTP.
+    #[arg(long, env = "FERRITE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Seconds that requests in flight get to finish after SIGTERM.
+    #[arg(long, env = "FERRITE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    shutdown_grace_seconds: u64,
+    /// The ONNX Runtime shared library (libonnxruntime.so).
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = "libonnxruntime.so")]
+    onnxruntime: PathBuf,
+}
+
+fn parse_model(value: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = value.split_once('=').ok_or("expected NAME=PATH")?;
+    if name.is_empty() || path.is_empty() {
+        return Err("expected NAME=PATH".into());
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+impl ServeArgs {
+    fn into_options(self) -> ServeOptions {
+        let files: BTreeMap<String, PathBuf> = self.models.into_iter().collect();
+        let embedded = (self.model_repository.is_none() && files.is_empty())
+            .then_some((ferrite_server::DEMO_MODEL_NAME.to_string(), ferrite_server::DEMO_MODEL));
+        ServeOptions {
+            grpc_addr: SocketAddr::new(self.host, self.grpc_port),
+            http_addr: SocketAddr::new(self.host, self.http_port),
+            metrics_addr: SocketAddr::new(self.host, self.metrics_port),
+            sources: Sources { repository: self.model_repository, files, embedded },
+            defaults: ModelSettings {
+                max_batch_size: self.max_batch_size.max(1),
+                max_queue_delay: Duration::from_micros(self.max_queue_delay_us),
+                max_queue_size: self.max_queue_size.max(1),
+                instance_count: self.instances.max(1),
+                intra_op_threads: self.intra_op_threads,
+                execution_provider: self.execution_provider,
+            },
+            max_message_bytes: self.max_message_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            onnxruntime: self.onnxruntime,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => {
+            let options = args.into_options();
+            if options.sources.embedded.is_some() {
+                tracing::info!("no model given: serving the embedded demo model 'demo'");
+            }
+            serve(options).await
+        }
+    }
+}

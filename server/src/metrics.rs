@@ -1,0 +1,88 @@
+//! Prometheus metrics of the data path. Names start with `ferrite_`; the
+//! autoscaler reads `ferrite_queue_depth` and `ferrite_inflight_requests`.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric family the server exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub inflight: IntGaugeVec,
+    pub queue_duration: HistogramVec,
+    pub compute_duration: HistogramVec,
+    pub request_duration: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub model_load_duration: HistogramVec,
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        // 50 us .. ~100 s: micro models answer in microseconds, big ones in seconds.
+        let latency = exponential_buckets(50e-6, 2.0, 22).expect("valid buckets");
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
+                .expect("valid histogram");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("valid gauge");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let requests = IntCounterVec::new(
+            Opts::new("ferrite_requests_total", "Inference requests by model and outcome (success or failure reason)"),
+            &["model", "outcome"],
+        )
+        .expect("valid counter");
+        registry.register(Box::new(requests.clone())).expect("unique metric");
+        Metrics {
+            requests,
+            queue_depth: gauge("ferrite_queue_depth", "Requests waiting in the model's queue"),
+            inflight: gauge("ferrite_inflight_requests", "Requests executing on the model's sessions"),
+            queue_duration: histogram(
+                "ferrite_queue_duration_seconds",
+                "Time a request waited in the queue",
+                latency.clone(),
+            ),
+            compute_duration: histogram(
+                "ferrite_compute_duration_seconds",
+                "Time ONNX Runtime spent on the request's batch",
+                latency.clone(),
+            ),
+            request_duration: histogram(
+                "ferrite_request_duration_seconds",
+                "Time from admission to response",
+                latency.clone(),
+            ),
+            batch_size: histogram(
+                "ferrite_batch_size",
+                "Requests per executed batch",
+                exponential_buckets(1.0, 2.0, 11).expect("valid buckets"),
+            ),
+            model_load_duration: histogram(
+                "ferrite_model_load_duration_seconds",
+                "Time to load a model version",
+                exponential_buckets(0.01, 2.0, 16).expect("valid buckets"),
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}

@@ -1,0 +1,287 @@
+//! A loaded model version: its signature, settings, statistics and
+//! scheduler, and the validation that stands between a request and ONNX
+//! Runtime.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::ModelSettings;
+use crate::error::{ErrorKind, InferError, InferResult};
+use crate::metrics::METRICS;
+use crate::runtime::{self, ModelBytes, Runtime, SessionOptions, Signature, TensorSpec};
+use crate::scheduler::{Job, Priority, Scheduler};
+use crate::stats::ModelStats;
+use crate::tensor::Tensor;
+
+/// An inference request in protocol-neutral form.
+#[derive(Debug, Default)]
+pub struct InferRequest {
+    pub id: String,
+    pub inputs: Vec<Tensor>,
+    /// Outputs to return, in order; empty means every output.
+    pub outputs: Vec<String>,
+    pub priority: Priority,
+    /// Latest time the request may start running.
+    pub deadline: Option<Instant>,
+}
+
+/// The answer to an [`InferRequest`].
+#[derive(Debug)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: String,
+    pub outputs: Vec<Tensor>,
+}
+
+/// One loaded version of a model.
+pub struct Model {
+    pub name: String,
+    pub version: u64,
+    pub signature: Signature,
+    pub settings: ModelSettings,
+    /// Largest batch the dynamic batcher forms; `None` when the model is
+    /// served without batching (shapes passed through as they are).
+    pub max_batch_size: Option<usize>,
+    pub stats: Arc<ModelStats>,
+    scheduler: Scheduler,
+}
+
+impl Model {
+    /// Loads `instance_count` sessions of the model and starts its scheduler.
+    pub fn load(
+        runtime: &Runtime,
+        name: &str,
+        version: u64,
+        source: &ModelBytes,
+        settings: ModelSettings,
+    ) -> anyhow::Result<Model> {
+        let started = Instant::now();
+        let options = SessionOptions {
+            execution_provider: settings.execution_provider,
+            intra_op_threads: settings.threads_per_instance(),
+        };
+        let sessions = (0..settings.instance_count)
+            .map(|_| runtime.session(source, options))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let signature = runtime::signature(&sessions[0])?;
+        let max_batch_size = batchable(&signature).then_some(settings.max_batch_size).filter(|&n| n > 1);
+        let stats = Arc::new(ModelStats::default());
+        let scheduler = Scheduler::start(name, sessions, settings, max_batch_size.is_some(), stats.clone());
+        METRICS.model_load_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            model = name,
+            version,
+            instances = settings.instance_count,
+            threads = options.intra_op_threads,
+            max_batch_size = max_batch_size.unwrap_or(0),
+            seconds = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(Model { name: name.to_string(), version, signature, settings, max_batch_size, stats, scheduler })
+    }
+
+    /// Validates and runs a request.
+    pub async fn infer(&self, request: InferRequest) -> InferResult<InferResponse> {
+        let started = Instant::now();
+        let id = request.id.clone();
+        let result = async {
+            let job = validate(&self.signature, self.max_batch_size, request)?;
+            self.scheduler.submit(job).await
+        }
+        .await;
+        let elapsed = started.elapsed();
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.kind.metric_label(),
+        };
+        METRICS.requests.with_label_values(&[&self.name, outcome]).inc();
+        METRICS.request_duration.with_label_values(&[&self.name]).observe(elapsed.as_secs_f64());
+        self.stats.record_request(result.is_ok(), elapsed);
+        Ok(InferResponse {
+            model_name: self.name.clone(),
+            model_version: self.version.to_string(),
+            id,
+            outputs: result?,
+        })
+    }
+
+    /// Stops accepting requests; queued ones still finish.
+    pub fn close(&self) {
+        self.scheduler.close();
+    }
+}
+
+/// A model can be batched when every input and output has a dynamic first
+/// dimension.
+fn batchable(signature: &Signature) -> bool {
+    let dynamic_first = |spec: &TensorSpec| spec.shape.first() == Some(&-1);
+    signature.inputs.iter().all(dynamic_first) && signature.outputs.iter().all(dynamic_first)
+}
+
+/// Checks a request against the model and turns it into a [`Job`]: every
+/// input present once with the right datatype and shape, no unknown inputs
+/// or outputs, and a batch no larger than the model allows.
+pub fn validate(signature: &Signature, max_batch_size: Option<usize>, request: InferRequest) -> InferResult<Job> {
+    let mut seen = HashSet::new();
+    for tensor in &request.inputs {
+        if !seen.insert(tensor.name.as_str()) {
+            return Err(InferError::invalid(format!("input '{}' is given more than once", tensor.name)));
+        }
+        if !signature.inputs.iter().any(|spec| spec.name == tensor.name) {
+            let expected: Vec<&str> = signature.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(InferError::invalid(format!(
+                "unexpected input '{}': the model's inputs are {expected:?}",
+                tensor.name
+            )));
+        }
+    }
+    let mut by_name: std::collections::HashMap<String, Tensor> =
+        request.inputs.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut inputs = Vec::with_capacity(signature.inputs.len());
+    let mut rows: Option<i64> = None;
+    for spec in &signature.inputs {
+        let tensor = by_name
+            .remove(&spec.name)
+            .ok_or_else(|| InferError::invalid(format!("missing input '{}'", spec.name)))?;
+        if tensor.datatype != spec.datatype {
+            return Err(InferError::invalid(format!(
+                "input '{}' has datatype {} but the model expects {}",
+                spec.name, tensor.datatype, spec.datatype
+            )));
+        }
+        if !shape_matches(&spec.shape, &tensor.shape) {
+            return Err(InferError::invalid(format!(
+                "input '{}' has shape {:?} but the model expects {:?} (-1 is any size)",
+                spec.name, tensor.shape, spec.shape
+            )));
+        }
+        if let Some(max) = max_batch_size {
+            let batch = tensor.shape[0];
+            if batch < 1 || batch as usize > max {
+                return Err(InferError::invalid(format!(
+                    "input '{}' has batch size {batch}; this model takes 1 to {max}",
+                    spec.name
+                )));
+            }
+            if rows.is_some_and(|r| r != batch) {
+                return Err(InferError::invalid(format!(
+                    "input '{}' has batch size {batch}, unlike the other inputs ({})",
+                    spec.name,
+                    rows.unwrap_or_default()
+                )));
+            }
+            rows = Some(batch);
+        }
+        inputs.push(tensor);
+    }
+    let outputs = if request.outputs.is_empty() {
+        signature.outputs.iter().map(|s| s.name.clone()).collect()
+    } else {
+        let mut seen = HashSet::new();
+        for name in &request.outputs {
+            if !signature.outputs.iter().any(|spec| &spec.name == name) {
+                let expected: Vec<&str> = signature.outputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(InferError::invalid(format!(
+                    "unknown output '{name}': the model's outputs are {expected:?}"
+                )));
+            }
+            if !seen.insert(name) {
+                return Err(InferError::invalid(format!("output '{name}' is requested more than once")));
+            }
+        }
+        request.outputs
+    };
+    Ok(Job {
+        inputs,
+        rows: rows.unwrap_or(1) as usize,
+        outputs,
+        priority: request.priority,
+        deadline: request.deadline,
+    })
+}
+
+fn shape_matches(expected: &[i64], actual: &[i64]) -> bool {
+    expected.len() == actual.len() && expected.iter().zip(actual).all(|(&e, &a)| e < 0 || e == a)
+}
+
+/// Error for a model or version that is not loaded.
+pub fn model_not_found(name: &str, version: &str) -> InferError {
+    if version.is_empty() {
+        InferError::new(ErrorKind::NotFound, format!("model '{name}' is not loaded"))
+    } else {
+        InferError::new(ErrorKind::NotFound, format!("model '{name}' version '{version}' is not loaded"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{DataType, TensorData};
+
+    fn signature() -> Signature {
+        let spec = |name: &str, shape: Vec<i64>| TensorSpec { name: name.into(), datatype: DataType::Fp32, shape };
+        Signature {
+            inputs: vec![spec("a", vec![-1, 2]), spec("b", vec![-1, 2])],
+            outputs: vec![spec("sum", vec![-1, 2]), spec("diff", vec![-1, 2])],
+        }
+    }
+
+    fn fp32(name: &str, shape: Vec<i64>) -> Tensor {
+        let n: i64 = shape.iter().product();
+        Tensor {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape,
+            data: TensorData::Raw(vec![0u8; n as usize * 4].into()),
+        }
+    }
+
+    fn request(inputs: Vec<Tensor>, outputs: &[&str]) -> InferRequest {
+        InferRequest { inputs, outputs: outputs.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    }
+
+    fn error(result: InferResult<Job>) -> String {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        err.message
+    }
+
+    #[test]
+    fn good_request_is_ordered_by_the_model() {
+        let job = validate(&signature(), Some(8), request(vec![fp32("b", vec![3, 2]), fp32("a", vec![3, 2])], &[]))
+            .unwrap();
+        assert_eq!(job.inputs[0].name, "a");
+        assert_eq!(job.rows, 3);
+        assert_eq!(job.outputs, vec!["sum", "diff"]);
+    }
+
+    #[test]
+    fn bad_requests_name_the_problem() {
+        let sig = signature();
+        let a = || fp32("a", vec![1, 2]);
+        let b = || fp32("b", vec![1, 2]);
+        assert!(error(validate(&sig, Some(8), request(vec![a()], &[]))).contains("missing input 'b'"));
+        assert!(error(validate(&sig, Some(8), request(vec![a(), b(), fp32("c", vec![1, 2])], &[])))
+            .contains("unexpected input 'c'"));
+        assert!(error(validate(&sig, Some(8), request(vec![a(), a(), b()], &[]))).contains("more than once"));
+        assert!(error(validate(&sig, Some(8), request(vec![a(), fp32("b", vec![1, 3])], &[]))).contains("shape"));
+        assert!(error(validate(&sig, Some(8), request(vec![a(), fp32("b", vec![2, 2])], &[])))
+            .contains("unlike the other inputs"));
+        assert!(error(validate(&sig, Some(2), request(vec![fp32("a", vec![3, 2]), fp32("b", vec![3, 2])], &[])))
+            .contains("1 to 2"));
+        assert!(error(validate(&sig, Some(8), request(vec![a(), b()], &["nope"]))).contains("unknown output 'nope'"));
+        let mut wrong_type = b();
+        wrong_type.datatype = DataType::Int32;
+        assert!(error(validate(&sig, Some(8), request(vec![a(), wrong_type], &[]))).contains("datatype INT32"));
+    }
+
+    #[test]
+    fn without_batching_shapes_pass_through() {
+        let job = validate(&signature(), None, request(vec![fp32("a", vec![0, 2]), fp32("b", vec![0, 2])], &["diff"]))
+            .unwrap();
+        assert_eq!(job.rows, 1);
+        assert_eq!(job.outputs, vec!["diff"]);
+    }
+}

@@ -1,0 +1,281 @@
+//! The set of models the server knows: where each comes from (a model
+//! repository directory, a single file, or the embedded demo), which
+//! versions are loaded, and loading and unloading them at run time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::config::{ModelSettings, ModelSettingsFile};
+use crate::error::{ErrorKind, InferError, InferResult};
+use crate::model::{model_not_found, Model};
+use crate::runtime::{ModelBytes, Runtime};
+
+/// File name of a model version inside `<repository>/<model>/<version>/`.
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// Where the server finds its models.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// A Triton-style repository: `<root>/<model>/<version>/model.onnx`.
+    pub repository: Option<PathBuf>,
+    /// Single files served as version 1 under the given names.
+    pub files: BTreeMap<String, PathBuf>,
+    /// A model built into the binary, served as version 1.
+    pub embedded: Option<(String, &'static [u8])>,
+}
+
+/// One entry of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    /// READY or UNAVAILABLE, as Triton reports them.
+    pub state: &'static str,
+    pub reason: String,
+}
+
+enum State {
+    Ready(BTreeMap<u64, Arc<Model>>),
+    Unavailable(String),
+}
+
+/// The models of this server.
+pub struct Repository {
+    runtime: Arc<Runtime>,
+    sources: Sources,
+    defaults: ModelSettings,
+    models: RwLock<BTreeMap<String, State>>,
+    health: HealthReporter,
+}
+
+impl Repository {
+    pub fn new(runtime: Arc<Runtime>, sources: Sources, defaults: ModelSettings, health: HealthReporter) -> Self {
+        Repository { runtime, sources, defaults, models: RwLock::new(BTreeMap::new()), health }
+    }
+
+    /// Loads every model the sources name. A model that fails to load is
+    /// marked unavailable with its reason; the others still serve.
+    pub async fn load_all(&self) {
+        for name in self.source_names() {
+            if let Err(error) = self.load(&name).await {
+                tracing::error!(model = %name, %error, "model failed to load");
+            }
+        }
+    }
+
+    /// Loads (or reloads) every version of `name` from its source.
+    pub async fn load(&self, name: &str) -> InferResult<()> {
+        let (versions, settings) = self.discover(name)?;
+        let runtime = self.runtime.clone();
+        let model_name = name.to_string();
+        let loaded = tokio::task::spawn_blocking(move || {
+            versions
+                .into_iter()
+                .map(|(version, bytes)| {
+                    Model::load(&runtime, &model_name, version, &bytes, settings).map(|m| (version, Arc::new(m)))
+                })
+                .collect::<anyhow::Result<BTreeMap<_, _>>>()
+        })
+        .await
+        .map_err(|e| InferError::internal(format!("loading '{name}' panicked: {e}")))?;
+        match loaded {
+            Ok(versions) => {
+                self.replace(name, State::Ready(versions));
+                self.health.set_service_status(name, ServingStatus::Serving).await;
+                Ok(())
+            }
+            Err(error) => {
+                let reason = format!("{error:#}");
+                self.replace(name, State::Unavailable(reason.clone()));
+                self.health.set_service_status(name, ServingStatus::NotServing).await;
+                Err(InferError::invalid(format!("failed to load model '{name}': {reason}")))
+            }
+        }
+    }
+
+    /// Unloads every version of `name`. Requests already queued finish.
+    pub async fn unload(&self, name: &str) -> InferResult<()> {
+        if !self.models.read().expect("models lock").contains_key(name) {
+            return Err(model_not_found(name, ""));
+        }
+        self.replace(name, State::Unavailable("unloaded".to_string()));
+        self.health.set_service_status(name, ServingStatus::NotServing).await;
+        tracing::info!(model = name, "model unloaded");
+        Ok(())
+    }
+
+    fn replace(&self, name: &str, state: State) {
+        let old = self.models.write().expect("models lock").insert(name.to_string(), state);
+        if let Some(State::Ready(versions)) = old {
+            versions.values().for_each(|model| model.close());
+        }
+    }
+
+    /// The model version to serve: `version` if given, else the highest.
+    pub fn get(&self, name: &str, version: &str) -> InferResult<Arc<Model>> {
+        let models = self.models.read().expect("models lock");
+        let Some(State::Ready(versions)) = models.get(name) else {
+            return Err(model_not_found(name, ""));
+        };
+        let model = if version.is_empty() {
+            versions.values().next_back()
+        } else {
+            version.parse::<u64>().ok().and_then(|v| versions.get(&v))
+        };
+        model.cloned().ok_or_else(|| model_not_found(name, version))
+    }
+
+    /// Every loaded version of every model (or of `name` only).
+    pub fn loaded(&self, name: Option<&str>) -> Vec<Arc<Model>> {
+        let models = self.models.read().expect("models lock");
+        models
+            .iter()
+            .filter(|(model, _)| name.is_none_or(|n| n == model.as_str()))
+            .filter_map(|(_, state)| match state {
+                State::Ready(versions) => Some(versions.values().cloned()),
+                State::Unavailable(_) => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Whether every model this server was asked to serve is ready.
+    pub fn all_ready(&self) -> bool {
+        let models = self.models.read().expect("models lock");
+        !models.is_empty() && models.values().all(|state| matches!(state, State::Ready(_)))
+    }
+
+    /// Every known model and its state, including repository models never
+    /// loaded.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let models = self.models.read().expect("models lock");
+        let mut names = self.source_names();
+        names.extend(models.keys().cloned());
+        names.sort();
+        names.dedup();
+        let mut entries = Vec::new();
+        for name in names {
+            match models.get(&name) {
+                Some(State::Ready(versions)) => entries.extend(versions.keys().map(|v| IndexEntry {
+                    name: name.clone(),
+                    version: v.to_string(),
+                    state: "READY",
+                    reason: String::new(),
+                })),
+                Some(State::Unavailable(reason)) => entries.push(IndexEntry {
+                    name,
+                    version: String::new(),
+                    state: "UNAVAILABLE",
+                    reason: reason.clone(),
+                }),
+                None => entries.push(IndexEntry {
+                    name,
+                    version: String::new(),
+                    state: "UNAVAILABLE",
+                    reason: "not loaded".to_string(),
+                }),
+            }
+        }
+        entries
+    }
+
+    /// Names of every model the sources provide.
+    fn source_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.sources.files.keys().cloned().collect();
+        names.extend(self.sources.embedded.iter().map(|(name, _)| name.clone()));
+        if let Some(root) = &self.sources.repository {
+            if let Ok(entries) = std::fs::read_dir(root) {
+                names.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.path().is_dir())
+                        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                        .filter(|n| !n.starts_with('.')),
+                );
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Finds the versions of `name` and the settings to load them with.
+    fn discover(&self, name: &str) -> InferResult<(Vec<(u64, ModelBytes)>, ModelSettings)> {
+        if let Some(path) = self.sources.files.get(name) {
+            return Ok((vec![(1, ModelBytes::File(path.clone()))], self.defaults));
+        }
+        if let Some((_, bytes)) = self.sources.embedded.as_ref().filter(|(n, _)| n == name) {
+            return Ok((vec![(1, ModelBytes::Embedded(bytes))], self.defaults));
+        }
+        let root = self.sources.repository.as_ref().ok_or_else(|| model_not_found(name, ""))?;
+        let dir = safe_join(root, name).ok_or_else(|| model_not_found(name, ""))?;
+        if !dir.is_dir() {
+            return Err(model_not_found(name, ""));
+        }
+        let settings = ModelSettingsFile::read(&dir)
+            .map(|file| self.defaults.with_overrides(&file))
+            .map_err(|e| InferError::invalid(format!("{e:#}")))?;
+        let versions = model_versions(&dir);
+        if versions.is_empty() {
+            return Err(InferError::new(
+                ErrorKind::InvalidArgument,
+                format!("model '{name}' has no version directory with a {MODEL_FILE}"),
+            ));
+        }
+        Ok((versions, settings))
+    }
+}
+
+/// `root/name` if `name` is a plain directory name (no path tricks).
+fn safe_join(root: &Path, name: &str) -> Option<PathBuf> {
+    let plain = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
+    plain.then(|| root.join(name))
+}
+
+/// The numbered version directories of a model that hold a model file.
+fn model_versions(dir: &Path) -> Vec<(u64, ModelBytes)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut versions: Vec<(u64, ModelBytes)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let version: u64 = entry.file_name().to_str()?.parse().ok().filter(|&v| v > 0)?;
+            let file = entry.path().join(MODEL_FILE);
+            file.is_file().then_some((version, ModelBytes::File(file)))
+        })
+        .collect();
+    versions.sort_by_key(|(v, _)| *v);
+    versions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_join_refuses_paths() {
+        let root = Path::new("/models");
+        assert_eq!(safe_join(root, "resnet"), Some(PathBuf::from("/models/resnet")));
+        for bad in ["", ".", "..", "../etc", "a/b"] {
+            assert_eq!(safe_join(root, bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn versions_are_numbered_dirs_with_a_model() {
+        let dir = std::env::temp_dir().join(format!("ferrite-versions-{}", std::process::id()));
+        for (version, with_file) in [("1", true), ("3", true), ("2", false), ("x", true), ("0", true)] {
+            let path = dir.join(version);
+            std::fs::create_dir_all(&path).unwrap();
+            if with_file {
+                std::fs::write(path.join(MODEL_FILE), b"").unwrap();
+            }
+        }
+        let found: Vec<u64> = model_versions(&dir).into_iter().map(|(v, _)| v).collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found, vec![1, 3]);
+    }
+}

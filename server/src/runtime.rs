@@ -1,0 +1,248 @@
+//! ONNX Runtime behind a small interface: load a model into sessions, read
+//! its signature from the graph, run validated tensors. Never sees protocol
+//! types.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use ort::memory::Allocator;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+
+use crate::error::{InferError, InferResult};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+#[cfg(target_endian = "big")]
+compile_error!("ferrite copies tensors as little-endian bytes; big-endian hosts are not supported");
+
+/// Which ONNX Runtime execution provider runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+/// Settings of one ONNX Runtime session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    pub execution_provider: ExecutionProvider,
+    /// Threads inside one operator; at least 1.
+    pub intra_op_threads: usize,
+}
+
+/// Where a model's ONNX bytes come from.
+#[derive(Debug, Clone)]
+pub enum ModelBytes {
+    File(std::path::PathBuf),
+    /// Built into the binary (the demo model).
+    Embedded(&'static [u8]),
+}
+
+/// The loaded ONNX Runtime library; one per process.
+pub struct Runtime {
+    environment: ort::environment::Environment,
+}
+
+impl Runtime {
+    /// Loads the ONNX Runtime shared library from `library` and creates the
+    /// process-wide environment.
+    pub fn load(library: &Path) -> anyhow::Result<Runtime> {
+        let environment = ort::init_from(library)
+            .map_err(|e| anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+            .with_name("ferrite")
+            .build()?;
+        Ok(Runtime { environment })
+    }
+
+    /// Creates one session for a model.
+    pub fn session(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
+        let mut builder = Session::builder(&self.environment)?
+            .with_intra_threads(options.intra_op_threads.max(1))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_inter_threads(1)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        builder = match options.execution_provider {
+            ExecutionProvider::Cpu => builder,
+            ExecutionProvider::Cuda => builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ExecutionProvider::Tensorrt => builder
+                .with_execution_providers([
+                    ort::ep::TensorRT::default().build().error_on_failure(),
+                    ort::ep::CUDA::default().build().error_on_failure(),
+                ])
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        };
+        let session = match model {
+            ModelBytes::File(path) => builder
+                .commit_from_file(path)
+                .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?,
+            ModelBytes::Embedded(bytes) => builder.commit_from_memory(bytes)?,
+        };
+        Ok(session)
+    }
+}
+
+/// Name, datatype and shape (-1 for a dynamic dimension) of a model tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// A model's inputs and outputs, read from its graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Reads the signature of a loaded session. Fails for inputs or outputs
+/// that are not tensors of a protocol datatype (maps, sequences, complex).
+pub fn signature(session: &Session) -> anyhow::Result<Signature> {
+    let spec = |outlet: &ort::value::Outlet| -> anyhow::Result<TensorSpec> {
+        let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
+            anyhow::bail!("'{}' is not a tensor; ferrite serves tensor models", outlet.name());
+        };
+        let datatype = datatype_of(*ty)
+            .ok_or_else(|| anyhow::anyhow!("'{}' has element type {ty:?}, which the protocol cannot carry", outlet.name()))?;
+        Ok(TensorSpec { name: outlet.name().to_string(), datatype, shape: shape.iter().map(|&d| d.max(-1)).collect() })
+    };
+    Ok(Signature {
+        inputs: session.inputs().iter().map(spec).collect::<anyhow::Result<_>>()?,
+        outputs: session.outputs().iter().map(spec).collect::<anyhow::Result<_>>()?,
+    })
+}
+
+fn datatype_of(ty: TensorElementType) -> Option<DataType> {
+    Some(match ty {
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Uint8 => DataType::Uint8,
+        TensorElementType::Uint16 => DataType::Uint16,
+        TensorElementType::Uint32 => DataType::Uint32,
+        TensorElementType::Uint64 => DataType::Uint64,
+        TensorElementType::Int8 => DataType::Int8,
+        TensorElementType::Int16 => DataType::Int16,
+        TensorElementType::Int32 => DataType::Int32,
+        TensorElementType::Int64 => DataType::Int64,
+        TensorElementType::Float16 => DataType::Fp16,
+        TensorElementType::Bfloat16 => DataType::Bf16,
+        TensorElementType::Float32 => DataType::Fp32,
+        TensorElementType::Float64 => DataType::Fp64,
+        TensorElementType::String => DataType::Bytes,
+        _ => return None,
+    })
+}
+
+/// Runs the session on validated `inputs` and returns the outputs named in
+/// `outputs`, in that order.
+pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> InferResult<Vec<Tensor>> {
+    let values = inputs
+        .iter()
+        .map(|tensor| Ok((tensor.name.as_str(), to_ort(tensor)?)))
+        .collect::<InferResult<Vec<_>>>()?;
+    let results = session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
+    outputs
+        .iter()
+        .map(|name| {
+            let value = results
+                .get(name)
+                .ok_or_else(|| InferError::internal(format!("ONNX Runtime returned no output '{name}'")))?;
+            from_ort(name, value)
+        })
+        .collect()
+}
+
+/// Dispatches on a datatype with `T` bound to its Rust element type.
+macro_rules! with_element_type {
+    ($datatype:expr, $T:ident => $body:expr, bytes => $bytes:expr) => {
+        match $datatype {
+            DataType::Bool => { type $T = bool; $body }
+            DataType::Uint8 => { type $T = u8; $body }
+            DataType::Uint16 => { type $T = u16; $body }
+            DataType::Uint32 => { type $T = u32; $body }
+            DataType::Uint64 => { type $T = u64; $body }
+            DataType::Int8 => { type $T = i8; $body }
+            DataType::Int16 => { type $T = i16; $body }
+            DataType::Int32 => { type $T = i32; $body }
+            DataType::Int64 => { type $T = i64; $body }
+            DataType::Fp16 => { type $T = half::f16; $body }
+            DataType::Bf16 => { type $T = half::bf16; $body }
+            DataType::Fp32 => { type $T = f32; $body }
+            DataType::Fp64 => { type $T = f64; $body }
+            DataType::Bytes => $bytes,
+        }
+    };
+}
+
+/// Copies a tensor into memory owned by ONNX Runtime: the one copy on the
+/// way in.
+fn to_ort(tensor: &Tensor) -> InferResult<DynValue> {
+    let shape: Vec<i64> = tensor.shape.clone();
+    let ort_error = |e: ort::Error| InferError::internal(format!("input '{}': {e}", tensor.name));
+    match &tensor.data {
+        TensorData::Raw(raw) => with_element_type!(tensor.datatype, T => {
+            let mut value = OrtTensor::<T>::new(&Allocator::default(), shape).map_err(ort_error)?;
+            let (_, elements) = value.extract_tensor_mut();
+            // SAFETY: `raw` was validated to hold exactly this many elements of
+            // this type (BOOL bytes are 0 or 1), and every element type here is
+            // plain data without padding, stored little-endian like the wire.
+            unsafe { as_bytes_mut(elements) }.copy_from_slice(raw);
+            Ok(value.into_dyn())
+        }, bytes => Err(InferError::internal("BYTES tensor without string elements"))),
+        TensorData::Strings(items) => {
+            let mut strings: Vec<String> = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let text = std::str::from_utf8(item)
+                        .ok()
+                        .filter(|s| !s.contains('\0'))
+                        .ok_or_else(|| {
+                            InferError::invalid(format!(
+                                "input '{}': BYTES element {i} must be UTF-8 without NUL bytes for an ONNX string tensor",
+                                tensor.name
+                            ))
+                        })?;
+                strings.push(text.to_owned());
+            }
+            let value = OrtTensor::from_string_array((shape, strings.as_slice())).map_err(ort_error)?;
+            Ok(value.into_dyn())
+        }
+    }
+}
+
+/// Copies an ONNX Runtime output into a tensor: the one copy on the way out.
+fn from_ort(name: &str, value: &DynValue) -> InferResult<Tensor> {
+    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+        return Err(InferError::internal(format!("output '{name}' is not a tensor")));
+    };
+    let datatype =
+        datatype_of(*ty).ok_or_else(|| InferError::internal(format!("output '{name}' has unsupported type {ty:?}")))?;
+    let ort_error = |e: ort::Error| InferError::internal(format!("output '{name}': {e}"));
+    let data = with_element_type!(datatype, T => {
+        let (_, elements) = value.try_extract_tensor::<T>().map_err(ort_error)?;
+        TensorData::Raw(Bytes::copy_from_slice(as_bytes(elements)))
+    }, bytes => {
+        let (_, strings) = value.try_extract_strings().map_err(ort_error)?;
+        TensorData::Strings(strings.into_iter().map(Bytes::from).collect())
+    });
+    Ok(Tensor { name: name.to_string(), datatype, shape: shape.to_vec(), data })
+}
+
+/// Views plain-data elements as bytes.
+fn as_bytes<T: Copy>(elements: &[T]) -> &[u8] {
+    // SAFETY: callers pass primitive numeric or bool elements, which have no
+    // padding and no invalid byte patterns when read.
+    unsafe { std::slice::from_raw_parts(elements.as_ptr().cast(), std::mem::size_of_val(elements)) }
+}
+
+/// Views plain-data elements as writable bytes.
+///
+/// # Safety
+/// The caller must only write byte patterns that are valid for `T`.
+unsafe fn as_bytes_mut<T: Copy>(elements: &mut [T]) -> &mut [u8] {
+    unsafe { std::slice::from_raw_parts_mut(elements.as_mut_ptr().cast(), std::mem::size_of_val(elements)) }
+}

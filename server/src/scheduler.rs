@@ -1,0 +1,410 @@
+//! One scheduler per model version: a bounded two-level priority queue, a
+//! dynamic batcher and one worker thread per ONNX Runtime session.
+//!
+//! Requests are admitted by `submit` (async, from the frontends). Each worker
+//! takes the oldest live request of the highest priority, gathers compatible
+//! requests behind it into a batch (up to `max_batch_size` rows, waiting at
+//! most `max_queue_delay` after the oldest arrived), runs it and replies.
+//! A request whose deadline passes in the queue, or whose client goes away,
+//! leaves the queue at once and never runs.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ort::session::Session;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use tokio::sync::oneshot;
+
+use crate::batch::{concat_rows, split_rows};
+use crate::config::ModelSettings;
+use crate::error::{ErrorKind, InferError, InferResult};
+use crate::metrics::METRICS;
+use crate::runtime;
+use crate::stats::ModelStats;
+use crate::tensor::Tensor;
+
+/// Queue priority: high-priority requests always leave the queue first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+}
+
+/// A validated request, ready to run.
+#[derive(Debug)]
+pub struct Job {
+    /// Inputs in the model's input order.
+    pub inputs: Vec<Tensor>,
+    /// Rows along the batch dimension (1 when the model does not batch).
+    pub rows: usize,
+    /// Names of the outputs to return, in the order to return them.
+    pub outputs: Vec<String>,
+    pub priority: Priority,
+    /// The latest time the request may still start running.
+    pub deadline: Option<Instant>,
+}
+
+struct Entry {
+    id: u64,
+    job: Job,
+    enqueued: Instant,
+    reply: oneshot::Sender<InferResult<Vec<Tensor>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    high: VecDeque<Entry>,
+    normal: VecDeque<Entry>,
+    next_id: u64,
+    closed: bool,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.high.len() + self.normal.len()
+    }
+
+    /// Removes the entry `id` if it is still waiting.
+    fn remove(&mut self, id: u64) -> bool {
+        for lane in [&mut self.high, &mut self.normal] {
+            if let Some(at) = lane.iter().position(|e| e.id == id) {
+                lane.remove(at);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Per-model metric handles, resolved once.
+struct ModelMetrics {
+    queue_depth: IntGauge,
+    inflight: IntGauge,
+    queue_duration: Histogram,
+    compute_duration: Histogram,
+    batch_size: Histogram,
+    cancelled: IntCounter,
+    expired: IntCounter,
+}
+
+impl ModelMetrics {
+    fn new(model: &str) -> ModelMetrics {
+        let m = &*METRICS;
+        ModelMetrics {
+            queue_depth: m.queue_depth.with_label_values(&[model]),
+            inflight: m.inflight.with_label_values(&[model]),
+            queue_duration: m.queue_duration.with_label_values(&[model]),
+            compute_duration: m.compute_duration.with_label_values(&[model]),
+            batch_size: m.batch_size.with_label_values(&[model]),
+            cancelled: m.requests.with_label_values(&[model, ErrorKind::Cancelled.metric_label()]),
+            expired: m.requests.with_label_values(&[model, ErrorKind::DeadlineExceeded.metric_label()]),
+        }
+    }
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+    settings: ModelSettings,
+    /// Whether requests may be joined along the first dimension.
+    batching: bool,
+    metrics: ModelMetrics,
+    stats: Arc<ModelStats>,
+}
+
+/// The queue, batcher and workers of one model version.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+impl Scheduler {
+    /// Starts one worker thread per session.
+    pub fn start(
+        model: &str,
+        sessions: Vec<Session>,
+        settings: ModelSettings,
+        batching: bool,
+        stats: Arc<ModelStats>,
+    ) -> Scheduler {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+            settings,
+            batching,
+            metrics: ModelMetrics::new(model),
+            stats,
+        });
+        for (i, session) in sessions.into_iter().enumerate() {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("ferrite-{model}-{i}"))
+                .spawn(move || worker(shared, session))
+                .expect("spawn worker thread");
+        }
+        Scheduler { shared }
+    }
+
+    /// Queues a job and waits for its outputs. Dropping the returned future
+    /// (the client went away) takes the job out of the queue.
+    pub async fn submit(&self, job: Job) -> InferResult<Vec<Tensor>> {
+        let deadline = job.deadline;
+        let (reply, mut result) = oneshot::channel();
+        let id = {
+            let mut queue = self.shared.lock();
+            if queue.closed {
+                return Err(InferError::new(ErrorKind::Unavailable, "the model is shutting down"));
+            }
+            if queue.len() >= self.shared.settings.max_queue_size {
+                return Err(InferError::new(
+                    ErrorKind::QueueFull,
+                    format!("the queue is full ({} requests waiting)", queue.len()),
+                ));
+            }
+            let id = queue.next_id;
+            queue.next_id += 1;
+            let entry = Entry { id, job, enqueued: Instant::now(), reply };
+            match entry.job.priority {
+                Priority::High => queue.high.push_back(entry),
+                Priority::Normal => queue.normal.push_back(entry),
+            }
+            self.shared.metrics.queue_depth.set(queue.len() as i64);
+            id
+        };
+        self.shared.changed.notify_all();
+        let mut guard = LeaveQueueOnDrop { shared: &self.shared, id: Some(id) };
+
+        let outcome = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), &mut result).await {
+                Ok(outcome) => outcome,
+                // Still queued: it expired there. Already running: wait for it.
+                Err(_) if self.shared.leave_queue(id) => {
+                    guard.id = None;
+                    self.shared.metrics.expired.inc();
+                    return Err(deadline_exceeded());
+                }
+                Err(_) => result.await,
+            },
+            None => result.await,
+        };
+        guard.id = None;
+        outcome.unwrap_or_else(|_| Err(InferError::internal("the model's worker stopped")))
+    }
+
+    /// Stops taking requests; queued ones still run, then the workers exit.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for Scheduler {
+    /// Workers finish what is queued and exit on their own; joining them
+    /// here would block whichever async task dropped the last handle.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn deadline_exceeded() -> InferError {
+    InferError::new(ErrorKind::DeadlineExceeded, "the request's deadline passed while it waited in the queue")
+}
+
+/// Takes a waiting job out of the queue when its submitter is dropped.
+struct LeaveQueueOnDrop<'a> {
+    shared: &'a Shared,
+    id: Option<u64>,
+}
+
+impl Drop for LeaveQueueOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            if self.shared.leave_queue(id) {
+                self.shared.metrics.cancelled.inc();
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic never happens while the lock is held; recover regardless.
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes a waiting job; false if a worker already took it.
+    fn leave_queue(&self, id: u64) -> bool {
+        let mut queue = self.lock();
+        let removed = queue.remove(id);
+        self.metrics.queue_depth.set(queue.len() as i64);
+        removed
+    }
+
+    /// Blocks until a batch is ready; `None` once closed and drained.
+    fn next_batch(&self) -> Option<Vec<Entry>> {
+        let mut queue = self.lock();
+        let first = loop {
+            if let Some(entry) = self.pop_live(&mut queue) {
+                break entry;
+            }
+            if queue.closed {
+                return None;
+            }
+            queue = self.changed.wait(queue).unwrap_or_else(|p| p.into_inner());
+        };
+        let mut batch = vec![first];
+        if self.batching {
+            let max_rows = self.settings.max_batch_size;
+            let mut rows = batch[0].job.rows;
+            let hold_until = batch[0].enqueued + self.settings.max_queue_delay;
+            loop {
+                rows = self.gather_compatible(&mut queue, &mut batch, rows, max_rows);
+                let now = Instant::now();
+                if rows >= max_rows || now >= hold_until || queue.closed {
+                    break;
+                }
+                queue = self.changed.wait_timeout(queue, hold_until - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        }
+        self.metrics.queue_depth.set(queue.len() as i64);
+        Some(batch)
+    }
+
+    /// Pops the next request that still wants an answer, replying to those
+    /// whose deadline passed.
+    fn pop_live(&self, queue: &mut Queue) -> Option<Entry> {
+        loop {
+            let entry = queue.high.pop_front().or_else(|| queue.normal.pop_front())?;
+            if entry.reply.is_closed() {
+                self.metrics.cancelled.inc();
+                continue;
+            }
+            if entry.job.deadline.is_some_and(|d| d <= Instant::now()) {
+                self.metrics.expired.inc();
+                let _ = entry.reply.send(Err(deadline_exceeded()));
+                continue;
+            }
+            return Some(entry);
+        }
+    }
+
+    /// Moves queued requests that can share the batch into it, in priority
+    /// then arrival order, while the rows fit. Returns the batch's rows.
+    fn gather_compatible(&self, queue: &mut Queue, batch: &mut Vec<Entry>, mut rows: usize, max_rows: usize) -> usize {
+        let now = Instant::now();
+        for lane in [&mut queue.high, &mut queue.normal] {
+            let mut at = 0;
+            while at < lane.len() && rows < max_rows {
+                let candidate = &lane[at];
+                let expired = candidate.job.deadline.is_some_and(|d| d <= now);
+                if candidate.reply.is_closed() || expired
+                    || rows + candidate.job.rows > max_rows
+                    || !same_row_shape(&batch[0].job, &candidate.job)
+                {
+                    at += 1;
+                    continue;
+                }
+                let entry = lane.remove(at).expect("index in range");
+                rows += entry.job.rows;
+                batch.push(entry);
+            }
+        }
+        rows
+    }
+
+    /// Runs a batch on `session` and replies to every request in it.
+    fn execute(&self, session: &mut Session, batch: Vec<Entry>) {
+        let started = Instant::now();
+        let count = batch.len();
+        self.metrics.inflight.add(count as i64);
+        self.metrics.batch_size.observe(count as f64);
+        let mut queue_total = Duration::ZERO;
+        for entry in &batch {
+            let waited = started - entry.enqueued;
+            queue_total += waited;
+            self.metrics.queue_duration.observe(waited.as_secs_f64());
+        }
+
+        // Outputs any request asked for, in model order of first request.
+        let mut outputs: Vec<String> = Vec::new();
+        for entry in &batch {
+            for name in &entry.job.outputs {
+                if !outputs.contains(name) {
+                    outputs.push(name.clone());
+                }
+            }
+        }
+        let rows: Vec<usize> = batch.iter().map(|e| e.job.rows).collect();
+        let (jobs, replies): (Vec<Job>, Vec<_>) = batch.into_iter().map(|e| (e.job, e.reply)).unzip();
+        let requested: Vec<Vec<String>> = jobs.iter().map(|j| j.outputs.clone()).collect();
+        let inputs = join_inputs(jobs);
+
+        let result = catch_unwind(AssertUnwindSafe(|| runtime::run(session, &inputs, &outputs)))
+            .unwrap_or_else(|_| Err(InferError::internal("the runtime panicked while running the model")));
+        let compute = started.elapsed();
+        self.metrics.compute_duration.observe(compute.as_secs_f64());
+        self.stats.record_batch(count, queue_total, compute);
+
+        let per_request: InferResult<Vec<Vec<Tensor>>> = result.and_then(|tensors| {
+            if count == 1 {
+                return Ok(vec![tensors]);
+            }
+            let mut per_request = vec![Vec::with_capacity(tensors.len()); count];
+            for tensor in &tensors {
+                let pieces = split_rows(tensor, &rows).map_err(InferError::internal)?;
+                for (slot, piece) in per_request.iter_mut().zip(pieces) {
+                    slot.push(piece);
+                }
+            }
+            Ok(per_request)
+        });
+        self.metrics.inflight.sub(count as i64);
+
+        match per_request {
+            Ok(per_request) => {
+                for ((reply, tensors), wanted) in replies.into_iter().zip(per_request).zip(requested) {
+                    let mine = tensors.into_iter().filter(|t| wanted.contains(&t.name)).collect::<Vec<_>>();
+                    let ordered = wanted
+                        .iter()
+                        .filter_map(|name| mine.iter().find(|t| &t.name == name).cloned())
+                        .collect();
+                    let _ = reply.send(Ok(ordered));
+                }
+            }
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether two jobs agree on every input's dimensions after the first.
+fn same_row_shape(a: &Job, b: &Job) -> bool {
+    a.inputs.len() == b.inputs.len()
+        && a.inputs.iter().zip(&b.inputs).all(|(x, y)| x.name == y.name && x.shape.get(1..) == y.shape.get(1..))
+}
+
+/// The inputs of a batch: one job's as they are, or several joined by rows.
+fn join_inputs(jobs: Vec<Job>) -> Vec<Tensor> {
+    if jobs.len() == 1 {
+        return jobs.into_iter().next().expect("one job").inputs;
+    }
+    let width = jobs[0].inputs.len();
+    let mut columns: Vec<Vec<Tensor>> = (0..width).map(|_| Vec::with_capacity(jobs.len())).collect();
+    for job in jobs {
+        for (column, tensor) in columns.iter_mut().zip(job.inputs) {
+            column.push(tensor);
+        }
+    }
+    columns.into_iter().map(concat_rows).collect()
+}
+
+fn worker(shared: Arc<Shared>, mut session: Session) {
+    while let Some(batch) = shared.next_batch() {
+        shared.execute(&mut session, batch);
+    }
+}

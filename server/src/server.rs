@@ -1,0 +1,130 @@
+//! Starts the three listeners (gRPC, HTTP, metrics) over one shared state
+//! and stops them gracefully: on SIGTERM or Ctrl-C health turns NOT_SERVING,
+//! new requests are refused, and requests in flight finish within the grace
+//! period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+
+use crate::config::ModelSettings;
+use crate::grpc::InferenceService;
+use crate::repository::{Repository, Sources};
+use crate::runtime::Runtime;
+use crate::state::ServerState;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub sources: Sources,
+    pub defaults: ModelSettings,
+    pub max_message_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub onnxruntime: std::path::PathBuf,
+}
+
+/// Runs the server until SIGTERM or Ctrl-C, then drains it.
+pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let runtime = Arc::new(Runtime::load(&options.onnxruntime)?);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, health.clone()));
+    let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes));
+
+    // Bind first, so that a port in use fails fast and probes can connect
+    // (and see "not ready") while models load.
+    let grpc_listener = bind(options.grpc_addr, "gRPC").await?;
+    let http_listener = bind(options.http_addr, "HTTP").await?;
+    let metrics_listener = bind(options.metrics_addr, "metrics").await?;
+    tracing::info!(grpc = %options.grpc_addr, http = %options.http_addr, metrics = %options.metrics_addr, "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferrite_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferrite_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(state.clone()))
+        // tonic refuses larger messages itself (OUT_OF_RANGE); the layer
+        // below reports that as INVALID_ARGUMENT like other bad input.
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    let grpc = tonic::transport::Server::builder()
+        .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), stopped());
+    let http = axum::serve(http_listener, crate::http::router(state.clone())).with_graceful_shutdown(stopped());
+    let metrics = axum::serve(metrics_listener, crate::http::metrics_router()).with_graceful_shutdown(stopped());
+
+    let grpc = tokio::spawn(grpc);
+    let http = tokio::spawn(async move { http.await });
+    let metrics = tokio::spawn(async move { metrics.await });
+
+    repository.load_all().await;
+    if repository.all_ready() {
+        health.set_service_status("", ServingStatus::Serving).await;
+        health.set_service_status("inference.GRPCInferenceService", ServingStatus::Serving).await;
+        tracing::info!("ready");
+    } else {
+        health.set_service_status("", ServingStatus::NotServing).await;
+        tracing::warn!("not every model loaded; the server stays not ready (see the repository index)");
+    }
+
+    shutdown_signal().await;
+    tracing::info!(grace_seconds = options.shutdown_grace.as_secs_f64(), "shutting down: draining requests");
+    state.begin_shutdown();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status("inference.GRPCInferenceService", ServingStatus::NotServing).await;
+    for model in repository.loaded(None) {
+        health.set_service_status(model.name.clone(), ServingStatus::NotServing).await;
+    }
+    let _ = stop_tx.send(true);
+
+    let drained = async {
+        let (grpc, http, metrics) = tokio::join!(grpc, http, metrics);
+        grpc??;
+        http??;
+        metrics??;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(options.shutdown_grace, drained).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("grace period over; requests still running are dropped"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

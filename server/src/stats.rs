@@ -1,0 +1,64 @@
+//! Cumulative per-model statistics in the shape of Triton's ModelStatistics.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A count and the total time it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Duration64 {
+    pub count: u64,
+    pub ns: u64,
+}
+
+impl Duration64 {
+    fn add(&mut self, count: u64, time: Duration) {
+        self.count += count;
+        self.ns += time.as_nanos() as u64;
+    }
+}
+
+/// A snapshot of one model version's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Milliseconds since the epoch of the last inference; 0 if none.
+    pub last_inference_ms: u64,
+    /// Requests executed (each request of a batch counts).
+    pub inference_count: u64,
+    /// Batches executed.
+    pub execution_count: u64,
+    pub success: Duration64,
+    pub fail: Duration64,
+    pub queue: Duration64,
+    pub compute: Duration64,
+    /// Per batch size: executions and their compute time.
+    pub batches: BTreeMap<u64, Duration64>,
+}
+
+/// Thread-safe statistics of one model version.
+#[derive(Debug, Default)]
+pub struct ModelStats(Mutex<StatsSnapshot>);
+
+impl ModelStats {
+    /// Records a request that finished, successfully or not, after `total`.
+    pub fn record_request(&self, ok: bool, total: Duration) {
+        let mut stats = self.0.lock().expect("stats lock");
+        if ok { stats.success.add(1, total) } else { stats.fail.add(1, total) }
+    }
+
+    /// Records one executed batch of `requests` requests.
+    pub fn record_batch(&self, requests: usize, queue_times: Duration, compute: Duration) {
+        let mut stats = self.0.lock().expect("stats lock");
+        let requests = requests as u64;
+        stats.last_inference_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        stats.inference_count += requests;
+        stats.execution_count += 1;
+        stats.queue.add(requests, queue_times);
+        stats.compute.add(requests, compute);
+        stats.batches.entry(requests).or_default().add(1, compute);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        self.0.lock().expect("stats lock").clone()
+    }
+}
