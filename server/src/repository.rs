@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tonic_health::server::HealthReporter;
@@ -40,7 +41,10 @@ pub struct IndexEntry {
 
 enum State {
     Ready(BTreeMap<u64, Arc<Model>>),
-    Unavailable(String),
+    /// Unloaded on request: does not make the server unready.
+    Unloaded,
+    /// Failed to load, with the reason.
+    Failed(String),
 }
 
 /// The models of this server.
@@ -49,12 +53,21 @@ pub struct Repository {
     sources: Sources,
     defaults: ModelSettings,
     models: RwLock<BTreeMap<String, State>>,
+    /// Set once `load_all` has finished: before that the server is not ready.
+    initial_load_done: AtomicBool,
     health: HealthReporter,
 }
 
 impl Repository {
     pub fn new(runtime: Arc<Runtime>, sources: Sources, defaults: ModelSettings, health: HealthReporter) -> Self {
-        Repository { runtime, sources, defaults, models: RwLock::new(BTreeMap::new()), health }
+        Repository {
+            runtime,
+            sources,
+            defaults,
+            models: RwLock::new(BTreeMap::new()),
+            initial_load_done: AtomicBool::new(false),
+            health,
+        }
     }
 
     /// Loads every model the sources name. A model that fails to load is
@@ -65,6 +78,7 @@ impl Repository {
                 tracing::error!(model = %name, %error, "model failed to load");
             }
         }
+        self.initial_load_done.store(true, Ordering::SeqCst);
     }
 
     /// Loads (or reloads) every version of `name` from its source.
@@ -90,7 +104,7 @@ impl Repository {
             }
             Err(error) => {
                 let reason = format!("{error:#}");
-                self.replace(name, State::Unavailable(reason.clone()));
+                self.replace(name, State::Failed(reason.clone()));
                 self.health.set_service_status(name, ServingStatus::NotServing).await;
                 Err(InferError::invalid(format!("failed to load model '{name}': {reason}")))
             }
@@ -102,7 +116,7 @@ impl Repository {
         if !self.models.read().expect("models lock").contains_key(name) {
             return Err(model_not_found(name, ""));
         }
-        self.replace(name, State::Unavailable("unloaded".to_string()));
+        self.replace(name, State::Unloaded);
         self.health.set_service_status(name, ServingStatus::NotServing).await;
         tracing::info!(model = name, "model unloaded");
         Ok(())
@@ -137,16 +151,19 @@ impl Repository {
             .filter(|(model, _)| name.is_none_or(|n| n == model.as_str()))
             .filter_map(|(_, state)| match state {
                 State::Ready(versions) => Some(versions.values().cloned()),
-                State::Unavailable(_) => None,
+                State::Unloaded | State::Failed(_) => None,
             })
             .flatten()
             .collect()
     }
 
-    /// Whether every model this server was asked to serve is ready.
+    /// Whether every model this server was asked to serve is ready: none
+    /// failed to load (models unloaded on request do not count).
     pub fn all_ready(&self) -> bool {
         let models = self.models.read().expect("models lock");
-        !models.is_empty() && models.values().all(|state| matches!(state, State::Ready(_)))
+        self.initial_load_done.load(Ordering::SeqCst)
+            && !models.is_empty()
+            && !models.values().any(|state| matches!(state, State::Failed(_)))
     }
 
     /// Every known model and its state, including repository models never
@@ -166,17 +183,15 @@ impl Repository {
                     state: "READY",
                     reason: String::new(),
                 })),
-                Some(State::Unavailable(reason)) => entries.push(IndexEntry {
+                other => entries.push(IndexEntry {
                     name,
                     version: String::new(),
                     state: "UNAVAILABLE",
-                    reason: reason.clone(),
-                }),
-                None => entries.push(IndexEntry {
-                    name,
-                    version: String::new(),
-                    state: "UNAVAILABLE",
-                    reason: "not loaded".to_string(),
+                    reason: match other {
+                        Some(State::Failed(reason)) => reason.clone(),
+                        Some(State::Unloaded) => "unloaded".to_string(),
+                        _ => "not loaded".to_string(),
+                    },
                 }),
             }
         }

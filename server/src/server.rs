@@ -34,6 +34,10 @@ pub struct ServeOptions {
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains it.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    // Installed before anything slow, so SIGTERM during model loading is a
+    // clean shutdown too.
+    let shutdown = shutdown_signal()?;
+    tokio::pin!(shutdown);
     let runtime = Arc::new(Runtime::load(&options.onnxruntime)?);
     let (health, health_service) = tonic_health::server::health_reporter();
     let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, health.clone()));
@@ -81,17 +85,21 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let http = tokio::spawn(async move { http.await });
     let metrics = tokio::spawn(async move { metrics.await });
 
-    repository.load_all().await;
-    if repository.all_ready() {
-        health.set_service_status("", ServingStatus::Serving).await;
-        health.set_service_status("inference.GRPCInferenceService", ServingStatus::Serving).await;
-        tracing::info!("ready");
-    } else {
-        health.set_service_status("", ServingStatus::NotServing).await;
-        tracing::warn!("not every model loaded; the server stays not ready (see the repository index)");
+    let loaded = tokio::select! {
+        _ = repository.load_all() => true,
+        _ = &mut shutdown => false,
+    };
+    if loaded {
+        if repository.all_ready() {
+            health.set_service_status("", ServingStatus::Serving).await;
+            health.set_service_status("inference.GRPCInferenceService", ServingStatus::Serving).await;
+            tracing::info!("ready");
+        } else {
+            health.set_service_status("", ServingStatus::NotServing).await;
+            tracing::warn!("not every model loaded; the server stays not ready (see the repository index)");
+        }
+        shutdown.await;
     }
-
-    shutdown_signal().await;
     tracing::info!(grace_seconds = options.shutdown_grace.as_secs_f64(), "shutting down: draining requests");
     state.begin_shutdown();
     health.set_service_status("", ServingStatus::NotServing).await;
@@ -120,11 +128,16 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
-    }
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on
+/// the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+    })
 }

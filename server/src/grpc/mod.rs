@@ -8,7 +8,7 @@ pub mod describe;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use ferrite_proto::inference::*;
@@ -53,9 +53,14 @@ fn too_large(size: usize, limit: usize) -> InferError {
     InferError::invalid(format!("the request is {size} bytes, over the server's limit of {limit} bytes"))
 }
 
+/// The request's gRPC deadline, a little early: tonic's own timer for the
+/// same `grpc-timeout` started before ours and answers CANCELLED when it
+/// fires, so ours must fire first to answer DEADLINE_EXCEEDED.
 fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    codec::parse_grpc_timeout(value).map(|timeout| Instant::now() + timeout)
+    let timeout = codec::parse_grpc_timeout(value)?;
+    let margin = (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+    Some(Instant::now() + timeout.saturating_sub(margin))
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;

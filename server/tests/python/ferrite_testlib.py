@@ -115,7 +115,8 @@ class FerriteServer:
     # ------------------------------------------------------------ lifecycle
     def start(self, wait: bool = True, attempts: int = 3) -> "FerriteServer":
         binary = server_binary()
-        env = dict(os.environ)
+        # The server reads FERRITE_* settings from the environment: start from a clean slate.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FERRITE_")}
         env["ORT_DYLIB_PATH"] = ort_dylib()
         env.setdefault("RUST_BACKTRACE", "1")
         env.update(self.env)
