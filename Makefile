@@ -11,7 +11,7 @@ SERVER_BIN  := $(CURDIR)/target/debug/ferrite-server
 # ort (load-dynamic) finds ONNX Runtime through this variable.
 export ORT_DYLIB_PATH := $(ORT_LIB)
 
-.PHONY: help venv ort build test test-rust test-python demo clean
+.PHONY: help venv ort build test test-rust test-python demo fuzz clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,8 +32,15 @@ $(ORT_LIB): $(VENV)/.installed
 build: ## build every binary (debug)
 	cargo build --workspace --bins
 
-test: venv ort build ## run every test
+demo: venv ort build ## run the server on its embedded demo model and call it
+	$(PY) scripts/demo.py $(SERVER_BIN)
+
+test: test-rust test-python ## run every test
+
+test-rust: ort
 	cargo test --workspace
+
+test-python: venv ort build
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
 
 clean:

@@ -194,6 +194,13 @@ def onnx_client(onnx_server):
     c.close()
 
 
+def test_all_backend_models_ready(onnx_client):
+    # First test on this server: right after readiness, every model must be loaded.
+    idx = {m.name: m.state for m in onnx_client.get_model_repository_index().models}
+    not_ready = {_model_name(c): idx.get(_model_name(c)) for c in CASES if idx.get(_model_name(c)) != "READY"}
+    assert not not_ready, f"models not READY: {not_ready}"
+
+
 def _compare(case, got: dict, expected):
     for name, want in expected:
         g = got[name]
@@ -238,9 +245,3 @@ def test_light_model_metadata_hides_initializers(onnx_client):
     cfg = onnx_client.get_model_config("light_resnet50").config
     assert cfg.max_batch_size == 0
     assert [list(i.dims) for i in cfg.input] == [[1, 3, 224, 224]]
-
-
-def test_all_backend_models_ready(onnx_client):
-    idx = {m.name: m.state for m in onnx_client.get_model_repository_index().models}
-    not_ready = {_model_name(c): idx.get(_model_name(c)) for c in CASES if idx.get(_model_name(c)) != "READY"}
-    assert not not_ready, f"models not READY: {not_ready}"
