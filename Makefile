@@ -43,5 +43,11 @@ test-rust: ort
 test-python: venv ort build
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
 
+FUZZ_SECONDS ?= 60
+fuzz: ## coverage-guided fuzzing of request decoding and validation (nightly toolchain)
+	cargo install --locked cargo-fuzz@0.13.1
+	cd fuzz && cargo +nightly fuzz run grpc_request -- -max_total_time=$(FUZZ_SECONDS)
+	cd fuzz && cargo +nightly fuzz run http_request -- -max_total_time=$(FUZZ_SECONDS)
+
 clean:
 	rm -rf target .cache

@@ -19,6 +19,7 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod tensor;
+pub mod untrusted;
 
 /// The model served when no other is given: a small classifier
 /// (`input` FP32 [-1, 4] -> `probabilities` FP32 [-1, 3]), made by

@@ -43,8 +43,11 @@ enum State {
     Ready(BTreeMap<u64, Arc<Model>>),
     /// Unloaded on request: does not make the server unready.
     Unloaded,
-    /// Failed to load, with the reason.
+    /// Failed to load at startup, with the reason: the server is not ready.
     Failed(String),
+    /// Failed to load on request and never served: reported in the index,
+    /// but only that model is affected.
+    LoadFailed(String),
 }
 
 /// The models of this server.
@@ -74,15 +77,21 @@ impl Repository {
     /// marked unavailable with its reason; the others still serve.
     pub async fn load_all(&self) {
         for name in self.source_names() {
-            if let Err(error) = self.load(&name).await {
+            if let Err(error) = self.load_as(&name, true).await {
                 tracing::error!(model = %name, %error, "model failed to load");
             }
         }
         self.initial_load_done.store(true, Ordering::SeqCst);
     }
 
-    /// Loads (or reloads) every version of `name` from its source.
+    /// Loads (or reloads) every version of `name` from its source. If a
+    /// reload fails, the versions already serving go on serving (as in
+    /// Triton) and the error is returned.
     pub async fn load(&self, name: &str) -> InferResult<()> {
+        self.load_as(name, false).await
+    }
+
+    async fn load_as(&self, name: &str, at_startup: bool) -> InferResult<()> {
         let (versions, settings) = self.discover(name)?;
         let runtime = self.runtime.clone();
         let model_name = name.to_string();
@@ -104,8 +113,15 @@ impl Repository {
             }
             Err(error) => {
                 let reason = format!("{error:#}");
-                self.replace(name, State::Failed(reason.clone()));
-                self.health.set_service_status(name, ServingStatus::NotServing).await;
+                let serving = matches!(self.models.read().expect("models lock").get(name), Some(State::Ready(_)));
+                if at_startup {
+                    self.replace(name, State::Failed(reason.clone()));
+                } else if !serving {
+                    self.replace(name, State::LoadFailed(reason.clone()));
+                }
+                if !serving {
+                    self.health.set_service_status(name, ServingStatus::NotServing).await;
+                }
                 Err(InferError::invalid(format!("failed to load model '{name}': {reason}")))
             }
         }
@@ -151,14 +167,16 @@ impl Repository {
             .filter(|(model, _)| name.is_none_or(|n| n == model.as_str()))
             .filter_map(|(_, state)| match state {
                 State::Ready(versions) => Some(versions.values().cloned()),
-                State::Unloaded | State::Failed(_) => None,
+                State::Unloaded | State::Failed(_) | State::LoadFailed(_) => None,
             })
             .flatten()
             .collect()
     }
 
-    /// Whether every model this server was asked to serve is ready: none
-    /// failed to load (models unloaded on request do not count).
+    /// Whether every model this server was started with is ready: none
+    /// failed to load at startup. Models unloaded, or loaded later through
+    /// the repository API, affect only their own readiness, so one bad load
+    /// request cannot take every model out of service.
     pub fn all_ready(&self) -> bool {
         let models = self.models.read().expect("models lock");
         self.initial_load_done.load(Ordering::SeqCst)
@@ -188,7 +206,7 @@ impl Repository {
                     version: String::new(),
                     state: "UNAVAILABLE",
                     reason: match other {
-                        Some(State::Failed(reason)) => reason.clone(),
+                        Some(State::Failed(reason) | State::LoadFailed(reason)) => reason.clone(),
                         Some(State::Unloaded) => "unloaded".to_string(),
                         _ => "not loaded".to_string(),
                     },
@@ -226,10 +244,11 @@ impl Repository {
         if let Some((_, bytes)) = self.sources.embedded.as_ref().filter(|(n, _)| n == name) {
             return Ok((vec![(1, ModelBytes::Embedded(bytes))], self.defaults));
         }
-        let root = self.sources.repository.as_ref().ok_or_else(|| model_not_found(name, ""))?;
-        let dir = safe_join(root, name).ok_or_else(|| model_not_found(name, ""))?;
+        let not_in_repository = || InferError::not_found(format!("model '{name}' is not in the model repository"));
+        let root = self.sources.repository.as_ref().ok_or_else(not_in_repository)?;
+        let dir = safe_join(root, name).ok_or_else(not_in_repository)?;
         if !dir.is_dir() {
-            return Err(model_not_found(name, ""));
+            return Err(not_in_repository());
         }
         let settings = ModelSettingsFile::read(&dir)
             .map(|file| self.defaults.with_overrides(&file))

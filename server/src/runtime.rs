@@ -3,6 +3,7 @@
 //! types.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ort::memory::Allocator;
@@ -138,15 +139,39 @@ fn datatype_of(ty: TensorElementType) -> Option<DataType> {
     })
 }
 
+/// What one run produced, and where its time went.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub outputs: Vec<Tensor>,
+    pub timings: RunTimings,
+}
+
+/// Time spent copying inputs in, running the graph, copying outputs out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunTimings {
+    pub input: Duration,
+    pub infer: Duration,
+    pub output: Duration,
+}
+
+impl RunTimings {
+    pub fn total(&self) -> Duration {
+        self.input + self.infer + self.output
+    }
+}
+
 /// Runs the session on validated `inputs` and returns the outputs named in
 /// `outputs`, in that order.
-pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> InferResult<Vec<Tensor>> {
+pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> InferResult<RunOutput> {
+    let started = Instant::now();
     let values = inputs
         .iter()
         .map(|tensor| Ok((tensor.name.as_str(), to_ort(tensor)?)))
         .collect::<InferResult<Vec<_>>>()?;
+    let copied_in = Instant::now();
     let results = session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
-    outputs
+    let ran = Instant::now();
+    let outputs = outputs
         .iter()
         .map(|name| {
             let value = results
@@ -154,7 +179,9 @@ pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> Infe
                 .ok_or_else(|| InferError::internal(format!("ONNX Runtime returned no output '{name}'")))?;
             from_ort(name, value)
         })
-        .collect()
+        .collect::<InferResult<Vec<_>>>()?;
+    let timings = RunTimings { input: copied_in - started, infer: ran - copied_in, output: ran.elapsed() };
+    Ok(RunOutput { outputs, timings })
 }
 
 /// Dispatches on a datatype with `T` bound to its Rust element type.

@@ -345,9 +345,11 @@ impl Shared {
             .unwrap_or_else(|_| Err(InferError::internal("the runtime panicked while running the model")));
         let compute = started.elapsed();
         self.metrics.compute_duration.observe(compute.as_secs_f64());
-        self.stats.record_batch(count, queue_total, compute);
+        let timings = result.as_ref().map(|r| r.timings).unwrap_or_default();
+        self.stats.record_batch(count, queue_total, timings);
 
-        let per_request: InferResult<Vec<Vec<Tensor>>> = result.and_then(|tensors| {
+        let per_request: InferResult<Vec<Vec<Tensor>>> = result.and_then(|run| {
+            let tensors = run.outputs;
             if count == 1 {
                 return Ok(vec![tensors]);
             }

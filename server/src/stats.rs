@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::runtime::RunTimings;
+
 /// A count and the total time it took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Duration64 {
@@ -30,9 +32,14 @@ pub struct StatsSnapshot {
     pub success: Duration64,
     pub fail: Duration64,
     pub queue: Duration64,
-    pub compute: Duration64,
-    /// Per batch size: executions and their compute time.
-    pub batches: BTreeMap<u64, Duration64>,
+    /// Copying inputs into the runtime.
+    pub compute_input: Duration64,
+    /// Running the graph.
+    pub compute_infer: Duration64,
+    /// Copying outputs out of the runtime.
+    pub compute_output: Duration64,
+    /// Per batch size: executions and their input, infer and output time.
+    pub batches: BTreeMap<u64, [Duration64; 3]>,
 }
 
 /// Thread-safe statistics of one model version.
@@ -47,15 +54,20 @@ impl ModelStats {
     }
 
     /// Records one executed batch of `requests` requests.
-    pub fn record_batch(&self, requests: usize, queue_times: Duration, compute: Duration) {
+    pub fn record_batch(&self, requests: usize, queue_times: Duration, timings: RunTimings) {
         let mut stats = self.0.lock().expect("stats lock");
         let requests = requests as u64;
         stats.last_inference_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         stats.inference_count += requests;
         stats.execution_count += 1;
         stats.queue.add(requests, queue_times);
-        stats.compute.add(requests, compute);
-        stats.batches.entry(requests).or_default().add(1, compute);
+        stats.compute_input.add(requests, timings.input);
+        stats.compute_infer.add(requests, timings.infer);
+        stats.compute_output.add(requests, timings.output);
+        let batch = stats.batches.entry(requests).or_default();
+        batch[0].add(1, timings.input);
+        batch[1].add(1, timings.infer);
+        batch[2].add(1, timings.output);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -118,20 +118,20 @@ pub fn model_statistics(model: &Model) -> ModelStatistics {
             success: duration(stats.success),
             fail: duration(stats.fail),
             queue: duration(stats.queue),
-            compute_input: duration(Duration64::default()),
-            compute_infer: duration(stats.compute),
-            compute_output: duration(Duration64::default()),
+            compute_input: duration(stats.compute_input),
+            compute_infer: duration(stats.compute_infer),
+            compute_output: duration(stats.compute_output),
             cache_hit: duration(Duration64::default()),
             cache_miss: duration(Duration64::default()),
         }),
         batch_stats: stats
             .batches
             .iter()
-            .map(|(&size, &compute)| InferBatchStatistics {
+            .map(|(&size, &[input, infer, output])| InferBatchStatistics {
                 batch_size: size,
-                compute_input: duration(Duration64::default()),
-                compute_infer: duration(compute),
-                compute_output: duration(Duration64::default()),
+                compute_input: duration(input),
+                compute_infer: duration(infer),
+                compute_output: duration(output),
             })
             .collect(),
     }

@@ -2,7 +2,7 @@
 //! (binary tensor data, model configuration, statistics, repository), and
 //! the Prometheus endpoint served on the metrics port.
 
-mod json;
+pub mod json;
 
 use std::sync::Arc;
 use std::time::Instant;

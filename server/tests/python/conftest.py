@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -57,6 +58,25 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     item._ferrite_t0 = time.monotonic()
+
+
+# Per-test watchdog so a hung server cannot hang the run (tritonclient calls
+# without client_timeout would wait forever). Override with TEST_TIMEOUT_S.
+TEST_TIMEOUT_S = int(os.environ.get("TEST_TIMEOUT_S", "300"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"{item.nodeid} took longer than {TEST_TIMEOUT_S}s (TEST_TIMEOUT_S)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-import make_demo_model  # noqa: E402
-import make_test_models  # noqa: E402
+import make_demo_model  # noqa: E402,F401  (re-exported for the tests)
+import make_test_models  # noqa: E402,F401  (re-exported for the tests)
 
 READY_TIMEOUT_S = 60.0
 SIGTERM_EXIT_TIMEOUT_S = 45.0  # > default --shutdown-grace-seconds (30)

@@ -148,3 +148,74 @@ def test_single_request_batch_sizes(grpc_client, rows):
     inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32").set_data_from_numpy(x)
     y = grpc_client.infer("mlp", [inp]).as_numpy("OUTPUT0")
     np.testing.assert_allclose(y, tm.mlp_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def _concurrent(n, fn):
+    out, errors = {}, []
+    lock = threading.Lock()
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        try:
+            barrier.wait(30)
+            r = fn(i)
+            with lock:
+                out[i] = r
+        except Exception as e:
+            with lock:
+                errors.append(f"{i}: {e!r}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:5]
+    assert len(out) == n
+    return out
+
+
+def test_concurrent_bytes_requests_are_scattered_correctly(server):
+    """`strings` batches (dynamic 1-D input): concurrent requests with different
+    numbers of strings of different lengths each get exactly their own strings."""
+    clients = [server.grpc_client() for _ in range(32)]
+
+    def call(i):
+        vals = [f"req{i}-{k}-{'é' * (i % 5)}{'x' * k}".encode() for k in range(1 + i % 4)]
+        x = np.array(vals, dtype=np.object_)
+        res = clients[i].infer("strings", [grpcclient.InferInput("INPUT0", [len(vals)], "BYTES").set_data_from_numpy(x)])
+        return vals, res.as_numpy("OUTPUT0"), res.as_numpy("OUTPUT1")
+
+    out = _concurrent(32, call)
+    for c in clients:
+        c.close()
+    for i, (vals, o0, o1) in out.items():
+        ref = tm.strings_reference(vals)
+        assert [bytes(v) for v in o0] == list(ref["OUTPUT0"]), f"request {i}"
+        assert o1.tolist() == ref["OUTPUT1"].tolist(), f"request {i}"
+
+
+@pytest.mark.parametrize("dt", ["FP16", "BOOL", "INT8", "UINT64", "BF16"])
+def test_concurrent_identity_requests_are_scattered_correctly(server, dt):
+    clients = [server.grpc_client() for _ in range(16)]
+
+    def sample(i):
+        rows = 1 + i % 3
+        if dt == "BOOL":
+            return (np.arange(rows * 4).reshape(rows, 4) + i) % 3 == 0
+        if dt == "BF16":
+            return (np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) + i) * 0.5
+        return (np.arange(rows * 4).reshape(rows, 4) + i * 7).astype(tm.DATATYPES[dt][1])
+
+    def call(i):
+        x = sample(i)
+        res = clients[i].infer(
+            tm.identity_model_name(dt), [grpcclient.InferInput("INPUT0", list(x.shape), dt).set_data_from_numpy(x)]
+        )
+        return x, res.as_numpy("OUTPUT0")
+
+    out = _concurrent(16, call)
+    for c in clients:
+        c.close()
+    for i, (x, y) in out.items():
+        np.testing.assert_array_equal(y, x, err_msg=f"request {i}")

@@ -360,3 +360,64 @@ def test_many_bad_requests_then_good(server):
         np.testing.assert_array_equal(res.as_numpy("OUTPUT0"), a + b)
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("shape", [[2**62, 16], [2**31, 2**31, 16], [-5, 16]], ids=["huge", "overflow", "negative"])
+def test_grpc_absurd_shapes(server, shape):
+    req = service_pb2.ModelInferRequest(model_name="add_sub")
+    for n in ("INPUT0", "INPUT1"):
+        req.inputs.add(name=n, datatype="FP32", shape=shape)
+        req.raw_input_contents.append(b"\0" * 64)
+    _grpc_call_expect(server, req, "INVALID_ARGUMENT", "INPUT0")
+
+
+@pytest.mark.parametrize("shape", [[2**62, 16], [2**31, 2**31, 16], [-5, 16]], ids=["huge", "overflow", "negative"])
+def test_http_absurd_shapes(server, shape):
+    body = {"inputs": [{"name": n, "shape": shape, "datatype": "FP32", "data": [1.0] * 16} for n in ("INPUT0", "INPUT1")]}
+    fl.assert_json_error(server.http_request("POST", "/v2/models/add_sub/infer", json.dumps(body).encode()), 400, "INPUT0")
+
+
+def test_bytes_not_utf8(server):
+    """Arbitrary bytes in a BYTES tensor: either passed through exactly (as Triton
+    does) or refused as INVALID_ARGUMENT naming the input, never a crash."""
+    vals = [b"\xff\xfe\x00raw", b"ok", b"\xc3", b""]
+    x = np.array(vals, dtype=np.object_).reshape(1, 4)
+    c = server.grpc_client()
+    try:
+        res = c.infer("identity_bytes", [grpcclient.InferInput("INPUT0", [1, 4], "BYTES").set_data_from_numpy(x)])
+        assert [bytes(v) for v in res.as_numpy("OUTPUT0").ravel()] == vals
+    except InferenceServerException as e:
+        assert fl.grpc_status(e) == "INVALID_ARGUMENT" and "INPUT0" in e.message(), e
+    finally:
+        c.close()
+
+
+def test_load_broken_model(server, model_repo):
+    name = "broken_model"
+    (model_repo / name / "1").mkdir(parents=True)
+    (model_repo / name / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    c = server.grpc_client()
+    try:
+        with pytest.raises(InferenceServerException) as ei:
+            c.load_model(name)
+        assert name in ei.value.message(), ei.value
+        assert fl.grpc_status(ei.value) in ("INVALID_ARGUMENT", "INTERNAL", "FAILED_PRECONDITION", "UNAVAILABLE"), ei.value
+        try:
+            assert c.is_model_ready(name) is False
+        except InferenceServerException as e:
+            assert fl.grpc_status(e) == "NOT_FOUND"
+        assert c.is_server_live()
+    finally:
+        import shutil
+
+        shutil.rmtree(model_repo / name)
+        try:
+            c.unload_model(name)
+        except InferenceServerException:
+            pass
+    try:
+        # once the failed model is unloaded, the server is ready again
+        assert c.is_server_ready() is True
+        assert server.http_get("/v2/health/ready")[0] == 200
+    finally:
+        c.close()

@@ -245,6 +245,21 @@ def test_statistics_count_up(grpc_client):
     assert after.inference_stats.success.ns > before.inference_stats.success.ns
     assert after.last_inference >= before.last_inference
     assert after.last_inference > 0
+    for part in ("queue", "compute_infer"):
+        b, a = getattr(before.inference_stats, part), getattr(after.inference_stats, part)
+        assert a.count - b.count >= 1, f"inference_stats.{part}.count did not grow"
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+
+
+def test_statistics_compute_input_output(grpc_client):
+    """Triton also reports compute_input / compute_output (tensor copy-in/out
+    around the run); perf_analyzer shows them. Kept separate from the basic count test."""
+    before = _model_stats(grpc_client, "add_sub")[0]
+    fl.grpc_infer_add_sub(grpc_client)
+    after = _model_stats(grpc_client, "add_sub")[0]
+    for part in ("compute_input", "compute_output"):
+        b, a = getattr(before.inference_stats, part), getattr(after.inference_stats, part)
+        assert a.count - b.count == 1, f"inference_stats.{part}.count went {b.count} -> {a.count}"
 
 
 def test_statistics_all_models_and_versions(grpc_client):
@@ -322,4 +337,34 @@ def test_load_unknown_model_fails(grpc_client):
         grpc_client.load_model("definitely_not_in_repo")
     assert fl.grpc_status(ei.value) in ("NOT_FOUND", "INVALID_ARGUMENT"), ei.value
     assert "definitely_not_in_repo" in ei.value.message()
+    # a name that is not in the repository must not take the server out of readiness
+    assert grpc_client.is_server_ready() is True
     fl.grpc_infer_add_sub(grpc_client)
+
+
+def test_inputs_in_any_order(grpc_client):
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+    b = np.full((1, 16), 10.0, np.float32)
+    i1 = grpcclient.InferInput("INPUT1", [1, 16], "FP32").set_data_from_numpy(b)
+    i0 = grpcclient.InferInput("INPUT0", [1, 16], "FP32").set_data_from_numpy(a)
+    res = grpc_client.infer("add_sub", [i1, i0])
+    np.testing.assert_array_equal(res.as_numpy("OUTPUT1"), a - b)
+    np.testing.assert_array_equal(res.as_numpy("OUTPUT0"), a + b)
+
+
+def test_load_already_loaded_model(grpc_client):
+    grpc_client.load_model(RELOADABLE_MODEL)
+    assert grpc_client.is_model_ready(RELOADABLE_MODEL) is True
+    a = np.ones((1, 16), np.float32)
+    ins = [grpcclient.InferInput(n, [1, 16], "FP32").set_data_from_numpy(a) for n in ("INPUT0", "INPUT1")]
+    np.testing.assert_array_equal(grpc_client.infer(RELOADABLE_MODEL, ins).as_numpy("OUTPUT0"), a * 2)
+
+
+def test_large_message_under_limit(grpc_client):
+    from conftest import MAX_MESSAGE_BYTES
+
+    big = b"y" * (MAX_MESSAGE_BYTES - 256 * 1024)
+    x = np.array([big], dtype=np.object_)
+    res = grpc_client.infer("strings", [grpcclient.InferInput("INPUT0", [1], "BYTES").set_data_from_numpy(x)],
+                            outputs=[grpcclient.InferRequestedOutput("OUTPUT1")])
+    assert res.as_numpy("OUTPUT1").tolist() == [False]

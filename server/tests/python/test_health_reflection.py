@@ -109,3 +109,29 @@ def test_reflection_v1_lists_services(channel):
     assert "inference.GRPCInferenceService" in names, names
     files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in responses[1].file_descriptor_response.file_descriptor_proto]
     assert any(any(s.name == "GRPCInferenceService" for s in f.service) for f in files)
+
+
+def test_health_watch_sees_unload_and_load(channel, grpc_client):
+    import queue
+    import threading
+
+    got: queue.Queue = queue.Queue()
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=RELOADABLE_MODEL), timeout=30)
+
+    def pump():
+        try:
+            for msg in stream:
+                got.put(msg.status)
+        except grpc.RpcError:
+            got.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert got.get(timeout=10) == SERVING
+    grpc_client.unload_model(RELOADABLE_MODEL)
+    try:
+        st = got.get(timeout=10)
+        assert st in (NOT_SERVING, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN), st
+    finally:
+        grpc_client.load_model(RELOADABLE_MODEL)
+    assert got.get(timeout=10) == SERVING
+    stream.cancel()

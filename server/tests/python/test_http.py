@@ -9,7 +9,6 @@ import struct
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
 
 import ferrite_testlib as fl
 from conftest import RELOADABLE_MODEL
@@ -327,3 +326,21 @@ def test_unknown_route_and_model(server):
     fl.assert_json_error(server.http_request("POST", "/v2/models/no_such_model/infer", b'{"inputs": []}'), 404, "no_such_model")
     status, _, _ = server.http_request("GET", "/v2/this/route/does/not/exist")
     assert status == 404
+
+
+def test_inputs_in_any_order_http(http_client):
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+    b = np.full((1, 16), 10.0, np.float32)
+    ins = _add_sub_inputs(a, b)
+    r = http_client.infer("add_sub", [ins[1], ins[0]])
+    np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+
+
+def test_large_message_under_limit_http(http_client):
+    from conftest import MAX_MESSAGE_BYTES
+
+    x = np.array([b"z" * (MAX_MESSAGE_BYTES - 256 * 1024)], dtype=np.object_)
+    inp = httpclient.InferInput("INPUT0", [1], "BYTES")
+    inp.set_data_from_numpy(x)
+    r = http_client.infer("strings", [inp], outputs=[httpclient.InferRequestedOutput("OUTPUT1")])
+    assert r.as_numpy("OUTPUT1").tolist() == [False]

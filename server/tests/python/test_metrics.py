@@ -113,3 +113,60 @@ def test_model_load_duration(server):
     s = _samples(server)
     assert fl.metric_sum(s, "ferrite_model_load_duration_seconds_count", model="add_sub") >= 1
     assert fl.metric_sum(s, "ferrite_model_load_duration_seconds_count", model="mlp") >= 1
+
+
+def test_failure_reasons_get_distinct_labels(server):
+    """A bad input and a full queue on the same model are counted under different outcomes."""
+    import threading
+
+    def outcomes():
+        return {
+            lab["outcome"]: v
+            for lab, v in fl.metric_find(_samples(server), "ferrite_requests_total", model="slow")
+            if lab.get("outcome") != "success"
+        }
+
+    before = outcomes()
+    c = server.grpc_client()
+    bad = grpcclient.InferInput("INPUT0", [1, 3], "FP32").set_data_from_numpy(np.ones((1, 3), np.float32))
+    try:
+        c.infer("slow", [bad])
+        raise AssertionError("bad shape accepted")
+    except InferenceServerException as e:
+        assert fl.grpc_status(e) == "INVALID_ARGUMENT"
+    c.close()
+    after_invalid = outcomes()
+    grown = {k for k in after_invalid if after_invalid[k] > before.get(k, 0)}
+    assert len(grown) == 1, f"one invalid request changed outcomes {grown}"
+    (invalid_label,) = grown
+
+    n = 12
+    clients = [server.grpc_client() for _ in range(n)]
+    barrier = threading.Barrier(n)
+    codes = []
+    lock = threading.Lock()
+
+    def call(i):
+        x = np.zeros((1, 64), np.float32)
+        barrier.wait(30)
+        try:
+            clients[i].infer("slow", [grpcclient.InferInput("INPUT0", [1, 64], "FP32").set_data_from_numpy(x)])
+            code = "OK"
+        except InferenceServerException as e:
+            code = fl.grpc_status(e)
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for cl in clients:
+        cl.close()
+    n_full = codes.count("RESOURCE_EXHAUSTED")
+    assert n_full >= 1, codes
+    after_full = outcomes()
+    grown = {k: after_full[k] - after_invalid.get(k, 0) for k in after_full if after_full[k] > after_invalid.get(k, 0)}
+    assert sum(grown.values()) == n_full, f"{n_full} refusals, counters grew {grown}"
+    assert invalid_label not in grown, f"queue-full refusals counted under the invalid-input outcome {invalid_label!r}"

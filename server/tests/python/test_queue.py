@@ -217,7 +217,7 @@ def _stub_slow_int64_priority(server, i):
     return resp
 
 
-@pytest.mark.parametrize("param_type", ["uint64", "int64"])
+@pytest.mark.parametrize("param_type", ["uint64", "int64", "http"])
 def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
     n_normal = 5
     bg = Background()
@@ -232,6 +232,10 @@ def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
     clients.append(c)
     if param_type == "uint64":  # tritonclient's encoding
         bg.start("high", lambda: _grpc_slow(c, "slow_q64", 4000, priority=1))
+    elif param_type == "http":
+        hc = server.http_client()
+        clients.append(hc)
+        bg.start("high", lambda: _http_slow(hc, "slow_q64", 4000, priority=1))
     else:
         bg.start("high", lambda: _stub_slow_int64_priority(server, 4000))
     bg.join()

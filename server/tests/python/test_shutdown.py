@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -40,6 +41,13 @@ def _slow(client, i, **kw):
     np.testing.assert_array_equal(res.as_numpy("OUTPUT0"), _x(i))
 
 
+def _slow_http(client, i):
+    inp = httpclient.InferInput("INPUT0", [1, tm.SLOW_WIDTH], "FP32")
+    inp.set_data_from_numpy(_x(i))
+    res = client.infer("slow_q64", [inp])
+    np.testing.assert_array_equal(res.as_numpy("OUTPUT0"), _x(i))
+
+
 def test_sigterm_idle_exits_zero(server_factory, drain_repo):
     s = server_factory(["--model-repository", str(drain_repo)])
     t = time.monotonic()
@@ -58,13 +66,17 @@ def test_sigterm_drains_in_flight_requests(server_factory, drain_repo):
     one_call = time.perf_counter() - t
     warm.close()
 
-    clients = [s.grpc_client() for _ in range(n)]
+    # even i: gRPC, odd i: HTTP -- both transports must drain
+    clients = [s.grpc_client() if i % 2 == 0 else s.http_client() for i in range(n)]
     done: dict[int, object] = {}
     lock = threading.Lock()
 
     def worker(i):
         try:
-            _slow(clients[i], i, client_timeout=120)
+            if i % 2 == 0:
+                _slow(clients[i], i, client_timeout=120)
+            else:
+                _slow_http(clients[i], i)
             r = None
         except Exception as e:
             r = e
