@@ -11,7 +11,7 @@ SERVER_BIN  := $(CURDIR)/target/debug/ferrite-server
 # ort (load-dynamic) finds ONNX Runtime through this variable.
 export ORT_DYLIB_PATH := $(ORT_LIB)
 
-.PHONY: help venv ort build test test-rust test-python demo fuzz clean
+.PHONY: help venv ort build release test test-rust test-python demo fuzz bench-resnet50 clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,6 +31,12 @@ $(ORT_LIB): $(VENV)/.installed
 
 build: ## build every binary (debug)
 	cargo build --workspace --bins
+
+release: ## build every binary (optimized), for benchmarks
+	cargo build --workspace --bins --release
+
+bench-resnet50: venv ort release ## ResNet-50 at concurrency 8, with and without dynamic batching
+	bash bench/resnet50.sh
 
 demo: venv ort build ## run the server on its embedded demo model and call it
 	$(PY) scripts/demo.py $(SERVER_BIN)

@@ -252,3 +252,41 @@ def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
     # Among the normal ones, FIFO order holds.
     normals = [k for k in keys if k.startswith("normal")]
     assert normals == sorted(normals, key=lambda s: int(s[6:])), f"normal requests out of order: {normals}"
+
+
+def test_cancelled_requests_leave_the_queue(server, slow_call_s):
+    """Clients that go away take their requests out of the queue: they are
+    counted as cancelled and never run, so a request behind them does not
+    wait for them."""
+    n_cancelled = 8
+    bg = Background()
+    clients = _occupy(server, bg, "slow_q64", 1)
+    before = fl.metric_sum(fl.parse_metrics(server.metrics_text()), "ferrite_requests_total",
+                           model="slow_q64", outcome="cancelled")
+    canceller = server.grpc_client()
+    calls = []
+    for k in range(n_cancelled):
+        inp = grpcclient.InferInput("INPUT0", [1, tm.SLOW_WIDTH], "FP32").set_data_from_numpy(_x(3000 + k))
+        calls.append(canceller.async_infer("slow_q64", [inp], callback=lambda result, error: None))
+    time.sleep(0.05)
+    for call in calls:
+        call.cancel()
+    c = server.grpc_client()
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            samples = fl.parse_metrics(server.metrics_text())
+            cancelled = fl.metric_sum(samples, "ferrite_requests_total", model="slow_q64", outcome="cancelled")
+            if cancelled - before >= n_cancelled or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert cancelled - before >= n_cancelled, f"only {cancelled - before} of {n_cancelled} counted as cancelled"
+        t0 = time.monotonic()
+        _grpc_slow(c, "slow_q64", 8)
+        latency = time.monotonic() - t0
+        budget = 3 * slow_call_s + 0.15
+        assert latency < budget, f"a request behind cancelled ones took {latency * 1000:.0f} ms (budget {budget * 1000:.0f})"
+    finally:
+        bg.join()
+        for x in clients + [canceller, c]:
+            x.close()
