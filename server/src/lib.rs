@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

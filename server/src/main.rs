@@ -33,6 +33,54 @@ enum LogFormat {
 enum Command {
     /// Serve models until SIGTERM (then drain and exit 0).
     Serve(ServeArgs),
+    /// Download a model into a model repository, then exit: what the
+    /// operator's init container runs before `serve --model-repository DIR`.
+    ///
+    /// A URI naming one object is written to DIR/<model-name>/1/<model-file>;
+    /// a URI ending with '/' (a prefix) has every object under it copied to
+    /// DIR/<model-name>/<relative path>. Cloud clients read the standard
+    /// variables (AWS_*, GOOGLE_*, AZURE_*). pvc:// is mounted by the
+    /// operator, not fetched. Exit status 0 on success, 1 on failure.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args, Debug)]
+struct FetchArgs {
+    /// Model to download: http(s)://host/path, s3://bucket/key,
+    /// gs://bucket/key, az://container/key (or azure://), file:///path or a
+    /// local path. End with '/' to copy a whole prefix (directory).
+    #[arg(long, env = "FERRITE_MODEL_URI", hide_env_values = true)]
+    uri: String,
+    /// Model repository to write into.
+    #[arg(long, env = "FERRITE_MODEL_DEST")]
+    dest: PathBuf,
+    /// Directory under DEST that receives the model (the served model name).
+    #[arg(long, env = "FERRITE_MODEL_NAME")]
+    model_name: String,
+    /// File name of a single downloaded object inside <model-name>/1/.
+    #[arg(long, env = "FERRITE_MODEL_FILE", default_value = ferrite_server::fetch::DEFAULT_MODEL_FILE)]
+    model_file: String,
+    /// Expected SHA-256 (hex) of a single object: a mismatch deletes the
+    /// download and fails.
+    #[arg(long, env = "FERRITE_MODEL_SHA256")]
+    sha256: Option<String>,
+    /// Retries of a transient failure (connection, HTTP 5xx/429, cut body), per file.
+    #[arg(long, env = "FERRITE_FETCH_RETRIES", default_value_t = 5)]
+    retries: u32,
+    /// Seconds without data after which a download is retried.
+    #[arg(long, env = "FERRITE_FETCH_IDLE_TIMEOUT_SECONDS", default_value_t = 120)]
+    idle_timeout_seconds: u64,
+}
+
+impl FetchArgs {
+    fn into_options(self) -> ferrite_server::fetch::FetchOptions {
+        let mut options = ferrite_server::fetch::FetchOptions::new(self.uri, self.dest, self.model_name);
+        options.model_file = self.model_file;
+        options.sha256 = self.sha256;
+        options.retries = self.retries;
+        options.idle_timeout = Duration::from_secs(self.idle_timeout_seconds.max(1));
+        options
+    }
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +133,11 @@ struct ServeArgs {
     /// Seconds that requests in flight get to finish after SIGTERM.
     #[arg(long, env = "FERRITE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// Exit with status 3 when a model fails to load at startup (the
+    /// operator sets it, so the pod's status says why) instead of staying up
+    /// and not ready.
+    #[arg(long, env = "FERRITE_EXIT_ON_LOAD_FAILURE")]
+    exit_on_load_failure: bool,
     /// The ONNX Runtime shared library (libonnxruntime.so).
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = "libonnxruntime.so")]
     onnxruntime: PathBuf,
@@ -119,6 +172,7 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             onnxruntime: self.onnxruntime,
+            exit_on_load_failure: self.exit_on_load_failure,
         }
     }
 }
@@ -144,7 +198,23 @@ async fn main() -> anyhow::Result<()> {
             if options.sources.embedded.is_some() {
                 tracing::info!("no model given: serving the embedded demo model 'demo'");
             }
-            serve(options).await
+            match serve(options).await {
+                Err(error) if error.is::<ferrite_server::server::ModelLoadFailure>() => {
+                    tracing::error!(%error, "exiting");
+                    // Also the container's termination message, for the operator.
+                    eprintln!("{error}");
+                    std::process::exit(3);
+                }
+                other => other,
+            }
         }
+        Command::Fetch(args) => match ferrite_server::fetch::fetch(&args.into_options()).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                // One line, credentials already removed.
+                eprintln!("error: {error}");
+                std::process::exit(1);
+            }
+        },
     }
 }

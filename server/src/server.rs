@@ -30,7 +30,23 @@ pub struct ServeOptions {
     pub max_message_bytes: usize,
     pub shutdown_grace: Duration,
     pub onnxruntime: std::path::PathBuf,
+    /// Exit (with [`ModelLoadFailure`]) when a model fails to load at
+    /// startup, instead of staying up and not ready: in Kubernetes the
+    /// container's exit and its message tell the operator why.
+    pub exit_on_load_failure: bool,
 }
+
+/// A model failed to load at startup and `exit_on_load_failure` was set.
+#[derive(Debug)]
+pub struct ModelLoadFailure(pub String);
+
+impl std::fmt::Display for ModelLoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "model load failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for ModelLoadFailure {}
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains it.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
@@ -94,6 +110,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             health.set_service_status("", ServingStatus::Serving).await;
             health.set_service_status("inference.GRPCInferenceService", ServingStatus::Serving).await;
             tracing::info!("ready");
+        } else if options.exit_on_load_failure {
+            let reasons: Vec<String> = repository
+                .index()
+                .into_iter()
+                .filter(|entry| entry.state != "READY")
+                .map(|entry| format!("{}: {}", entry.name, entry.reason))
+                .collect();
+            return Err(ModelLoadFailure(reasons.join("; ")).into());
         } else {
             health.set_service_status("", ServingStatus::NotServing).await;
             tracing::warn!("not every model loaded; the server stays not ready (see the repository index)");

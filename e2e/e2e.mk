@@ -1,0 +1,25 @@
+# e2e/e2e.mk: the control plane for operator and end-to-end tests.
+# Included from the top-level Makefile (`include e2e/e2e.mk`).
+#
+# K8S_BIN             where the pinned binaries live: .cache/k8s/<k8s-version>/bin
+# KUBEBUILDER_ASSETS  the same dir, exported: controller-runtime's envtest (and the
+#                     `envtest` crate) look for `etcd` and `kube-apiserver` there.
+
+E2E_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+K8S_BIN := $(shell $(E2E_DIR)/build-control-plane.sh --print-bin-dir)
+export K8S_BIN
+export KUBEBUILDER_ASSETS := $(K8S_BIN)
+
+# What `make control-plane` builds; later steps add kube-scheduler kubelet kube-proxy.
+CONTROL_PLANE_BINS ?= etcd kube-apiserver kube-controller-manager kubectl helm
+
+.PHONY: control-plane control-plane-up control-plane-down
+
+control-plane: ## build etcd, kube-apiserver, kube-controller-manager, kubectl, helm from pinned Go modules (cached)
+	$(E2E_DIR)/build-control-plane.sh $(CONTROL_PLANE_BINS)
+
+control-plane-up: control-plane ## start etcd + kube-apiserver + kube-controller-manager on loopback; prints KUBECONFIG
+	$(E2E_DIR)/start-apiserver.sh start --controller-manager
+
+control-plane-down: ## stop what control-plane-up started and remove its state
+	$(E2E_DIR)/start-apiserver.sh stop

@@ -1,0 +1,834 @@
+//! The scaling decision: pure, no I/O, no clock of its own, so every rule is
+//! tested in a table.
+//!
+//! The algorithm is the HPA's stabilization (`kube-controller-manager`'s
+//! `stabilizeRecommendationWithBehaviors`) applied to queue depth:
+//!
+//! 1. recommendation = `ceil((queued + in-flight) / targetQueueDepth)`, clamped
+//!    to `[minReplicas, maxReplicas]`;
+//! 2. the scale-up bound is the *lowest* recommendation within
+//!    `scaleUpStabilizationSeconds` (just the current one when that is 0, so
+//!    scale-up is immediate), the scale-down bound the *highest* within
+//!    `scaleDownStabilizationSeconds` (so a single dip does not scale down);
+//! 3. the new count is the current one moved into `[up bound, down bound]`.
+//!
+//! Missing data never scales down: with no observation the count holds, with
+//! some scrapes failed it may only go up (the pods that did not answer may be
+//! the busy ones, so the partial sum is a lower bound of the load). Either way
+//! `[minReplicas, maxReplicas]` is enforced at once, since that is the user's
+//! hard limit and needs no metrics.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::crd::AutoscalingSpec;
+
+/// Entries kept in a [`Recommendations`] history at most. Equal consecutive
+/// recommendations are merged, so this is only reached by a load that changes
+/// at every scrape over a very long window; the oldest entries go first.
+const MAX_HISTORY: usize = 4096;
+
+/// The autoscaling settings `decide` needs, in unsigned, sanitized form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScalePolicy {
+    /// Fewest replicas (at least 1).
+    pub min_replicas: u32,
+    /// Most replicas (at least `min_replicas`).
+    pub max_replicas: u32,
+    /// Queued plus in-flight requests one replica should carry (at least 1).
+    pub target_queue_depth: u32,
+    /// How long a higher count must be wanted before scaling up (zero: at once).
+    pub scale_up_window: Duration,
+    /// How long a lower count must be wanted before scaling down.
+    pub scale_down_window: Duration,
+}
+
+impl ScalePolicy {
+    /// The policy of a spec. The CRD's CEL rules already refuse bad values;
+    /// this still clamps them so a spec written before a rule existed cannot
+    /// divide by zero or invert the range.
+    pub fn from_spec(spec: &AutoscalingSpec) -> ScalePolicy {
+        let min_replicas = spec.min_replicas.max(1) as u32;
+        ScalePolicy {
+            min_replicas,
+            max_replicas: (spec.max_replicas.max(1) as u32).max(min_replicas),
+            target_queue_depth: spec.target_queue_depth.max(1) as u32,
+            scale_up_window: Duration::from_secs(spec.scale_up_stabilization_seconds.max(0) as u64),
+            scale_down_window: Duration::from_secs(spec.scale_down_stabilization_seconds.max(0) as u64),
+        }
+    }
+
+    /// The longest window: how long a history entry can still matter.
+    pub fn longest_window(&self) -> Duration {
+        self.scale_up_window.max(self.scale_down_window)
+    }
+
+    fn clamp(&self, replicas: u32) -> u32 {
+        replicas.clamp(self.min_replicas, self.max_replicas)
+    }
+}
+
+/// Recent recommendations of one ModelDeployment, with the time each was
+/// made: the memory behind the stabilization windows. The caller keeps one
+/// per ModelDeployment across steps and drops it when the object goes away.
+#[derive(Clone, Debug, Default)]
+pub struct Recommendations {
+    /// Oldest first; consecutive entries never hold the same count.
+    entries: VecDeque<(Instant, u32)>,
+    /// The replica count found at the first step, counted as a recommendation
+    /// for scale-down only (see [`Recommendations::seed`]).
+    seed: Option<(Instant, u32)>,
+}
+
+impl Recommendations {
+    /// An empty history.
+    pub fn new() -> Recommendations {
+        Recommendations::default()
+    }
+
+    /// Whether nothing was recorded or seeded yet (a fresh leader).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.seed.is_none()
+    }
+
+    /// Counts the current replica count as recommended `now`, for scale-down
+    /// only. A new leader (or a restarted operator) has no history; without
+    /// this it would scale down on its first low reading, defeating the
+    /// scale-down window exactly when the operator is least sure. Scale-up is
+    /// not delayed by the seed.
+    pub fn seed(&mut self, now: Instant, current_replicas: u32) {
+        self.seed = Some((now, current_replicas));
+    }
+
+    /// Adds a recommendation made at `now` and forgets entries older than
+    /// `keep` (the longest window, see [`ScalePolicy::longest_window`]).
+    pub fn record(&mut self, now: Instant, replicas: u32, keep: Duration) {
+        // Of a run of equal values only the newest matters: it stays in any
+        // window at least as long as the older ones.
+        if let Some(last) = self.entries.back_mut() {
+            if last.1 == replicas {
+                *last = (now, replicas);
+                self.prune(now, keep);
+                return;
+            }
+        }
+        self.entries.push_back((now, replicas));
+        while self.entries.len() > MAX_HISTORY {
+            self.entries.pop_front();
+        }
+        self.prune(now, keep);
+    }
+
+    /// The recorded entries, oldest first (for tests and debugging).
+    pub fn entries(&self) -> impl Iterator<Item = (Instant, u32)> + '_ {
+        self.entries.iter().copied()
+    }
+
+    fn prune(&mut self, now: Instant, keep: Duration) {
+        while let Some(&(t, _)) = self.entries.front() {
+            if in_window(now, t, keep) {
+                break;
+            }
+            self.entries.pop_front();
+        }
+        if let Some((t, _)) = self.seed {
+            if !in_window(now, t, keep) {
+                self.seed = None;
+            }
+        }
+    }
+
+    /// Entries made within `window` before `now`.
+    fn within(&self, now: Instant, window: Duration) -> impl Iterator<Item = (Instant, u32)> + '_ {
+        self.entries.iter().copied().filter(move |&(t, _)| in_window(now, t, window))
+    }
+}
+
+/// Whether a recommendation made at `t` still counts at `now`. A zero window
+/// holds nothing, so a zero stabilization means "at once". Saturating: an
+/// entry from the future (which a monotonic clock never makes) counts as new.
+fn in_window(now: Instant, t: Instant, window: Duration) -> bool {
+    now.saturating_duration_since(t) < window
+}
+
+/// Load summed over the pods that answered a scrape round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observation {
+    /// Requests waiting in the pods' queues (`ferrite_queue_depth`).
+    pub queued: u64,
+    /// Requests executing (`ferrite_inflight_requests`).
+    pub inflight: u64,
+    /// Pods whose metrics were read.
+    pub pods_scraped: u32,
+    /// Pods whose scrape failed (connection, timeout, status, parse).
+    pub pods_failed: u32,
+}
+
+impl Observation {
+    /// Queued plus in-flight requests.
+    pub fn load(&self) -> u64 {
+        self.queued.saturating_add(self.inflight)
+    }
+}
+
+/// Everything one decision depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct DecisionInput<'a> {
+    /// Range, target and windows.
+    pub policy: ScalePolicy,
+    /// Replicas the Deployment asks for now (its scale subresource).
+    pub current_replicas: u32,
+    /// Earlier recommendations; `decide` reads it, the caller records
+    /// [`Decision::record`] into it afterwards.
+    pub history: &'a Recommendations,
+    /// The latest scrape round. `None`, or `pods_scraped == 0`, means no data
+    /// (every scrape failed, or no pod was ready): hold.
+    pub observation: Option<Observation>,
+    /// The time of this decision (the same clock as the history's entries).
+    pub now: Instant,
+}
+
+/// Which way a decision moved the replica count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// More replicas.
+    Up,
+    /// Fewer replicas.
+    Down,
+    /// The same count.
+    Hold,
+}
+
+impl Direction {
+    /// `up`, `down` or `hold` (the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+            Direction::Hold => "hold",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of [`decide`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The replica count to run (equal to the current one when holding).
+    pub replicas: u32,
+    /// Whether `replicas` differs from the current count.
+    pub changed: bool,
+    /// Up, down or hold.
+    pub direction: Direction,
+    /// The load's recommendation (clamped to the range), when any pod answered.
+    pub recommendation: Option<u32>,
+    /// What to add to the history: the recommendation when every scrape
+    /// succeeded. A partial sum is only a lower bound of the load; recording
+    /// it would let it hold off a later scale-up through the up window.
+    pub record: Option<u32>,
+    /// One line for the Event and the log.
+    pub reason: String,
+}
+
+/// Decides the replica count; see the module documentation for the rules.
+pub fn decide(input: &DecisionInput) -> Decision {
+    let policy = input.policy;
+    let current = input.current_replicas;
+    let in_range = policy.clamp(current);
+    let range_note = || range_note(current, &policy);
+
+    let obs = match input.observation {
+        Some(obs) if obs.pods_scraped > 0 => obs,
+        other => {
+            let why = match other {
+                Some(Observation { pods_failed, .. }) if pods_failed > 0 => {
+                    format!("all {pods_failed} scrapes failed")
+                }
+                Some(_) => "no ready pods to scrape".to_string(),
+                None => "no metrics observed".to_string(),
+            };
+            let reason = match range_note() {
+                Some(note) => format!("holding: {why}; {note}"),
+                None => format!("holding at {current} replicas: {why}"),
+            };
+            return finish(current, in_range, None, None, reason);
+        }
+    };
+
+    let target = u64::from(policy.target_queue_depth);
+    let wanted = obs.load().div_ceil(target);
+    let recommendation = policy.clamp(u32::try_from(wanted).unwrap_or(u32::MAX));
+    let pods = obs.pods_scraped + obs.pods_failed;
+    let summary = format!(
+        "queue {} (queued {}, in-flight {}) over {} pod{}, target {} -> {} replica{}",
+        obs.load(),
+        obs.queued,
+        obs.inflight,
+        obs.pods_scraped,
+        if obs.pods_scraped == 1 { "" } else { "s" },
+        policy.target_queue_depth,
+        recommendation,
+        if recommendation == 1 { "" } else { "s" },
+    );
+
+    // HPA stabilization: the lowest recommendation of the up window and the
+    // highest of the down window, the current one included in both.
+    let now = input.now;
+    let history = input.history;
+    let up_bound = history
+        .within(now, policy.scale_up_window)
+        .map(|(_, r)| policy.clamp(r))
+        .fold(recommendation, u32::min);
+    let seed = history
+        .seed
+        .filter(|&(t, _)| in_window(now, t, policy.scale_down_window))
+        .map(|(_, r)| policy.clamp(r));
+    let down_bound = history
+        .within(now, policy.scale_down_window)
+        .map(|(_, r)| policy.clamp(r))
+        .chain(seed)
+        .fold(recommendation, u32::max);
+
+    if obs.pods_failed > 0 {
+        // Partial data: the sum is a lower bound, good enough to add
+        // replicas, never to remove them.
+        let failed = format!("{} of {} scrapes failed", obs.pods_failed, pods);
+        let replicas = in_range.max(up_bound);
+        let reason = if replicas > current {
+            format!("{summary}; {failed}, scaling up only: {current} -> {replicas}")
+        } else if replicas < current {
+            format!("holding: {failed}; {}", range_note().unwrap_or_default())
+        } else {
+            format!("holding: {failed} ({summary})")
+        };
+        return finish(current, replicas, Some(recommendation), None, reason);
+    }
+
+    let replicas = in_range.clamp(up_bound, down_bound);
+    let reason = if replicas > current {
+        let mut reason = format!("{summary}; scaling up from {current} to {replicas}");
+        if replicas < recommendation {
+            let wait = wait_for(history, now, policy.scale_up_window, |r| policy.clamp(r) < recommendation);
+            reason += &format!(
+                "; {recommendation} held by stabilization for another {wait}s ({up_bound} recommended within the last {}s)",
+                policy.scale_up_window.as_secs(),
+            );
+        }
+        reason
+    } else if replicas < current {
+        let mut reason = format!("{summary}; scaling down from {current} to {replicas}");
+        if replicas > recommendation {
+            let wait = wait_for_down(history, now, &policy, recommendation);
+            reason += &format!(
+                "; {recommendation} held by stabilization for another {wait}s ({down_bound} recommended within the last {}s)",
+                policy.scale_down_window.as_secs(),
+            );
+        }
+        reason
+    } else if recommendation < current {
+        let wait = wait_for_down(history, now, &policy, recommendation);
+        format!(
+            "{summary}; scale-down to {recommendation} held by stabilization for another {wait}s \
+             ({down_bound} recommended within the last {}s)",
+            policy.scale_down_window.as_secs()
+        )
+    } else if recommendation > current {
+        let wait = wait_for(history, now, policy.scale_up_window, |r| policy.clamp(r) < recommendation);
+        format!(
+            "{summary}; scale-up to {recommendation} held by stabilization for another {wait}s \
+             ({up_bound} recommended within the last {}s)",
+            policy.scale_up_window.as_secs()
+        )
+    } else {
+        format!("{summary}; no change")
+    };
+    finish(current, replicas, Some(recommendation), Some(recommendation), reason)
+}
+
+fn finish(current: u32, replicas: u32, recommendation: Option<u32>, record: Option<u32>, reason: String) -> Decision {
+    let direction = match replicas.cmp(&current) {
+        std::cmp::Ordering::Greater => Direction::Up,
+        std::cmp::Ordering::Less => Direction::Down,
+        std::cmp::Ordering::Equal => Direction::Hold,
+    };
+    Decision { replicas, changed: replicas != current, direction, recommendation, record, reason }
+}
+
+/// Why the count moves regardless of load, when it is out of range.
+fn range_note(current: u32, policy: &ScalePolicy) -> Option<String> {
+    if current < policy.min_replicas {
+        Some(format!("{current} replicas is below minReplicas {0} -> {0}", policy.min_replicas))
+    } else if current > policy.max_replicas {
+        Some(format!("{current} replicas is above maxReplicas {0} -> {0}", policy.max_replicas))
+    } else {
+        None
+    }
+}
+
+/// Seconds (rounded up) until every entry matching `blocks` has left the window.
+fn wait_for(
+    history: &Recommendations,
+    now: Instant,
+    window: Duration,
+    blocks: impl Fn(u32) -> bool,
+) -> u64 {
+    history
+        .within(now, window)
+        .filter(|&(_, r)| blocks(r))
+        .map(|(t, _)| window.saturating_sub(now.saturating_duration_since(t)))
+        .max()
+        .map_or(0, ceil_secs)
+}
+
+/// [`wait_for`] for scale-down, where the seed blocks too.
+fn wait_for_down(history: &Recommendations, now: Instant, policy: &ScalePolicy, target: u32) -> u64 {
+    let window = policy.scale_down_window;
+    let entries = wait_for(history, now, window, |r| policy.clamp(r) > target);
+    let seed = history
+        .seed
+        .filter(|&(t, r)| in_window(now, t, window) && policy.clamp(r) > target)
+        .map_or(0, |(t, _)| ceil_secs(window.saturating_sub(now.saturating_duration_since(t))));
+    entries.max(seed)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(min: u32, max: u32, target: u32, up: u64, down: u64) -> ScalePolicy {
+        ScalePolicy {
+            min_replicas: min,
+            max_replicas: max,
+            target_queue_depth: target,
+            scale_up_window: Duration::from_secs(up),
+            scale_down_window: Duration::from_secs(down),
+        }
+    }
+
+    fn obs(queued: u64, inflight: u64, scraped: u32, failed: u32) -> Option<Observation> {
+        Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: failed })
+    }
+
+    struct Case {
+        name: &'static str,
+        policy: ScalePolicy,
+        current: u32,
+        /// (seconds before now, recommendation)
+        history: &'static [(u64, u32)],
+        /// (seconds before now, replicas) seeded at the first step
+        seed: Option<(u64, u32)>,
+        observation: Option<Observation>,
+        want: u32,
+        want_record: Option<u32>,
+        /// A piece the reason must contain.
+        reason: &'static str,
+    }
+
+    fn run(case: &Case) {
+        // A base far enough in the past that `base + offsets` stays valid.
+        let now = Instant::now() + Duration::from_secs(10_000);
+        let mut history = Recommendations::new();
+        let mut past: Vec<_> = case.history.to_vec();
+        past.sort_by(|a, b| b.0.cmp(&a.0));
+        for &(ago, r) in &past {
+            history.record(now - Duration::from_secs(ago), r, Duration::from_secs(100_000));
+        }
+        if let Some((ago, r)) = case.seed {
+            history.seed(now - Duration::from_secs(ago), r);
+        }
+        let d = decide(&DecisionInput {
+            policy: case.policy,
+            current_replicas: case.current,
+            history: &history,
+            observation: case.observation,
+            now,
+        });
+        assert_eq!(d.replicas, case.want, "{}: replicas ({})", case.name, d.reason);
+        assert_eq!(d.changed, case.want != case.current, "{}: changed", case.name);
+        let direction = match case.want.cmp(&case.current) {
+            std::cmp::Ordering::Greater => Direction::Up,
+            std::cmp::Ordering::Less => Direction::Down,
+            std::cmp::Ordering::Equal => Direction::Hold,
+        };
+        assert_eq!(d.direction, direction, "{}: direction", case.name);
+        assert_eq!(d.record, case.want_record, "{}: record", case.name);
+        assert!(d.reason.contains(case.reason), "{}: reason {:?} lacks {:?}", case.name, d.reason, case.reason);
+    }
+
+    #[test]
+    fn decision_table() {
+        let p = policy(1, 10, 8, 0, 120);
+        let cases = [
+            Case {
+                name: "steady load, no change",
+                policy: p,
+                current: 2,
+                history: &[(5, 2), (10, 2)],
+                seed: None,
+                observation: obs(10, 6, 2, 0),
+                want: 2,
+                want_record: Some(2),
+                reason: "queue 16 (queued 10, in-flight 6) over 2 pods, target 8 -> 2 replicas; no change",
+            },
+            Case {
+                name: "scale up at once",
+                policy: p,
+                current: 2,
+                history: &[(5, 2), (10, 2)],
+                seed: None,
+                observation: obs(30, 7, 2, 0),
+                want: 5,
+                want_record: Some(5),
+                reason: "queue 37 (queued 30, in-flight 7) over 2 pods, target 8 -> 5 replicas; scaling up from 2 to 5",
+            },
+            Case {
+                name: "ceil: one request over a multiple adds a replica",
+                policy: p,
+                current: 2,
+                history: &[],
+                seed: None,
+                observation: obs(17, 0, 2, 0),
+                want: 3,
+                want_record: Some(3),
+                reason: "-> 3 replicas",
+            },
+            Case {
+                name: "scale up capped at max",
+                policy: p,
+                current: 4,
+                history: &[],
+                seed: None,
+                observation: obs(1000, 24, 4, 0),
+                want: 10,
+                want_record: Some(10),
+                reason: "target 8 -> 10 replicas; scaling up from 4 to 10",
+            },
+            Case {
+                name: "idle floors at min",
+                policy: policy(2, 10, 8, 0, 0),
+                current: 3,
+                history: &[],
+                seed: None,
+                observation: obs(0, 0, 3, 0),
+                want: 2,
+                want_record: Some(2),
+                reason: "queue 0 (queued 0, in-flight 0) over 3 pods, target 8 -> 2 replicas; scaling down from 3 to 2",
+            },
+            Case {
+                name: "single dip does not scale down",
+                policy: p,
+                current: 5,
+                history: &[(5, 5), (10, 5), (60, 5)],
+                seed: None,
+                observation: obs(3, 0, 5, 0),
+                want: 5,
+                want_record: Some(1),
+                reason: "scale-down to 1 held by stabilization for another 115s (5 recommended within the last 120s)",
+            },
+            Case {
+                name: "scale down after the window passes",
+                policy: p,
+                current: 5,
+                history: &[(130, 5), (100, 2), (50, 2), (10, 2)],
+                seed: None,
+                observation: obs(9, 2, 5, 0),
+                want: 2,
+                want_record: Some(2),
+                reason: "scaling down from 5 to 2",
+            },
+            Case {
+                name: "scale down only to the highest in the window",
+                policy: p,
+                current: 6,
+                history: &[(130, 6), (90, 4), (30, 3)],
+                seed: None,
+                observation: obs(4, 0, 6, 0),
+                want: 4,
+                want_record: Some(1),
+                reason: "scaling down from 6 to 4; 1 held by stabilization for another 90s (4 recommended within the last 120s)",
+            },
+            Case {
+                name: "zero down window scales down at once",
+                policy: policy(1, 10, 8, 0, 0),
+                current: 6,
+                history: &[(1, 6)],
+                seed: None,
+                observation: obs(0, 1, 6, 0),
+                want: 1,
+                want_record: Some(1),
+                reason: "scaling down from 6 to 1",
+            },
+            Case {
+                name: "up window holds off a spike",
+                policy: policy(1, 10, 8, 30, 120),
+                current: 2,
+                history: &[(20, 2), (10, 2)],
+                seed: None,
+                observation: obs(40, 0, 2, 0),
+                want: 2,
+                want_record: Some(5),
+                reason: "scale-up to 5 held by stabilization for another 20s (2 recommended within the last 30s)",
+            },
+            Case {
+                name: "up window: lowest recommendation over the window",
+                policy: policy(1, 10, 8, 30, 120),
+                current: 2,
+                history: &[(40, 2), (20, 4), (10, 6)],
+                seed: None,
+                observation: obs(60, 0, 2, 0),
+                want: 4,
+                want_record: Some(8),
+                reason: "scaling up from 2 to 4; 8 held by stabilization for another 20s (4 recommended within the last 30s)",
+            },
+            Case {
+                name: "up window passed: sustained load scales up",
+                policy: policy(1, 10, 8, 30, 120),
+                current: 2,
+                history: &[(40, 2), (25, 5), (10, 5)],
+                seed: None,
+                observation: obs(40, 0, 2, 0),
+                want: 5,
+                want_record: Some(5),
+                reason: "scaling up from 2 to 5",
+            },
+            Case {
+                name: "no observation holds",
+                policy: p,
+                current: 3,
+                history: &[(5, 1)],
+                seed: None,
+                observation: None,
+                want: 3,
+                want_record: None,
+                reason: "holding at 3 replicas: no metrics observed",
+            },
+            Case {
+                name: "every scrape failed holds",
+                policy: policy(1, 10, 8, 0, 0),
+                current: 3,
+                history: &[],
+                seed: None,
+                observation: obs(0, 0, 0, 3),
+                want: 3,
+                want_record: None,
+                reason: "holding at 3 replicas: all 3 scrapes failed",
+            },
+            Case {
+                name: "no ready pods holds",
+                policy: policy(1, 10, 8, 0, 0),
+                current: 2,
+                history: &[],
+                seed: None,
+                observation: obs(0, 0, 0, 0),
+                want: 2,
+                want_record: None,
+                reason: "holding at 2 replicas: no ready pods to scrape",
+            },
+            Case {
+                name: "partial failure never scales down",
+                policy: policy(1, 10, 8, 0, 0),
+                current: 3,
+                history: &[],
+                seed: None,
+                observation: obs(0, 0, 2, 1),
+                want: 3,
+                want_record: None,
+                reason: "holding: 1 of 3 scrapes failed (queue 0",
+            },
+            Case {
+                name: "partial failure still scales up",
+                policy: p,
+                current: 3,
+                history: &[],
+                seed: None,
+                observation: obs(50, 6, 2, 1),
+                want: 7,
+                want_record: None,
+                reason: "1 of 3 scrapes failed, scaling up only: 3 -> 7",
+            },
+            Case {
+                name: "partial failure respects the up window",
+                policy: policy(1, 10, 8, 30, 120),
+                current: 3,
+                history: &[(10, 3)],
+                seed: None,
+                observation: obs(50, 6, 2, 1),
+                want: 3,
+                want_record: None,
+                reason: "holding: 1 of 3 scrapes failed",
+            },
+            Case {
+                name: "below min moves up without data",
+                policy: policy(2, 10, 8, 0, 120),
+                current: 0,
+                history: &[],
+                seed: None,
+                observation: None,
+                want: 2,
+                want_record: None,
+                reason: "holding: no metrics observed; 0 replicas is below minReplicas 2 -> 2",
+            },
+            Case {
+                name: "above max moves down at once, despite the window",
+                policy: policy(1, 4, 8, 0, 120),
+                current: 9,
+                history: &[(5, 9), (10, 9)],
+                seed: Some((10, 9)),
+                observation: obs(100, 0, 9, 0),
+                want: 4,
+                want_record: Some(4),
+                reason: "scaling down from 9 to 4",
+            },
+            Case {
+                name: "above max moves down with failed scrapes",
+                policy: policy(1, 4, 8, 0, 120),
+                current: 6,
+                history: &[],
+                seed: None,
+                observation: obs(0, 0, 0, 6),
+                want: 4,
+                want_record: None,
+                reason: "holding: all 6 scrapes failed; 6 replicas is above maxReplicas 4 -> 4",
+            },
+            Case {
+                name: "above max with a partial failure moves down",
+                policy: policy(1, 4, 8, 0, 120),
+                current: 6,
+                history: &[],
+                seed: None,
+                observation: obs(0, 0, 5, 1),
+                want: 4,
+                want_record: None,
+                reason: "holding: 1 of 6 scrapes failed; 6 replicas is above maxReplicas 4 -> 4",
+            },
+            Case {
+                name: "fresh leader: the seed holds off scale-down",
+                policy: p,
+                current: 4,
+                history: &[],
+                seed: Some((0, 4)),
+                observation: obs(0, 0, 4, 0),
+                want: 4,
+                want_record: Some(1),
+                reason: "scale-down to 1 held by stabilization for another 120s (4 recommended within the last 120s)",
+            },
+            Case {
+                name: "seed does not hold off scale-up",
+                policy: p,
+                current: 4,
+                history: &[],
+                seed: Some((0, 4)),
+                observation: obs(48, 0, 4, 0),
+                want: 6,
+                want_record: Some(6),
+                reason: "scaling up from 4 to 6",
+            },
+            Case {
+                name: "seed expires with the window",
+                policy: p,
+                current: 4,
+                history: &[(60, 1)],
+                seed: Some((120, 4)),
+                observation: obs(1, 0, 4, 0),
+                want: 1,
+                want_record: Some(1),
+                reason: "scaling down from 4 to 1",
+            },
+            Case {
+                name: "stale history above a lowered max is clamped",
+                policy: policy(1, 3, 8, 0, 120),
+                current: 3,
+                history: &[(10, 8)],
+                seed: None,
+                observation: obs(8, 0, 3, 0),
+                want: 3,
+                want_record: Some(1),
+                reason: "(3 recommended within the last 120s)",
+            },
+            Case {
+                name: "singular in the reason",
+                policy: p,
+                current: 1,
+                history: &[],
+                seed: None,
+                observation: obs(1, 0, 1, 0),
+                want: 1,
+                want_record: Some(1),
+                reason: "queue 1 (queued 1, in-flight 0) over 1 pod, target 8 -> 1 replica; no change",
+            },
+            Case {
+                name: "huge load saturates instead of overflowing",
+                policy: policy(1, 50, 1, 0, 0),
+                current: 1,
+                history: &[],
+                seed: None,
+                observation: obs(u64::MAX, u64::MAX, 1, 0),
+                want: 50,
+                want_record: Some(50),
+                reason: "scaling up from 1 to 50",
+            },
+        ];
+        assert!(cases.len() >= 15);
+        for case in &cases {
+            run(case);
+        }
+    }
+
+    #[test]
+    fn history_merges_equal_runs_and_prunes() {
+        let t0 = Instant::now();
+        let keep = Duration::from_secs(60);
+        let mut h = Recommendations::new();
+        assert!(h.is_empty());
+        for s in 0..10 {
+            h.record(t0 + Duration::from_secs(s), 3, keep);
+        }
+        assert_eq!(h.entries().map(|(_, r)| r).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(h.entries().next().unwrap().0, t0 + Duration::from_secs(9));
+        h.record(t0 + Duration::from_secs(20), 5, keep);
+        h.record(t0 + Duration::from_secs(30), 3, keep);
+        assert_eq!(h.entries().map(|(_, r)| r).collect::<Vec<_>>(), vec![3, 5, 3]);
+        // 9s entry ages out at 69s.
+        h.record(t0 + Duration::from_secs(70), 3, keep);
+        assert_eq!(h.entries().map(|(_, r)| r).collect::<Vec<_>>(), vec![5, 3]);
+        h.seed(t0 + Duration::from_secs(70), 4);
+        h.record(t0 + Duration::from_secs(200), 2, keep);
+        assert_eq!(h.entries().map(|(_, r)| r).collect::<Vec<_>>(), vec![2]);
+        assert!(h.seed.is_none(), "the seed ages out like an entry");
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let t0 = Instant::now();
+        let mut h = Recommendations::new();
+        for s in 0..(MAX_HISTORY as u64 + 100) {
+            h.record(t0 + Duration::from_millis(s), (s % 2) as u32 + 1, Duration::from_secs(3600));
+        }
+        assert_eq!(h.entries().count(), MAX_HISTORY);
+    }
+
+    #[test]
+    fn policy_from_spec_sanitizes() {
+        let spec = AutoscalingSpec {
+            min_replicas: 0,
+            max_replicas: -3,
+            target_queue_depth: 0,
+            scale_up_stabilization_seconds: -1,
+            scale_down_stabilization_seconds: 300,
+            scrape_interval_seconds: 5,
+        };
+        let p = ScalePolicy::from_spec(&spec);
+        assert_eq!(p, policy(1, 1, 1, 0, 300));
+        assert_eq!(p.longest_window(), Duration::from_secs(300));
+    }
+}

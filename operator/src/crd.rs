@@ -1,0 +1,304 @@
+//! The `ModelDeployment` custom resource (`ferrite.dev/v1alpha1`): what a
+//! user writes, and the status the operator reports.
+//!
+//! Every field has a description (shown by `kubectl explain`) and defaults
+//! live in the schema. Cross-field rules are CEL `x-kubernetes-validations`,
+//! so the API server refuses a bad spec with a clear message and no webhook
+//! is needed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A model served by ferrite-server pods, scaled on the depth of their
+/// request queues.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ferrite.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    plural = "modeldeployments",
+    shortname = "mdep",
+    category = "ferrite",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    doc = "A model served by ferrite-server pods over the Open Inference Protocol, scaled on queue depth.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready replicas"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth", description = "Queued plus in-flight requests"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoints.grpc"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are exclusive: set a fixed replica count or autoscaling, not both"))]
+#[x_kube(validation = Rule::new("!has(self.gpus) || self.gpus == 0 || self.runtime.executionProvider != 'cpu'").message("spec.gpus needs spec.runtime.executionProvider cuda or tensorrt"))]
+#[x_kube(validation = Rule::new("self.runtime.executionProvider == 'cpu' || (has(self.gpus) && self.gpus > 0)").message("executionProvider cuda or tensorrt needs spec.gpus of 1 or more"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// Where the model comes from.
+    pub model: ModelSource,
+    /// How ONNX Runtime runs the model.
+    #[serde(default)]
+    pub runtime: RuntimeSpec,
+    /// Dynamic batching and the request queue.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+    /// CPU and memory for the server container (requests and limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// GPUs per replica (`nvidia.com/gpu`); needs executionProvider cuda or tensorrt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.gpus must not be negative"))]
+    pub gpus: Option<i32>,
+    /// A fixed number of replicas. Exclusive with `autoscaling`; also the
+    /// target of the scale subresource for users who run an HPA or KEDA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.replicas must not be negative"))]
+    pub replicas: Option<i32>,
+    /// Built-in autoscaling on queue depth. Exclusive with `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// Where the pods may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// The ferrite-server image; defaults to the operator's own setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image pull policy of the server and fetch containers (Always, IfNotPresent, Never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']").message("spec.imagePullPolicy must be Always, IfNotPresent or Never"))]
+    pub image_pull_policy: Option<String>,
+    /// Extra environment variables of the server container (and of the
+    /// fetch container, for object-store credentials).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// The Service in front of the pods.
+    #[serde(default)]
+    pub service: ServiceOptions,
+}
+
+/// Where the model comes from.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// Model location: `http(s)://`, `s3://`, `gs://`, `az://` (downloaded by
+    /// an init container), or `pvc://<claim>/<path>` (mounted read-only). A
+    /// URI ending in `/` is a directory: `<version>/model.onnx`, an optional
+    /// `ferrite.json`, or an LLM model directory.
+    #[x_kube(validation = Rule::new("self.matches('^(https?|s3|gs|az|pvc)://.+')").message("spec.model.uri must start with http://, https://, s3://, gs://, az:// or pvc://"))]
+    pub uri: String,
+    /// Name clients use for the model; defaults to the ModelDeployment's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9][a-zA-Z0-9_.-]*$')").message("spec.model.name may hold letters, digits, '_', '.' and '-'"))]
+    pub name: Option<String>,
+    /// Expected SHA-256 of a single-file model, checked after download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.model.sha256 must be 64 lowercase hex digits"))]
+    pub sha256: Option<String>,
+}
+
+/// ONNX Runtime execution provider.
+#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl ExecutionProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+            ExecutionProvider::Tensorrt => "tensorrt",
+        }
+    }
+}
+
+/// How ONNX Runtime runs the model.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    /// cpu, cuda or tensorrt. cuda and tensorrt need `gpus`.
+    #[serde(default)]
+    pub execution_provider: ExecutionProvider,
+    /// Threads per ONNX Runtime session; 0 derives them from the CPU limit.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.runtime.intraOpThreads must not be negative"))]
+    pub intra_op_threads: i32,
+    /// ONNX Runtime sessions per replica, each on its own thread.
+    #[serde(default = "default_instances")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.runtime.instances must be at least 1"))]
+    pub instances: i32,
+}
+
+fn default_instances() -> i32 {
+    1
+}
+
+/// Dynamic batching and the request queue of each replica.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSpec {
+    /// Largest batch the dynamic batcher forms; 1 turns batching off.
+    #[serde(default = "default_max_batch_size")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.batching.maxBatchSize must be at least 1"))]
+    pub max_batch_size: i32,
+    /// Longest time the batcher may hold a request to grow a batch.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.batching.maxQueueDelayMicroseconds must not be negative"))]
+    pub max_queue_delay_microseconds: i64,
+    /// Requests that may wait per replica before new ones are refused.
+    #[serde(default = "default_max_queue_size")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.batching.maxQueueSize must be at least 1"))]
+    pub max_queue_size: i32,
+}
+
+fn default_max_batch_size() -> i32 {
+    32
+}
+fn default_max_queue_size() -> i32 {
+    1024
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        BatchingSpec {
+            max_batch_size: default_max_batch_size(),
+            max_queue_delay_microseconds: 0,
+            max_queue_size: default_max_queue_size(),
+        }
+    }
+}
+
+/// Built-in autoscaling: `ceil((queued + in-flight) / targetQueueDepth)`
+/// replicas, within `minReplicas..maxReplicas`.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("spec.autoscaling.minReplicas must not exceed maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// Fewest replicas.
+    #[serde(default = "default_min_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.autoscaling.minReplicas must be at least 1"))]
+    pub min_replicas: i32,
+    /// Most replicas.
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.autoscaling.maxReplicas must be at least 1"))]
+    pub max_replicas: i32,
+    /// Queued plus in-flight requests one replica should carry.
+    #[serde(default = "default_target_queue_depth")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.autoscaling.targetQueueDepth must be at least 1"))]
+    pub target_queue_depth: i32,
+    /// Seconds a higher replica count must be wanted before scaling up (0: at once).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.autoscaling.scaleUpStabilizationSeconds must not be negative"))]
+    pub scale_up_stabilization_seconds: i32,
+    /// Seconds a lower replica count must be wanted before scaling down.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.autoscaling.scaleDownStabilizationSeconds must not be negative"))]
+    pub scale_down_stabilization_seconds: i32,
+    /// Seconds between scrapes of the pods' metrics.
+    #[serde(default = "default_scrape_interval")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 300").message("spec.autoscaling.scrapeIntervalSeconds must be between 1 and 300"))]
+    pub scrape_interval_seconds: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_target_queue_depth() -> i32 {
+    8
+}
+fn default_scale_down_stabilization() -> i32 {
+    120
+}
+fn default_scrape_interval() -> i32 {
+    5
+}
+
+/// Where the pods may run.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Node labels the pods require.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate (GPU pods also tolerate `nvidia.com/gpu`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+/// The Service in front of the pods.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceOptions {
+    /// ClusterIP (default), NodePort or LoadBalancer.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self in ['ClusterIP', 'NodePort', 'LoadBalancer']").message("spec.service.type must be ClusterIP, NodePort or LoadBalancer"))]
+    pub type_: Option<String>,
+    /// Annotations of the Service (for load balancers, meshes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What the operator observed.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods of the current Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods ready to serve.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Replicas wanted: the fixed count or the autoscaler's decision.
+    #[serde(default)]
+    pub desired_replicas: i32,
+    /// Queued plus in-flight requests over all ready pods, at the last scrape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<i64>,
+    /// When the autoscaler last changed the replica count (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    /// Label selector of the pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// In-cluster addresses of the model's APIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+    /// Ready, Progressing and Degraded, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// In-cluster addresses of the model's APIs.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// Open Inference Protocol over gRPC, `host:port`.
+    pub grpc: String,
+    /// KServe v2 REST, `http://host:port`.
+    pub http: String,
+}
+
+impl ModelDeployment {
+    /// Name clients use for the model.
+    pub fn model_name(&self) -> String {
+        self.spec.model.name.clone().unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+}

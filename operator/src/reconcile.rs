@@ -1,0 +1,240 @@
+//! The controller: one reconcile function that runs a ModelDeployment
+//! through validate -> build (pure, `resources`) -> server-side apply ->
+//! status (`status`), with typed errors and Events for what changed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+use crate::resources::{self, BuildConfig, INSTANCE_LABEL};
+use crate::status;
+use crate::telemetry::Metrics;
+
+/// Field manager of every object the operator writes.
+pub const FIELD_MANAGER: &str = "ferrite-operator";
+/// How often a ModelDeployment is looked at even when nothing changed.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// Why a reconciliation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("applying {kind}: {source}")]
+    Apply { kind: &'static str, source: kube::Error },
+    #[error("reading {kind}: {source}")]
+    Read { kind: &'static str, source: kube::Error },
+    #[error("writing status: {0}")]
+    Status(kube::Error),
+}
+
+impl Error {
+    /// Label of `ferrite_operator_reconcile_errors_total{reason}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Apply { .. } => "apply",
+            Error::Read { .. } => "read",
+            Error::Status(_) => "status",
+        }
+    }
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    pub client: Client,
+    pub config: BuildConfig,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn new(client: Client, config: BuildConfig, metrics: Metrics, identity: &str) -> Context {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_string()) };
+        Context { recorder: Recorder::new(client.clone(), reporter), client, config, metrics }
+    }
+
+    /// Publishes an Event on a ModelDeployment; failures are only logged.
+    pub async fn event(&self, md: &ModelDeployment, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &md.object_ref(&())).await {
+            tracing::warn!(%error, "cannot publish event");
+        }
+    }
+}
+
+/// Checks the spec beyond what the CRD's CEL rules can.
+pub fn validate(md: &ModelDeployment) -> Result<(), Error> {
+    if md.metadata.uid.is_none() || md.metadata.namespace.is_none() {
+        return Err(Error::InvalidSpec("the ModelDeployment has no uid or namespace".into()));
+    }
+    if let Some(auto) = &md.spec.autoscaling {
+        if auto.min_replicas > auto.max_replicas {
+            return Err(Error::InvalidSpec("autoscaling.minReplicas exceeds maxReplicas".into()));
+        }
+    }
+    Ok(())
+}
+
+async fn apply<K>(client: &Client, namespace: &str, object: &K, kind: &'static str) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&object.name_any(), &params, &Patch::Apply(object)).await.map_err(|source| Error::Apply { kind, source })
+}
+
+/// Brings the owned objects and the status of one ModelDeployment in line
+/// with its spec.
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&md, &ctx).await;
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciliations.with_label_values(&[label]).inc();
+    result
+}
+
+async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
+    validate(md)?;
+    let namespace = md.namespace().expect("validated");
+    let name = md.name_any();
+
+    // Build (pure), then apply.
+    let deployment = resources::deployment(md, &ctx.config);
+    let service = resources::service(md);
+    let budget = resources::pod_disruption_budget(md);
+    let deployment = apply(&ctx.client, &namespace, &deployment, "Deployment").await?;
+    apply(&ctx.client, &namespace, &service, "Service").await?;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+    match &budget {
+        Some(budget) => {
+            apply(&ctx.client, &namespace, budget, "PodDisruptionBudget").await?;
+        }
+        None => {
+            // Only a budget this ModelDeployment owns is removed.
+            if let Some(existing) = budgets.get_opt(&name).await.map_err(|source| Error::Read { kind: "PodDisruptionBudget", source })? {
+                if existing.owner_references().iter().any(|o| Some(&o.uid) == md.metadata.uid.as_ref()) {
+                    budgets
+                        .delete(&name, &Default::default())
+                        .await
+                        .map_err(|source| Error::Apply { kind: "PodDisruptionBudget", source })?;
+                }
+            }
+        }
+    }
+
+    // Status, from what the Deployment and its pods report.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods = pods
+        .list(&ListParams::default().labels(&format!("{INSTANCE_LABEL}={name}")))
+        .await
+        .map_err(|source| Error::Read { kind: "Pod", source })?
+        .items;
+    let new_status = status::compute(md, Some(&deployment), &pods);
+    announce_changes(md, &new_status, ctx).await;
+    write_status(&ctx.client, md, &new_status).await?;
+
+    // Look again soon while things are moving.
+    let settled = new_status.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "False");
+    Ok(Action::requeue(if settled { RESYNC } else { Duration::from_secs(5) }))
+}
+
+/// Writes the status subresource (server-side apply, our field manager).
+pub async fn write_status(client: &Client, md: &ModelDeployment, status: &ModelDeploymentStatus) -> Result<(), Error> {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "ferrite.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "status": status,
+    });
+    api.patch_status(&md.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::Status)?;
+    Ok(())
+}
+
+/// Publishes an Event for every condition whose status or reason changed.
+async fn announce_changes(md: &ModelDeployment, new: &ModelDeploymentStatus, ctx: &Context) {
+    let old: Vec<Condition> = md.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    for condition in &new.conditions {
+        let unchanged = old
+            .iter()
+            .any(|o| o.type_ == condition.type_ && o.status == condition.status && o.reason == condition.reason);
+        if unchanged {
+            continue;
+        }
+        let bad = (condition.type_ == status::READY && condition.status == "False")
+            || (condition.type_ == status::DEGRADED && condition.status == "True");
+        let type_ = if bad { EventType::Warning } else { EventType::Normal };
+        let note = format!("{} is {}: {}", condition.type_, condition.status, condition.message);
+        ctx.event(md, type_, &condition.reason, note).await;
+    }
+}
+
+/// Retry failed reconciliations with a short backoff; count the error.
+pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %md.name_any(), namespace = ?md.namespace(), %error, "reconcile failed");
+    ctx.metrics.errors.with_label_values(&[error.metric_label()]).inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the controller until `shutdown` completes. `namespace` limits it to
+/// one namespace; `None` watches all.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = &ctx.client;
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=ferrite-operator");
+    Controller::new(api::<ModelDeployment>(client, namespace), watcher::Config::default())
+        .owns(api::<Deployment>(client, namespace), owned.clone())
+        .owns(api::<Service>(client, namespace), owned.clone())
+        .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
+        // Pod changes (crashes, image pulls) feed the status conditions.
+        .watches(api::<Pod>(client, namespace), watcher::Config::default().labels(INSTANCE_LABEL), |pod: Pod| {
+            let name = pod.labels().get(INSTANCE_LABEL)?.clone();
+            Some(ObjectRef::<ModelDeployment>::new(&name).within(&pod.namespace()?))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile result");
+            }
+        })
+        .await;
+}

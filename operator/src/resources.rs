@@ -1,0 +1,447 @@
+//! Building the objects a ModelDeployment owns: pure functions from the
+//! resource (and the operator's settings) to a Deployment, a Service and,
+//! with more than one replica, a PodDisruptionBudget. No API calls here.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::{Endpoints, ExecutionProvider, ModelDeployment};
+
+pub const HTTP_PORT: i32 = 8000;
+pub const GRPC_PORT: i32 = 8001;
+pub const METRICS_PORT: i32 = 8002;
+/// Label on every owned object and pod: the owning ModelDeployment's name.
+pub const INSTANCE_LABEL: &str = "ferrite.dev/model-deployment";
+/// Where models live inside the pod.
+const MODELS_DIR: &str = "/models";
+/// The non-root user of the ferrite-server image.
+const RUN_AS_USER: i64 = 65532;
+/// Seconds the server gets to drain on SIGTERM; the pod gets a little more.
+const DRAIN_SECONDS: i64 = 30;
+const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Operator-wide settings the builders need.
+#[derive(Debug, Clone)]
+pub struct BuildConfig {
+    /// Image of ferrite-server, used unless the resource names its own.
+    pub server_image: String,
+}
+
+/// Labels that select a ModelDeployment's pods.
+pub fn selector_labels(md: &ModelDeployment) -> BTreeMap<String, String> {
+    BTreeMap::from([(INSTANCE_LABEL.to_string(), md.name_any())])
+}
+
+/// The label selector as a string, for the scale subresource.
+pub fn selector_string(md: &ModelDeployment) -> String {
+    format!("{INSTANCE_LABEL}={}", md.name_any())
+}
+
+fn labels(md: &ModelDeployment) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(md);
+    labels.insert("app.kubernetes.io/name".into(), "ferrite-server".into());
+    labels.insert("app.kubernetes.io/instance".into(), md.name_any());
+    labels.insert("app.kubernetes.io/managed-by".into(), "ferrite-operator".into());
+    labels
+}
+
+fn metadata(md: &ModelDeployment, owner: &OwnerReference) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(md.name_any()),
+        namespace: md.namespace(),
+        labels: Some(labels(md)),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn owner(md: &ModelDeployment) -> OwnerReference {
+    md.controller_owner_ref(&()).expect("a ModelDeployment from the API has a name and uid")
+}
+
+/// Replicas the Deployment should have: the fixed count, or the
+/// autoscaler's last decision (kept in status) within its bounds.
+pub fn desired_replicas(md: &ModelDeployment) -> i32 {
+    if let Some(replicas) = md.spec.replicas {
+        return replicas;
+    }
+    match &md.spec.autoscaling {
+        Some(auto) => {
+            let decided = md.status.as_ref().map(|s| s.desired_replicas).filter(|&r| r > 0);
+            decided.unwrap_or(auto.min_replicas).clamp(auto.min_replicas, auto.max_replicas.max(auto.min_replicas))
+        }
+        None => 1,
+    }
+}
+
+/// In-cluster addresses of the model's APIs.
+pub fn endpoints(md: &ModelDeployment) -> Endpoints {
+    let host = format!("{}.{}.svc", md.name_any(), md.namespace().unwrap_or_else(|| "default".into()));
+    Endpoints { grpc: format!("{host}:{GRPC_PORT}"), http: format!("http://{host}:{HTTP_PORT}") }
+}
+
+/// `pvc://<claim>/<path>`, split; `None` for URIs that are downloaded.
+fn pvc_source(uri: &str) -> Option<(String, String)> {
+    let rest = uri.strip_prefix("pvc://")?;
+    let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+    Some((claim.to_string(), path.trim_end_matches('/').to_string()))
+}
+
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_USER),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+        ..SecurityContext::default()
+    }
+}
+
+fn grpc_probe(service: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction { port: GRPC_PORT, service: Some(service.to_string()) }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn port(name: &str, number: i32) -> ContainerPort {
+    ContainerPort { name: Some(name.into()), container_port: number, protocol: Some("TCP".into()), ..ContainerPort::default() }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(read_only), ..VolumeMount::default() }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume { name: name.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() }
+}
+
+/// The server container's resources, with the GPU count as a limit.
+fn server_resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
+    let mut resources = md.spec.resources.clone().unwrap_or_default();
+    if let Some(gpus) = md.spec.gpus.filter(|&g| g > 0) {
+        resources.limits.get_or_insert_with(BTreeMap::new).insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+    }
+    (resources != ResourceRequirements::default()).then_some(resources)
+}
+
+fn server_args(md: &ModelDeployment) -> Vec<String> {
+    let spec = &md.spec;
+    [
+        "serve",
+        "--model-repository",
+        MODELS_DIR,
+        "--exit-on-load-failure",
+        "--log-format",
+        "json",
+        "--max-batch-size",
+        &spec.batching.max_batch_size.to_string(),
+        "--max-queue-delay-us",
+        &spec.batching.max_queue_delay_microseconds.to_string(),
+        "--max-queue-size",
+        &spec.batching.max_queue_size.to_string(),
+        "--instances",
+        &spec.runtime.instances.to_string(),
+        "--intra-op-threads",
+        &spec.runtime.intra_op_threads.to_string(),
+        "--execution-provider",
+        spec.runtime.execution_provider.as_str(),
+        "--shutdown-grace-seconds",
+        &DRAIN_SECONDS.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The Deployment of ferrite-server pods.
+pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
+    let spec = &md.spec;
+    let model = md.model_name();
+    let image = spec.image.clone().unwrap_or_else(|| config.server_image.clone());
+    let pull_policy = spec.image_pull_policy.clone();
+
+    let mut volumes = vec![empty_dir("tmp")];
+    let mut init_containers = Vec::new();
+    let models_mount = match pvc_source(&spec.model.uri) {
+        // A claim is mounted as the model's directory; nothing to download.
+        Some((claim, path)) => {
+            volumes.push(Volume {
+                name: "models".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim,
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            });
+            VolumeMount {
+                name: "models".into(),
+                mount_path: format!("{MODELS_DIR}/{model}"),
+                sub_path: (!path.is_empty()).then_some(path),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }
+        }
+        None => {
+            volumes.push(empty_dir("models"));
+            let mut args = vec!["fetch".to_string(), "--uri".into(), spec.model.uri.clone(), "--dest".into(), MODELS_DIR.into()];
+            args.extend(["--model-name".to_string(), model.clone()]);
+            if let Some(sha256) = &spec.model.sha256 {
+                args.extend(["--sha256".to_string(), sha256.clone()]);
+            }
+            init_containers.push(Container {
+                name: "fetch".into(),
+                image: Some(image.clone()),
+                image_pull_policy: pull_policy.clone(),
+                args: Some(args),
+                env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+                volume_mounts: Some(vec![mount("models", MODELS_DIR, false), mount("tmp", "/tmp", false)]),
+                security_context: Some(restricted_security_context()),
+                termination_message_policy: Some("FallbackToLogsOnError".into()),
+                ..Container::default()
+            });
+            mount("models", MODELS_DIR, true)
+        }
+    };
+
+    let mut env = vec![EnvVar { name: "FERRITE_MODEL_NAME".into(), value: Some(model.clone()), ..EnvVar::default() }];
+    env.extend(spec.env.iter().cloned());
+    let server = Container {
+        name: "server".into(),
+        image: Some(image),
+        image_pull_policy: pull_policy,
+        args: Some(server_args(md)),
+        env: Some(env),
+        ports: Some(vec![port("http", HTTP_PORT), port("grpc", GRPC_PORT), port("metrics", METRICS_PORT)]),
+        resources: server_resources(md),
+        // Kubernetes' own gRPC probes on the model's health service.
+        startup_probe: Some(grpc_probe(&model, 2, 150)),
+        readiness_probe: Some(grpc_probe(&model, 2, 2)),
+        liveness_probe: Some(grpc_probe(&model, 10, 3)),
+        volume_mounts: Some(vec![models_mount, mount("tmp", "/tmp", false)]),
+        security_context: Some(restricted_security_context()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    };
+
+    let placement = spec.placement.clone().unwrap_or_default();
+    let mut tolerations = placement.tolerations.clone();
+    if spec.runtime.execution_provider != ExecutionProvider::Cpu {
+        tolerations.push(Toleration {
+            key: Some(GPU_RESOURCE.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        });
+    }
+
+    let pod = PodSpec {
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        containers: vec![server],
+        volumes: Some(volumes),
+        // The server never talks to the API server.
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(DRAIN_SECONDS + 10),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS_USER),
+            run_as_group: Some(RUN_AS_USER),
+            fs_group: Some(RUN_AS_USER),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            ..PodSecurityContext::default()
+        }),
+        node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        affinity: placement.affinity,
+        ..PodSpec::default()
+    };
+
+    Deployment {
+        metadata: metadata(md, &owner(md)),
+        spec: Some(DeploymentSpec {
+            // With autoscaling the replica count belongs to the autoscaler,
+            // which writes the scale subresource; applying it here too would
+            // undo its decisions.
+            replicas: md.spec.autoscaling.is_none().then(|| desired_replicas(md)),
+            selector: LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() },
+            // Surge one pod and keep every old one until the new is ready,
+            // so a rollout never lowers serving capacity.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels(md)), ..ObjectMeta::default() }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Service: HTTP, gRPC and metrics ports.
+pub fn service(md: &ModelDeployment) -> Service {
+    let mut meta = metadata(md, &owner(md));
+    if !md.spec.service.annotations.is_empty() {
+        meta.annotations = Some(md.spec.service.annotations.clone());
+    }
+    let service_port = |name: &str, number: i32, app_protocol: Option<&str>| ServicePort {
+        name: Some(name.into()),
+        port: number,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: app_protocol.map(str::to_string),
+        ..ServicePort::default()
+    };
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_: md.spec.service.type_.clone().or_else(|| Some("ClusterIP".into())),
+            selector: Some(selector_labels(md)),
+            ports: Some(vec![
+                service_port("http", HTTP_PORT, Some("http")),
+                service_port("grpc", GRPC_PORT, Some("grpc")),
+                service_port("metrics", METRICS_PORT, Some("http")),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// A PodDisruptionBudget allowing one pod down at a time, when more than
+/// one replica is wanted; `None` otherwise (a budget on a single replica
+/// would block node drains).
+pub fn pod_disruption_budget(md: &ModelDeployment) -> Option<PodDisruptionBudget> {
+    (desired_replicas(md) > 1).then(|| PodDisruptionBudget {
+        metadata: metadata(md, &owner(md)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AutoscalingSpec, ModelDeploymentSpec, ModelDeploymentStatus, ModelSource};
+
+    fn md(uri: &str) -> ModelDeployment {
+        let spec: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({"model": {"uri": uri}})).unwrap();
+        let mut md = ModelDeployment::new("resnet", spec);
+        md.metadata.namespace = Some("ml".into());
+        md.metadata.uid = Some("uid-1".into());
+        md
+    }
+
+    fn config() -> BuildConfig {
+        BuildConfig { server_image: "ferrite-server:test".into() }
+    }
+
+    fn pod(d: &Deployment) -> PodSpec {
+        d.spec.clone().unwrap().template.spec.unwrap()
+    }
+
+    #[test]
+    fn deployment_fetches_then_serves_with_restricted_pods() {
+        let d = deployment(&md("s3://bucket/resnet/model.onnx"), &config());
+        assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].kind, "ModelDeployment");
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+        let pod = pod(&d);
+        let fetch = &pod.init_containers.as_ref().unwrap()[0];
+        assert!(fetch.args.as_ref().unwrap().windows(2).any(|w| w == ["--uri", "s3://bucket/resnet/model.onnx"]));
+        let server = &pod.containers[0];
+        assert_eq!(server.image.as_deref(), Some("ferrite-server:test"));
+        let sc = server.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let readiness = server.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+        assert_eq!((readiness.port, readiness.service.as_deref()), (GRPC_PORT, Some("resnet")));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn pvc_models_are_mounted_not_fetched() {
+        let d = deployment(&md("pvc://models-claim/resnet"), &config());
+        let pod = pod(&d);
+        assert!(pod.init_containers.is_none());
+        let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "models").unwrap();
+        assert_eq!(volume.persistent_volume_claim.unwrap().claim_name, "models-claim");
+        let mount = pod.containers[0].volume_mounts.clone().unwrap().into_iter().find(|m| m.name == "models").unwrap();
+        assert_eq!((mount.mount_path.as_str(), mount.sub_path.as_deref()), ("/models/resnet", Some("resnet")));
+    }
+
+    #[test]
+    fn gpus_set_the_limit_toleration_and_provider() {
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.gpus = Some(2);
+        m.spec.runtime.execution_provider = ExecutionProvider::Cuda;
+        let pod = pod(&deployment(&m, &config()));
+        let limits = pod.containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
+        assert!(pod.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)));
+        assert!(pod.containers[0].args.as_ref().unwrap().windows(2).any(|w| w == ["--execution-provider", "cuda"]));
+    }
+
+    #[test]
+    fn replicas_follow_the_autoscaler_within_bounds() {
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.autoscaling = Some(AutoscalingSpec {
+            min_replicas: 2,
+            max_replicas: 5,
+            target_queue_depth: 8,
+            scale_up_stabilization_seconds: 0,
+            scale_down_stabilization_seconds: 120,
+            scrape_interval_seconds: 5,
+        });
+        assert_eq!(desired_replicas(&m), 2);
+        assert_eq!(deployment(&m, &config()).spec.unwrap().replicas, None, "the autoscaler owns replicas");
+        m.status = Some(ModelDeploymentStatus { desired_replicas: 4, ..Default::default() });
+        assert_eq!(desired_replicas(&m), 4);
+        m.status = Some(ModelDeploymentStatus { desired_replicas: 9, ..Default::default() });
+        assert_eq!(desired_replicas(&m), 5);
+        assert!(pod_disruption_budget(&m).is_some());
+    }
+
+    #[test]
+    fn single_replica_has_no_disruption_budget() {
+        assert!(pod_disruption_budget(&md("https://example.org/m.onnx")).is_none());
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.replicas = Some(3);
+        assert_eq!(pod_disruption_budget(&m).unwrap().spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn service_exposes_three_named_ports() {
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.model = ModelSource { uri: m.spec.model.uri.clone(), name: Some("r50".into()), sha256: None };
+        let s = service(&m);
+        let ports: Vec<_> = s.spec.unwrap().ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
+        assert_eq!(ports, vec![("http".into(), 8000), ("grpc".into(), 8001), ("metrics".into(), 8002)]);
+        assert_eq!(endpoints(&m).grpc, "resnet.ml.svc:8001");
+    }
+}

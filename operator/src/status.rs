@@ -1,0 +1,229 @@
+//! Status of a ModelDeployment, derived from what its Deployment and pods
+//! report: pure functions, unit-tested. Conditions say why a model is not
+//! serving: image pull, fetch failure, model load failure, crash loop,
+//! unschedulable.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+use crate::resources::{desired_replicas, endpoints, selector_string};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// Exit status of `ferrite-server serve --exit-on-load-failure` when a
+/// model fails to load.
+const LOAD_FAILURE_EXIT_CODE: i32 = 3;
+
+/// Why pods are not serving, read from one pod: `(reason, message)`.
+pub fn pod_problem(pod: &Pod) -> Option<(&'static str, String)> {
+    let status = pod.status.as_ref()?;
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    if let Some(unschedulable) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
+    {
+        return Some(("Unschedulable", format!("pod {pod_name}: {}", unschedulable.message.clone().unwrap_or_default())));
+    }
+    let containers = status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+    containers.filter_map(|c| container_problem(&pod_name, c)).next()
+}
+
+fn container_problem(pod: &str, container: &ContainerStatus) -> Option<(&'static str, String)> {
+    let state = container.state.as_ref();
+    let waiting = state.and_then(|s| s.waiting.as_ref());
+    let waiting_reason = waiting.and_then(|w| w.reason.as_deref()).unwrap_or_default();
+    // The latest exit: the current state if terminated, else the last one.
+    let terminated = state
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| container.last_state.as_ref().and_then(|s| s.terminated.as_ref()))
+        .filter(|t| t.exit_code != 0);
+    let exit_message = || {
+        terminated
+            .and_then(|t| t.message.clone().or_else(|| t.reason.clone()))
+            .map(|m| m.trim().lines().last().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    if matches!(waiting_reason, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull") {
+        let message = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
+        return Some(("ImagePullFailed", format!("pod {pod} container {}: {waiting_reason}: {message}", container.name)));
+    }
+    if container.name == "fetch" && terminated.is_some() {
+        return Some(("FetchFailed", format!("pod {pod}: model download failed: {}", exit_message())));
+    }
+    if container.name == "server" && terminated.is_some_and(|t| t.exit_code == LOAD_FAILURE_EXIT_CODE) {
+        return Some(("ModelLoadFailed", format!("pod {pod}: {}", exit_message())));
+    }
+    if waiting_reason == "CrashLoopBackOff" {
+        return Some(("CrashLoop", format!("pod {pod} container {} keeps crashing: {}", container.name, exit_message())));
+    }
+    if waiting_reason == "CreateContainerConfigError" {
+        let message = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
+        return Some(("ConfigError", format!("pod {pod} container {}: {message}", container.name)));
+    }
+    None
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+    }
+}
+
+/// Keeps `lastTransitionTime` of conditions whose status did not change.
+pub fn carry_transition_times(new: &mut [Condition], old: &[Condition]) {
+    for condition in new {
+        if let Some(previous) = old.iter().find(|c| c.type_ == condition.type_ && c.status == condition.status) {
+            condition.last_transition_time = previous.last_transition_time.clone();
+        }
+    }
+}
+
+/// The status to report, from the Deployment and the pods.
+pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Pod]) -> ModelDeploymentStatus {
+    let generation = md.metadata.generation;
+    let previous = md.status.clone().unwrap_or_default();
+    let desired = desired_replicas(md);
+    let deployment_status = deployment.and_then(|d| d.status.clone()).unwrap_or_default();
+    let replicas = deployment_status.replicas.unwrap_or(0);
+    let ready = deployment_status.ready_replicas.unwrap_or(0);
+    let updated = deployment_status.updated_replicas.unwrap_or(0);
+    let deployment_current = deployment
+        .and_then(|d| d.status.as_ref()?.observed_generation.zip(d.metadata.generation))
+        .is_some_and(|(observed, generation)| observed >= generation);
+
+    let problem = pods.iter().filter_map(pod_problem).next();
+    let serving = ready > 0;
+    let ready_condition = match (&problem, serving) {
+        (_, true) => condition(READY, true, "ModelServing", format!("{ready}/{desired} replicas serving"), generation),
+        (Some((reason, message)), false) => condition(READY, false, reason, message.clone(), generation),
+        (None, false) if desired == 0 => condition(READY, false, "ScaledToZero", "no replicas wanted".into(), generation),
+        (None, false) => condition(READY, false, "Starting", format!("0/{desired} replicas ready"), generation),
+    };
+    let rolling = !deployment_current || updated < desired || ready < desired || replicas > desired;
+    let progressing_condition = if rolling {
+        let reason = if updated < desired || replicas > desired { "RollingOut" } else { "WaitingForReplicas" };
+        condition(PROGRESSING, true, reason, format!("{ready}/{desired} ready, {updated} up to date"), generation)
+    } else {
+        condition(PROGRESSING, false, "Stable", format!("{ready}/{desired} replicas up to date and ready"), generation)
+    };
+    let degraded_condition = match &problem {
+        Some((reason, message)) => condition(DEGRADED, true, reason, message.clone(), generation),
+        None => condition(DEGRADED, false, "Healthy", "no pod reports a problem".into(), generation),
+    };
+    let mut conditions = vec![ready_condition, progressing_condition, degraded_condition];
+    carry_transition_times(&mut conditions, &previous.conditions);
+
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        replicas,
+        ready_replicas: ready,
+        desired_replicas: desired,
+        queue_depth: previous.queue_depth,
+        last_scale_time: previous.last_scale_time,
+        selector: Some(selector_string(md)),
+        endpoints: Some(endpoints(md)),
+        conditions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ModelDeploymentSpec;
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use serde_json::json;
+
+    fn md() -> ModelDeployment {
+        let spec: ModelDeploymentSpec = serde_json::from_value(json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2})).unwrap();
+        let mut md = ModelDeployment::new("m", spec);
+        md.metadata.generation = Some(3);
+        md
+    }
+
+    fn deployment(ready: i32, updated: i32) -> Deployment {
+        let mut d = Deployment::default();
+        d.metadata.generation = Some(1);
+        d.status = Some(DeploymentStatus {
+            observed_generation: Some(1),
+            replicas: Some(2),
+            ready_replicas: Some(ready),
+            updated_replicas: Some(updated),
+            ..Default::default()
+        });
+        d
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "m-1"}, "status": status})).unwrap()
+    }
+
+    fn get<'a>(status: &'a ModelDeploymentStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn all_ready_is_serving_and_stable() {
+        let status = compute(&md(), Some(&deployment(2, 2)), &[]);
+        assert_eq!(get(&status, READY).status, "True");
+        assert_eq!(get(&status, READY).message, "2/2 replicas serving");
+        assert_eq!(get(&status, PROGRESSING).status, "False");
+        assert_eq!(get(&status, DEGRADED).status, "False");
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(status.ready_replicas, 2);
+    }
+
+    #[test]
+    fn rollout_in_progress() {
+        let status = compute(&md(), Some(&deployment(2, 1)), &[]);
+        assert_eq!(get(&status, PROGRESSING).reason, "RollingOut");
+        assert_eq!(get(&status, READY).status, "True");
+    }
+
+    #[test]
+    fn reasons_from_pods() {
+        let cases = [
+            (json!({"initContainerStatuses": [{"name": "fetch", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+                "lastState": {"terminated": {"exitCode": 1, "message": "error: cannot fetch s3://b/m.onnx: 404"}},
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}), "FetchFailed", "404"),
+            (json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
+                "lastState": {"terminated": {"exitCode": 3, "message": "model load failed: m: bad protobuf"}},
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}), "ModelLoadFailed", "bad protobuf"),
+            (json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}), "ImagePullFailed", "not found"),
+            (json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4,
+                "lastState": {"terminated": {"exitCode": 139, "reason": "Error"}},
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}), "CrashLoop", "keeps crashing"),
+            (json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes have enough nvidia.com/gpu"}]}), "Unschedulable", "nvidia.com/gpu"),
+        ];
+        for (pod_status, reason, text) in cases {
+            let status = compute(&md(), Some(&deployment(0, 2)), &[pod(pod_status)]);
+            let ready = get(&status, READY);
+            assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reason));
+            assert!(ready.message.contains(text), "{}", ready.message);
+            assert_eq!(get(&status, DEGRADED).reason, reason);
+        }
+    }
+
+    #[test]
+    fn transition_time_kept_while_status_unchanged() {
+        let mut m = md();
+        let first = compute(&m, Some(&deployment(2, 2)), &[]);
+        let mut old = first.clone();
+        old.conditions[0].last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        m.status = Some(old);
+        let second = compute(&m, Some(&deployment(2, 2)), &[]);
+        assert_eq!(get(&second, READY).last_transition_time.0, k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    }
+}

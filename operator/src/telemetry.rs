@@ -1,0 +1,93 @@
+//! The operator's own metrics and its `/metrics`, `/healthz` and `/readyz`
+//! endpoints.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Metrics of reconciliation and leadership.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Reconciliations by result (`ok` or `error`).
+    pub reconciliations: IntCounterVec,
+    /// Reconcile errors by reason (the error's metric label).
+    pub errors: IntCounterVec,
+    pub reconcile_duration: Histogram,
+    /// 1 while this process holds the leader lease.
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let reconciliations = IntCounterVec::new(
+            Opts::new("ferrite_operator_reconciliations_total", "Reconciliations of ModelDeployments by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let errors = IntCounterVec::new(
+            Opts::new("ferrite_operator_reconcile_errors_total", "Reconcile errors by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let reconcile_duration = Histogram::with_opts(
+            HistogramOpts::new("ferrite_operator_reconcile_duration_seconds", "Time one reconciliation took")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .expect("valid metric");
+        let leader = IntGauge::new("ferrite_operator_leader", "1 while this process is the leader").expect("valid metric");
+        for metric in [
+            Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(reconcile_duration.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry.register(metric).expect("unique metric");
+        }
+        Metrics { registry, reconciliations, errors, reconcile_duration, leader }
+    }
+
+    fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding");
+        String::from_utf8(out).expect("UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (the process runs) and `/readyz` (it has
+/// reached the API server) until `shutdown` completes.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
