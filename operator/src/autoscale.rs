@@ -83,11 +83,7 @@ pub fn pod_metrics_endpoints(pods: &[Pod], port: u16) -> Vec<String> {
         .filter(|pod| pod.metadata.deletion_timestamp.is_none())
         .filter_map(|pod| {
             let status = pod.status.as_ref()?;
-            let ready = status
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ready = status.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
             let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
             ready.then(|| metrics_url(ip, port))
         })
@@ -166,9 +162,7 @@ pub async fn scale_step(
         return Ok(None);
     };
     let name = md.name_any();
-    let namespace = md
-        .namespace()
-        .ok_or_else(|| anyhow::anyhow!("ModelDeployment {name} has no namespace"))?;
+    let namespace = md.namespace().ok_or_else(|| anyhow::anyhow!("ModelDeployment {name} has no namespace"))?;
     let policy = ScalePolicy::from_spec(spec);
     let timeout = scrape_timeout(Duration::from_secs(spec.scrape_interval_seconds.max(1) as u64));
     let model = md.model_name();
@@ -179,7 +173,9 @@ pub async fn scale_step(
     let scale = match scale {
         Ok(scale) => scale,
         Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading the scale of Deployment {namespace}/{name}"))),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("reading the scale of Deployment {namespace}/{name}")))
+        }
     };
     // The API server defaults a Deployment's replicas to 1; never absent in practice.
     let current = scale.spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as u32;
@@ -203,13 +199,15 @@ pub async fn scale_step(
     if decision.changed {
         let patch = serde_json::json!({ "spec": { "replicas": decision.replicas } });
         deployments
-            .patch_scale(&name, &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &Patch::Merge(&patch))
+            .patch_scale(
+                &name,
+                &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+                &Patch::Merge(&patch),
+            )
             .await
             .map_err(|e| {
-                anyhow::Error::new(e).context(format!(
-                    "scaling Deployment {namespace}/{name} from {current} to {}",
-                    decision.replicas
-                ))
+                anyhow::Error::new(e)
+                    .context(format!("scaling Deployment {namespace}/{name} from {current} to {}", decision.replicas))
             })?;
         tracing::info!(%namespace, %name, from = current, to = decision.replicas, reason = %decision.reason, "scaled");
     } else {

@@ -126,7 +126,7 @@ impl ExecutionProvider {
 }
 
 /// How ONNX Runtime runs the model.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeSpec {
     /// cpu, cuda or tensorrt. cuda and tensorrt need `gpus`.
@@ -144,6 +144,12 @@ pub struct RuntimeSpec {
 
 fn default_instances() -> i32 {
     1
+}
+
+impl Default for RuntimeSpec {
+    fn default() -> Self {
+        RuntimeSpec { execution_provider: ExecutionProvider::Cpu, intra_op_threads: 0, instances: default_instances() }
+    }
 }
 
 /// Dynamic batching and the request queue of each replica.

@@ -281,14 +281,9 @@ pub fn decide(input: &DecisionInput) -> Decision {
     // highest of the down window, the current one included in both.
     let now = input.now;
     let history = input.history;
-    let up_bound = history
-        .within(now, policy.scale_up_window)
-        .map(|(_, r)| policy.clamp(r))
-        .fold(recommendation, u32::min);
-    let seed = history
-        .seed
-        .filter(|&(t, _)| in_window(now, t, policy.scale_down_window))
-        .map(|(_, r)| policy.clamp(r));
+    let up_bound =
+        history.within(now, policy.scale_up_window).map(|(_, r)| policy.clamp(r)).fold(recommendation, u32::min);
+    let seed = history.seed.filter(|&(t, _)| in_window(now, t, policy.scale_down_window)).map(|(_, r)| policy.clamp(r));
     let down_bound = history
         .within(now, policy.scale_down_window)
         .map(|(_, r)| policy.clamp(r))
@@ -372,12 +367,7 @@ fn range_note(current: u32, policy: &ScalePolicy) -> Option<String> {
 }
 
 /// Seconds (rounded up) until every entry matching `blocks` has left the window.
-fn wait_for(
-    history: &Recommendations,
-    now: Instant,
-    window: Duration,
-    blocks: impl Fn(u32) -> bool,
-) -> u64 {
+fn wait_for(history: &Recommendations, now: Instant, window: Duration, blocks: impl Fn(u32) -> bool) -> u64 {
     history
         .within(now, window)
         .filter(|&(_, r)| blocks(r))
@@ -439,7 +429,7 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(10_000);
         let mut history = Recommendations::new();
         let mut past: Vec<_> = case.history.to_vec();
-        past.sort_by(|a, b| b.0.cmp(&a.0));
+        past.sort_by_key(|&(ago, _)| std::cmp::Reverse(ago));
         for &(ago, r) in &past {
             history.record(now - Duration::from_secs(ago), r, Duration::from_secs(100_000));
         }

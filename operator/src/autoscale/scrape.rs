@@ -70,7 +70,8 @@ pub async fn scrape(
 }
 
 async fn fetch(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<String, ScrapeError> {
-    let http_err = |e: reqwest::Error| if e.is_timeout() { ScrapeError::Timeout(timeout) } else { ScrapeError::Http(e) };
+    let http_err =
+        |e: reqwest::Error| if e.is_timeout() { ScrapeError::Timeout(timeout) } else { ScrapeError::Http(e) };
     // reqwest's own timeout as well as the outer one: it also covers the
     // client's connection pool wait, and gives a clean error either way.
     let mut response = client
@@ -121,9 +122,7 @@ pub fn parse_load(text: &str, model: &str) -> Result<PodLoad, ScrapeError> {
             }
             continue;
         }
-        let name_len = line
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-            .unwrap_or(line.len());
+        let name_len = line.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')).unwrap_or(line.len());
         let Some(i) = families.iter().position(|f| *f == &line[..name_len]) else {
             continue;
         };
@@ -147,10 +146,13 @@ pub fn parse_load(text: &str, model: &str) -> Result<PodLoad, ScrapeError> {
     Ok(PodLoad { queued: count(sums[0]), inflight: count(sums[1]) })
 }
 
+/// Label names and unescaped values, in the order written.
+type Labels = Vec<(String, String)>;
+
 /// A sample's labels and value.
 #[derive(Debug, PartialEq)]
 struct Sample {
-    labels: Vec<(String, String)>,
+    labels: Labels,
     value: f64,
 }
 
@@ -179,16 +181,14 @@ fn parse_sample(rest: &str) -> Result<Sample, String> {
 /// Parses `name="value", ...}` (the opening brace already consumed) and
 /// returns the labels and the text after the closing brace. Label values may
 /// hold `\\`, `\"` and `\n` escapes, and so commas and braces.
-fn parse_labels(s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
     let mut rest = s.trim_start();
     loop {
         if let Some(after) = rest.strip_prefix('}') {
             return Ok((labels, after));
         }
-        let name_len = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .ok_or("unterminated label set")?;
+        let name_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).ok_or("unterminated label set")?;
         if name_len == 0 {
             return Err(format!("bad label name at {:?}", truncate(rest)));
         }
@@ -293,7 +293,8 @@ ferrite_inflight_requests{model="we\"ird\\name",other="\\"} 1
 
     #[test]
     fn family_declared_without_samples_is_zero() {
-        let text = "# HELP ferrite_queue_depth x\n# TYPE ferrite_queue_depth gauge\n# TYPE ferrite_inflight_requests gauge\n";
+        let text =
+            "# HELP ferrite_queue_depth x\n# TYPE ferrite_queue_depth gauge\n# TYPE ferrite_inflight_requests gauge\n";
         assert_eq!(parse_load(text, "m").unwrap(), PodLoad::default());
     }
 
@@ -302,10 +303,7 @@ ferrite_inflight_requests{model="we\"ird\\name",other="\\"} 1
         let text = "# TYPE ferrite_queue_depth gauge\nferrite_queue_depth{model=\"m\"} 1\nsome_other_metric 1\n";
         assert!(matches!(parse_load(text, "m"), Err(ScrapeError::MissingFamily(INFLIGHT))));
         assert!(matches!(parse_load("", "m"), Err(ScrapeError::MissingFamily(QUEUE_DEPTH))));
-        assert!(matches!(
-            parse_load("<html>not metrics</html>", "m"),
-            Err(ScrapeError::MissingFamily(QUEUE_DEPTH))
-        ));
+        assert!(matches!(parse_load("<html>not metrics</html>", "m"), Err(ScrapeError::MissingFamily(QUEUE_DEPTH))));
     }
 
     #[test]

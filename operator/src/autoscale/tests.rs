@@ -237,10 +237,7 @@ async fn fake_api(deployments: &[(&str, i32)]) -> (kube::Client, Shared) {
         ..Default::default()
     }));
     let app = Router::new()
-        .route(
-            "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
-            get(get_scale).patch(patch_scale),
-        )
+        .route("/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale", get(get_scale).patch(patch_scale))
         .with_state(api.clone());
     let addr = serve(app).await;
     let mut config = kube::Config::new(format!("http://{addr}").parse::<axum::http::Uri>().unwrap());
@@ -310,17 +307,11 @@ async fn scale_step_scales_up_holds_then_scales_down() {
 
     // One pod stops answering: the partial data never scales down.
     let hung = hung_endpoint().await;
-    let out = scale_step(
-        client.clone(),
-        &md,
-        &mut state,
-        vec![a.url.clone(), hung],
-        &http,
-        t0 + Duration::from_secs(60),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let out =
+        scale_step(client.clone(), &md, &mut state, vec![a.url.clone(), hung], &http, t0 + Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!((out.new_replicas, out.direction, out.pods_scraped, out.pods_failed), (5, Direction::Hold, 1, 1));
     assert!(out.reason.starts_with("holding: 1 of 2 scrapes failed"), "{}", out.reason);
 
@@ -452,12 +443,7 @@ async fn scrape_a_real_ferrite_server() {
 
     let infer = format!("http://127.0.0.1:{http_port}/v2/models/demo/infer");
     let body = r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
-    let send = || {
-        http.post(&infer)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-    };
+    let send = || http.post(&infer).header("content-type", "application/json").body(body).send();
     let response = send().await.unwrap();
     assert!(response.status().is_success(), "inference failed: {}", response.status());
 
