@@ -70,18 +70,17 @@ fn owner(md: &ModelDeployment) -> OwnerReference {
     md.controller_owner_ref(&()).expect("a ModelDeployment from the API has a name and uid")
 }
 
-/// Replicas the Deployment should have: the fixed count, or the
-/// autoscaler's last decision (kept in status) within its bounds.
-pub fn desired_replicas(md: &ModelDeployment) -> i32 {
-    if let Some(replicas) = md.spec.replicas {
-        return replicas;
-    }
-    match &md.spec.autoscaling {
-        Some(auto) => {
-            let decided = md.status.as_ref().map(|s| s.desired_replicas).filter(|&r| r > 0);
-            decided.unwrap_or(auto.min_replicas).clamp(auto.min_replicas, auto.max_replicas.max(auto.min_replicas))
+/// Replicas wanted. A fixed count comes from the spec. With autoscaling the
+/// Deployment's own count is the autoscaler's decision (it writes the scale
+/// subresource), kept within the bounds; before it has decided, the minimum.
+pub fn desired_replicas(md: &ModelDeployment, deployment: Option<&Deployment>) -> i32 {
+    match (&md.spec.autoscaling, md.spec.replicas) {
+        (Some(auto), _) => {
+            let current = deployment.and_then(|d| d.spec.as_ref()?.replicas);
+            current.unwrap_or(auto.min_replicas).clamp(auto.min_replicas, auto.max_replicas.max(auto.min_replicas))
         }
-        None => 1,
+        (None, Some(replicas)) => replicas,
+        (None, None) => 1,
     }
 }
 
@@ -278,7 +277,7 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
             // With autoscaling the replica count belongs to the autoscaler,
             // which writes the scale subresource; applying it here too would
             // undo its decisions.
-            replicas: md.spec.autoscaling.is_none().then(|| desired_replicas(md)),
+            replicas: md.spec.autoscaling.is_none().then(|| desired_replicas(md, None)),
             selector: LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() },
             // Surge one pod and keep every old one until the new is ready,
             // so a rollout never lowers serving capacity.
@@ -329,11 +328,15 @@ pub fn service(md: &ModelDeployment) -> Service {
     }
 }
 
-/// A PodDisruptionBudget allowing one pod down at a time, when more than
-/// one replica is wanted; `None` otherwise (a budget on a single replica
-/// would block node drains).
+/// A PodDisruptionBudget allowing one pod down at a time, when there may be
+/// more than one replica (a fixed count above one, or autoscaling up to
+/// more); `None` for a single replica, which a budget would only pin.
 pub fn pod_disruption_budget(md: &ModelDeployment) -> Option<PodDisruptionBudget> {
-    (desired_replicas(md) > 1).then(|| PodDisruptionBudget {
+    let several = match &md.spec.autoscaling {
+        Some(auto) => auto.max_replicas > 1,
+        None => md.spec.replicas.unwrap_or(1) > 1,
+    };
+    several.then(|| PodDisruptionBudget {
         metadata: metadata(md, &owner(md)),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
@@ -347,7 +350,7 @@ pub fn pod_disruption_budget(md: &ModelDeployment) -> Option<PodDisruptionBudget
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AutoscalingSpec, ModelDeploymentSpec, ModelDeploymentStatus, ModelSource};
+    use crate::crd::{AutoscalingSpec, ModelDeploymentSpec, ModelSource};
 
     fn md(uri: &str) -> ModelDeployment {
         let spec: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({"model": {"uri": uri}})).unwrap();
@@ -418,12 +421,13 @@ mod tests {
             scale_down_stabilization_seconds: 120,
             scrape_interval_seconds: 5,
         });
-        assert_eq!(desired_replicas(&m), 2);
-        assert_eq!(deployment(&m, &config()).spec.unwrap().replicas, None, "the autoscaler owns replicas");
-        m.status = Some(ModelDeploymentStatus { desired_replicas: 4, ..Default::default() });
-        assert_eq!(desired_replicas(&m), 4);
-        m.status = Some(ModelDeploymentStatus { desired_replicas: 9, ..Default::default() });
-        assert_eq!(desired_replicas(&m), 5);
+        assert_eq!(desired_replicas(&m, None), 2);
+        let mut d = deployment(&m, &config());
+        assert_eq!(d.spec.as_ref().unwrap().replicas, None, "the autoscaler owns replicas");
+        d.spec.as_mut().unwrap().replicas = Some(4);
+        assert_eq!(desired_replicas(&m, Some(&d)), 4);
+        d.spec.as_mut().unwrap().replicas = Some(9);
+        assert_eq!(desired_replicas(&m, Some(&d)), 5);
         assert!(pod_disruption_budget(&m).is_some());
     }
 

@@ -191,7 +191,8 @@ async fn record_outcome(ctx: Arc<Context>, md: Arc<ModelDeployment>, outcome: au
     if !unchanged {
         let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
         let patch = Patch::Merge(serde_json::json!({ "status": status }));
-        if let Err(error) = api.patch_status(&md.name_any(), &PatchParams::default(), &patch).await {
+        let params = PatchParams { field_manager: Some(autoscale::FIELD_MANAGER.into()), ..PatchParams::default() };
+        if let Err(error) = api.patch_status(&md.name_any(), &params, &patch).await {
             tracing::warn!(name = %md.name_any(), %error, "cannot write autoscaler status");
         }
     }

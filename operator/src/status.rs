@@ -89,11 +89,11 @@ pub fn carry_transition_times(new: &mut [Condition], old: &[Condition]) {
     }
 }
 
-/// The status to report, from the Deployment and the pods.
+/// The reconciler's part of the status, from the Deployment and the pods.
 pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Pod]) -> ModelDeploymentStatus {
     let generation = md.metadata.generation;
     let previous = md.status.clone().unwrap_or_default();
-    let desired = desired_replicas(md);
+    let desired = desired_replicas(md, deployment);
     let deployment_status = deployment.and_then(|d| d.status.clone()).unwrap_or_default();
     let replicas = deployment_status.replicas.unwrap_or(0);
     let ready = deployment_status.ready_replicas.unwrap_or(0);
@@ -129,8 +129,10 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
         replicas,
         ready_replicas: ready,
         desired_replicas: desired,
-        queue_depth: previous.queue_depth,
-        last_scale_time: previous.last_scale_time,
+        // Written by the autoscaler alone; left out of what the reconciler
+        // applies, so that server-side apply leaves them to it.
+        queue_depth: None,
+        last_scale_time: None,
         selector: Some(selector_string(md)),
         endpoints: Some(endpoints(md)),
         conditions,
