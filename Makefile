@@ -11,10 +11,13 @@ SERVER_BIN  := $(CURDIR)/target/debug/ferrite-server
 # ort (load-dynamic) finds ONNX Runtime through this variable.
 export ORT_DYLIB_PATH := $(ORT_LIB)
 
-.PHONY: help venv ort build release test test-rust test-python demo fuzz bench-resnet50 clean
+# The control plane (etcd, kube-apiserver, ...) built from pinned Go modules.
+include e2e/e2e.mk
+
+.PHONY: help venv ort build release test test-rust test-python demo fuzz bench-resnet50 manifests clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 venv: $(VENV)/.installed ## Python virtualenv for tests and tools
 $(VENV)/.installed: requirements-dev.txt
@@ -43,8 +46,14 @@ demo: venv ort build ## run the server on its embedded demo model and call it
 
 test: test-rust test-python ## run every test
 
-test-rust: ort
+# The operator's tests run against a real API server, and start
+# ferrite-server processes with the test models (venv).
+test-rust: venv ort control-plane build
 	cargo test --workspace
+
+manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/install.yaml
+	target/debug/ferrite-operator crdgen > manifests/crd.yaml
+	HELM=$(K8S_BIN)/helm bash scripts/render-install.sh
 
 test-python: venv ort build
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python

@@ -37,6 +37,9 @@ struct RunArgs {
     /// ferrite-server image for model pods (a ModelDeployment may override it).
     #[arg(long, env = "FERRITE_SERVER_IMAGE", default_value = concat!("ferrite-server:", env!("CARGO_PKG_VERSION")))]
     server_image: String,
+    /// Pull policy of that image (Always, IfNotPresent, Never); empty leaves it to Kubernetes.
+    #[arg(long, env = "FERRITE_SERVER_IMAGE_PULL_POLICY", default_value = "")]
+    server_image_pull_policy: String,
     /// Watch only this namespace; empty watches all.
     #[arg(long, env = "FERRITE_WATCH_NAMESPACE", default_value = "")]
     watch_namespace: String,
@@ -81,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             });
             run(RunOptions {
                 server_image: args.server_image,
+                server_image_pull_policy: Some(args.server_image_pull_policy).filter(|p| !p.is_empty()),
                 watch_namespace: Some(args.watch_namespace).filter(|ns| !ns.is_empty()),
                 metrics_addr: args.metrics_addr,
                 lease_name: args.lease_name,

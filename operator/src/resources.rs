@@ -36,6 +36,8 @@ const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub struct BuildConfig {
     /// Image of ferrite-server, used unless the resource names its own.
     pub server_image: String,
+    /// Pull policy of that image, unless the resource sets one.
+    pub server_image_pull_policy: Option<String>,
 }
 
 /// Labels that select a ModelDeployment's pods.
@@ -174,7 +176,7 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
     let spec = &md.spec;
     let model = md.model_name();
     let image = spec.image.clone().unwrap_or_else(|| config.server_image.clone());
-    let pull_policy = spec.image_pull_policy.clone();
+    let pull_policy = spec.image_pull_policy.clone().or_else(|| config.server_image_pull_policy.clone());
 
     let mut volumes = vec![empty_dir("tmp")];
     let mut init_containers = Vec::new();
@@ -361,7 +363,7 @@ mod tests {
     }
 
     fn config() -> BuildConfig {
-        BuildConfig { server_image: "ferrite-server:test".into() }
+        BuildConfig { server_image: "ferrite-server:test".into(), server_image_pull_policy: None }
     }
 
     fn pod(d: &Deployment) -> PodSpec {

@@ -28,6 +28,7 @@ use crate::telemetry::{self, Metrics};
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub server_image: String,
+    pub server_image_pull_policy: Option<String>,
     /// Watch one namespace only; `None` for all.
     pub watch_namespace: Option<String>,
     pub metrics_addr: SocketAddr,
@@ -76,7 +77,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     if became_leader {
         tracing::info!(identity = %options.identity, "leading");
         metrics.leader.set(1);
-        let config = BuildConfig { server_image: options.server_image.clone() };
+        let config = BuildConfig {
+            server_image: options.server_image.clone(),
+            server_image_pull_policy: options.server_image_pull_policy.clone(),
+        };
         let ctx = Arc::new(Context::new(client.clone(), config, metrics.clone(), &options.identity));
         let namespace = options.watch_namespace.clone();
         let controller = tokio::spawn({
