@@ -127,7 +127,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// One request; its latency counts if it started inside the window.
-async fn call(mut client: GrpcInferenceServiceClient<Channel>, request: ModelInferRequest, tally: &Tally, from: Instant) {
+async fn call(
+    mut client: GrpcInferenceServiceClient<Channel>,
+    request: ModelInferRequest,
+    tally: &Tally,
+    from: Instant,
+) {
     let started = Instant::now();
     let result = client.model_infer(request).await;
     if started < from {

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// A model served by ferrite-server pods, scaled on the depth of their
 /// request queues.
+// Each `printcolumn(...)` repeats the same keys, which clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "ferrite.dev",
@@ -32,9 +35,19 @@ use serde::{Deserialize, Serialize};
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready replicas"),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Ready replicas"
+    ),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
-    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.queueDepth", description = "Queued plus in-flight requests"),
+    printcolumn(
+        name = "Queue",
+        type_ = "integer",
+        json_path = ".status.queueDepth",
+        description = "Queued plus in-flight requests"
+    ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoints.grpc"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]

@@ -3,8 +3,8 @@
 
 pub mod autoscale;
 pub mod crd;
-pub mod resources;
-pub mod status;
 pub mod reconcile;
-pub mod telemetry;
+pub mod resources;
 pub mod run;
+pub mod status;
+pub mod telemetry;

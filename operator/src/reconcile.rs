@@ -34,12 +34,13 @@ const RESYNC: Duration = Duration::from_secs(60);
 pub enum Error {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    // kube's errors are large; boxed so every Result stays small.
     #[error("applying {kind}: {source}")]
-    Apply { kind: &'static str, source: kube::Error },
+    Apply { kind: &'static str, source: Box<kube::Error> },
     #[error("reading {kind}: {source}")]
-    Read { kind: &'static str, source: kube::Error },
+    Read { kind: &'static str, source: Box<kube::Error> },
     #[error("writing status: {0}")]
-    Status(kube::Error),
+    Status(Box<kube::Error>),
 }
 
 impl Error {
@@ -70,13 +71,8 @@ impl Context {
 
     /// Publishes an Event on a ModelDeployment; failures are only logged.
     pub async fn event(&self, md: &ModelDeployment, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
         if let Err(error) = self.recorder.publish(&event, &md.object_ref(&())).await {
             tracing::warn!(%error, "cannot publish event");
         }
@@ -103,7 +99,9 @@ where
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&object.name_any(), &params, &Patch::Apply(object)).await.map_err(|source| Error::Apply { kind, source })
+    api.patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply { kind, source: Box::new(source) })
 }
 
 /// Brings the owned objects and the status of one ModelDeployment in line
@@ -135,12 +133,16 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         }
         None => {
             // Only a budget this ModelDeployment owns is removed.
-            if let Some(existing) = budgets.get_opt(&name).await.map_err(|source| Error::Read { kind: "PodDisruptionBudget", source })? {
+            if let Some(existing) = budgets
+                .get_opt(&name)
+                .await
+                .map_err(|source| Error::Read { kind: "PodDisruptionBudget", source: Box::new(source) })?
+            {
                 if existing.owner_references().iter().any(|o| Some(&o.uid) == md.metadata.uid.as_ref()) {
                     budgets
                         .delete(&name, &Default::default())
                         .await
-                        .map_err(|source| Error::Apply { kind: "PodDisruptionBudget", source })?;
+                        .map_err(|source| Error::Apply { kind: "PodDisruptionBudget", source: Box::new(source) })?;
                 }
             }
         }
@@ -151,7 +153,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     let pods = pods
         .list(&ListParams::default().labels(&format!("{INSTANCE_LABEL}={name}")))
         .await
-        .map_err(|source| Error::Read { kind: "Pod", source })?
+        .map_err(|source| Error::Read { kind: "Pod", source: Box::new(source) })?
         .items;
     let new_status = status::compute(md, Some(&deployment), &pods);
     announce_changes(md, &new_status, ctx).await;
@@ -172,7 +174,7 @@ pub async fn write_status(client: &Client, md: &ModelDeployment, status: &ModelD
     });
     api.patch_status(&md.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
-        .map_err(Error::Status)?;
+        .map_err(|e| Error::Status(Box::new(e)))?;
     Ok(())
 }
 

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -122,7 +122,12 @@ fn grpc_probe(service: &str, period: i32, failures: i32) -> Probe {
 }
 
 fn port(name: &str, number: i32) -> ContainerPort {
-    ContainerPort { name: Some(name.into()), container_port: number, protocol: Some("TCP".into()), ..ContainerPort::default() }
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: number,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
@@ -201,7 +206,8 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         }
         None => {
             volumes.push(empty_dir("models"));
-            let mut args = vec!["fetch".to_string(), "--uri".into(), spec.model.uri.clone(), "--dest".into(), MODELS_DIR.into()];
+            let mut args =
+                vec!["fetch".to_string(), "--uri".into(), spec.model.uri.clone(), "--dest".into(), MODELS_DIR.into()];
             args.extend(["--model-name".to_string(), model.clone()]);
             if let Some(sha256) = &spec.model.sha256 {
                 args.extend(["--sha256".to_string(), sha256.clone()]);

@@ -87,12 +87,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             let (ctx, stopped) = (ctx.clone(), stopped());
             async move { reconcile::run(ctx, namespace.as_deref(), stopped).await }
         });
-        let autoscaler = tokio::spawn(autoscale_loop(
-            ctx.clone(),
-            options.watch_namespace.clone(),
-            autoscale_metrics,
-            stopped(),
-        ));
+        let autoscaler =
+            tokio::spawn(autoscale_loop(ctx.clone(), options.watch_namespace.clone(), autoscale_metrics, stopped()));
         let lost = tokio::select! {
             _ = leader.wait_for(|is_leader| !*is_leader) => true,
             _ = term.recv() => false,
@@ -135,11 +131,10 @@ async fn autoscale_loop(
     metrics: AutoscaleMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let (mds, pods) = (cache::<ModelDeployment>(&ctx.client, namespace.as_deref(), None), cache::<Pod>(
-        &ctx.client,
-        namespace.as_deref(),
-        Some(INSTANCE_LABEL),
-    ));
+    let (mds, pods) = (
+        cache::<ModelDeployment>(&ctx.client, namespace.as_deref(), None),
+        cache::<Pod>(&ctx.client, namespace.as_deref(), Some(INSTANCE_LABEL)),
+    );
     let http = reqwest::Client::new();
     let mut state: HashMap<ObjectRef<ModelDeployment>, Scaled> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -155,7 +150,8 @@ async fn autoscale_loop(
         for md in current {
             let Some(spec) = md.spec.autoscaling.as_ref() else { continue };
             let key = ObjectRef::from_obj(md.as_ref());
-            let entry = state.entry(key).or_insert_with(|| Scaled { recommendations: Recommendations::new(), next_due: now });
+            let entry =
+                state.entry(key).or_insert_with(|| Scaled { recommendations: Recommendations::new(), next_due: now });
             if now < entry.next_due {
                 continue;
             }
@@ -167,7 +163,9 @@ async fn autoscale_loop(
                 .map(|p| p.as_ref().clone())
                 .collect();
             let endpoints = autoscale::pod_metrics_endpoints(&own_pods, METRICS_PORT as u16);
-            match autoscale::scale_step(ctx.client.clone(), &md, &mut entry.recommendations, endpoints, &http, now).await {
+            match autoscale::scale_step(ctx.client.clone(), &md, &mut entry.recommendations, endpoints, &http, now)
+                .await
+            {
                 Ok(Some(outcome)) => {
                     metrics.observe(&outcome);
                     record_outcome(ctx.clone(), md.clone(), outcome).await;

@@ -28,7 +28,10 @@ pub fn pod_problem(pod: &Pod) -> Option<(&'static str, String)> {
         .flatten()
         .find(|c| c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable"))
     {
-        return Some(("Unschedulable", format!("pod {pod_name}: {}", unschedulable.message.clone().unwrap_or_default())));
+        return Some((
+            "Unschedulable",
+            format!("pod {pod_name}: {}", unschedulable.message.clone().unwrap_or_default()),
+        ));
     }
     let containers = status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
     containers.filter_map(|c| container_problem(&pod_name, c)).next()
@@ -51,7 +54,10 @@ fn container_problem(pod: &str, container: &ContainerStatus) -> Option<(&'static
     };
     if matches!(waiting_reason, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull") {
         let message = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
-        return Some(("ImagePullFailed", format!("pod {pod} container {}: {waiting_reason}: {message}", container.name)));
+        return Some((
+            "ImagePullFailed",
+            format!("pod {pod} container {}: {waiting_reason}: {message}", container.name),
+        ));
     }
     if container.name == "fetch" && terminated.is_some() {
         return Some(("FetchFailed", format!("pod {pod}: model download failed: {}", exit_message())));
@@ -60,7 +66,10 @@ fn container_problem(pod: &str, container: &ContainerStatus) -> Option<(&'static
         return Some(("ModelLoadFailed", format!("pod {pod}: {}", exit_message())));
     }
     if waiting_reason == "CrashLoopBackOff" {
-        return Some(("CrashLoop", format!("pod {pod} container {} keeps crashing: {}", container.name, exit_message())));
+        return Some((
+            "CrashLoop",
+            format!("pod {pod} container {} keeps crashing: {}", container.name, exit_message()),
+        ));
     }
     if waiting_reason == "CreateContainerConfigError" {
         let message = waiting.and_then(|w| w.message.clone()).unwrap_or_default();
@@ -107,7 +116,9 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
     let ready_condition = match (&problem, serving) {
         (_, true) => condition(READY, true, "ModelServing", format!("{ready}/{desired} replicas serving"), generation),
         (Some((reason, message)), false) => condition(READY, false, reason, message.clone(), generation),
-        (None, false) if desired == 0 => condition(READY, false, "ScaledToZero", "no replicas wanted".into(), generation),
+        (None, false) if desired == 0 => {
+            condition(READY, false, "ScaledToZero", "no replicas wanted".into(), generation)
+        }
         (None, false) => condition(READY, false, "Starting", format!("0/{desired} replicas ready"), generation),
     };
     let rolling = !deployment_current || updated < desired || ready < desired || replicas > desired;
@@ -147,7 +158,8 @@ mod tests {
     use serde_json::json;
 
     fn md() -> ModelDeployment {
-        let spec: ModelDeploymentSpec = serde_json::from_value(json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2})).unwrap();
+        let spec: ModelDeploymentSpec =
+            serde_json::from_value(json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2})).unwrap();
         let mut md = ModelDeployment::new("m", spec);
         md.metadata.generation = Some(3);
         md
@@ -195,19 +207,39 @@ mod tests {
     #[test]
     fn reasons_from_pods() {
         let cases = [
-            (json!({"initContainerStatuses": [{"name": "fetch", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+            (
+                json!({"initContainerStatuses": [{"name": "fetch", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
                 "lastState": {"terminated": {"exitCode": 1, "message": "error: cannot fetch s3://b/m.onnx: 404"}},
-                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}), "FetchFailed", "404"),
-            (json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}),
+                "FetchFailed",
+                "404",
+            ),
+            (
+                json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
                 "lastState": {"terminated": {"exitCode": 3, "message": "model load failed: m: bad protobuf"}},
-                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}), "ModelLoadFailed", "bad protobuf"),
-            (json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
-                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}), "ImagePullFailed", "not found"),
-            (json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}),
+                "ModelLoadFailed",
+                "bad protobuf",
+            ),
+            (
+                json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}),
+                "ImagePullFailed",
+                "not found",
+            ),
+            (
+                json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4,
                 "lastState": {"terminated": {"exitCode": 139, "reason": "Error"}},
-                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}), "CrashLoop", "keeps crashing"),
-            (json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                "message": "0/1 nodes have enough nvidia.com/gpu"}]}), "Unschedulable", "nvidia.com/gpu"),
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}),
+                "CrashLoop",
+                "keeps crashing",
+            ),
+            (
+                json!({"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes have enough nvidia.com/gpu"}]}),
+                "Unschedulable",
+                "nvidia.com/gpu",
+            ),
         ];
         for (pod_status, reason, text) in cases {
             let status = compute(&md(), Some(&deployment(0, 2)), &[pod(pod_status)]);

@@ -41,7 +41,8 @@ impl Metrics {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )
         .expect("valid metric");
-        let leader = IntGauge::new("ferrite_operator_leader", "1 while this process is the leader").expect("valid metric");
+        let leader =
+            IntGauge::new("ferrite_operator_leader", "1 while this process is the leader").expect("valid metric");
         for metric in [
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),

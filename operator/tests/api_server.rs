@@ -48,16 +48,24 @@ async fn deployment_args(deployments: &Api<Deployment>, name: &str) -> Option<Ve
 async fn model_deployment_yields_owned_objects() {
     let Some((plane, client, ns)) = setup("owned-objects").await else { return };
     let _operator = Operator::start(plane, &ns, "op-a");
-    let md = create(&client, &ns, &model_deployment("resnet", json!({
-        "model": {"uri": "https://models.example/resnet50.onnx"},
-        "replicas": 2,
-        "batching": {"maxBatchSize": 8, "maxQueueDelayMicroseconds": 500},
-        "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
-    })))
+    let md = create(
+        &client,
+        &ns,
+        &model_deployment(
+            "resnet",
+            json!({
+                "model": {"uri": "https://models.example/resnet50.onnx"},
+                "replicas": 2,
+                "batching": {"maxBatchSize": 8, "maxQueueDelayMicroseconds": 500},
+                "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+            }),
+        ),
+    )
     .await;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let deployment = eventually("the Deployment exists", WAIT, || async { deployments.get_opt("resnet").await.ok()? }).await;
+    let deployment =
+        eventually("the Deployment exists", WAIT, || async { deployments.get_opt("resnet").await.ok()? }).await;
     let owner = &deployment.owner_references()[0];
     assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("ModelDeployment", md.uid().unwrap().as_str()));
     assert_eq!(owner.controller, Some(true));
@@ -77,7 +85,12 @@ async fn model_deployment_yields_owned_objects() {
     let fetch = &pod.init_containers.unwrap()[0];
     assert!(fetch.args.as_ref().unwrap().contains(&"https://models.example/resnet50.onnx".to_string()));
     // The managed fields show server-side apply by the operator.
-    assert!(deployment.metadata.managed_fields.unwrap().iter().any(|f| f.manager.as_deref() == Some("ferrite-operator")));
+    assert!(deployment
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .any(|f| f.manager.as_deref() == Some("ferrite-operator")));
 
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let service = eventually("the Service exists", WAIT, || async { services.get_opt("resnet").await.ok()? }).await;
@@ -99,12 +112,11 @@ async fn spec_change_rolls_the_deployment_and_scaling_to_one_drops_the_budget() 
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
     let patch = json!({"spec": {"batching": {"maxBatchSize": 4}, "replicas": 1}});
     mds.patch("m", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let rolled = eventually("the pod template carries the new batch size", WAIT, || async {
+    eventually("the pod template carries the new batch size", WAIT, || async {
         let args = deployment_args(&deployments, "m").await?;
         args.windows(2).any(|w| w == ["--max-batch-size", "4"]).then_some(())
     })
     .await;
-    let _ = rolled;
     let second = deployments.get("m").await.unwrap();
     assert!(second.metadata.generation > first.metadata.generation, "a new template is a new Deployment generation");
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
@@ -154,13 +166,28 @@ async fn bad_specs_are_refused_by_cel_rules() {
     let Some((_plane, client, ns)) = setup("cel").await else { return };
     let cases = [
         (json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2, "autoscaling": {"maxReplicas": 3}}), "exclusive"),
-        (json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}), "minReplicas must not exceed maxReplicas"),
-        (json!({"model": {"uri": "s3://b/m.onnx"}, "gpus": 1}), "spec.gpus needs spec.runtime.executionProvider cuda or tensorrt"),
-        (json!({"model": {"uri": "s3://b/m.onnx"}, "runtime": {"executionProvider": "cuda"}}), "needs spec.gpus of 1 or more"),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 5, "maxReplicas": 3}}),
+            "minReplicas must not exceed maxReplicas",
+        ),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx"}, "gpus": 1}),
+            "spec.gpus needs spec.runtime.executionProvider cuda or tensorrt",
+        ),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx"}, "runtime": {"executionProvider": "cuda"}}),
+            "needs spec.gpus of 1 or more",
+        ),
         (json!({"model": {"uri": "ftp://b/m.onnx"}}), "spec.model.uri must start with"),
         (json!({"model": {"uri": "s3://b/m.onnx", "sha256": "xyz"}}), "64 lowercase hex digits"),
-        (json!({"model": {"uri": "s3://b/m.onnx"}, "batching": {"maxBatchSize": 0}}), "maxBatchSize must be at least 1"),
-        (json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 2, "scrapeIntervalSeconds": 0}}), "scrapeIntervalSeconds must be between 1 and 300"),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx"}, "batching": {"maxBatchSize": 0}}),
+            "maxBatchSize must be at least 1",
+        ),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 2, "scrapeIntervalSeconds": 0}}),
+            "scrapeIntervalSeconds must be between 1 and 300",
+        ),
         (json!({"model": {"uri": "s3://b/m.onnx"}, "service": {"type": "ExternalName"}}), "spec.service.type must be"),
         (json!({"model": {"uri": "s3://b/m.onnx"}, "runtime": {"executionProvider": "rocm"}}), "Unsupported value"),
     ];
@@ -181,7 +208,12 @@ async fn bad_specs_are_refused_by_cel_rules() {
         assert!(error.message.contains(message), "case {i}: '{}' does not contain '{message}'", error.message);
     }
     // And a good one is accepted.
-    create(&client, &ns, &model_deployment("good", json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 3}}))).await;
+    create(
+        &client,
+        &ns,
+        &model_deployment("good", json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 3}})),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -229,7 +261,9 @@ async fn status_tracks_generation_and_says_why_pods_do_not_serve() {
     assert_eq!(status.selector.as_deref(), Some("ferrite.dev/model-deployment=m"));
 
     // A new generation is observed.
-    mds.patch("m", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"batching": {"maxQueueSize": 10}}}))).await.unwrap();
+    mds.patch("m", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"batching": {"maxQueueSize": 10}}})))
+        .await
+        .unwrap();
     eventually("the new generation is observed", WAIT, || async {
         let md = mds.get("m").await.ok()?;
         (md.status?.observed_generation == md.metadata.generation && md.metadata.generation >= Some(2)).then_some(())
@@ -258,7 +292,10 @@ async fn status_tracks_generation_and_says_why_pods_do_not_serve() {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
     eventually("a Warning event names the reason", WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
-        list.items.iter().any(|e| e.reason.as_deref() == Some("ImagePullFailed") && e.type_.as_deref() == Some("Warning")).then_some(())
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ImagePullFailed") && e.type_.as_deref() == Some("Warning"))
+            .then_some(())
     })
     .await;
 }
@@ -278,7 +315,9 @@ async fn two_operators_elect_one_leader_and_fail_over() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let holder = leases.get(&lease_name).await.unwrap().spec.unwrap().holder_identity.unwrap();
     assert_eq!(holder, "op-1", "the follower must not take a held lease");
-    let leader_gauge = |text: Option<String>| text.and_then(|t| t.lines().find(|l| l.starts_with("ferrite_operator_leader ")).map(str::to_string));
+    let leader_gauge = |text: Option<String>| {
+        text.and_then(|t| t.lines().find(|l| l.starts_with("ferrite_operator_leader ")).map(str::to_string))
+    };
     assert_eq!(leader_gauge(second.metrics().await).as_deref(), Some("ferrite_operator_leader 0"));
 
     // Kill the leader without letting it release the lease: a crash.

@@ -40,7 +40,8 @@ fn slow_model_repository() -> Option<PathBuf> {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
     let server = root.join("target/debug/ferrite-server");
-    let ort = std::env::var("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or(root.join(".cache/onnxruntime/libonnxruntime.so"));
+    let ort =
+        std::env::var("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or(root.join(".cache/onnxruntime/libonnxruntime.so"));
     for (path, how) in [(&python, "make venv"), (&server, "make build"), (&ort, "make ort")] {
         if !path.exists() {
             let message = format!("{} is missing: run `{how}`", path.display());
@@ -67,7 +68,8 @@ fn slow_model_repository() -> Option<PathBuf> {
 
 fn start_pod_server(ip: &str, repo: &PathBuf) -> PodServer {
     let root = repo_root();
-    let ort = std::env::var("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or(root.join(".cache/onnxruntime/libonnxruntime.so"));
+    let ort =
+        std::env::var("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or(root.join(".cache/onnxruntime/libonnxruntime.so"));
     let log = std::fs::File::create(std::env::temp_dir().join(format!("ferrite-pod-{ip}.log"))).unwrap();
     let child = Command::new(root.join("target/debug/ferrite-server"))
         .args(["serve", "--host", ip, "--http-port", "8000", "--grpc-port", "8001", "--metrics-port", "8002"])
@@ -175,9 +177,15 @@ async fn scales_up_on_a_queue_burst_and_back_down_after_the_window() {
     for _ in 0..32 {
         let (stop, ok, failed, http, ip) = (stop.clone(), ok.clone(), failed.clone(), http.clone(), first_ip.clone());
         clients.push(tokio::spawn(async move {
-            let body = json!({"inputs": [{"name": "INPUT0", "shape": [1, 64], "datatype": "FP32", "data": vec![0.5f32; 64]}]});
+            let body =
+                json!({"inputs": [{"name": "INPUT0", "shape": [1, 64], "datatype": "FP32", "data": vec![0.5f32; 64]}]});
             while !stop.load(Ordering::SeqCst) {
-                let response = http.post(format!("http://{ip}:8000/v2/models/{MODEL}/infer")).header("content-type", "application/json").body(body.to_string()).send().await;
+                let response = http
+                    .post(format!("http://{ip}:8000/v2/models/{MODEL}/infer"))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await;
                 match response {
                     Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::SeqCst),
                     _ => failed.fetch_add(1, Ordering::SeqCst),
@@ -191,12 +199,12 @@ async fn scales_up_on_a_queue_burst_and_back_down_after_the_window() {
     })
     .await;
     let burst_to_write = scaled_up - burst;
-    eprintln!("queue burst -> scale-up write: {:.2} s (scrape interval {SCRAPE_INTERVAL_SECONDS} s)", burst_to_write.as_secs_f64());
-    // Within two scrape intervals of the burst, plus the time to observe it.
-    assert!(
-        burst_to_write < Duration::from_secs(2 * SCRAPE_INTERVAL_SECONDS + 2),
-        "scale-up took {burst_to_write:?}"
+    eprintln!(
+        "queue burst -> scale-up write: {:.2} s (scrape interval {SCRAPE_INTERVAL_SECONDS} s)",
+        burst_to_write.as_secs_f64()
     );
+    // Within two scrape intervals of the burst, plus the time to observe it.
+    assert!(burst_to_write < Duration::from_secs(2 * SCRAPE_INTERVAL_SECONDS + 2), "scale-up took {burst_to_write:?}");
 
     // New pods come; they get servers and become ready.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -29,11 +29,7 @@ fn run(program: &PathBuf, args: &[&str], plane: Option<&ControlPlane>) -> Output
 
 fn assert_ok(output: &Output, what: &str) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{what} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{what} failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     stdout
 }
 
@@ -56,7 +52,19 @@ fn chart_lints_and_the_bundle_is_current() {
     let Some(helm) = helm() else { return };
     assert_ok(&run(&helm, &["lint", "--strict", "charts/ferrite"], None), "helm lint --strict");
     assert_ok(
-        &run(&helm, &["lint", "--strict", "charts/ferrite", "--set", "watchNamespace=ml", "--set", "serviceMonitor.enabled=true"], None),
+        &run(
+            &helm,
+            &[
+                "lint",
+                "--strict",
+                "charts/ferrite",
+                "--set",
+                "watchNamespace=ml",
+                "--set",
+                "serviceMonitor.enabled=true",
+            ],
+            None,
+        ),
         "helm lint with options",
     );
     let refused = run(&helm, &["template", "charts/ferrite", "--set", "image.pullPolicy=Sometimes"], None);
@@ -82,7 +90,11 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
     namespace(&client, "ferrite-system").await;
     // Rendered by helm, checked by the API server.
     let helm_out = assert_ok(
-        &run(&bin("helm"), &["template", "ferrite", "charts/ferrite", "--namespace", "ferrite-system", "--include-crds"], None),
+        &run(
+            &bin("helm"),
+            &["template", "ferrite", "charts/ferrite", "--namespace", "ferrite-system", "--include-crds"],
+            None,
+        ),
         "helm template",
     );
     let rendered = std::env::temp_dir().join(format!("ferrite-rendered-{}.yaml", std::process::id()));
@@ -92,7 +104,10 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         "helm template | kubectl apply --dry-run=server",
     );
     // The plain bundle installs for real; the examples pass a server dry run.
-    assert_ok(&run(&kubectl, &["apply", "--server-side", "-f", "manifests/install.yaml"], Some(plane)), "apply install.yaml");
+    assert_ok(
+        &run(&kubectl, &["apply", "--server-side", "-f", "manifests/install.yaml"], Some(plane)),
+        "apply install.yaml",
+    );
     namespace(&client, "examples").await;
     for example in ["cpu-resnet50.yaml", "gpu-resnet50.yaml", "fixed-replicas.yaml"] {
         let path = format!("manifests/examples/{example}");

@@ -59,10 +59,7 @@ async fn reconciles_200_model_deployments() {
     // Let the autoscaler make a few rounds over all of them.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let rss_mib = rss_kib(operator.child.id()) as f64 / 1024.0;
-    eprintln!(
-        "{COUNT} ModelDeployments reconciled in {:.1} s; operator RSS {rss_mib:.1} MiB",
-        settled.as_secs_f64()
-    );
+    eprintln!("{COUNT} ModelDeployments reconciled in {:.1} s; operator RSS {rss_mib:.1} MiB", settled.as_secs_f64());
     let metrics = operator.metrics().await.expect("operator metrics");
     assert!(metrics.contains("ferrite_operator_reconciliations_total{result=\"ok\"}"), "{metrics}");
 }

@@ -57,7 +57,7 @@ pub fn split_rows(tensor: &Tensor, rows: &[usize]) -> Result<Vec<Tensor>, String
             tensor.name, tensor.shape
         ));
     }
-    let per_row = if total == 0 { 0 } else { tensor.element_count() / total };
+    let per_row = tensor.element_count().checked_div(total).unwrap_or(0);
     let mut pieces = Vec::with_capacity(rows.len());
     let mut start_row = 0usize;
     for &count in rows {
@@ -100,7 +100,8 @@ mod tests {
     #[test]
     fn strings_split_by_rows() {
         let items: Vec<Bytes> = ["a", "b", "c"].into_iter().map(Bytes::from).collect();
-        let t = Tensor { name: "s".into(), datatype: DataType::Bytes, shape: vec![3], data: TensorData::Strings(items) };
+        let t =
+            Tensor { name: "s".into(), datatype: DataType::Bytes, shape: vec![3], data: TensorData::Strings(items) };
         let pieces = split_rows(&t, &[2, 1]).unwrap();
         assert_eq!(pieces[1].data, TensorData::Strings(vec![Bytes::from("c")]));
         assert_eq!(pieces[0].shape, vec![2]);

@@ -29,8 +29,7 @@ impl ModelSettingsFile {
     pub fn read(dir: &Path) -> anyhow::Result<ModelSettingsFile> {
         let path = dir.join(MODEL_SETTINGS_FILE);
         match std::fs::read(&path) {
-            Ok(text) => serde_json::from_slice(&text)
-                .map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display())),
+            Ok(text) => serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelSettingsFile::default()),
             Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
         }
@@ -141,7 +140,8 @@ mod tests {
     #[test]
     fn overrides_apply_and_clamp() {
         let file: ModelSettingsFile =
-            serde_json::from_str(r#"{"max_batch_size": 0, "instance_count": 3, "execution_provider": "cuda"}"#).unwrap();
+            serde_json::from_str(r#"{"max_batch_size": 0, "instance_count": 3, "execution_provider": "cuda"}"#)
+                .unwrap();
         let settings = ModelSettings::default().with_overrides(&file);
         assert_eq!(settings.max_batch_size, 1);
         assert_eq!(settings.instance_count, 3);

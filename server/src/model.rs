@@ -142,9 +142,8 @@ pub fn validate(signature: &Signature, max_batch_size: Option<usize>, request: I
     let mut inputs = Vec::with_capacity(signature.inputs.len());
     let mut rows: Option<i64> = None;
     for spec in &signature.inputs {
-        let tensor = by_name
-            .remove(&spec.name)
-            .ok_or_else(|| InferError::invalid(format!("missing input '{}'", spec.name)))?;
+        let tensor =
+            by_name.remove(&spec.name).ok_or_else(|| InferError::invalid(format!("missing input '{}'", spec.name)))?;
         if tensor.datatype != spec.datatype {
             return Err(InferError::invalid(format!(
                 "input '{}' has datatype {} but the model expects {}",
@@ -250,8 +249,8 @@ mod tests {
 
     #[test]
     fn good_request_is_ordered_by_the_model() {
-        let job = validate(&signature(), Some(8), request(vec![fp32("b", vec![3, 2]), fp32("a", vec![3, 2])], &[]))
-            .unwrap();
+        let job =
+            validate(&signature(), Some(8), request(vec![fp32("b", vec![3, 2]), fp32("a", vec![3, 2])], &[])).unwrap();
         assert_eq!(job.inputs[0].name, "a");
         assert_eq!(job.rows, 3);
         assert_eq!(job.outputs, vec!["sum", "diff"]);

@@ -109,8 +109,9 @@ pub fn signature(session: &Session) -> anyhow::Result<Signature> {
         let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
             anyhow::bail!("'{}' is not a tensor; ferrite serves tensor models", outlet.name());
         };
-        let datatype = datatype_of(*ty)
-            .ok_or_else(|| anyhow::anyhow!("'{}' has element type {ty:?}, which the protocol cannot carry", outlet.name()))?;
+        let datatype = datatype_of(*ty).ok_or_else(|| {
+            anyhow::anyhow!("'{}' has element type {ty:?}, which the protocol cannot carry", outlet.name())
+        })?;
         Ok(TensorSpec { name: outlet.name().to_string(), datatype, shape: shape.iter().map(|&d| d.max(-1)).collect() })
     };
     Ok(Signature {
@@ -164,10 +165,8 @@ impl RunTimings {
 /// `outputs`, in that order.
 pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> InferResult<RunOutput> {
     let started = Instant::now();
-    let values = inputs
-        .iter()
-        .map(|tensor| Ok((tensor.name.as_str(), to_ort(tensor)?)))
-        .collect::<InferResult<Vec<_>>>()?;
+    let values =
+        inputs.iter().map(|tensor| Ok((tensor.name.as_str(), to_ort(tensor)?))).collect::<InferResult<Vec<_>>>()?;
     let copied_in = Instant::now();
     let results = session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
     let ran = Instant::now();
@@ -188,19 +187,58 @@ pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> Infe
 macro_rules! with_element_type {
     ($datatype:expr, $T:ident => $body:expr, bytes => $bytes:expr) => {
         match $datatype {
-            DataType::Bool => { type $T = bool; $body }
-            DataType::Uint8 => { type $T = u8; $body }
-            DataType::Uint16 => { type $T = u16; $body }
-            DataType::Uint32 => { type $T = u32; $body }
-            DataType::Uint64 => { type $T = u64; $body }
-            DataType::Int8 => { type $T = i8; $body }
-            DataType::Int16 => { type $T = i16; $body }
-            DataType::Int32 => { type $T = i32; $body }
-            DataType::Int64 => { type $T = i64; $body }
-            DataType::Fp16 => { type $T = half::f16; $body }
-            DataType::Bf16 => { type $T = half::bf16; $body }
-            DataType::Fp32 => { type $T = f32; $body }
-            DataType::Fp64 => { type $T = f64; $body }
+            DataType::Bool => {
+                type $T = bool;
+                $body
+            }
+            DataType::Uint8 => {
+                type $T = u8;
+                $body
+            }
+            DataType::Uint16 => {
+                type $T = u16;
+                $body
+            }
+            DataType::Uint32 => {
+                type $T = u32;
+                $body
+            }
+            DataType::Uint64 => {
+                type $T = u64;
+                $body
+            }
+            DataType::Int8 => {
+                type $T = i8;
+                $body
+            }
+            DataType::Int16 => {
+                type $T = i16;
+                $body
+            }
+            DataType::Int32 => {
+                type $T = i32;
+                $body
+            }
+            DataType::Int64 => {
+                type $T = i64;
+                $body
+            }
+            DataType::Fp16 => {
+                type $T = half::f16;
+                $body
+            }
+            DataType::Bf16 => {
+                type $T = half::bf16;
+                $body
+            }
+            DataType::Fp32 => {
+                type $T = f32;
+                $body
+            }
+            DataType::Fp64 => {
+                type $T = f64;
+                $body
+            }
             DataType::Bytes => $bytes,
         }
     };
@@ -224,15 +262,12 @@ fn to_ort(tensor: &Tensor) -> InferResult<DynValue> {
         TensorData::Strings(items) => {
             let mut strings: Vec<String> = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
-                let text = std::str::from_utf8(item)
-                        .ok()
-                        .filter(|s| !s.contains('\0'))
-                        .ok_or_else(|| {
-                            InferError::invalid(format!(
-                                "input '{}': BYTES element {i} must be UTF-8 without NUL bytes for an ONNX string tensor",
-                                tensor.name
-                            ))
-                        })?;
+                let text = std::str::from_utf8(item).ok().filter(|s| !s.contains('\0')).ok_or_else(|| {
+                    InferError::invalid(format!(
+                        "input '{}': BYTES element {i} must be UTF-8 without NUL bytes for an ONNX string tensor",
+                        tensor.name
+                    ))
+                })?;
                 strings.push(text.to_owned());
             }
             let value = OrtTensor::from_string_array((shape, strings.as_slice())).map_err(ort_error)?;

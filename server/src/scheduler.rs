@@ -299,7 +299,8 @@ impl Shared {
             while at < lane.len() && rows < max_rows {
                 let candidate = &lane[at];
                 let expired = candidate.job.deadline.is_some_and(|d| d <= now);
-                if candidate.reply.is_closed() || expired
+                if candidate.reply.is_closed()
+                    || expired
                     || rows + candidate.job.rows > max_rows
                     || !same_row_shape(&batch[0].job, &candidate.job)
                 {
@@ -368,10 +369,8 @@ impl Shared {
             Ok(per_request) => {
                 for ((reply, tensors), wanted) in replies.into_iter().zip(per_request).zip(requested) {
                     let mine = tensors.into_iter().filter(|t| wanted.contains(&t.name)).collect::<Vec<_>>();
-                    let ordered = wanted
-                        .iter()
-                        .filter_map(|name| mine.iter().find(|t| &t.name == name).cloned())
-                        .collect();
+                    let ordered =
+                        wanted.iter().filter_map(|name| mine.iter().find(|t| &t.name == name).cloned()).collect();
                     let _ = reply.send(Ok(ordered));
                 }
             }

@@ -50,14 +50,19 @@ impl ModelStats {
     /// Records a request that finished, successfully or not, after `total`.
     pub fn record_request(&self, ok: bool, total: Duration) {
         let mut stats = self.0.lock().expect("stats lock");
-        if ok { stats.success.add(1, total) } else { stats.fail.add(1, total) }
+        if ok {
+            stats.success.add(1, total)
+        } else {
+            stats.fail.add(1, total)
+        }
     }
 
     /// Records one executed batch of `requests` requests.
     pub fn record_batch(&self, requests: usize, queue_times: Duration, timings: RunTimings) {
         let mut stats = self.0.lock().expect("stats lock");
         let requests = requests as u64;
-        stats.last_inference_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        stats.last_inference_ms =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         stats.inference_count += requests;
         stats.execution_count += 1;
         stats.queue.add(requests, queue_times);

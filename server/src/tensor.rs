@@ -134,9 +134,9 @@ impl Tensor {
         let count = element_count(&shape).map_err(|e| InferError::invalid(format!("input '{name}': {e}")))?;
         let data = match datatype.element_size() {
             Some(size) => {
-                let expected = count.checked_mul(size).ok_or_else(|| {
-                    InferError::invalid(format!("input '{name}': shape {shape:?} is too large"))
-                })?;
+                let expected = count
+                    .checked_mul(size)
+                    .ok_or_else(|| InferError::invalid(format!("input '{name}': shape {shape:?} is too large")))?;
                 if raw.len() != expected {
                     return Err(InferError::invalid(format!(
                         "input '{name}': raw contents hold {} bytes but shape {shape:?} of {datatype} needs {expected}",
@@ -149,8 +149,7 @@ impl Tensor {
                 TensorData::Raw(raw)
             }
             None => TensorData::Strings(
-                split_length_prefixed(&raw, count)
-                    .map_err(|e| InferError::invalid(format!("input '{name}': {e}")))?,
+                split_length_prefixed(&raw, count).map_err(|e| InferError::invalid(format!("input '{name}': {e}")))?,
             ),
         };
         Ok(Tensor { name: name.to_string(), datatype, shape, data })
@@ -173,10 +172,7 @@ impl Tensor {
 /// BOOL elements are single bytes that must be 0 or 1.
 fn check_bools(name: &str, raw: &[u8]) -> InferResult<()> {
     match raw.iter().position(|&b| b > 1) {
-        Some(at) => Err(InferError::invalid(format!(
-            "input '{name}': BOOL element {at} is {}, not 0 or 1",
-            raw[at]
-        ))),
+        Some(at) => Err(InferError::invalid(format!("input '{name}': BOOL element {at} is {}, not 0 or 1", raw[at]))),
         None => Ok(()),
     }
 }
@@ -210,11 +206,7 @@ pub fn split_length_prefixed(raw: &Bytes, expected: usize) -> Result<Vec<Bytes>,
         let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
         let start = at + 4;
         let end = start.checked_add(len).filter(|&end| end <= raw.len()).ok_or_else(|| {
-            format!(
-                "BYTES element {} declares {len} bytes but only {} remain",
-                items.len(),
-                raw.len() - start
-            )
+            format!("BYTES element {} declares {len} bytes but only {} remain", items.len(), raw.len() - start)
         })?;
         items.push(raw.slice(start..end));
         at = end;

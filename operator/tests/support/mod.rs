@@ -50,9 +50,9 @@ fn start_control_plane() -> Option<ControlPlane> {
         .output()
         .ok()
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    let present = bin_dir.as_ref().is_some_and(|dir| {
-        ["etcd", "kube-apiserver", "kube-controller-manager"].iter().all(|b| dir.join(b).is_file())
-    });
+    let present = bin_dir
+        .as_ref()
+        .is_some_and(|dir| ["etcd", "kube-apiserver", "kube-controller-manager"].iter().all(|b| dir.join(b).is_file()));
     if !present {
         let message = format!(
             "the control-plane binaries are missing from {bin_dir:?}: run `make control-plane` \
@@ -81,7 +81,8 @@ fn start_control_plane() -> Option<ControlPlane> {
     };
     let plane = ControlPlane { state_dir: value("STATE_DIR"), kubeconfig: value("KUBECONFIG") };
     // The test process has no teardown hook: a detached reaper stops the
-    // control plane once this process is gone.
+    // control plane once this process is gone (so it is never waited for).
+    #[allow(clippy::zombie_processes)]
     Command::new("bash")
         .arg("-c")
         .arg(format!(
@@ -174,8 +175,9 @@ impl Operator {
     /// Starts the operator for one namespace, with its own lease.
     pub fn start(plane: &ControlPlane, namespace: &str, identity: &str) -> Operator {
         let metrics_port = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("ferrite-operator-{namespace}-{identity}.log")))
-            .expect("log file");
+        let log =
+            std::fs::File::create(std::env::temp_dir().join(format!("ferrite-operator-{namespace}-{identity}.log")))
+                .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_ferrite-operator"))
             .args(["--log-format", "text", "run"])
             .args(["--watch-namespace", namespace])

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ferrite_proto::inference::{
-    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor,
-    model_infer_response::InferOutputTensor, InferParameter, InferTensorContents, ModelInferRequest,
-    ModelInferResponse,
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
+    InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse,
 };
 
 use crate::error::{InferError, InferResult};
@@ -117,9 +116,7 @@ fn decode_typed(input: InferInputTensor, datatype: DataType) -> InferResult<Tens
     let field = typed_field(datatype);
     let used = used_fields(&contents);
     if let Some(other) = used.iter().find(|f| Some(**f) != field) {
-        return Err(InferError::invalid(format!(
-            "input '{name}' of datatype {datatype} cannot use {other}",
-        )));
+        return Err(InferError::invalid(format!("input '{name}' of datatype {datatype} cannot use {other}",)));
     }
     let Some(field) = field else {
         return Err(InferError::invalid(format!(
@@ -255,7 +252,13 @@ mod tests {
     use crate::error::ErrorKind;
 
     fn input(name: &str, datatype: &str, shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
-        InferInputTensor { name: name.into(), datatype: datatype.into(), shape, parameters: Default::default(), contents }
+        InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            parameters: Default::default(),
+            contents,
+        }
     }
 
     fn decode(inputs: Vec<InferInputTensor>, raw: Vec<Bytes>) -> InferResult<Decoded> {

@@ -3,8 +3,8 @@
 //! to the models; it never touches ONNX Runtime.
 
 pub mod codec;
-pub mod limit;
 pub mod describe;
+pub mod limit;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -121,10 +121,9 @@ impl GrpcInferenceService for InferenceService {
                         Err(status) => Err(InferError::invalid(status.message().to_string())),
                     };
                     Ok(match reply {
-                        Ok(response) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(response),
-                        },
+                        Ok(response) => {
+                            ModelStreamInferResponse { error_message: String::new(), infer_response: Some(response) }
+                        }
                         Err(error) => ModelStreamInferResponse { error_message: error.message, infer_response: None },
                     })
                 }
@@ -133,7 +132,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(Box::pin(responses)))
     }
 
-    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
         let model = self.state.repository.get(&request.name, &request.version)?;
         Ok(Response::new(ModelConfigResponse { config: Some(describe::model_config(&model)) }))

@@ -138,7 +138,9 @@ fn decode_json_tensor(name: &str, datatype: DataType, shape: Vec<i64>, data: &Va
 fn put_json_number(out: &mut BytesMut, datatype: DataType, value: &Value) -> Option<()> {
     macro_rules! int {
         ($t:ty) => {{
-            let v = value.as_i64().and_then(|v| <$t>::try_from(v).ok())
+            let v = value
+                .as_i64()
+                .and_then(|v| <$t>::try_from(v).ok())
                 .or_else(|| value.as_u64().and_then(|v| <$t>::try_from(v).ok()))?;
             out.put_slice(&v.to_le_bytes());
         }};

@@ -69,14 +69,16 @@ pub fn router(state: AppState) -> Router {
 
 /// Routes of the metrics port.
 pub fn metrics_router() -> Router {
-    Router::new().route(
-        "/metrics",
-        get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }),
-    )
+    Router::new()
+        .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }))
 }
 
 async fn server_ready(State(state): State<AppState>) -> StatusCode {
-    if state.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if state.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 fn server_metadata() -> Value {
@@ -94,9 +96,7 @@ async fn model_metadata_version(
 ) -> HttpResult<Json<Value>> {
     let model = state.repository.get(&name, &version)?;
     let meta = describe::model_metadata(&model, &state.repository.loaded(Some(&name)));
-    let tensor = |t: &ferrite_proto::inference::model_metadata_response::TensorMetadata| {
-        json!({"name": t.name, "datatype": t.datatype, "shape": t.shape})
-    };
+    let tensor = |t: &ferrite_proto::inference::model_metadata_response::TensorMetadata| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape});
     Ok(Json(json!({
         "name": meta.name,
         "versions": meta.versions,
@@ -114,7 +114,11 @@ async fn model_ready_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> StatusCode {
-    if state.model(&name, &version).is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if state.model(&name, &version).is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn model_config(state: State<AppState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {

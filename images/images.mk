@@ -1,0 +1,82 @@
+# images/images.mk: OCI images of ferrite-server and ferrite-operator, built
+# without a container daemon by images/build-oci.py (Python standard library).
+# Included from the top-level Makefile (`include images/images.mk`); uses its
+# `ort` target and ORT_LIB.
+#
+#   make images        .cache/images/ferrite-{server,operator}.oci.tar
+#   make images-load   import both into the containerd at CONTAINERD_ADDRESS
+#                      (namespace k8s.io, where the kubelet looks)
+#   make images-check  validate the archives (layout, digests, config, libraries,
+#                      no shell, reproducible)
+#
+# Images are named docker.io/library/ferrite-{server,operator}:<version>, which
+# is what `ferrite-server:<version>` in a pod spec (the chart's default) resolves to.
+
+IMAGES_DIR      := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+IMAGES_OUT      := $(CURDIR)/.cache/images
+IMAGE_VERSION   ?= $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
+IMAGE_REGISTRY  ?= docker.io/library
+IMAGE_REVISION  ?= $(shell git rev-parse HEAD 2>/dev/null)
+IMAGE_SOURCE    ?= $(shell git remote get-url origin 2>/dev/null)
+# Reproducible: the image's creation time is the commit's.
+IMAGE_EPOCH     ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+RELEASE_DIR     := $(CURDIR)/target/release
+CONTAINERD_ADDRESS ?= /run/containerd/containerd.sock
+CTR             ?= ctr
+
+SERVER_IMAGE    := $(IMAGES_OUT)/ferrite-server.oci.tar
+OPERATOR_IMAGE  := $(IMAGES_OUT)/ferrite-operator.oci.tar
+ORT_IN_IMAGE    := /usr/lib/ferrite/libonnxruntime.so
+
+IMAGE_LABELS = \
+	--label org.opencontainers.image.version=$(IMAGE_VERSION) \
+	--label org.opencontainers.image.revision=$(IMAGE_REVISION) \
+	--label org.opencontainers.image.licenses=Apache-2.0 \
+	$(if $(IMAGE_SOURCE),--label org.opencontainers.image.source=$(IMAGE_SOURCE))
+
+.PHONY: images images-release images-load images-check
+
+images: $(SERVER_IMAGE) $(OPERATOR_IMAGE) ## OCI images of ferrite-server and ferrite-operator (.cache/images), no Docker needed
+
+# Cargo decides what is stale; the archives are rewritten each time (a few
+# seconds) and are byte-identical when nothing changed.
+images-release:
+	cargo build --release -p ferrite-server -p ferrite-operator
+
+$(SERVER_IMAGE): images-release ort $(IMAGES_DIR)/build-oci.py FORCE
+	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py \
+	  --ref $(IMAGE_REGISTRY)/ferrite-server:$(IMAGE_VERSION) -o $@ \
+	  --elf $(ORT_LIB):$(ORT_IN_IMAGE) \
+	  --elf $(RELEASE_DIR)/ferrite-server:/usr/bin/ferrite-server \
+	  --entrypoint /usr/bin/ferrite-server \
+	  --env ORT_DYLIB_PATH=$(ORT_IN_IMAGE) \
+	  --expose 8000 --expose 8001 --expose 8002 \
+	  --label org.opencontainers.image.title=ferrite-server \
+	  --label "org.opencontainers.image.description=ferrite model server: Open Inference Protocol over gRPC and HTTP on ONNX Runtime" \
+	  $(IMAGE_LABELS)
+
+$(OPERATOR_IMAGE): images-release $(IMAGES_DIR)/build-oci.py FORCE
+	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py \
+	  --ref $(IMAGE_REGISTRY)/ferrite-operator:$(IMAGE_VERSION) -o $@ \
+	  --elf $(RELEASE_DIR)/ferrite-operator:/usr/bin/ferrite-operator \
+	  --entrypoint /usr/bin/ferrite-operator \
+	  --label org.opencontainers.image.title=ferrite-operator \
+	  --label "org.opencontainers.image.description=ferrite operator: reconciles ModelDeployments into model-server pods and scales them on queue depth" \
+	  $(IMAGE_LABELS)
+
+images-load: images ## import the images into the containerd at CONTAINERD_ADDRESS (namespace k8s.io)
+	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(SERVER_IMAGE)
+	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(OPERATOR_IMAGE)
+
+# Builds everything a second time under .cache/images/repro and compares digests.
+images-check: images ## validate the image archives (layout, config, libraries, no shell, reproducible)
+	$(MAKE) --no-print-directory $(IMAGES_OUT)/repro/ferrite-server.oci.tar $(IMAGES_OUT)/repro/ferrite-operator.oci.tar IMAGES_OUT=$(IMAGES_OUT)/repro
+	python3 $(IMAGES_DIR)/check.py $(SERVER_IMAGE) $(OPERATOR_IMAGE) \
+	  --ldd ferrite-server.oci.tar:/usr/bin/ferrite-server=$(RELEASE_DIR)/ferrite-server \
+	  --ldd ferrite-server.oci.tar:$(ORT_IN_IMAGE)=$(ORT_LIB) \
+	  --ldd ferrite-operator.oci.tar:/usr/bin/ferrite-operator=$(RELEASE_DIR)/ferrite-operator \
+	  --same-as $(SERVER_IMAGE)=$(IMAGES_OUT)/repro/ferrite-server.oci.tar \
+	  --same-as $(OPERATOR_IMAGE)=$(IMAGES_OUT)/repro/ferrite-operator.oci.tar
+
+.PHONY: FORCE
+FORCE:
