@@ -276,8 +276,7 @@ until ctr_ version >/dev/null 2>&1; do
   sleep 0.2
 done
 for img in pause hello; do
-  ctr_ images import --no-unpack=false "$IMG_DIR/$img.oci.tar" >/dev/null 2>&1 \
-    || ctr_ images import "$IMG_DIR/$img.oci.tar" >/dev/null
+  ctr_ images import "$IMG_DIR/$img.oci.tar" >/dev/null
 done
 ctr_ images ls -q | grep -qx "$PAUSE_IMAGE" || die "pause image not imported"
 
