@@ -8,6 +8,9 @@
 #                      (namespace k8s.io, where the kubelet looks)
 #   make images-check  validate the archives (layout, digests, config, libraries,
 #                      no shell, reproducible)
+#   make images-smoke  run them with containerd + runc: server infers on its demo
+#                      model as uid 65532 on a read-only root, operator crdgen
+#                      (a private containerd unless IMAGES_SMOKE_ADDRESS is set)
 #
 # Images are named docker.io/library/ferrite-{server,operator}:<version>, which
 # is what `ferrite-server:<version>` in a pod spec (the chart's default) resolves to.
@@ -34,7 +37,7 @@ IMAGE_LABELS = \
 	--label org.opencontainers.image.licenses=Apache-2.0 \
 	$(if $(IMAGE_SOURCE),--label org.opencontainers.image.source=$(IMAGE_SOURCE))
 
-.PHONY: images images-release images-load images-check
+.PHONY: images images-release images-load images-check images-smoke
 
 images: $(SERVER_IMAGE) $(OPERATOR_IMAGE) ## OCI images of ferrite-server and ferrite-operator (.cache/images), no Docker needed
 
@@ -70,13 +73,17 @@ images-load: images ## import the images into the containerd at CONTAINERD_ADDRE
 
 # Builds everything a second time under .cache/images/repro and compares digests.
 images-check: images ## validate the image archives (layout, config, libraries, no shell, reproducible)
-	$(MAKE) --no-print-directory $(IMAGES_OUT)/repro/ferrite-server.oci.tar $(IMAGES_OUT)/repro/ferrite-operator.oci.tar IMAGES_OUT=$(IMAGES_OUT)/repro
+	$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) $(IMAGES_OUT)/repro/ferrite-server.oci.tar $(IMAGES_OUT)/repro/ferrite-operator.oci.tar IMAGES_OUT=$(IMAGES_OUT)/repro
 	python3 $(IMAGES_DIR)/check.py $(SERVER_IMAGE) $(OPERATOR_IMAGE) \
 	  --ldd ferrite-server.oci.tar:/usr/bin/ferrite-server=$(RELEASE_DIR)/ferrite-server \
 	  --ldd ferrite-server.oci.tar:$(ORT_IN_IMAGE)=$(ORT_LIB) \
 	  --ldd ferrite-operator.oci.tar:/usr/bin/ferrite-operator=$(RELEASE_DIR)/ferrite-operator \
 	  --same-as $(SERVER_IMAGE)=$(IMAGES_OUT)/repro/ferrite-server.oci.tar \
 	  --same-as $(OPERATOR_IMAGE)=$(IMAGES_OUT)/repro/ferrite-operator.oci.tar
+
+IMAGES_SMOKE_ADDRESS ?=
+images-smoke: images ## run the images with containerd + runc (server inference as uid 65532, operator crdgen)
+	CONTAINERD_ADDRESS=$(IMAGES_SMOKE_ADDRESS) bash $(IMAGES_DIR)/smoke.sh $(IMAGES_OUT)
 
 .PHONY: FORCE
 FORCE:
