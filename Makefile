@@ -20,10 +20,10 @@ help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 venv: $(VENV)/.installed ## Python virtualenv for tests and tools
-$(VENV)/.installed: requirements-dev.txt
+$(VENV)/.installed: requirements-dev.txt requirements-lock.txt
 	@echo "==> creating $(VENV) (pinned in requirements-dev.txt)"
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --progress-bar on -r requirements-dev.txt
+	$(VENV)/bin/pip install --progress-bar on -r requirements-dev.txt -c requirements-lock.txt
 	touch $@
 
 ort: $(ORT_LIB) ## ONNX Runtime shared library, taken from the pinned onnxruntime wheel
