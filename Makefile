@@ -13,6 +13,8 @@ export ORT_DYLIB_PATH := $(ORT_LIB)
 
 # The control plane (etcd, kube-apiserver, ...) built from pinned Go modules.
 include e2e/e2e.mk
+# OCI images of ferrite-server and ferrite-operator, written without Docker.
+include images/images.mk
 
 .PHONY: help venv ort build release test test-rust test-python demo fuzz bench-resnet50 manifests clean
 

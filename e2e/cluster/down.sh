@@ -26,26 +26,39 @@ if [[ ! -d "$STATE" ]]; then
 fi
 
 pid_of() { cat "$STATE/$1.pid" 2>/dev/null || true; }
-stop() { # NAME [SECONDS]
-  local pid; pid="$(pid_of "$1")"
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-  # the pid must still be our process (not a reused pid)
-  grep -qa -- "$STATE\|$K8S_BIN\|containerd" "/proc/$pid/cmdline" 2>/dev/null || return 0
-  stop_pid "$pid" "${2:-10}"
+# stop NAME... : TERM them all at once, wait up to STOP_WAIT (10) seconds, KILL the rest.
+stop() {
+  local n pid pids=()
+  for n in "$@"; do
+    pid="$(pid_of "$n")"
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || continue
+    # still our process, not a reused pid
+    { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$STATE/" || continue
+    kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  ((${#pids[@]})) || return 0
+  local deadline=$((SECONDS + ${STOP_WAIT:-10}))
+  while ((SECONDS < deadline)); do
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && break; pid=; done
+    [[ -z "$pid" ]] && return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  sleep 0.2
 }
 # pids of processes whose command line mentions PATTERN (a fixed string)
 pids_mentioning() {
   local p
   for p in /proc/[0-9]*; do
     [[ "${p#/proc/}" != "$$" ]] || continue
-    tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$1" && echo "${p#/proc/}"
+    { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$1" && echo "${p#/proc/}"
   done
   return 0
 }
 
 # 1. nothing may start new pods: kubelet, scheduler, controller manager.
 step "stopping kubelet, kube-scheduler, kube-controller-manager"
-for n in kubelet kube-scheduler kube-controller-manager; do stop "$n"; done
+stop kubelet kube-scheduler kube-controller-manager
 
 # 2. containers, while containerd still runs.
 if ctr_ version >/dev/null 2>&1; then
@@ -59,7 +72,7 @@ if ctr_ version >/dev/null 2>&1; then
   for c in $(ctr_ containers ls -q 2>/dev/null || true); do ctr_ containers delete "$c" >/dev/null 2>&1 || true; done
 fi
 step "stopping containerd and its shims"
-stop containerd 15
+STOP_WAIT=15 stop containerd
 for pid in $(pids_mentioning "$CONTAINERD_SOCK"); do stop_pid "$pid" 5; done
 # Anything still in the kubelet's cgroups is a pod's process whose shim died.
 if [[ ! -s "$STATE/before/cgroups" ]]; then
@@ -71,9 +84,10 @@ fi
 
 # 3. the rest of the control plane.
 step "stopping kube-proxy, kube-apiserver, etcd"
-for n in kube-proxy kube-apiserver etcd; do stop "$n"; done
+stop kube-proxy kube-apiserver
+stop etcd
 for pid in $(pids_mentioning "$STATE/"); do
-  log "still running, killing: $(tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | cut -c1-120)"
+  log "still running, killing: $({ tr '\0' ' ' </proc/"$pid"/cmdline; } 2>/dev/null | cut -c1-120)"
   stop_pid "$pid" 3
 done
 
@@ -138,7 +152,7 @@ left=0
 procs="$(pids_mentioning "$STATE/"; pids_mentioning "$CONTAINERD_SOCK")"
 if [[ -n "$procs" ]]; then
   left=1; echo "LEFT: processes:" >&2
-  for p in $procs; do echo "  $p $(tr '\0' ' ' </proc/"$p"/cmdline 2>/dev/null | cut -c1-150)" >&2; done
+  for p in $procs; do echo "  $p $({ tr '\0' ' ' </proc/"$p"/cmdline; } 2>/dev/null | cut -c1-150)" >&2; done
 fi
 if grep -qF " $STATE" /proc/self/mounts; then left=1; echo "LEFT: mounts:" >&2; grep -F " $STATE" /proc/self/mounts >&2; fi
 if ip link show "$BRIDGE" >/dev/null 2>&1; then left=1; echo "LEFT: interface $BRIDGE" >&2; fi

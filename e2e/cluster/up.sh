@@ -265,7 +265,7 @@ EOF
 # setsid: the daemons outlive this script and ignore the terminal's signals.
 daemon() { # NAME CMD...
   local name="$1"; shift
-  setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+  setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null 8>&- &
   echo $! >"$STATE/$name.pid"
 }
 daemon containerd containerd --config "$STATE/config/containerd.toml"
