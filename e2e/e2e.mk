@@ -23,3 +23,21 @@ control-plane-up: control-plane ## start etcd + kube-apiserver + kube-controller
 
 control-plane-down: ## stop what control-plane-up started and remove its state
 	$(E2E_DIR)/start-apiserver.sh stop
+
+# The local single-node cluster (e2e/cluster/): containerd + runc + CNI bridge
+# from Debian, the components below from pinned Go modules. Needs root.
+CLUSTER_BINS ?= etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl
+
+.PHONY: cluster-bins cluster-up cluster-down cluster-check
+
+cluster-bins: ## build the binaries the local cluster runs (cached)
+	$(E2E_DIR)/build-control-plane.sh $(CLUSTER_BINS)
+
+cluster-up: cluster-bins ## start the local single-node cluster; prints the kubeconfig path (.cache/k8s/cluster/kubeconfig)
+	$(E2E_DIR)/cluster/up.sh
+
+cluster-down: ## stop the local cluster and undo all it did (processes, mounts, bridge, iptables, sysctls)
+	$(E2E_DIR)/cluster/down.sh
+
+cluster-check: ## smoke check of the running local cluster: pods, Service routing, in-cluster API, isolation
+	$(E2E_DIR)/cluster/check.sh

@@ -6,14 +6,21 @@
 log() { echo "==> $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
 
-# A TCP port nothing listens on now, not yet handed out (recorded in
-# $STATE/ports as KEY=PORT lines). A race with another program is possible
-# but rare.
+# alive PID: the process exists and is not a zombie (an init that reaps late
+# leaves exited daemons as zombies for a while; `kill -0` succeeds on those).
+alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null && [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]]; }
+
+# A TCP port no socket uses now, not yet handed out (recorded in
+# $STATE/ports as KEY=PORT lines), below the kernel's ephemeral range so that
+# no outgoing connection (say, the apiserver's to etcd) takes it before the
+# server that gets it binds. A race with another program is possible but rare.
 free_port() {
-  local p
+  local p lo=20000 hi eph
+  eph="$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+  hi=$((eph - 1)); ((hi - lo >= 2000)) || hi=50000
   for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 30000))
-    if ! ss -Htln "sport = :$p" | grep -q .; then
+    p=$((lo + RANDOM % (hi - lo)))
+    if ! ss -Htan "sport = :$p" | grep -q .; then
       grep -qs "=$p\$" "$STATE/ports" || { echo "$p"; return; }
     fi
   done
@@ -27,7 +34,7 @@ wait_http() {
   local pid; pid="$(cat "$STATE/$name.pid")"
   local deadline=$((SECONDS + ${READY_TIMEOUT:-60}))
   until curl -fsS -o /dev/null --max-time 2 "$@" "$url" 2>/dev/null; do
-    kill -0 "$pid" 2>/dev/null || { tail -n 30 "$STATE/$name.log" >&2; die "$name exited; log: $STATE/$name.log"; }
+    alive "$pid" || { tail -n 30 "$STATE/$name.log" >&2; die "$name exited; log: $STATE/$name.log"; }
     ((SECONDS < deadline)) || { tail -n 30 "$STATE/$name.log" >&2; die "$name not ready after ${READY_TIMEOUT:-60}s"; }
     sleep 0.2
   done
@@ -44,11 +51,11 @@ spawn() {
 # stop_pid PID [SECONDS]: TERM, wait up to SECONDS (default 10), then KILL.
 stop_pid() {
   local pid="$1" t="${2:-10}"
-  kill -0 "$pid" 2>/dev/null || return 0
+  alive "$pid" || return 0
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq $((t * 5))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  for _ in $(seq $((t * 5))); do alive "$pid" || return 0; sleep 0.2; done
   kill -KILL "$pid" 2>/dev/null || true
-  for _ in $(seq 25); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  for _ in $(seq 25); do alive "$pid" || return 0; sleep 0.2; done
 }
 
 # Certificates with openssl 3.x: an EC P-256 CA and leaves it signs.
@@ -81,28 +88,4 @@ cert_server_ext() { # SAN-LIST (e.g. IP:127.0.0.1,DNS:localhost)
   printf '%s\n' "basicConstraints=critical,CA:FALSE" \
     "keyUsage=critical,digitalSignature,keyEncipherment" \
     "extendedKeyUsage=serverAuth" "subjectAltName=$1"
-}
-
-# write_kubeconfig FILE SERVER CA CERT KEY: a kubeconfig with one cluster,
-# one user (client certificate) and one context, all named ferrite-e2e
-# (the user: ferrite-admin).
-write_kubeconfig_cert() {
-  cat >"$1" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: ferrite-e2e
-  cluster:
-    server: $2
-    certificate-authority: $3
-users:
-- name: ferrite-admin
-  user:
-    client-certificate: $4
-    client-key: $5
-contexts:
-- name: ferrite-e2e
-  context: {cluster: ferrite-e2e, user: ferrite-admin}
-current-context: ferrite-e2e
-EOF
 }

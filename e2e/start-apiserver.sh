@@ -34,56 +34,20 @@ K8S_BIN="${K8S_BIN:-$("$E2E_DIR/build-control-plane.sh" --print-bin-dir)}"
 CURRENT="$ROOT/.cache/k8s/current"
 READY_TIMEOUT="${READY_TIMEOUT:-60}"
 
-log() { echo "==> $*" >&2; }
-die() { echo "error: $*" >&2; exit 1; }
-
-# A port nothing listens on now. (The harness should do the same: bind
-# 127.0.0.1:0, read the port, close, pass it on; a race is possible but rare.)
-free_port() {
-  local p
-  for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 30000))
-    if ! ss -Htln "sport = :$p" | grep -q .; then
-      # also not already handed out by this script
-      grep -qs "=$p\$" "$STATE/ports" || { echo "$p"; return; }
-    fi
-  done
-  die "no free port found"
-}
+# log, die, alive, free_port, wait_http, spawn, stop_pid, cert_ca, cert_leaf
+source "$E2E_DIR/lib.sh"
 
 gen_certs() {
   local d="$1"
-  command -v openssl >/dev/null || die "openssl not found"
-  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  cert_ca "$d" 7
+  cert_leaf "$d" 7 apiserver "/CN=kube-apiserver" \
+    "$(cert_server_ext "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")"
+  cert_leaf "$d" 7 admin "/O=system:masters/CN=ferrite-admin" "$CERT_CLIENT"
+  # the aggregation layer's proxy client (--requestheader-*, --proxy-client-*);
+  # without it the controller manager's delegated authn logs errors endlessly
+  cert_leaf "$d" 7 front-proxy-client "/CN=front-proxy-client" "$CERT_CLIENT"
   (
     cd "$d"
-    openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.crt -days 7 \
-      -subj "/CN=ferrite-e2e-ca" \
-      -addext "basicConstraints=critical,CA:TRUE" \
-      -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
-    # leaf NAME SUBJECT EXTENSIONS
-    leaf() {
-      openssl req "${ec[@]}" -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-      printf '%s\n' "$3" > "$1.ext"
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
-        -days 7 -sha256 -extfile "$1.ext" -out "$1.crt" 2>/dev/null
-      rm -f "$1.csr" "$1.ext"
-    }
-    leaf apiserver "/CN=kube-apiserver" \
-"basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-    leaf admin "/O=system:masters/CN=ferrite-admin" \
-"basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth"
-    # the aggregation layer's proxy client (--requestheader-*, --proxy-client-*);
-    # without it the controller manager's delegated authn logs errors endlessly
-    leaf front-proxy-client "/CN=front-proxy-client" \
-"basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=clientAuth"
     openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out sa.key 2>/dev/null
     openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
     openssl rand -hex 24 > token
@@ -238,11 +202,7 @@ cmd_stop() {
   for name in kube-controller-manager kube-apiserver etcd; do
     [[ -f "$dir/$name.pid" ]] || continue
     pid="$(cat "$dir/$name.pid")"
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    fi
+    stop_pid "$pid" 10
   done
   rm -rf "$dir"
   [[ "$(cat "$CURRENT" 2>/dev/null || true)" != "$dir" ]] || rm -f "$CURRENT"

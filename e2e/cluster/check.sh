@@ -24,6 +24,8 @@ cleanup() { ((KEEP)) || k delete namespace "$NS" --wait=false >/dev/null 2>&1 ||
 trap cleanup EXIT
 
 step "1. Deployment hello (2 replicas) + Service"
+# a namespace left by an earlier run (--keep, or still terminating): gone first
+k delete namespace "$NS" --ignore-not-found --wait=true --timeout=90s >/dev/null
 k create namespace "$NS" >/dev/null
 k -n "$NS" apply -f - >/dev/null <<EOF
 apiVersion: apps/v1
@@ -63,10 +65,13 @@ step "   pods ${ips[*]} on $BRIDGE ($veths veths)"
 step "2. ClusterIP from the host"
 svc="$(k -n "$NS" get svc hello -o jsonpath='{.spec.clusterIP}')"
 declare -A seen=()
-for _ in $(seq 40); do
-  r="$(curl -fsS --max-time 2 "http://$svc/" || true)"
+# kube-proxy adds each endpoint within about a second of its pod turning
+# Ready: keep asking for up to 20 s, not a fixed number of times.
+deadline=$((SECONDS + 20))
+while ((${#seen[@]} < 2 && SECONDS < deadline)); do
+  r="$(curl -fs --max-time 2 "http://$svc/" || true)"
   [[ -n "$r" ]] && seen["$(awk '{print $3}' <<<"$r")"]=1
-  ((${#seen[@]} == 2)) && break
+  sleep 0.1
 done
 ((${#seen[@]} == 2)) || fail "ClusterIP $svc reached ${#seen[@]} pod(s): ${!seen[*]}"
 step "   http://$svc/ reached both pods: ${!seen[*]}"
@@ -97,7 +102,7 @@ EOF
     ((SECONDS < deadline)) || { echo "pod $name still $phase" >&2; return 1; }
     sleep 0.5
   done
-  k -n "$NS" logs "$name" 2>&1 | sed 's/^/     | /' >&2
+  k -n "$NS" logs "$name" 2>&1 | cut -c1-100 | sed 's/^/     | /' >&2
   [[ "$phase" == Succeeded ]]
 }
 
@@ -115,7 +120,7 @@ out="$(k -n "$NS" exec "$pod" -- /hello -get http://127.0.0.1:8080/healthz)" && 
 step "   ok"
 
 step "5. no way out: a pod's request to 198.51.100.1 is dropped on this machine"
-drops() { iptables -w -t filter -L FERRITE-FORWARD -v -x -n | awk '/pods stay on this machine/ { print $1 }'; }
+drops() { iptables -w -t filter -L FERRITE-FORWARD -v -x -n 2>/dev/null | awk '/pods stay on this machine/ { print $1 }'; }
 d0="$(drops)"
 if run_pod to-outside -timeout 2s -get http://198.51.100.1/ 2>/dev/null; then fail "a pod reached 198.51.100.1"; fi
 d1="$(drops)"

@@ -31,7 +31,7 @@ stop() {
   local n pid pids=()
   for n in "$@"; do
     pid="$(pid_of "$n")"
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || continue
+    alive "$pid" || continue
     # still our process, not a reused pid
     { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$STATE/" || continue
     kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
@@ -39,7 +39,7 @@ stop() {
   ((${#pids[@]})) || return 0
   local deadline=$((SECONDS + ${STOP_WAIT:-10}))
   while ((SECONDS < deadline)); do
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && break; pid=; done
+    for pid in "${pids[@]}"; do alive "$pid" && break; pid=; done
     [[ -z "$pid" ]] && return 0
     sleep 0.1
   done
@@ -84,7 +84,8 @@ fi
 
 # 3. the rest of the control plane.
 step "stopping kube-proxy, kube-apiserver, etcd"
-stop kube-proxy kube-apiserver
+# the apiserver drains for a while on TERM; a throwaway cluster need not wait
+STOP_WAIT=3 stop kube-proxy kube-apiserver
 stop etcd
 for pid in $(pids_mentioning "$STATE/"); do
   log "still running, killing: $({ tr '\0' ' ' </proc/"$pid"/cmdline; } 2>/dev/null | cut -c1-120)"
@@ -133,8 +134,14 @@ if [[ -d /var/log/containers ]]; then
   find /var/log/containers -maxdepth 1 -type l -lname "$STATE/*" -delete 2>/dev/null || true
   grep -qx /var/log/containers "$STATE/before/paths" 2>/dev/null || rmdir /var/log/containers 2>/dev/null || true
 fi
-rm -f /var/lib/cni/results/"$CNI_NETWORK"-* 2>/dev/null || true
-for p in /var/lib/cni/results /var/lib/cni; do
+# libcni's cache (containerd 1.6 has no setting for its dir): our network's
+# files and the loopback ones that appeared while the cluster ran.
+for f in /var/lib/cni/results/"$CNI_NETWORK"-* /var/lib/cni/results/cni-loopback-*; do
+  [[ -e "$f" ]] || continue
+  grep -qxF "$f" "$STATE/before/cni-results" 2>/dev/null || rm -f "$f"
+done
+# containerd 1.6 puts shim sockets in /run/containerd/s whatever its state dir
+for p in /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd; do
   grep -qx "$p" "$STATE/before/paths" 2>/dev/null || rmdir "$p" 2>/dev/null || true
 done
 

@@ -1,0 +1,13 @@
+# `make bench`: ferrite-server against raw ONNX Runtime in process and Triton,
+# on the tiny MLP, ResNet-50 and a BYTES model at concurrency 1, 8 and 64, in
+# one interleaved run; writes bench/results.json, docs/benchmarks.md and
+# docs/bench-*.png. Included by the top-level Makefile (uses its venv, ort
+# and release targets). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
+# BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
+.PHONY: bench bench-report
+
+bench: venv ort release ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
+	$(PY) bench/bench.py
+
+bench-report: venv ## regenerate docs/benchmarks.md and its plots from bench/results.json
+	$(PY) bench/report.py bench/results.json

@@ -1,0 +1,526 @@
+#!/usr/bin/env python3
+"""`make bench`: ferrite-server against raw ONNX Runtime in process and
+against Triton, on the same machine, in one run, interleaved.
+
+Models: a tiny MLP (scripts/make_test_models.py), ResNet-50
+(light_resnet50.onnx from the onnx wheel, batch dimension made dynamic) and a
+BYTES-input model (the `strings` test model). Concurrency 1, 8 and 64, closed
+loop, gRPC ModelInfer with raw contents, all driven by ferrite-loadgen.
+Configurations, run back to back for each (model, concurrency), their order
+reversed from one concurrency to the next so that drift on the machine
+affects them alike:
+
+  raw            ONNX Runtime in process (ferrite-server's runtime module), one
+                 session called back to back, batch 1
+  raw-batched    the same session, one call of `concurrency` rows at a time
+  ferrite        ferrite-server, dynamic batching (max batch 64, no added delay)
+  ferrite-nobatch  ferrite-server, max_batch_size 1
+  triton         tritonserver 2.51 (nvidia-pytriton wheel), Python backend
+                 running onnxruntime, dynamic batcher (max batch 64, no delay)
+
+Every session has the same threads: one session, N intra-op threads (N = the
+CPUs this process may use), one inter-op thread.
+
+Writes bench/results.json and regenerates docs/benchmarks.md and its plots
+(bench/report.py). Knobs (environment): BENCH_SECONDS (10), BENCH_WARMUP (2),
+BENCH_RESNET_SECONDS (8), BENCH_MODELS (mlp,strings,resnet50),
+BENCH_CONCURRENCY (1,8,64), BENCH_CONFIGS (all), BENCH_RESULTS
+(bench/results.json), BENCH_REPORT (1: regenerate the report).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+PY = ROOT / ".venv" / "bin" / "python"
+LOADGEN = ROOT / "target" / "release" / "ferrite-loadgen"
+SERVER = ROOT / "target" / "release" / "ferrite-server"
+ORT_LIB = Path(os.environ.get("ORT_DYLIB_PATH", ROOT / ".cache" / "onnxruntime" / "libonnxruntime.so"))
+
+PYTRITON_VERSION = "0.7.0"  # ships tritonserver 2.51 with the Python backend
+TRITON_REQUIREMENTS = ROOT / "bench" / "triton" / "requirements.txt"
+
+MAX_BATCH = 64
+MODELS = ["mlp", "strings", "resnet50"]
+CONCURRENCY = [1, 8, 64]
+CONFIGS = ["raw", "raw-batched", "ferrite", "ferrite-nobatch", "triton"]
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def log(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def env_list(name: str, default: list, cast=str) -> list:
+    value = os.environ.get(name)
+    return [cast(v) for v in value.split(",") if v] if value else default
+
+
+def cpus() -> int:
+    """The CPUs this process may use: affinity, bounded by a cgroup quota (as
+    ferrite-server computes them)."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        try:
+            quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if quota > 0:
+                n = min(n, max(1, math.ceil(quota / period)))
+        except (OSError, ValueError):
+            pass
+    return n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ models
+def build_models() -> dict[str, Path]:
+    """The three ONNX files, made once into .cache/bench/models."""
+    import onnx
+
+    import make_dynamic_batch
+    import make_test_models
+
+    out = CACHE / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.onnx" for name in MODELS}
+    if not paths["mlp"].exists():
+        onnx.save(make_test_models.make_mlp(), str(paths["mlp"]))
+    if not paths["strings"].exists():
+        onnx.save(make_test_models.make_strings(), str(paths["strings"]))
+    if not paths["resnet50"].exists():
+        light = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
+        model = make_dynamic_batch.make_dynamic(onnx.load(str(light)))
+        onnx.save(model, str(paths["resnet50"]))
+    return paths
+
+
+def signature(path: Path) -> tuple[list, list]:
+    """(name, ONNX type string, shape) of the inputs and outputs that ONNX
+    Runtime sees (initializers listed as graph inputs excluded)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shape = lambda v: [d if isinstance(d, int) else -1 for d in v.shape]  # noqa: E731
+    return ([(i.name, i.type, shape(i)) for i in s.get_inputs()], [(o.name, o.type, shape(o)) for o in s.get_outputs()])
+
+
+# ------------------------------------------------------------------ Triton
+def setup_triton() -> dict:
+    """tritonserver from the nvidia-pytriton wheel (downloaded once, unpacked,
+    run in place), the Python backend with the stub for this Python, and a
+    virtualenv with numpy < 2 and onnxruntime for the model."""
+    wheels = CACHE / "wheels"
+    wheel = next(iter(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl")), None)
+    if wheel is None:
+        log(f"downloading nvidia-pytriton {PYTRITON_VERSION} (55 MB, once)")
+        subprocess.run(
+            [str(PY), "-m", "pip", "download", "--no-deps", "--progress-bar", "off", "-d", str(wheels),
+             f"nvidia-pytriton=={PYTRITON_VERSION}"],
+            check=True,
+        )
+        wheel = next(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl"))
+    unpacked = CACHE / f"pytriton-{PYTRITON_VERSION}"
+    if not (unpacked / ".unpacked").exists():
+        log(f"unpacking {wheel.name}")
+        shutil.rmtree(unpacked, ignore_errors=True)
+        import zipfile
+
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(unpacked)
+        (unpacked / ".unpacked").touch()
+    home = unpacked / "pytriton" / "tritonserver"
+    binary = home / "bin" / "tritonserver"
+    binary.chmod(0o755)
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.exists():
+        raise SystemExit(f"the nvidia-pytriton wheel has no Python backend stub for Python {pyver}")
+    backends = CACHE / "triton-backends"
+    python_backend = backends / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for f in [home / "backends" / "python" / "libtriton_python.so", stub]:
+        shutil.copy2(f, python_backend / f.name)
+    (python_backend / "triton_python_backend_stub").chmod(0o755)
+
+    venv = CACHE / "triton-venv"
+    stamp = hashlib.sha256(TRITON_REQUIREMENTS.read_bytes()).hexdigest()
+    marker = venv / ".installed"
+    if not marker.exists() or marker.read_text() != stamp:
+        log(f"building {venv.relative_to(ROOT)} ({TRITON_REQUIREMENTS.relative_to(ROOT)}: numpy<2, onnxruntime)")
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable if sys.version_info[:2] == (3, 11) else "python3", "-m", "venv", str(venv)],
+                       check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--progress-bar", "off", "-q",
+                        "-r", str(TRITON_REQUIREMENTS)], check=True)
+        marker.write_text(stamp)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    # The stub embeds the system's libpython in isolated mode (PYTHONPATH is
+    # ignored) and imports triton_python_backend_utils, which imports numpy,
+    # before any model.py: the copy in our backend directory puts the
+    # virtualenv first on sys.path.
+    utils = (home / "backends" / "python" / "triton_python_backend_utils.py").read_text()
+    (python_backend / "triton_python_backend_utils.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(site)!r})  # added by ferrite's bench/bench.py\n" + utils)
+    return {"binary": binary, "libs": unpacked / "nvidia_pytriton.libs", "backends": backends, "site": site}
+
+
+TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(string)": "TYPE_STRING", "tensor(bool)": "TYPE_BOOL",
+                "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(double)": "TYPE_FP64"}
+
+
+def triton_repository(repo: Path, models: dict[str, Path], threads: int, site: Path) -> None:
+    for name, path in models.items():
+        inputs, outputs = signature(path)
+
+        def tensors(values):
+            out = []
+            for tname, ttype, shape in values:
+                dims = shape[1:] or [1]  # Triton's batch dimension is implicit
+                out.append(f'  {{ name: "{tname}" data_type: {TRITON_TYPES[ttype]} dims: {dims} }}')
+            return ",\n".join(out)
+
+        d = repo / name
+        (d / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "bench" / "triton" / "model.py", d / "1" / "model.py")
+        params = {"onnx_path": str(path), "intra_op_threads": str(threads), "venv_site_packages": str(site)}
+        (d / "config.pbtxt").write_text(
+            f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH}\n'
+            f"input [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n"
+            "dynamic_batching { }\n"
+            'instance_group [ { count: 1 kind: KIND_CPU } ]\n'
+            + "".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+        )
+
+
+def ferrite_repository(repo: Path, models: dict[str, Path], threads: int) -> None:
+    for name, path in models.items():
+        for suffix, config in [
+            ("", {"max_batch_size": MAX_BATCH, "max_queue_delay_microseconds": 0}),
+            ("_nobatch", {"max_batch_size": 1}),
+        ]:
+            d = repo / (name + suffix)
+            (d / "1").mkdir(parents=True, exist_ok=True)
+            target = d / "1" / "model.onnx"
+            if not target.exists():
+                target.symlink_to(path)
+            config |= {"max_queue_size": 4096, "instance_count": 1, "intra_op_threads": threads}
+            (d / "ferrite.json").write_text(json.dumps(config) + "\n")
+
+
+# ------------------------------------------------------------------ servers
+class Server:
+    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")
+        self.process = subprocess.Popen(argv, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, http_port: int, models: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        urls = [f"http://127.0.0.1:{http_port}/v2/health/ready"] + [
+            f"http://127.0.0.1:{http_port}/v2/models/{m}/ready" for m in models]
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited ({self.process.returncode}); its log:\n"
+                                 + self.log_path.read_text()[-4000:])
+            try:
+                for url in urls:
+                    urllib.request.urlopen(url, timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise SystemExit(f"{self.name} not ready after {timeout:.0f} s; its log:\n" + self.log_path.read_text()[-4000:])
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its child processes (Triton's
+        Python backend stubs)."""
+        total, todo = 0, [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                todo += [int(c) for c in children]
+            except (OSError, StopIteration):
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log_file.close()
+
+
+# ------------------------------------------------------------------ cells
+def cell_times(model: str, concurrency: int) -> tuple[float, float]:
+    """(warm-up, measured) seconds. ResNet-50's requests take ~0.1 s each on
+    a small CPU, so its warm-up grows with the queue a closed loop of
+    `concurrency` builds up (one full round of it before measuring)."""
+    warmup = float(os.environ.get("BENCH_WARMUP", "2"))
+    if model == "resnet50":
+        return warmup + 0.15 * concurrency, float(os.environ.get("BENCH_RESNET_SECONDS", "8"))
+    return warmup, float(os.environ.get("BENCH_SECONDS", "10"))
+
+
+def plan(models: list[str], concurrency: list[int], configs: list[str]) -> list[tuple[str, int, str]]:
+    cells = []
+    for model in models:
+        for i, c in enumerate(concurrency):
+            order = [x for x in configs if not (x == "raw-batched" and c == 1)]
+            cells += [(model, c, x) for x in (order if i % 2 == 0 else order[::-1])]
+    return cells
+
+
+def estimate(cells) -> float:
+    total = 40.0  # server start-up
+    for model, c, _ in cells:
+        warmup, seconds = cell_times(model, c)
+        drain = 0.12 * c if model == "resnet50" else 0.2
+        total += warmup + seconds + drain + 0.5
+    return total
+
+
+def run_cell(model: str, c: int, config: str, paths: dict, ports: dict, threads: int) -> dict:
+    warmup, seconds = cell_times(model, c)
+    argv = [str(LOADGEN), "--concurrency", str(c), "--warmup", str(warmup), "--duration", str(seconds),
+            "--label", config]
+    if config in ("raw", "raw-batched"):
+        argv += ["--onnx", str(paths[model]), "--model", model, "--threads", str(threads)]
+        if config == "raw-batched":
+            argv.append("--batched")
+    elif config == "triton":
+        argv += ["--url", f"http://127.0.0.1:{ports['triton']}", "--model", model]
+    else:
+        served = model if config == "ferrite" else f"{model}_nobatch"
+        argv += ["--url", f"http://127.0.0.1:{ports['ferrite']}", "--model", served]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + seconds + 300,
+                          env=os.environ | {"ORT_DYLIB_PATH": str(ORT_LIB)})
+    if done.returncode != 0:
+        raise SystemExit(f"ferrite-loadgen failed on {model} c={c} {config}:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(model=model, config=config, concurrency=c, warmup=warmup)
+    return result
+
+
+def verify(paths: dict, ports: dict) -> None:
+    """One request per model to each server (tritonclient, as users call
+    them), checked against onnxruntime in this process: every configuration
+    measures the same computation."""
+    import numpy as np
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+
+    rng = np.random.default_rng(0)
+    for model, path in paths.items():
+        inputs, outputs = signature(path)
+        feeds = {}
+        for name, ttype, shape in inputs:
+            shape = [1 if d < 0 else d for d in shape]
+            if ttype == "tensor(string)":
+                feeds[name] = np.array([f"text {i}" for i in range(int(np.prod(shape)))], dtype=np.object_).reshape(shape)
+            else:
+                feeds[name] = rng.random(shape, dtype=np.float32)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        expected = dict(zip([o[0] for o in outputs], session.run(None, feeds)))
+        for server, port in ports.items():
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+            served = model
+            wire = {}
+            for name, ttype, _ in inputs:
+                value = feeds[name]
+                if server == "triton" and value.ndim == 1:
+                    value = value.reshape(-1, 1)  # Triton's batch dimension plus dims [1]
+                if ttype == "tensor(string)":
+                    value = np.array([v.encode() for v in value.ravel()], dtype=np.object_).reshape(value.shape)
+                x = grpcclient.InferInput(name, list(value.shape), "BYTES" if ttype == "tensor(string)" else "FP32")
+                x.set_data_from_numpy(value)
+                wire[name] = x
+            answer = client.infer(served, list(wire.values()))
+            for name, want in expected.items():
+                got = answer.as_numpy(name)
+                if got is None or got.size != want.size:
+                    raise SystemExit(f"{server} answered {model} with {name} = {got!r}, expected {want!r}")
+                got = got.reshape(want.shape)
+                if want.dtype == np.object_:
+                    got = np.array([g.decode() if isinstance(g, bytes) else g for g in got.ravel()]).reshape(want.shape)
+                    ok = (got == want.astype(str)).all()
+                else:
+                    ok = np.allclose(got, want, rtol=1e-4, atol=1e-5)
+                if not ok:
+                    raise SystemExit(f"{server} answered {model} with {name} = {got!r}, expected {want!r}")
+            client.close()
+    log(f"checked: {', '.join(ports)} answer {', '.join(paths)} as onnxruntime does")
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": cpus(),
+        "avx512": "avx512f" in flags,
+        "memory_gib": round(mem / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "accelerator": "none (CPU execution provider)",
+    }
+
+
+def ort_version() -> str:
+    for line in (ROOT / "requirements-dev.txt").read_text().splitlines():
+        if line.startswith("onnxruntime=="):
+            return line.split("==", 1)[1]
+    return "?"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def main() -> int:
+    models = env_list("BENCH_MODELS", MODELS)
+    concurrency = env_list("BENCH_CONCURRENCY", CONCURRENCY, int)
+    configs = env_list("BENCH_CONFIGS", CONFIGS)
+    results_path = Path(os.environ.get("BENCH_RESULTS", ROOT / "bench" / "results.json"))
+    for f in (LOADGEN, SERVER, ORT_LIB):
+        if not f.exists():
+            raise SystemExit(f"{f} is missing: run `make venv ort release` first")
+    cells = plan(models, concurrency, configs)
+    log(f"{len(cells)} cells ({', '.join(models)} x concurrency {concurrency} x {', '.join(configs)}); "
+        f"estimated {estimate(cells) / 60:.1f} min after set-up")
+    threads = cpus()
+    started_at = dt.datetime.now(dt.timezone.utc)
+    load_before = os.getloadavg()
+
+    paths = {m: p for m, p in build_models().items() if m in models}
+    run_dir = CACHE / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    servers: dict[str, Server] = {}
+    ports: dict[str, int] = {}
+    versions = {}
+    try:
+        if any(c.startswith("ferrite") for c in configs):
+            ferrite_repository(run_dir / "ferrite-repo", paths, threads)
+            grpc, http = free_port(), free_port()
+            log(f"starting ferrite-server (gRPC 127.0.0.1:{grpc})")
+            servers["ferrite"] = Server(
+                "ferrite-server",
+                [str(SERVER), "serve", "--host", "127.0.0.1", "--model-repository", str(run_dir / "ferrite-repo"),
+                 "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(free_port())],
+                os.environ | {"ORT_DYLIB_PATH": str(ORT_LIB), "RUST_LOG": "warn"},
+                run_dir / "ferrite-server.log",
+            )
+            servers["ferrite"].wait_ready(http, list(paths), timeout=120)
+            ports["ferrite"] = grpc
+            versions["ferrite"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http}/v2")).get("version")
+        if "triton" in configs:
+            triton = setup_triton()
+            triton_repository(run_dir / "triton-repo", paths, threads, triton["site"])
+            grpc, http = free_port(), free_port()
+            log(f"starting tritonserver (gRPC 127.0.0.1:{grpc}; loading models takes a while)")
+            env = os.environ | {"LD_LIBRARY_PATH": str(triton["libs"])}
+            servers["triton"] = Server(
+                "tritonserver",
+                [str(triton["binary"]), "--model-repository", str(run_dir / "triton-repo"),
+                 "--backend-directory", str(triton["backends"]),
+                 "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc),
+                 "--http-address", "127.0.0.1", "--http-port", str(http),
+                 "--metrics-address", "127.0.0.1", "--metrics-port", str(free_port()),
+                 "--allow-gpu-metrics", "false", "--log-verbose", "0"],
+                env,
+                run_dir / "tritonserver.log",
+            )
+            servers["triton"].wait_ready(http, list(paths), timeout=300)
+            ports["triton"] = grpc
+            versions["triton"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http}/v2")).get("version")
+
+        verify(paths, ports)
+        results = []
+        memory = {name: [] for name in servers}
+        t0 = time.monotonic()
+        for n, (model, c, config) in enumerate(cells, 1):
+            result = run_cell(model, c, config, paths, ports, threads)
+            results.append(result)
+            elapsed = time.monotonic() - t0
+            left = estimate(cells[n:]) - 40
+            ms = lambda us: f"{us / 1000:.2f} ms"  # noqa: E731
+            failed = f", {result['failed']} FAILED ({result['first_error']})" if result["failed"] else ""
+            print(f"[{n:2}/{len(cells)} {elapsed / 60:4.1f} min, ~{left / 60:.1f} min left] {model:8} c={c:<2} "
+                  f"{config:15} {result['throughput_rps']:10.1f} req/s  p50 {ms(result['p50_us'])}  "
+                  f"p99 {ms(result['p99_us'])}{failed}", flush=True)
+            for name, server in servers.items():
+                memory[name].append({"after_cell": n, "rss_bytes": server.rss_bytes()})
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    out = {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "wall_seconds": round((dt.datetime.now(dt.timezone.utc) - started_at).total_seconds(), 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine(),
+        "revision": git_revision(),
+        "versions": versions | {"onnxruntime": ort_version(), "pytriton": PYTRITON_VERSION},
+        "threads": threads,
+        "max_batch_size": MAX_BATCH,
+        "models": models,
+        "concurrency": concurrency,
+        "configs": configs,
+        "results": results,
+        "memory": memory,
+    }
+    results_path.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"results in {results_path.relative_to(ROOT) if results_path.is_relative_to(ROOT) else results_path}")
+    if os.environ.get("BENCH_REPORT", "1") == "1":
+        subprocess.run([str(PY), str(ROOT / "bench" / "report.py"), str(results_path)], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
