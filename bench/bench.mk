@@ -4,10 +4,13 @@
 # docs/bench-*.png. Included by the top-level Makefile (uses its venv, ort
 # and release targets). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
-.PHONY: bench bench-report
+.PHONY: bench bench-report bench-soak
 
 bench: venv ort release ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
 	$(PY) bench/bench.py
 
 bench-report: venv ## regenerate docs/benchmarks.md and its plots from bench/results.json
 	$(PY) bench/report.py bench/results.json
+
+bench-soak: venv ort release ## ferrite-server's memory over a 10-minute soak at concurrency 64 (bench/soak.json)
+	$(PY) bench/bench.py soak

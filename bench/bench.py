@@ -12,8 +12,9 @@ affects them alike:
 
   raw            ONNX Runtime in process (ferrite-server's runtime module), one
                  session called back to back, batch 1
-  raw-batched    the same session, one call of `concurrency` rows at a time
-  ferrite        ferrite-server, dynamic batching (max batch 64, no added delay)
+  raw-batched    the same session, each call min(concurrency, max batch) rows
+  ferrite        ferrite-server, dynamic batching (max batch 64, 8 for
+                 ResNet-50; no added delay)
   ferrite-nobatch  ferrite-server, max_batch_size 1
   triton         tritonserver 2.51 (nvidia-pytriton wheel), Python backend
                  running onnxruntime, dynamic batcher (max batch 64, no delay)
@@ -55,7 +56,10 @@ ORT_LIB = Path(os.environ.get("ORT_DYLIB_PATH", ROOT / ".cache" / "onnxruntime" 
 PYTRITON_VERSION = "0.7.0"  # ships tritonserver 2.51 with the Python backend
 TRITON_REQUIREMENTS = ROOT / "bench" / "triton" / "requirements.txt"
 
-MAX_BATCH = 64
+# Largest batch of the batching servers (and of raw ORT batched). ResNet-50
+# is compute bound on a CPU (a batch of 8 costs about 8 images), and a batch
+# of 64 would take longer than a measured window.
+MAX_BATCH = {"mlp": 64, "strings": 64, "resnet50": 8}
 MODELS = ["mlp", "strings", "resnet50"]
 CONCURRENCY = [1, 8, 64]
 CONFIGS = ["raw", "raw-batched", "ferrite", "ferrite-nobatch", "triton"]
@@ -210,7 +214,7 @@ def triton_repository(repo: Path, models: dict[str, Path], threads: int, site: P
         shutil.copy2(ROOT / "bench" / "triton" / "model.py", d / "1" / "model.py")
         params = {"onnx_path": str(path), "intra_op_threads": str(threads), "venv_site_packages": str(site)}
         (d / "config.pbtxt").write_text(
-            f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH}\n'
+            f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH[name]}\n'
             f"input [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n"
             "dynamic_batching { }\n"
             'instance_group [ { count: 1 kind: KIND_CPU } ]\n'
@@ -221,7 +225,7 @@ def triton_repository(repo: Path, models: dict[str, Path], threads: int, site: P
 def ferrite_repository(repo: Path, models: dict[str, Path], threads: int) -> None:
     for name, path in models.items():
         for suffix, config in [
-            ("", {"max_batch_size": MAX_BATCH, "max_queue_delay_microseconds": 0}),
+            ("", {"max_batch_size": MAX_BATCH[name], "max_queue_delay_microseconds": 0}),
             ("_nobatch", {"max_batch_size": 1}),
         ]:
             d = repo / (name + suffix)
@@ -320,7 +324,7 @@ def run_cell(model: str, c: int, config: str, paths: dict, ports: dict, threads:
     if config in ("raw", "raw-batched"):
         argv += ["--onnx", str(paths[model]), "--model", model, "--threads", str(threads)]
         if config == "raw-batched":
-            argv.append("--batched")
+            argv += ["--batch-rows", str(min(c, MAX_BATCH[model]))]
     elif config == "triton":
         argv += ["--url", f"http://127.0.0.1:{ports['triton']}", "--model", model]
     else:
@@ -421,7 +425,61 @@ def git_revision() -> str:
         return "?"
 
 
+def soak() -> int:
+    """`make bench-soak`: ferrite-server with batching on the tiny MLP at
+    concurrency 64 for BENCH_SOAK_SECONDS (600), its resident memory sampled
+    every 10 s; writes bench/soak.json (read by bench/report.py)."""
+    seconds = float(os.environ.get("BENCH_SOAK_SECONDS", "600"))
+    warmup = 30.0
+    threads = cpus()
+    paths = {"mlp": build_models()["mlp"]}
+    run_dir = CACHE / "soak"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    ferrite_repository(run_dir / "ferrite-repo", paths, threads)
+    grpc, http = free_port(), free_port()
+    log(f"soak: ferrite-server, mlp with batching, concurrency 64, {warmup:.0f} s warm-up + {seconds:.0f} s")
+    server = Server(
+        "ferrite-server",
+        [str(SERVER), "serve", "--host", "127.0.0.1", "--model-repository", str(run_dir / "ferrite-repo"),
+         "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(free_port())],
+        os.environ | {"ORT_DYLIB_PATH": str(ORT_LIB), "RUST_LOG": "warn"},
+        run_dir / "ferrite-server.log",
+    )
+    samples = []
+    try:
+        server.wait_ready(http, ["mlp"], timeout=120)
+        load = subprocess.Popen(
+            [str(LOADGEN), "--url", f"http://127.0.0.1:{grpc}", "--model", "mlp", "--concurrency", "64",
+             "--warmup", str(warmup), "--duration", str(seconds), "--label", "soak"],
+            stdout=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        while load.poll() is None:
+            t = time.monotonic() - t0
+            samples.append({"seconds": round(t, 1), "rss_bytes": server.rss_bytes()})
+            if len(samples) % 6 == 1:
+                print(f"[soak {t / 60:4.1f} / {(warmup + seconds) / 60:.1f} min] ferrite-server RSS "
+                      f"{samples[-1]['rss_bytes'] / 2**20:.1f} MiB", flush=True)
+            time.sleep(10)
+        result = json.loads(load.stdout.read().strip().splitlines()[-1])
+    finally:
+        server.stop()
+    measured = [x["rss_bytes"] for x in samples if x["seconds"] >= warmup]
+    out = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": "mlp",
+           "concurrency": 64, "warmup_seconds": warmup, "seconds": seconds, "loadgen": result, "samples": samples,
+           "load_average_after": [round(x, 2) for x in os.getloadavg()],
+           "rss_after_warmup_bytes": measured[0], "rss_max_bytes": max(measured), "rss_last_bytes": measured[-1]}
+    (ROOT / "bench" / "soak.json").write_text(json.dumps(out, indent=1) + "\n")
+    log(f"soak: RSS {measured[0] / 2**20:.1f} MiB after warm-up, max {max(measured) / 2**20:.1f} MiB, "
+        f"last {measured[-1] / 2**20:.1f} MiB ({result['throughput_rps']:.0f} req/s); wrote bench/soak.json")
+    if os.environ.get("BENCH_REPORT", "1") == "1" and (ROOT / "bench" / "results.json").exists():
+        subprocess.run([str(PY), str(ROOT / "bench" / "report.py"), str(ROOT / "bench" / "results.json")], check=True)
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["soak"]:
+        return soak()
     models = env_list("BENCH_MODELS", MODELS)
     concurrency = env_list("BENCH_CONCURRENCY", CONCURRENCY, int)
     configs = env_list("BENCH_CONFIGS", CONFIGS)
@@ -508,7 +566,7 @@ def main() -> int:
         "revision": git_revision(),
         "versions": versions | {"onnxruntime": ort_version(), "pytriton": PYTRITON_VERSION},
         "threads": threads,
-        "max_batch_size": MAX_BATCH,
+        "max_batch_size": {m: MAX_BATCH[m] for m in models},
         "models": models,
         "concurrency": concurrency,
         "configs": configs,

@@ -16,7 +16,7 @@ DOCS = ROOT / "docs"
 
 CONFIG_NAMES = {
     "raw": "raw ORT, batch 1",
-    "raw-batched": "raw ORT, batch = concurrency",
+    "raw-batched": "raw ORT, batched",
     "ferrite": "ferrite, batching",
     "ferrite-nobatch": "ferrite, no batching",
     "triton": "Triton, dynamic batcher",
@@ -146,6 +146,7 @@ def main() -> int:
       f"{v.get('ferrite', '?')} (release build); Triton {v.get('triton', '?')} (`nvidia-pytriton` "
       f"{v.get('pytriton')} wheel, Python backend); load generator `ferrite-loadgen` (release build)\n")
 
+    max_batch = ", ".join(f"{b} for {'ResNet-50' if x == 'resnet50' else x}" for x, b in data["max_batch_size"].items())
     w("## Method\n")
     w(f"""- **Load**: `ferrite-loadgen` (`bench/src/main.rs`), a closed loop at concurrency 1, 8 and 64: each of
   N workers sends its next request when the previous one answers. gRPC `ModelInfer` with raw contents
@@ -165,13 +166,13 @@ def main() -> int:
     module (`ferrite_server::runtime::run`: input copy into ONNX Runtime, run, output copy out), back to back on one
     thread. At concurrency N the N clients take turns, each request's latency counting from its client's previous
     answer: the ideal single-instance server, with no protocol, no queue and no thread handoff.
-  - *raw ORT, batch = concurrency*: the same, one call of N rows answering all N clients at once: the ideal
-    batching server.
-  - *ferrite, batching*: ferrite-server, dynamic batching up to {data['max_batch_size']} rows with no added queue
-    delay (`max_queue_delay_microseconds: 0`: it joins what is already waiting).
+  - *raw ORT, batched*: the same, each call running min(N, max batch) rows and answering as many of the clients
+    that have waited longest: the ideal batching server.
+  - *ferrite, batching*: ferrite-server, dynamic batching up to a max batch of {max_batch} rows, with no added
+    queue delay (`max_queue_delay_microseconds: 0`: it joins what is already waiting).
   - *ferrite, no batching*: the same server and model with `max_batch_size: 1`.
   - *Triton, dynamic batcher*: `tritonserver` with the Python backend (`bench/triton/model.py`: onnxruntime in a
-    virtualenv with numpy < 2), `max_batch_size: {data['max_batch_size']}`, `dynamic_batching {{ }}` (no added delay),
+    virtualenv with numpy < 2), `max_batch_size` as ferrite's, `dynamic_batching {{ }}` (no added delay),
     one instance; the model joins the requests of a batch, runs once and splits the outputs.
 - Everything listens on 127.0.0.1 on free ports. `bench/results.json` holds every figure of this page.
 """)
@@ -219,7 +220,7 @@ def main() -> int:
     r8 = [(x, cell("resnet50", 8, x)) for x in configs]
     r8 = [(x, r) for x, r in r8 if r]
     if r8:
-        w("In this run (`make bench`, 8 s windows, max batch 64), at concurrency 8: "
+        w("In this run (`make bench`, max batch 8), at concurrency 8: "
           + "; ".join(f"{CONFIG_NAMES[x]} {rps(r['throughput_rps'])} req/s (p50 {ms(r['p50_us'])})" for x, r in r8)
           + ".\n")
 
@@ -228,6 +229,7 @@ def main() -> int:
 make bench                                # everything above; ~15 min on 2 cores, plus one-time set-up
 BENCH_SECONDS=2 BENCH_RESNET_SECONDS=2 make bench          # a quick look (noisy)
 BENCH_MODELS=mlp BENCH_CONFIGS=ferrite,triton make bench  # a subset
+make bench-soak                           # ferrite's memory over 10 minutes at concurrency 64 (bench/soak.json)
 python bench/report.py bench/results.json                 # the page again from saved results
 ```
 
@@ -299,16 +301,29 @@ def targets(data: dict, cell, thr) -> str:
     lines.append(text)
 
     # 3. Memory flat over a 10-minute soak at concurrency 64.
+    soak_path = ROOT / "bench" / "soak.json"
+    soak = json.loads(soak_path.read_text()) if soak_path.exists() else None
+    if soak:
+        first, peak, last = soak["rss_after_warmup_bytes"], soak["rss_max_bytes"], soak["rss_last_bytes"]
+        ok = peak <= first * 1.10
+        text = (f"4. *Server memory flat (within 10%) over a 10-minute soak at concurrency 64*: {verdict(ok)}. "
+                f"`make bench-soak` ({soak['started_at'][:16].replace('T', ' ')} UTC): ferrite-server with batching "
+                f"on the tiny MLP, concurrency 64, {soak['seconds'] / 60:.0f} minutes after {soak['warmup_seconds']:.0f} s "
+                f"of warm-up, {soak['loadgen']['requests']:,} requests ({soak['loadgen']['throughput_rps']:,.0f} req/s, "
+                f"{soak['loadgen']['failed']} failed): resident memory {first / 2**20:.1f} MiB after warm-up, at most "
+                f"{peak / 2**20:.1f} MiB (+{(peak / first - 1) * 100:.1f}%), {last / 2**20:.1f} MiB at the end. "
+                "The samples (every 10 s) are in `bench/soak.json`.")
+    else:
+        text = ("4. *Server memory flat (within 10%) over a 10-minute soak at concurrency 64*: **not measured**: "
+                "run `make bench-soak`.")
     mem = data.get("memory", {}).get("ferrite", [])
-    text = ("4. *Server memory flat (within 10%) over a 10-minute soak at concurrency 64*: **not measured by "
-            "`make bench`**, which holds no single load for 10 minutes.")
     if len(mem) >= 2:
         first, last = mem[0]["rss_bytes"], mem[-1]["rss_bytes"]
         peak = max(x["rss_bytes"] for x in mem)
-        text += (f" Over this whole run ({data['wall_seconds'] / 60:.0f} minutes, all models and concurrencies) "
+        text += (f" Over the `make bench` run ({data['wall_seconds'] / 60:.0f} minutes, all models and concurrencies) "
                  f"ferrite-server's resident memory went from {first / 2**20:.0f} MiB after the first cell to "
-                 f"{last / 2**20:.0f} MiB after the last (peak {peak / 2**20:.0f} MiB); it grows as models see their "
-                 "first large batches (ONNX Runtime's arena), so this is not the soak's flatness test.")
+                 f"{last / 2**20:.0f} MiB after the last (peak {peak / 2**20:.0f} MiB), growing as models see their "
+                 "first large batches (ONNX Runtime's memory arena).")
     tri = data.get("memory", {}).get("triton", [])
     if tri:
         text += f" Triton with its Python backend stubs: {tri[-1]['rss_bytes'] / 2**20:.0f} MiB at the end."

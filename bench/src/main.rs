@@ -46,11 +46,11 @@ struct Args {
     /// may use, as ferrite-server's default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// With --onnx: one worker runs batches of --concurrency rows, each row
-    /// counted as one request whose latency is the batch's (the limit of a
-    /// perfectly batching server at that concurrency).
-    #[arg(long, requires = "onnx")]
-    batched: bool,
+    /// With --onnx: each call runs this many rows and answers as many of the
+    /// `--concurrency` clients (the ideal batching server with this maximum
+    /// batch size); at most --concurrency. 1: no batching.
+    #[arg(long, default_value_t = 1, requires = "onnx")]
+    batch_rows: usize,
     /// Concurrent requests (closed loop).
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -133,10 +133,10 @@ struct Input {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mode = match (&args.onnx, args.batched) {
-        (Some(_), true) => "onnx-batched",
-        (Some(_), false) => "onnx",
-        (None, _) => "grpc",
+    let mode = match &args.onnx {
+        Some(_) if args.batch_rows > 1 => "onnx-batched",
+        Some(_) => "onnx",
+        None => "grpc",
     };
     let tally = if let Some(path) = &args.onnx {
         run_in_process(&args, path)?
@@ -227,7 +227,9 @@ fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tal
     let options = SessionOptions { execution_provider: ExecutionProvider::Cpu, intra_op_threads: threads };
     let session = ort.session(&ModelBytes::File(path.to_path_buf()), options)?;
     let signature = runtime::signature(&session)?;
-    let rows = if args.batched { args.concurrency.max(1) as i64 } else { args.dynamic_dim };
+    let clients = args.concurrency.max(1);
+    let batch = args.batch_rows.clamp(1, clients);
+    let rows = if batch > 1 { batch as i64 } else { args.dynamic_dim };
     let metadata: Vec<(String, String, Vec<i64>)> =
         signature.inputs.iter().map(|s| (s.name.clone(), s.datatype.as_str().to_string(), s.shape.clone())).collect();
     let inputs = make_inputs(&metadata, rows)
@@ -241,19 +243,18 @@ fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tal
     let mut session = session;
     let tally = Tally::new(args)?;
     // One thread runs the session back to back, as one instance of a server
-    // would with no handoff cost. Unbatched, the `--concurrency` clients of a
-    // closed loop take turns: each call answers the client that has waited
-    // longest, whose latency runs from its previous answer. Batched, each
-    // call answers all of them at once.
-    let clients = args.concurrency.max(1);
-    let per_call = if args.batched { clients as u64 } else { 1 };
-    let mut issued = vec![Instant::now(); if args.batched { 1 } else { clients }];
+    // would with no handoff cost. The `--concurrency` clients of a closed
+    // loop take turns: each call answers the `batch` clients that have waited
+    // longest, each one's latency running from its previous answer.
+    let mut issued = vec![Instant::now(); clients];
     let mut turn = 0usize;
     while tally.running() {
-        let result = runtime::run(&mut session, &inputs, &outputs);
-        tally.record(issued[turn], per_call, result.map(|_| ()).map_err(|e| e.to_string()));
-        issued[turn] = Instant::now();
-        turn = (turn + 1) % issued.len();
+        let result = runtime::run(&mut session, &inputs, &outputs).map(|_| ()).map_err(|e| e.to_string());
+        for _ in 0..batch {
+            tally.record(issued[turn], 1, result.clone());
+            issued[turn] = Instant::now();
+            turn = (turn + 1) % clients;
+        }
     }
     Ok(Arc::new(tally))
 }

@@ -7,7 +7,7 @@
 //! memory that step needs ([`Recommendations`]). Every `scrapeIntervalSeconds`
 //! the leader calls, for each autoscaled ModelDeployment:
 //!
-//! ```ignore
+//! ```text
 //! let endpoints = pod_metrics_endpoints(&pods, METRICS_PORT);
 //! if let Some(outcome) = scale_step(client, &md, &mut state, endpoints, &http, Instant::now()).await? {
 //!     metrics.observe(&outcome);

@@ -1,0 +1,356 @@
+"""Helpers of the end-to-end tests: kubectl/helm, waiting, a model file server
+on the cluster bridge, a load generator that counts failed requests, and
+the test models.
+
+Everything talks to the local cluster of e2e/cluster (or the one in
+$KUBECONFIG): kubectl and helm are the pinned binaries in .cache/k8s/<v>/bin.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_test_models as models  # noqa: E402
+
+NODE_IP = "10.88.0.1"  # the bridge address of the local cluster (e2e/cluster/env.sh)
+
+
+def k8s_bin() -> Path:
+    out = subprocess.run(
+        ["bash", str(ROOT / "e2e/build-control-plane.sh"), "--print-bin-dir"],
+        capture_output=True, text=True, check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+BIN = k8s_bin()
+KUBECTL = str(BIN / "kubectl")
+HELM = str(BIN / "helm")
+
+
+def log(message: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def kubectl(*args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> str:
+    result = subprocess.run([KUBECTL, *args], capture_output=True, text=True, input=input, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
+def kubectl_json(*args: str, check: bool = True):
+    out = kubectl(*args, "-o", "json", check=check)
+    return json.loads(out) if out.strip() else None
+
+
+def helm(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def apply(namespace: str, manifest: dict) -> None:
+    kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(manifest))
+
+
+def eventually(what: str, timeout: float, check, interval: float = 0.5):
+    """Calls `check` until it returns something truthy; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except AssertionError as e:  # kubectl hiccups count as "not yet"
+            last_error = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}" +
+                                 (f" (last error: {last_error})" if last_error else ""))
+        time.sleep(interval)
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def model_deployment(name: str, uri: str, **spec) -> dict:
+    return {
+        "apiVersion": "ferrite.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": {"uri": uri}, **spec},
+    }
+
+
+def get_mdep(namespace: str, name: str) -> dict:
+    return kubectl_json("-n", namespace, "get", "mdep", name)
+
+
+def wait_ready(namespace: str, name: str, timeout: float = 180) -> float:
+    """Waits for the Ready condition; returns the seconds it took."""
+    started = time.monotonic()
+
+    def ready():
+        md = get_mdep(namespace, name)
+        c = condition(md, "Ready")
+        return c is not None and c["status"] == "True"
+
+    try:
+        eventually(f"ModelDeployment {namespace}/{name} is Ready", timeout, ready)
+    except AssertionError:
+        dump(namespace)
+        raise
+    return time.monotonic() - started
+
+
+def service_ip(namespace: str, name: str) -> str:
+    return kubectl("-n", namespace, "get", "svc", name, "-o", "jsonpath={.spec.clusterIP}").strip()
+
+
+def deployment(namespace: str, name: str) -> dict:
+    return kubectl_json("-n", namespace, "get", "deployment", name)
+
+
+def spec_replicas(namespace: str, name: str) -> int:
+    return int(deployment(namespace, name)["spec"].get("replicas", 1))
+
+
+def ready_replicas(namespace: str, name: str) -> int:
+    return int((deployment(namespace, name).get("status") or {}).get("readyReplicas") or 0)
+
+
+def pods(namespace: str, name: str) -> list[dict]:
+    return kubectl_json("-n", namespace, "get", "pods", "-l", f"ferrite.dev/model-deployment={name}")["items"]
+
+
+def dump(namespace: str) -> None:
+    """What a failing test shows: the objects, events and the operator's recent logs."""
+    for args in (["get", "mdep,deploy,rs,pods,svc,pdb", "-o", "wide"], ["get", "mdep", "-o", "yaml"],
+                 ["get", "events", "--sort-by=.lastTimestamp"]):
+        print(f"--- kubectl -n {namespace} {' '.join(args)}", flush=True)
+        print(kubectl("-n", namespace, *args, check=False), flush=True)
+
+
+class Watch:
+    """`kubectl get -w -o json` of one object in the background: every
+    version of it the API server reported, with the time it arrived."""
+
+    def __init__(self, namespace: str, kind: str, name: str):
+        self.seen: list[tuple[float, dict]] = []
+        self.proc = subprocess.Popen(
+            [KUBECTL, "-n", namespace, "get", kind, name, "-w", "-o", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        decoder = json.JSONDecoder()
+        buffer = ""
+        for line in self.proc.stdout:
+            buffer += line
+            while buffer.strip():
+                try:
+                    obj, end = decoder.raw_decode(buffer.lstrip())
+                except json.JSONDecodeError:
+                    break
+                self.seen.append((time.monotonic(), obj))
+                buffer = buffer.lstrip()[end:]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------ model server
+class ModelFileServer:
+    """Serves a directory over HTTP on the cluster bridge (pods reach the host
+    there; a pod's 127.0.0.1 is its own)."""
+
+    def __init__(self, directory: Path, host: str = NODE_IP):
+        directory = str(directory)
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=directory, **kwargs)
+
+            def log_message(self, fmt, *args):
+                owner.requests.append(fmt % args)
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.host, self.port = self.httpd.server_address[:2]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}/{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def mlp_v2_weights() -> dict[str, np.ndarray]:
+    return models.mlp_weights(seed=4321)
+
+
+def make_mlp_with(weights: dict[str, np.ndarray]):
+    """The `mlp` test model's graph with other weights (a 'new version')."""
+    from onnx import numpy_helper
+
+    model = models.make_mlp()
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    return model
+
+
+def mlp_reference(x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    h = np.maximum(x.astype(np.float32) @ weights["w1"] + weights["b1"], 0.0)
+    return (h @ weights["w2"] + weights["b2"]).astype(np.float32)
+
+
+def write_models(directory: Path) -> None:
+    import onnx
+
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(models.make_mlp(), directory / "mlp.onnx")
+    onnx.save(make_mlp_with(mlp_v2_weights()), directory / "mlp-v2.onnx")
+    onnx.save(models.make_slow(models.SLOW_LAYERS), directory / "slow.onnx")
+    # Not an ONNX model at all: the server must refuse to load it.
+    (directory / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+# ------------------------------------------------------------ load
+@dataclass
+class LoadStats:
+    ok: int = 0
+    failed: int = 0
+    # Connections refused before anything was sent (kube-proxy still routed
+    # to a pod that stopped listening); retried, so not failed requests.
+    connect_retries: int = 0
+    errors: list[str] = field(default_factory=list)
+    answers: dict[str, int] = field(default_factory=dict)
+
+
+class Load:
+    """`threads` clients sending KServe v2 JSON requests to host:8000 back to
+    back, one TCP connection per request (so kube-proxy spreads them over the
+    ready pods). Every answer is checked with `classify(outputs) -> label or
+    None` (None: a wrong answer, counted as failed)."""
+
+    def __init__(self, host: str, model: str, inputs: list[dict], classify, threads: int, pause: float = 0.0):
+        self.host, self.model, self.classify, self.pause = host, model, classify, pause
+        self.body = json.dumps({"inputs": inputs}).encode()
+        self.stats = LoadStats()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.started = time.monotonic()
+        for t in self.threads:
+            t.start()
+
+    def _one(self) -> tuple[str, str]:
+        for attempt in range(5):
+            conn = http.client.HTTPConnection(self.host, 8000, timeout=60)
+            try:
+                conn.connect()
+            except (ConnectionRefusedError, socket.timeout) as e:
+                conn.close()
+                with self.lock:
+                    self.stats.connect_retries += 1
+                time.sleep(0.1 * (attempt + 1))
+                last = e
+                continue
+            try:
+                conn.request("POST", f"/v2/models/{self.model}/infer", body=self.body,
+                             headers={"Content-Type": "application/json", "Connection": "close"})
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    return "failed", f"HTTP {response.status}: {data[:200]!r}"
+                label = self.classify(json.loads(data)["outputs"])
+                return ("ok", label) if label else ("failed", f"wrong answer: {data[:200]!r}")
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                return "failed", f"{type(e).__name__}: {e}"
+            finally:
+                conn.close()
+        return "failed", f"connection refused 5 times: {last}"
+
+    def _run(self):
+        while not self.stopping.is_set():
+            outcome, detail = self._one()
+            with self.lock:
+                if outcome == "ok":
+                    self.stats.ok += 1
+                    self.stats.answers[detail] = self.stats.answers.get(detail, 0) + 1
+                else:
+                    self.stats.failed += 1
+                    if len(self.stats.errors) < 20:
+                        self.stats.errors.append(f"{time.monotonic() - self.started:.1f}s {detail}")
+            if self.pause:
+                time.sleep(self.pause)
+
+    def stop(self) -> LoadStats:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=90)
+        return self.stats
+
+
+SLOW_INPUT = [float(i % 7) / 7 for i in range(models.SLOW_WIDTH)]
+
+
+def slow_load(host: str, threads: int) -> Load:
+    expected = np.array(SLOW_INPUT, np.float32)
+
+    def classify(outputs):
+        got = np.array(outputs[0]["data"], np.float32)
+        return "slow" if np.allclose(got, expected, atol=1e-6) else None
+
+    return Load(host, "slow", [{"name": "INPUT0", "shape": [1, models.SLOW_WIDTH], "datatype": "FP32",
+                                "data": SLOW_INPUT}], classify, threads)
+
+
+MLP_INPUT = np.random.default_rng(11).standard_normal((1, models.MLP_IN)).astype(np.float32)
+
+
+def mlp_load(host: str, threads: int, pause: float = 0.0) -> Load:
+    """Answers are labelled v1 or v2 by which weights produced them."""
+    refs = {"v1": mlp_reference(MLP_INPUT, models.mlp_weights()), "v2": mlp_reference(MLP_INPUT, mlp_v2_weights())}
+
+    def classify(outputs):
+        got = np.array(outputs[0]["data"], np.float32).reshape(1, -1)
+        for label, ref in refs.items():
+            if np.allclose(got, ref, rtol=1e-4, atol=1e-4):
+                return label
+        return None
+
+    return Load(host, "mlp", [{"name": "INPUT0", "shape": [1, models.MLP_IN], "datatype": "FP32",
+                               "data": MLP_INPUT.ravel().tolist()}], classify, threads, pause)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

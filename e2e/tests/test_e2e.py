@@ -1,0 +1,336 @@
+"""End to end on the local single-node cluster (issue 4): Helm install, apply,
+infer, autoscale, survive faults, clean up. Run with `make e2e`.
+
+Each scenario works in its own namespace and removes it afterwards; the
+operator is installed once per session with Helm (conftest.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+import ferrite_e2e as e2e
+from conftest import record
+from ferrite_e2e import apply, eventually, kubectl, kubectl_json, log, model_deployment
+
+# Autoscaling settings of the scaling scenarios: short, so the test is too.
+SCRAPE_S = 2
+STABILIZATION_S = 20
+
+
+def slow_spec(**extra) -> dict:
+    """The slow model (one ~100-200 ms inference at a time per replica)."""
+    return {
+        "model": {"name": "slow"},
+        "runtime": {"intraOpThreads": 1, "instances": 1},
+        "batching": {"maxBatchSize": 1, "maxQueueSize": 64},
+        **extra,
+    }
+
+
+def slow_md(name: str, model_server, **spec) -> dict:
+    md = model_deployment(name, model_server.url("slow.onnx"), **slow_spec(**spec))
+    md["spec"]["model"]["uri"] = model_server.url("slow.onnx")
+    return md
+
+
+def lease_holder(operator) -> str:
+    return kubectl("-n", operator["namespace"], "get", "lease", "ferrite-operator-leader",
+                   "-o", "jsonpath={.spec.holderIdentity}", check=False).strip()
+
+
+def operator_pods(operator) -> list[dict]:
+    return kubectl_json("-n", operator["namespace"], "get", "pods",
+                        "-l", "app.kubernetes.io/name=ferrite")["items"]
+
+
+# ---------------------------------------------------------------- 1
+def test_1_helm_install_apply_ready_infer(operator, model_server, namespace):
+    # The chart's operator: two replicas, one leading.
+    pods = operator_pods(operator)
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    eventually("an operator holds the lease", 60, lambda: lease_holder(operator))
+    assert lease_holder(operator) in [p["metadata"]["name"] for p in pods]
+
+    t0 = time.monotonic()
+    apply(namespace, model_deployment("mlp", model_server.url("mlp.onnx"), replicas=1,
+                                      runtime={"intraOpThreads": 1}))
+    e2e.wait_ready(namespace, "mlp")
+    record("apply_to_ready_s", round(time.monotonic() - t0, 1))
+    assert any("mlp.onnx" in r for r in model_server.requests), "the model was not fetched over HTTP"
+
+    md = e2e.get_mdep(namespace, "mlp")
+    status = md["status"]
+    assert status["readyReplicas"] == 1 and status["observedGeneration"] == md["metadata"]["generation"]
+    assert status["endpoints"]["grpc"] == f"mlp.{namespace}.svc:8001"
+    ready = e2e.condition(md, "Ready")
+    assert ready["reason"] == "ModelServing", ready
+
+    ip = e2e.service_ip(namespace, "mlp")
+    x = np.random.default_rng(0).standard_normal((3, e2e.models.MLP_IN)).astype(np.float32)
+    expected = e2e.models.mlp_reference(x)
+    grpc = grpcclient.InferenceServerClient(f"{ip}:8001")
+    assert grpc.is_model_ready("mlp")
+    request = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+    request.set_data_from_numpy(x)
+    np.testing.assert_allclose(grpc.infer("mlp", [request]).as_numpy("OUTPUT0"), expected, rtol=1e-5, atol=1e-5)
+    http = httpclient.InferenceServerClient(f"{ip}:8000")
+    request = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+    request.set_data_from_numpy(x)
+    np.testing.assert_allclose(http.infer("mlp", [request]).as_numpy("OUTPUT0"), expected, rtol=1e-5, atol=1e-5)
+    log(f"inference through Service {ip} (gRPC and HTTP) matches the reference")
+
+
+# ---------------------------------------------------------------- 2
+def test_2_autoscale_up_on_load_and_down_after_window(operator, model_server, namespace):
+    apply(namespace, slow_md("slow", model_server, autoscaling={
+        "minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 4,
+        "scrapeIntervalSeconds": SCRAPE_S, "scaleDownStabilizationSeconds": STABILIZATION_S}))
+    e2e.wait_ready(namespace, "slow")
+    ip = e2e.service_ip(namespace, "slow")
+    time.sleep(2 * SCRAPE_S)
+    assert e2e.spec_replicas(namespace, "slow") == 1, "idle: minReplicas"
+
+    load = e2e.slow_load(ip, threads=12)
+    burst = time.monotonic()
+    try:
+        up = eventually("the autoscaler scales up", 60,
+                        lambda: e2e.spec_replicas(namespace, "slow") > 1 and time.monotonic(), interval=0.2)
+        record("burst_to_scale_up_s", round(up - burst, 1))
+        ready = eventually("a new replica is Ready", 120,
+                           lambda: e2e.ready_replicas(namespace, "slow") > 1 and time.monotonic(), interval=0.3)
+        record("burst_to_new_replica_ready_s", round(ready - burst, 1))
+        time.sleep(4)
+        peak = e2e.spec_replicas(namespace, "slow")
+    finally:
+        stats = load.stop()
+    stopped = time.monotonic()
+    record("autoscale_peak_replicas", peak)
+    md = e2e.get_mdep(namespace, "slow")
+    assert md["status"].get("lastScaleTime"), md["status"]
+    events = kubectl("-n", namespace, "get", "events", "--field-selector", "reason=ScaledUp", "-o", "name")
+    assert events.strip(), "no ScaledUp event"
+
+    down = eventually("the autoscaler scales back down to 1", STABILIZATION_S + 90,
+                      lambda: e2e.spec_replicas(namespace, "slow") == 1 and time.monotonic(), interval=0.5)
+    record("load_stop_to_scale_down_s", round(down - stopped, 1))
+    record("autoscale_failed_requests", stats.failed)
+    record("autoscale_requests_ok", stats.ok)
+    record("autoscale_connect_retries", stats.connect_retries)
+    assert up - burst <= 2 * SCRAPE_S + 1.0, f"scale-up took {up - burst:.1f} s, more than two scrape intervals"
+    # Not before the window (a scrape interval of slack for when the load
+    # really stopped being seen), and not long after it.
+    assert down - stopped >= STABILIZATION_S - SCRAPE_S, f"scaled down after {down - stopped:.1f} s"
+    assert stats.failed == 0, stats.errors
+
+
+# ---------------------------------------------------------------- 3
+def test_3_rollout_under_load_zero_failures(operator, model_server, namespace):
+    apply(namespace, model_deployment("mlp", model_server.url("mlp.onnx"), replicas=2,
+                                      runtime={"intraOpThreads": 1}))
+    e2e.wait_ready(namespace, "mlp")
+    ip = e2e.service_ip(namespace, "mlp")
+    load = e2e.mlp_load(ip, threads=4, pause=0.01)
+    try:
+        time.sleep(3)
+        generation = e2e.get_mdep(namespace, "mlp")["metadata"]["generation"]
+        t0 = time.monotonic()
+        kubectl("-n", namespace, "patch", "mdep", "mlp", "--type=merge",
+                "-p", '{"spec": {"model": {"uri": "%s"}}}' % model_server.url("mlp-v2.onnx"))
+
+        def rolled_out():
+            md = e2e.get_mdep(namespace, "mlp")
+            d = e2e.deployment(namespace, "mlp")
+            st = d.get("status") or {}
+            c = e2e.condition(md, "Progressing")
+            return (md["status"].get("observedGeneration", 0) > generation
+                    and st.get("updatedReplicas") == 2 and st.get("readyReplicas") == 2
+                    and st.get("replicas") == 2 and c and c["status"] == "False")
+
+        eventually("the new version is rolled out", 240, rolled_out)
+        record("rollout_s", round(time.monotonic() - t0, 1))
+        # Only the new version answers now.
+        before = dict(load.stats.answers)
+        time.sleep(3)
+        after = dict(load.stats.answers)
+    finally:
+        stats = load.stop()
+    record("rollout_failed_requests", stats.failed)
+    record("rollout_requests_ok", stats.ok)
+    record("rollout_connect_retries", stats.connect_retries)
+    record("rollout_answers", stats.answers)
+    assert after.get("v1", 0) == before.get("v1", 0), "the old version still answers after the rollout"
+    assert stats.answers.get("v2", 0) > 0 and stats.answers.get("v1", 0) > 0
+    assert stats.failed == 0, stats.errors
+
+
+# ---------------------------------------------------------------- 4
+def test_4a_kill_server_pod_under_load(operator, model_server, namespace):
+    apply(namespace, slow_md("slow", model_server, replicas=2))
+    e2e.wait_ready(namespace, "slow")
+    ip = e2e.service_ip(namespace, "slow")
+    victim = sorted(p["metadata"]["name"] for p in e2e.pods(namespace, "slow"))[0]
+    watch = e2e.Watch(namespace, "mdep", "slow")
+    load = e2e.slow_load(ip, threads=4)
+    try:
+        time.sleep(3)
+        t0 = time.monotonic()
+        kubectl("-n", namespace, "delete", "pod", victim, "--wait=false")
+
+        def replaced():
+            names = [p["metadata"]["name"] for p in e2e.pods(namespace, "slow")
+                     if not p["metadata"].get("deletionTimestamp")]
+            return victim not in names and e2e.ready_replicas(namespace, "slow") == 2
+
+        eventually("the replacement pod is Ready", 180, replaced)
+        record("server_pod_kill_to_replacement_ready_s", round(time.monotonic() - t0, 1))
+        eventually("the ModelDeployment reports 2/2 ready", 60,
+                   lambda: e2e.get_mdep(namespace, "slow")["status"].get("readyReplicas") == 2)
+        time.sleep(2)
+    finally:
+        stats = load.stop()
+        watch.stop()
+    record("server_pod_kill_failed_requests", stats.failed)
+    record("server_pod_kill_requests_ok", stats.ok)
+    record("server_pod_kill_connect_retries", stats.connect_retries)
+    # The status told what happened: fewer ready replicas (or a rollout of
+    # the replacement), then all ready again.
+    states = [((o.get("status") or {}).get("readyReplicas"),
+               (e2e.condition(o, "Progressing") or {}).get("reason"),
+               (e2e.condition(o, "Ready") or {}).get("message")) for _, o in watch.seen]
+    log(f"ModelDeployment status while the pod was replaced: {states}")
+    assert any(s[0] == 1 for s in states), f"status never showed the lost replica: {states}"
+    final = e2e.get_mdep(namespace, "slow")
+    assert e2e.condition(final, "Ready")["status"] == "True"
+    assert stats.failed == 0, stats.errors
+
+
+def test_4b_kill_leading_operator(operator, model_server, namespace):
+    apply(namespace, slow_md("slow", model_server, autoscaling={
+        "minReplicas": 1, "maxReplicas": 2, "targetQueueDepth": 4,
+        "scrapeIntervalSeconds": SCRAPE_S, "scaleDownStabilizationSeconds": STABILIZATION_S}))
+    e2e.wait_ready(namespace, "slow")
+    ip = e2e.service_ip(namespace, "slow")
+    leader = eventually("an operator leads", 60, lambda: lease_holder(operator))
+    others = [p["metadata"]["name"] for p in operator_pods(operator) if p["metadata"]["name"] != leader]
+    log(f"leader {leader}, standing by: {others}; killing the leader (SIGKILL, no lease release)")
+    t0 = time.monotonic()
+    kubectl("-n", operator["namespace"], "delete", "pod", leader, "--grace-period=0", "--force")
+    new_leader = eventually("another operator takes over", 90,
+                            lambda: (h := lease_holder(operator)) and h != leader and h, interval=0.5)
+    record("operator_kill_to_new_leader_s", round(time.monotonic() - t0, 1))
+    record("operator_new_leader_was_standby", new_leader in others)
+
+    load = e2e.slow_load(ip, threads=12)
+    burst = time.monotonic()
+    try:
+        eventually("the new leader's autoscaler scales up", 60,
+                   lambda: e2e.spec_replicas(namespace, "slow") > 1, interval=0.3)
+        record("after_failover_burst_to_scale_up_s", round(time.monotonic() - burst, 1))
+    finally:
+        stats = load.stop()
+    record("operator_kill_failed_requests", stats.failed)
+    eventually("the operator Deployment is whole again", 120,
+               lambda: (kubectl_json("-n", operator["namespace"], "get", "deployment",
+                                     "ferrite-e2e-operator").get("status") or {}).get("readyReplicas") == 2)
+    assert stats.failed == 0, stats.errors
+
+
+# ---------------------------------------------------------------- 5
+def test_5_unfetchable_and_unloadable_models_say_why(operator, model_server, namespace):
+    apply(namespace, model_deployment("good", model_server.url("mlp.onnx"), replicas=1,
+                                      model={"uri": model_server.url("mlp.onnx"), "name": "mlp"},
+                                      runtime={"intraOpThreads": 1}))
+    e2e.wait_ready(namespace, "good")
+    ip = e2e.service_ip(namespace, "good")
+    restarts_before = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
+                       for p in operator_pods(operator)}
+    load = e2e.mlp_load(ip, threads=2, pause=0.02)
+    try:
+        apply(namespace, model_deployment("missing", model_server.url("no-such-model.onnx"), replicas=1))
+        apply(namespace, model_deployment("garbage", model_server.url("garbage.onnx"), replicas=1))
+
+        def reason(name, want):
+            md = e2e.get_mdep(namespace, name)
+            ready, degraded = e2e.condition(md, "Ready"), e2e.condition(md, "Degraded")
+            if ready and ready["status"] == "False" and ready["reason"] == want:
+                assert degraded and degraded["status"] == "True" and degraded["reason"] == want, degraded
+                return ready
+            return None
+
+        t0 = time.monotonic()
+        fetch = eventually("FetchFailed on the 404 model", 180, lambda: reason("missing", "FetchFailed"))
+        record("fetch_failed_reported_s", round(time.monotonic() - t0, 1))
+        load_failed = eventually("ModelLoadFailed on the garbage model", 180,
+                                 lambda: reason("garbage", "ModelLoadFailed"))
+        record("model_load_failed_reported_s", round(time.monotonic() - t0, 1))
+        log(f"missing: {fetch['message']}")
+        log(f"garbage: {load_failed['message']}")
+        assert "404" in fetch["message"] or "not found" in fetch["message"].lower(), fetch
+        assert "no-such-model.onnx" in fetch["message"], fetch
+        warnings = kubectl("-n", namespace, "get", "events", "--field-selector", "type=Warning",
+                           "-o", "jsonpath={range .items[*]}{.reason}{'\\n'}{end}")
+        assert "FetchFailed" in warnings and "ModelLoadFailed" in warnings, warnings
+        time.sleep(2)
+    finally:
+        stats = load.stop()
+    # Nothing else disturbed: the good model kept serving, the operator kept running.
+    good = e2e.get_mdep(namespace, "good")
+    assert e2e.condition(good, "Ready")["status"] == "True"
+    restarts_after = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
+                      for p in operator_pods(operator)}
+    assert restarts_after == restarts_before, (restarts_before, restarts_after)
+    record("bad_models_good_model_failed_requests", stats.failed)
+    assert stats.failed == 0 and stats.ok > 0, stats.errors
+
+
+# ---------------------------------------------------------------- 6
+def test_6_delete_removes_every_owned_object(operator, model_server, namespace):
+    apply(namespace, model_deployment("owned", model_server.url("mlp.onnx"), replicas=2,
+                                      runtime={"intraOpThreads": 1}))
+    e2e.wait_ready(namespace, "owned")
+    md = e2e.get_mdep(namespace, "owned")
+    uid = md["metadata"]["uid"]
+    kinds = "deployments,replicasets,pods,services,poddisruptionbudgets,endpointslices,serviceaccounts,configmaps,secrets"
+
+    def owned_objects():
+        items = kubectl_json("-n", namespace, "get", kinds)["items"]
+        uids = {uid}
+        # Everything whose owner chain leads to the ModelDeployment.
+        changed = True
+        found = {}
+        while changed:
+            changed = False
+            for item in items:
+                meta = item["metadata"]
+                if meta["uid"] in found:
+                    continue
+                if any(o["uid"] in uids for o in meta.get("ownerReferences") or []):
+                    found[meta["uid"]] = f"{item['kind']}/{meta['name']}"
+                    uids.add(meta["uid"])
+                    changed = True
+        return sorted(found.values())
+
+    before = owned_objects()
+    log(f"owned by the ModelDeployment: {before}")
+    for kind in ("Deployment/owned", "Service/owned", "PodDisruptionBudget/owned"):
+        assert kind in before, before
+    assert sum(1 for o in before if o.startswith("Pod/")) == 2, before
+    assert any(o.startswith("ReplicaSet/") for o in before) and any(o.startswith("EndpointSlice/") for o in before)
+
+    t0 = time.monotonic()
+    kubectl("-n", namespace, "delete", "mdep", "owned", "--wait=true", "--timeout=60s")
+    names = [o.split("/", 1) for o in before]
+
+    def all_gone():
+        left = kubectl("-n", namespace, "get", kinds, "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}\n{end}")
+        remaining = [o for o in before if o in left.splitlines()]
+        return not remaining
+
+    eventually(f"every owned object is gone ({len(names)} objects)", 120, all_gone)
+    record("delete_to_all_owned_gone_s", round(time.monotonic() - t0, 1))
+    assert kubectl("-n", namespace, "get", "pods", "-l", "ferrite.dev/model-deployment=owned", "-o", "name").strip() == ""
