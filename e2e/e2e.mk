@@ -41,3 +41,25 @@ cluster-down: ## stop the local cluster and undo all it did (processes, mounts, 
 
 cluster-check: ## smoke check of the running local cluster: pods, Service routing, in-cluster API, isolation
 	$(E2E_DIR)/cluster/check.sh
+
+# End-to-end tests and the cluster demo (issue 4). Both use the local cluster
+# (started when none runs; needs root), the images and the Helm chart.
+#   make e2e            pytest e2e/tests: Helm install, apply, infer, autoscale,
+#                       rollout, pod and operator kills, bad models, deletion.
+#                       Prints the measured times (.cache/e2e/results.json).
+#                       E2E_KEEP_CLUSTER=1 keeps a cluster the tests started;
+#                       E2E_ARGS="-k test_1" selects scenarios.
+#   make demo-cluster   e2e/demo.sh; USE_CURRENT_CONTEXT=1 uses the current kubeconfig's cluster
+#   make demo-down      removes the demo (and the cluster, if the demo started it)
+E2E_ARGS ?=
+
+.PHONY: e2e demo-cluster demo-down
+
+e2e: venv images cluster-bins control-plane ## end-to-end tests on the local single-node cluster (needs root)
+	$(PY) -m pytest -v -s -p no:cacheprovider e2e/tests $(E2E_ARGS)
+
+demo-cluster: venv images cluster-bins control-plane ## local cluster + Helm install + example ModelDeployment + tritonclient inference
+	bash $(E2E_DIR)/demo.sh
+
+demo-down: ## remove what demo-cluster made (and the cluster, if it started it)
+	bash $(E2E_DIR)/demo.sh down

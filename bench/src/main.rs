@@ -322,4 +322,3 @@ fn make_inputs(metadata: &[(String, String, Vec<i64>)], dynamic_dim: i64) -> Vec
         })
         .collect()
 }
-

@@ -12,7 +12,6 @@ import http.client
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -251,8 +250,16 @@ class LoadStats:
     # Connections refused before anything was sent (kube-proxy still routed
     # to a pod that stopped listening); retried, so not failed requests.
     connect_retries: int = 0
+    # Requests slower than SLOW_REQUEST_S (with when they started).
+    slow: list[str] = field(default_factory=list)
+    max_latency_s: float = 0.0
     errors: list[str] = field(default_factory=list)
     answers: dict[str, int] = field(default_factory=dict)
+
+
+CONNECT_TIMEOUT_S = 5
+REQUEST_TIMEOUT_S = 60
+SLOW_REQUEST_S = 3
 
 
 class Load:
@@ -274,16 +281,21 @@ class Load:
 
     def _one(self) -> tuple[str, str]:
         for attempt in range(5):
-            conn = http.client.HTTPConnection(self.host, 8000, timeout=60)
+            conn = http.client.HTTPConnection(self.host, 8000, timeout=CONNECT_TIMEOUT_S)
             try:
                 conn.connect()
-            except (ConnectionRefusedError, socket.timeout) as e:
+            except OSError as e:
+                # Refused, unreachable or unanswered: nothing was sent, so
+                # the request is retried (as gRPC's transparent retry would).
                 conn.close()
                 with self.lock:
                     self.stats.connect_retries += 1
+                    if len(self.stats.errors) < 40:
+                        self.stats.errors.append(f"{time.monotonic() - self.started:.1f}s connect: {e!r} (retried)")
                 time.sleep(0.1 * (attempt + 1))
                 last = e
                 continue
+            conn.sock.settimeout(REQUEST_TIMEOUT_S)
             try:
                 conn.request("POST", f"/v2/models/{self.model}/infer", body=self.body,
                              headers={"Content-Type": "application/json", "Connection": "close"})
@@ -301,14 +313,19 @@ class Load:
 
     def _run(self):
         while not self.stopping.is_set():
+            t0 = time.monotonic()
             outcome, detail = self._one()
+            took = time.monotonic() - t0
             with self.lock:
+                self.stats.max_latency_s = max(self.stats.max_latency_s, round(took, 2))
+                if took > SLOW_REQUEST_S and len(self.stats.slow) < 20:
+                    self.stats.slow.append(f"started {t0 - self.started:.1f}s took {took:.1f}s")
                 if outcome == "ok":
                     self.stats.ok += 1
                     self.stats.answers[detail] = self.stats.answers.get(detail, 0) + 1
                 else:
                     self.stats.failed += 1
-                    if len(self.stats.errors) < 20:
+                    if len(self.stats.errors) < 40:
                         self.stats.errors.append(f"{time.monotonic() - self.started:.1f}s {detail}")
             if self.pause:
                 time.sleep(self.pause)

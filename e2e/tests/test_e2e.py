@@ -163,6 +163,8 @@ def test_3_rollout_under_load_zero_failures(operator, model_server, namespace):
     record("rollout_requests_ok", stats.ok)
     record("rollout_connect_retries", stats.connect_retries)
     record("rollout_answers", stats.answers)
+    record("rollout_max_latency_s", stats.max_latency_s)
+    log(f"rollout: slow requests {stats.slow}; errors and retries {stats.errors}")
     assert after.get("v1", 0) == before.get("v1", 0), "the old version still answers after the rollout"
     assert stats.answers.get("v2", 0) > 0 and stats.answers.get("v1", 0) > 0
     assert stats.failed == 0, stats.errors
@@ -197,6 +199,8 @@ def test_4a_kill_server_pod_under_load(operator, model_server, namespace):
     record("server_pod_kill_failed_requests", stats.failed)
     record("server_pod_kill_requests_ok", stats.ok)
     record("server_pod_kill_connect_retries", stats.connect_retries)
+    record("server_pod_kill_max_latency_s", stats.max_latency_s)
+    log(f"pod kill: slow requests {stats.slow}; errors and retries {stats.errors}")
     # The status told what happened: fewer ready replicas (or a rollout of
     # the replacement), then all ready again.
     states = [((o.get("status") or {}).get("readyReplicas"),
@@ -217,12 +221,13 @@ def test_4b_kill_leading_operator(operator, model_server, namespace):
     ip = e2e.service_ip(namespace, "slow")
     leader = eventually("an operator leads", 60, lambda: lease_holder(operator))
     others = [p["metadata"]["name"] for p in operator_pods(operator) if p["metadata"]["name"] != leader]
-    log(f"leader {leader}, standing by: {others}; killing the leader (SIGKILL, no lease release)")
+    log(f"leader {leader}, standing by: {others}; force-deleting the leader pod (grace 0)")
     t0 = time.monotonic()
     kubectl("-n", operator["namespace"], "delete", "pod", leader, "--grace-period=0", "--force")
     new_leader = eventually("another operator takes over", 90,
                             lambda: (h := lease_holder(operator)) and h != leader and h, interval=0.5)
     record("operator_kill_to_new_leader_s", round(time.monotonic() - t0, 1))
+    record("operator_new_leader", new_leader)
     record("operator_new_leader_was_standby", new_leader in others)
 
     load = e2e.slow_load(ip, threads=12)
@@ -324,13 +329,12 @@ def test_6_delete_removes_every_owned_object(operator, model_server, namespace):
 
     t0 = time.monotonic()
     kubectl("-n", namespace, "delete", "mdep", "owned", "--wait=true", "--timeout=60s")
-    names = [o.split("/", 1) for o in before]
 
     def all_gone():
         left = kubectl("-n", namespace, "get", kinds, "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}\n{end}")
         remaining = [o for o in before if o in left.splitlines()]
         return not remaining
 
-    eventually(f"every owned object is gone ({len(names)} objects)", 120, all_gone)
+    eventually(f"every owned object is gone ({len(before)} objects)", 120, all_gone)
     record("delete_to_all_owned_gone_s", round(time.monotonic() - t0, 1))
     assert kubectl("-n", namespace, "get", "pods", "-l", "ferrite.dev/model-deployment=owned", "-o", "name").strip() == ""

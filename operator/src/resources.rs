@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, Lifecycle, LifecycleHandler,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -29,6 +29,9 @@ const MODELS_DIR: &str = "/models";
 const RUN_AS_USER: i64 = 65532;
 /// Seconds the server gets to drain on SIGTERM; the pod gets a little more.
 const DRAIN_SECONDS: i64 = 30;
+/// Seconds a terminating pod keeps serving before SIGTERM, while endpoints
+/// and kube-proxy stop sending it new connections.
+const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// Operator-wide settings the builders need.
@@ -244,6 +247,14 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         volume_mounts: Some(vec![models_mount, mount("tmp", "/tmp", false)]),
         security_context: Some(restricted_security_context()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // A sleep hook needs no shell (the image has none).
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: PRE_STOP_SLEEP_SECONDS }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..Container::default()
     };
 
@@ -264,7 +275,7 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         volumes: Some(volumes),
         // The server never talks to the API server.
         automount_service_account_token: Some(false),
-        termination_grace_period_seconds: Some(DRAIN_SECONDS + 10),
+        termination_grace_period_seconds: Some(PRE_STOP_SLEEP_SECONDS + DRAIN_SECONDS + 10),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS_USER),
@@ -393,6 +404,8 @@ mod tests {
         let readiness = server.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
         assert_eq!((readiness.port, readiness.service.as_deref()), (GRPC_PORT, Some("resnet")));
         assert_eq!(pod.automount_service_account_token, Some(false));
+        let pre_stop = server.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+        assert_eq!(pre_stop.sleep.as_ref().unwrap().seconds, PRE_STOP_SLEEP_SECONDS);
     }
 
     #[test]
