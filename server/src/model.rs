@@ -83,22 +83,18 @@ impl Model {
     }
 
     /// Validates and runs a request.
+    /// Every request is counted once in `ferrite_requests_total`: by its
+    /// result, or as cancelled when the caller drops it (client gone).
     pub async fn infer(&self, request: InferRequest) -> InferResult<InferResponse> {
-        let started = Instant::now();
         let id = request.id.clone();
+        let mut outcome = RecordOutcome { model: self, started: Instant::now(), ok: None };
         let result = async {
             let job = validate(&self.signature, self.max_batch_size, request)?;
             self.scheduler.submit(job).await
         }
         .await;
-        let elapsed = started.elapsed();
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) => e.kind.metric_label(),
-        };
-        METRICS.requests.with_label_values(&[&self.name, outcome]).inc();
-        METRICS.request_duration.with_label_values(&[&self.name]).observe(elapsed.as_secs_f64());
-        self.stats.record_request(result.is_ok(), elapsed);
+        outcome.ok = Some(result.as_ref().map(|_| ()).map_err(|e| e.kind));
+        drop(outcome);
         Ok(InferResponse {
             model_name: self.name.clone(),
             model_version: self.version.to_string(),
@@ -110,6 +106,28 @@ impl Model {
     /// Stops accepting requests; queued ones still finish.
     pub fn close(&self) {
         self.scheduler.close();
+    }
+}
+
+/// Records a request's outcome in metrics and statistics when dropped:
+/// its result if it finished, else `cancelled`.
+struct RecordOutcome<'a> {
+    model: &'a Model,
+    started: Instant,
+    ok: Option<Result<(), ErrorKind>>,
+}
+
+impl Drop for RecordOutcome<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let (label, ok) = match self.ok {
+            Some(Ok(())) => ("success", true),
+            Some(Err(kind)) => (kind.metric_label(), false),
+            None => (ErrorKind::Cancelled.metric_label(), false),
+        };
+        METRICS.requests.with_label_values(&[&self.model.name, label]).inc();
+        METRICS.request_duration.with_label_values(&[&self.model.name]).observe(elapsed.as_secs_f64());
+        self.model.stats.record_request(ok, elapsed);
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ort::session::Session;
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 
 use crate::batch::{concat_rows, split_rows};
@@ -86,8 +86,6 @@ struct ModelMetrics {
     queue_duration: Histogram,
     compute_duration: Histogram,
     batch_size: Histogram,
-    cancelled: IntCounter,
-    expired: IntCounter,
 }
 
 impl ModelMetrics {
@@ -99,8 +97,6 @@ impl ModelMetrics {
             queue_duration: m.queue_duration.with_label_values(&[model]),
             compute_duration: m.compute_duration.with_label_values(&[model]),
             batch_size: m.batch_size.with_label_values(&[model]),
-            cancelled: m.requests.with_label_values(&[model, ErrorKind::Cancelled.metric_label()]),
-            expired: m.requests.with_label_values(&[model, ErrorKind::DeadlineExceeded.metric_label()]),
         }
     }
 }
@@ -182,7 +178,6 @@ impl Scheduler {
                 // Still queued: it expired there. Already running: wait for it.
                 Err(_) if self.shared.leave_queue(id) => {
                     guard.id = None;
-                    self.shared.metrics.expired.inc();
                     return Err(deadline_exceeded());
                 }
                 Err(_) => result.await,
@@ -212,7 +207,8 @@ fn deadline_exceeded() -> InferError {
     InferError::new(ErrorKind::DeadlineExceeded, "the request's deadline passed while it waited in the queue")
 }
 
-/// Takes a waiting job out of the queue when its submitter is dropped.
+/// Takes a waiting job out of the queue when its submitter is dropped (the
+/// caller counts the request as cancelled).
 struct LeaveQueueOnDrop<'a> {
     shared: &'a Shared,
     id: Option<u64>,
@@ -221,9 +217,7 @@ struct LeaveQueueOnDrop<'a> {
 impl Drop for LeaveQueueOnDrop<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id {
-            if self.shared.leave_queue(id) {
-                self.shared.metrics.cancelled.inc();
-            }
+            self.shared.leave_queue(id);
         }
     }
 }
@@ -278,11 +272,9 @@ impl Shared {
         loop {
             let entry = queue.high.pop_front().or_else(|| queue.normal.pop_front())?;
             if entry.reply.is_closed() {
-                self.metrics.cancelled.inc();
                 continue;
             }
             if entry.job.deadline.is_some_and(|d| d <= Instant::now()) {
-                self.metrics.expired.inc();
                 let _ = entry.reply.send(Err(deadline_exceeded()));
                 continue;
             }
