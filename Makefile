@@ -15,6 +15,8 @@ export ORT_DYLIB_PATH := $(ORT_LIB)
 include e2e/e2e.mk
 # OCI images of ferrite-server and ferrite-operator, written without Docker.
 include images/images.mk
+# make bench: ferrite against raw ONNX Runtime and Triton.
+include bench/bench.mk
 
 .PHONY: help venv ort build release test test-rust test-python demo fuzz bench-resnet50 manifests clean
 

@@ -32,6 +32,8 @@ QUIET_LOAD = 1.5
 
 
 def ms(us: float) -> str:
+    if us < 0:
+        return "-" + ms(-us)
     if us >= 100_000:
         return f"{us / 1e6:.2f} s"
     if us >= 10_000:
@@ -69,7 +71,12 @@ def plots(data: dict, cell) -> list[str]:
                 ax.plot(*zip(*points), marker="o", label=CONFIG_NAMES[config], color=COLORS[config],
                         linestyle="--" if config.startswith("raw") else "-")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        values = [l.get_ydata() for l in ax.get_lines()]
+        values = [y for ys in values for y in ys if y > 0]
+        if values and max(values) / min(values) < 3:
+            ax.set_ylim(0, max(values) * 1.15)  # a narrow range: linear from 0, so noise does not look like a trend
+        else:
+            ax.set_yscale("log")
         ax.set_xticks(conc, [str(c) for c in conc])
         ax.set_xlabel("concurrency (closed loop)")
         ax.set_ylabel("requests / s")
@@ -119,7 +126,8 @@ def main() -> int:
     m = data["machine"]
     v = data["versions"]
     load_before, load_after = data["load_average_before"], data["load_average_after"]
-    busy = max(load_before[0], load_after[0]) >= QUIET_LOAD
+    during = [r["load_average_1min"] for r in data["results"] if "load_average_1min" in r]
+    busy = load_before[0] >= QUIET_LOAD  # the benchmark itself loads the machine: judge by the start
     images = plots(data, cell)
 
     out = []
@@ -132,8 +140,8 @@ def main() -> int:
       "Triton, on the same machine, the same models, the same ONNX Runtime threads and the same load generator, "
       "interleaved.\n")
     if busy:
-        w(f"**Caution:** the machine was not quiet during this run (1-minute load average {load_before[0]} before, "
-          f"{load_after[0]} after; other work was running). Figures are lower and noisier than on an idle "
+        w(f"**Caution:** the machine was not quiet when this run started (1-minute load average {load_before[0]}; "
+          "other work was running, or `make release` had just compiled). Figures are lower and noisier than on an idle "
           "machine; the comparisons between configurations still hold roughly, because they were interleaved.\n")
 
     w("## Machine\n")
@@ -141,7 +149,10 @@ def main() -> int:
       f"AVX-512: {'yes' if m['avx512'] else 'no'}; no accelerator (CPU execution provider)")
     w(f"- Memory: {m['memory_gib']} GiB; Linux {m['kernel']}")
     w(f"- Load average (1, 5, 15 min): {', '.join(map(str, load_before))} before the run, "
-      f"{', '.join(map(str, load_after))} after")
+      f"{', '.join(map(str, load_after))} after"
+      + (f"; 1-minute load average after each cell: {min(during)} to {max(during)} (median "
+         f"{sorted(during)[len(during) // 2]})" if during else "")
+      + " (the benchmark itself keeps about 2 busy while it runs)")
     w(f"- ONNX Runtime {v.get('onnxruntime')} (the `onnxruntime` wheel) everywhere; ferrite-server "
       f"{v.get('ferrite', '?')} (release build); Triton {v.get('triton', '?')} (`nvidia-pytriton` "
       f"{v.get('pytriton')} wheel, Python backend); load generator `ferrite-loadgen` (release build)\n")
@@ -226,7 +237,7 @@ def main() -> int:
 
     w("## Reproducing\n")
     w("""```sh
-make bench                                # everything above; ~15 min on 2 cores, plus one-time set-up
+make bench                                # everything above: ~10 min of measurement on 2 cores, plus set-up
 BENCH_SECONDS=2 BENCH_RESNET_SECONDS=2 make bench          # a quick look (noisy)
 BENCH_MODELS=mlp BENCH_CONFIGS=ferrite,triton make bench  # a subset
 make bench-soak                           # ferrite's memory over 10 minutes at concurrency 64 (bench/soak.json)
@@ -272,6 +283,11 @@ def targets(data: dict, cell, thr) -> str:
         text += (f" ferrite with batching {f:.2f} req/s, without {fn or 0:.2f}; raw ONNX Runtime {raw or 0:.2f} (batch 1) "
                  f"and {rawb or 0:.2f} (batches of 8): {f / best:.2f}x the better raw figure"
                  + (f", {f / raw:.2f}x batch 1" if raw else "") + ".")
+        window = (cell("resnet50", 8, "ferrite") or {}).get("seconds", 8)
+        batch = data.get("max_batch_size", {}).get("resnet50", 8)
+        text += (f" Resolution: a {window:g} s window holds about {f * window:.0f} requests, and a batch of up to "
+                 f"{batch} completes at once, so each figure is good to about {batch / window:.1f} req/s "
+                 f"({batch / window / best * 100:.0f}%); a longer window (`BENCH_RESNET_SECONDS=30`) narrows it.")
         if not ok:
             text += (" On this CPU ResNet-50 is compute bound (a batch of 8 costs about 8 single images) and the "
                      "load generator and the gRPC stack share its 2 cores with ONNX Runtime's threads.")
