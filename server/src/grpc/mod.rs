@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use ferrite_proto::inference::*;
 use futures::{Stream, StreamExt};
-use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::InferError;
@@ -40,17 +39,9 @@ async fn infer(
     message: ModelInferRequest,
     deadline: Option<Instant>,
 ) -> Result<ModelInferResponse, InferError> {
-    let size = message.encoded_len();
-    if size > state.max_message_bytes {
-        return Err(too_large(size, state.max_message_bytes));
-    }
     let decoded = codec::decode_request(message, deadline)?;
     let response = state.infer(&decoded.model_name, &decoded.model_version, decoded.request).await?;
     Ok(codec::encode_response(response))
-}
-
-fn too_large(size: usize, limit: usize) -> InferError {
-    InferError::invalid(format!("the request is {size} bytes, over the server's limit of {limit} bytes"))
 }
 
 /// The request's gRPC deadline, a little early: tonic's own timer for the
