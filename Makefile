@@ -18,7 +18,7 @@ include images/images.mk
 # make bench: ferrite against raw ONNX Runtime and Triton.
 include bench/bench.mk
 
-.PHONY: help venv ort build release test test-rust test-python demo fuzz bench-resnet50 manifests clean
+.PHONY: help venv ort build release test test-rust test-python demo-local fuzz bench-resnet50 manifests clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,10 +45,13 @@ release: ## build every binary (optimized), for benchmarks
 bench-resnet50: venv ort release ## ResNet-50 at concurrency 8, with and without dynamic batching
 	bash bench/resnet50.sh
 
-demo: venv ort build ## run the server on its embedded demo model and call it
+demo-local: venv ort build ## no cluster: run the server on its embedded demo model as a local process and call it
 	$(PY) scripts/demo.py $(SERVER_BIN)
 
-test: test-rust test-python ## run every test
+# The end-to-end tests (e2e/e2e.mk) come last: they need root, the images
+# (a release build) and the cluster binaries, and say so loudly when they
+# cannot run (failing under CI=true).
+test: test-rust test-python e2e ## run every test
 
 # The operator's tests run against a real API server, and start
 # ferrite-server processes with the test models (venv).

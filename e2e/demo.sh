@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cluster demo (`make demo-cluster`; `make demo-down` undoes it):
+# The demo (`make demo`, the README's first command; `make demo-down` undoes it):
 #   1. the local single-node cluster (e2e/cluster/up.sh), or with
 #      USE_CURRENT_CONTEXT=1 the cluster of the current kubeconfig;
 #   2. the ferrite images imported into the local cluster's containerd;
@@ -67,6 +67,11 @@ else
   if [[ -f "$KUBECONFIG" ]] && "$KUBECTL" get --raw /readyz >/dev/null 2>&1; then
     say "the local cluster is already running"
   else
+    if [[ $EUID -ne 0 ]]; then
+      echo "The local cluster needs root (containerd, kubelet, iptables, the bridge). Run as root," >&2
+      echo "or USE_CURRENT_CONTEXT=1 for the cluster of your kubeconfig, or 'make demo-local' for no cluster." >&2
+      exit 1
+    fi
     say "starting the local single-node cluster (e2e/cluster/up.sh)"
     t=$SECONDS
     e2e/cluster/up.sh

@@ -49,17 +49,18 @@ cluster-check: ## smoke check of the running local cluster: pods, Service routin
 #                       Prints the measured times (.cache/e2e/results.json).
 #                       E2E_KEEP_CLUSTER=1 keeps a cluster the tests started;
 #                       E2E_ARGS="-k test_1" selects scenarios.
-#   make demo-cluster   e2e/demo.sh; USE_CURRENT_CONTEXT=1 uses the current kubeconfig's cluster
+#   make demo           e2e/demo.sh (the README's first command); USE_CURRENT_CONTEXT=1
+#                       uses the current kubeconfig's cluster instead of the local one
 #   make demo-down      removes the demo (and the cluster, if the demo started it)
 E2E_ARGS ?=
 
-.PHONY: e2e demo-cluster demo-down
+.PHONY: e2e demo demo-down
 
 e2e: venv images cluster-bins control-plane ## end-to-end tests on the local single-node cluster (needs root)
 	$(PY) -m pytest -v -s -p no:cacheprovider e2e/tests $(E2E_ARGS)
 
-demo-cluster: venv images cluster-bins control-plane ## local cluster + Helm install + example ModelDeployment + tritonclient inference
+demo: venv images cluster-bins control-plane ## local cluster + Helm install + example ModelDeployment + tritonclient inference
 	bash $(E2E_DIR)/demo.sh
 
-demo-down: ## remove what demo-cluster made (and the cluster, if it started it)
+demo-down: ## remove what demo made (and the cluster, if it started it)
 	bash $(E2E_DIR)/demo.sh down

@@ -2,7 +2,7 @@
 would: tritonclient over gRPC and HTTP, then prints what happened.
 
 Usage: python scripts/demo.py PATH/TO/ferrite-server
-(`make demo` builds the server and the ONNX Runtime library first.)
+(`make demo-local` builds the server and the ONNX Runtime library first.)
 """
 
 from __future__ import annotations

@@ -142,6 +142,22 @@ def pods(namespace: str, name: str) -> list[dict]:
     return kubectl_json("-n", namespace, "get", "pods", "-l", f"ferrite.dev/model-deployment={name}")["items"]
 
 
+def pod(namespace: str, name: str) -> dict:
+    return kubectl_json("-n", namespace, "get", "pod", name)
+
+
+def restart_count(pod: dict) -> int:
+    return sum(c.get("restartCount", 0) for c in (pod.get("status") or {}).get("containerStatuses", []))
+
+
+def kill_container(pod: dict) -> None:
+    """SIGKILL the pod's (first) container through the local cluster's
+    containerd: a crash, with no chance to clean up, unlike a pod deletion."""
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    subprocess.run(["bash", "-c", f'source "{ROOT}/e2e/cluster/env.sh" && ctr_ tasks kill -s SIGKILL {container_id}'],
+                   check=True, capture_output=True, text=True, timeout=30)
+
+
 def dump(namespace: str) -> None:
     """What a failing test shows: the objects, events and the operator's recent logs."""
     for args in (["get", "mdep,deploy,rs,pods,svc,pdb", "-o", "wide"], ["get", "mdep", "-o", "yaml"],

@@ -52,7 +52,7 @@ struct RunArgs {
     /// Namespace of the Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
-    /// This replica's identity in the Lease (the pod name); defaults to the host name.
+    /// This replica's name in the Lease (the pod name); defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
 }
@@ -67,6 +67,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The identity this process holds the Lease under: the pod (or host) name and a
+/// suffix unique to this process start, as client-go does. A container restarted
+/// in the same pod after a crash must wait for the lease to expire like any
+/// other replica, not resume a leadership whose state died with its predecessor.
+fn lease_identity(pod_name: Option<String>) -> String {
+    let name = pod_name.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "ferrite-operator".to_string())
+    });
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{name}_{:08x}", nanos ^ std::process::id().rotate_left(16))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -77,11 +91,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             init_logging(cli.log_format);
-            let identity = args.identity.unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| format!("ferrite-operator-{}", std::process::id()))
-            });
+            let identity = lease_identity(args.identity);
             run(RunOptions {
                 server_image: args.server_image,
                 server_image_pull_policy: Some(args.server_image_pull_policy).filter(|p| !p.is_empty()),
