@@ -4,6 +4,8 @@
 //! The data path runs one way through these modules:
 //! frontends (`grpc`, `http`) -> `state` -> `model` (validation)
 //! -> `scheduler` (queue, batcher) -> `runtime` (ONNX Runtime).
+//! LLMs take `llm` (tokenizer, chat template, generation engine with
+//! continuous batching) where tensor models take `scheduler`.
 
 pub mod batch;
 pub mod config;
@@ -11,6 +13,7 @@ pub mod error;
 pub mod fetch;
 pub mod grpc;
 pub mod http;
+pub mod llm;
 pub mod metrics;
 pub mod model;
 pub mod repository;

@@ -89,8 +89,9 @@ struct ServeArgs {
     /// an optional DIR/<model>/ferrite.json overrides the settings below.
     #[arg(long, env = "FERRITE_MODEL_REPOSITORY")]
     model_repository: Option<PathBuf>,
-    /// Serve one ONNX file as NAME (version 1). Repeatable; in the
-    /// environment, separate entries with commas.
+    /// Serve one ONNX file, or an LLM model directory (with llm.json), as
+    /// NAME (version 1). Repeatable; in the environment, separate entries
+    /// with commas.
     #[arg(long = "model", value_name = "NAME=PATH", env = "FERRITE_MODELS", value_delimiter = ',', value_parser = parse_model)]
     models: Vec<(String, PathBuf)>,
     /// Address to listen on. With no model flags at all, the embedded demo

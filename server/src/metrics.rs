@@ -18,6 +18,16 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub batch_size: HistogramVec,
     pub model_load_duration: HistogramVec,
+    /// LLMs: time from admission to the first generated token.
+    pub llm_time_to_first_token: HistogramVec,
+    /// LLMs: time between successive tokens of one sequence.
+    pub llm_inter_token_latency: HistogramVec,
+    pub llm_prompt_tokens: IntCounterVec,
+    pub llm_generated_tokens: IntCounterVec,
+    /// LLMs: sequences admitted but not yet prefilled (also in `queue_depth`).
+    pub llm_waiting: IntGaugeVec,
+    /// LLMs: sequences in the decode batch (also in `inflight`).
+    pub llm_running: IntGaugeVec,
 }
 
 /// The process-wide metrics.
@@ -45,10 +55,43 @@ impl Metrics {
         )
         .expect("valid counter");
         registry.register(Box::new(requests.clone())).expect("unique metric");
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounterVec::new(Opts::new(name, help), &["model"]).expect("valid counter");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        // 1 ms .. ~65 s.
+        let token_latency = exponential_buckets(1e-3, 2.0, 17).expect("valid buckets");
         Metrics {
+            llm_time_to_first_token: histogram(
+                "ferrite_llm_time_to_first_token_seconds",
+                "Time from admission to the first generated token",
+                token_latency.clone(),
+            ),
+            llm_inter_token_latency: histogram(
+                "ferrite_llm_inter_token_latency_seconds",
+                "Time between successive tokens of a sequence",
+                token_latency,
+            ),
+            llm_prompt_tokens: counter("ferrite_llm_prompt_tokens_total", "Prompt tokens prefilled"),
+            llm_generated_tokens: counter("ferrite_llm_generated_tokens_total", "Tokens generated"),
+            llm_waiting: gauge(
+                "ferrite_llm_waiting_sequences",
+                "Sequences waiting to join the decode batch (counted in ferrite_queue_depth too)",
+            ),
+            llm_running: gauge(
+                "ferrite_llm_running_sequences",
+                "Sequences in the decode batch (counted in ferrite_inflight_requests too)",
+            ),
             requests,
-            queue_depth: gauge("ferrite_queue_depth", "Requests waiting in the model's queue"),
-            inflight: gauge("ferrite_inflight_requests", "Requests executing on the model's sessions"),
+            queue_depth: gauge(
+                "ferrite_queue_depth",
+                "Requests waiting in the model's queue (LLMs: sequences waiting)",
+            ),
+            inflight: gauge(
+                "ferrite_inflight_requests",
+                "Requests executing on the model's sessions (LLMs: sequences in the decode batch)",
+            ),
             queue_duration: histogram(
                 "ferrite_queue_duration_seconds",
                 "Time a request waited in the queue",

@@ -2,12 +2,14 @@
 //! scheduler, and the validation that stands between a request and ONNX
 //! Runtime.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
+use crate::llm::Llm;
 use crate::metrics::METRICS;
 use crate::runtime::{self, ModelBytes, Runtime, SessionOptions, Signature, TensorSpec};
 use crate::scheduler::{Job, Priority, Scheduler};
@@ -24,7 +26,23 @@ pub struct InferRequest {
     pub priority: Priority,
     /// Latest time the request may start running.
     pub deadline: Option<Instant>,
+    /// Request parameters (the protocol's `parameters` map): read by LLMs
+    /// (`max_tokens`, `temperature`, ...); tensor models use only
+    /// `priority` and `timeout`, which arrive decoded above.
+    pub parameters: Parameters,
 }
+
+/// A request or response parameter value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+/// Named parameters of a request or response.
+pub type Parameters = BTreeMap<String, ParamValue>;
 
 /// The answer to an [`InferRequest`].
 #[derive(Debug)]
@@ -33,6 +51,9 @@ pub struct InferResponse {
     pub model_version: String,
     pub id: String,
     pub outputs: Vec<Tensor>,
+    /// Response parameters (LLMs: `finish_reason`, token counts, and
+    /// `triton_final_response` when streaming).
+    pub parameters: Parameters,
 }
 
 /// One loaded version of a model.
@@ -45,7 +66,15 @@ pub struct Model {
     /// served without batching (shapes passed through as they are).
     pub max_batch_size: Option<usize>,
     pub stats: Arc<ModelStats>,
-    scheduler: Scheduler,
+    backend: Backend,
+}
+
+/// What runs a model's requests.
+enum Backend {
+    /// Tensor models: the queue and dynamic batcher.
+    Tensor(Scheduler),
+    /// LLMs: the generation engine.
+    Llm(Llm),
 }
 
 impl Model {
@@ -79,18 +108,71 @@ impl Model {
             seconds = started.elapsed().as_secs_f64(),
             "model loaded"
         );
-        Ok(Model { name: name.to_string(), version, signature, settings, max_batch_size, stats, scheduler })
+        Ok(Model {
+            name: name.to_string(),
+            version,
+            signature,
+            settings,
+            max_batch_size,
+            stats,
+            backend: Backend::Tensor(scheduler),
+        })
+    }
+
+    /// Loads an LLM model directory (docs/llm.md) and starts its engine.
+    pub fn load_llm(
+        runtime: &Runtime,
+        name: &str,
+        version: u64,
+        dir: &Path,
+        settings: ModelSettings,
+    ) -> anyhow::Result<Model> {
+        let started = Instant::now();
+        let stats = Arc::new(ModelStats::default());
+        let llm = Llm::load(runtime, name, dir, &settings, stats.clone())?;
+        METRICS.model_load_duration.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            model = name,
+            version,
+            layers = llm.config.num_layers,
+            context_length = llm.config.context_length,
+            max_running = settings.max_batch_size,
+            threads = settings.threads_per_instance(),
+            seconds = started.elapsed().as_secs_f64(),
+            "LLM loaded"
+        );
+        Ok(Model {
+            name: name.to_string(),
+            version,
+            signature: crate::llm::oip::signature(),
+            settings,
+            max_batch_size: None,
+            stats,
+            backend: Backend::Llm(llm),
+        })
+    }
+
+    /// The LLM behind this model, if it is one.
+    pub fn llm(&self) -> Option<&Llm> {
+        match &self.backend {
+            Backend::Llm(llm) => Some(llm),
+            Backend::Tensor(_) => None,
+        }
     }
 
     /// Validates and runs a request.
     /// Every request is counted once in `ferrite_requests_total`: by its
     /// result, or as cancelled when the caller drops it (client gone).
     pub async fn infer(&self, request: InferRequest) -> InferResult<InferResponse> {
+        let scheduler = match &self.backend {
+            Backend::Tensor(scheduler) => scheduler,
+            Backend::Llm(llm) => return crate::llm::oip::infer(self, llm, request).await,
+        };
         let id = request.id.clone();
         let mut outcome = RecordOutcome { model: self, started: Instant::now(), ok: None };
         let result = async {
             let job = validate(&self.signature, self.max_batch_size, request)?;
-            self.scheduler.submit(job).await
+            scheduler.submit(job).await
         }
         .await;
         outcome.ok = Some(result.as_ref().map(|_| ()).map_err(|e| e.kind));
@@ -100,12 +182,16 @@ impl Model {
             model_version: self.version.to_string(),
             id,
             outputs: result?,
+            parameters: Parameters::new(),
         })
     }
 
     /// Stops accepting requests; queued ones still finish.
     pub fn close(&self) {
-        self.scheduler.close();
+        match &self.backend {
+            Backend::Tensor(scheduler) => scheduler.close(),
+            Backend::Llm(llm) => llm.close(),
+        }
     }
 }
 

@@ -18,12 +18,33 @@ use crate::runtime::{ModelBytes, Runtime};
 /// File name of a model version inside `<repository>/<model>/<version>/`.
 pub const MODEL_FILE: &str = "model.onnx";
 
+/// What one model version is loaded from.
+#[derive(Debug, Clone)]
+pub enum VersionSource {
+    /// A tensor model.
+    Onnx(ModelBytes),
+    /// An LLM model directory (docs/llm.md).
+    Llm(PathBuf),
+}
+
+impl VersionSource {
+    /// An ONNX file, or an LLM directory when `path` is a directory with `llm.json`.
+    fn of_path(path: &Path) -> VersionSource {
+        if path.is_dir() && crate::llm::config::is_llm_dir(path) {
+            VersionSource::Llm(path.to_path_buf())
+        } else {
+            VersionSource::Onnx(ModelBytes::File(path.to_path_buf()))
+        }
+    }
+}
+
 /// Where the server finds its models.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
     /// A Triton-style repository: `<root>/<model>/<version>/model.onnx`.
     pub repository: Option<PathBuf>,
-    /// Single files served as version 1 under the given names.
+    /// Single files (or LLM model directories) served as version 1 under
+    /// the given names.
     pub files: BTreeMap<String, PathBuf>,
     /// A model built into the binary, served as version 1.
     pub embedded: Option<(String, &'static [u8])>,
@@ -98,8 +119,12 @@ impl Repository {
         let loaded = tokio::task::spawn_blocking(move || {
             versions
                 .into_iter()
-                .map(|(version, bytes)| {
-                    Model::load(&runtime, &model_name, version, &bytes, settings).map(|m| (version, Arc::new(m)))
+                .map(|(version, source)| {
+                    let model = match &source {
+                        VersionSource::Onnx(bytes) => Model::load(&runtime, &model_name, version, bytes, settings),
+                        VersionSource::Llm(dir) => Model::load_llm(&runtime, &model_name, version, dir, settings),
+                    };
+                    model.map(|m| (version, Arc::new(m)))
                 })
                 .collect::<anyhow::Result<BTreeMap<_, _>>>()
         })
@@ -237,12 +262,12 @@ impl Repository {
     }
 
     /// Finds the versions of `name` and the settings to load them with.
-    fn discover(&self, name: &str) -> InferResult<(Vec<(u64, ModelBytes)>, ModelSettings)> {
+    fn discover(&self, name: &str) -> InferResult<(Vec<(u64, VersionSource)>, ModelSettings)> {
         if let Some(path) = self.sources.files.get(name) {
-            return Ok((vec![(1, ModelBytes::File(path.clone()))], self.defaults));
+            return Ok((vec![(1, VersionSource::of_path(path))], self.defaults));
         }
         if let Some((_, bytes)) = self.sources.embedded.as_ref().filter(|(n, _)| n == name) {
-            return Ok((vec![(1, ModelBytes::Embedded(bytes))], self.defaults));
+            return Ok((vec![(1, VersionSource::Onnx(ModelBytes::Embedded(bytes)))], self.defaults));
         }
         let not_in_repository = || InferError::not_found(format!("model '{name}' is not in the model repository"));
         let root = self.sources.repository.as_ref().ok_or_else(not_in_repository)?;
@@ -270,15 +295,24 @@ fn safe_join(root: &Path, name: &str) -> Option<PathBuf> {
     plain.then(|| root.join(name))
 }
 
-/// The numbered version directories of a model that hold a model file.
-fn model_versions(dir: &Path) -> Vec<(u64, ModelBytes)> {
+/// The numbered version directories of a model that hold a model file
+/// (LLMs: with `llm.json` next to it).
+fn model_versions(dir: &Path) -> Vec<(u64, VersionSource)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut versions: Vec<(u64, ModelBytes)> = entries
+    let mut versions: Vec<(u64, VersionSource)> = entries
         .flatten()
         .filter_map(|entry| {
             let version: u64 = entry.file_name().to_str()?.parse().ok().filter(|&v| v > 0)?;
             let file = entry.path().join(MODEL_FILE);
-            file.is_file().then_some((version, ModelBytes::File(file)))
+            if !file.is_file() {
+                return None;
+            }
+            let source = if crate::llm::config::is_llm_dir(&entry.path()) {
+                VersionSource::Llm(entry.path())
+            } else {
+                VersionSource::Onnx(ModelBytes::File(file))
+            };
+            Some((version, source))
         })
         .collect();
     versions.sort_by_key(|(v, _)| *v);

@@ -11,7 +11,7 @@ use ferrite_proto::inference::{
 };
 
 use crate::error::{InferError, InferResult};
-use crate::model::{InferRequest, InferResponse};
+use crate::model::{InferRequest, InferResponse, ParamValue, Parameters};
 use crate::scheduler::Priority;
 use crate::tensor::{element_count, DataType, Tensor, TensorData};
 
@@ -68,10 +68,24 @@ pub fn decode_request(message: ModelInferRequest, deadline: Option<Instant>) -> 
         })
         .collect::<InferResult<Vec<_>>>()?;
     let outputs = message.outputs.into_iter().map(|o| o.name).collect();
+    let parameters = message
+        .parameters
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let value = match value.parameter_choice? {
+                ParameterChoice::BoolParam(b) => ParamValue::Bool(b),
+                ParameterChoice::Int64Param(i) => ParamValue::Int(i),
+                ParameterChoice::Uint64Param(u) => ParamValue::Int(i64::try_from(u).unwrap_or(i64::MAX)),
+                ParameterChoice::DoubleParam(f) => ParamValue::Float(f),
+                ParameterChoice::StringParam(s) => ParamValue::Str(s),
+            };
+            Some((key, value))
+        })
+        .collect();
     Ok(Decoded {
         model_name: message.model_name,
         model_version: message.model_version,
-        request: InferRequest { id: message.id, inputs, outputs, priority, deadline },
+        request: InferRequest { id: message.id, inputs, outputs, priority, deadline, parameters },
     })
 }
 
@@ -225,10 +239,26 @@ pub fn encode_response(response: InferResponse) -> ModelInferResponse {
         model_name: response.model_name,
         model_version: response.model_version,
         id: response.id,
-        parameters: Default::default(),
+        parameters: encode_parameters(response.parameters),
         outputs,
         raw_output_contents: raw,
     }
+}
+
+/// Response parameters as protocol messages.
+pub fn encode_parameters(parameters: Parameters) -> std::collections::HashMap<String, InferParameter> {
+    parameters
+        .into_iter()
+        .map(|(key, value)| {
+            let choice = match value {
+                ParamValue::Bool(b) => ParameterChoice::BoolParam(b),
+                ParamValue::Int(i) => ParameterChoice::Int64Param(i),
+                ParamValue::Float(f) => ParameterChoice::DoubleParam(f),
+                ParamValue::Str(s) => ParameterChoice::StringParam(s),
+            };
+            (key, InferParameter { parameter_choice: Some(choice) })
+        })
+        .collect()
 }
 
 /// Parses a `grpc-timeout` header value ("100m", "5S", ...).

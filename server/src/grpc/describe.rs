@@ -15,6 +15,10 @@ pub const EXTENSIONS: &[&str] =
 
 pub const PLATFORM: &str = "onnxruntime_onnx";
 
+/// The backend name of LLMs in their configuration (tensor models:
+/// `onnxruntime`).
+pub const LLM_BACKEND: &str = "ferrite_llm";
+
 pub fn server_metadata() -> ServerMetadataResponse {
     ServerMetadataResponse {
         name: "ferrite".to_string(),
@@ -56,7 +60,7 @@ pub fn model_config(model: &Model) -> ModelConfig {
     ModelConfig {
         name: model.name.clone(),
         platform: PLATFORM.to_string(),
-        backend: "onnxruntime".to_string(),
+        backend: if model.llm().is_some() { LLM_BACKEND } else { "onnxruntime" }.to_string(),
         runtime: String::new(),
         version_policy: Some(ModelVersionPolicy {
             policy_choice: Some(model_version_policy::PolicyChoice::All(model_version_policy::All {})),
@@ -70,7 +74,7 @@ pub fn model_config(model: &Model) -> ModelConfig {
                 name: spec.name.clone(),
                 data_type: spec.datatype.triton_config_type(),
                 dims: config_dims(model, spec),
-                optional: false,
+                optional: model.llm().is_some() && crate::llm::oip::is_optional_input(&spec.name),
             })
             .collect(),
         output: model
@@ -98,8 +102,23 @@ pub fn model_config(model: &Model) -> ModelConfig {
                 default_priority_level: 2,
             })
         }),
-        parameters: Default::default(),
+        parameters: llm_parameters(model),
     }
+}
+
+/// LLMs: the engine's limits, as configuration parameters.
+fn llm_parameters(model: &Model) -> std::collections::HashMap<String, ModelParameter> {
+    let Some(llm) = model.llm() else { return Default::default() };
+    let parameter = |value: String| ModelParameter { string_value: value };
+    [
+        ("decoupled", "true".to_string()),
+        ("context_length", llm.config.context_length.to_string()),
+        ("max_running_sequences", model.settings.max_batch_size.to_string()),
+        ("max_waiting_sequences", model.settings.max_queue_size.to_string()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), parameter(value)))
+    .collect()
 }
 
 fn duration(d: Duration64) -> Option<StatisticDuration> {

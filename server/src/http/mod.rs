@@ -297,6 +297,22 @@ async fn infer_version(
             (o.name.clone(), binary)
         })
         .collect();
+    let parameters = request
+        .parameters
+        .iter()
+        .filter_map(|(key, value)| {
+            let value = match value {
+                Value::Bool(b) => crate::model::ParamValue::Bool(*b),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => crate::model::ParamValue::Int(i),
+                    None => crate::model::ParamValue::Float(n.as_f64()?),
+                },
+                Value::String(s) => crate::model::ParamValue::Str(s.clone()),
+                _ => return None,
+            };
+            Some((key.clone(), value))
+        })
+        .collect();
     let inputs = json::decode_inputs(request.inputs, binary)?;
     let id = request.id.unwrap_or_default();
     let response = state
@@ -309,6 +325,7 @@ async fn infer_version(
                 outputs: outputs.into_iter().map(|o| o.name).collect(),
                 priority,
                 deadline,
+                parameters,
             },
         )
         .await?;

@@ -1,0 +1,526 @@
+//! The generation engine of one LLM: a bounded waiting queue and one
+//! dedicated thread that runs continuous batching on an ONNX Runtime
+//! session (whose runs block, so they stay off the async runtime).
+//!
+//! Each iteration of the thread:
+//! 1. drops sequences whose client went away (their receiver is closed),
+//!    waiting or running;
+//! 2. admits waiting requests while the batch has room, up to a prompt-token
+//!    budget, and prefills each (in chunks), sending its first token at once;
+//! 3. rebuilds the batch cache if a sequence joined or left (`cache`);
+//! 4. runs one decode step for every running sequence, feeding the previous
+//!    step's `present.*` back as `past_key_values.*`, and sends each
+//!    sequence's new text on its own channel.
+//!
+//! No request waits for another to finish: a new one joins at the next
+//! step, a finished one leaves at the next step.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::DynValue;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::error::{ErrorKind, InferError, InferResult};
+use crate::llm::cache::{decode_mask, i64_tensor, BatchCache, CacheShape, RowSource};
+use crate::llm::request::{Event, FinishReason, GenerateRequest, Usage};
+use crate::llm::sampling::Sampler;
+use crate::llm::stop::{Scanned, StopMatcher};
+use crate::llm::tokenizer::{IncrementalDecoder, TextCodec};
+use crate::metrics::METRICS;
+use crate::runtime::RunTimings;
+use crate::stats::ModelStats;
+
+/// Limits of one engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    /// Sequences decoded together at most.
+    pub max_running: usize,
+    /// Requests that may wait to join; more are refused (queue full).
+    pub max_waiting: usize,
+    /// Longest piece of a prompt prefilled in one run (bounds the memory of
+    /// the attention scores for long prompts).
+    pub prefill_chunk: usize,
+    /// Prompt tokens prefilled per iteration while others decode (at least
+    /// one request is always admitted), so running streams are not stalled.
+    pub prefill_budget: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings { max_running: 32, max_waiting: 1024, prefill_chunk: 512, prefill_budget: 512 }
+    }
+}
+
+/// What the engine needs to know about the model.
+pub struct EngineModel {
+    pub name: String,
+    pub shape: CacheShape,
+    pub context_length: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub codec: Arc<TextCodec>,
+    pub stats: Arc<ModelStats>,
+}
+
+struct Pending {
+    request: GenerateRequest,
+    events: UnboundedSender<Event>,
+    enqueued: Instant,
+}
+
+#[derive(Default)]
+struct Waiting {
+    items: VecDeque<Pending>,
+    closed: bool,
+}
+
+/// Per-model metric handles, resolved once.
+struct EngineMetrics {
+    waiting: IntGauge,
+    running: IntGauge,
+    queue_depth: IntGauge,
+    inflight: IntGauge,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+    prompt_tokens: IntCounter,
+    generated_tokens: IntCounter,
+    queue_duration: Histogram,
+    compute_duration: Histogram,
+    batch_size: Histogram,
+}
+
+impl EngineMetrics {
+    fn new(model: &str) -> EngineMetrics {
+        let m = &*METRICS;
+        EngineMetrics {
+            waiting: m.llm_waiting.with_label_values(&[model]),
+            running: m.llm_running.with_label_values(&[model]),
+            queue_depth: m.queue_depth.with_label_values(&[model]),
+            inflight: m.inflight.with_label_values(&[model]),
+            time_to_first_token: m.llm_time_to_first_token.with_label_values(&[model]),
+            inter_token_latency: m.llm_inter_token_latency.with_label_values(&[model]),
+            prompt_tokens: m.llm_prompt_tokens.with_label_values(&[model]),
+            generated_tokens: m.llm_generated_tokens.with_label_values(&[model]),
+            queue_duration: m.queue_duration.with_label_values(&[model]),
+            compute_duration: m.compute_duration.with_label_values(&[model]),
+            batch_size: m.batch_size.with_label_values(&[model]),
+        }
+    }
+
+    fn set_waiting(&self, n: usize) {
+        self.waiting.set(n as i64);
+        self.queue_depth.set(n as i64);
+    }
+
+    fn set_running(&self, n: usize) {
+        self.running.set(n as i64);
+        self.inflight.set(n as i64);
+    }
+}
+
+struct Shared {
+    queue: Mutex<Waiting>,
+    wake: Condvar,
+    settings: EngineSettings,
+    metrics: EngineMetrics,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Blocks until there is work; returns the requests to admit now, or
+    /// `None` once closed and drained.
+    fn take(&self, running: usize) -> Option<Vec<Pending>> {
+        let mut queue = self.lock();
+        loop {
+            queue.items.retain(|p| !p.events.is_closed());
+            if running > 0 || !queue.items.is_empty() {
+                break;
+            }
+            self.metrics.set_waiting(0);
+            if queue.closed {
+                return None;
+            }
+            queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+        }
+        let mut admitted = Vec::new();
+        let mut tokens = 0;
+        while running + admitted.len() < self.settings.max_running {
+            let Some(next) = queue.items.front() else { break };
+            let len = next.request.prompt.len();
+            if !admitted.is_empty() && tokens + len > self.settings.prefill_budget {
+                break;
+            }
+            tokens += len;
+            admitted.extend(queue.items.pop_front());
+        }
+        self.metrics.set_waiting(queue.items.len());
+        Some(admitted)
+    }
+}
+
+/// The handle the model holds: admits requests, stops the thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Checks the session against the model and starts the engine thread.
+    pub fn start(session: Session, model: EngineModel, settings: EngineSettings) -> anyhow::Result<Engine> {
+        let names = Names::check(&session, model.shape.layers)?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Waiting::default()),
+            wake: Condvar::new(),
+            settings,
+            metrics: EngineMetrics::new(&model.name),
+        });
+        shared.metrics.set_waiting(0);
+        shared.metrics.set_running(0);
+        let worker = Worker { shared: shared.clone(), session, model, names, running: Vec::new(), cache: None };
+        std::thread::Builder::new()
+            .name(format!("ferrite-llm-{}", worker.model.name))
+            .spawn(move || worker.run())
+            .map_err(|e| anyhow::anyhow!("cannot start the engine thread: {e}"))?;
+        Ok(Engine { shared })
+    }
+
+    /// Queues a request; its events arrive on the returned channel. Dropping
+    /// the receiver cancels the request (it leaves the queue or the batch at
+    /// the engine's next step).
+    pub fn submit(&self, request: GenerateRequest) -> InferResult<UnboundedReceiver<Event>> {
+        let (events, receiver) = unbounded_channel();
+        {
+            let mut queue = self.shared.lock();
+            if queue.closed {
+                return Err(InferError::new(ErrorKind::Unavailable, "the model is shutting down"));
+            }
+            if queue.items.len() >= self.shared.settings.max_waiting {
+                return Err(InferError::new(
+                    ErrorKind::QueueFull,
+                    format!("the queue is full ({} requests waiting)", queue.items.len()),
+                ));
+            }
+            queue.items.push_back(Pending { request, events, enqueued: Instant::now() });
+            self.shared.metrics.set_waiting(queue.items.len());
+        }
+        self.shared.wake.notify_all();
+        Ok(receiver)
+    }
+
+    /// Stops taking requests; admitted ones still finish, then the thread exits.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Input and output names of the decoder graph.
+struct Names {
+    past: Vec<String>,
+    present: Vec<String>,
+}
+
+impl Names {
+    /// The names docs/llm.md fixes, checked against the session.
+    fn check(session: &Session, layers: usize) -> anyhow::Result<Names> {
+        let kv = |prefix: &str| {
+            (0..layers).flat_map(|i| [format!("{prefix}.{i}.key"), format!("{prefix}.{i}.value")]).collect::<Vec<_>>()
+        };
+        let names = Names { past: kv("past_key_values"), present: kv("present") };
+        let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        for name in
+            ["input_ids", "attention_mask", "position_ids"].iter().copied().chain(names.past.iter().map(String::as_str))
+        {
+            anyhow::ensure!(inputs.contains(&name), "the decoder graph has no input '{name}' (see docs/llm.md)");
+        }
+        for name in std::iter::once("logits").chain(names.present.iter().map(String::as_str)) {
+            anyhow::ensure!(outputs.contains(&name), "the decoder graph has no output '{name}' (see docs/llm.md)");
+        }
+        Ok(names)
+    }
+}
+
+/// One sequence being generated.
+struct Sequence {
+    events: UnboundedSender<Event>,
+    prompt_len: usize,
+    max_tokens: usize,
+    /// Tokens generated (an end-of-sequence token is not counted).
+    generated: usize,
+    /// Positions in the cache.
+    len: usize,
+    /// The token to feed at the next step.
+    last_token: u32,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    enqueued: Instant,
+    last_token_at: Option<Instant>,
+    finished: bool,
+}
+
+impl Sequence {
+    fn usage(&self) -> Usage {
+        Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated }
+    }
+
+    fn finish(&mut self, text: String, finish_reason: FinishReason) {
+        let usage = self.usage();
+        let _ = self.events.send(Event::Done { text, finish_reason, usage });
+        self.finished = true;
+    }
+
+    fn fail(&mut self, error: InferError) {
+        let _ = self.events.send(Event::Error(error));
+        self.finished = true;
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    session: Session,
+    model: EngineModel,
+    names: Names,
+    /// In the order of the cache's rows.
+    running: Vec<Sequence>,
+    cache: Option<BatchCache>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        while let Some(admitted) = self.shared.take(self.running.len()) {
+            let result = catch_unwind(AssertUnwindSafe(|| self.iterate(admitted)))
+                .unwrap_or_else(|_| Err(InferError::internal("the LLM engine panicked")));
+            if let Err(error) = result {
+                tracing::error!(model = %self.model.name, %error, "generation step failed");
+                for sequence in &mut self.running {
+                    sequence.fail(error.clone());
+                }
+                self.running.clear();
+                self.cache = None;
+            }
+            self.shared.metrics.set_running(self.running.len());
+        }
+        self.shared.metrics.set_running(0);
+    }
+
+    fn iterate(&mut self, admitted: Vec<Pending>) -> InferResult<()> {
+        for sequence in &mut self.running {
+            if sequence.events.is_closed() {
+                sequence.finished = true;
+            }
+        }
+        let mut joiners = Vec::new();
+        for pending in admitted {
+            if pending.events.is_closed() {
+                continue;
+            }
+            let waited = pending.enqueued.elapsed();
+            self.shared.metrics.queue_duration.observe(waited.as_secs_f64());
+            if let Some(joiner) = self.prefill(pending, waited)? {
+                joiners.push(joiner);
+            }
+        }
+        if !joiners.is_empty() || self.running.iter().any(|s| s.finished) {
+            self.rebuild(joiners)?;
+            self.shared.metrics.set_running(self.running.len());
+        }
+        if !self.running.is_empty() {
+            self.decode_step()?;
+        }
+        Ok(())
+    }
+
+    /// Runs the graph on one batch; returns the logits and the new cache.
+    fn forward(
+        &mut self,
+        input_ids: Vec<i64>,
+        attention_mask: Vec<i64>,
+        position_ids: Vec<i64>,
+        cache: BatchCache,
+    ) -> InferResult<(DynValue, BatchCache)> {
+        let rows = cache.rows;
+        let seq = input_ids.len() / rows.max(1);
+        let past = cache.past;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(3 + cache.tensors.len());
+        inputs.push(("input_ids".into(), i64_tensor(vec![rows, seq], input_ids)?.into()));
+        inputs.push(("attention_mask".into(), i64_tensor(vec![rows, past + seq], attention_mask)?.into()));
+        inputs.push(("position_ids".into(), i64_tensor(vec![rows, seq], position_ids)?.into()));
+        for (name, value) in self.names.past.iter().zip(cache.tensors) {
+            inputs.push((name.as_str().into(), value.into()));
+        }
+        let mut outputs =
+            self.session.run(inputs).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
+        let missing = |name: &str| InferError::internal(format!("ONNX Runtime returned no output '{name}'"));
+        let logits = outputs.remove("logits").ok_or_else(|| missing("logits"))?;
+        let tensors = self
+            .names
+            .present
+            .iter()
+            .map(|name| outputs.remove(name).ok_or_else(|| missing(name)))
+            .collect::<InferResult<Vec<_>>>()?;
+        Ok((logits, BatchCache { tensors, rows, past: past + seq }))
+    }
+
+    /// Prefills a prompt in chunks and handles its first token. Returns the
+    /// sequence and its cache, or `None` if it already finished.
+    fn prefill(&mut self, pending: Pending, waited: Duration) -> InferResult<Option<(Sequence, BatchCache)>> {
+        let started = Instant::now();
+        let Pending { request, events, enqueued } = pending;
+        let prompt = &request.prompt;
+        let mut cache = BatchCache::empty(self.model.shape, 1)?;
+        let mut first = 0;
+        for chunk in prompt.chunks(self.shared.settings.prefill_chunk.max(1)) {
+            let past = cache.past;
+            let ids = chunk.iter().map(|&t| t as i64).collect();
+            let mask = vec![1i64; past + chunk.len()];
+            let positions = (past..past + chunk.len()).map(|p| p as i64).collect();
+            let (logits, next) = self.forward(ids, mask, positions, cache)?;
+            cache = next;
+            if cache.past == prompt.len() {
+                let (_, row) = logits
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
+                let mut sampler = Sampler::new(request.sampling, prompt);
+                first = sampler.sample(row);
+                let mut sequence = Sequence {
+                    events: events.clone(),
+                    prompt_len: prompt.len(),
+                    max_tokens: request.max_tokens,
+                    generated: 0,
+                    len: prompt.len(),
+                    last_token: first,
+                    sampler,
+                    decoder: IncrementalDecoder::default(),
+                    stop: StopMatcher::new(request.stop.clone()),
+                    enqueued,
+                    last_token_at: None,
+                    finished: false,
+                };
+                let compute = started.elapsed();
+                self.record(1, waited, compute);
+                self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+                self.accept(&mut sequence, first);
+                return Ok((!sequence.finished).then_some((sequence, cache)));
+            }
+        }
+        let _ = first;
+        Err(InferError::internal("empty prompt reached the engine"))
+    }
+
+    /// Applies membership changes to the batch cache: finished sequences
+    /// leave, `joiners` come in.
+    fn rebuild(&mut self, joiners: Vec<(Sequence, BatchCache)>) -> InferResult<()> {
+        let old = self.cache.take();
+        let mut rows = Vec::new();
+        let mut members = Vec::new();
+        for (i, sequence) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            if !sequence.finished {
+                rows.push(RowSource { source: 0, row: i, len: sequence.len });
+                members.push(sequence);
+            }
+        }
+        let base = usize::from(old.is_some());
+        let (sequences, caches): (Vec<Sequence>, Vec<BatchCache>) = joiners.into_iter().unzip();
+        for (k, sequence) in sequences.into_iter().enumerate() {
+            rows.push(RowSource { source: base + k, row: 0, len: sequence.len });
+            members.push(sequence);
+        }
+        self.running = members;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // A lone newcomer's prefill cache is already the batch cache.
+        if rows.len() == 1 && rows[0].source == base && caches.len() == 1 {
+            self.cache = caches.into_iter().next();
+            return Ok(());
+        }
+        let sources: Vec<&BatchCache> = old.iter().chain(caches.iter()).collect();
+        self.cache = Some(BatchCache::gather(self.model.shape, &sources, &rows)?);
+        Ok(())
+    }
+
+    /// One decode step for every running sequence.
+    fn decode_step(&mut self) -> InferResult<()> {
+        let started = Instant::now();
+        let cache = self.cache.take().ok_or_else(|| InferError::internal("decode batch without a cache"))?;
+        let past = cache.past;
+        let ids = self.running.iter().map(|s| s.last_token as i64).collect();
+        let positions = self.running.iter().map(|s| s.len as i64).collect();
+        let mut mask = Vec::new();
+        decode_mask(self.running.iter().map(|s| s.len), past, &mut mask);
+        let (logits, cache) = self.forward(ids, mask, positions, cache)?;
+        self.cache = Some(cache);
+        let (_, data) =
+            logits.try_extract_tensor::<f32>().map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
+        let rows = self.running.len();
+        let vocab = data.len() / rows;
+        let mut running = std::mem::take(&mut self.running);
+        for (b, sequence) in running.iter_mut().enumerate() {
+            sequence.len += 1;
+            let token = sequence.sampler.sample(&data[b * vocab..(b + 1) * vocab]);
+            self.accept(sequence, token);
+        }
+        self.running = running;
+        self.record(rows, Duration::ZERO, started.elapsed());
+        Ok(())
+    }
+
+    /// Takes a sampled token: counts it, turns it into text, checks the end
+    /// conditions and sends what the client may see.
+    fn accept(&self, sequence: &mut Sequence, token: u32) {
+        let metrics = &self.shared.metrics;
+        let now = Instant::now();
+        match sequence.last_token_at {
+            None => metrics.time_to_first_token.observe((now - sequence.enqueued).as_secs_f64()),
+            Some(previous) => metrics.inter_token_latency.observe((now - previous).as_secs_f64()),
+        }
+        sequence.last_token_at = Some(now);
+        metrics.generated_tokens.inc();
+        sequence.last_token = token;
+        if self.model.eos_token_ids.contains(&token) {
+            let text = sequence.stop.flush();
+            sequence.finish(text, FinishReason::Stop);
+            return;
+        }
+        sequence.generated += 1;
+        sequence.sampler.observe(token);
+        let codec = &self.model.codec;
+        let text = sequence.decoder.push(|ids| codec.decode(ids), token);
+        let scanned = if text.is_empty() { Scanned { text, stopped: false } } else { sequence.stop.push(&text) };
+        if scanned.stopped {
+            sequence.finish(scanned.text, FinishReason::Stop);
+            return;
+        }
+        // The next step would feed this token at position `len`.
+        if sequence.generated >= sequence.max_tokens || sequence.len >= self.model.context_length {
+            let text = scanned.text + &sequence.stop.flush();
+            sequence.finish(text, FinishReason::Length);
+            return;
+        }
+        if !scanned.text.is_empty() && sequence.events.send(Event::Text(scanned.text)).is_err() {
+            sequence.finished = true;
+        }
+    }
+
+    fn record(&self, rows: usize, waited: Duration, compute: Duration) {
+        let metrics = &self.shared.metrics;
+        metrics.compute_duration.observe(compute.as_secs_f64());
+        metrics.batch_size.observe(rows as f64);
+        self.model.stats.record_batch(rows, waited, RunTimings { infer: compute, ..RunTimings::default() });
+    }
+}

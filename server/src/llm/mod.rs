@@ -1,0 +1,270 @@
+//! Micro LLMs: a decoder-only model served with continuous batching.
+//!
+//! A model directory with `llm.json` (docs/llm.md) loads as an [`Llm`]:
+//! its tokenizer and chat template turn requests into prompt tokens, and
+//! its [`engine::Engine`] generates on a dedicated thread. The frontends
+//! (OpenAI-compatible HTTP in `http::openai`, the Open Inference Protocol
+//! through [`oip`]) only build [`request::GenerateOptions`] and read
+//! [`request::Event`]s.
+
+pub mod cache;
+pub mod config;
+pub mod engine;
+pub mod oip;
+pub mod request;
+pub mod sampling;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::config::ModelSettings;
+use crate::error::{ErrorKind, InferError, InferResult};
+use crate::metrics::METRICS;
+use crate::runtime::{ModelBytes, Runtime, SessionOptions};
+use crate::stats::ModelStats;
+use config::LlmConfig;
+use engine::{Engine, EngineModel, EngineSettings};
+use request::{Event, GenerateOptions, GenerateRequest};
+use sampling::SamplingParams;
+use template::{ChatMessage, ChatTemplate};
+use tokenizer::TextCodec;
+
+/// How a context-length error message starts (OpenAI's wording), so the
+/// OpenAI frontend can label it `context_length_exceeded`.
+pub const CONTEXT_LENGTH_ERROR: &str = "This model's maximum context length is";
+
+/// Most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// A loaded LLM: configuration, tokenizer, chat template and engine.
+pub struct Llm {
+    pub config: LlmConfig,
+    codec: Arc<TextCodec>,
+    template: Option<ChatTemplate>,
+    bos_text: String,
+    eos_text: String,
+    engine: Engine,
+}
+
+impl Llm {
+    /// Loads the model directory `dir` and starts its engine. Decode batch
+    /// size and waiting queue come from the model settings
+    /// (`max_batch_size`, `max_queue_size`).
+    pub fn load(
+        runtime: &Runtime,
+        name: &str,
+        dir: &Path,
+        settings: &ModelSettings,
+        stats: Arc<ModelStats>,
+    ) -> anyhow::Result<Llm> {
+        let config = LlmConfig::read(dir)?;
+        let codec = Arc::new(TextCodec::load(&dir.join(config::TOKENIZER_FILE))?);
+        let template_path = dir.join(config::CHAT_TEMPLATE_FILE);
+        let template = match std::fs::read_to_string(&template_path) {
+            Ok(source) => Some(ChatTemplate::new(source)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => anyhow::bail!("cannot read {}: {e}", template_path.display()),
+        };
+        let token_text = |id: Option<u32>| id.and_then(|id| codec.token_text(id)).unwrap_or_default();
+        let bos_text = token_text(config.bos_token_id);
+        let eos_text = token_text(config.eos_token_ids.first().copied());
+        let options = SessionOptions {
+            execution_provider: settings.execution_provider,
+            intra_op_threads: settings.threads_per_instance(),
+        };
+        let session = runtime.session(&ModelBytes::File(dir.join(config::LLM_MODEL_FILE)), options)?;
+        let engine_settings = EngineSettings {
+            max_running: settings.max_batch_size.max(1),
+            max_waiting: settings.max_queue_size.max(1),
+            ..EngineSettings::default()
+        };
+        let model = EngineModel {
+            name: name.to_string(),
+            shape: cache::CacheShape {
+                layers: config.num_layers,
+                heads: config.num_kv_heads,
+                head_dim: config.head_dim,
+            },
+            context_length: config.context_length,
+            eos_token_ids: config.eos_token_ids.clone(),
+            codec: codec.clone(),
+            stats,
+        };
+        let engine = Engine::start(session, model, engine_settings)?;
+        Ok(Llm { config, codec, template, bos_text, eos_text, engine })
+    }
+
+    /// Prompt tokens of a chat: the chat template applied, with the
+    /// generation prompt added.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> InferResult<Vec<u32>> {
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| InferError::invalid("this model has no chat template; use /v1/completions"))?;
+        if messages.is_empty() {
+            return Err(InferError::invalid("messages must not be empty"));
+        }
+        let text = template.render(messages, true, &self.bos_text, &self.eos_text).map_err(InferError::invalid)?;
+        self.tokens(&text)
+    }
+
+    /// Prompt tokens of plain text.
+    pub fn text_prompt(&self, text: &str) -> InferResult<Vec<u32>> {
+        self.tokens(text)
+    }
+
+    fn tokens(&self, text: &str) -> InferResult<Vec<u32>> {
+        let mut tokens = Vec::new();
+        if self.config.add_bos_token {
+            tokens.extend(self.config.bos_token_id);
+        }
+        tokens.extend(self.codec.encode(text).map_err(InferError::invalid)?);
+        if tokens.is_empty() {
+            return Err(InferError::invalid("the prompt is empty"));
+        }
+        Ok(tokens)
+    }
+
+    /// Checks options against the model: sampling ranges, stop strings and
+    /// the context length.
+    pub fn prepare(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<GenerateRequest> {
+        let defaults = &self.config.defaults;
+        let sampling = SamplingParams {
+            temperature: options.temperature.unwrap_or(defaults.temperature),
+            top_k: options.top_k.unwrap_or(defaults.top_k),
+            top_p: options.top_p.unwrap_or(defaults.top_p),
+            seed: options.seed,
+            repetition_penalty: options.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: options.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: options.frequency_penalty.unwrap_or(0.0),
+        };
+        sampling.check().map_err(InferError::invalid)?;
+        if options.stop.len() > MAX_STOP_STRINGS {
+            return Err(InferError::invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed")));
+        }
+        let context = self.config.context_length;
+        let max_tokens = check_context(context, prompt.len(), options.max_tokens, defaults.max_tokens)?;
+        Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone() })
+    }
+
+    /// Prepares and queues a request for `model` (its name, for metrics).
+    pub fn generate(
+        &self,
+        model: &str,
+        stats: &Arc<ModelStats>,
+        prompt: Vec<u32>,
+        options: &GenerateOptions,
+    ) -> InferResult<Generation> {
+        let mut outcome =
+            Outcome { model: model.to_string(), stats: stats.clone(), started: Instant::now(), result: None };
+        let submitted = self.prepare(prompt, options).and_then(|request| {
+            let prompt_tokens = request.prompt.len();
+            self.engine.submit(request).map(|receiver| (receiver, prompt_tokens))
+        });
+        match submitted {
+            Ok((receiver, prompt_tokens)) => Ok(Generation { receiver, outcome, prompt_tokens }),
+            Err(error) => {
+                outcome.result = Some(Err(error.kind));
+                Err(error)
+            }
+        }
+    }
+
+    /// Stops taking requests.
+    pub fn close(&self) {
+        self.engine.close();
+    }
+}
+
+/// `max_tokens` for a prompt of `prompt` tokens: the requested one if it
+/// fits the context, else a clear error; by default the model's default,
+/// shortened to what the context leaves.
+pub fn check_context(context: usize, prompt: usize, requested: Option<usize>, default: usize) -> InferResult<usize> {
+    let too_long = |max_tokens: usize| {
+        InferError::invalid(format!(
+            "{CONTEXT_LENGTH_ERROR} {context} tokens. However, you requested {} tokens ({prompt} in the prompt, \
+             {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            prompt.saturating_add(max_tokens)
+        ))
+    };
+    match requested {
+        Some(0) => Err(InferError::invalid("max_tokens must be at least 1")),
+        Some(max_tokens) if prompt.saturating_add(max_tokens) > context => Err(too_long(max_tokens)),
+        Some(max_tokens) => Ok(max_tokens),
+        None if prompt >= context => Err(too_long(1)),
+        None => Ok(default.max(1).min(context - prompt)),
+    }
+}
+
+/// A running request: its events, and its outcome recorded in
+/// `ferrite_requests_total` and the model statistics when dropped
+/// (cancelled if it never finished). Dropping it cancels the request.
+pub struct Generation {
+    receiver: UnboundedReceiver<Event>,
+    outcome: Outcome,
+    pub prompt_tokens: usize,
+}
+
+impl Generation {
+    /// The next event; `None` after the last (`Done` or `Error`).
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.outcome.result.is_some() {
+            return None;
+        }
+        let event =
+            self.receiver.recv().await.unwrap_or_else(|| Event::Error(InferError::internal("the LLM engine stopped")));
+        match &event {
+            Event::Done { .. } => self.outcome.result = Some(Ok(())),
+            Event::Error(error) => self.outcome.result = Some(Err(error.kind)),
+            Event::Text(_) => {}
+        }
+        Some(event)
+    }
+}
+
+struct Outcome {
+    model: String,
+    stats: Arc<ModelStats>,
+    started: Instant,
+    result: Option<Result<(), ErrorKind>>,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let (label, ok) = match self.result {
+            Some(Ok(())) => ("success", true),
+            Some(Err(kind)) => (kind.metric_label(), false),
+            None => (ErrorKind::Cancelled.metric_label(), false),
+        };
+        METRICS.requests.with_label_values(&[&self.model, label]).inc();
+        METRICS.request_duration.with_label_values(&[&self.model]).observe(elapsed.as_secs_f64());
+        self.stats.record_request(ok, elapsed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_length_is_checked() {
+        assert_eq!(check_context(100, 40, Some(60), 256), Ok(60));
+        let err = check_context(100, 40, Some(61), 256).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        assert!(err.message.starts_with(CONTEXT_LENGTH_ERROR), "{err}");
+        assert!(err.message.contains("101 tokens (40 in the prompt, 61 for the completion)"), "{err}");
+        // Without max_tokens: the default, cut to what is left.
+        assert_eq!(check_context(100, 40, None, 256), Ok(60));
+        assert_eq!(check_context(100, 40, None, 16), Ok(16));
+        assert!(check_context(100, 100, None, 16).is_err());
+        assert!(check_context(100, 1, Some(0), 16).is_err());
+        assert!(check_context(100, 1, Some(usize::MAX), 16).is_err());
+    }
+}

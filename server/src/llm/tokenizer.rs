@@ -1,0 +1,98 @@
+//! Text to tokens and back with the model's `tokenizer.json` (the
+//! `tokenizers` crate), and the incremental decoder that turns a growing
+//! token sequence into text deltas without splitting characters.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+/// The model's tokenizer.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+}
+
+impl TextCodec {
+    /// Loads `tokenizer.json`.
+    pub fn load(path: &Path) -> anyhow::Result<TextCodec> {
+        let tokenizer =
+            Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        Ok(TextCodec { tokenizer })
+    }
+
+    /// Tokens of `text`. Special tokens written in the text (`<|im_start|>`)
+    /// become their ids; no BOS is added here (the engine decides).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| format!("cannot tokenize: {e}"))
+    }
+
+    /// Text of `ids`, without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// The text of one token as the vocabulary spells it (`<|im_end|>`).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    /// Size of the vocabulary, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+}
+
+/// Turns tokens, one at a time, into text deltas. Byte-level tokens may end
+/// inside a UTF-8 character: such text is held until the character is
+/// complete. Decoding a short window (not the whole output) keeps each step
+/// cheap, and decoding the window with its left context keeps spaces that
+/// some tokenizers only produce between tokens.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    /// Start of the window decoded for context.
+    prefix: usize,
+    /// Tokens before this index have been emitted as text.
+    read: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds a token; returns the new text it completes (maybe empty).
+    pub fn push(&mut self, decode: impl Fn(&[u32]) -> String, id: u32) -> String {
+        self.ids.push(id);
+        let before = decode(&self.ids[self.prefix..self.read]);
+        let now = decode(&self.ids[self.prefix..]);
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return String::new();
+        }
+        let Some(delta) = now.get(before.len()..) else {
+            return String::new();
+        };
+        let delta = delta.to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        delta
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A byte-level stand-in: each token is one byte of UTF-8.
+    fn bytes_decode(ids: &[u32]) -> String {
+        String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<u8>>()).into_owned()
+    }
+
+    #[test]
+    fn split_characters_wait_for_their_last_byte() {
+        let mut decoder = IncrementalDecoder::default();
+        let mut out = Vec::new();
+        for b in "aé€!".bytes() {
+            out.push(decoder.push(bytes_decode, b as u32));
+        }
+        assert_eq!(out, vec!["a", "", "é", "", "", "€", "!"]);
+    }
+}
