@@ -74,7 +74,7 @@ enum Backend {
     /// Tensor models: the queue and dynamic batcher.
     Tensor(Scheduler),
     /// LLMs: the generation engine.
-    Llm(Llm),
+    Llm(Box<Llm>),
 }
 
 impl Model {
@@ -148,7 +148,7 @@ impl Model {
             settings,
             max_batch_size: None,
             stats,
-            backend: Backend::Llm(llm),
+            backend: Backend::Llm(Box::new(llm)),
         })
     }
 

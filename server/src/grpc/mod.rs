@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use ferrite_proto::inference::*;
-use futures::{Stream, StreamExt};
+use futures::stream::{self, BoxStream};
+use futures::{future, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::InferError;
@@ -55,6 +56,27 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+/// The responses to one request of a ModelStreamInfer stream: one for a
+/// tensor model (awaited here), one per generation step for an LLM (the
+/// stream itself, returned as soon as the request is admitted).
+async fn stream_infer(
+    state: &ServerState,
+    message: ModelInferRequest,
+) -> BoxStream<'static, Result<ModelInferResponse, InferError>> {
+    let is_llm = state.model(&message.model_name, &message.model_version).is_ok_and(|m| m.llm().is_some());
+    if !is_llm {
+        return stream::once(future::ready(infer(state, message, None).await)).boxed();
+    }
+    let started = codec::decode_request(message, None).and_then(|decoded| {
+        let model = state.model(&decoded.model_name, &decoded.model_version)?;
+        crate::llm::oip::infer_stream(model, decoded.request)
+    });
+    match started {
+        Ok(responses) => responses.map(|r| r.map(codec::encode_response)).boxed(),
+        Err(error) => stream::once(future::ready(Err(error))).boxed(),
+    }
+}
 
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
@@ -106,20 +128,25 @@ impl GrpcInferenceService for InferenceService {
             .map(move |message| {
                 let state = state.clone();
                 async move {
-                    let reply = match message {
-                        Ok(message) => infer(&state, message, None).await,
+                    match message {
+                        Ok(message) => stream_infer(&state, message).await,
                         // A malformed or oversized message: say so on the stream.
-                        Err(status) => Err(InferError::invalid(status.message().to_string())),
-                    };
-                    Ok(match reply {
-                        Ok(response) => {
-                            ModelStreamInferResponse { error_message: String::new(), infer_response: Some(response) }
-                        }
-                        Err(error) => ModelStreamInferResponse { error_message: error.message, infer_response: None },
-                    })
+                        Err(status) => stream::once(future::ready(Err(InferError::invalid(status.message())))).boxed(),
+                    }
                 }
             })
-            .buffered(STREAM_CONCURRENCY);
+            // Requests run concurrently; each one's responses come out whole
+            // and in request order.
+            .buffered(STREAM_CONCURRENCY)
+            .flatten()
+            .map(|reply| {
+                Ok(match reply {
+                    Ok(response) => {
+                        ModelStreamInferResponse { error_message: String::new(), infer_response: Some(response) }
+                    }
+                    Err(error) => ModelStreamInferResponse { error_message: error.message, infer_response: None },
+                })
+            });
         Ok(Response::new(Box::pin(responses)))
     }
 

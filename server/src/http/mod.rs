@@ -3,6 +3,7 @@
 //! the Prometheus endpoint served on the metrics port.
 
 pub mod json;
+pub mod openai;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
+        .merge(openai::routes())
         // Bodies over the limit are refused while being read (see `infer`).
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -147,7 +149,7 @@ async fn model_config_version(
     let mut config = json!({
         "name": model.name,
         "platform": describe::PLATFORM,
-        "backend": "onnxruntime",
+        "backend": if model.llm().is_some() { describe::LLM_BACKEND } else { "onnxruntime" },
         "version_policy": {"all": {}},
         "max_batch_size": model.max_batch_size.unwrap_or(0),
         "input": tensors(&model.signature.inputs),
