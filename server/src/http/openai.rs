@@ -91,6 +91,9 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     logprobs: Option<Value>,
+    /// vLLM's and llama.cpp's extension: generate `max_tokens` regardless
+    /// of end-of-sequence tokens (benchmarks).
+    ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +131,7 @@ impl Common {
                 Some(Stop::One(s)) => vec![s.clone()],
                 Some(Stop::Many(list)) => list.clone(),
             },
+            ignore_eos: self.ignore_eos,
         })
     }
 

@@ -268,6 +268,7 @@ struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
+    ignore_eos: bool,
     enqueued: Instant,
     last_token_at: Option<Instant>,
     finished: bool,
@@ -407,6 +408,7 @@ impl Worker {
                     sampler,
                     decoder: IncrementalDecoder::default(),
                     stop: StopMatcher::new(request.stop.clone()),
+                    ignore_eos: request.ignore_eos,
                     enqueued,
                     last_token_at: None,
                     finished: false,
@@ -492,7 +494,7 @@ impl Worker {
         sequence.last_token_at = Some(now);
         metrics.generated_tokens.inc();
         sequence.last_token = token;
-        if self.model.eos_token_ids.contains(&token) {
+        if !sequence.ignore_eos && self.model.eos_token_ids.contains(&token) {
             let text = sequence.stop.flush();
             sequence.finish(text, FinishReason::Stop);
             return;

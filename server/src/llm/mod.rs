@@ -150,7 +150,7 @@ impl Llm {
         }
         let context = self.config.context_length;
         let max_tokens = check_context(context, prompt.len(), options.max_tokens, defaults.max_tokens)?;
-        Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone() })
+        Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone(), ignore_eos: options.ignore_eos })
     }
 
     /// Prepares and queues a request for `model` (its name, for metrics).

@@ -136,6 +136,10 @@ fn apply(request: &mut TextRequest, key: &str, value: &ParamValue) -> InferResul
             _ => return Err(InferError::invalid("parameter 'stream' must be a boolean")),
         },
         "stop" => options.stop = as_strings(key, value)?,
+        "ignore_eos" => match value {
+            ParamValue::Bool(b) => options.ignore_eos = *b,
+            _ => return Err(InferError::invalid("parameter 'ignore_eos' must be a boolean")),
+        },
         _ => {}
     }
     Ok(())

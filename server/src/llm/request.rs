@@ -15,6 +15,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation ends before any of these strings (not sent).
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// What a request asks for, before it is checked against the model.
@@ -29,6 +31,7 @@ pub struct GenerateOptions {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended, as OpenAI names it.
