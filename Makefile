@@ -49,9 +49,10 @@ demo-local: venv ort build ## no cluster: run the server on its embedded demo mo
 	$(PY) scripts/demo.py $(SERVER_BIN)
 
 # The end-to-end tests (e2e/e2e.mk) come last: they need root, the images
-# (a release build) and the cluster binaries, and say so loudly when they
-# cannot run (failing under CI=true).
-test: test-rust test-python e2e ## run every test
+# (here packed from the debug build, see images/images.mk) and the cluster
+# binaries, and say so loudly when they cannot run (failing under CI=true).
+test: test-rust test-python ## run every test
+	$(MAKE) --no-print-directory e2e IMAGE_PROFILE=debug
 
 # The operator's tests run against a real API server, and start
 # ferrite-server processes with the test models (venv).

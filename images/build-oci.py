@@ -33,6 +33,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 NONROOT_UID = 65532
 NONROOT_GID = 65532
@@ -152,6 +153,15 @@ def ldd(path):
     return paths
 
 
+def without_debug_info(path):
+    """The bytes of ELF file `path` without its debug sections (objcopy)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "stripped")
+        subprocess.run(["objcopy", "--strip-debug", path, out], check=True)
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def add_host_path(layer, path):
     """Copy `path` from this machine, keeping every symbolic link along the way."""
     seen = 0
@@ -217,7 +227,10 @@ def build(args):
         if not os.path.isfile(src):
             sys.exit(f"build-oci: {src}: no such file")
         layer = Layer(f"{kind} {dest}")
-        layer.add_file(dest, src)
+        if kind == "elf" and args.strip_debug:
+            layer.add_bytes(dest, without_debug_info(src), mode=os.stat(src).st_mode & 0o777)
+        else:
+            layer.add_file(dest, src)
         app_layers.append(layer)
         if kind == "elf":
             for lib in ldd(src):
@@ -345,6 +358,8 @@ def main(argv=None):
         "--file", dest="items", action="append", type=lambda s: ("file", s),
         help="SRC:DEST any other file",
     )
+    p.add_argument("--strip-debug", action="store_true",
+                   help="drop debug sections from the --elf files (objcopy), for images of debug builds")
     p.add_argument("--entrypoint", action="append", required=True, help="repeat for each word")
     p.add_argument("--cmd", action="append", default=[], help="repeat for each word")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE")
