@@ -17,6 +17,8 @@ include e2e/e2e.mk
 include images/images.mk
 # make bench: ferrite against raw ONNX Runtime and Triton.
 include bench/bench.mk
+# make models: LLM model directories converted from GGUF (docs/llm.md).
+include models/models.mk
 
 .PHONY: help venv ort build release test test-rust test-python demo-local fuzz bench-resnet50 manifests clean
 
@@ -51,7 +53,7 @@ demo-local: venv ort build ## no cluster: run the server on its embedded demo mo
 # The end-to-end tests (e2e/e2e.mk) come last: they need root, the images
 # (here packed from the debug build, see images/images.mk) and the cluster
 # binaries, and say so loudly when they cannot run (failing under CI=true).
-test: test-rust test-python ## run every test
+test: test-rust test-python test-models ## run every test
 	$(MAKE) --no-print-directory e2e IMAGE_PROFILE=debug
 
 # The operator's tests run against a real API server, and start

@@ -1,0 +1,466 @@
+#!/usr/bin/env python3
+"""Convert a llama-architecture GGUF file into a ferrite LLM model directory.
+
+Writes (see docs/llm.md): model.onnx (decoder with a KV cache), tokenizer.json,
+chat_template.jinja and llm.json. Uses only `gguf`, `numpy` and `onnx`.
+
+  python models/convert_gguf.py GGUF OUTDIR --quant none|int4
+
+The graph is built by hand from the GGUF tensors:
+
+- token embedding: Gather on the dequantized `token_embd.weight`;
+- per layer: RMSNorm (com.microsoft SkipSimplifiedLayerNormalization, which also adds
+  the residual), one fused QKV projection, rotary embeddings (com.microsoft
+  RotaryEmbedding, per-row `position_ids`), grouped-query attention with standard ops
+  (the 3 query heads of each KV head are stacked along the row axis, so K and V are
+  never repeated), an additive mask built once from `attention_mask` and the causal
+  rule, output projection, SwiGLU MLP with a fused gate/up projection;
+- the final RMSNorm and the LM head (tied to the embedding when the GGUF has no
+  `output.weight`) run on the last position only.
+
+GGUF's Q and K weights are stored permuted (llama.cpp's converter reorders each head's
+rows so that its "normal" RoPE rotates adjacent pairs); we undo the permutation, so the
+graph uses Hugging Face's rotate-half RoPE and its KV cache matches Hugging Face's.
+
+Quantization:
+- `none`: every weight dequantized to float32.
+- `int4`: the projections become 4-bit MatMulNBits (block 32, asymmetric
+  round-to-nearest with uint8 zero points, from the dequantized GGUF weights: see
+  rtn_nbits), the LM head an 8-bit MatMulNBits taken exactly from the Q8_0 embedding
+  blocks. accuracy_level 4 (int8 activations) selects MLAS's fastest CPU kernels.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[convert {time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- GGUF
+class Gguf:
+    def __init__(self, path):
+        self.path = path
+        self.r = GGUFReader(path)
+        self.t = {t.name: t for t in self.r.tensors}
+
+    def field(self, key, default=None):
+        f = self.r.fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    def has(self, name):
+        return name in self.t
+
+    def qtype(self, name):
+        return self.t[name].tensor_type
+
+    def f32(self, name):
+        """Dequantized tensor as [rows(out), cols(in)] float32 (numpy order)."""
+        t = self.t[name]
+        a = dequantize(t.data, t.tensor_type)
+        return np.ascontiguousarray(a, dtype=np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+
+    def raw(self, name):
+        t = self.t[name]
+        return np.asarray(t.data)
+
+
+def unpermute_rows(w, n_head):
+    """Undo llama.cpp's Q/K row permutation (works on float rows or raw block rows)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------- 4-bit
+def q8_0_to_nbits(raw):
+    """GGUF Q8_0 rows [N, nb*34 bytes] -> 8-bit MatMulNBits (B uint8 [N, nb, 32], scales; zp 128 default)."""
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, 34)
+    d = blocks[:, :, 0:2].copy().view(np.float16).astype(np.float32)[:, :, 0]
+    q = blocks[:, :, 2:34].view(np.int8).astype(np.int16) + 128
+    return q.astype(np.uint8), d.reshape(-1).astype(np.float32)
+
+
+def rtn_nbits(w, bits=4, block=32):
+    """float [N, K] -> asymmetric round-to-nearest MatMulNBits blocks with uint8 zero points.
+
+    Why not map the GGUF's Q4_1 blocks (w = d*q + m) one to one: MatMulNBits computes
+    scale * (q - zp), so m becomes a float zero point -m/d, and ONNX Runtime 1.31's CPU
+    kernel has no fast path for float zero points (it dequantizes the whole weight on
+    every call: ~20x slower than with uint8 zero points). Re-rounding the zero point
+    to an integer costs at most half a step per block, the usual 4-bit RTN error.
+    """
+    n, k = w.shape
+    assert k % block == 0
+    nb = k // block
+    b = w.reshape(n, nb, block)
+    lo, hi = np.minimum(b.min(axis=2), 0.0), np.maximum(b.max(axis=2), 0.0)
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    q = np.clip(np.round(b / scale[:, :, None]) + zp[:, :, None], 0, levels).astype(np.uint8)
+    if bits == 4:
+        q = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+        if nb % 2:
+            zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+    return q, scale.reshape(-1), zp.reshape(-1)
+
+
+# --------------------------------------------------------------------------- graph
+class G:
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def name(self, hint):
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def init(self, name, arr):
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def const(self, hint, arr):
+        return self.init(self.name(hint), np.asarray(arr))
+
+    def op(self, op, inputs, hint=None, n_out=1, domain=None, outputs=None, **attrs):
+        outs = outputs or [self.name(hint or op) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name("n_" + op), domain=domain, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+
+def build(gg: Gguf, quant: str, block_size: int = 32, accuracy_level: int = 4):
+    arch = gg.field("general.architecture")
+    if arch != "llama":
+        sys.exit(f"unsupported architecture {arch!r} (only llama)")
+    L = int(gg.field("llama.block_count"))
+    hidden = int(gg.field("llama.embedding_length"))
+    n_head = int(gg.field("llama.attention.head_count"))
+    n_kv = int(gg.field("llama.attention.head_count_kv", n_head))
+    eps = float(gg.field("llama.attention.layer_norm_rms_epsilon"))
+    theta = float(gg.field("llama.rope.freq_base", 10000.0))
+    ctx = int(gg.field("llama.context_length"))
+    hd = hidden // n_head
+    rot_dim = int(gg.field("llama.rope.dimension_count", hd))
+    assert rot_dim == hd, "partial rotary not supported"
+    if gg.field("llama.rope.scaling.type") not in (None, "none"):
+        sys.exit("rope scaling not supported")
+    group = n_head // n_kv
+    emb = gg.f32("token_embd.weight")  # [V, hidden]
+    vocab = emb.shape[0]
+    tied = not gg.has("output.weight")
+    log(f"llama: {L} layers, hidden {hidden}, heads {n_head}/{n_kv}, head_dim {hd}, vocab {vocab}, "
+        f"rope theta {theta:g}, eps {eps:g}, tied embeddings: {tied}, quant {quant}")
+
+    g = G()
+    g.init("embed.weight", emb)
+
+    def linear(x, names, hint, n_heads_unpermute=None, out_dim=None):
+        """x @ concat(names).T ; names: list of GGUF weight names ([out, in] each)."""
+        if quant == "none":
+            ws = []
+            for nm in names:
+                w = gg.f32(nm)
+                if nm in n_heads_unpermute:
+                    w = unpermute_rows(w, n_heads_unpermute[nm])
+                ws.append(w)
+            w = np.concatenate(ws, axis=0)
+            wname = g.init(hint + ".weight", np.ascontiguousarray(w.T))
+            return g.op("MatMul", [x, wname], hint)
+        # int4: re-quantize the dequantized weights (see rtn_nbits for why not the raw Q4_1 blocks)
+        ws = []
+        for nm in names:
+            w = gg.f32(nm)
+            if nm in n_heads_unpermute:
+                w = unpermute_rows(w, n_heads_unpermute[nm])
+            ws.append(w)
+        w = np.concatenate(ws, axis=0)
+        k = w.shape[1]
+        b, s, z = rtn_nbits(w, 4, block_size)
+        bs, ss, zs = [b], [s], [z]
+        b, s, z = np.concatenate(bs), np.concatenate(ss), np.concatenate(zs)
+        n = b.shape[0]
+        return g.op("MatMulNBits", [x, g.init(hint + ".qweight", b), g.init(hint + ".scales", s),
+                                    g.init(hint + ".zp", z)], hint, domain="com.microsoft",
+                    K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level)
+
+    # ---- inputs
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, vocab])]
+    for i in range(L):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
+                                                        ["batch_size", n_kv, "past_sequence_length", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
+                                                         ["batch_size", n_kv, "total_sequence_length", hd]))
+
+    i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+    # ---- shapes
+    ids_shape = g.op("Shape", ["input_ids"], "ids_shape")
+    batch = g.op("Slice", [ids_shape, g.const("c", i64([0])), g.const("c", i64([1]))], "batch")
+    seq = g.op("Slice", [ids_shape, g.const("c", i64([1])), g.const("c", i64([2]))], "seq")
+    total = g.op("Shape", ["attention_mask"], "total", start=1, end=2)
+    past = g.op("Sub", [total, seq], "past")
+
+    # ---- additive attention bias [b, 1, group*s, T], shared by every layer
+    zero_s, one_s = g.const("c", i64(0)), g.const("c", i64(1))
+    seq_s = g.op("Squeeze", [seq], "seq_s")
+    total_s = g.op("Squeeze", [total], "total_s")
+    past_s = g.op("Squeeze", [past], "past_s")
+    kidx = g.op("Range", [zero_s, total_s, one_s], "kidx")  # [T]
+    qidx = g.op("Range", [past_s, total_s, one_s], "qidx")  # [s] absolute positions
+    qcol = g.op("Unsqueeze", [qidx, g.const("c", i64([1]))], "qcol")  # [s,1]
+    causal = g.op("LessOrEqual", [kidx, qcol], "causal")  # [s,T]
+    am_bool = g.op("Cast", ["attention_mask"], "am_bool", to=TensorProto.BOOL)
+    am4 = g.op("Unsqueeze", [am_bool, g.const("c", i64([1, 2]))], "am4")  # [b,1,1,T]
+    allowed = g.op("And", [am4, causal], "allowed")  # [b,1,s,T]
+    bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
+                          g.const("c", np.array(-1e9, np.float32))], "bias")
+    bias = g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+
+    # rotary caches (HF rotate-half convention)
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    ang = np.outer(np.arange(ctx, dtype=np.float64), inv)
+    cos = g.init("rope.cos", np.cos(ang).astype(np.float32))
+    sin = g.init("rope.sin", np.sin(ang).astype(np.float32))
+
+    # shape constants
+    shp_q5 = g.op("Concat", [batch, seq, g.const("c", i64([n_kv, group, hd]))], "shp_q5", axis=0)
+    shp_q4 = g.op("Concat", [batch, g.const("c", i64([n_kv, -1, hd]))], "shp_q4", axis=0)
+    shp_kv = g.op("Concat", [batch, seq, g.const("c", i64([n_kv, hd]))], "shp_kv", axis=0)
+    shp_o5 = g.op("Concat", [batch, g.const("c", i64([n_kv, group])), seq, g.const("c", i64([hd]))], "shp_o5", axis=0)
+    shp_o3 = g.op("Concat", [batch, seq, g.const("c", i64([hidden]))], "shp_o3", axis=0)
+    split_qkv = g.const("c", i64([hidden, n_kv * hd, n_kv * hd]))
+    ffn = gg.t["blk.0.ffn_gate.weight"].shape[1]
+    split_ffn = g.const("c", i64([int(ffn), int(ffn)]))
+
+    h = g.op("Gather", ["embed.weight", "input_ids"], "h")
+    resid = None
+    x = None
+    log("building layers")
+    for i in range(L):
+        p = f"blk.{i}."
+        g.init(f"l{i}.attn_norm", gg.f32(p + "attn_norm.weight"))
+        g.init(f"l{i}.ffn_norm", gg.f32(p + "ffn_norm.weight"))
+        if i == 0:
+            x = g.op("SimplifiedLayerNormalization", [h, f"l{i}.attn_norm"], "x", epsilon=eps, axis=-1,
+                     stash_type=1)
+            resid = h
+        else:
+            x, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [x_attn_in, resid, f"l{i}.attn_norm"],
+                                  "x", n_out=4, domain="com.microsoft", epsilon=eps)
+        qkv = linear(x, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], f"l{i}.qkv",
+                     {p + "attn_q.weight": n_head, p + "attn_k.weight": n_kv})
+        q, k, v = g.op("Split", [qkv, split_qkv], "qkv_s", n_out=3, axis=-1)
+        q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], "q_rot", domain="com.microsoft",
+                 num_heads=n_head, interleaved=0)
+        k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], "k_rot", domain="com.microsoft",
+                 num_heads=n_kv, interleaved=0)
+        k = g.op("Transpose", [g.op("Reshape", [k, shp_kv], "k4")], "kT", perm=[0, 2, 1, 3])
+        v = g.op("Transpose", [g.op("Reshape", [v, shp_kv], "v4")], "vT", perm=[0, 2, 1, 3])
+        pk = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
+        pv = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        q = g.op("Reshape", [q, shp_q5], "q5")  # [b,s,kv,g,hd]
+        q = g.op("Transpose", [q], "q5t", perm=[0, 2, 3, 1, 4])  # [b,kv,g,s,hd]
+        q = g.op("Reshape", [q, shp_q4], "q4")  # [b,kv,g*s,hd]
+        sc = g.op("FusedMatMul", [q, pk], "scores", domain="com.microsoft", transA=0, transB=1,
+                  alpha=1.0 / np.sqrt(hd))
+        sc = g.op("Add", [sc, bias], "scores_m")
+        pr = g.op("Softmax", [sc], "probs", axis=-1)
+        o = g.op("MatMul", [pr, pv], "ctx")  # [b,kv,g*s,hd]
+        o = g.op("Reshape", [o, shp_o5], "ctx5")
+        o = g.op("Transpose", [o], "ctx5t", perm=[0, 3, 1, 2, 4])  # [b,s,kv,g,hd]
+        o = g.op("Reshape", [o, shp_o3], "ctx3")
+        attn = linear(o, [p + "attn_output.weight"], f"l{i}.o", {})
+        x, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [attn, resid, f"l{i}.ffn_norm"],
+                              "x", n_out=4, domain="com.microsoft", epsilon=eps)
+        gu = linear(x, [p + "ffn_gate.weight", p + "ffn_up.weight"], f"l{i}.gate_up", {})
+        gate, up = g.op("Split", [gu, split_ffn], "gu_s", n_out=2, axis=-1)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], "sig")], "silu")
+        x_attn_in = linear(g.op("Mul", [act, up], "swiglu"), [p + "ffn_down.weight"], f"l{i}.down", {})
+        if (i + 1) % 10 == 0 or i == L - 1:
+            log(f"layer {i + 1}/{L}")
+
+    # last position only
+    m1, big = g.const("c", i64([-1])), g.const("c", i64([np.iinfo(np.int64).max]))
+    ax1 = g.const("c", i64([1]))
+    last_x = g.op("Slice", [x_attn_in, m1, big, ax1], "last_x")
+    last_r = g.op("Slice", [resid, m1, big, ax1], "last_r")
+    g.init("output_norm", gg.f32("output_norm.weight"))
+    xn, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_x, last_r, "output_norm"], "xf", n_out=4,
+                       domain="com.microsoft", epsilon=eps)
+    head_name = "token_embd.weight" if tied else "output.weight"
+    if quant == "none":
+        w = emb if tied else gg.f32(head_name)
+        wn = "embed.weight" if tied else g.init("lm_head.weight", w)
+        g.op("FusedMatMul", [xn, wn], outputs=["logits"], domain="com.microsoft", transA=0, transB=1)
+    else:
+        qt = gg.qtype(head_name)
+        if qt == QT.Q8_0:
+            b, s = q8_0_to_nbits(gg.raw(head_name))
+            ins = [xn, g.init("lm_head.qweight", b), g.init("lm_head.scales", s)]
+            bits, k = 8, b.shape[1] * 32
+        else:
+            b, s, z = rtn_nbits(emb if tied else gg.f32(head_name), 8, 32)
+            ins = [xn, g.init("lm_head.qweight", b), g.init("lm_head.scales", s), g.init("lm_head.zp", z)]
+            bits, k = 8, b.shape[1] * 32
+        g.op("MatMulNBits", ins, outputs=["logits"], domain="com.microsoft", K=k, N=b.shape[0], bits=bits,
+             block_size=32, accuracy_level=accuracy_level)
+
+    graph = helper.make_graph(g.nodes, "ferrite_llama_decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="ferrite models/convert_gguf.py")
+    model.ir_version = 8
+    meta = dict(L=L, n_kv=n_kv, hd=hd, vocab=vocab, ctx=ctx)
+    return model, meta
+
+
+# --------------------------------------------------------------------------- tokenizer
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+# Pre-tokenizer regexes of llama.cpp's `tokenizer.ggml.pre` names (the ones we know).
+GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def pre_tokenizer_for(pre):
+    if pre in ("smollm", "gpt2", "starcoder", "refact", "codeshell", "default", None):
+        # SmolLM/StarCoder: digits split one by one, then GPT-2's byte-level split.
+        seq = []
+        if pre in ("smollm", "starcoder", "refact", "codeshell"):
+            seq.append({"type": "Digits", "individual_digits": True})
+        seq.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True})
+        return {"type": "Sequence", "pretokenizers": seq}
+    sys.exit(f"unsupported tokenizer.ggml.pre {pre!r}")
+
+
+def build_tokenizer(gg: Gguf):
+    model = gg.field("tokenizer.ggml.model")
+    if model != "gpt2":
+        sys.exit(f"unsupported tokenizer model {model!r} (only gpt2 byte-level BPE)")
+    tokens = gg.field("tokenizer.ggml.tokens")
+    types = gg.field("tokenizer.ggml.token_type")
+    merges = gg.field("tokenizer.ggml.merges")
+    pre = gg.field("tokenizer.ggml.pre")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    added = []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (3, 4):  # CONTROL, USER_DEFINED
+            added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": ty == 3})
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer_for(pre),
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                           "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]},
+    }
+    return tok
+
+
+# --------------------------------------------------------------------------- main
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("gguf")
+    ap.add_argument("outdir")
+    ap.add_argument("--quant", choices=["none", "int4"], default="none")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--accuracy-level", type=int, default=4)
+    ap.add_argument("--sha256", help="sha256 of the GGUF file (computed when absent)")
+    a = ap.parse_args()
+
+    log(f"reading {a.gguf}")
+    gg = Gguf(a.gguf)
+    digest = a.sha256 or sha256_file(a.gguf)
+    model, meta = build(gg, a.quant, a.block_size, a.accuracy_level)
+    os.makedirs(a.outdir, exist_ok=True)
+    tmp = os.path.join(a.outdir, "model.onnx.tmp")
+    log("writing model.onnx")
+    onnx.save_model(model, tmp)
+    os.replace(tmp, os.path.join(a.outdir, "model.onnx"))
+
+    log("writing tokenizer.json, chat_template.jinja, llm.json")
+    with open(os.path.join(a.outdir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(build_tokenizer(gg), f, ensure_ascii=False)
+    template = gg.field("tokenizer.chat_template")
+    with open(os.path.join(a.outdir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template or "")
+    tokens = gg.field("tokenizer.ggml.tokens")
+    eos = int(gg.field("tokenizer.ggml.eos_token_id"))
+    eos_ids = [eos]
+    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"):
+        if special in tokens and tokens.index(special) not in eos_ids:
+            eos_ids.append(tokens.index(special))
+    bos = gg.field("tokenizer.ggml.bos_token_id")
+    pad = gg.field("tokenizer.ggml.padding_token_id", eos)
+    cfg = {
+        "format": 1,
+        "architecture": "llama",
+        "num_layers": meta["L"],
+        "num_kv_heads": meta["n_kv"],
+        "head_dim": meta["hd"],
+        "vocab_size": meta["vocab"],
+        "context_length": meta["ctx"],
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_ids": eos_ids,
+        "pad_token_id": int(pad),
+        "add_bos_token": bool(gg.field("tokenizer.ggml.add_bos_token", False)),
+        "quantization": a.quant,
+        "source": {"gguf": os.path.basename(a.gguf), "sha256": digest},
+        "defaults": {"max_tokens": 256, "temperature": 0.0},
+    }
+    with open(os.path.join(a.outdir, "llm.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    size = os.path.getsize(os.path.join(a.outdir, "model.onnx")) / 1e6
+    log(f"done: {a.outdir} (model.onnx {size:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
