@@ -302,8 +302,14 @@ struct Worker {
 }
 
 impl Worker {
+    /// Sequences still generating (finished rows may wait in the batch
+    /// for the next rebuild; they hold no slot).
+    fn live(&self) -> usize {
+        self.running.iter().filter(|s| !s.finished).count()
+    }
+
     fn run(mut self) {
-        while let Some(admitted) = self.shared.take(self.running.len()) {
+        while let Some(admitted) = self.shared.take(self.live()) {
             let result = catch_unwind(AssertUnwindSafe(|| self.iterate(admitted)))
                 .unwrap_or_else(|_| Err(InferError::internal("the LLM engine panicked")));
             if let Err(error) = result {
@@ -314,7 +320,7 @@ impl Worker {
                 self.running.clear();
                 self.cache = None;
             }
-            self.shared.metrics.set_running(self.running.len());
+            self.shared.metrics.set_running(self.live());
         }
         self.shared.metrics.set_running(0);
     }
@@ -336,12 +342,22 @@ impl Worker {
                 joiners.push(joiner);
             }
         }
-        if !joiners.is_empty() || self.running.iter().any(|s| s.finished) {
+        let rows = self.running.len();
+        let done = self.running.iter().filter(|s| s.finished).count();
+        // Finished rows may ride along (masked work, their output unused)
+        // until the next join rebuilds the cache anyway: in steady traffic a
+        // replacement arrives within a step, so one rebuild serves both.
+        if !joiners.is_empty() || done == rows || done * 4 > rows {
             self.rebuild(joiners)?;
-            self.shared.metrics.set_running(self.running.len());
         }
+        self.shared.metrics.set_running(self.live());
         if !self.running.is_empty() {
             self.decode_step()?;
+        }
+        if self.live() == 0 {
+            // Idle: give the cache's memory back now.
+            self.running.clear();
+            self.cache = None;
         }
         Ok(())
     }
@@ -384,7 +400,6 @@ impl Worker {
         let Pending { request, events, enqueued } = pending;
         let prompt = &request.prompt;
         let mut cache = BatchCache::empty(self.model.shape, 1)?;
-        let mut first = 0;
         for chunk in prompt.chunks(self.shared.settings.prefill_chunk.max(1)) {
             let past = cache.past;
             let ids = chunk.iter().map(|&t| t as i64).collect();
@@ -397,7 +412,7 @@ impl Worker {
                     .try_extract_tensor::<f32>()
                     .map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
                 let mut sampler = Sampler::new(request.sampling, prompt);
-                first = sampler.sample(row);
+                let first = sampler.sample(row);
                 let mut sequence = Sequence {
                     events: events.clone(),
                     prompt_len: prompt.len(),
@@ -420,7 +435,6 @@ impl Worker {
                 return Ok((!sequence.finished).then_some((sequence, cache)));
             }
         }
-        let _ = first;
         Err(InferError::internal("empty prompt reached the engine"))
     }
 
@@ -471,14 +485,18 @@ impl Worker {
             logits.try_extract_tensor::<f32>().map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
         let rows = self.running.len();
         let vocab = data.len() / rows;
+        let live = self.live();
         let mut running = std::mem::take(&mut self.running);
         for (b, sequence) in running.iter_mut().enumerate() {
             sequence.len += 1;
+            if sequence.finished {
+                continue;
+            }
             let token = sequence.sampler.sample(&data[b * vocab..(b + 1) * vocab]);
             self.accept(sequence, token);
         }
         self.running = running;
-        self.record(rows, Duration::ZERO, started.elapsed());
+        self.record(live, Duration::ZERO, started.elapsed());
         Ok(())
     }
 
