@@ -65,7 +65,7 @@ manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/in
 	target/debug/ferrite-operator crdgen > manifests/crd.yaml
 	HELM=$(K8S_BIN)/helm bash scripts/render-install.sh
 
-test-python: venv ort build
+test-python: venv ort build models
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
 
 FUZZ_SECONDS ?= 60
