@@ -236,7 +236,10 @@ fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tal
         .into_iter()
         .map(|input| {
             let datatype = DataType::parse(&input.datatype).expect("a datatype the runtime named");
-            Tensor::from_raw(&input.name, datatype, input.shape, input.raw).map_err(|e| anyhow::anyhow!("{e}"))
+            // One block of rows per input, as an unbatched request gives the runtime.
+            Tensor::from_raw(&input.name, datatype, input.shape, input.raw)
+                .map(|tensor| vec![tensor])
+                .map_err(|e| anyhow::anyhow!("{e}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let outputs: Vec<String> = signature.outputs.iter().map(|s| s.name.clone()).collect();

@@ -1,51 +1,8 @@
-//! Joining requests into one batch along the first dimension and splitting
-//! the batch's outputs back. Pure functions; the scheduler decides which
-//! requests go together.
-
-use bytes::BytesMut;
+//! Splitting a batch's outputs back into each request's rows (the runtime
+//! joins the inputs as it copies them in). Pure functions; the scheduler
+//! decides which requests go together.
 
 use crate::tensor::{Tensor, TensorData};
-
-/// Concatenates same-named tensors along dimension 0. The caller guarantees
-/// equal datatypes and equal dimensions after the first.
-pub fn concat_rows(parts: Vec<Tensor>) -> Tensor {
-    let mut parts = parts.into_iter();
-    let mut joined = parts.next().expect("at least one tensor");
-    let rest: Vec<Tensor> = parts.collect();
-    if rest.is_empty() {
-        return joined;
-    }
-    joined.shape[0] += rest.iter().map(|t| t.shape[0]).sum::<i64>();
-    joined.data = match joined.data {
-        TensorData::Raw(first) => {
-            let total = first.len() + rest.iter().map(|t| raw_len(&t.data)).sum::<usize>();
-            let mut out = BytesMut::with_capacity(total);
-            out.extend_from_slice(&first);
-            for tensor in &rest {
-                if let TensorData::Raw(raw) = &tensor.data {
-                    out.extend_from_slice(raw);
-                }
-            }
-            TensorData::Raw(out.freeze())
-        }
-        TensorData::Strings(mut items) => {
-            for tensor in rest {
-                if let TensorData::Strings(more) = tensor.data {
-                    items.extend(more);
-                }
-            }
-            TensorData::Strings(items)
-        }
-    };
-    joined
-}
-
-fn raw_len(data: &TensorData) -> usize {
-    match data {
-        TensorData::Raw(raw) => raw.len(),
-        TensorData::Strings(_) => 0,
-    }
-}
 
 /// Splits a batched output into pieces of `rows` rows each, without copying
 /// element bytes. Fails when the output's first dimension is not the batch.
@@ -89,12 +46,9 @@ mod tests {
     }
 
     #[test]
-    fn concat_then_split_gives_back_the_parts() {
-        let a = fp32(1, &[1.0, 2.0]);
-        let b = fp32(2, &[3.0, 4.0, 5.0, 6.0]);
-        let joined = concat_rows(vec![a.clone(), b.clone()]);
-        assert_eq!(joined.shape, vec![3, 2]);
-        assert_eq!(split_rows(&joined, &[1, 2]).unwrap(), vec![a, b]);
+    fn split_gives_each_request_its_rows() {
+        let joined = fp32(3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(split_rows(&joined, &[1, 2]).unwrap(), vec![fp32(1, &[1.0, 2.0]), fp32(2, &[3.0, 4.0, 5.0, 6.0])]);
     }
 
     #[test]

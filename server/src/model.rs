@@ -14,7 +14,7 @@ use crate::metrics::METRICS;
 use crate::runtime::{self, ModelBytes, Runtime, SessionOptions, Signature, TensorSpec};
 use crate::scheduler::{Job, Priority, Scheduler};
 use crate::stats::ModelStats;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorData};
 
 /// An inference request in protocol-neutral form.
 #[derive(Debug, Default)]
@@ -259,6 +259,16 @@ pub fn validate(signature: &Signature, max_batch_size: Option<usize>, request: I
                 "input '{}' has shape {:?} but the model expects {:?} (-1 is any size)",
                 spec.name, tensor.shape, spec.shape
             )));
+        }
+        // Checked here rather than in the runtime: a batch joins requests, and
+        // one request's bad text must not fail its neighbours.
+        if let TensorData::Strings(items) = &tensor.data {
+            if let Some(i) = items.iter().position(|item| std::str::from_utf8(item).map_or(true, |s| s.contains('\0'))) {
+                return Err(InferError::invalid(format!(
+                    "input '{}': BYTES element {i} must be UTF-8 without NUL bytes (ONNX string tensors hold text)",
+                    spec.name
+                )));
+            }
         }
         if let Some(max) = max_batch_size {
             let batch = tensor.shape[0];

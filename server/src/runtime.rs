@@ -161,20 +161,24 @@ impl RunTimings {
     }
 }
 
-/// Runs the session on validated `inputs` and returns the outputs named in
-/// `outputs`, in that order.
-pub fn run(session: &mut Session, inputs: &[Tensor], outputs: &[String]) -> InferResult<RunOutput> {
+/// Runs the session on validated inputs and returns the outputs named in
+/// `outputs`, in that order. Each input comes as its blocks of rows, one per
+/// request of the batch (one block when unbatched): they are joined straight
+/// into ONNX Runtime's buffer, the one copy on the way in.
+pub fn run(session: &mut Session, inputs: &[Vec<Tensor>], outputs: &[String]) -> InferResult<RunOutput> {
     let started = Instant::now();
-    let values =
-        inputs.iter().map(|tensor| Ok((tensor.name.as_str(), to_ort(tensor)?))).collect::<InferResult<Vec<_>>>()?;
+    let values = inputs
+        .iter()
+        .map(|blocks| Ok((blocks[0].name.as_str(), to_ort(blocks)?)))
+        .collect::<InferResult<Vec<_>>>()?;
     let copied_in = Instant::now();
-    let results = session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
+    let mut results = session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
     let ran = Instant::now();
     let outputs = outputs
         .iter()
         .map(|name| {
             let value = results
-                .get(name)
+                .remove(name)
                 .ok_or_else(|| InferError::internal(format!("ONNX Runtime returned no output '{name}'")))?;
             from_ort(name, value)
         })
@@ -244,31 +248,47 @@ macro_rules! with_element_type {
     };
 }
 
-/// Copies a tensor into memory owned by ONNX Runtime: the one copy on the
-/// way in.
-fn to_ort(tensor: &Tensor) -> InferResult<DynValue> {
-    let shape: Vec<i64> = tensor.shape.clone();
-    let ort_error = |e: ort::Error| InferError::internal(format!("input '{}': {e}", tensor.name));
-    match &tensor.data {
-        TensorData::Raw(raw) => with_element_type!(tensor.datatype, T => {
+/// Joins blocks of rows of one input (same name, datatype and dimensions after
+/// the first, as validation and the batcher guarantee) into one tensor in
+/// memory owned by ONNX Runtime.
+fn to_ort(blocks: &[Tensor]) -> InferResult<DynValue> {
+    let first = &blocks[0];
+    let mut shape: Vec<i64> = first.shape.clone();
+    if let Some(rows) = shape.first_mut() {
+        *rows = blocks.iter().map(|b| b.shape[0]).sum();
+    }
+    let ort_error = |e: ort::Error| InferError::internal(format!("input '{}': {e}", first.name));
+    match &first.data {
+        TensorData::Raw(_) => with_element_type!(first.datatype, T => {
             let mut value = OrtTensor::<T>::new(&Allocator::default(), shape).map_err(ort_error)?;
             let (_, elements) = value.extract_tensor_mut();
-            // SAFETY: `raw` was validated to hold exactly this many elements of
-            // this type (BOOL bytes are 0 or 1), and every element type here is
-            // plain data without padding, stored little-endian like the wire.
-            unsafe { as_bytes_mut(elements) }.copy_from_slice(raw);
+            // SAFETY: every block was validated to hold exactly its shape's
+            // elements of this type (BOOL bytes are 0 or 1), so together they
+            // fill the joined shape; every element type here is plain data
+            // without padding, stored little-endian like the wire.
+            let mut out = unsafe { as_bytes_mut(elements) };
+            for block in blocks {
+                let TensorData::Raw(raw) = &block.data else {
+                    return Err(InferError::internal("a batch mixes raw and BYTES blocks"));
+                };
+                let (head, rest) = std::mem::take(&mut out).split_at_mut(raw.len());
+                head.copy_from_slice(raw);
+                out = rest;
+            }
             Ok(value.into_dyn())
         }, bytes => Err(InferError::internal("BYTES tensor without string elements"))),
-        TensorData::Strings(items) => {
-            let mut strings: Vec<String> = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                let text = std::str::from_utf8(item).ok().filter(|s| !s.contains('\0')).ok_or_else(|| {
-                    InferError::invalid(format!(
-                        "input '{}': BYTES element {i} must be UTF-8 without NUL bytes for an ONNX string tensor",
-                        tensor.name
-                    ))
-                })?;
-                strings.push(text.to_owned());
+        TensorData::Strings(_) => {
+            let mut strings: Vec<String> = Vec::new();
+            for block in blocks {
+                let TensorData::Strings(items) = &block.data else {
+                    return Err(InferError::internal("a batch mixes raw and BYTES blocks"));
+                };
+                for item in items {
+                    // Validation (model::validate) let only UTF-8 without NUL through.
+                    let text = std::str::from_utf8(item)
+                        .map_err(|_| InferError::internal(format!("input '{}': BYTES element not UTF-8", first.name)))?;
+                    strings.push(text.to_owned());
+                }
             }
             let value = OrtTensor::from_string_array((shape, strings.as_slice())).map_err(ort_error)?;
             Ok(value.into_dyn())
@@ -276,22 +296,52 @@ fn to_ort(tensor: &Tensor) -> InferResult<DynValue> {
     }
 }
 
-/// Copies an ONNX Runtime output into a tensor: the one copy on the way out.
-fn from_ort(name: &str, value: &DynValue) -> InferResult<Tensor> {
+/// Turns an ONNX Runtime output into a tensor. Fixed-size elements are not
+/// copied: the tensor's bytes point into the output's own memory, which lives
+/// until the last piece of it (after the batch is split) has been sent.
+fn from_ort(name: &str, value: DynValue) -> InferResult<Tensor> {
     let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
         return Err(InferError::internal(format!("output '{name}' is not a tensor")));
     };
+    let shape = shape.to_vec();
     let datatype =
         datatype_of(*ty).ok_or_else(|| InferError::internal(format!("output '{name}' has unsupported type {ty:?}")))?;
     let ort_error = |e: ort::Error| InferError::internal(format!("output '{name}': {e}"));
     let data = with_element_type!(datatype, T => {
         let (_, elements) = value.try_extract_tensor::<T>().map_err(ort_error)?;
-        TensorData::Raw(Bytes::copy_from_slice(as_bytes(elements)))
+        let bytes = as_bytes(elements);
+        let (data, len) = (bytes.as_ptr(), bytes.len());
+        if len == 0 {
+            TensorData::Raw(Bytes::new())
+        } else {
+            TensorData::Raw(Bytes::from_owner(OutputMemory { _value: value, data, len }))
+        }
     }, bytes => {
         let (_, strings) = value.try_extract_strings().map_err(ort_error)?;
         TensorData::Strings(strings.into_iter().map(Bytes::from).collect())
     });
-    Ok(Tensor { name: name.to_string(), datatype, shape: shape.to_vec(), data })
+    Ok(Tensor { name: name.to_string(), datatype, shape, data })
+}
+
+/// The memory of an ONNX Runtime output tensor, kept alive by the value that
+/// owns it, seen as bytes.
+struct OutputMemory {
+    _value: DynValue,
+    data: *const u8,
+    len: usize,
+}
+
+// SAFETY: `data` points into memory owned by `_value` (an ONNX Runtime value,
+// itself Send), which is never written after the run and freed only when this
+// struct is dropped.
+unsafe impl Send for OutputMemory {}
+
+impl AsRef<[u8]> for OutputMemory {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see the Send impl; `len` bytes were readable when taken from
+        // the extracted element slice and stay so while `_value` lives.
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
 }
 
 /// Views plain-data elements as bytes.

@@ -17,7 +17,7 @@ use ort::session::Session;
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 
-use crate::batch::{concat_rows, split_rows};
+use crate::batch::split_rows;
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::metrics::METRICS;
@@ -332,7 +332,7 @@ impl Shared {
         let rows: Vec<usize> = batch.iter().map(|e| e.job.rows).collect();
         let (jobs, replies): (Vec<Job>, Vec<_>) = batch.into_iter().map(|e| (e.job, e.reply)).unzip();
         let requested: Vec<Vec<String>> = jobs.iter().map(|j| j.outputs.clone()).collect();
-        let inputs = join_inputs(jobs);
+        let inputs = input_columns(jobs);
 
         let result = catch_unwind(AssertUnwindSafe(|| runtime::run(session, &inputs, &outputs)))
             .unwrap_or_else(|_| Err(InferError::internal("the runtime panicked while running the model")));
@@ -381,11 +381,9 @@ fn same_row_shape(a: &Job, b: &Job) -> bool {
         && a.inputs.iter().zip(&b.inputs).all(|(x, y)| x.name == y.name && x.shape.get(1..) == y.shape.get(1..))
 }
 
-/// The inputs of a batch: one job's as they are, or several joined by rows.
-fn join_inputs(jobs: Vec<Job>) -> Vec<Tensor> {
-    if jobs.len() == 1 {
-        return jobs.into_iter().next().expect("one job").inputs;
-    }
+/// The inputs of a batch, each as its blocks of rows in request order (the
+/// runtime joins them as it copies them into ONNX Runtime).
+fn input_columns(jobs: Vec<Job>) -> Vec<Vec<Tensor>> {
     let width = jobs[0].inputs.len();
     let mut columns: Vec<Vec<Tensor>> = (0..width).map(|_| Vec::with_capacity(jobs.len())).collect();
     for job in jobs {
@@ -393,7 +391,7 @@ fn join_inputs(jobs: Vec<Job>) -> Vec<Tensor> {
             column.push(tensor);
         }
     }
-    columns.into_iter().map(concat_rows).collect()
+    columns
 }
 
 fn worker(shared: Arc<Shared>, mut session: Session) {
