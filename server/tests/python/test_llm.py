@@ -403,3 +403,45 @@ def test_generation_metrics(llm_server, client):
     assert fl.metric_find(samples, "ferrite_llm_waiting_sequences", model=MODEL)
     assert fl.metric_find(samples, "ferrite_queue_depth", model=MODEL)
     assert fl.metric_sum(samples, "ferrite_requests_total", model=MODEL, outcome="success") > 0
+
+
+# ------------------------------------------------------- repository, health
+
+
+def test_llm_in_a_model_repository(tmp_path, server_factory):
+    """An LLM version directory in a repository loads next to tensor models, and shows
+    in the index, readiness, per-model gRPC health and the KServe v2 REST API."""
+    import grpc
+    import tritonclient.http as httpclient
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    version = tmp_path / "repo" / "chat" / "1"
+    version.mkdir(parents=True)
+    for f in model_dir().iterdir():
+        if not f.name.startswith("."):
+            (version / f.name).symlink_to(f)
+    fl.make_test_models.build_repository(tmp_path / "repo")
+    s = server_factory(["--model-repository", str(tmp_path / "repo")])
+    g = s.grpc_client()
+    try:
+        index = {m["name"]: m["state"] for m in g.get_model_repository_index(as_json=True)["models"]}
+        assert index["chat"] == "READY" and index["add_sub"] == "READY"
+        assert g.is_model_ready("chat", "1")
+        with grpc.insecure_channel(s.grpc_url) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="chat"), timeout=10)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+        # KServe v2 REST infer takes the same text_input / parameters.
+        h = s.http_client()
+        text = httpclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([CHATML_FRANCE.encode()], dtype=np.object_))
+        result = h.infer("chat", [text], parameters={"max_tokens": 32, "temperature": 0})
+        assert "Paris" in result.as_numpy("text_output")[0].decode()
+        h.close()
+        # The OpenAI API lists only language models.
+        assert [m.id for m in openai_client(s).models.list().data] == ["chat"]
+        status, _, body = s.http_request(
+            "POST", "/v1/chat/completions", json.dumps({"model": "add_sub", "messages": []}).encode()
+        )
+        assert status == 404 and "not a language model" in json.loads(body)["error"]["message"]
+    finally:
+        g.close()
