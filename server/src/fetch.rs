@@ -21,8 +21,11 @@
 //! - A URI that names one object (it does not end with `/`) is written to
 //!   `DEST/<model-name>/1/<model-file>` (`model.onnx` by default), whatever
 //!   the object is called: URLs without a file name (presigned, `?id=...`)
-//!   work. Archives (`.zip`, `.tar`, `.tar.gz`, `.tgz`) are refused, since
-//!   nothing here unpacks them.
+//!   work. An archive (`.tar`, `.tar.gz`, `.tgz`; `.zip` is refused) is
+//!   unpacked instead (`crate::archive`): a model directory as one file, e.g.
+//!   an LLM's over plain HTTP. Its files land in `DEST/<model-name>/1/` when
+//!   its root holds `model.onnx` or `llm.json`, else in its own layout; one
+//!   wrapping top-level directory is stripped. It is downloaded each time.
 //! - A URI that ends with `/` names a prefix (a directory): every object
 //!   under it is copied to `DEST/<model-name>/<path relative to the prefix>`,
 //!   so a prefix that holds `1/model.onnx` and `ferrite.json` (or any other
@@ -776,6 +779,7 @@ pub async fn fetch(options: &FetchOptions) -> Result<FetchReport, FetchError> {
     let model_dir = options.dest.join(&options.model_name);
     let backend = Backend::new(&source, options).map_err(fail)?;
 
+    let mut archive = None;
     let items = if source.is_prefix() {
         if expected_sha.is_some() {
             return Err(fail(Failure::permanent("--sha256 applies to one file, not to a prefix")));
@@ -808,12 +812,16 @@ pub async fn fetch(options: &FetchOptions) -> Result<FetchReport, FetchError> {
             Source::Local { path, .. } => path.to_string_lossy().into_owned(),
         }
         .to_ascii_lowercase();
-        if [".zip", ".tar", ".tar.gz", ".tgz"].iter().any(|suffix| name.ends_with(suffix)) {
+        if name.ends_with(".zip") {
             return Err(fail(Failure::permanent(
-                "archives are not unpacked: upload the model's files and point the URI at their prefix (ending with '/')",
+                "zip archives are not unpacked: use .tar or .tar.gz, or point the URI at a prefix (ending with '/')",
             )));
         }
-        let dest = model_dir.join("1").join(&options.model_file);
+        archive = crate::archive::archive_kind(&name);
+        let dest = match archive {
+            Some(_) => model_dir.join(".archive.download"),
+            None => model_dir.join("1").join(&options.model_file),
+        };
         vec![Item { location, dest, size: None }]
     };
 
@@ -846,6 +854,12 @@ pub async fn fetch(options: &FetchOptions) -> Result<FetchReport, FetchError> {
             }
         }
         report.files.push(item.dest.clone());
+    }
+    if let (Some(compression), [item]) = (archive, items.as_slice()) {
+        tracing::info!("unpacking the archive into {}", model_dir.display());
+        let unpacked = crate::archive::unpack(&item.dest, compression, &model_dir);
+        let _ = std::fs::remove_file(&item.dest);
+        report.files = unpacked.map_err(|m| fail(Failure::permanent(m)))?;
     }
     report.elapsed = started.elapsed();
     let seconds = report.elapsed.as_secs_f64();

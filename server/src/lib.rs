@@ -7,6 +7,7 @@
 //! LLMs take `llm` (tokenizer, chat template, generation engine with
 //! continuous batching) where tensor models take `scheduler`.
 
+pub mod archive;
 pub mod batch;
 pub mod config;
 pub mod error;

@@ -311,7 +311,22 @@ async fn http_server() -> (Server, Bytes) {
     files.files.insert("/models/slow.onnx".into(), model.clone());
     files.slow.push("/models/slow.onnx".into());
     files.files.insert("/models/bundle.tar.gz".into(), Bytes::from_static(b"not really"));
+    files.files.insert("/models/bundle.zip".into(), Bytes::from_static(b"PK"));
     (Server::start(files).await, model)
+}
+
+/// A gzip tar of an LLM model directory wrapped in one top-level directory,
+/// as `tar czf smollm2.tgz smollm2/` makes it.
+fn llm_archive(files: &[(&str, &[u8])]) -> Bytes {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (name, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, format!("smollm2/{name}"), *data).unwrap();
+    }
+    Bytes::from(builder.into_inner().unwrap().finish().unwrap())
 }
 
 // ------------------------------------------------------------------ HTTP
@@ -497,12 +512,28 @@ async fn credentials_in_the_url_never_appear_in_errors() {
 }
 
 #[tokio::test]
+async fn an_http_archive_is_unpacked_into_version_1() {
+    let weights = generate(300_000, 3);
+    let files: [(&str, &[u8]); 3] = [("model.onnx", &weights), ("llm.json", b"{}"), ("tokenizer.json", b"{\"v\":1}")];
+    let mut served = Files::default();
+    served.files.insert("/llm/smollm2.tgz".into(), llm_archive(&files));
+    let server = Server::start(served).await;
+    let dest = TempDir::new("archive");
+    let report = fetch(&options(&format!("{}/llm/smollm2.tgz", server.base), dest.path(), "chat")).await.unwrap();
+    let expected: BTreeMap<String, Vec<u8>> =
+        files.iter().map(|(name, data)| (format!("chat/1/{name}"), data.to_vec())).collect();
+    assert_eq!(tree(dest.path()), expected);
+    assert_eq!(report.files.len(), 3);
+}
+
+#[tokio::test]
 async fn refuses_what_it_cannot_fetch() {
     let (server, _) = http_server().await;
     let dest = TempDir::new("refuse");
     let cases = [
         (format!("{}/models/", server.base), "cannot be listed"),
-        (format!("{}/models/bundle.tar.gz", server.base), "archives are not unpacked"),
+        (format!("{}/models/bundle.tar.gz", server.base), "archive"),
+        (format!("{}/models/bundle.zip", server.base), "zip archives are not unpacked"),
         ("pvc://models-claim/resnet/model.onnx".to_string(), "operator mounts the claim"),
         ("ftp://host/model.onnx".to_string(), "unsupported URI scheme 'ftp'"),
         ("".to_string(), "empty"),
