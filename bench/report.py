@@ -248,6 +248,12 @@ The first run downloads the `nvidia-pytriton` wheel (55 MB) into `.cache/bench/w
 Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requirements.txt`; later runs reuse them.
 `make bench-resnet50` is the shorter ResNet-50-only benchmark of issue 2.
 """)
+    llm = DOCS / "benchmarks-llm.md"
+    if llm.exists():  # the LLM section (make bench-llm, bench/llm_bench.py)
+        out += ["", "## Micro LLMs", "",
+                "SmolLM2-135M-Instruct, ferrite-server's OpenAI API against llama.cpp's llama-server: "
+                "see [benchmarks-llm.md](benchmarks-llm.md).", "",
+                "![LLM throughput and time to first token](bench-llm.png)", ""]
     (DOCS / "benchmarks.md").write_text("\n".join(out))
     print(f"==> wrote docs/benchmarks.md and docs/{', docs/'.join(images)}")
     return 0

@@ -5,7 +5,7 @@ prompt and greedy decode tokens/s at batch 1 and 16 (64 new tokens after the pro
   python models/bench_graph.py .cache/models/smollm2-135m-instruct-int4 [--threads 2]
 
 Reports the median and the best of --repeat runs (the best is the least disturbed by
-other load on a shared machine).
+other load on a shared machine), and with --cpu-time the CPU time per step.
 """
 import argparse
 import os
@@ -22,18 +22,19 @@ from llm_reference import OnnxLlm  # noqa: E402
 def run(m, batch, prompt_len, new_tokens):
     rng = np.random.RandomState(batch)
     rows = [list(rng.randint(100, 40000, size=prompt_len)) for _ in range(batch)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logits, past, mask, nxt = m.prefill(rows)
-    t1 = time.perf_counter()
-    steps = []
+    t1, c1 = time.perf_counter(), time.process_time()
+    steps, cpu = [], []
     for _ in range(new_tokens):
         tok = logits.argmax(-1)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        s = time.perf_counter()
+        s, c = time.perf_counter(), time.process_time()
         logits, past = m.step(tok[:, None], mask, nxt[:, None], past)
         steps.append(time.perf_counter() - s)
+        cpu.append(time.process_time() - c)
         nxt = nxt + 1
-    return t1 - t0, steps
+    return t1 - t0, steps, c1 - c0, cpu
 
 
 def main():
@@ -44,21 +45,29 @@ def main():
     ap.add_argument("--prompt", type=int, default=40)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="also report process CPU time / threads per step (spinning off): a proxy for "
+                         "the speed on an idle machine when other load shares the cores")
     a = ap.parse_args()
-    m = OnnxLlm(a.model_dir, threads=a.threads)
+    m = OnnxLlm(a.model_dir, threads=a.threads, spin=not a.cpu_time)
     run(m, 1, a.prompt, 4)  # warm up
     name = os.path.basename(a.model_dir.rstrip("/"))
-    pre = [run(m, 1, a.prompt, 0)[0] for _ in range(a.repeat * 2)]
-    print(f"{name}: prefill {a.prompt} tokens (batch 1): median {statistics.median(pre) * 1e3:.1f} ms, "
-          f"best {min(pre) * 1e3:.1f} ms")
+    pre = [run(m, 1, a.prompt, 0) for _ in range(a.repeat * 2)]
+    wall = [p[0] for p in pre]
+    cpu = [p[2] / a.threads for p in pre]
+    print(f"{name}: prefill {a.prompt} tokens (batch 1): median {statistics.median(wall) * 1e3:.1f} ms, "
+          f"best {min(wall) * 1e3:.1f} ms" + (f"; cpu/threads {min(cpu) * 1e3:.1f} ms" if a.cpu_time else ""))
     for b in [int(x) for x in a.batches.split(",")]:
-        meds, bests = [], []
+        meds, bests, cpus = [], [], []
         for _ in range(a.repeat):
-            _, steps = run(m, b, a.prompt, a.new)
+            _, steps, _, cpu = run(m, b, a.prompt, a.new)
             meds.append(b / statistics.median(steps))
             bests.append(b / min(steps))
+            cpus.append(b / (statistics.median(cpu) / a.threads))
         print(f"{name}: decode batch {b:2d}: {statistics.median(meds):6.1f} tokens/s (median step), "
-              f"{max(bests):6.1f} tokens/s (best step); {a.threads} threads")
+              f"{max(bests):6.1f} tokens/s (best step)"
+              + (f", {statistics.median(cpus):6.1f} tokens/s (cpu time/threads)" if a.cpu_time else "")
+              + f"; {a.threads} threads")
         sys.stdout.flush()
 
 

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 
 class OnnxLlm:
-    def __init__(self, model_dir, threads=2):
+    def __init__(self, model_dir, threads=2, spin=True):
         self.dir = model_dir
         with open(os.path.join(model_dir, "llm.json")) as f:
             self.cfg = json.load(f)
@@ -24,6 +24,8 @@ class OnnxLlm:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sess = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), so,
                                          providers=["CPUExecutionProvider"])
         self.L = self.cfg["num_layers"]

