@@ -56,7 +56,7 @@ E2E_ARGS ?=
 
 .PHONY: e2e demo demo-down
 
-e2e: venv images cluster-bins control-plane ## end-to-end tests on the local single-node cluster (needs root)
+e2e: venv images cluster-bins control-plane models ## end-to-end tests on the local single-node cluster (needs root)
 	$(PY) -m pytest -v -s -p no:cacheprovider e2e/tests $(E2E_ARGS)
 
 demo: venv images cluster-bins control-plane ## local cluster + Helm install + example ModelDeployment + tritonclient inference

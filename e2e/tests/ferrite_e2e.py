@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_test_models as models  # noqa: E402
 
+LLM_MODEL_DIR = ROOT / ".cache/models/smollm2-135m-instruct-int4"  # make models
 NODE_IP = "10.88.0.1"  # the bridge address of the local cluster (e2e/cluster/env.sh)
 
 
@@ -256,6 +258,12 @@ def write_models(directory: Path) -> None:
     onnx.save(models.make_slow(models.SLOW_LAYERS), directory / "slow.onnx")
     # Not an ONNX model at all: the server must refuse to load it.
     (directory / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    # The LLM model directory (`make models`) as one archive: HTTP cannot list
+    # a directory, so fetch unpacks a .tar instead.
+    if LLM_MODEL_DIR.is_dir():
+        with tarfile.open(directory / "smollm2.tar", "w") as tar:
+            tar.add(LLM_MODEL_DIR, arcname=LLM_MODEL_DIR.name,
+                    filter=lambda info: None if info.name.rsplit("/", 1)[-1].startswith(".") else info)
 
 
 # ------------------------------------------------------------ load

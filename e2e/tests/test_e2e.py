@@ -7,9 +7,12 @@ operator is installed once per session with Helm (conftest.py).
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
@@ -350,3 +353,30 @@ def test_6_delete_removes_every_owned_object(operator, model_server, namespace):
     eventually(f"every owned object is gone ({len(before)} objects)", 120, all_gone)
     record("delete_to_all_owned_gone_s", round(time.monotonic() - t0, 1))
     assert kubectl("-n", namespace, "get", "pods", "-l", "ferrite.dev/model-deployment=owned", "-o", "name").strip() == ""
+
+
+# ---------------------------------------------------------------- 7
+def test_7_llm_model_deployment_answers_chat_completions(operator, model_server, namespace):
+    """An LLM is a ModelDeployment like any other: its model directory
+    (fetched as a .tar over HTTP) loads, the Ready condition comes, and the
+    OpenAI-compatible API answers through the Service."""
+    if not e2e.LLM_MODEL_DIR.is_dir():
+        pytest.fail(f"{e2e.LLM_MODEL_DIR} is missing: run `make models`", pytrace=False)
+    t0 = time.monotonic()
+    apply(namespace, model_deployment("smollm2", model_server.url("smollm2.tar"), replicas=1,
+                                      runtime={"intraOpThreads": 2}))
+    e2e.wait_ready(namespace, "smollm2", timeout=300)
+    record("llm_apply_to_ready_s", round(time.monotonic() - t0, 1))
+    ip = e2e.service_ip(namespace, "smollm2")
+    body = json.dumps({"model": "smollm2", "temperature": 0, "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+    request = urllib.request.Request(f"http://{ip}:8000/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+    t1 = time.monotonic()
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.load(response)
+    record("llm_chat_completion_s", round(time.monotonic() - t1, 2))
+    text = answer["choices"][0]["message"]["content"]
+    log(f"smollm2 through its Service: {text!r} (usage {answer['usage']})")
+    assert "Paris" in text, answer
+    assert answer["usage"]["completion_tokens"] > 0
