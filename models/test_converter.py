@@ -7,11 +7,11 @@ implementations, recorded once by models/record_fixtures.py:
 (b) llama.cpp (llama-server, same GGUF, its own Q4_1/Q8_0 kernels): with its greedy
     continuation fed back token by token, our top-1 agrees at >= 90% of positions and
     llama.cpp's token is in our top 5 at every position.
-int4 (4-bit MatMulNBits, re-quantized): answers Paris; llama.cpp's token is in our top 5
-    at >= 95% of positions and top-1 agrees at >= 75%; transformers' first greedy token
-    is in our top 5 for every prompt.
-Engine contract: left-padded batches give the same next tokens (and logits within
-1e-3) as each row alone, also over several decode steps.
+int4 (4-bit MatMulNBits, re-quantized): answers Paris; with transformers' greedy tokens
+    fed back, top-1 agrees at >= 65% and top-5 contains them at >= 90% of positions;
+    with llama.cpp's, top-1 >= 75% and top-5 >= 95%.
+Engine contract: left-padded batches give the same next tokens as each row alone,
+also over several decode steps (logits within 1e-3 for fp32, 1.5 for int4).
 
 Without the converted models (make models) these tests fail under CI=true and skip,
 loudly, otherwise.
@@ -162,10 +162,19 @@ def test_int4_against_llamacpp(int4, lc):
     assert a5 >= 0.95
 
 
-def test_int4_first_token_in_top5_of_transformers(int4, tf):
+def test_int4_against_transformers(int4, tf):
+    """transformers' greedy tokens fed back: int4 top-1 >= 65% (seen 73%), top-5 >= 90% (seen 96%)."""
+    a1 = a5 = n = 0
     for p in tf["prompts"]:
-        logits = int4.prefill([p["prompt_ids"]])[0][0]
-        assert p["greedy"][0] in np.argsort(-logits)[:5], p["prompt"]
+        logits = int4.teacher_forced(p["prompt_ids"], p["greedy"])
+        for t, row in zip(p["greedy"], logits):
+            order = np.argsort(-row)[:5]
+            a1 += int(order[0] == t)
+            a5 += int(t in order)
+            n += 1
+    print(f"\nint4 vs transformers ({n} positions): top-1 {a1 / n:.1%}, top-5 {a5 / n:.1%}")
+    assert a1 / n >= 0.65
+    assert a5 / n >= 0.90
 
 
 # --------------------------------------------------------------------------- answers
@@ -190,5 +199,8 @@ def test_left_padded_batch_equals_single_runs(which, request, tf):
         single = m.greedy([r], steps)[0]
         assert batched[b] == single, f"row {b}: batched {batched[b]} != alone {single}"
         logits_s = m.prefill([r])[0][0]
-        tol = 1e-3 if which == "fp32" else 5e-2
+        # int4: accuracy_level 4 quantizes activations to int8 per block, which turns
+        # float rounding differences from the padding into logit differences up to
+        # ~1 (docs/llm.md); fp32 is batch-invariant.
+        tol = 1e-3 if which == "fp32" else 1.5
         assert np.abs(logits_b[b] - logits_s).max() < tol
