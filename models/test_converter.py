@@ -31,7 +31,7 @@ MODELS = os.environ.get("FERRITE_LLM_MODELS", os.path.join(ROOT, ".cache", "mode
 FP32 = os.path.join(MODELS, "smollm2-135m-instruct-fp32")
 INT4 = os.path.join(MODELS, "smollm2-135m-instruct-int4")
 
-LOGIT_ATOL = 2e-2  # fp32 vs fp32, differing only in summation order
+LOGIT_ATOL = 1e-3  # fp32 vs fp32, differing only in summation order (seen: 4.4e-5)
 GREEDY = 16
 
 
@@ -125,11 +125,12 @@ def test_fp32_greedy_and_logits_match_transformers(fp32, tf, tf_logits):
         logits = fp32.prefill([p["prompt_ids"]])[0][0]
         ref = tf_logits[f"p{i}"].astype(np.float32)
         # float16 storage: compare within its rounding too; top-64 are exact float32
-        diff = np.abs(logits - ref).max()
+        # the full vectors are stored as float16: allow its rounding (2^-11 relative)
+        diff = (np.abs(logits - ref) - np.abs(ref) * 2.0 ** -11).max()
         top = np.array(p["top_ids"])
         diff_top = np.abs(logits[top] - np.array(p["top_logits"])).max()
         worst = max(worst, diff_top)
-        assert diff < LOGIT_ATOL + 0.02, f"prompt {i}: max |logit diff| {diff}"
+        assert diff < LOGIT_ATOL, f"prompt {i}: max |logit diff| beyond float16 rounding {diff}"
         assert diff_top < LOGIT_ATOL, f"prompt {i}: max |top-64 logit diff| {diff_top}"
     print(f"\nfp32 vs transformers: worst top-64 logit difference {worst:.2e}")
 
