@@ -4,7 +4,7 @@
 # docs/bench-*.png. Included by the top-level Makefile (uses its venv, ort
 # and release targets). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
-.PHONY: bench bench-report bench-soak bench-llm llama-server
+.PHONY: bench bench-report bench-soak bench-llm llama-server bench-profile bench-ab
 
 bench: venv ort release bench-llm ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
 	$(PY) bench/bench.py
@@ -14,6 +14,15 @@ bench-report: venv ## regenerate docs/benchmarks.md and its plots from bench/res
 
 bench-soak: venv ort release ## ferrite-server's memory over a 10-minute soak at concurrency 64 (bench/soak.json)
 	$(PY) bench/bench.py soak
+
+# Where the server's CPU time goes (perf + an inferno flame graph in
+# .cache/bench/profile), and what a change gained: A/B of two server binaries.
+PROFILE_ARGS ?= --model mlp --concurrency 64
+bench-profile: venv ort release ## perf profile and flame graph of ferrite-server under load (needs perf)
+	$(PY) bench/profile.py $(PROFILE_ARGS)
+
+bench-ab: venv ort release ## compare two server binaries: make bench-ab BEFORE=path AFTER=path
+	$(PY) bench/ab.py $(BEFORE) $(AFTER)
 
 # The LLM section (issue 6): ferrite-server's OpenAI API against llama.cpp's
 # llama-server on the same SmolLM2 GGUF, 1/4/16 streams of 64 tokens; writes

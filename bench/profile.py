@@ -6,9 +6,9 @@ Starts the release ferrite-server on the benchmark's model (settings as in
 `make bench`), drives it with `ferrite-loadgen`, and samples the server with
 `perf record` (cpu-clock, DWARF call graphs) while the load runs. Writes, in
 .cache/bench/profile/:
-  report-<model>-c<N>.txt   the hottest functions (self time), `perf report`
+  report-<model>-c<N>.txt   self time by library and by function (`perf report`)
   <model>-c<N>.svg          a flame graph (inferno, installed into .cache/tools)
-and prints the top of the report, grouped into the request path's stages.
+and prints the top of both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,18 +28,6 @@ import bench  # noqa: E402
 OUT = bench.CACHE / "profile"
 INFERNO_VERSION = "0.12.3"
 TOOLS = bench.ROOT / ".cache" / "tools"
-
-# Which stage a symbol belongs to, by the first pattern it matches.
-STAGES = [
-    ("ONNX Runtime (model compute)", r"libonnxruntime|onnxruntime|Mlas|mlas"),
-    ("gRPC / HTTP/2 (tonic, h2, hyper)", r"\bh2::|hyper|tonic|tower"),
-    ("protobuf encode/decode (prost)", r"prost|ferrite_proto"),
-    ("tokio runtime and wake-ups", r"tokio|mio::|parking_lot|futex|std::sync|std::thread"),
-    ("ferrite request path", r"ferrite_server"),
-    ("memory (malloc, memcpy)", r"malloc|free|memcpy|memmove|memset|realloc|cfree|_int_"),
-    ("kernel (syscalls, network)", r"\[k\]|kernel|syscall|tcp_|ip_|skb|__sys|do_syscall|entry_SYSCALL"),
-]
-
 
 def inferno() -> Path | None:
     collapse = TOOLS / "bin" / "inferno-collapse-perf"
@@ -96,22 +83,20 @@ def main() -> int:
         server.stop()
     print(f"==> load: {result['throughput_rps']:.0f} req/s, p50 {result['p50_us']} µs", flush=True)
 
-    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol",
-                             "--stdio", "-g", "none", "--percent-limit", "0.3"],
-                            capture_output=True, text=True, check=True).stdout
-    (OUT / f"report-{name}.txt").write_text(report)
-    stages: dict[str, float] = {}
-    for line in report.splitlines():
-        m = re.match(r"\s+([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)|\s+([\d.]+)%\s+(\S+)\s+(\[k\].*)", line)
-        if not m:
-            continue
-        share = float(m.group(1) or m.group(4))
-        text = " ".join(g for g in m.groups()[1:] if g and not re.fullmatch(r"[\d.]+", g))
-        stage = next((s for s, pattern in STAGES if re.search(pattern, text)), "other")
-        stages[stage] = stages.get(stage, 0.0) + share
-    print(f"==> self time by stage (symbols above 0.3%; {OUT / f'report-{name}.txt'}):")
-    for stage, share in sorted(stages.items(), key=lambda kv: -kv[1]):
-        print(f"    {share:5.1f}%  {stage}")
+    def perf_report(sort: str, limit: str) -> str:
+        return subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
+                               "-g", "none", "--percent-limit", limit], capture_output=True, text=True,
+                              check=True).stdout
+
+    by_library = perf_report("dso", "0.5")
+    by_symbol = perf_report("dso,symbol", "0.3")
+    (OUT / f"report-{name}.txt").write_text(by_library + "\n" + by_symbol)
+    def top(text: str, n: int) -> str:
+        lines = [" ".join(line.split())[:150] for line in text.splitlines() if line.strip() and line[0] != "#"]
+        return "\n".join("    " + line for line in lines[:n])
+
+    print(f"==> self time by library:\n{top(by_library, 12)}")
+    print(f"==> hottest functions ({OUT / f'report-{name}.txt'}):\n{top(by_symbol, 20)}")
 
     tools = inferno()
     if tools:
