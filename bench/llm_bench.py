@@ -55,11 +55,12 @@ MAX_TOKENS = 64
 
 
 # ----------------------------------------------------------------------------- load
-async def one_stream(session, url, model, stats, deadline):
+async def one_stream(session, url, model, stats, deadline, once=False):
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
             "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    while time.perf_counter() < deadline:
+    while once or time.perf_counter() < deadline:
+        once = False
         t0 = time.perf_counter()
         ttft, chunks, usage = None, 0, None
         try:
@@ -102,7 +103,7 @@ async def measure(url, model, concurrency, seconds, warmup):
     async with aiohttp.ClientSession(timeout=timeout) as session:
         # warm-up: one request per stream
         warm = {"requests": [], "errors": 0}
-        await asyncio.gather(*[one_stream(session, url, model, warm, time.perf_counter() + 0.001)
+        await asyncio.gather(*[one_stream(session, url, model, warm, 0.0, once=True)
                                for _ in range(concurrency)])
         t0 = time.perf_counter()
         deadline = t0 + seconds
@@ -153,7 +154,7 @@ def start_llama_server(port, threads):
         sys.exit(f"{LLAMA_SERVER} missing: run `make llama-server`")
     log = open(CACHE / "bench" / "llama-server.log", "w")
     p = subprocess.Popen([str(LLAMA_SERVER), "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(port),
-                          "-t", str(threads), "--parallel", "16", "-c", str(16 * 256), "--no-warmup"],
+                          "-t", str(threads), "--parallel", "16", "-c", str(16 * 256)],
                          stdout=log, stderr=subprocess.STDOUT)
     wait_http(f"http://127.0.0.1:{port}", "/health", proc=p)
     return p
