@@ -67,6 +67,7 @@ async def one_stream(session, url, model, stats, deadline, once=False):
             async with session.post(url + "/v1/chat/completions", json=body) as r:
                 if r.status != 200:
                     stats["errors"] += 1
+                    stats["last_error"] = f"HTTP {r.status}: {(await r.text())[:200]}"
                     await asyncio.sleep(0.1)
                     continue
                 buf = b""
@@ -89,8 +90,9 @@ async def one_stream(session, url, model, stats, deadline, once=False):
                                 chunks += 1
                                 if ttft is None:
                                     ttft = time.perf_counter() - t0
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
             stats["errors"] += 1
+            stats["last_error"] = repr(e)[:200]
             continue
         end = time.perf_counter()
         tokens = (usage or {}).get("completion_tokens") or chunks
@@ -110,6 +112,8 @@ async def measure(url, model, concurrency, seconds, warmup):
         await asyncio.gather(*[one_stream(session, url, model, stats, deadline) for _ in range(concurrency)])
         t1 = time.perf_counter()
     reqs = stats["requests"]
+    if stats.get("last_error"):
+        print(f"  {stats['errors']} errors, last: {stats['last_error']}", file=sys.stderr)
     if not reqs:
         return {"concurrency": concurrency, "errors": stats["errors"], "requests": 0}
     # tokens counted for requests that finished inside the window (closed loop: the
