@@ -19,19 +19,17 @@ import threading
 import time
 from urllib.parse import urlparse
 
-PROMPT = (
-    "You are a concise assistant. Explain in a few sentences why the sky looks blue "
-    "during the day and red at sunset, for a curious ten-year-old reader."
-)
+SYSTEM = "You are a concise assistant."
+PROMPT = "Explain why the sky looks blue during the day and red at sunset, in simple words."
 
 
 def one_stream(url, model, max_tokens, prompt):
-    """Returns (ttft_s, total_s, completion_tokens)."""
+    """Returns (ttft_s, total_s, completion_tokens, prompt_tokens)."""
     u = urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = json.dumps({
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -45,6 +43,7 @@ def one_stream(url, model, max_tokens, prompt):
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
     ttft = None
     tokens = None
+    prompt_tokens = 0
     pieces = 0
     for raw in resp:
         line = raw.decode().strip()
@@ -56,6 +55,7 @@ def one_stream(url, model, max_tokens, prompt):
         chunk = json.loads(data)
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
+            prompt_tokens = chunk["usage"]["prompt_tokens"]
         for choice in chunk.get("choices") or []:
             if (choice.get("delta") or {}).get("content"):
                 pieces += 1
@@ -63,7 +63,7 @@ def one_stream(url, model, max_tokens, prompt):
                     ttft = time.perf_counter() - start
     total = time.perf_counter() - start
     conn.close()
-    return ttft or total, total, tokens if tokens is not None else pieces
+    return ttft or total, total, tokens if tokens is not None else pieces, prompt_tokens
 
 
 def run(url, model, concurrency, requests, max_tokens):
@@ -90,6 +90,7 @@ def run(url, model, concurrency, requests, max_tokens):
     return {
         "concurrency": concurrency,
         "streams": len(results),
+        "prompt_tokens": statistics.median(r[3] for r in results),
         "tokens": tokens,
         "aggregate_tok_s": tokens / wall,
         "per_stream_tok_s": statistics.median(per_stream) if per_stream else 0.0,

@@ -60,11 +60,27 @@ impl Runtime {
 
     /// Creates one session for a model.
     pub fn session(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
+        self.build_session(model, options, true)
+    }
+
+    /// Creates one session whose intra-op threads sleep between operators
+    /// instead of spinning. For LLM decoding: with spinning, the waiting
+    /// thread burns the CPU the working one needs whenever the CPUs are
+    /// shared or a cgroup quota throttles (measured on 2 shared cores: a
+    /// decode step 30% faster without it).
+    pub fn session_without_spinning(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
+        self.build_session(model, options, false)
+    }
+
+    fn build_session(&self, model: &ModelBytes, options: SessionOptions, spin: bool) -> anyhow::Result<Session> {
         let mut builder = Session::builder(&self.environment)?
             .with_intra_threads(options.intra_op_threads.max(1))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_inter_threads(1)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if !spin {
+            builder = builder.with_intra_op_spinning(false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         builder = match options.execution_provider {
             ExecutionProvider::Cpu => builder,
             ExecutionProvider::Cuda => builder
@@ -167,10 +183,8 @@ impl RunTimings {
 /// into ONNX Runtime's buffer, the one copy on the way in.
 pub fn run(session: &mut Session, inputs: &[Vec<Tensor>], outputs: &[String]) -> InferResult<RunOutput> {
     let started = Instant::now();
-    let values = inputs
-        .iter()
-        .map(|blocks| Ok((blocks[0].name.as_str(), to_ort(blocks)?)))
-        .collect::<InferResult<Vec<_>>>()?;
+    let values =
+        inputs.iter().map(|blocks| Ok((blocks[0].name.as_str(), to_ort(blocks)?))).collect::<InferResult<Vec<_>>>()?;
     let copied_in = Instant::now();
     let mut results = session.run(values).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
     let ran = Instant::now();
@@ -285,8 +299,9 @@ fn to_ort(blocks: &[Tensor]) -> InferResult<DynValue> {
                 };
                 for item in items {
                     // Validation (model::validate) let only UTF-8 without NUL through.
-                    let text = std::str::from_utf8(item)
-                        .map_err(|_| InferError::internal(format!("input '{}': BYTES element not UTF-8", first.name)))?;
+                    let text = std::str::from_utf8(item).map_err(|_| {
+                        InferError::internal(format!("input '{}': BYTES element not UTF-8", first.name))
+                    })?;
                     strings.push(text.to_owned());
                 }
             }

@@ -78,7 +78,7 @@ impl Llm {
             execution_provider: settings.execution_provider,
             intra_op_threads: settings.threads_per_instance(),
         };
-        let session = runtime.session(&ModelBytes::File(dir.join(config::LLM_MODEL_FILE)), options)?;
+        let session = runtime.session_without_spinning(&ModelBytes::File(dir.join(config::LLM_MODEL_FILE)), options)?;
         let engine_settings = EngineSettings {
             max_running: settings.max_batch_size.max(1),
             max_waiting: settings.max_queue_size.max(1),
