@@ -126,7 +126,7 @@ def llamacpp_main(gguf_path, server):
             with urllib.request.urlopen(req, timeout=300) as r:
                 out = json.load(r)
             toks = out.get("tokens") or []
-            top5 = [[t["id"] for t in pr.get("top_probs", pr.get("probs", []))]
+            top5 = [[t["id"] for t in (pr.get("top_logprobs") or pr.get("top_probs") or pr.get("probs") or [])]
                     for pr in out.get("completion_probabilities", [])]
             records.append({"prompt_ids": p["prompt_ids"], "continuation": toks, "text": out.get("content"),
                             "top5": top5})
