@@ -244,9 +244,12 @@ async fn scales_up_on_a_queue_burst_and_back_down_after_the_window() {
     assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed during the burst");
     assert!(ok.load(Ordering::SeqCst) > 0);
 
+    // Each scale write is followed by its Event, which may land a moment later.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let reasons: Vec<String> =
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.iter().any(|r| r == "ScaledUp"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "ScaledDown"), "{reasons:?}");
+    eventually("ScaledUp and ScaledDown events", Duration::from_secs(15), || async {
+        let reasons: Vec<String> =
+            events.list(&ListParams::default()).await.ok()?.items.into_iter().filter_map(|e| e.reason).collect();
+        (reasons.iter().any(|r| r == "ScaledUp") && reasons.iter().any(|r| r == "ScaledDown")).then_some(())
+    })
+    .await;
 }
