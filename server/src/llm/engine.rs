@@ -227,6 +227,15 @@ impl Drop for Engine {
     }
 }
 
+/// Whether the batch cache must be rebuilt before the next decode step.
+/// Finished rows may ride along (masked work, their output unused) until
+/// the next join rebuilds the cache anyway: in steady traffic a replacement
+/// arrives within a step, so one rebuild serves both. At most a quarter of
+/// the rows may be such passengers.
+fn needs_rebuild(rows: usize, finished: usize, joining: usize) -> bool {
+    joining > 0 || (finished > 0 && (finished == rows || finished * 4 > rows))
+}
+
 /// Input and output names of the decoder graph.
 struct Names {
     past: Vec<String>,
@@ -342,12 +351,8 @@ impl Worker {
                 joiners.push(joiner);
             }
         }
-        let rows = self.running.len();
         let done = self.running.iter().filter(|s| s.finished).count();
-        // Finished rows may ride along (masked work, their output unused)
-        // until the next join rebuilds the cache anyway: in steady traffic a
-        // replacement arrives within a step, so one rebuild serves both.
-        if !joiners.is_empty() || done == rows || done * 4 > rows {
+        if needs_rebuild(self.running.len(), done, joiners.len()) {
             self.rebuild(joiners)?;
         }
         self.shared.metrics.set_running(self.live());
@@ -542,5 +547,21 @@ impl Worker {
         metrics.compute_duration.observe(compute.as_secs_f64());
         metrics.batch_size.observe(rows as f64);
         self.model.stats.record_batch(rows, waited, RunTimings { infer: compute, ..RunTimings::default() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rebuild_on_joins_and_on_many_leaves() {
+        assert!(!needs_rebuild(8, 0, 0), "nothing changed");
+        assert!(needs_rebuild(8, 0, 1), "a join");
+        assert!(!needs_rebuild(8, 2, 0), "two of eight finished: they ride along");
+        assert!(needs_rebuild(8, 3, 0), "more than a quarter finished");
+        assert!(needs_rebuild(1, 1, 0), "everyone finished");
+        assert!(needs_rebuild(2, 1, 0));
+        assert!(!needs_rebuild(0, 0, 0));
     }
 }

@@ -192,8 +192,9 @@ def test_eight_concurrent_streams_on_int4(client):
     assert "Paris" in together[0]
     for prompt, a, t in zip(EIGHT_PROMPTS, alone, together):
         assert t, prompt
-        # The first words agree; later tokens may drift (int8 activations).
-        assert t.split()[:2] == a.split()[:2], f"{prompt!r}: alone {a!r}, concurrently {t!r}"
+        # The first word comes from the prefill, which runs alone either way; later
+        # tokens may drift (int8 activations).
+        assert t.split()[:1] == a.split()[:1], f"{prompt!r}: alone {a!r}, concurrently {t!r}"
 
 
 def test_completions(client, llm_server):
