@@ -24,10 +24,15 @@ graph uses Hugging Face's rotate-half RoPE and its KV cache matches Hugging Face
 
 Quantization:
 - `none`: every weight dequantized to float32.
-- `int4`: the projections become 4-bit MatMulNBits (block 32, asymmetric
-  round-to-nearest with uint8 zero points, from the dequantized GGUF weights: see
-  rtn_nbits), the LM head an 8-bit MatMulNBits taken exactly from the Q8_0 embedding
-  blocks. accuracy_level 4 (int8 activations) selects MLAS's fastest CPU kernels.
+- `int4`: the projections become 4-bit MatMulNBits (block 64, asymmetric
+  round-to-nearest with uint8 zero points and a least-squares scale per block, from the
+  dequantized GGUF weights: see rtn_nbits), the LM head an 8-bit MatMulNBits taken
+  exactly from the Q8_0 embedding blocks (block 32). accuracy_level 4 (int8
+  activations) selects MLAS's fastest CPU kernels (accuracy_level 1 was ~10x slower
+  at batch 1 in ONNX Runtime 1.31). Block 64 rather than 32: 4.6 instead of 5.1 bits
+  per weight (fp32 scale + 4-bit zero point per block), ~10% faster decoding at batch
+  1 (memory bound) with the same agreement with transformers and llama.cpp in the
+  tests (128 does not divide hidden size 576).
 """
 import argparse
 import hashlib
@@ -159,7 +164,7 @@ class G:
         return outs if n_out > 1 else outs[0]
 
 
-def build(gg: Gguf, quant: str, block_size: int = 32, accuracy_level: int = 4):
+def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
     arch = gg.field("general.architecture")
     if arch != "llama":
         sys.exit(f"unsupported architecture {arch!r} (only llama)")
@@ -423,7 +428,8 @@ def main():
     ap.add_argument("gguf")
     ap.add_argument("outdir")
     ap.add_argument("--quant", choices=["none", "int4"], default="none")
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=64,
+                    help="MatMulNBits block (along K) of the 4-bit projections; must divide every K")
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--sha256", help="sha256 of the GGUF file (computed when absent)")
     a = ap.parse_args()

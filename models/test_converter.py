@@ -9,7 +9,7 @@ implementations, recorded once by models/record_fixtures.py:
     llama.cpp's token is in our top 5 at every position.
 int4 (4-bit MatMulNBits, re-quantized): answers Paris; with transformers' greedy tokens
     fed back, top-1 agrees at >= 65% and top-5 contains them at >= 90% of positions;
-    with llama.cpp's, top-1 >= 60% and top-5 >= 85% (seen: 69%, 91%).
+    with llama.cpp's, top-1 >= 60% and top-5 >= 85% (seen: 63.5%, 88.0%).
 Engine contract: left-padded batches give the same next tokens as each row alone,
 also over several decode steps (logits within 1e-3 for fp32, 1.5 for int4).
 
@@ -159,12 +159,12 @@ def test_fp32_against_llamacpp(fp32, lc):
 def test_int4_against_llamacpp(int4, lc):
     a1, a5, n = _llamacpp_agreement(int4, lc)
     print(f"\nint4 vs llama.cpp ({n} positions): top-1 {a1:.1%}, llama.cpp token in our top 5 {a5:.1%}")
-    assert a1 >= 0.60  # seen 68.8%
-    assert a5 >= 0.85  # seen 91.1%
+    assert a1 >= 0.60  # seen 63.5% (block 64; 68.8% with block 32)
+    assert a5 >= 0.85  # seen 88.0% (block 64; 91.1% with block 32)
 
 
 def test_int4_against_transformers(int4, tf):
-    """transformers' greedy tokens fed back: int4 top-1 >= 65% (seen 73%), top-5 >= 90% (seen 96%)."""
+    """transformers' greedy tokens fed back: int4 top-1 >= 65% (seen 68.8%), top-5 >= 90% (seen 94.8%)."""
     a1 = a5 = n = 0
     for p in tf["prompts"]:
         logits = int4.teacher_forced(p["prompt_ids"], p["greedy"])
