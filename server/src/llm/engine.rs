@@ -347,8 +347,15 @@ impl Worker {
             }
             let waited = pending.enqueued.elapsed();
             self.shared.metrics.queue_duration.observe(waited.as_secs_f64());
-            if let Some(joiner) = self.prefill(pending, waited)? {
-                joiners.push(joiner);
+            // A failed prefill fails its own request only.
+            let events = pending.events.clone();
+            match self.prefill(pending, waited) {
+                Ok(Some(joiner)) => joiners.push(joiner),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(model = %self.model.name, %error, "prefill failed");
+                    let _ = events.send(Event::Error(error));
+                }
             }
         }
         let done = self.running.iter().filter(|s| s.finished).count();
