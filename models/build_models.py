@@ -6,7 +6,6 @@ and converts it into .cache/models/smollm2-135m-instruct-{fp32,int4}/ with
 models/convert_gguf.py. A variant is rebuilt only when its stamp (the GGUF's sha256
 plus the sha256 of the converter's source) changed or a file is missing.
 """
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,12 +21,7 @@ VARIANTS = {"smollm2-135m-instruct-fp32": "none", "smollm2-135m-instruct-int4": 
 FILES = ("model.onnx", "tokenizer.json", "chat_template.jinja", "llm.json")
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from convert_gguf import sha256_file as sha256  # noqa: E402  (models/ is this script's directory)
 
 
 def fetch_gguf():

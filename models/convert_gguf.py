@@ -193,17 +193,6 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
 
     def linear(x, names, hint, n_heads_unpermute=None, out_dim=None):
         """x @ concat(names).T ; names: list of GGUF weight names ([out, in] each)."""
-        if quant == "none":
-            ws = []
-            for nm in names:
-                w = gg.f32(nm)
-                if nm in n_heads_unpermute:
-                    w = unpermute_rows(w, n_heads_unpermute[nm])
-                ws.append(w)
-            w = np.concatenate(ws, axis=0)
-            wname = g.init(hint + ".weight", np.ascontiguousarray(w.T))
-            return g.op("MatMul", [x, wname], hint)
-        # int4: re-quantize the dequantized weights (see rtn_nbits for why not the raw Q4_1 blocks)
         ws = []
         for nm in names:
             w = gg.f32(nm)
@@ -211,10 +200,12 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
                 w = unpermute_rows(w, n_heads_unpermute[nm])
             ws.append(w)
         w = np.concatenate(ws, axis=0)
+        if quant == "none":
+            wname = g.init(hint + ".weight", np.ascontiguousarray(w.T))
+            return g.op("MatMul", [x, wname], hint)
+        # int4: re-quantize the dequantized weights (see rtn_nbits for why not the raw Q4_1 blocks)
         k = w.shape[1]
         b, s, z = rtn_nbits(w, 4, block_size)
-        bs, ss, zs = [b], [s], [z]
-        b, s, z = np.concatenate(bs), np.concatenate(ss), np.concatenate(zs)
         n = b.shape[0]
         return g.op("MatMulNBits", [x, g.init(hint + ".qweight", b), g.init(hint + ".scales", s),
                                     g.init(hint + ".zp", z)], hint, domain="com.microsoft",
