@@ -93,7 +93,9 @@ fn safe_relative(path: &Path) -> Result<PathBuf, String> {
         match component {
             Component::Normal(part) => out.push(part),
             Component::CurDir => {}
-            _ => return Err(format!("refusing archive entry '{}': it would leave the model directory", path.display())),
+            _ => {
+                return Err(format!("refusing archive entry '{}': it would leave the model directory", path.display()))
+            }
         }
     }
     Ok(out)
@@ -104,13 +106,17 @@ fn place(staging: &Path, model_dir: &Path) -> Result<Vec<PathBuf>, String> {
     let mut root = staging.to_path_buf();
     let top = children(&root)?;
     if let [only] = top.as_slice() {
-        let is_version = only.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        let is_version =
+            only.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
         if only.is_dir() && !is_version {
             root = only.clone();
         }
     }
-    let target =
-        if VERSION_MARKERS.iter().any(|m| root.join(m).is_file()) { model_dir.join("1") } else { model_dir.to_path_buf() };
+    let target = if VERSION_MARKERS.iter().any(|m| root.join(m).is_file()) {
+        model_dir.join("1")
+    } else {
+        model_dir.to_path_buf()
+    };
     let mut written = Vec::new();
     move_tree(&root, &target, &mut written)?;
     written.sort();

@@ -263,7 +263,8 @@ pub fn validate(signature: &Signature, max_batch_size: Option<usize>, request: I
         // Checked here rather than in the runtime: a batch joins requests, and
         // one request's bad text must not fail its neighbours.
         if let TensorData::Strings(items) = &tensor.data {
-            if let Some(i) = items.iter().position(|item| std::str::from_utf8(item).map_or(true, |s| s.contains('\0'))) {
+            if let Some(i) = items.iter().position(|item| std::str::from_utf8(item).map_or(true, |s| s.contains('\0')))
+            {
                 return Err(InferError::invalid(format!(
                     "input '{}': BYTES element {i} must be UTF-8 without NUL bytes (ONNX string tensors hold text)",
                     spec.name
