@@ -312,19 +312,9 @@ impl Reply {
     }
 
     /// Waits for the whole answer.
-    async fn collect(&self, mut generation: Generation) -> Result<Value, InferError> {
-        let mut text = String::new();
-        while let Some(event) = generation.next().await {
-            match event {
-                Event::Text(piece) => text.push_str(&piece),
-                Event::Done { text: last, finish_reason, usage } => {
-                    text.push_str(&last);
-                    return Ok(self.complete(text, finish_reason, &usage));
-                }
-                Event::Error(error) => return Err(error),
-            }
-        }
-        Err(InferError::internal("generation ended without a result"))
+    async fn collect(&self, generation: Generation) -> Result<Value, InferError> {
+        let (text, finish_reason, usage) = generation.collect().await?;
+        Ok(self.complete(text, finish_reason, &usage))
     }
 
     fn complete(&self, text: String, finish_reason: FinishReason, usage: &Usage) -> Value {

@@ -30,7 +30,7 @@ use crate::runtime::{ModelBytes, Runtime, SessionOptions};
 use crate::stats::ModelStats;
 use config::LlmConfig;
 use engine::{Engine, EngineModel, EngineSettings};
-use request::{Event, GenerateOptions, GenerateRequest};
+use request::{Event, FinishReason, GenerateOptions, GenerateRequest, Usage};
 use sampling::SamplingParams;
 use template::{ChatMessage, ChatTemplate};
 use tokenizer::TextCodec;
@@ -225,6 +225,22 @@ impl Generation {
             Event::Text(_) => {}
         }
         Some(event)
+    }
+
+    /// Waits for the whole answer: its text, why it ended and the token counts.
+    pub async fn collect(mut self) -> InferResult<(String, FinishReason, Usage)> {
+        let mut text = String::new();
+        while let Some(event) = self.next().await {
+            match event {
+                Event::Text(piece) => text.push_str(&piece),
+                Event::Done { text: last, finish_reason, usage } => {
+                    text.push_str(&last);
+                    return Ok((text, finish_reason, usage));
+                }
+                Event::Error(error) => return Err(error),
+            }
+        }
+        Err(InferError::internal("generation ended without a result"))
     }
 }
 

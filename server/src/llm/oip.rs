@@ -223,19 +223,9 @@ fn start(model: &Model, llm: &Llm, request: &InferRequest) -> InferResult<(TextR
 
 /// ModelInfer: generates the whole answer, returns it in one response.
 pub async fn infer(model: &Model, llm: &Llm, request: InferRequest) -> InferResult<InferResponse> {
-    let (_, mut generation) = start(model, llm, &request)?;
-    let mut text = String::new();
-    while let Some(event) = generation.next().await {
-        match event {
-            Event::Text(piece) => text.push_str(&piece),
-            Event::Done { text: last, finish_reason, usage } => {
-                text.push_str(&last);
-                return Ok(response(model, &request.id, text, finish_reason, usage, None));
-            }
-            Event::Error(error) => return Err(error),
-        }
-    }
-    Err(InferError::internal("generation ended without a result"))
+    let (_, generation) = start(model, llm, &request)?;
+    let (text, finish_reason, usage) = generation.collect().await?;
+    Ok(response(model, &request.id, text, finish_reason, usage, None))
 }
 
 /// ModelStreamInfer: one response per engine step (unless the request
@@ -297,13 +287,7 @@ fn text_tensor(text: String) -> Tensor {
 fn delta(model: &Model, id: &str, text: String) -> InferResponse {
     let mut parameters = Parameters::new();
     parameters.insert("triton_final_response".into(), ParamValue::Bool(false));
-    InferResponse {
-        model_name: model.name.clone(),
-        model_version: model.version.to_string(),
-        id: id.to_string(),
-        outputs: vec![text_tensor(text)],
-        parameters,
-    }
+    text_response(model, id, text, parameters)
 }
 
 /// The final (or only) response, with the finish reason and token counts.
@@ -322,6 +306,10 @@ fn response(
     if let Some(flag) = final_flag {
         parameters.insert("triton_final_response".into(), ParamValue::Bool(flag));
     }
+    text_response(model, id, text, parameters)
+}
+
+fn text_response(model: &Model, id: &str, text: String, parameters: Parameters) -> InferResponse {
     InferResponse {
         model_name: model.name.clone(),
         model_version: model.version.to_string(),
