@@ -205,16 +205,22 @@ struct RecordOutcome<'a> {
 
 impl Drop for RecordOutcome<'_> {
     fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
-        let (label, ok) = match self.ok {
-            Some(Ok(())) => ("success", true),
-            Some(Err(kind)) => (kind.metric_label(), false),
-            None => (ErrorKind::Cancelled.metric_label(), false),
-        };
-        METRICS.requests.with_label_values(&[&self.model.name, label]).inc();
-        METRICS.request_duration.with_label_values(&[&self.model.name]).observe(elapsed.as_secs_f64());
-        self.model.stats.record_request(ok, elapsed);
+        record_request(&self.model.name, &self.model.stats, self.started, self.ok);
     }
+}
+
+/// Counts one request of `model` in metrics and statistics: by its result,
+/// or as cancelled when it has none (the caller went away).
+pub(crate) fn record_request(model: &str, stats: &ModelStats, started: Instant, result: Option<Result<(), ErrorKind>>) {
+    let elapsed = started.elapsed();
+    let (label, ok) = match result {
+        Some(Ok(())) => ("success", true),
+        Some(Err(kind)) => (kind.metric_label(), false),
+        None => (ErrorKind::Cancelled.metric_label(), false),
+    };
+    METRICS.requests.with_label_values(&[model, label]).inc();
+    METRICS.request_duration.with_label_values(&[model]).observe(elapsed.as_secs_f64());
+    stats.record_request(ok, elapsed);
 }
 
 /// A model can be batched when every input and output has a dynamic first

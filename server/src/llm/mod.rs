@@ -25,7 +25,6 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
-use crate::metrics::METRICS;
 use crate::runtime::{ModelBytes, Runtime, SessionOptions};
 use crate::stats::ModelStats;
 use config::LlmConfig;
@@ -253,15 +252,7 @@ struct Outcome {
 
 impl Drop for Outcome {
     fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
-        let (label, ok) = match self.result {
-            Some(Ok(())) => ("success", true),
-            Some(Err(kind)) => (kind.metric_label(), false),
-            None => (ErrorKind::Cancelled.metric_label(), false),
-        };
-        METRICS.requests.with_label_values(&[&self.model, label]).inc();
-        METRICS.request_duration.with_label_values(&[&self.model]).observe(elapsed.as_secs_f64());
-        self.stats.record_request(ok, elapsed);
+        crate::model::record_request(&self.model, &self.stats, self.started, self.result);
     }
 }
 

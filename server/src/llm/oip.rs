@@ -240,19 +240,8 @@ pub fn infer_stream(
     let id = request.id;
     if decoded.stream == Some(false) {
         let once = async move {
-            let mut generation = generation;
-            let mut text = String::new();
-            while let Some(event) = generation.next().await {
-                match event {
-                    Event::Text(piece) => text.push_str(&piece),
-                    Event::Done { text: last, finish_reason, usage } => {
-                        text.push_str(&last);
-                        return Ok(response(&model, &id, text, finish_reason, usage, Some(true)));
-                    }
-                    Event::Error(error) => return Err(error),
-                }
-            }
-            Err(InferError::internal("generation ended without a result"))
+            let (text, finish_reason, usage) = generation.collect().await?;
+            Ok(response(&model, &id, text, finish_reason, usage, Some(true)))
         };
         return Ok(stream::once(once).boxed());
     }
