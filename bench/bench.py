@@ -19,13 +19,19 @@ affects them alike:
   triton         tritonserver 2.51 (nvidia-pytriton wheel), Python backend
                  running onnxruntime, dynamic batcher (max batch 64, no delay)
 
+Clients: ferrite-loadgen (ours) drives every cell; on the tiny MLP, ferrite
+(batching) and Triton are also driven by clients we did not write, ghz over
+gRPC and oha over HTTP/JSON (bench/outside_clients.py), in the same
+interleaved order: users see what their clients see.
+
 Every session has the same threads: one session, N intra-op threads (N = the
 CPUs this process may use), one inter-op thread.
 
 Writes bench/results.json and regenerates docs/benchmarks.md and its plots
 (bench/report.py). Knobs (environment): BENCH_SECONDS (10), BENCH_WARMUP (2),
 BENCH_RESNET_SECONDS (8), BENCH_MODELS (mlp,strings,resnet50),
-BENCH_CONCURRENCY (1,8,64), BENCH_CONFIGS (all), BENCH_RESULTS
+BENCH_CONCURRENCY (1,8,64), BENCH_CONFIGS (all), BENCH_CLIENTS
+(ferrite-loadgen,ghz,oha), BENCH_RESULTS
 (bench/results.json), BENCH_REPORT (1: regenerate the report).
 """
 
@@ -46,6 +52,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import outside_clients
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
 PY = ROOT / ".venv" / "bin" / "python"
@@ -63,6 +71,12 @@ MAX_BATCH = {"mlp": 64, "strings": 64, "resnet50": 8}
 MODELS = ["mlp", "strings", "resnet50"]
 CONCURRENCY = [1, 8, 64]
 CONFIGS = ["raw", "raw-batched", "ferrite", "ferrite-nobatch", "triton"]
+LOADGEN_CLIENT = "ferrite-loadgen"
+CLIENTS = [LOADGEN_CLIENT, *outside_clients.CLIENTS]
+# What the outside clients measure: the servers (not raw ORT) on the model
+# where the protocol is most of the cost.
+OUTSIDE_MODELS = ["mlp"]
+OUTSIDE_CONFIGS = ["ferrite", "triton"]
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -299,26 +313,42 @@ def cell_times(model: str, concurrency: int) -> tuple[float, float]:
     return warmup, float(os.environ.get("BENCH_SECONDS", "10"))
 
 
-def plan(models: list[str], concurrency: list[int], configs: list[str]) -> list[tuple[str, int, str]]:
+def plan(models: list[str], concurrency: list[int], configs: list[str],
+         clients: list[str]) -> list[tuple[str, int, str, str]]:
+    """(model, concurrency, configuration, client) cells in the order run."""
     cells = []
     for model in models:
         for i, c in enumerate(concurrency):
-            order = [x for x in configs if not (x == "raw-batched" and c == 1)]
-            cells += [(model, c, x) for x in (order if i % 2 == 0 else order[::-1])]
+            order = []
+            if LOADGEN_CLIENT in clients:
+                order += [(x, LOADGEN_CLIENT) for x in configs if not (x == "raw-batched" and c == 1)]
+            if model in OUTSIDE_MODELS:
+                order += [(x, client) for client in clients if client != LOADGEN_CLIENT
+                          for x in OUTSIDE_CONFIGS if x in configs]
+            cells += [(model, c, x, client) for x, client in (order if i % 2 == 0 else order[::-1])]
     return cells
 
 
 def estimate(cells) -> float:
     total = 40.0  # server start-up
-    for model, c, _ in cells:
+    for model, c, _, client in cells:
         warmup, seconds = cell_times(model, c)
         drain = 0.12 * c if model == "resnet50" else 0.2
-        total += warmup + seconds + drain + 0.5
+        total += warmup + seconds + drain + (0.5 if client == LOADGEN_CLIENT else 1.5)
     return total
 
 
-def run_cell(model: str, c: int, config: str, paths: dict, ports: dict, threads: int) -> dict:
+def run_cell(model: str, c: int, config: str, client: str, paths: dict, ports: dict, threads: int,
+             bodies: dict) -> dict:
     warmup, seconds = cell_times(model, c)
+    if client != LOADGEN_CLIENT:
+        served = model if config != "ferrite-nobatch" else f"{model}_nobatch"
+        if client == "ghz":
+            result = outside_clients.ghz(ports[config]["grpc"], bodies[model]["grpc"], c, warmup, seconds)
+        else:
+            result = outside_clients.oha(ports[config]["http"], served, bodies[model]["http"], c, warmup, seconds)
+        result.update(model=model, config=config, client=client, concurrency=c, warmup=warmup)
+        return result
     argv = [str(LOADGEN), "--concurrency", str(c), "--warmup", str(warmup), "--duration", str(seconds),
             "--label", config]
     if config in ("raw", "raw-batched"):
@@ -326,16 +356,16 @@ def run_cell(model: str, c: int, config: str, paths: dict, ports: dict, threads:
         if config == "raw-batched":
             argv += ["--batch-rows", str(min(c, MAX_BATCH[model]))]
     elif config == "triton":
-        argv += ["--url", f"http://127.0.0.1:{ports['triton']}", "--model", model]
+        argv += ["--url", f"http://127.0.0.1:{ports['triton']['grpc']}", "--model", model]
     else:
         served = model if config == "ferrite" else f"{model}_nobatch"
-        argv += ["--url", f"http://127.0.0.1:{ports['ferrite']}", "--model", served]
+        argv += ["--url", f"http://127.0.0.1:{ports['ferrite']['grpc']}", "--model", served]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + seconds + 300,
                           env=os.environ | {"ORT_DYLIB_PATH": str(ORT_LIB)})
     if done.returncode != 0:
         raise SystemExit(f"ferrite-loadgen failed on {model} c={c} {config}:\n{done.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(model=model, config=config, concurrency=c, warmup=warmup)
+    result.update(model=model, config=config, client=client, concurrency=c, warmup=warmup)
     return result
 
 
@@ -360,7 +390,7 @@ def verify(paths: dict, ports: dict) -> None:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         expected = dict(zip([o[0] for o in outputs], session.run(None, feeds)))
         for server, port in ports.items():
-            client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{port['grpc']}")
             served = model
             wire = {}
             for name, ttype, _ in inputs:
@@ -487,8 +517,12 @@ def main() -> int:
     for f in (LOADGEN, SERVER, ORT_LIB):
         if not f.exists():
             raise SystemExit(f"{f} is missing: run `make venv ort release` first")
-    cells = plan(models, concurrency, configs)
-    log(f"{len(cells)} cells ({', '.join(models)} x concurrency {concurrency} x {', '.join(configs)}); "
+    clients = env_list("BENCH_CLIENTS", CLIENTS)
+    if any(c != LOADGEN_CLIENT for c in clients):
+        outside_clients.check_installed()
+    cells = plan(models, concurrency, configs, clients)
+    log(f"{len(cells)} cells ({', '.join(models)} x concurrency {concurrency} x {', '.join(configs)}; "
+        f"clients {', '.join(clients)}); "
         f"estimated {estimate(cells) / 60:.1f} min after set-up")
     threads = cpus()
     # Let the compiler that `make release` may just have run finish weighing on
@@ -506,7 +540,7 @@ def main() -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     servers: dict[str, Server] = {}
-    ports: dict[str, int] = {}
+    ports: dict[str, dict[str, int]] = {}
     versions = {}
     try:
         if any(c.startswith("ferrite") for c in configs):
@@ -521,7 +555,7 @@ def main() -> int:
                 run_dir / "ferrite-server.log",
             )
             servers["ferrite"].wait_ready(http, list(paths), timeout=120)
-            ports["ferrite"] = grpc
+            ports["ferrite"] = {"grpc": grpc, "http": http}
             versions["ferrite"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http}/v2")).get("version")
         if "triton" in configs:
             triton = setup_triton()
@@ -541,15 +575,20 @@ def main() -> int:
                 run_dir / "tritonserver.log",
             )
             servers["triton"].wait_ready(http, list(paths), timeout=300)
-            ports["triton"] = grpc
+            ports["triton"] = {"grpc": grpc, "http": http}
             versions["triton"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http}/v2")).get("version")
 
         verify(paths, ports)
+        import numpy as np
+
+        bodies = {m: outside_clients.write_requests(run_dir / "requests", m, signature(paths[m])[0],
+                                                    np.random.default_rng(0))
+                  for m in OUTSIDE_MODELS if m in paths}
         results = []
         memory = {name: [] for name in servers}
         t0 = time.monotonic()
-        for n, (model, c, config) in enumerate(cells, 1):
-            result = run_cell(model, c, config, paths, ports, threads)
+        for n, (model, c, config, client) in enumerate(cells, 1):
+            result = run_cell(model, c, config, client, paths, ports, threads, bodies)
             result["load_average_1min"] = round(os.getloadavg()[0], 2)
             results.append(result)
             elapsed = time.monotonic() - t0
@@ -557,7 +596,7 @@ def main() -> int:
             ms = lambda us: f"{us / 1000:.2f} ms"  # noqa: E731
             failed = f", {result['failed']} FAILED ({result['first_error']})" if result["failed"] else ""
             print(f"[{n:2}/{len(cells)} {elapsed / 60:4.1f} min, ~{left / 60:.1f} min left] {model:8} c={c:<2} "
-                  f"{config:15} {result['throughput_rps']:10.1f} req/s  p50 {ms(result['p50_us'])}  "
+                  f"{config:15} {client:15} {result['throughput_rps']:10.1f} req/s  p50 {ms(result['p50_us'])}  "
                   f"p99 {ms(result['p99_us'])}{failed}", flush=True)
             for name, server in servers.items():
                 memory[name].append({"after_cell": n, "rss_bytes": server.rss_bytes()})
@@ -578,6 +617,7 @@ def main() -> int:
         "models": models,
         "concurrency": concurrency,
         "configs": configs,
+        "clients": clients,
         "results": results,
         "memory": memory,
     }

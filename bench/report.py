@@ -29,6 +29,12 @@ MODEL_NAMES = {
 COLORS = {"raw": "#555555", "raw-batched": "#aaaaaa", "ferrite": "#d62728", "ferrite-nobatch": "#ff9896",
           "triton": "#1f77b4"}
 QUIET_LOAD = 1.5
+LOADGEN = "ferrite-loadgen"
+CLIENT_NAMES = {
+    LOADGEN: "ferrite-loadgen (ours, gRPC, 4 connections)",
+    "ghz": "ghz (grpc-go, 1 connection)",
+    "oha": "oha (HTTP/1.1 JSON, 1 connection per worker)",
+}
 
 
 def ms(us: float) -> str:
@@ -119,9 +125,9 @@ def plots(data: dict, cell) -> list[str]:
 def main() -> int:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench" / "results.json"
     data = json.loads(path.read_text())
-    table = {(r["model"], r["concurrency"], r["config"]): r for r in data["results"]}
-    cell = lambda m, c, x: table.get((m, c, x))  # noqa: E731
-    thr = lambda m, c, x: (cell(m, c, x) or {}).get("throughput_rps")  # noqa: E731
+    table = {(r["model"], r["concurrency"], r["config"], r.get("client", LOADGEN)): r for r in data["results"]}
+    cell = lambda m, c, x, client=LOADGEN: table.get((m, c, x, client))  # noqa: E731
+    thr = lambda m, c, x, client=LOADGEN: (cell(m, c, x, client) or {}).get("throughput_rps")  # noqa: E731
     models, conc, configs = data["models"], data["concurrency"], data["configs"]
     m = data["machine"]
     v = data["versions"]
@@ -224,6 +230,8 @@ def main() -> int:
               f"{ratio(fn, tri)} | {dp50} |")
     w("")
 
+    w(outside_clients_section(data, cell, thr))
+
     w("## Targets of issue 5\n")
     w(targets(data, cell, thr))
 
@@ -257,6 +265,68 @@ Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requiremen
     (DOCS / "benchmarks.md").write_text("\n".join(out))
     print(f"==> wrote docs/benchmarks.md and docs/{', docs/'.join(images)}")
     return 0
+
+
+def outside_clients_section(data: dict, cell, thr) -> str:
+    """ferrite against Triton on the tiny MLP as each client sees it, with a
+    plot of throughput by client."""
+    clients = [c for c in data.get("clients", [LOADGEN]) if c != LOADGEN]
+    conc = data["concurrency"]
+    if not clients or not any(cell("mlp", c, "ferrite", client) for c in conc for client in clients):
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    everyone = [LOADGEN] + clients
+    fig, axes = plt.subplots(1, len(everyone), figsize=(4.5 * len(everyone), 4), squeeze=False)
+    for ax, client in zip(axes[0], everyone):
+        for config in ("ferrite", "triton"):
+            points = [(c, thr("mlp", c, config, client)) for c in conc]
+            points = [(c, x) for c, x in points if x]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=CONFIG_NAMES[config], color=COLORS[config])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrency (closed loop)")
+        ax.set_ylabel("requests / s")
+        ax.set_title(CLIENT_NAMES.get(client, client), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Tiny MLP: ferrite and Triton as each client sees them")
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench-clients.png", dpi=110)
+    plt.close(fig)
+
+    out = ["## What clients we did not write see\n",
+           "The same servers and model (tiny MLP; ferrite with batching, Triton with its dynamic batcher), driven in "
+           "the same interleaved run by load generators we did not write: "
+           "[ghz](https://ghz.sh) (`bench/bench.mk` builds it from its Go module; grpc-go, the client of most Go "
+           "microservices; its defaults: one connection, binary `ModelInferRequest` with raw contents) and "
+           "[oha](https://github.com/hatoo/oha) (from crates.io; KServe v2 JSON over HTTP/1.1, one kept-alive "
+           "connection per worker). Each runs a warm-up, then the measured window; calls cut by the end of the window "
+           "are not counted as failures. `bench/outside_clients.py` runs them.\n",
+           "![throughput by client](bench-clients.png)\n",
+           "| client | conc. | ferrite req/s | p50 | p99 | Triton req/s | p50 | p99 | ferrite / Triton | failed |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for client in everyone:
+        for c in conc:
+            f, t = cell("mlp", c, "ferrite", client), cell("mlp", c, "triton", client)
+            if not (f or t):
+                continue
+            fig_ = lambda r: (rps(r["throughput_rps"]), ms(r["p50_us"]), ms(r["p99_us"])) if r else ("-",) * 3  # noqa: E731
+            failed = sum(r["failed"] for r in (f, t) if r)
+            out.append(f"| {client} | {c} | {' | '.join(fig_(f))} | {' | '.join(fig_(t))} | "
+                       f"{ratio(f and f['throughput_rps'], t and t['throughput_rps'])} | {failed} |")
+    ghz = {c: (thr("mlp", c, "ferrite", "ghz"), thr("mlp", c, "triton", "ghz")) for c in conc}
+    if all(f and t for f, t in ghz.values()):
+        ok = all(f >= t for f, t in ghz.values()) and (64 not in ghz or ghz[64][0] >= 3 * ghz[64][1])
+        out.append(f"\nTarget of issue 10, *with ghz, ferrite at least 1x Triton at every concurrency and at least 3x "
+                   f"at 64*: **{'met' if ok else 'not met'}** ("
+                   + ", ".join(f"c={c} {f / t:.2f}x" for c, (f, t) in ghz.items()) + ").")
+    return "\n".join(out) + "\n"
 
 
 def data_window(data: dict) -> str:

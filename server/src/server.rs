@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 
@@ -89,13 +91,16 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .max_encoding_message_size(usize::MAX);
     let grpc = tonic::transport::Server::builder()
         .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
+        .layer(tonic::service::InterceptorLayer::new(crate::grpc::stamp_arrival))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), stopped());
-    let http = axum::serve(http_listener, crate::http::router(state.clone())).with_graceful_shutdown(stopped());
-    let metrics = axum::serve(metrics_listener, crate::http::metrics_router()).with_graceful_shutdown(stopped());
+        .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped());
+    let http = axum::serve(http_listener.tap_io(set_nodelay), crate::http::router(state.clone()))
+        .with_graceful_shutdown(stopped());
+    let metrics = axum::serve(metrics_listener.tap_io(set_nodelay), crate::http::metrics_router())
+        .with_graceful_shutdown(stopped());
 
     let grpc = tokio::spawn(grpc);
     let http = tokio::spawn(async move { http.await });
@@ -150,6 +155,16 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Every accepted connection, on all three ports, sends without Nagle's
+/// delay. Without it a small response waits for the client's delayed ACK:
+/// grpc-go clients (ghz, most Go microservices) saw ~40 ms per unary call.
+/// The gRPC port gets the same from tonic's `TcpIncoming::with_nodelay`.
+fn set_nodelay(connection: &mut tokio::net::TcpStream) {
+    if let Err(error) = connection.set_nodelay(true) {
+        tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
+    }
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future completes on

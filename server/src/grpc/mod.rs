@@ -45,14 +45,28 @@ async fn infer(
     Ok(codec::encode_response(response))
 }
 
+/// When a request entered the service stack, stamped by [`stamp_arrival`]
+/// (a tonic interceptor) before tonic starts its own `grpc-timeout` timer.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival(Instant);
+
+/// Interceptor for every gRPC request: records its [`Arrival`].
+pub fn stamp_arrival(mut request: Request<()>) -> Result<Request<()>, Status> {
+    request.extensions_mut().insert(Arrival(Instant::now()));
+    Ok(request)
+}
+
 /// The request's gRPC deadline, a little early: tonic's own timer for the
-/// same `grpc-timeout` started before ours and answers CANCELLED when it
-/// fires, so ours must fire first to answer DEADLINE_EXCEEDED.
+/// same `grpc-timeout` answers CANCELLED when it fires, so ours must fire
+/// first to answer DEADLINE_EXCEEDED. Counted from the request's arrival,
+/// not from when its handler first runs: on a busy machine the message may
+/// take longer to arrive and decode than the margin.
 fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     let timeout = codec::parse_grpc_timeout(value)?;
     let margin = (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
-    Some(Instant::now() + timeout.saturating_sub(margin))
+    let arrived = request.extensions().get::<Arrival>().map_or_else(Instant::now, |arrival| arrival.0);
+    Some(arrived + timeout.saturating_sub(margin))
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;

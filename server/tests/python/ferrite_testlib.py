@@ -300,6 +300,32 @@ def metric_find(samples, name: str, **labels):
     return [(lab, v) for n, lab, v in samples if n == name and all(lab.get(k) == val for k, val in labels.items())]
 
 
+def request_counts(server, model: str) -> tuple[int, int, int]:
+    """(queued, executing, finished) requests of `model`, as the server itself
+    counts them (`ferrite_queue_depth`, `ferrite_inflight_requests` and
+    `ferrite_requests_total` over every outcome). Tests that need requests to
+    be queued wait on these instead of sleeping, so they hold on any machine."""
+    samples = parse_metrics(server.metrics_text())
+    return (
+        int(metric_sum(samples, "ferrite_queue_depth", model=model)),
+        int(metric_sum(samples, "ferrite_inflight_requests", model=model)),
+        int(metric_sum(samples, "ferrite_requests_total", model=model)),
+    )
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "the condition"):
+    """Polls `predicate` until it returns a true value (returned), or fails
+    the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(0.005)
+
+
 # ------------------------------------------------------------------ errors
 def grpc_status(exc) -> str:
     """'StatusCode.NOT_FOUND' -> 'NOT_FOUND' (tritonclient InferenceServerException or grpc.RpcError)."""
@@ -388,3 +414,46 @@ def check_add_sub_ok(server) -> None:
         np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + a)
     finally:
         h.close()
+
+
+def burst_until_refused(server, model: str, is_refusal, transport: str = "grpc", n: int = 12, bursts: int = 5):
+    """Sends `n` requests at once to a one-instance `slow`-type model with a
+    short queue, until one of them is refused; returns the outcomes of every
+    burst sent (None for success, else the exception). A burst that a busy
+    machine happened to spread out over more than the queue's worth of calls
+    is sent again, so chance cannot decide the test."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    width = make_test_models.SLOW_WIDTH
+    x = np.zeros((1, width), np.float32)
+    sent = []
+    for attempt in range(bursts):
+        clients = [server.grpc_client() if transport == "grpc" else server.http_client() for _ in range(n)]
+        barrier = threading.Barrier(n)
+        outcomes = [None] * n
+
+        def call(i):
+            module = grpcclient if transport == "grpc" else httpclient
+            inp = module.InferInput("INPUT0", [1, width], "FP32")
+            inp.set_data_from_numpy(x)
+            barrier.wait(30)
+            try:
+                clients[i].infer(model, [inp])
+            except Exception as e:  # judged by the caller
+                outcomes[i] = e
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for c in clients:
+            c.close()
+        sent += outcomes
+        if any(e is not None and is_refusal(e) for e in outcomes):
+            break
+        print(f"burst {attempt}: no request refused (the burst was spread out); sending another")
+    return sent

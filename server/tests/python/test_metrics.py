@@ -117,7 +117,6 @@ def test_model_load_duration(server):
 
 def test_failure_reasons_get_distinct_labels(server):
     """A bad input and a full queue on the same model are counted under different outcomes."""
-    import threading
 
     def outcomes():
         return {
@@ -140,30 +139,8 @@ def test_failure_reasons_get_distinct_labels(server):
     assert len(grown) == 1, f"one invalid request changed outcomes {grown}"
     (invalid_label,) = grown
 
-    n = 12
-    clients = [server.grpc_client() for _ in range(n)]
-    barrier = threading.Barrier(n)
-    codes = []
-    lock = threading.Lock()
-
-    def call(i):
-        x = np.zeros((1, 64), np.float32)
-        barrier.wait(30)
-        try:
-            clients[i].infer("slow", [grpcclient.InferInput("INPUT0", [1, 64], "FP32").set_data_from_numpy(x)])
-            code = "OK"
-        except InferenceServerException as e:
-            code = fl.grpc_status(e)
-        with lock:
-            codes.append(code)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for cl in clients:
-        cl.close()
+    burst = fl.burst_until_refused(server, "slow", lambda e: fl.grpc_status(e) == "RESOURCE_EXHAUSTED")
+    codes = ["OK" if e is None else fl.grpc_status(e) for e in burst]
     n_full = codes.count("RESOURCE_EXHAUSTED")
     assert n_full >= 1, codes
     after_full = outcomes()

@@ -1,6 +1,10 @@
 """Queue policy on the `slow` models (one instance, no batching, tens of ms a call):
 full queue -> RESOURCE_EXHAUSTED / 429, deadline expired in queue ->
-DEADLINE_EXCEEDED / 504, priority 1 overtakes queued normal requests."""
+DEADLINE_EXCEEDED / 504, priority 1 overtakes queued normal requests.
+
+No test here sleeps and hopes: they wait on the server's own counts (queue
+depth, requests executing and finished, ModelStatistics) so that they hold
+on a fast machine and on a busy one alike."""
 
 from __future__ import annotations
 
@@ -82,42 +86,24 @@ class Background:
         assert all(not t.is_alive() for t in self.threads), "background requests did not finish"
 
 
-def _statuses(bg, http=False):
-    ok, full, other = 0, 0, []
-    for key, (_, r, err) in bg.out.items():
-        if err is None:
-            ok += 1
-        elif isinstance(err, InferenceServerException) and (
-            (not http and fl.grpc_status(err) == "RESOURCE_EXHAUSTED") or (http and str(err.status()) == "429")
-        ):
-            full += 1
-            assert err.message(), "RESOURCE_EXHAUSTED without a message"
-        else:
-            other.append(f"{key}: {err!r}")
-    return ok, full, other
-
-
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_queue_full(server, slow_call_s, transport):
-    n = 12
-    clients = [server.grpc_client() if transport == "grpc" else server.http_client() for _ in range(n)]
-    barrier = threading.Barrier(n)
-    bg = Background()
+    """Requests at once on `slow` (one instance, a queue of 2): some are
+    refused with RESOURCE_EXHAUSTED / 429 and a message, the others served."""
+    http = transport == "http"
 
-    def call(i):
-        barrier.wait(30)
-        if transport == "grpc":
-            return _grpc_slow(clients[i], "slow", i)
-        return _http_slow(clients[i], "slow", i)
+    def refused(e):
+        if not isinstance(e, InferenceServerException):
+            return False
+        return str(e.status()) == "429" if http else fl.grpc_status(e) == "RESOURCE_EXHAUSTED"
 
-    for i in range(n):
-        bg.start(i, lambda i=i: call(i))
-    bg.join()
-    for c in clients:
-        c.close()
-    ok, full, other = _statuses(bg, http=transport == "http")
+    outcomes = fl.burst_until_refused(server, "slow", refused, transport)
+    other = [repr(e) for e in outcomes if e is not None and not refused(e)]
     assert not other, f"unexpected errors: {other}"
-    assert full >= 1, f"no request was refused with a full queue (max_queue_size 2): {ok} succeeded"
+    full = [e for e in outcomes if e is not None]
+    assert full, f"no request was refused with a full queue (max_queue_size 2) in 5 bursts"
+    assert all(e.message() for e in full), "a refusal without a message"
+    ok = outcomes.count(None)
     assert ok >= 2, f"only {ok} requests succeeded; the running one and the queued ones must"
     # and afterwards the model works again
     c = server.grpc_client()
@@ -125,80 +111,121 @@ def test_queue_full(server, slow_call_s, transport):
     c.close()
 
 
-def _occupy(server, bg, model, count, start_key=0):
-    """Start `count` requests that keep `model`'s single instance busy."""
-    clients = []
-    for k in range(count):
-        c = server.grpc_client()
-        clients.append(c)
-        bg.start(f"busy{start_key + k}", lambda c=c, k=k: _grpc_slow(c, model, 1000 + k))
-        time.sleep(0.01)
-    return clients
+MODEL = "slow_q64"
+# Busy requests queued ahead of a scenario, tried in turn until the
+# scenario's requests were all queued before the busy work ran out.
+BUSY_QUEUE_LADDER = (8, 24, 48)
 
 
-def test_deadline_in_queue_grpc_timeout_parameter(server, slow_call_s):
-    bg = Background()
-    clients = _occupy(server, bg, "slow_q64", 2)
-    time.sleep(0.02)
+class Held:
+    """Requests of `slow_q64` started by a test, and the server's own count
+    of them: each start waits until the server holds the request (queued,
+    executing or finished), so a test knows what is queued instead of
+    guessing it from sleeps."""
+
+    def __init__(self, server):
+        self.server = server
+        self.bg = Background()
+        self.clients = []
+        self.sent = 0
+        self.finished_before = fl.request_counts(server, MODEL)[2]
+
+    def counts(self) -> tuple[int, int, int]:
+        """(queued, executing, finished) since this object was made."""
+        queued, executing, finished = fl.request_counts(self.server, MODEL)
+        return queued, executing, finished - self.finished_before
+
+    def start(self, key, fn):
+        """Starts a request and waits until the server holds it."""
+        self.bg.start(key, fn)
+        self.sent += 1
+        self.wait_held()
+
+    def wait_held(self):
+        fl.wait_until(lambda: sum(self.counts()) >= self.sent, what="the server to hold the requests sent")
+
+    def occupy(self, queued: int) -> int:
+        """Keeps the model's single instance busy with `queued` requests
+        waiting behind a running one; returns how many were sent."""
+        assert queued <= 48, f"{queued} requests would leave too little of slow_q64's queue of 64"
+        client = self.client()
+        for k in range(queued + 1):
+            self.bg.start(f"busy{k}", lambda k=k: _grpc_slow(client, MODEL, 1000 + k))
+        self.sent += queued + 1
+        self.wait_held()
+        return queued + 1
+
+    def client(self, http=False):
+        c = self.server.http_client() if http else self.server.grpc_client()
+        self.clients.append(c)
+        return c
+
+    def join(self):
+        self.bg.join()
+        for c in self.clients:
+            c.close()
+
+    def errors(self, prefix=""):
+        return {k: e for k, (_, _, e) in self.bg.out.items() if e is not None and str(k).startswith(prefix)}
+
+
+def _inference_count(server) -> int:
     c = server.grpc_client()
     try:
-        with fl.expect_grpc_error("DEADLINE_EXCEEDED"):
-            _grpc_slow(c, "slow_q64", 5, timeout=1000)  # 1 ms, in microseconds
-        # a generous timeout is fine
-        _grpc_slow(c, "slow_q64", 6, timeout=30_000_000)
+        return c.get_inference_statistics(MODEL).model_stats[0].inference_count
     finally:
-        bg.join()
-        for x in clients + [c]:
-            x.close()
-    assert all(err is None for _, _, err in bg.out.values()), bg.out
+        c.close()
 
 
-def test_deadline_in_queue_http_timeout_parameter(server, slow_call_s):
-    bg = Background()
-    clients = _occupy(server, bg, "slow_q64", 2)
-    time.sleep(0.02)
-    c = server.http_client()
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_deadline_in_queue_timeout_parameter(server, slow_call_s, transport):
+    """The `timeout` parameter (microseconds) expires a request that waits
+    in the queue behind half a second of work."""
+    held = Held(server)
+    held.occupy(16)
+    c = held.client(http=transport == "http")
+    call = _grpc_slow if transport == "grpc" else _http_slow
+    expected = fl.expect_grpc_error("DEADLINE_EXCEEDED") if transport == "grpc" else fl.expect_http_error(504)
     try:
-        with fl.expect_http_error(504):
-            _http_slow(c, "slow_q64", 5, timeout=1000)
-        _http_slow(c, "slow_q64", 6, timeout=30_000_000)
+        with expected:
+            call(c, MODEL, 5, timeout=1000)  # 1 ms
+        call(c, MODEL, 6, timeout=30_000_000)  # a generous timeout is fine
     finally:
-        bg.join()
-        for x in clients + [c]:
-            x.close()
-    assert all(err is None for _, _, err in bg.out.values()), bg.out
+        held.join()
+    assert not held.errors(), held.errors()
 
 
 def test_grpc_deadline_drops_queued_requests(server, slow_call_s):
-    """Requests whose gRPC deadline (client_timeout) expired while queued must not
-    be executed: a request queued behind 8 of them finishes far sooner than 9 calls."""
+    """Requests whose gRPC deadline (client_timeout) expired while queued
+    are never executed: the model's inference count grows by the other
+    requests only. That busy work was still queued when every deadline had
+    passed is read from the server's queue depth; if it ran out first (a very
+    fast or very loaded machine), the scenario is repeated with more of it."""
     n_expired = 8
-    bg = Background()
-    clients = _occupy(server, bg, "slow_q64", 1)
-    expired = []
+    for queued in BUSY_QUEUE_LADDER:
+        executed_before = _inference_count(server)
+        held = Held(server)
+        busy = held.occupy(queued)
+        client = held.client()
+        for k in range(n_expired):
+            held.bg.start(f"exp{k}", lambda k=k: _grpc_slow(client, MODEL, 2000 + k, client_timeout=0.03))
+        fl.wait_until(lambda: len(held.errors("exp")) == n_expired, what="the expired requests to fail")
+        busy_still_queued = held.counts()[0]
+        try:
+            _grpc_slow(held.client(), MODEL, 7)
+        finally:
+            held.join()
+        if busy_still_queued >= 1:
+            break
+        print(f"the busy work ({queued} queued requests) ran out before every deadline passed; repeating with more")
+    else:
+        pytest.fail(f"the busy work never outlasted the expiring requests' deadlines, even {queued} queued requests")
     for k in range(n_expired):
-        c = server.grpc_client()
-        expired.append(c)
-        bg.start(f"exp{k}", lambda c=c, k=k: _grpc_slow(c, "slow_q64", 2000 + k, client_timeout=0.03))
-        time.sleep(0.003)
-    time.sleep(0.06)  # every expired request's deadline has passed
-    c = server.grpc_client()
-    t0 = time.monotonic()
-    try:
-        _grpc_slow(c, "slow_q64", 7)
-        latency = time.monotonic() - t0
-    finally:
-        bg.join()
-        for x in clients + expired + [c]:
-            x.close()
-    for k in range(n_expired):
-        _, _, err = bg.out[f"exp{k}"]
+        _, _, err = held.bg.out[f"exp{k}"]
         assert err is not None and fl.grpc_status(err) == "DEADLINE_EXCEEDED", (k, err)
-    budget = 4 * slow_call_s + 0.15
-    assert latency < budget, (
-        f"request behind {n_expired} deadline-expired requests took {latency * 1000:.0f} ms "
-        f"(one call is {slow_call_s * 1000:.0f} ms, budget {budget * 1000:.0f} ms): expired requests were executed"
-    )
+    assert not held.errors("busy"), held.errors("busy")
+    executed = _inference_count(server) - executed_before
+    assert executed == busy + 1, f"{executed} requests executed, expected {busy} + 1: expired requests ran"
 
 
 def _stub_slow_int64_priority(server, i):
@@ -206,7 +233,7 @@ def _stub_slow_int64_priority(server, i):
     import grpc
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    req = service_pb2.ModelInferRequest(model_name="slow_q64")
+    req = service_pb2.ModelInferRequest(model_name=MODEL)
     req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, tm.SLOW_WIDTH])
     req.raw_input_contents.append(_x(i).tobytes())
     req.parameters["priority"].int64_param = 1
@@ -219,76 +246,81 @@ def _stub_slow_int64_priority(server, i):
 
 @pytest.mark.parametrize("param_type", ["uint64", "int64", "http"])
 def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
+    """Normal requests queue up behind busy work, one by one; a priority-1
+    request sent last finishes before all of them, and they keep their
+    order. The server's queue depth, read once the high-priority request is
+    in, proves the normal ones were all still waiting; if the busy work ran
+    out first (a very fast or very loaded machine), the scenario is repeated
+    with more of it."""
     n_normal = 5
-    bg = Background()
-    clients = _occupy(server, bg, "slow_q64", 1)  # running
-    time.sleep(0.03)
-    for k in range(n_normal):
-        c = server.grpc_client()
-        clients.append(c)
-        bg.start(f"normal{k}", lambda c=c, k=k: _grpc_slow(c, "slow_q64", 3000 + k))
-        time.sleep(0.015)
-    c = server.grpc_client()
-    clients.append(c)
-    if param_type == "uint64":  # tritonclient's encoding
-        bg.start("high", lambda: _grpc_slow(c, "slow_q64", 4000, priority=1))
-    elif param_type == "http":
-        hc = server.http_client()
-        clients.append(hc)
-        bg.start("high", lambda: _http_slow(hc, "slow_q64", 4000, priority=1))
+    for queued in BUSY_QUEUE_LADDER:
+        held = Held(server)
+        held.occupy(queued)
+        for k in range(n_normal):
+            c = held.client()
+            held.start(f"normal{k}", lambda c=c, k=k: _grpc_slow(c, MODEL, 3000 + k))
+        if param_type == "uint64":  # tritonclient's encoding
+            c = held.client()
+            held.start("high", lambda: _grpc_slow(c, MODEL, 4000, priority=1))
+        elif param_type == "http":
+            hc = held.client(http=True)
+            held.start("high", lambda: _http_slow(hc, MODEL, 4000, priority=1))
+        else:
+            held.start("high", lambda: _stub_slow_int64_priority(server, 4000))
+        queued_with_high = held.counts()[0]
+        held.join()
+        assert not held.errors(), held.errors()
+        if queued_with_high >= n_normal + 1:
+            break
+        print(f"only {queued_with_high} requests were queued with the high-priority one behind {queued} busy "
+              "ones; repeating with more")
     else:
-        bg.start("high", lambda: _stub_slow_int64_priority(server, 4000))
-    bg.join()
-    for x in clients:
-        x.close()
-    errs = {k: e for k, (_, _, e) in bg.out.items() if e is not None}
-    assert not errs, errs
-    order = sorted((t, k) for k, (t, _, _) in bg.out.items() if not k.startswith("busy"))
+        pytest.fail(f"the busy work never outlasted queuing 6 requests, even {queued} queued requests")
+    order = sorted((t, k) for k, (t, _, _) in held.bg.out.items() if not k.startswith("busy"))
     keys = [k for _, k in order]
-    # The high-priority request was sent last but must finish before the normal
-    # ones queued ahead of it (allowing one normal request that the scheduler
-    # may already have taken while the first call ran).
-    assert keys.index("high") <= 1, f"completion order {keys}: priority 1 did not overtake the queue"
-    # Among the normal ones, FIFO order holds.
-    normals = [k for k in keys if k.startswith("normal")]
-    assert normals == sorted(normals, key=lambda s: int(s[6:])), f"normal requests out of order: {normals}"
+    assert keys[0] == "high", f"completion order {keys}: priority 1 did not overtake the queue"
+    assert keys[1:] == [f"normal{k}" for k in range(n_normal)], f"normal requests out of order: {keys}"
 
 
 def test_cancelled_requests_leave_the_queue(server, slow_call_s):
     """Clients that go away take their requests out of the queue: they are
-    counted as cancelled and never run, so a request behind them does not
-    wait for them."""
+    counted as cancelled and never run. As in the deadline test, busy work
+    still queued once the cancellations are counted proves that none of them
+    could have reached the model first."""
     n_cancelled = 8
-    bg = Background()
-    # Four ahead of them (one running, three queued): the cancelled requests
-    # cannot reach the model before they are cancelled, even on a slow machine.
-    clients = _occupy(server, bg, "slow_q64", 4)
-    before = fl.metric_sum(fl.parse_metrics(server.metrics_text()), "ferrite_requests_total",
-                           model="slow_q64", outcome="cancelled")
-    canceller = server.grpc_client()
-    calls = []
-    for k in range(n_cancelled):
-        inp = grpcclient.InferInput("INPUT0", [1, tm.SLOW_WIDTH], "FP32").set_data_from_numpy(_x(3000 + k))
-        calls.append(canceller.async_infer("slow_q64", [inp], callback=lambda result, error: None))
-    time.sleep(0.05)
-    for call in calls:
-        call.cancel()
-    c = server.grpc_client()
-    try:
-        deadline = time.monotonic() + 5
-        while True:
-            samples = fl.parse_metrics(server.metrics_text())
-            cancelled = fl.metric_sum(samples, "ferrite_requests_total", model="slow_q64", outcome="cancelled")
-            if cancelled - before >= n_cancelled or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert cancelled - before >= n_cancelled, f"only {cancelled - before} of {n_cancelled} counted as cancelled"
-        t0 = time.monotonic()
-        _grpc_slow(c, "slow_q64", 8)
-        latency = time.monotonic() - t0
-        budget = 6 * slow_call_s + 0.15
-        assert latency < budget, f"a request behind cancelled ones took {latency * 1000:.0f} ms (budget {budget * 1000:.0f})"
-    finally:
-        bg.join()
-        for x in clients + [canceller, c]:
-            x.close()
+
+    def cancelled():
+        samples = fl.parse_metrics(server.metrics_text())
+        return fl.metric_sum(samples, "ferrite_requests_total", model=MODEL, outcome="cancelled")
+
+    for queued in BUSY_QUEUE_LADDER:
+        executed_before, cancelled_before = _inference_count(server), cancelled()
+        held = Held(server)
+        busy = held.occupy(queued)
+        canceller = held.client()
+        calls = []
+        for k in range(n_cancelled):
+            inp = grpcclient.InferInput("INPUT0", [1, tm.SLOW_WIDTH], "FP32").set_data_from_numpy(_x(3000 + k))
+            calls.append(canceller.async_infer(MODEL, [inp], callback=lambda result, error: None))
+        held.sent += n_cancelled
+        held.wait_held()
+        for call in calls:
+            call.cancel()
+        # Until all are counted as cancelled, or the queue ran dry (then
+        # some were executed before they were cancelled: not a fair trial).
+        fl.wait_until(lambda: cancelled() - cancelled_before >= n_cancelled or held.counts()[0] == 0,
+                      timeout=60, what="the cancellations to be counted")
+        busy_still_queued = held.counts()[0]
+        try:
+            _grpc_slow(held.client(), MODEL, 8)
+        finally:
+            held.join()
+        assert not held.errors(), held.errors()
+        if busy_still_queued >= 1:
+            break
+        print(f"the busy work ({queued} queued requests) ran out before the cancellations; repeating with more")
+    else:
+        pytest.fail(f"the busy work never outlasted the cancellations, even {queued} queued requests")
+    assert cancelled() - cancelled_before >= n_cancelled
+    executed = _inference_count(server) - executed_before
+    assert executed == busy + 1, f"{executed} requests executed, expected {busy} + 1: cancelled requests ran"
