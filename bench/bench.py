@@ -518,8 +518,7 @@ def main() -> int:
         if not f.exists():
             raise SystemExit(f"{f} is missing: run `make venv ort release` first")
     clients = env_list("BENCH_CLIENTS", CLIENTS)
-    if any(c != LOADGEN_CLIENT for c in clients):
-        outside_clients.check_installed()
+    outside_clients.check_installed(clients)
     cells = plan(models, concurrency, configs, clients)
     log(f"{len(cells)} cells ({', '.join(models)} x concurrency {concurrency} x {', '.join(configs)}; "
         f"clients {', '.join(clients)}); "

@@ -81,7 +81,7 @@ def plots(data: dict, cell) -> list[str]:
         values = [y for ys in values for y in ys if y > 0]
         if values and max(values) / min(values) < 3:
             ax.set_ylim(0, max(values) * 1.15)  # a narrow range: linear from 0, so noise does not look like a trend
-        else:
+        elif values:
             ax.set_yscale("log")
         ax.set_xticks(conc, [str(c) for c in conc])
         ax.set_xlabel("concurrency (closed loop)")
@@ -134,7 +134,8 @@ def main() -> int:
     load_before, load_after = data["load_average_before"], data["load_average_after"]
     during = [r["load_average_1min"] for r in data["results"] if "load_average_1min" in r]
     busy = load_before[0] >= QUIET_LOAD  # the benchmark itself loads the machine: judge by the start
-    images = plots(data, cell)
+    # A run with outside clients only (BENCH_CLIENTS=ghz,oha) has no cells for these plots.
+    images = plots(data, cell) if any(r.get("client", LOADGEN) == LOADGEN for r in data["results"]) else []
 
     out = []
     w = out.append
@@ -195,8 +196,8 @@ def main() -> int:
 """)
 
     w("## Results\n")
-    w(f"![throughput vs concurrency]({images[0]})\n")
-    w(f"![latency percentiles]({images[1]})\n")
+    for image, title in zip(images, ["throughput vs concurrency", "latency percentiles"]):
+        w(f"![{title}]({image})\n")
     w("Throughput in requests (rows) per second; latency per request, p50 / p99. The last two columns give each "
       "ferrite configuration's throughput as a multiple of raw ONNX Runtime's with batch 1 and of Triton's, at the "
       "same concurrency.\n")
@@ -320,9 +321,9 @@ def outside_clients_section(data: dict, cell, thr) -> str:
             failed = sum(r["failed"] for r in (f, t) if r)
             out.append(f"| {client} | {c} | {' | '.join(fig_(f))} | {' | '.join(fig_(t))} | "
                        f"{ratio(f and f['throughput_rps'], t and t['throughput_rps'])} | {failed} |")
-    ghz = {c: (thr("mlp", c, "ferrite", "ghz"), thr("mlp", c, "triton", "ghz")) for c in conc}
+    ghz = {c: (thr("mlp", c, "ferrite", "ghz"), thr("mlp", c, "triton", "ghz")) for c in (1, 8, 64)}
     if all(f and t for f, t in ghz.values()):
-        ok = all(f >= t for f, t in ghz.values()) and (64 not in ghz or ghz[64][0] >= 3 * ghz[64][1])
+        ok = all(f >= t for f, t in ghz.values()) and ghz[64][0] >= 3 * ghz[64][1]
         out.append(f"\nTarget of issue 10, *with ghz, ferrite at least 1x Triton at every concurrency and at least 3x "
                    f"at 64*: **{'met' if ok else 'not met'}** ("
                    + ", ".join(f"c={c} {f / t:.2f}x" for c, (f, t) in ghz.items()) + ").")
