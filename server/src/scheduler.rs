@@ -60,6 +60,10 @@ struct Queue {
     normal: VecDeque<Entry>,
     next_id: u64,
     closed: bool,
+    /// Workers blocked on `changed`: a request wakes them only when there
+    /// are any (a condvar notification is a syscall even with no waiter,
+    /// and most requests arrive while the worker is busy).
+    waiting_workers: usize,
 }
 
 impl Queue {
@@ -148,7 +152,7 @@ impl Scheduler {
     pub async fn submit(&self, job: Job) -> InferResult<Vec<Tensor>> {
         let deadline = job.deadline;
         let (reply, mut result) = oneshot::channel();
-        let id = {
+        let (id, wake) = {
             let mut queue = self.shared.lock();
             if queue.closed {
                 return Err(InferError::new(ErrorKind::Unavailable, "the model is shutting down"));
@@ -167,9 +171,11 @@ impl Scheduler {
                 Priority::Normal => queue.normal.push_back(entry),
             }
             self.shared.metrics.queue_depth.set(queue.len() as i64);
-            id
+            (id, queue.waiting_workers > 0)
         };
-        self.shared.changed.notify_all();
+        if wake {
+            self.shared.changed.notify_all();
+        }
         let mut guard = LeaveQueueOnDrop { shared: &self.shared, id: Some(id) };
 
         let outcome = match deadline {
@@ -246,7 +252,9 @@ impl Shared {
             if queue.closed {
                 return None;
             }
+            queue.waiting_workers += 1;
             queue = self.changed.wait(queue).unwrap_or_else(|p| p.into_inner());
+            queue.waiting_workers -= 1;
         };
         let mut batch = vec![first];
         if self.batching {
@@ -259,7 +267,9 @@ impl Shared {
                 if rows >= max_rows || now >= hold_until || queue.closed {
                     break;
                 }
+                queue.waiting_workers += 1;
                 queue = self.changed.wait_timeout(queue, hold_until - now).unwrap_or_else(|p| p.into_inner()).0;
+                queue.waiting_workers -= 1;
             }
         }
         self.metrics.queue_depth.set(queue.len() as i64);
