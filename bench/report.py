@@ -59,6 +59,27 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
 
 
+def throughput_panel(ax, conc: list[int], title: str, lines: list) -> None:
+    """One panel of requests/s against concurrency; `lines` holds
+    (configuration, line style, [(concurrency, req/s or None)])."""
+    values = []
+    for config, style, points in lines:
+        points = [(c, x) for c, x in points if x]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=CONFIG_NAMES[config], color=COLORS[config], linestyle=style)
+            values += [x for _, x in points]
+    ax.set_xscale("log", base=2)
+    if values and max(values) / min(values) < 3:
+        ax.set_ylim(0, max(values) * 1.15)  # a narrow range: linear from 0, so noise does not look like a trend
+    elif values:
+        ax.set_yscale("log")
+    ax.set_xticks(conc, [str(c) for c in conc])
+    ax.set_xlabel("concurrency (closed loop)")
+    ax.set_ylabel("requests / s")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plots(data: dict, cell) -> list[str]:
     import matplotlib
 
@@ -70,24 +91,10 @@ def plots(data: dict, cell) -> list[str]:
 
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for config in configs:
-            points = [(c, cell(model, c, config)) for c in conc]
-            points = [(c, r["throughput_rps"]) for c, r in points if r]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=CONFIG_NAMES[config], color=COLORS[config],
-                        linestyle="--" if config.startswith("raw") else "-")
-        ax.set_xscale("log", base=2)
-        values = [l.get_ydata() for l in ax.get_lines()]
-        values = [y for ys in values for y in ys if y > 0]
-        if values and max(values) / min(values) < 3:
-            ax.set_ylim(0, max(values) * 1.15)  # a narrow range: linear from 0, so noise does not look like a trend
-        elif values:
-            ax.set_yscale("log")
-        ax.set_xticks(conc, [str(c) for c in conc])
-        ax.set_xlabel("concurrency (closed loop)")
-        ax.set_ylabel("requests / s")
-        ax.set_title(MODEL_NAMES.get(model, model), fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
+        throughput_panel(ax, conc, MODEL_NAMES.get(model, model), [
+            (config, "--" if config.startswith("raw") else "-",
+             [(c, (cell(model, c, config) or {}).get("throughput_rps")) for c in conc])
+            for config in configs])
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Throughput vs concurrency")
     fig.tight_layout()
@@ -283,18 +290,8 @@ def outside_clients_section(data: dict, cell, thr) -> str:
     everyone = [LOADGEN] + clients
     fig, axes = plt.subplots(1, len(everyone), figsize=(4.5 * len(everyone), 4), squeeze=False)
     for ax, client in zip(axes[0], everyone):
-        for config in ("ferrite", "triton"):
-            points = [(c, thr("mlp", c, config, client)) for c in conc]
-            points = [(c, x) for c, x in points if x]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=CONFIG_NAMES[config], color=COLORS[config])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(conc, [str(c) for c in conc])
-        ax.set_xlabel("concurrency (closed loop)")
-        ax.set_ylabel("requests / s")
-        ax.set_title(CLIENT_NAMES.get(client, client), fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
+        throughput_panel(ax, conc, CLIENT_NAMES.get(client, client), [
+            (config, "-", [(c, thr("mlp", c, config, client)) for c in conc]) for config in ("ferrite", "triton")])
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Tiny MLP: ferrite and Triton as each client sees them")
     fig.tight_layout()
