@@ -43,7 +43,10 @@ def _http_slow(client, model, i, **kw):
 
 @pytest.fixture(scope="module")
 def slow_call_s(server):
-    """Seconds one `slow` call takes on this machine (warm)."""
+    """Seconds one `slow` call takes on this machine (warm). A precondition
+    of the tests here (a call must outlast a few round trips of the test's
+    own polling); how much work they queue is read from the server, not
+    derived from this figure."""
     c = server.grpc_client()
     try:
         _grpc_slow(c, "slow_q64", 0)
