@@ -1,8 +1,10 @@
 # `make bench`: ferrite-server against raw ONNX Runtime in process and Triton,
 # on the tiny MLP, ResNet-50 and a BYTES model at concurrency 1, 8 and 64, in
-# one interleaved run; writes bench/results.json, docs/benchmarks.md and
-# docs/bench-*.png. Included by the top-level Makefile (uses its venv, ort
-# and release targets). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
+# one interleaved run, and against the protocol floor on the tiny MLP
+# (ferrite-floor, bench/floor: a fixed answer, no queue, no model); writes
+# bench/results.json, docs/benchmarks.md and docs/bench-*.png. Included by
+# the top-level Makefile (uses its venv, ort and release targets; `release`
+# builds every workspace binary, ferrite-floor among them). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
 .PHONY: bench bench-report bench-soak bench-llm llama-server bench-profile bench-ab ghz oha
 

@@ -18,11 +18,15 @@ affects them alike:
   ferrite-nobatch  ferrite-server, max_batch_size 1
   triton         tritonserver 2.51 (nvidia-pytriton wheel), Python backend
                  running onnxruntime, dynamic batcher (max batch 64, no delay)
+  floor          the protocol floor (tiny MLP only): ferrite-floor (bench/floor),
+                 a bare tonic/axum server on ferrite-server's transport settings
+                 that answers every ModelInfer with a fixed response shaped like
+                 ferrite's (no queue, no model); what is left above it is ours
 
 Clients: ferrite-loadgen (ours) drives every cell; on the tiny MLP, ferrite
-(batching) and Triton are also driven by clients we did not write, ghz over
-gRPC and oha over HTTP/JSON (bench/outside_clients.py), in the same
-interleaved order: users see what their clients see.
+(batching), Triton and the floor are also driven by clients we did not
+write, ghz over gRPC and oha over HTTP/JSON (bench/outside_clients.py), in
+the same interleaved order: users see what their clients see.
 
 Every session has the same threads: one session, N intra-op threads (N = the
 CPUs this process may use), one inter-op thread.
@@ -44,8 +48,6 @@ import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,6 +55,7 @@ import urllib.request
 from pathlib import Path
 
 import outside_clients
+from servers import FLOOR, Server, free_port, start_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
@@ -70,13 +73,16 @@ TRITON_REQUIREMENTS = ROOT / "bench" / "triton" / "requirements.txt"
 MAX_BATCH = {"mlp": 64, "strings": 64, "resnet50": 8}
 MODELS = ["mlp", "strings", "resnet50"]
 CONCURRENCY = [1, 8, 64]
-CONFIGS = ["raw", "raw-batched", "ferrite", "ferrite-nobatch", "triton"]
+CONFIGS = ["raw", "raw-batched", "ferrite", "ferrite-nobatch", "triton", "floor"]
 LOADGEN_CLIENT = "ferrite-loadgen"
 CLIENTS = [LOADGEN_CLIENT, *outside_clients.CLIENTS]
 # What the outside clients measure: the servers (not raw ORT) on the model
 # where the protocol is most of the cost.
 OUTSIDE_MODELS = ["mlp"]
-OUTSIDE_CONFIGS = ["ferrite", "triton"]
+OUTSIDE_CONFIGS = ["ferrite", "triton", "floor"]
+# The protocol floor answers as one model: the one where the protocol is most
+# of the cost.
+FLOOR_MODELS = ["mlp"]
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -107,12 +113,6 @@ def cpus() -> int:
         except (OSError, ValueError):
             pass
     return n
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ models
@@ -251,57 +251,6 @@ def ferrite_repository(repo: Path, models: dict[str, Path], threads: int) -> Non
             (d / "ferrite.json").write_text(json.dumps(config) + "\n")
 
 
-# ------------------------------------------------------------------ servers
-class Server:
-    def __init__(self, name: str, argv: list[str], env: dict, log_path: Path):
-        self.name = name
-        self.log_path = log_path
-        self.log_file = open(log_path, "w")
-        self.process = subprocess.Popen(argv, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait_ready(self, http_port: int, models: list[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        urls = [f"http://127.0.0.1:{http_port}/v2/health/ready"] + [
-            f"http://127.0.0.1:{http_port}/v2/models/{m}/ready" for m in models]
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{self.name} exited ({self.process.returncode}); its log:\n"
-                                 + self.log_path.read_text()[-4000:])
-            try:
-                for url in urls:
-                    urllib.request.urlopen(url, timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise SystemExit(f"{self.name} not ready after {timeout:.0f} s; its log:\n" + self.log_path.read_text()[-4000:])
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and its child processes (Triton's
-        Python backend stubs)."""
-        total, todo = 0, [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-                todo += [int(c) for c in children]
-            except (OSError, StopIteration):
-                pass
-        return total
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log_file.close()
-
-
 # ------------------------------------------------------------------ cells
 def cell_times(model: str, concurrency: int) -> tuple[float, float]:
     """(warm-up, measured) seconds. ResNet-50's requests take ~0.1 s each on
@@ -321,10 +270,11 @@ def plan(models: list[str], concurrency: list[int], configs: list[str],
         for i, c in enumerate(concurrency):
             order = []
             if LOADGEN_CLIENT in clients:
-                order += [(x, LOADGEN_CLIENT) for x in configs if not (x == "raw-batched" and c == 1)]
+                order += [(x, LOADGEN_CLIENT) for x in configs
+                          if not (x == "raw-batched" and c == 1) and (x != "floor" or model in FLOOR_MODELS)]
             if model in OUTSIDE_MODELS:
                 order += [(x, client) for client in clients if client != LOADGEN_CLIENT
-                          for x in OUTSIDE_CONFIGS if x in configs]
+                          for x in OUTSIDE_CONFIGS if x in configs and (x != "floor" or model in FLOOR_MODELS)]
             cells += [(model, c, x, client) for x, client in (order if i % 2 == 0 else order[::-1])]
     return cells
 
@@ -355,8 +305,8 @@ def run_cell(model: str, c: int, config: str, client: str, paths: dict, ports: d
         argv += ["--onnx", str(paths[model]), "--model", model, "--threads", str(threads)]
         if config == "raw-batched":
             argv += ["--batch-rows", str(min(c, MAX_BATCH[model]))]
-    elif config == "triton":
-        argv += ["--url", f"http://127.0.0.1:{ports['triton']['grpc']}", "--model", model]
+    elif config in ("triton", "floor"):
+        argv += ["--url", f"http://127.0.0.1:{ports[config]['grpc']}", "--model", model]
     else:
         served = model if config == "ferrite" else f"{model}_nobatch"
         argv += ["--url", f"http://127.0.0.1:{ports['ferrite']['grpc']}", "--model", served]
@@ -514,7 +464,7 @@ def main() -> int:
     concurrency = env_list("BENCH_CONCURRENCY", CONCURRENCY, int)
     configs = env_list("BENCH_CONFIGS", CONFIGS)
     results_path = Path(os.environ.get("BENCH_RESULTS", ROOT / "bench" / "results.json"))
-    for f in (LOADGEN, SERVER, ORT_LIB):
+    for f in (LOADGEN, SERVER, ORT_LIB) + ((FLOOR,) if "floor" in configs else ()):
         if not f.exists():
             raise SystemExit(f"{f} is missing: run `make venv ort release` first")
     clients = env_list("BENCH_CLIENTS", CLIENTS)
@@ -576,8 +526,15 @@ def main() -> int:
             servers["triton"].wait_ready(http, list(paths), timeout=300)
             ports["triton"] = {"grpc": grpc, "http": http}
             versions["triton"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http}/v2")).get("version")
+        floor_models = [m for m in FLOOR_MODELS if m in paths]
+        if "floor" in configs and floor_models:
+            log(f"starting ferrite-floor, the protocol floor, answering as {floor_models[0]}")
+            servers["floor"], ports["floor"] = start_floor(floor_models[0], signature(paths[floor_models[0]]),
+                                                           run_dir / "ferrite-floor.log")
+            versions["floor"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ports['floor']['http']}/v2"))[
+                "version"]
 
-        verify(paths, ports)
+        verify(paths, {name: port for name, port in ports.items() if name != "floor"})  # the floor computes nothing
         import numpy as np
 
         bodies = {m: outside_clients.write_requests(run_dir / "requests", m, signature(paths[m])[0],

@@ -2,7 +2,7 @@
 """Writes docs/benchmarks.md and its plots (docs/bench-*.png) from the
 results of bench/bench.py.
 
-Usage: python bench/report.py [bench/results.json]
+Usage: python bench/report.py [bench/results.json [output directory, docs/]]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ CONFIG_NAMES = {
     "ferrite": "ferrite, batching",
     "ferrite-nobatch": "ferrite, no batching",
     "triton": "Triton, dynamic batcher",
+    "floor": "protocol floor (fixed answer)",
 }
 MODEL_NAMES = {
     "mlp": "tiny MLP (FP32 16 -> 32 -> 8)",
@@ -27,7 +28,7 @@ MODEL_NAMES = {
     "resnet50": "ResNet-50 (light_resnet50, FP32 3x224x224)",
 }
 COLORS = {"raw": "#555555", "raw-batched": "#aaaaaa", "ferrite": "#d62728", "ferrite-nobatch": "#ff9896",
-          "triton": "#1f77b4"}
+          "triton": "#1f77b4", "floor": "#2ca02c"}
 QUIET_LOAD = 1.5
 LOADGEN = "ferrite-loadgen"
 CLIENT_NAMES = {
@@ -80,7 +81,7 @@ def throughput_panel(ax, conc: list[int], title: str, lines: list) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def plots(data: dict, cell) -> list[str]:
+def plots(data: dict, cell, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,7 @@ def plots(data: dict, cell) -> list[str]:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Throughput vs concurrency")
     fig.tight_layout()
-    fig.savefig(DOCS / "bench-throughput.png", dpi=110)
+    fig.savefig(out_dir / "bench-throughput.png", dpi=110)
     plt.close(fig)
     files.append("bench-throughput.png")
 
@@ -123,7 +124,7 @@ def plots(data: dict, cell) -> list[str]:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Latency percentiles (bar p50, black tick p99)")
     fig.tight_layout()
-    fig.savefig(DOCS / "bench-latency.png", dpi=110)
+    fig.savefig(out_dir / "bench-latency.png", dpi=110)
     plt.close(fig)
     files.append("bench-latency.png")
     return files
@@ -131,6 +132,8 @@ def plots(data: dict, cell) -> list[str]:
 
 def main() -> int:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench" / "results.json"
+    out_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else DOCS
+    out_dir.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text())
     table = {(r["model"], r["concurrency"], r["config"], r.get("client", LOADGEN)): r for r in data["results"]}
     cell = lambda m, c, x, client=LOADGEN: table.get((m, c, x, client))  # noqa: E731
@@ -142,7 +145,7 @@ def main() -> int:
     during = [r["load_average_1min"] for r in data["results"] if "load_average_1min" in r]
     busy = load_before[0] >= QUIET_LOAD  # the benchmark itself loads the machine: judge by the start
     # A run with outside clients only (BENCH_CLIENTS=ghz,oha) has no cells for these plots.
-    images = plots(data, cell) if any(r.get("client", LOADGEN) == LOADGEN for r in data["results"]) else []
+    images = plots(data, cell, out_dir) if any(r.get("client", LOADGEN) == LOADGEN for r in data["results"]) else []
 
     out = []
     w = out.append
@@ -171,6 +174,7 @@ def main() -> int:
       f"{v.get('ferrite', '?')} (release build); Triton {v.get('triton', '?')} (`nvidia-pytriton` "
       f"{v.get('pytriton')} wheel, Python backend); load generator `ferrite-loadgen` (release build)\n")
 
+    floor_method = FLOOR_METHOD if "floor" in configs else ""
     max_batch = ", ".join(f"{b} for {'ResNet-50' if x == 'resnet50' else x}" for x, b in data["max_batch_size"].items())
     w("## Method\n")
     w(f"""- **Load**: `ferrite-loadgen` (`bench/src/main.rs`), a closed loop at concurrency 1, 8 and 64: each of
@@ -186,7 +190,7 @@ def main() -> int:
 - **Threads**: every configuration runs one ONNX Runtime session with {data['threads']} intra-op threads and one
   inter-op thread (ferrite's default for one instance on this machine, set explicitly for all).
 - **Configurations**, run back to back for each (model, concurrency), in an order reversed at each step so that
-  drift on the machine affects them alike; both servers run the whole time:
+  drift on the machine affects them alike; the servers run the whole time:
   - *raw ORT, batch 1*: `ferrite-loadgen --onnx`, the model run in process through ferrite-server's own runtime
     module (`ferrite_server::runtime::run`: input copy into ONNX Runtime, run, output copy out), back to back on one
     thread. At concurrency N the N clients take turns, each request's latency counting from its client's previous
@@ -198,7 +202,7 @@ def main() -> int:
   - *ferrite, no batching*: the same server and model with `max_batch_size: 1`.
   - *Triton, dynamic batcher*: `tritonserver` with the Python backend (`bench/triton/model.py`: onnxruntime in a
     virtualenv with numpy < 2), `max_batch_size` as ferrite's, `dynamic_batching {{ }}` (no added delay),
-    one instance; the model joins the requests of a batch, runs once and splits the outputs.
+    one instance; the model joins the requests of a batch, runs once and splits the outputs.{floor_method}
 - Everything listens on 127.0.0.1 on free ports. `bench/results.json` holds every figure of this page.
 """)
 
@@ -238,7 +242,9 @@ def main() -> int:
               f"{ratio(fn, tri)} | {dp50} |")
     w("")
 
-    w(outside_clients_section(data, cell, thr))
+    w(outside_clients_section(data, cell, thr, out_dir))
+
+    w(floor_section(data, cell))
 
     w("## Targets of issue 5\n")
     w(targets(data, cell, thr))
@@ -270,12 +276,12 @@ Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requiremen
                 "SmolLM2-135M-Instruct, ferrite-server's OpenAI API against llama.cpp's llama-server: "
                 "see [benchmarks-llm.md](benchmarks-llm.md).", "",
                 "![LLM throughput and time to first token](bench-llm.png)", ""]
-    (DOCS / "benchmarks.md").write_text("\n".join(out))
-    print(f"==> wrote docs/benchmarks.md and docs/{', docs/'.join(images)}")
+    (out_dir / "benchmarks.md").write_text("\n".join(out))
+    print(f"==> wrote {out_dir}/benchmarks.md and {', '.join(str(out_dir / x) for x in images)}")
     return 0
 
 
-def outside_clients_section(data: dict, cell, thr) -> str:
+def outside_clients_section(data: dict, cell, thr, out_dir: Path) -> str:
     """ferrite against Triton on the tiny MLP as each client sees it, with a
     plot of throughput by client."""
     clients = [c for c in data.get("clients", [LOADGEN]) if c != LOADGEN]
@@ -291,11 +297,12 @@ def outside_clients_section(data: dict, cell, thr) -> str:
     fig, axes = plt.subplots(1, len(everyone), figsize=(4.5 * len(everyone), 4), squeeze=False)
     for ax, client in zip(axes[0], everyone):
         throughput_panel(ax, conc, CLIENT_NAMES.get(client, client), [
-            (config, "-", [(c, thr("mlp", c, config, client)) for c in conc]) for config in ("ferrite", "triton")])
+            (config, ":" if config == "floor" else "-", [(c, thr("mlp", c, config, client)) for c in conc])
+            for config in ("ferrite", "triton", "floor")])
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Tiny MLP: ferrite and Triton as each client sees them")
+    fig.suptitle("Tiny MLP: ferrite, Triton and the protocol floor as each client sees them")
     fig.tight_layout()
-    fig.savefig(DOCS / "bench-clients.png", dpi=110)
+    fig.savefig(out_dir / "bench-clients.png", dpi=110)
     plt.close(fig)
 
     out = ["## What clients we did not write see\n",
@@ -305,7 +312,8 @@ def outside_clients_section(data: dict, cell, thr) -> str:
            "microservices; its defaults: one connection, binary `ModelInferRequest` with raw contents) and "
            "[oha](https://github.com/hatoo/oha) (from crates.io; KServe v2 JSON over HTTP/1.1, one kept-alive "
            "connection per worker). Each runs a warm-up, then the measured window; calls cut by the end of the window "
-           "are not counted as failures. `bench/outside_clients.py` runs them.\n",
+           "are not counted as failures. `bench/outside_clients.py` runs them. The plot also shows the protocol floor "
+           "(dotted; see below) where it was measured.\n",
            "![throughput by client](bench-clients.png)\n",
            "| client | conc. | ferrite req/s | p50 | p99 | Triton req/s | p50 | p99 | ferrite / Triton | failed |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -325,6 +333,68 @@ def outside_clients_section(data: dict, cell, thr) -> str:
                    f"at 64*: **{'met' if ok else 'not met'}** ("
                    + ", ".join(f"c={c} {f / t:.2f}x" for c, (f, t) in ghz.items()) + ").")
     return "\n".join(out) + "\n"
+
+
+FLOOR_METHOD = """
+  - *protocol floor (fixed answer)*, tiny MLP only: `ferrite-floor` (`bench/floor`), a bare tonic (gRPC) and axum
+    (HTTP) server with ferrite-server's transport settings (TCP_NODELAY, tonic's HTTP/2 defaults, the same message
+    limits) that decodes each request and answers it with one precomputed response of the same names, shapes and
+    sizes as ferrite's: no queue, no model. What ferrite measures above it is ours."""
+# Future targets (issue 11): ferrite's overhead over the gRPC / HTTP stack itself.
+FLOOR_P50_US = 30
+FLOOR_THROUGHPUT = 0.9
+
+
+def floor_section(data: dict, cell) -> str:
+    """ferrite (with batching) against the protocol floor on the tiny MLP,
+    one table per client, with the future targets of issue 11."""
+    conc = data["concurrency"]
+    clients = [c for c in data.get("clients", [LOADGEN]) if any(cell("mlp", x, "floor", c) for x in conc)]
+    out = ["## The protocol floor\n"]
+    if not clients:
+        out.append("Not measured in this run: `make bench` measures it (configuration `floor`, tiny MLP only; "
+                   "`bench/floor`).\n")
+        return "\n".join(out)
+    out.append("How much of ferrite's latency and throughput on the tiny MLP is the gRPC / HTTP stack itself: "
+               "`ferrite-floor` (`bench/floor`) speaks the same protocol on the same transport settings (tonic, "
+               "hyper, TCP_NODELAY, the same message limits) and answers every request with one precomputed response "
+               "shaped like ferrite's, with no queue and no model, under the same clients in the same interleaved "
+               "run. The gap between ferrite (with batching) and the floor is ours: decoding into tensors, the "
+               "queue and batcher, ONNX Runtime, encoding. Figures move by about 10% from run to run on this "
+               "machine, and at concurrency 64 the client shares the same CPUs: where ferrite comes out above the "
+               "floor, the client (or noise), not the server, set the pace of that cell.\n")
+    for client in clients:
+        out += [f"**{CLIENT_NAMES.get(client, client)}**\n",
+                "| conc. | ferrite req/s | ferrite p50 | floor req/s | floor p50 | ferrite / floor req/s | "
+                "p50 ferrite - floor |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in conc:
+            f, x = cell("mlp", c, "ferrite", client), cell("mlp", c, "floor", client)
+            if not (f or x):
+                continue
+            fig_ = lambda r: (rps(r["throughput_rps"]), ms(r["p50_us"])) if r else ("-", "-")  # noqa: E731
+            gap = f"{f['p50_us'] - x['p50_us']:+,.0f} µs" if f and x else "-"
+            out.append(f"| {c} | {' | '.join(fig_(f))} | {' | '.join(fig_(x))} | "
+                       f"{ratio(f and f['throughput_rps'], x and x['throughput_rps'])} | {gap} |")
+        out.append("\n" + floor_targets(cell, client) + "\n")
+    return "\n".join(out)
+
+
+def floor_targets(cell, client: str) -> str:
+    """The two future targets against the floor, as one client saw them."""
+    def verdict(ok: bool | None) -> str:
+        return "**not measured**" if ok is None else ("**met**" if ok else "**not met**")
+
+    f1, x1 = cell("mlp", 1, "ferrite", client), cell("mlp", 1, "floor", client)
+    gap = f1["p50_us"] - x1["p50_us"] if f1 and x1 else None
+    f64, x64 = cell("mlp", 64, "ferrite", client), cell("mlp", 64, "floor", client)
+    share = f64["throughput_rps"] / x64["throughput_rps"] if f64 and x64 and x64["throughput_rps"] else None
+    return (f"Targets (future, issue 11): *c=1 p50 within {FLOOR_P50_US} µs of the floor*: "
+            f"{verdict(None if gap is None else gap <= FLOOR_P50_US)}"
+            + (f" ({gap:+,.0f} µs)" if gap is not None else "")
+            + f"; *c=64 throughput at least {FLOOR_THROUGHPUT}x the floor*: "
+            f"{verdict(None if share is None else share >= FLOOR_THROUGHPUT)}"
+            + (f" ({share:.2f}x)" if share is not None else "") + ".")
 
 
 def data_window(data: dict) -> str:
