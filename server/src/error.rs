@@ -1,15 +1,19 @@
-//! The one error type every stage of the data path returns, with the status
-//! it maps to on each protocol and a short label for metrics.
+//! The one error type every stage of the data path returns, with a short
+//! label for metrics. Each frontend maps the kinds to its protocol's status
+//! codes (`grpc::status`, `http::status`).
 
 use std::fmt;
 
-/// Why a request failed. Each kind maps to one gRPC code and one HTTP status.
+/// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// Unknown model or version.
     NotFound,
     /// The request does not match the model, or is malformed.
     InvalidArgument,
+    /// An LLM prompt and its completion do not fit the context (a kind of
+    /// invalid argument that OpenAI's API names apart).
+    ContextLengthExceeded,
     /// The model's queue is full.
     QueueFull,
     /// The request's deadline passed while it waited in the queue.
@@ -27,40 +31,12 @@ impl ErrorKind {
     pub fn metric_label(self) -> &'static str {
         match self {
             ErrorKind::NotFound => "not_found",
-            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::InvalidArgument | ErrorKind::ContextLengthExceeded => "invalid_argument",
             ErrorKind::QueueFull => "queue_full",
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
-        }
-    }
-
-    /// The gRPC status code.
-    pub fn grpc_code(self) -> tonic::Code {
-        match self {
-            ErrorKind::NotFound => tonic::Code::NotFound,
-            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
-            ErrorKind::QueueFull => tonic::Code::ResourceExhausted,
-            ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
-            ErrorKind::Unavailable => tonic::Code::Unavailable,
-            ErrorKind::Cancelled => tonic::Code::Cancelled,
-            ErrorKind::Internal => tonic::Code::Internal,
-        }
-    }
-
-    /// The HTTP status code.
-    pub fn http_status(self) -> axum::http::StatusCode {
-        use axum::http::StatusCode;
-        match self {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
-            ErrorKind::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            // nginx's "client closed request": nobody is left to read it.
-            ErrorKind::Cancelled => StatusCode::from_u16(499).expect("valid status"),
-            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -94,12 +70,6 @@ impl fmt::Display for InferError {
 }
 
 impl std::error::Error for InferError {}
-
-impl From<InferError> for tonic::Status {
-    fn from(err: InferError) -> Self {
-        tonic::Status::new(err.kind.grpc_code(), err.message)
-    }
-}
 
 /// Shorthand for results of the data path.
 pub type InferResult<T> = Result<T, InferError>;

@@ -8,12 +8,15 @@
 //! continuous batching) where tensor models take `scheduler`.
 
 pub mod archive;
+pub mod backend;
 pub mod batch;
 pub mod config;
+pub mod describe;
 pub mod error;
 pub mod fetch;
 pub mod grpc;
 pub mod http;
+pub mod inference;
 pub mod llm;
 pub mod metrics;
 pub mod model;
@@ -24,6 +27,7 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod tensor;
+pub mod tensor_model;
 pub mod untrusted;
 
 /// The model served when no other is given: a small classifier

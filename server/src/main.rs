@@ -29,6 +29,25 @@ enum LogFormat {
     Json,
 }
 
+/// `--execution-provider`: the command line's names for
+/// [`ExecutionProvider`] (the library does not depend on clap).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ProviderArg {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl From<ProviderArg> for ExecutionProvider {
+    fn from(arg: ProviderArg) -> Self {
+        match arg {
+            ProviderArg::Cpu => ExecutionProvider::Cpu,
+            ProviderArg::Cuda => ExecutionProvider::Cuda,
+            ProviderArg::Tensorrt => ExecutionProvider::Tensorrt,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve models until SIGTERM (then drain and exit 0).
@@ -127,7 +146,7 @@ struct ServeArgs {
     intra_op_threads: usize,
     /// Execution provider.
     #[arg(long, env = "FERRITE_EXECUTION_PROVIDER", value_enum, default_value = "cpu")]
-    execution_provider: ExecutionProvider,
+    execution_provider: ProviderArg,
     /// Largest request message, in bytes, on gRPC and HTTP.
     #[arg(long, env = "FERRITE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -168,7 +187,7 @@ impl ServeArgs {
                 max_queue_size: self.max_queue_size.max(1),
                 instance_count: self.instances.max(1),
                 intra_op_threads: self.intra_op_threads,
-                execution_provider: self.execution_provider,
+                execution_provider: self.execution_provider.into(),
             },
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),

@@ -7,35 +7,31 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
+use futures::future::BoxFuture;
 
 use crate::config::{ModelSettings, ModelSettingsFile};
 use crate::error::{ErrorKind, InferError, InferResult};
-use crate::model::{model_not_found, Model};
+use crate::model::{model_not_found, Model, VersionSource};
 use crate::runtime::{ModelBytes, Runtime};
 
 /// File name of a model version inside `<repository>/<model>/<version>/`.
 pub const MODEL_FILE: &str = "model.onnx";
 
-/// What one model version is loaded from.
-#[derive(Debug, Clone)]
-pub enum VersionSource {
-    /// A tensor model.
-    Onnx(ModelBytes),
-    /// An LLM model directory (docs/llm.md).
-    Llm(PathBuf),
+/// An ONNX file, or an LLM directory when `path` is a directory with `llm.json`.
+fn source_of_path(path: &Path) -> VersionSource {
+    if path.is_dir() && crate::llm::config::is_llm_dir(path) {
+        VersionSource::Llm(path.to_path_buf())
+    } else {
+        VersionSource::Onnx(ModelBytes::File(path.to_path_buf()))
+    }
 }
 
-impl VersionSource {
-    /// An ONNX file, or an LLM directory when `path` is a directory with `llm.json`.
-    fn of_path(path: &Path) -> VersionSource {
-        if path.is_dir() && crate::llm::config::is_llm_dir(path) {
-            VersionSource::Llm(path.to_path_buf())
-        } else {
-            VersionSource::Onnx(ModelBytes::File(path.to_path_buf()))
-        }
-    }
+/// Where the repository reports whether each model serves (the server
+/// wires it into gRPC health). Awaited before a load or unload returns, so
+/// a client that sees its call answered sees the new state.
+pub trait ReadinessSink: Send + Sync {
+    /// `model` now serves (`true`) or no longer does.
+    fn publish<'a>(&'a self, model: &'a str, serving: bool) -> BoxFuture<'a, ()>;
 }
 
 /// Where the server finds its models.
@@ -50,13 +46,35 @@ pub struct Sources {
     pub embedded: Option<(String, &'static [u8])>,
 }
 
+/// Whether a model in the index serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexState {
+    /// Loaded and taking requests.
+    Ready,
+    /// Not loaded: never, unloaded, or failed (see the reason).
+    Unavailable,
+}
+
+impl IndexState {
+    /// The state as Triton names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexState::Ready => "READY",
+            IndexState::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
 /// One entry of the repository index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexEntry {
+    /// The model's name.
     pub name: String,
+    /// The version; empty when none is loaded.
     pub version: String,
-    /// READY or UNAVAILABLE, as Triton reports them.
-    pub state: &'static str,
+    /// Whether it serves.
+    pub state: IndexState,
+    /// Why it does not (empty when ready).
     pub reason: String,
 }
 
@@ -79,18 +97,26 @@ pub struct Repository {
     models: RwLock<BTreeMap<String, State>>,
     /// Set once `load_all` has finished: before that the server is not ready.
     initial_load_done: AtomicBool,
-    health: HealthReporter,
+    readiness: Box<dyn ReadinessSink>,
 }
 
 impl Repository {
-    pub fn new(runtime: Arc<Runtime>, sources: Sources, defaults: ModelSettings, health: HealthReporter) -> Self {
+    /// A repository of the models `sources` name, loaded with `defaults`
+    /// unless a model's own settings say otherwise; each model's readiness
+    /// is reported to `readiness`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        sources: Sources,
+        defaults: ModelSettings,
+        readiness: Box<dyn ReadinessSink>,
+    ) -> Self {
         Repository {
             runtime,
             sources,
             defaults,
             models: RwLock::new(BTreeMap::new()),
             initial_load_done: AtomicBool::new(false),
-            health,
+            readiness,
         }
     }
 
@@ -120,11 +146,7 @@ impl Repository {
             versions
                 .into_iter()
                 .map(|(version, source)| {
-                    let model = match &source {
-                        VersionSource::Onnx(bytes) => Model::load(&runtime, &model_name, version, bytes, settings),
-                        VersionSource::Llm(dir) => Model::load_llm(&runtime, &model_name, version, dir, settings),
-                    };
-                    model.map(|m| (version, Arc::new(m)))
+                    Model::load(&runtime, &model_name, version, &source, settings).map(|m| (version, Arc::new(m)))
                 })
                 .collect::<anyhow::Result<BTreeMap<_, _>>>()
         })
@@ -133,7 +155,7 @@ impl Repository {
         match loaded {
             Ok(versions) => {
                 self.replace(name, State::Ready(versions));
-                self.health.set_service_status(name, ServingStatus::Serving).await;
+                self.readiness.publish(name, true).await;
                 Ok(())
             }
             Err(error) => {
@@ -145,7 +167,7 @@ impl Repository {
                     self.replace(name, State::LoadFailed(reason.clone()));
                 }
                 if !serving {
-                    self.health.set_service_status(name, ServingStatus::NotServing).await;
+                    self.readiness.publish(name, false).await;
                 }
                 Err(InferError::invalid(format!("failed to load model '{name}': {reason}")))
             }
@@ -158,7 +180,7 @@ impl Repository {
             return Err(model_not_found(name, ""));
         }
         self.replace(name, State::Unloaded);
-        self.health.set_service_status(name, ServingStatus::NotServing).await;
+        self.readiness.publish(name, false).await;
         tracing::info!(model = name, "model unloaded");
         Ok(())
     }
@@ -223,13 +245,13 @@ impl Repository {
                 Some(State::Ready(versions)) => entries.extend(versions.keys().map(|v| IndexEntry {
                     name: name.clone(),
                     version: v.to_string(),
-                    state: "READY",
+                    state: IndexState::Ready,
                     reason: String::new(),
                 })),
                 other => entries.push(IndexEntry {
                     name,
                     version: String::new(),
-                    state: "UNAVAILABLE",
+                    state: IndexState::Unavailable,
                     reason: match other {
                         Some(State::Failed(reason) | State::LoadFailed(reason)) => reason.clone(),
                         Some(State::Unloaded) => "unloaded".to_string(),
@@ -264,7 +286,7 @@ impl Repository {
     /// Finds the versions of `name` and the settings to load them with.
     fn discover(&self, name: &str) -> InferResult<(Vec<(u64, VersionSource)>, ModelSettings)> {
         if let Some(path) = self.sources.files.get(name) {
-            return Ok((vec![(1, VersionSource::of_path(path))], self.defaults));
+            return Ok((vec![(1, source_of_path(path))], self.defaults));
         }
         if let Some((_, bytes)) = self.sources.embedded.as_ref().filter(|(n, _)| n == name) {
             return Ok((vec![(1, VersionSource::Onnx(ModelBytes::Embedded(bytes)))], self.defaults));

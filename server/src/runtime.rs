@@ -17,7 +17,7 @@ use crate::tensor::{DataType, Tensor, TensorData};
 compile_error!("ferrite copies tensors as little-endian bytes; big-endian hosts are not supported");
 
 /// Which ONNX Runtime execution provider runs a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutionProvider {
     #[default]

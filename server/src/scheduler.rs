@@ -20,18 +20,11 @@ use tokio::sync::oneshot;
 use crate::batch::split_rows;
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
+use crate::inference::Priority;
 use crate::metrics::METRICS;
 use crate::runtime;
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
-
-/// Queue priority: high-priority requests always leave the queue first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Priority {
-    High,
-    #[default]
-    Normal,
-}
 
 /// A validated request, ready to run.
 #[derive(Debug)]

@@ -10,14 +10,16 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::config::ModelSettings;
 use crate::grpc::InferenceService;
-use crate::repository::{Repository, Sources};
+use crate::repository::{IndexState, ReadinessSink, Repository, Sources};
 use crate::runtime::Runtime;
 use crate::state::ServerState;
 
@@ -58,7 +60,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let runtime = Arc::new(Runtime::load(&options.onnxruntime)?);
     let (health, health_service) = tonic_health::server::health_reporter();
-    let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, health.clone()));
+    let readiness = Box::new(HealthSink(health.clone()));
+    let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, readiness));
     let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes));
 
     // Bind first, so that a port in use fails fast and probes can connect
@@ -119,7 +122,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             let reasons: Vec<String> = repository
                 .index()
                 .into_iter()
-                .filter(|entry| entry.state != "READY")
+                .filter(|entry| entry.state != IndexState::Ready)
                 .map(|entry| format!("{}: {}", entry.name, entry.reason))
                 .collect();
             return Err(ModelLoadFailure(reasons.join("; ")).into());
@@ -151,6 +154,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Each model's readiness, published by the repository, as its gRPC health
+/// service (named after the model).
+struct HealthSink(HealthReporter);
+
+impl ReadinessSink for HealthSink {
+    fn publish<'a>(&'a self, model: &'a str, serving: bool) -> BoxFuture<'a, ()> {
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        Box::pin(self.0.set_service_status(model, status))
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{ErrorKind, InferError, InferResult};
-use crate::model::{InferRequest, InferResponse, Model};
+use crate::inference::{InferRequest, InferResponse};
+use crate::model::Model;
 use crate::repository::Repository;
 
 /// Server-wide state handed to the gRPC and HTTP frontends.

@@ -1,9 +1,11 @@
 //! Cumulative per-model statistics in the shape of Triton's ModelStatistics.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::error::ErrorKind;
+use crate::metrics::METRICS;
 use crate::runtime::RunTimings;
 
 /// A count and the total time it took.
@@ -77,5 +79,39 @@ impl ModelStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         self.0.lock().expect("stats lock").clone()
+    }
+}
+
+/// One request, counted once in `ferrite_requests_total`, the request
+/// duration histogram and the model statistics: by its result when
+/// [`finish`](RequestRecord::finish)ed, or as cancelled when dropped
+/// unfinished (the caller went away).
+pub struct RequestRecord {
+    model: Arc<str>,
+    stats: Arc<ModelStats>,
+    started: Instant,
+    result: Option<Result<(), ErrorKind>>,
+}
+
+impl RequestRecord {
+    /// Starts timing a request of `model`.
+    pub fn start(model: Arc<str>, stats: Arc<ModelStats>) -> RequestRecord {
+        RequestRecord { model, stats, started: Instant::now(), result: None }
+    }
+
+    /// Records the request's result.
+    pub fn finish(mut self, result: Result<(), ErrorKind>) {
+        self.result = Some(result);
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let result = self.result.unwrap_or(Err(ErrorKind::Cancelled));
+        let label = result.map_or_else(ErrorKind::metric_label, |()| "success");
+        METRICS.requests.with_label_values(&[&*self.model, label]).inc();
+        METRICS.request_duration.with_label_values(&[&*self.model]).observe(elapsed.as_secs_f64());
+        self.stats.record_request(result.is_ok(), elapsed);
     }
 }

@@ -7,9 +7,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use prost::Message;
 
-use crate::model::{validate, InferRequest};
+use crate::inference::InferRequest;
 use crate::runtime::{Signature, TensorSpec};
 use crate::tensor::DataType;
+use crate::tensor_model::validate;
 
 /// A model signature with one input of every kind of datatype handling:
 /// fixed-size, BOOL, half floats and BYTES, batched and not.

@@ -11,8 +11,7 @@ use ferrite_proto::inference::{
 };
 
 use crate::error::{InferError, InferResult};
-use crate::model::{InferRequest, InferResponse, ParamValue, Parameters};
-use crate::scheduler::Priority;
+use crate::inference::{InferRequest, InferResponse, ParamValue, Parameters, Priority};
 use crate::tensor::{element_count, DataType, Tensor, TensorData};
 
 /// A decoded ModelInfer request: which model, and the request itself.

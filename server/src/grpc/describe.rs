@@ -1,135 +1,102 @@
-//! Server and model descriptions as gRPC messages: metadata, Triton-style
-//! model configuration and statistics.
-
-use std::sync::Arc;
+//! The server's and models' descriptions (`crate::describe`) as gRPC
+//! messages.
 
 use ferrite_proto::inference::*;
 
-use crate::model::Model;
-use crate::runtime::{ExecutionProvider, TensorSpec};
+use crate::describe::{
+    DeviceKind, ModelDescription, ModelStatistics as Statistics, TensorDescription, EXTENSIONS, PRIORITY_LEVELS,
+    SERVER_NAME, SERVER_VERSION,
+};
 use crate::stats::Duration64;
 
-/// Protocol extensions ferrite implements, as Triton names them.
-pub const EXTENSIONS: &[&str] =
-    &["classification_disabled", "model_repository", "statistics", "binary_tensor_data", "parameters", "health"];
-
-pub const PLATFORM: &str = "onnxruntime_onnx";
-
-/// The backend name of LLMs in their configuration (tensor models:
-/// `onnxruntime`).
-pub const LLM_BACKEND: &str = "ferrite_llm";
-
+/// ServerMetadata.
 pub fn server_metadata() -> ServerMetadataResponse {
     ServerMetadataResponse {
-        name: "ferrite".to_string(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        name: SERVER_NAME.to_string(),
+        version: SERVER_VERSION.to_string(),
         extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
     }
 }
 
-pub fn model_metadata(model: &Model, versions: &[Arc<Model>]) -> ModelMetadataResponse {
-    let tensor = |spec: &TensorSpec| model_metadata_response::TensorMetadata {
-        name: spec.name.clone(),
-        datatype: spec.datatype.as_str().to_string(),
-        shape: spec.shape.clone(),
+/// ModelMetadata.
+pub fn model_metadata(model: ModelDescription) -> ModelMetadataResponse {
+    let tensor = |t: TensorDescription| model_metadata_response::TensorMetadata {
+        name: t.name,
+        datatype: t.datatype.as_str().to_string(),
+        shape: t.shape,
     };
     ModelMetadataResponse {
-        name: model.name.clone(),
-        versions: versions.iter().map(|m| m.version.to_string()).collect(),
-        platform: PLATFORM.to_string(),
-        inputs: model.signature.inputs.iter().map(tensor).collect(),
-        outputs: model.signature.outputs.iter().map(tensor).collect(),
+        name: model.name,
+        versions: model.versions,
+        platform: model.platform.to_string(),
+        inputs: model.inputs.into_iter().map(tensor).collect(),
+        outputs: model.outputs.into_iter().map(tensor).collect(),
     }
 }
 
-/// Dimensions as Triton's configuration lists them: without the batch
-/// dimension when the model batches.
-pub fn config_dims(model: &Model, spec: &TensorSpec) -> Vec<i64> {
-    match model.max_batch_size {
-        Some(_) => spec.shape[1..].to_vec(),
-        None => spec.shape.clone(),
-    }
-}
-
-pub fn model_config(model: &Model) -> ModelConfig {
-    let settings = &model.settings;
-    let kind = match settings.execution_provider {
-        ExecutionProvider::Cpu => model_instance_group::Kind::Cpu,
-        ExecutionProvider::Cuda | ExecutionProvider::Tensorrt => model_instance_group::Kind::Gpu,
+/// ModelConfig, Triton's configuration.
+pub fn model_config(model: ModelDescription) -> ModelConfig {
+    let kind = match model.device {
+        DeviceKind::Cpu => model_instance_group::Kind::Cpu,
+        DeviceKind::Gpu => model_instance_group::Kind::Gpu,
     };
     ModelConfig {
         name: model.name.clone(),
-        platform: PLATFORM.to_string(),
-        backend: if model.llm().is_some() { LLM_BACKEND } else { "onnxruntime" }.to_string(),
+        platform: model.platform.to_string(),
+        backend: model.backend.to_string(),
         runtime: String::new(),
         version_policy: Some(ModelVersionPolicy {
             policy_choice: Some(model_version_policy::PolicyChoice::All(model_version_policy::All {})),
         }),
-        max_batch_size: model.max_batch_size.unwrap_or(0) as i32,
+        max_batch_size: model.max_batch_size as i32,
         input: model
-            .signature
             .inputs
-            .iter()
-            .map(|spec| ModelInput {
-                name: spec.name.clone(),
-                data_type: spec.datatype.triton_config_type(),
-                dims: config_dims(model, spec),
-                optional: model.llm().is_some() && crate::llm::oip::is_optional_input(&spec.name),
+            .into_iter()
+            .map(|t| ModelInput {
+                name: t.name,
+                data_type: t.datatype.triton_config_type(),
+                dims: t.config_dims,
+                optional: t.optional,
             })
             .collect(),
         output: model
-            .signature
             .outputs
-            .iter()
-            .map(|spec| ModelOutput {
-                name: spec.name.clone(),
-                data_type: spec.datatype.triton_config_type(),
-                dims: config_dims(model, spec),
-            })
+            .into_iter()
+            .map(|t| ModelOutput { name: t.name, data_type: t.datatype.triton_config_type(), dims: t.config_dims })
             .collect(),
         instance_group: vec![ModelInstanceGroup {
             name: format!("{}_0", model.name),
-            count: settings.instance_count as i32,
+            count: model.instance_count as i32,
             gpus: Vec::new(),
             kind: kind as i32,
         }],
-        scheduling_choice: model.max_batch_size.map(|_| {
+        scheduling_choice: model.dynamic_batching.map(|batching| {
             model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
                 preferred_batch_size: Vec::new(),
-                max_queue_delay_microseconds: settings.max_queue_delay.as_micros() as u64,
+                max_queue_delay_microseconds: batching.max_queue_delay_microseconds,
                 preserve_ordering: false,
-                priority_levels: 2,
-                default_priority_level: 2,
+                priority_levels: PRIORITY_LEVELS,
+                default_priority_level: PRIORITY_LEVELS,
             })
         }),
-        parameters: llm_parameters(model),
+        parameters: model
+            .parameters
+            .into_iter()
+            .map(|(key, value)| (key, ModelParameter { string_value: value }))
+            .collect(),
     }
-}
-
-/// LLMs: the engine's limits, as configuration parameters.
-fn llm_parameters(model: &Model) -> std::collections::HashMap<String, ModelParameter> {
-    let Some(llm) = model.llm() else { return Default::default() };
-    let parameter = |value: String| ModelParameter { string_value: value };
-    [
-        ("decoupled", "true".to_string()),
-        ("context_length", llm.config.context_length.to_string()),
-        ("max_running_sequences", model.settings.max_batch_size.to_string()),
-        ("max_waiting_sequences", model.settings.max_queue_size.to_string()),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_string(), parameter(value)))
-    .collect()
 }
 
 fn duration(d: Duration64) -> Option<StatisticDuration> {
     Some(StatisticDuration { count: d.count, ns: d.ns })
 }
 
-pub fn model_statistics(model: &Model) -> ModelStatistics {
-    let stats = model.stats.snapshot();
+/// One entry of ModelStatistics.
+pub fn model_statistics(statistics: Statistics) -> ModelStatistics {
+    let stats = statistics.stats;
     ModelStatistics {
-        name: model.name.clone(),
-        version: model.version.to_string(),
+        name: statistics.name,
+        version: statistics.version,
         last_inference: stats.last_inference_ms,
         inference_count: stats.inference_count,
         execution_count: stats.execution_count,

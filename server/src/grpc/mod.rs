@@ -16,7 +16,9 @@ use futures::stream::{self, BoxStream};
 use futures::{future, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::InferError;
+use crate::describe::{ModelDescription, ModelStatistics};
+use crate::error::{ErrorKind, InferError};
+use crate::repository::IndexState;
 use crate::state::ServerState;
 
 /// How many requests of one ModelStreamInfer stream run at once; responses
@@ -31,6 +33,25 @@ pub struct InferenceService {
 impl InferenceService {
     pub fn new(state: Arc<ServerState>) -> Self {
         InferenceService { state }
+    }
+}
+
+/// The gRPC status code of each kind of error.
+pub fn status_code(kind: ErrorKind) -> tonic::Code {
+    match kind {
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::InvalidArgument | ErrorKind::ContextLengthExceeded => tonic::Code::InvalidArgument,
+        ErrorKind::QueueFull => tonic::Code::ResourceExhausted,
+        ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::Cancelled => tonic::Code::Cancelled,
+        ErrorKind::Internal => tonic::Code::Internal,
+    }
+}
+
+impl From<InferError> for Status {
+    fn from(error: InferError) -> Self {
+        Status::new(status_code(error.kind), error.message)
     }
 }
 
@@ -72,19 +93,15 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
 /// The responses to one request of a ModelStreamInfer stream: one for a
-/// tensor model (awaited here), one per generation step for an LLM (the
-/// stream itself, returned as soon as the request is admitted).
-async fn stream_infer(
+/// tensor model, one per generation step for an LLM (returned as soon as
+/// the request is admitted).
+fn stream_infer(
     state: &ServerState,
     message: ModelInferRequest,
 ) -> BoxStream<'static, Result<ModelInferResponse, InferError>> {
-    let is_llm = state.model(&message.model_name, &message.model_version).is_ok_and(|m| m.llm().is_some());
-    if !is_llm {
-        return stream::once(future::ready(infer(state, message, None).await)).boxed();
-    }
     let started = codec::decode_request(message, None).and_then(|decoded| {
         let model = state.model(&decoded.model_name, &decoded.model_version)?;
-        crate::llm::oip::infer_stream(model, decoded.request)
+        model.infer_stream(decoded.request)
     });
     match started {
         Ok(responses) => responses.map(|r| r.map(codec::encode_response)).boxed(),
@@ -122,7 +139,7 @@ impl GrpcInferenceService for InferenceService {
         let request = request.into_inner();
         let model = self.state.repository.get(&request.name, &request.version)?;
         let versions = self.state.repository.loaded(Some(&request.name));
-        Ok(Response::new(describe::model_metadata(&model, &versions)))
+        Ok(Response::new(describe::model_metadata(ModelDescription::of(&model, &versions))))
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
@@ -143,7 +160,14 @@ impl GrpcInferenceService for InferenceService {
                 let state = state.clone();
                 async move {
                     match message {
-                        Ok(message) => stream_infer(&state, message).await,
+                        Ok(message) => {
+                            // The first response is awaited here, where up to
+                            // STREAM_CONCURRENCY requests run at once (a tensor
+                            // model's only one, an LLM's first step).
+                            let mut responses = stream_infer(&state, message);
+                            let first = responses.next().await;
+                            stream::iter(first).chain(responses).boxed()
+                        }
                         // A malformed or oversized message: say so on the stream.
                         Err(status) => stream::once(future::ready(Err(InferError::invalid(status.message())))).boxed(),
                     }
@@ -170,7 +194,8 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
         let model = self.state.repository.get(&request.name, &request.version)?;
-        Ok(Response::new(ModelConfigResponse { config: Some(describe::model_config(&model)) }))
+        let config = describe::model_config(ModelDescription::of(&model, &[]));
+        Ok(Response::new(ModelConfigResponse { config: Some(config) }))
     }
 
     async fn model_statistics(
@@ -183,7 +208,7 @@ impl GrpcInferenceService for InferenceService {
         } else {
             vec![self.state.repository.get(&request.name, &request.version)?]
         };
-        let model_stats = models.iter().map(|m| describe::model_statistics(m)).collect();
+        let model_stats = models.iter().map(|m| describe::model_statistics(ModelStatistics::of(m))).collect();
         Ok(Response::new(ModelStatisticsResponse { model_stats }))
     }
 
@@ -197,11 +222,11 @@ impl GrpcInferenceService for InferenceService {
             .repository
             .index()
             .into_iter()
-            .filter(|entry| !ready_only || entry.state == "READY")
+            .filter(|entry| !ready_only || entry.state == IndexState::Ready)
             .map(|entry| repository_index_response::ModelIndex {
                 name: entry.name,
                 version: entry.version,
-                state: entry.state.to_string(),
+                state: entry.state.as_str().to_string(),
                 reason: entry.reason,
             })
             .collect();

@@ -2,6 +2,7 @@
 //! (binary tensor data, model configuration, statistics, repository), and
 //! the Prometheus endpoint served on the metrics port.
 
+pub mod describe;
 pub mod json;
 pub mod openai;
 
@@ -16,11 +17,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::error::InferError;
-use crate::grpc::describe;
+use crate::describe::{ModelDescription, ModelStatistics};
+use crate::error::{ErrorKind, InferError};
+use crate::inference::{InferRequest, ParamValue, Priority};
 use crate::metrics::METRICS;
-use crate::model::{InferRequest, Model};
-use crate::scheduler::Priority;
+use crate::model::Model;
+use crate::repository::IndexState;
 use crate::state::ServerState;
 
 type AppState = Arc<ServerState>;
@@ -36,7 +38,21 @@ impl From<InferError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (self.0.kind.http_status(), Json(json!({"error": self.0.message}))).into_response()
+        (status(self.0.kind), Json(json!({"error": self.0.message}))).into_response()
+    }
+}
+
+/// The HTTP status of each kind of error.
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::InvalidArgument | ErrorKind::ContextLengthExceeded => StatusCode::BAD_REQUEST,
+        ErrorKind::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        // nginx's "client closed request": nobody is left to read it.
+        ErrorKind::Cancelled => StatusCode::from_u16(499).expect("valid status"),
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -48,7 +64,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
-        .route("/v2", get(|| async { Json(server_metadata()) }))
+        .route("/v2", get(|| async { Json(describe::server_metadata()) }))
         .route("/v2/models/stats", get(all_statistics))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
@@ -83,11 +99,6 @@ async fn server_ready(State(state): State<AppState>) -> StatusCode {
     }
 }
 
-fn server_metadata() -> Value {
-    let meta = describe::server_metadata();
-    json!({"name": meta.name, "version": meta.version, "extensions": meta.extensions})
-}
-
 async fn model_metadata(state: State<AppState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
     model_metadata_version(state, Path((model, String::new()))).await
 }
@@ -97,15 +108,8 @@ async fn model_metadata_version(
     Path((name, version)): Path<(String, String)>,
 ) -> HttpResult<Json<Value>> {
     let model = state.repository.get(&name, &version)?;
-    let meta = describe::model_metadata(&model, &state.repository.loaded(Some(&name)));
-    let tensor = |t: &ferrite_proto::inference::model_metadata_response::TensorMetadata| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape});
-    Ok(Json(json!({
-        "name": meta.name,
-        "versions": meta.versions,
-        "platform": meta.platform,
-        "inputs": meta.inputs.iter().map(tensor).collect::<Vec<_>>(),
-        "outputs": meta.outputs.iter().map(tensor).collect::<Vec<_>>(),
-    })))
+    let versions = state.repository.loaded(Some(&name));
+    Ok(Json(describe::model_metadata(&ModelDescription::of(&model, &versions))))
 }
 
 async fn model_ready(state: State<AppState>, Path(model): Path<String>) -> StatusCode {
@@ -127,78 +131,16 @@ async fn model_config(state: State<AppState>, Path(model): Path<String>) -> Http
     model_config_version(state, Path((model, String::new()))).await
 }
 
-/// The Triton-style configuration as JSON, with enum names as Triton
-/// prints them.
 async fn model_config_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> HttpResult<Json<Value>> {
     let model = state.repository.get(&name, &version)?;
-    let tensors = |specs: &[crate::runtime::TensorSpec]| {
-        specs
-            .iter()
-            .map(|spec| {
-                json!({
-                    "name": spec.name,
-                    "data_type": format!("TYPE_{}", if spec.datatype.as_str() == "BYTES" { "STRING" } else { spec.datatype.as_str() }),
-                    "dims": describe::config_dims(&model, spec),
-                })
-            })
-            .collect::<Vec<_>>()
-    };
-    let mut config = json!({
-        "name": model.name,
-        "platform": describe::PLATFORM,
-        "backend": if model.llm().is_some() { describe::LLM_BACKEND } else { "onnxruntime" },
-        "version_policy": {"all": {}},
-        "max_batch_size": model.max_batch_size.unwrap_or(0),
-        "input": tensors(&model.signature.inputs),
-        "output": tensors(&model.signature.outputs),
-        "instance_group": [{"name": format!("{}_0", model.name), "count": model.settings.instance_count,
-            "kind": if model.settings.execution_provider == crate::runtime::ExecutionProvider::Cpu { "KIND_CPU" } else { "KIND_GPU" }}],
-    });
-    if model.max_batch_size.is_some() {
-        config["dynamic_batching"] = json!({
-            "max_queue_delay_microseconds": model.settings.max_queue_delay.as_micros() as u64,
-            "priority_levels": 2,
-            "default_priority_level": 2,
-        });
-    }
-    Ok(Json(config))
+    Ok(Json(describe::model_config(&ModelDescription::of(&model, &[]))))
 }
 
 fn statistics_json(models: &[Arc<Model>]) -> Value {
-    let duration = |d: Option<ferrite_proto::inference::StatisticDuration>| {
-        let d = d.unwrap_or_default();
-        json!({"count": d.count, "ns": d.ns})
-    };
-    let stats: Vec<Value> = models
-        .iter()
-        .map(|model| {
-            let s = describe::model_statistics(model);
-            let i = s.inference_stats.unwrap_or_default();
-            json!({
-                "name": s.name,
-                "version": s.version,
-                "last_inference": s.last_inference,
-                "inference_count": s.inference_count,
-                "execution_count": s.execution_count,
-                "inference_stats": {
-                    "success": duration(i.success), "fail": duration(i.fail), "queue": duration(i.queue),
-                    "compute_input": duration(i.compute_input), "compute_infer": duration(i.compute_infer),
-                    "compute_output": duration(i.compute_output), "cache_hit": duration(i.cache_hit),
-                    "cache_miss": duration(i.cache_miss),
-                },
-                "batch_stats": s.batch_stats.into_iter().map(|b| json!({
-                    "batch_size": b.batch_size,
-                    "compute_input": duration(b.compute_input),
-                    "compute_infer": duration(b.compute_infer),
-                    "compute_output": duration(b.compute_output),
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    json!({"model_stats": stats})
+    describe::statistics(models.iter().map(|m| ModelStatistics::of(m)).collect())
 }
 
 async fn all_statistics(State(state): State<AppState>) -> Json<Value> {
@@ -223,9 +165,9 @@ async fn repository_index(State(state): State<AppState>, body: Bytes) -> Json<Va
         .repository
         .index()
         .into_iter()
-        .filter(|e| !ready_only || e.state == "READY")
+        .filter(|e| !ready_only || e.state == IndexState::Ready)
         .map(|e| {
-            let mut entry = json!({"name": e.name, "state": e.state});
+            let mut entry = json!({"name": e.name, "state": e.state.as_str()});
             if !e.version.is_empty() {
                 entry["version"] = json!(e.version);
             }
@@ -304,12 +246,12 @@ async fn infer_version(
         .iter()
         .filter_map(|(key, value)| {
             let value = match value {
-                Value::Bool(b) => crate::model::ParamValue::Bool(*b),
+                Value::Bool(b) => ParamValue::Bool(*b),
                 Value::Number(n) => match n.as_i64() {
-                    Some(i) => crate::model::ParamValue::Int(i),
-                    None => crate::model::ParamValue::Float(n.as_f64()?),
+                    Some(i) => ParamValue::Int(i),
+                    None => ParamValue::Float(n.as_f64()?),
                 },
-                Value::String(s) => crate::model::ParamValue::Str(s.clone()),
+                Value::String(s) => ParamValue::Str(s.clone()),
                 _ => return None,
             };
             Some((key.clone(), value))

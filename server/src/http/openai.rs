@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use crate::error::{ErrorKind, InferError};
 use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
 use crate::llm::template::ChatMessage;
-use crate::llm::{Generation, CONTEXT_LENGTH_ERROR};
+use crate::llm::Generation;
 use crate::model::Model;
 use crate::state::ServerState;
 
@@ -51,9 +51,7 @@ impl From<InferError> for OpenAiError {
 impl OpenAiError {
     fn body(&self) -> Value {
         let (kind, code) = match self.0.kind {
-            ErrorKind::InvalidArgument if self.0.message.starts_with(CONTEXT_LENGTH_ERROR) => {
-                ("invalid_request_error", Some("context_length_exceeded"))
-            }
+            ErrorKind::ContextLengthExceeded => ("invalid_request_error", Some("context_length_exceeded")),
             ErrorKind::InvalidArgument => ("invalid_request_error", None),
             ErrorKind::NotFound => ("invalid_request_error", Some("model_not_found")),
             ErrorKind::QueueFull => ("rate_limit_error", Some("queue_full")),
@@ -66,7 +64,7 @@ impl OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        (self.0.kind.http_status(), Json(self.body())).into_response()
+        (super::status(self.0.kind), Json(self.body())).into_response()
     }
 }
 
@@ -233,7 +231,7 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> ApiResu
         .collect::<Result<Vec<_>, InferError>>()?;
     let options = request.common.options()?;
     let prompt = llm.chat_prompt(&messages)?;
-    let generation = llm.generate(&model.name, &model.stats, prompt, &options)?;
+    let generation = model.generate(prompt, &options)?;
     let reply = Reply::new(Kind::Chat, request.model);
     if request.common.stream {
         Ok(reply.stream(generation, request.common.include_usage()).into_response())
@@ -264,7 +262,7 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> ApiResult<Re
             tokens
         }
     };
-    let generation = llm.generate(&model.name, &model.stats, prompt, &options)?;
+    let generation = model.generate(prompt, &options)?;
     let reply = Reply::new(Kind::Completion, request.model);
     if request.common.stream {
         Ok(reply.stream(generation, request.common.include_usage()).into_response())

@@ -19,14 +19,14 @@ pub mod tokenizer;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::backend::BackendInfo;
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::runtime::{ModelBytes, Runtime, SessionOptions};
-use crate::stats::ModelStats;
+use crate::stats::{ModelStats, RequestRecord};
 use config::LlmConfig;
 use engine::{Engine, EngineModel, EngineSettings};
 use request::{Event, FinishReason, GenerateOptions, GenerateRequest, Usage};
@@ -34,16 +34,17 @@ use sampling::SamplingParams;
 use template::{ChatMessage, ChatTemplate};
 use tokenizer::TextCodec;
 
-/// How a context-length error message starts (OpenAI's wording), so the
-/// OpenAI frontend can label it `context_length_exceeded`.
-pub const CONTEXT_LENGTH_ERROR: &str = "This model's maximum context length is";
+/// How a context-length error message starts (OpenAI's wording).
+const CONTEXT_LENGTH_ERROR: &str = "This model's maximum context length is";
 
 /// Most stop strings a request may give.
 pub const MAX_STOP_STRINGS: usize = 16;
 
 /// A loaded LLM: configuration, tokenizer, chat template and engine.
 pub struct Llm {
+    /// The model directory's `llm.json`.
     pub config: LlmConfig,
+    info: BackendInfo,
     codec: Arc<TextCodec>,
     template: Option<ChatTemplate>,
     bos_text: String,
@@ -96,7 +97,8 @@ impl Llm {
             stats,
         };
         let engine = Engine::start(session, model, engine_settings)?;
-        Ok(Llm { config, codec, template, bos_text, eos_text, engine })
+        let info = oip::backend_info(&config, settings);
+        Ok(Llm { config, info, codec, template, bos_text, eos_text, engine })
     }
 
     /// Prompt tokens of a chat: the chat template applied, with the
@@ -152,27 +154,13 @@ impl Llm {
         Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone(), ignore_eos: options.ignore_eos })
     }
 
-    /// Prepares and queues a request for `model` (its name, for metrics).
-    pub fn generate(
-        &self,
-        model: &str,
-        stats: &Arc<ModelStats>,
-        prompt: Vec<u32>,
-        options: &GenerateOptions,
-    ) -> InferResult<Generation> {
-        let mut outcome =
-            Outcome { model: model.to_string(), stats: stats.clone(), started: Instant::now(), result: None };
-        let submitted = self.prepare(prompt, options).and_then(|request| {
-            let prompt_tokens = request.prompt.len();
-            self.engine.submit(request).map(|receiver| (receiver, prompt_tokens))
-        });
-        match submitted {
-            Ok((receiver, prompt_tokens)) => Ok(Generation { receiver, outcome, prompt_tokens }),
-            Err(error) => {
-                outcome.result = Some(Err(error.kind));
-                Err(error)
-            }
-        }
+    /// Prepares and queues a request. The caller counts it
+    /// ([`Model`](crate::model::Model) does).
+    pub fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
+        let request = self.prepare(prompt, options)?;
+        let prompt_tokens = request.prompt.len();
+        let receiver = self.engine.submit(request)?;
+        Ok(Generation { receiver, record: None, finished: false, prompt_tokens })
     }
 
     /// Stops taking requests.
@@ -186,11 +174,14 @@ impl Llm {
 /// shortened to what the context leaves.
 pub fn check_context(context: usize, prompt: usize, requested: Option<usize>, default: usize) -> InferResult<usize> {
     let too_long = |max_tokens: usize| {
-        InferError::invalid(format!(
-            "{CONTEXT_LENGTH_ERROR} {context} tokens. However, you requested {} tokens ({prompt} in the prompt, \
+        InferError::new(
+            ErrorKind::ContextLengthExceeded,
+            format!(
+                "{CONTEXT_LENGTH_ERROR} {context} tokens. However, you requested {} tokens ({prompt} in the prompt, \
              {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-            prompt.saturating_add(max_tokens)
-        ))
+                prompt.saturating_add(max_tokens)
+            ),
+        )
     };
     match requested {
         Some(0) => Err(InferError::invalid("max_tokens must be at least 1")),
@@ -201,27 +192,39 @@ pub fn check_context(context: usize, prompt: usize, requested: Option<usize>, de
     }
 }
 
-/// A running request: its events, and its outcome recorded in
-/// `ferrite_requests_total` and the model statistics when dropped
-/// (cancelled if it never finished). Dropping it cancels the request.
+/// A running request: its events, and (when counted) its outcome
+/// recorded once it ends. Dropping it cancels the request.
 pub struct Generation {
     receiver: UnboundedReceiver<Event>,
-    outcome: Outcome,
+    record: Option<RequestRecord>,
+    finished: bool,
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
 }
 
 impl Generation {
+    /// Records the outcome in `record` when the generation ends (as
+    /// cancelled if it is dropped first).
+    pub fn counted(mut self, record: RequestRecord) -> Generation {
+        self.record = Some(record);
+        self
+    }
+
     /// The next event; `None` after the last (`Done` or `Error`).
     pub async fn next(&mut self) -> Option<Event> {
-        if self.outcome.result.is_some() {
+        if self.finished {
             return None;
         }
         let event =
             self.receiver.recv().await.unwrap_or_else(|| Event::Error(InferError::internal("the LLM engine stopped")));
-        match &event {
-            Event::Done { .. } => self.outcome.result = Some(Ok(())),
-            Event::Error(error) => self.outcome.result = Some(Err(error.kind)),
-            Event::Text(_) => {}
+        let result = match &event {
+            Event::Done { .. } => Ok(()),
+            Event::Error(error) => Err(error.kind),
+            Event::Text(_) => return Some(event),
+        };
+        self.finished = true;
+        if let Some(record) = self.record.take() {
+            record.finish(result);
         }
         Some(event)
     }
@@ -243,19 +246,6 @@ impl Generation {
     }
 }
 
-struct Outcome {
-    model: String,
-    stats: Arc<ModelStats>,
-    started: Instant,
-    result: Option<Result<(), ErrorKind>>,
-}
-
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        crate::model::record_request(&self.model, &self.stats, self.started, self.result);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,7 +254,7 @@ mod tests {
     fn context_length_is_checked() {
         assert_eq!(check_context(100, 40, Some(60), 256), Ok(60));
         let err = check_context(100, 40, Some(61), 256).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        assert_eq!(err.kind, ErrorKind::ContextLengthExceeded);
         assert!(err.message.starts_with(CONTEXT_LENGTH_ERROR), "{err}");
         assert!(err.message.contains("101 tokens (40 in the prompt, 61 for the completion)"), "{err}");
         // Without max_tokens: the default, cut to what is left.

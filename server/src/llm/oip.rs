@@ -19,16 +19,21 @@
 //! (`stream: false` gives one response). Later settings win: the
 //! `sampling_parameters` JSON, then the tensors, then the parameters.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::future::BoxFuture;
+use futures::stream::{self, StreamExt};
 use serde_json::Value;
 
+use crate::backend::{Backend, BackendInfo};
+use crate::config::ModelSettings;
 use crate::error::{InferError, InferResult};
+use crate::inference::{InferRequest, ParamValue, Parameters, Reply, ReplyStream};
+use crate::llm::config::LlmConfig;
 use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
 use crate::llm::{Generation, Llm};
-use crate::model::{InferRequest, InferResponse, Model, ParamValue, Parameters};
 use crate::runtime::{Signature, TensorSpec};
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -38,8 +43,30 @@ pub const STREAM: &str = "stream";
 pub const MAX_TOKENS: &str = "max_tokens";
 pub const SAMPLING_PARAMETERS: &str = "sampling_parameters";
 
-/// The tensors an LLM describes in its metadata and configuration.
-pub fn signature() -> Signature {
+/// The name of this backend in the model configuration.
+pub const BACKEND_NAME: &str = "ferrite_llm";
+
+/// How an LLM describes itself: the tensors above (every input but
+/// `text_input` optional), answers streamed (decoupled, in Triton's
+/// words), and the engine's limits.
+pub fn backend_info(config: &LlmConfig, settings: &ModelSettings) -> BackendInfo {
+    let parameters = [
+        ("decoupled", "true".to_string()),
+        ("context_length", config.context_length.to_string()),
+        ("max_running_sequences", settings.max_batch_size.to_string()),
+        ("max_waiting_sequences", settings.max_queue_size.to_string()),
+    ];
+    BackendInfo {
+        name: BACKEND_NAME,
+        signature: signature(),
+        optional_inputs: vec![STREAM.into(), MAX_TOKENS.into(), SAMPLING_PARAMETERS.into()],
+        max_batch_size: None,
+        parameters: parameters.into_iter().map(|(key, value)| (key.to_string(), value)).collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// The tensors an LLM takes and answers.
+fn signature() -> Signature {
     let spec = |name: &str, datatype| TensorSpec { name: name.to_string(), datatype, shape: vec![1] };
     Signature {
         inputs: vec![
@@ -50,11 +77,6 @@ pub fn signature() -> Signature {
         ],
         outputs: vec![spec(TEXT_OUTPUT, DataType::Bytes)],
     }
-}
-
-/// Whether an LLM input may be left out (every one but `text_input`).
-pub fn is_optional_input(name: &str) -> bool {
-    name != TEXT_INPUT
 }
 
 /// A decoded LLM request.
@@ -214,53 +236,74 @@ fn single_scalar(tensor: &Tensor, datatype: DataType) -> InferResult<Bytes> {
 }
 
 /// Starts generating for an OIP request.
-fn start(model: &Model, llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, Generation)> {
+fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, Generation)> {
     let decoded = decode(request)?;
     let prompt = llm.text_prompt(&decoded.prompt)?;
-    let generation = llm.generate(&model.name, &model.stats, prompt, &decoded.options)?;
+    let generation = llm.generate(prompt, &decoded.options)?;
     Ok((decoded, generation))
 }
 
-/// ModelInfer: generates the whole answer, returns it in one response.
-pub async fn infer(model: &Model, llm: &Llm, request: InferRequest) -> InferResult<InferResponse> {
-    let (_, generation) = start(model, llm, &request)?;
-    let (text, finish_reason, usage) = generation.collect().await?;
-    Ok(response(model, &request.id, text, finish_reason, usage, None))
-}
-
-/// ModelStreamInfer: one response per engine step (unless the request
-/// sets `stream: false`). Errors before generation starts are returned
-/// here; later ones are the stream's last item.
-pub fn infer_stream(
-    model: Arc<Model>,
-    request: InferRequest,
-) -> InferResult<BoxStream<'static, InferResult<InferResponse>>> {
-    let llm = model.llm().ok_or_else(|| InferError::internal("not an LLM"))?;
-    let (decoded, generation) = start(&model, llm, &request)?;
-    let id = request.id;
-    if decoded.stream == Some(false) {
-        let once = async move {
-            let (text, finish_reason, usage) = generation.collect().await?;
-            Ok(response(&model, &id, text, finish_reason, usage, Some(true)))
-        };
-        return Ok(stream::once(once).boxed());
+impl Backend for Llm {
+    fn info(&self) -> &BackendInfo {
+        &self.info
     }
-    let responses = stream::unfold(Some(generation), move |state| {
-        let model = model.clone();
-        let id = id.clone();
-        async move {
+
+    /// ModelInfer: generates the whole answer, returns it in one reply.
+    fn infer(&self, request: InferRequest) -> BoxFuture<'_, InferResult<Reply>> {
+        Box::pin(async move {
+            let (_, generation) = start(self, &request)?;
+            let (text, finish_reason, usage) = generation.collect().await?;
+            Ok(final_reply(text, finish_reason, usage, None))
+        })
+    }
+
+    /// ModelStreamInfer: one reply per engine step (unless the request
+    /// sets `stream: false`).
+    fn infer_stream(self: Arc<Self>, request: InferRequest) -> InferResult<ReplyStream> {
+        let (decoded, generation) = start(&self, &request)?;
+        if decoded.stream == Some(false) {
+            let once = async move {
+                let (text, finish_reason, usage) = generation.collect().await?;
+                Ok(final_reply(text, finish_reason, usage, Some(true)))
+            };
+            return Ok(stream::once(once).boxed());
+        }
+        let replies = stream::unfold(Some(generation), |state| async move {
             let mut generation = state?;
             let item = match generation.next().await? {
-                Event::Text(text) => Ok(delta(&model, &id, text)),
+                Event::Text(text) => Ok(delta(text)),
                 Event::Done { text, finish_reason, usage } => {
-                    return Some((Ok(response(&model, &id, text, finish_reason, usage, Some(true))), None));
+                    return Some((Ok(final_reply(text, finish_reason, usage, Some(true))), None));
                 }
                 Event::Error(error) => return Some((Err(error), None)),
             };
             Some((item, Some(generation)))
-        }
-    });
-    Ok(responses.boxed())
+        });
+        Ok(replies.boxed())
+    }
+
+    fn close(&self) {
+        Llm::close(self);
+    }
+}
+
+/// A streamed piece of text.
+fn delta(text: String) -> Reply {
+    let mut parameters = Parameters::new();
+    parameters.insert("triton_final_response".into(), ParamValue::Bool(false));
+    Reply { outputs: vec![text_tensor(text)], parameters }
+}
+
+/// The final (or only) reply, with the finish reason and token counts.
+fn final_reply(text: String, finish_reason: FinishReason, usage: Usage, final_flag: Option<bool>) -> Reply {
+    let mut parameters = Parameters::new();
+    parameters.insert("finish_reason".into(), ParamValue::Str(finish_reason.as_str().into()));
+    parameters.insert("prompt_tokens".into(), ParamValue::Int(usage.prompt_tokens as i64));
+    parameters.insert("completion_tokens".into(), ParamValue::Int(usage.completion_tokens as i64));
+    if let Some(flag) = final_flag {
+        parameters.insert("triton_final_response".into(), ParamValue::Bool(flag));
+    }
+    Reply { outputs: vec![text_tensor(text)], parameters }
 }
 
 fn text_tensor(text: String) -> Tensor {
@@ -269,42 +312,6 @@ fn text_tensor(text: String) -> Tensor {
         datatype: DataType::Bytes,
         shape: vec![1],
         data: TensorData::Strings(vec![Bytes::from(text)]),
-    }
-}
-
-/// A streamed piece of text.
-fn delta(model: &Model, id: &str, text: String) -> InferResponse {
-    let mut parameters = Parameters::new();
-    parameters.insert("triton_final_response".into(), ParamValue::Bool(false));
-    text_response(model, id, text, parameters)
-}
-
-/// The final (or only) response, with the finish reason and token counts.
-fn response(
-    model: &Model,
-    id: &str,
-    text: String,
-    finish_reason: FinishReason,
-    usage: Usage,
-    final_flag: Option<bool>,
-) -> InferResponse {
-    let mut parameters = Parameters::new();
-    parameters.insert("finish_reason".into(), ParamValue::Str(finish_reason.as_str().into()));
-    parameters.insert("prompt_tokens".into(), ParamValue::Int(usage.prompt_tokens as i64));
-    parameters.insert("completion_tokens".into(), ParamValue::Int(usage.completion_tokens as i64));
-    if let Some(flag) = final_flag {
-        parameters.insert("triton_final_response".into(), ParamValue::Bool(flag));
-    }
-    text_response(model, id, text, parameters)
-}
-
-fn text_response(model: &Model, id: &str, text: String, parameters: Parameters) -> InferResponse {
-    InferResponse {
-        model_name: model.name.clone(),
-        model_version: model.version.to_string(),
-        id: id.to_string(),
-        outputs: vec![text_tensor(text)],
-        parameters,
     }
 }
 

@@ -457,3 +457,52 @@ def burst_until_refused(server, model: str, is_refusal, transport: str = "grpc",
             break
         print(f"burst {attempt}: no request refused (the burst was spread out); sending another")
     return sent
+
+
+# ------------------------------------------------------------ descriptions
+def _normalized(value):
+    """A description as both protocols can be compared: numbers that
+    protobuf's JSON writes as strings (int64) read back as numbers, and
+    default values (which protobuf's JSON leaves out) dropped."""
+    if isinstance(value, dict):
+        items = {k: _normalized(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v not in (None, False, 0, "", [], {})}
+    if isinstance(value, list):
+        return [_normalized(v) for v in value]
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _differences(path: str, grpc, http) -> list[str]:
+    if isinstance(grpc, dict) and isinstance(http, dict):
+        found = []
+        for key in sorted(set(grpc) | set(http)):
+            found += _differences(f"{path}.{key}", grpc.get(key), http.get(key))
+        return found
+    if isinstance(grpc, list) and isinstance(http, list) and len(grpc) == len(http):
+        return [d for i, (g, h) in enumerate(zip(grpc, http)) for d in _differences(f"{path}[{i}]", g, h)]
+    return [] if grpc == http else [f"{path}: gRPC {grpc!r}, REST {http!r}"]
+
+
+def description_differences(server) -> tuple[list[str], list[str]]:
+    """Every ready model of `server`, described over gRPC and over REST
+    (metadata, configuration, statistics), compared field by field: the
+    models compared and the differences found."""
+    grpc, http = server.grpc_client(), server.http_client()
+    try:
+        models = [m["name"] for m in http.get_model_repository_index() if m.get("state") == "READY"]
+        found = []
+        for name in models:
+            pairs = {
+                "metadata": (grpc.get_model_metadata(name, as_json=True), http.get_model_metadata(name)),
+                "config": (grpc.get_model_config(name, as_json=True)["config"], http.get_model_config(name)),
+                "statistics": (grpc.get_inference_statistics(name, as_json=True),
+                               http.get_inference_statistics(name)),
+            }
+            for what, (by_grpc, by_http) in pairs.items():
+                found += _differences(f"{name} {what}", _normalized(by_grpc), _normalized(by_http))
+        return models, found
+    finally:
+        grpc.close()
+        http.close()

@@ -306,6 +306,16 @@ def test_grpc_model_infer(llm_server, client):
         c.close()
 
 
+def test_rest_and_grpc_describe_the_llm_alike(llm_server, client):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)  # statistics worth comparing
+    models, differences = fl.description_differences(llm_server)
+    assert models == [MODEL]
+    assert not differences, "\n".join(differences)
+    config = llm_server.http_client().get_model_config(MODEL)
+    assert [i["optional"] for i in config["input"]] == [False, True, True, True]
+    assert config["parameters"]["decoupled"] == {"string_value": "true"}
+
+
 def test_grpc_stream_infer_sends_tokens_as_they_come(llm_server):
     c = llm_server.grpc_client()
     responses: queue.Queue = queue.Queue()
@@ -346,15 +356,6 @@ def running(server) -> float:
     return fl.metric_sum(fl.parse_metrics(server.metrics_text()), "ferrite_llm_running_sequences", model=MODEL)
 
 
-def wait_for(predicate, timeout=30.0, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_cancelled_stream_frees_its_slot_and_full_queue_is_429(server_factory):
     """One decode slot, one waiting place: a third request is refused with 429; a
     cancelled stream leaves the batch at once, so the next request is served."""
@@ -367,11 +368,11 @@ def test_cancelled_stream_frees_its_slot_and_full_queue_is_429(server_factory):
         model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}], stream=True, **long_story
     )
     next(iter(first))  # generating: the one slot is taken
-    wait_for(lambda: running(s) == 1, what="one running sequence")
+    fl.wait_until(lambda: running(s) == 1, what="one running sequence")
 
     # The second waits for the slot; the third finds the queue full.
     waiting = ThreadPoolExecutor(1).submit(chat, c, FRANCE, max_tokens=32)
-    wait_for(
+    fl.wait_until(
         lambda: fl.metric_sum(fl.parse_metrics(s.metrics_text()), "ferrite_llm_waiting_sequences", model=MODEL) == 1,
         what="one waiting sequence",
     )
@@ -388,7 +389,7 @@ def test_cancelled_stream_frees_its_slot_and_full_queue_is_429(server_factory):
     reply = waiting.result(timeout=120)
     assert "Paris" in reply.choices[0].message.content
     assert time.monotonic() - started < 60
-    wait_for(lambda: running(s) == 0, what="no running sequence")
+    fl.wait_until(lambda: running(s) == 0, what="no running sequence")
     samples = fl.parse_metrics(s.metrics_text())
     assert fl.metric_sum(samples, "ferrite_requests_total", model=MODEL, outcome="cancelled") >= 1
     assert fl.metric_sum(samples, "ferrite_requests_total", model=MODEL, outcome="queue_full") == 1
