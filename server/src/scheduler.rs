@@ -13,7 +13,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 
@@ -22,7 +21,7 @@ use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::Priority;
 use crate::metrics::METRICS;
-use crate::runtime;
+use crate::runtime::Session;
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
 
@@ -337,7 +336,7 @@ impl Shared {
         let requested: Vec<Vec<String>> = jobs.iter().map(|j| j.outputs.clone()).collect();
         let inputs = input_columns(jobs);
 
-        let result = catch_unwind(AssertUnwindSafe(|| runtime::run(session, &inputs, &outputs)))
+        let result = catch_unwind(AssertUnwindSafe(|| session.run(&inputs, &outputs)))
             .unwrap_or_else(|_| Err(InferError::internal("the runtime panicked while running the model")));
         let compute = started.elapsed();
         self.metrics.compute_duration.observe(compute.as_secs_f64());

@@ -11,7 +11,7 @@ use crate::backend::{Backend, BackendInfo};
 use crate::config::ModelSettings;
 use crate::error::{InferError, InferResult};
 use crate::inference::{InferRequest, Reply};
-use crate::runtime::{self, ModelBytes, Runtime, SessionOptions, Signature, TensorSpec};
+use crate::runtime::{ModelBytes, Runtime, SessionOptions, Signature, TensorSpec};
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::ModelStats;
 use crate::tensor::{Tensor, TensorData};
@@ -41,7 +41,7 @@ impl TensorModel {
         let sessions = (0..settings.instance_count)
             .map(|_| runtime.session(source, options))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let signature = runtime::signature(&sessions[0])?;
+        let signature = sessions[0].signature()?;
         let max_batch_size = batchable(&signature).then_some(settings.max_batch_size).filter(|&n| n > 1);
         let scheduler = Scheduler::start(name, sessions, settings, max_batch_size.is_some(), stats);
         let info = BackendInfo {

@@ -1,6 +1,7 @@
 //! The generation engine of one LLM: a bounded waiting queue and one
-//! dedicated thread that runs continuous batching on an ONNX Runtime
-//! session (whose runs block, so they stay off the async runtime).
+//! dedicated thread that runs continuous batching on the model's
+//! [`Decoder`] (whose runs block, so they stay off the async runtime).
+//! Scheduling only: the forward pass and the cache layout are `runtime`'s.
 //!
 //! Each iteration of the thread:
 //! 1. drops sequences whose client went away (their receiver is closed),
@@ -15,24 +16,22 @@
 //! No request waits for another to finish: a new one joins at the next
 //! step, a finished one leaves at the next step.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ort::session::{Session, SessionInputValue};
-use ort::value::DynValue;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{ErrorKind, InferError, InferResult};
-use crate::llm::cache::{decode_mask, i64_tensor, BatchCache, CacheShape, RowSource};
 use crate::llm::request::{Event, FinishReason, GenerateRequest, Usage};
 use crate::llm::sampling::Sampler;
 use crate::llm::stop::{Scanned, StopMatcher};
 use crate::llm::tokenizer::{IncrementalDecoder, TextCodec};
 use crate::metrics::METRICS;
+use crate::runtime::decoder::Decoder;
+use crate::runtime::kv_cache::{decode_mask, BatchCache, RowSource};
 use crate::runtime::RunTimings;
 use crate::stats::ModelStats;
 
@@ -60,7 +59,6 @@ impl Default for EngineSettings {
 /// What the engine needs to know about the model.
 pub struct EngineModel {
     pub name: String,
-    pub shape: CacheShape,
     pub context_length: usize,
     pub eos_token_ids: Vec<u32>,
     pub codec: Arc<TextCodec>,
@@ -172,9 +170,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Checks the session against the model and starts the engine thread.
-    pub fn start(session: Session, model: EngineModel, settings: EngineSettings) -> anyhow::Result<Engine> {
-        let names = Names::check(&session, model.shape.layers)?;
+    /// Starts the engine thread.
+    pub fn start(decoder: Decoder, model: EngineModel, settings: EngineSettings) -> anyhow::Result<Engine> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Waiting::default()),
             wake: Condvar::new(),
@@ -183,7 +180,7 @@ impl Engine {
         });
         shared.metrics.set_waiting(0);
         shared.metrics.set_running(0);
-        let worker = Worker { shared: shared.clone(), session, model, names, running: Vec::new(), cache: None };
+        let worker = Worker { shared: shared.clone(), decoder, model, running: Vec::new(), cache: None };
         std::thread::Builder::new()
             .name(format!("ferrite-llm-{}", worker.model.name))
             .spawn(move || worker.run())
@@ -236,33 +233,6 @@ fn needs_rebuild(rows: usize, finished: usize, joining: usize) -> bool {
     joining > 0 || (finished > 0 && (finished == rows || finished * 4 > rows))
 }
 
-/// Input and output names of the decoder graph.
-struct Names {
-    past: Vec<String>,
-    present: Vec<String>,
-}
-
-impl Names {
-    /// The names docs/llm.md fixes, checked against the session.
-    fn check(session: &Session, layers: usize) -> anyhow::Result<Names> {
-        let kv = |prefix: &str| {
-            (0..layers).flat_map(|i| [format!("{prefix}.{i}.key"), format!("{prefix}.{i}.value")]).collect::<Vec<_>>()
-        };
-        let names = Names { past: kv("past_key_values"), present: kv("present") };
-        let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
-        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        for name in
-            ["input_ids", "attention_mask", "position_ids"].iter().copied().chain(names.past.iter().map(String::as_str))
-        {
-            anyhow::ensure!(inputs.contains(&name), "the decoder graph has no input '{name}' (see docs/llm.md)");
-        }
-        for name in std::iter::once("logits").chain(names.present.iter().map(String::as_str)) {
-            anyhow::ensure!(outputs.contains(&name), "the decoder graph has no output '{name}' (see docs/llm.md)");
-        }
-        Ok(names)
-    }
-}
-
 /// One sequence being generated.
 struct Sequence {
     events: UnboundedSender<Event>,
@@ -302,9 +272,8 @@ impl Sequence {
 
 struct Worker {
     shared: Arc<Shared>,
-    session: Session,
+    decoder: Decoder,
     model: EngineModel,
-    names: Names,
     /// In the order of the cache's rows.
     running: Vec<Sequence>,
     cache: Option<BatchCache>,
@@ -374,57 +343,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs the graph on one batch; returns the logits and the new cache.
-    fn forward(
-        &mut self,
-        input_ids: Vec<i64>,
-        attention_mask: Vec<i64>,
-        position_ids: Vec<i64>,
-        cache: BatchCache,
-    ) -> InferResult<(DynValue, BatchCache)> {
-        let rows = cache.rows;
-        let seq = input_ids.len() / rows.max(1);
-        let past = cache.past;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(3 + cache.tensors.len());
-        inputs.push(("input_ids".into(), i64_tensor(vec![rows, seq], input_ids)?.into()));
-        inputs.push(("attention_mask".into(), i64_tensor(vec![rows, past + seq], attention_mask)?.into()));
-        inputs.push(("position_ids".into(), i64_tensor(vec![rows, seq], position_ids)?.into()));
-        for (name, value) in self.names.past.iter().zip(cache.tensors) {
-            inputs.push((name.as_str().into(), value.into()));
-        }
-        let mut outputs =
-            self.session.run(inputs).map_err(|e| InferError::internal(format!("ONNX Runtime failed: {e}")))?;
-        let missing = |name: &str| InferError::internal(format!("ONNX Runtime returned no output '{name}'"));
-        let logits = outputs.remove("logits").ok_or_else(|| missing("logits"))?;
-        let tensors = self
-            .names
-            .present
-            .iter()
-            .map(|name| outputs.remove(name).ok_or_else(|| missing(name)))
-            .collect::<InferResult<Vec<_>>>()?;
-        Ok((logits, BatchCache { tensors, rows, past: past + seq }))
-    }
-
     /// Prefills a prompt in chunks and handles its first token. Returns the
     /// sequence and its cache, or `None` if it already finished.
     fn prefill(&mut self, pending: Pending, waited: Duration) -> InferResult<Option<(Sequence, BatchCache)>> {
         let started = Instant::now();
         let Pending { request, events, enqueued } = pending;
         let prompt = &request.prompt;
-        let mut cache = BatchCache::empty(self.model.shape, 1)?;
+        let mut cache = BatchCache::empty(self.decoder.shape(), 1)?;
         for chunk in prompt.chunks(self.shared.settings.prefill_chunk.max(1)) {
             let past = cache.past;
             let ids = chunk.iter().map(|&t| t as i64).collect();
             let mask = vec![1i64; past + chunk.len()];
             let positions = (past..past + chunk.len()).map(|p| p as i64).collect();
-            let (logits, next) = self.forward(ids, mask, positions, cache)?;
+            let (logits, next) = self.decoder.forward(ids, mask, positions, cache)?;
             cache = next;
             if cache.past == prompt.len() {
-                let (_, row) = logits
-                    .try_extract_tensor::<f32>()
-                    .map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
                 let mut sampler = Sampler::new(request.sampling, prompt);
-                let first = sampler.sample(row);
+                let first = sampler.sample(logits.data()?);
                 let mut sequence = Sequence {
                     events: events.clone(),
                     prompt_len: prompt.len(),
@@ -478,7 +413,7 @@ impl Worker {
             return Ok(());
         }
         let sources: Vec<&BatchCache> = old.iter().chain(caches.iter()).collect();
-        self.cache = Some(BatchCache::gather(self.model.shape, &sources, &rows)?);
+        self.cache = Some(BatchCache::gather(self.decoder.shape(), &sources, &rows)?);
         Ok(())
     }
 
@@ -491,10 +426,9 @@ impl Worker {
         let positions = self.running.iter().map(|s| s.len as i64).collect();
         let mut mask = Vec::new();
         decode_mask(self.running.iter().map(|s| s.len), past, &mut mask);
-        let (logits, cache) = self.forward(ids, mask, positions, cache)?;
+        let (logits, cache) = self.decoder.forward(ids, mask, positions, cache)?;
         self.cache = Some(cache);
-        let (_, data) =
-            logits.try_extract_tensor::<f32>().map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
+        let data = logits.data()?;
         let rows = self.running.len();
         let vocab = data.len() / rows;
         let live = self.live();

@@ -7,7 +7,6 @@
 //! through [`oip`]) only build [`request::GenerateOptions`] and read
 //! [`request::Event`]s.
 
-pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod oip;
@@ -25,6 +24,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::backend::BackendInfo;
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
+use crate::runtime::decoder::Decoder;
+use crate::runtime::kv_cache::CacheShape;
 use crate::runtime::{ModelBytes, Runtime, SessionOptions};
 use crate::stats::{ModelStats, RequestRecord};
 use config::LlmConfig;
@@ -79,6 +80,8 @@ impl Llm {
             intra_op_threads: settings.threads_per_instance(),
         };
         let session = runtime.session_without_spinning(&ModelBytes::File(dir.join(config::LLM_MODEL_FILE)), options)?;
+        let shape = CacheShape { layers: config.num_layers, heads: config.num_kv_heads, head_dim: config.head_dim };
+        let decoder = Decoder::new(session, shape)?;
         let engine_settings = EngineSettings {
             max_running: settings.max_batch_size.max(1),
             max_waiting: settings.max_queue_size.max(1),
@@ -86,17 +89,12 @@ impl Llm {
         };
         let model = EngineModel {
             name: name.to_string(),
-            shape: cache::CacheShape {
-                layers: config.num_layers,
-                heads: config.num_kv_heads,
-                head_dim: config.head_dim,
-            },
             context_length: config.context_length,
             eos_token_ids: config.eos_token_ids.clone(),
             codec: codec.clone(),
             stats,
         };
-        let engine = Engine::start(session, model, engine_settings)?;
+        let engine = Engine::start(decoder, model, engine_settings)?;
         let info = oip::backend_info(&config, settings);
         Ok(Llm { config, info, codec, template, bos_text, eos_text, engine })
     }

@@ -1,13 +1,16 @@
-//! ONNX Runtime behind a small interface: load a model into sessions, read
-//! its signature from the graph, run validated tensors. Never sees protocol
-//! types.
+//! ONNX Runtime behind a small interface, and the only place that uses it:
+//! load a model into a [`Session`], read its signature from the graph, run
+//! validated tensors; and the LLM's forward pass with its key/value cache
+//! ([`decoder`], [`kv_cache`]). Never sees protocol types.
+
+pub mod decoder;
+pub mod kv_cache;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ort::memory::Allocator;
-use ort::session::Session;
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
 use crate::error::{InferError, InferResult};
@@ -60,7 +63,7 @@ impl Runtime {
 
     /// Creates one session for a model.
     pub fn session(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
-        self.build_session(model, options, true)
+        self.build_session(model, options, true).map(Session)
     }
 
     /// Creates one session whose intra-op threads sleep between operators
@@ -69,11 +72,16 @@ impl Runtime {
     /// shared or a cgroup quota throttles (measured on 2 shared cores: a
     /// decode step 30% faster without it).
     pub fn session_without_spinning(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
-        self.build_session(model, options, false)
+        self.build_session(model, options, false).map(Session)
     }
 
-    fn build_session(&self, model: &ModelBytes, options: SessionOptions, spin: bool) -> anyhow::Result<Session> {
-        let mut builder = Session::builder(&self.environment)?
+    fn build_session(
+        &self,
+        model: &ModelBytes,
+        options: SessionOptions,
+        spin: bool,
+    ) -> anyhow::Result<ort::session::Session> {
+        let mut builder = ort::session::Session::builder(&self.environment)?
             .with_intra_threads(options.intra_op_threads.max(1))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .with_inter_threads(1)
@@ -103,6 +111,26 @@ impl Runtime {
     }
 }
 
+/// One loaded model in ONNX Runtime. Runs block: callers keep them on
+/// threads of their own, off the async runtime.
+pub struct Session(ort::session::Session);
+
+impl Session {
+    /// The model's inputs and outputs. Fails for inputs or outputs that are
+    /// not tensors of a protocol datatype (maps, sequences, complex).
+    pub fn signature(&self) -> anyhow::Result<Signature> {
+        signature(&self.0)
+    }
+
+    /// Runs the session on validated inputs and returns the outputs named
+    /// in `outputs`, in that order. Each input comes as its blocks of rows,
+    /// one per request of the batch (one block when unbatched): they are
+    /// joined straight into ONNX Runtime's buffer, the one copy on the way in.
+    pub fn run(&mut self, inputs: &[Vec<Tensor>], outputs: &[String]) -> InferResult<RunOutput> {
+        run(&mut self.0, inputs, outputs)
+    }
+}
+
 /// Name, datatype and shape (-1 for a dynamic dimension) of a model tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
@@ -118,9 +146,7 @@ pub struct Signature {
     pub outputs: Vec<TensorSpec>,
 }
 
-/// Reads the signature of a loaded session. Fails for inputs or outputs
-/// that are not tensors of a protocol datatype (maps, sequences, complex).
-pub fn signature(session: &Session) -> anyhow::Result<Signature> {
+fn signature(session: &ort::session::Session) -> anyhow::Result<Signature> {
     let spec = |outlet: &ort::value::Outlet| -> anyhow::Result<TensorSpec> {
         let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
             anyhow::bail!("'{}' is not a tensor; ferrite serves tensor models", outlet.name());
@@ -171,17 +197,7 @@ pub struct RunTimings {
     pub output: Duration,
 }
 
-impl RunTimings {
-    pub fn total(&self) -> Duration {
-        self.input + self.infer + self.output
-    }
-}
-
-/// Runs the session on validated inputs and returns the outputs named in
-/// `outputs`, in that order. Each input comes as its blocks of rows, one per
-/// request of the batch (one block when unbatched): they are joined straight
-/// into ONNX Runtime's buffer, the one copy on the way in.
-pub fn run(session: &mut Session, inputs: &[Vec<Tensor>], outputs: &[String]) -> InferResult<RunOutput> {
+fn run(session: &mut ort::session::Session, inputs: &[Vec<Tensor>], outputs: &[String]) -> InferResult<RunOutput> {
     let started = Instant::now();
     let values =
         inputs.iter().map(|blocks| Ok((blocks[0].name.as_str(), to_ort(blocks)?))).collect::<InferResult<Vec<_>>>()?;

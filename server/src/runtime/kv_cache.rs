@@ -24,7 +24,7 @@ pub struct CacheShape {
 /// A batch's cache: `2 * layers` tensors (key then value for each layer),
 /// each `[rows, heads, past, head_dim]`.
 pub struct BatchCache {
-    pub tensors: Vec<DynValue>,
+    pub(super) tensors: Vec<DynValue>,
     pub rows: usize,
     pub past: usize,
 }
@@ -72,14 +72,14 @@ impl BatchCache {
 }
 
 /// One source tensor's elements and its `past` length.
-pub struct SourceView<'a> {
-    pub data: &'a [f32],
-    pub past: usize,
+struct SourceView<'a> {
+    data: &'a [f32],
+    past: usize,
 }
 
 /// Copies each row's last `len` positions, for every head, to the right end
 /// of row `b` of `dst` (`[rows, heads, dst_past, head_dim]`, zeroed).
-pub fn copy_rows(dst: &mut [f32], dst_past: usize, sources: &[SourceView<'_>], rows: &[RowSource], shape: CacheShape) {
+fn copy_rows(dst: &mut [f32], dst_past: usize, sources: &[SourceView<'_>], rows: &[RowSource], shape: CacheShape) {
     let d = shape.head_dim;
     for (b, row) in rows.iter().enumerate() {
         let source = &sources[row.source];
@@ -105,14 +105,14 @@ pub fn decode_mask(lens: impl ExactSizeIterator<Item = usize>, past: usize, out:
 }
 
 /// An ONNX Runtime float tensor that takes ownership of `data`.
-pub fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> InferResult<DynValue> {
+fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> InferResult<DynValue> {
     Tensor::from_array((shape, data))
         .map(|t| t.into_dyn())
         .map_err(|e| InferError::internal(format!("creating a tensor: {e}")))
 }
 
 /// An ONNX Runtime int64 tensor that takes ownership of `data`.
-pub fn i64_tensor(shape: Vec<usize>, data: Vec<i64>) -> InferResult<DynValue> {
+pub(super) fn i64_tensor(shape: Vec<usize>, data: Vec<i64>) -> InferResult<DynValue> {
     Tensor::from_array((shape, data))
         .map(|t| t.into_dyn())
         .map_err(|e| InferError::internal(format!("creating a tensor: {e}")))
