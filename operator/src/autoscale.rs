@@ -2,27 +2,35 @@
 //! replica count (pure, in [`decide`]), write it through the Deployment's
 //! scale subresource.
 //!
-//! The controller owns the loop, leader election, status and Events; this
-//! module gives it one step at a time ([`scale_step`]) and the per-object
-//! memory that step needs ([`Recommendations`]). Every `scrapeIntervalSeconds`
-//! the leader calls, for each autoscaled ModelDeployment:
+//! The controller owns the loop, leader election and Events; this module
+//! gives it one step at a time ([`scale_step`]), the write of the
+//! autoscaler's status fields ([`write_status`]) and the per-object memory
+//! both need ([`Recommendations`], [`StatusMemory`]). Every
+//! `scrapeIntervalSeconds` the leader calls, for each autoscaled
+//! ModelDeployment:
 //!
 //! ```text
 //! let endpoints = pod_metrics_endpoints(&pods, METRICS_PORT);
 //! if let Some(outcome) = scale_step(client, &md, &mut state, endpoints, &http, Instant::now()).await? {
 //!     metrics.observe(&outcome);
-//!     // status.desiredReplicas = new_replicas, status.queueDepth = queue_depth,
-//!     // and when `changed`: status.lastScaleTime and an Event with `reason`.
+//!     // status.queueDepth, and when `changed` status.lastScaleTime:
+//!     write_status(&client, &md, &outcome, &mut memory, Utc::now()).await?;
+//!     // when `changed`: an Event with `reason`.
 //! }
 //! ```
 //!
-//! The Deployment's `spec.replicas` then belongs to the autoscaler: the
-//! reconciler must leave it out of what it applies when `spec.autoscaling` is
-//! set, or the two would undo each other.
+//! One writer per field. The Deployment's `spec.replicas` belongs to the
+//! autoscaler when `spec.autoscaling` is set: the reconciler leaves it out of
+//! what it applies, or the two would undo each other. In the
+//! ModelDeployment's status the autoscaler owns `queueDepth` and
+//! `lastScaleTime` (typed server-side apply, field manager
+//! [`FIELD_MANAGER`]), the reconciler everything else, `desiredReplicas`
+//! included (see [`status`](self::status) for the table and why).
 
 mod decide;
 mod metrics;
 mod scrape;
+pub mod status;
 
 use std::time::{Duration, Instant};
 
@@ -37,9 +45,14 @@ use crate::crd::ModelDeployment;
 pub use decide::{decide, Decision, DecisionInput, Direction, Observation, Recommendations, ScalePolicy};
 pub use metrics::AutoscaleMetrics;
 pub use scrape::{parse_load, scrape, PodLoad, ScrapeError, INFLIGHT, QUEUE_DEPTH};
+pub use status::{write_status, AutoscalerStatus, StatusMemory};
 
-/// Field manager of the autoscaler's writes to `/scale`, distinct from the
-/// reconciler's so `managedFields` shows who set the replica count.
+/// Field manager of the autoscaler's writes (the Deployment's `/scale`, its
+/// status fields), distinct from the reconciler's so `managedFields` shows
+/// who set the replica count and the queue depth. (The API server records a
+/// `/scale` write there only when some manager owned `spec.replicas`
+/// before; a Deployment created with autoscaling has none, so there the
+/// field shows no owner - and no conflict either.)
 pub const FIELD_MANAGER: &str = "ferrite-operator-autoscaler";
 
 /// Longest a scrape may take; shorter when the interval is shorter, so a

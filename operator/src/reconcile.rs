@@ -164,9 +164,15 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(if settled { RESYNC } else { Duration::from_secs(5) }))
 }
 
-/// Writes the status subresource (server-side apply, our field manager).
+/// Writes the reconciler's status fields (server-side apply, field manager
+/// [`FIELD_MANAGER`]): all but `queueDepth` and `lastScaleTime`, which are
+/// the autoscaler's ([`crate::autoscale::status`] has who writes what). Those
+/// two are cleared here, whatever the caller passed, and a `None` is left out
+/// of the apply: sending them would take them over from the autoscaler, and
+/// since this manager never sent them, leaving them out removes nothing.
 pub async fn write_status(client: &Client, md: &ModelDeployment, status: &ModelDeploymentStatus) -> Result<(), Error> {
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let status = ModelDeploymentStatus { queue_depth: None, last_scale_time: None, ..status.clone() };
     let patch = serde_json::json!({
         "apiVersion": "ferrite.dev/v1alpha1",
         "kind": "ModelDeployment",

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
-use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations};
+use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory};
 use crate::crd::ModelDeployment;
 use crate::reconcile::{self, Context};
 use crate::resources::{BuildConfig, INSTANCE_LABEL, METRICS_PORT};
@@ -120,6 +120,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 /// Per-ModelDeployment memory of the autoscaler.
 struct Scaled {
     recommendations: Recommendations,
+    status: StatusMemory,
     next_due: Instant,
 }
 
@@ -150,8 +151,11 @@ async fn autoscale_loop(
         for md in current {
             let Some(spec) = md.spec.autoscaling.as_ref() else { continue };
             let key = ObjectRef::from_obj(md.as_ref());
-            let entry =
-                state.entry(key).or_insert_with(|| Scaled { recommendations: Recommendations::new(), next_due: now });
+            let entry = state.entry(key).or_insert_with(|| Scaled {
+                recommendations: Recommendations::new(),
+                status: StatusMemory::default(),
+                next_due: now,
+            });
             if now < entry.next_due {
                 continue;
             }
@@ -168,7 +172,7 @@ async fn autoscale_loop(
             {
                 Ok(Some(outcome)) => {
                     metrics.observe(&outcome);
-                    record_outcome(ctx.clone(), md.clone(), outcome).await;
+                    record_outcome(&ctx, &md, &outcome, &mut entry.status).await;
                 }
                 Ok(None) => {}
                 Err(error) => tracing::warn!(name = %md.name_any(), %error, "autoscaling step failed"),
@@ -177,26 +181,11 @@ async fn autoscale_loop(
     }
 }
 
-/// Writes the autoscaler's view into status and, on a change, an Event.
-async fn record_outcome(ctx: Arc<Context>, md: Arc<ModelDeployment>, outcome: autoscale::ScaleOutcome) {
-    let previous = md.status.clone().unwrap_or_default();
-    let mut status = serde_json::json!({
-        "desiredReplicas": outcome.new_replicas,
-        "queueDepth": outcome.queue_depth,
-    });
-    if outcome.changed {
-        status["lastScaleTime"] = serde_json::json!(chrono::Utc::now().to_rfc3339());
-    }
-    let unchanged = !outcome.changed
-        && previous.desired_replicas == outcome.new_replicas as i32
-        && previous.queue_depth == outcome.queue_depth.map(|q| q as i64);
-    if !unchanged {
-        let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
-        let patch = Patch::Merge(serde_json::json!({ "status": status }));
-        let params = PatchParams { field_manager: Some(autoscale::FIELD_MANAGER.into()), ..PatchParams::default() };
-        if let Err(error) = api.patch_status(&md.name_any(), &params, &patch).await {
-            tracing::warn!(name = %md.name_any(), %error, "cannot write autoscaler status");
-        }
+/// Writes the autoscaler's status fields (its own server-side apply, see
+/// [`autoscale::status`]) and, on a change, an Event.
+async fn record_outcome(ctx: &Context, md: &ModelDeployment, outcome: &ScaleOutcome, memory: &mut StatusMemory) {
+    if let Err(error) = autoscale::write_status(&ctx.client, md, outcome, memory, chrono::Utc::now()).await {
+        tracing::warn!(name = %md.name_any(), %error, "cannot write autoscaler status");
     }
     if outcome.changed {
         let reason = match outcome.direction {
@@ -204,7 +193,7 @@ async fn record_outcome(ctx: Arc<Context>, md: Arc<ModelDeployment>, outcome: au
             Direction::Down => "ScaledDown",
             Direction::Hold => "ScaleHeld",
         };
-        ctx.event(&md, EventType::Normal, reason, outcome.reason.clone()).await;
+        ctx.event(md, EventType::Normal, reason, outcome.reason.clone()).await;
     }
 }
 

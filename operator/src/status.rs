@@ -98,7 +98,10 @@ pub fn carry_transition_times(new: &mut [Condition], old: &[Condition]) {
     }
 }
 
-/// The reconciler's part of the status, from the Deployment and the pods.
+/// The reconciler's part of the status, from the Deployment and the pods:
+/// every field but the autoscaler's `queueDepth` and `lastScaleTime`.
+/// `desiredReplicas` is the fixed count or, with autoscaling, the replicas
+/// the autoscaler set on the Deployment.
 pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Pod]) -> ModelDeploymentStatus {
     let generation = md.metadata.generation;
     let previous = md.status.clone().unwrap_or_default();
@@ -140,8 +143,9 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
         replicas,
         ready_replicas: ready,
         desired_replicas: desired,
-        // Written by the autoscaler alone; left out of what the reconciler
-        // applies, so that server-side apply leaves them to it.
+        // Written by the autoscaler alone (`autoscale::status`); `None` is
+        // left out of what the reconciler applies, so that server-side apply
+        // leaves them to it.
         queue_depth: None,
         last_scale_time: None,
         selector: Some(selector_string(md)),

@@ -1,8 +1,10 @@
 //! The operator against a real API server: owned objects, rollouts, drift,
-//! CEL rules, garbage collection, status, leader election.
+//! CEL rules, garbage collection, status and who owns which status field,
+//! leader election.
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrite_operator::crd::ModelDeployment;
@@ -10,6 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -359,4 +362,160 @@ async fn sigterm_releases_the_lease_for_a_fast_handover() {
     })
     .await;
     eprintln!("handover after SIGTERM took {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// The managers whose `managedFields` own `path` (`["f:status", "f:queueDepth"]`).
+fn owners(meta: &ObjectMeta, path: &[&str]) -> Vec<String> {
+    let mut owners: Vec<String> = meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| {
+            let fields = entry.fields_v1.as_ref().map(|f| &f.0);
+            path.iter().try_fold(fields, |node, key| node.map(|n| n.get(key))).flatten().is_some()
+        })
+        .map(|entry| entry.manager.clone().unwrap_or_default())
+        .collect();
+    owners.sort();
+    owners.dedup();
+    owners
+}
+
+/// A stand-in for one pod's ferrite-server metrics on `<ip>:8002` (the
+/// port the operator scrapes), with a load the test sets: `(queued,
+/// in-flight)` of model `model`.
+async fn fake_pod_metrics(model: &'static str) -> (String, Arc<Mutex<(u64, u64)>>) {
+    let load = Arc::new(Mutex::new((0u64, 0u64)));
+    // A loopback address of its own: other tests (and other test
+    // processes on this machine) take 127.0.0.N.
+    let listener = {
+        let mut found = None;
+        for n in 1..=254 {
+            if let Ok(l) = tokio::net::TcpListener::bind(format!("127.0.77.{n}:8002")).await {
+                found = Some(l);
+                break;
+            }
+        }
+        found.expect("a free 127.0.77.N:8002")
+    };
+    let ip = listener.local_addr().unwrap().ip().to_string();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get({
+            let load = load.clone();
+            move || async move {
+                let (queued, inflight) = *load.lock().unwrap();
+                format!(
+                    "# TYPE ferrite_queue_depth gauge\nferrite_queue_depth{{model=\"{model}\"}} {queued}\n\
+                     # TYPE ferrite_inflight_requests gauge\nferrite_inflight_requests{{model=\"{model}\"}} {inflight}\n"
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (ip, load)
+}
+
+#[tokio::test]
+async fn autoscaler_and_reconciler_each_own_their_status_fields() {
+    const AUTOSCALER: &str = "ferrite-operator-autoscaler";
+    const RECONCILER: &str = "ferrite-operator";
+    const AUTOSCALER_FIELDS: [&str; 2] = ["f:queueDepth", "f:lastScaleTime"];
+    const RECONCILER_FIELDS: [&str; 7] = [
+        "f:observedGeneration",
+        "f:replicas",
+        "f:readyReplicas",
+        "f:desiredReplicas",
+        "f:selector",
+        "f:endpoints",
+        "f:conditions",
+    ];
+    let Some((plane, client, ns)) = setup("status-owners").await else { return };
+    let (ip, load) = fake_pod_metrics("m").await;
+    *load.lock().unwrap() = (10, 2);
+    let _operator = Operator::start(plane, &ns, "op-a");
+    create(
+        &client,
+        &ns,
+        &model_deployment(
+            "m",
+            json!({"model": {"uri": "s3://b/m.onnx"},
+                   "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 4,
+                                   "scrapeIntervalSeconds": 1, "scaleDownStabilizationSeconds": 300}}),
+        ),
+    )
+    .await;
+    // Play kubelet for the first pod: Ready, at the fake server's address.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = eventually("the Deployment controller created a pod", WAIT, || async {
+        pods.list(&ListParams::default().labels("ferrite.dev/model-deployment=m")).await.ok()?.items.into_iter().next()
+    })
+    .await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let pod_status = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+    }});
+    pods.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&pod_status)).await.unwrap();
+
+    // The autoscaler sees 12 requests, scales to 3 and says so; the
+    // reconciler follows the Deployment to desiredReplicas 3.
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
+    let md = eventually("queueDepth 12, a scale time and desiredReplicas 3", WAIT, || async {
+        let md = mds.get("m").await.ok()?;
+        let s = md.status.as_ref()?;
+        (s.queue_depth == Some(12)
+            && s.last_scale_time.is_some()
+            && s.desired_replicas == 3
+            && s.observed_generation == md.metadata.generation)
+            .then_some(md)
+    })
+    .await;
+    let check_owners = |md: &ModelDeployment, when: &str| {
+        for field in AUTOSCALER_FIELDS {
+            assert_eq!(owners(&md.metadata, &["f:status", field]), [AUTOSCALER], "{when}: {field}");
+        }
+        for field in RECONCILER_FIELDS {
+            assert_eq!(owners(&md.metadata, &["f:status", field]), [RECONCILER], "{when}: {field}");
+        }
+    };
+    check_owners(&md, "after the scale-up");
+    let scale_time = md.status.as_ref().unwrap().last_scale_time.clone();
+    // The reconciler leaves the Deployment's replicas to the autoscaler.
+    // (A write through /scale shows in managedFields only when some manager
+    // owned spec.replicas before; here none did, so none may own it.)
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &ns).get("m").await.unwrap();
+    assert_eq!(deployment.spec.as_ref().unwrap().replicas, Some(3));
+    let replica_owners = owners(&deployment.metadata, &["f:spec", "f:replicas"]);
+    assert!(replica_owners.iter().all(|o| o == AUTOSCALER), "spec.replicas owned by {replica_owners:?}");
+
+    // The reconciler writes a new generation's status and leaves the
+    // autoscaler's fields as they were.
+    let patch = json!({"spec": {"batching": {"maxQueueSize": 10}}});
+    mds.patch("m", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let md = eventually("the new generation is observed", WAIT, || async {
+        let md = mds.get("m").await.ok()?;
+        (md.status.as_ref()?.observed_generation == md.metadata.generation && md.metadata.generation >= Some(2))
+            .then_some(md)
+    })
+    .await;
+    let status = md.status.as_ref().unwrap();
+    assert_eq!((status.queue_depth, &status.last_scale_time), (Some(12), &scale_time), "the reconciler kept out");
+    check_owners(&md, "after the reconciler's write");
+
+    // The autoscaler writes a new queue depth (no scale: the window holds
+    // the count) and leaves the reconciler's fields as they were.
+    *load.lock().unwrap() = (3, 2);
+    let md = eventually("queueDepth 5", WAIT, || async {
+        let md = mds.get("m").await.ok()?;
+        (md.status.as_ref()?.queue_depth == Some(5)).then_some(md)
+    })
+    .await;
+    let status = md.status.as_ref().unwrap();
+    assert_eq!(status.last_scale_time, scale_time, "no scale, the same scale time");
+    assert_eq!(status.desired_replicas, 3);
+    assert_eq!(status.observed_generation, md.metadata.generation);
+    assert_eq!(status.selector.as_deref(), Some("ferrite.dev/model-deployment=m"));
+    assert_eq!(status.conditions.len(), 3, "{:?}", status.conditions);
+    check_owners(&md, "after the autoscaler's second write");
 }
