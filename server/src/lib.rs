@@ -8,6 +8,7 @@
 //! continuous batching) where tensor models take `scheduler`.
 
 pub mod archive;
+pub mod admission;
 pub mod backend;
 pub mod batch;
 pub mod config;

@@ -4,7 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric family the server exports.
@@ -126,5 +127,31 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+/// One model's handles on the metrics every backend keeps (the queue depth
+/// is `admission`'s), resolved once.
+pub struct ModelMetrics {
+    /// Requests running now.
+    pub inflight: IntGauge,
+    /// Time from admission to the start of a run.
+    pub queue_duration: Histogram,
+    /// Time of one run (a batch, or an LLM step).
+    pub compute_duration: Histogram,
+    /// Requests in one run.
+    pub batch_size: Histogram,
+}
+
+impl ModelMetrics {
+    /// The handles labelled with `model`.
+    pub fn new(model: &str) -> ModelMetrics {
+        let m = &*METRICS;
+        ModelMetrics {
+            inflight: m.inflight.with_label_values(&[model]),
+            queue_duration: m.queue_duration.with_label_values(&[model]),
+            compute_duration: m.compute_duration.with_label_values(&[model]),
+            batch_size: m.batch_size.with_label_values(&[model]),
+        }
     }
 }

@@ -8,19 +8,18 @@
 //! A request whose deadline passes in the queue, or whose client goes away,
 //! leaves the queue at once and never runs.
 
-use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 
+use crate::admission::Admission;
 use crate::batch::split_rows;
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::Priority;
-use crate::metrics::METRICS;
+use crate::metrics::{ModelMetrics, METRICS};
 use crate::runtime::Session;
 use crate::stats::ModelStats;
 use crate::tensor::Tensor;
@@ -46,55 +45,13 @@ struct Entry {
     reply: oneshot::Sender<InferResult<Vec<Tensor>>>,
 }
 
-#[derive(Default)]
 struct Queue {
-    high: VecDeque<Entry>,
-    normal: VecDeque<Entry>,
+    waiting: Admission<Entry>,
     next_id: u64,
-    closed: bool,
     /// Workers blocked on `changed`: a request wakes them only when there
     /// are any (a condvar notification is a syscall even with no waiter,
     /// and most requests arrive while the worker is busy).
     waiting_workers: usize,
-}
-
-impl Queue {
-    fn len(&self) -> usize {
-        self.high.len() + self.normal.len()
-    }
-
-    /// Removes the entry `id` if it is still waiting.
-    fn remove(&mut self, id: u64) -> bool {
-        for lane in [&mut self.high, &mut self.normal] {
-            if let Some(at) = lane.iter().position(|e| e.id == id) {
-                lane.remove(at);
-                return true;
-            }
-        }
-        false
-    }
-}
-
-/// Per-model metric handles, resolved once.
-struct ModelMetrics {
-    queue_depth: IntGauge,
-    inflight: IntGauge,
-    queue_duration: Histogram,
-    compute_duration: Histogram,
-    batch_size: Histogram,
-}
-
-impl ModelMetrics {
-    fn new(model: &str) -> ModelMetrics {
-        let m = &*METRICS;
-        ModelMetrics {
-            queue_depth: m.queue_depth.with_label_values(&[model]),
-            inflight: m.inflight.with_label_values(&[model]),
-            queue_duration: m.queue_duration.with_label_values(&[model]),
-            compute_duration: m.compute_duration.with_label_values(&[model]),
-            batch_size: m.batch_size.with_label_values(&[model]),
-        }
-    }
 }
 
 struct Shared {
@@ -122,7 +79,11 @@ impl Scheduler {
         stats: Arc<ModelStats>,
     ) -> Scheduler {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                waiting: Admission::new(settings.max_queue_size, METRICS.queue_depth.with_label_values(&[model])),
+                next_id: 0,
+                waiting_workers: 0,
+            }),
             changed: Condvar::new(),
             settings,
             batching,
@@ -146,23 +107,10 @@ impl Scheduler {
         let (reply, mut result) = oneshot::channel();
         let (id, wake) = {
             let mut queue = self.shared.lock();
-            if queue.closed {
-                return Err(InferError::new(ErrorKind::Unavailable, "the model is shutting down"));
-            }
-            if queue.len() >= self.shared.settings.max_queue_size {
-                return Err(InferError::new(
-                    ErrorKind::QueueFull,
-                    format!("the queue is full ({} requests waiting)", queue.len()),
-                ));
-            }
             let id = queue.next_id;
+            let priority = job.priority;
+            queue.waiting.admit(priority, Entry { id, job, enqueued: Instant::now(), reply })?;
             queue.next_id += 1;
-            let entry = Entry { id, job, enqueued: Instant::now(), reply };
-            match entry.job.priority {
-                Priority::High => queue.high.push_back(entry),
-                Priority::Normal => queue.normal.push_back(entry),
-            }
-            self.shared.metrics.queue_depth.set(queue.len() as i64);
             (id, queue.waiting_workers > 0)
         };
         if wake {
@@ -188,7 +136,7 @@ impl Scheduler {
 
     /// Stops taking requests; queued ones still run, then the workers exit.
     pub fn close(&self) {
-        self.shared.lock().closed = true;
+        self.shared.lock().waiting.close();
         self.shared.changed.notify_all();
     }
 }
@@ -228,10 +176,7 @@ impl Shared {
 
     /// Removes a waiting job; false if a worker already took it.
     fn leave_queue(&self, id: u64) -> bool {
-        let mut queue = self.lock();
-        let removed = queue.remove(id);
-        self.metrics.queue_depth.set(queue.len() as i64);
-        removed
+        self.lock().waiting.remove_first(|entry| entry.id == id).is_some()
     }
 
     /// Blocks until a batch is ready; `None` once closed and drained.
@@ -241,7 +186,7 @@ impl Shared {
             if let Some(entry) = self.pop_live(&mut queue) {
                 break entry;
             }
-            if queue.closed {
+            if queue.waiting.is_closed() {
                 return None;
             }
             queue.waiting_workers += 1;
@@ -256,7 +201,7 @@ impl Shared {
             loop {
                 rows = self.gather_compatible(&mut queue, &mut batch, rows, max_rows);
                 let now = Instant::now();
-                if rows >= max_rows || now >= hold_until || queue.closed {
+                if rows >= max_rows || now >= hold_until || queue.waiting.is_closed() {
                     break;
                 }
                 queue.waiting_workers += 1;
@@ -264,7 +209,6 @@ impl Shared {
                 queue.waiting_workers -= 1;
             }
         }
-        self.metrics.queue_depth.set(queue.len() as i64);
         Some(batch)
     }
 
@@ -272,7 +216,7 @@ impl Shared {
     /// whose deadline passed.
     fn pop_live(&self, queue: &mut Queue) -> Option<Entry> {
         loop {
-            let entry = queue.high.pop_front().or_else(|| queue.normal.pop_front())?;
+            let entry = queue.waiting.pop_front()?;
             if entry.reply.is_closed() {
                 continue;
             }
@@ -288,24 +232,24 @@ impl Shared {
     /// then arrival order, while the rows fit. Returns the batch's rows.
     fn gather_compatible(&self, queue: &mut Queue, batch: &mut Vec<Entry>, mut rows: usize, max_rows: usize) -> usize {
         let now = Instant::now();
-        for lane in [&mut queue.high, &mut queue.normal] {
-            let mut at = 0;
-            while at < lane.len() && rows < max_rows {
-                let candidate = &lane[at];
-                let expired = candidate.job.deadline.is_some_and(|d| d <= now);
-                if candidate.reply.is_closed()
-                    || expired
-                    || rows + candidate.job.rows > max_rows
-                    || !same_row_shape(&batch[0].job, &candidate.job)
-                {
-                    at += 1;
-                    continue;
+        let first = &batch[0].job;
+        let mut joining = Vec::new();
+        queue.waiting.drain_where(
+            |candidate| {
+                if rows >= max_rows {
+                    return None;
                 }
-                let entry = lane.remove(at).expect("index in range");
-                rows += entry.job.rows;
-                batch.push(entry);
-            }
-        }
+                let expired = candidate.job.deadline.is_some_and(|d| d <= now);
+                let fits = !candidate.reply.is_closed()
+                    && !expired
+                    && rows + candidate.job.rows <= max_rows
+                    && same_row_shape(first, &candidate.job);
+                rows += if fits { candidate.job.rows } else { 0 };
+                Some(fits)
+            },
+            |entry| joining.push(entry),
+        );
+        batch.extend(joining);
         rows
     }
 

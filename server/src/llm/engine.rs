@@ -16,7 +16,6 @@
 //! No request waits for another to finish: a new one joins at the next
 //! step, a finished one leaves at the next step.
 
-use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,12 +23,14 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::error::{ErrorKind, InferError, InferResult};
+use crate::admission::Admission;
+use crate::error::{InferError, InferResult};
+use crate::inference::Priority;
 use crate::llm::request::{Event, FinishReason, GenerateRequest, Usage};
 use crate::llm::sampling::Sampler;
 use crate::llm::stop::{Scanned, StopMatcher};
 use crate::llm::tokenizer::{IncrementalDecoder, TextCodec};
-use crate::metrics::METRICS;
+use crate::metrics::{ModelMetrics, METRICS};
 use crate::runtime::decoder::Decoder;
 use crate::runtime::kv_cache::{decode_mask, BatchCache, RowSource};
 use crate::runtime::RunTimings;
@@ -71,65 +72,46 @@ struct Pending {
     enqueued: Instant,
 }
 
-#[derive(Default)]
-struct Waiting {
-    items: VecDeque<Pending>,
-    closed: bool,
-}
-
-/// Per-model metric handles, resolved once.
+/// The metrics every backend keeps, and the LLM's own; resolved once.
 struct EngineMetrics {
+    model: ModelMetrics,
     waiting: IntGauge,
     running: IntGauge,
-    queue_depth: IntGauge,
-    inflight: IntGauge,
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     prompt_tokens: IntCounter,
     generated_tokens: IntCounter,
-    queue_duration: Histogram,
-    compute_duration: Histogram,
-    batch_size: Histogram,
 }
 
 impl EngineMetrics {
     fn new(model: &str) -> EngineMetrics {
         let m = &*METRICS;
         EngineMetrics {
+            model: ModelMetrics::new(model),
             waiting: m.llm_waiting.with_label_values(&[model]),
             running: m.llm_running.with_label_values(&[model]),
-            queue_depth: m.queue_depth.with_label_values(&[model]),
-            inflight: m.inflight.with_label_values(&[model]),
             time_to_first_token: m.llm_time_to_first_token.with_label_values(&[model]),
             inter_token_latency: m.llm_inter_token_latency.with_label_values(&[model]),
             prompt_tokens: m.llm_prompt_tokens.with_label_values(&[model]),
             generated_tokens: m.llm_generated_tokens.with_label_values(&[model]),
-            queue_duration: m.queue_duration.with_label_values(&[model]),
-            compute_duration: m.compute_duration.with_label_values(&[model]),
-            batch_size: m.batch_size.with_label_values(&[model]),
         }
-    }
-
-    fn set_waiting(&self, n: usize) {
-        self.waiting.set(n as i64);
-        self.queue_depth.set(n as i64);
     }
 
     fn set_running(&self, n: usize) {
         self.running.set(n as i64);
-        self.inflight.set(n as i64);
+        self.model.inflight.set(n as i64);
     }
 }
 
 struct Shared {
-    queue: Mutex<Waiting>,
+    queue: Mutex<Admission<Pending>>,
     wake: Condvar,
     settings: EngineSettings,
     metrics: EngineMetrics,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Waiting> {
+    fn lock(&self) -> MutexGuard<'_, Admission<Pending>> {
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -138,12 +120,12 @@ impl Shared {
     fn take(&self, running: usize) -> Option<Vec<Pending>> {
         let mut queue = self.lock();
         loop {
-            queue.items.retain(|p| !p.events.is_closed());
-            if running > 0 || !queue.items.is_empty() {
+            queue.retain(|p| !p.events.is_closed());
+            self.metrics.waiting.set(queue.len() as i64);
+            if running > 0 || !queue.is_empty() {
                 break;
             }
-            self.metrics.set_waiting(0);
-            if queue.closed {
+            if queue.is_closed() {
                 return None;
             }
             queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
@@ -151,15 +133,15 @@ impl Shared {
         let mut admitted = Vec::new();
         let mut tokens = 0;
         while running + admitted.len() < self.settings.max_running {
-            let Some(next) = queue.items.front() else { break };
+            let Some(next) = queue.front() else { break };
             let len = next.request.prompt.len();
             if !admitted.is_empty() && tokens + len > self.settings.prefill_budget {
                 break;
             }
             tokens += len;
-            admitted.extend(queue.items.pop_front());
+            admitted.extend(queue.pop_front());
         }
-        self.metrics.set_waiting(queue.items.len());
+        self.metrics.waiting.set(queue.len() as i64);
         Some(admitted)
     }
 }
@@ -172,13 +154,14 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread.
     pub fn start(decoder: Decoder, model: EngineModel, settings: EngineSettings) -> anyhow::Result<Engine> {
+        let depth = METRICS.queue_depth.with_label_values(&[&model.name]);
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Waiting::default()),
+            queue: Mutex::new(Admission::new(settings.max_waiting, depth)),
             wake: Condvar::new(),
             settings,
             metrics: EngineMetrics::new(&model.name),
         });
-        shared.metrics.set_waiting(0);
+        shared.metrics.waiting.set(0);
         shared.metrics.set_running(0);
         let worker = Worker { shared: shared.clone(), decoder, model, running: Vec::new(), cache: None };
         std::thread::Builder::new()
@@ -195,17 +178,8 @@ impl Engine {
         let (events, receiver) = unbounded_channel();
         {
             let mut queue = self.shared.lock();
-            if queue.closed {
-                return Err(InferError::new(ErrorKind::Unavailable, "the model is shutting down"));
-            }
-            if queue.items.len() >= self.shared.settings.max_waiting {
-                return Err(InferError::new(
-                    ErrorKind::QueueFull,
-                    format!("the queue is full ({} requests waiting)", queue.items.len()),
-                ));
-            }
-            queue.items.push_back(Pending { request, events, enqueued: Instant::now() });
-            self.shared.metrics.set_waiting(queue.items.len());
+            queue.admit(Priority::Normal, Pending { request, events, enqueued: Instant::now() })?;
+            self.shared.metrics.waiting.set(queue.len() as i64);
         }
         self.shared.wake.notify_all();
         Ok(receiver)
@@ -213,7 +187,7 @@ impl Engine {
 
     /// Stops taking requests; admitted ones still finish, then the thread exits.
     pub fn close(&self) {
-        self.shared.lock().closed = true;
+        self.shared.lock().close();
         self.shared.wake.notify_all();
     }
 }
@@ -315,7 +289,7 @@ impl Worker {
                 continue;
             }
             let waited = pending.enqueued.elapsed();
-            self.shared.metrics.queue_duration.observe(waited.as_secs_f64());
+            self.shared.metrics.model.queue_duration.observe(waited.as_secs_f64());
             // A failed prefill fails its own request only.
             let events = pending.events.clone();
             match self.prefill(pending, waited) {
@@ -485,8 +459,8 @@ impl Worker {
 
     fn record(&self, rows: usize, waited: Duration, compute: Duration) {
         let metrics = &self.shared.metrics;
-        metrics.compute_duration.observe(compute.as_secs_f64());
-        metrics.batch_size.observe(rows as f64);
+        metrics.model.compute_duration.observe(compute.as_secs_f64());
+        metrics.model.batch_size.observe(rows as f64);
         self.model.stats.record_batch(rows, waited, RunTimings { infer: compute, ..RunTimings::default() });
     }
 }
