@@ -217,7 +217,7 @@ async fn call(mut client: GrpcInferenceServiceClient<Channel>, request: ModelInf
 /// Raw ONNX Runtime in this process: one session, called back to back; the
 /// ideal that a server with one instance can approach at `--concurrency`.
 fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tally>> {
-    use ferrite_server::runtime::{self, ExecutionProvider, ModelBytes, Runtime, SessionOptions};
+    use ferrite_server::runtime::{ExecutionProvider, ModelBytes, Runtime, SessionOptions};
     use ferrite_server::tensor::{DataType, Tensor};
 
     let library = std::env::var_os("ORT_DYLIB_PATH")
@@ -226,7 +226,7 @@ fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tal
     let threads = if args.threads > 0 { args.threads } else { ferrite_server::config::available_cpus() };
     let options = SessionOptions { execution_provider: ExecutionProvider::Cpu, intra_op_threads: threads };
     let session = ort.session(&ModelBytes::File(path.to_path_buf()), options)?;
-    let signature = runtime::signature(&session)?;
+    let signature = session.signature()?;
     let clients = args.concurrency.max(1);
     let batch = args.batch_rows.clamp(1, clients);
     let rows = if batch > 1 { batch as i64 } else { args.dynamic_dim };
@@ -252,7 +252,7 @@ fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tal
     let mut issued = vec![Instant::now(); clients];
     let mut turn = 0usize;
     while tally.running() {
-        let result = runtime::run(&mut session, &inputs, &outputs).map(|_| ()).map_err(|e| e.to_string());
+        let result = session.run(&inputs, &outputs).map(|_| ()).map_err(|e| e.to_string());
         for _ in 0..batch {
             tally.record(issued[turn], 1, result.clone());
             issued[turn] = Instant::now();
