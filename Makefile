@@ -20,7 +20,7 @@ include bench/bench.mk
 # make models: LLM model directories converted from GGUF (docs/llm.md).
 include models/models.mk
 
-.PHONY: help venv ort build release test test-rust test-python demo-local fuzz bench-resnet50 manifests clean
+.PHONY: help venv ort build release test test-rust test-python demo-local fuzz bench-resnet50 manifests storage-servers clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,9 +56,16 @@ demo-local: venv ort build ## no cluster: run the server on its embedded demo mo
 test: test-rust test-python test-models ## run every test
 	$(MAKE) --no-print-directory e2e IMAGE_PROFILE=debug
 
+# ferrite-fetch's tests run against real storage servers: MinIO (s3://),
+# fake-gcs-server (gs://), Azurite (az://). Cold, MinIO's build takes about
+# 10 minutes on 2 cores, fake-gcs-server's 2-3, Azurite's npm install 1;
+# cached in .cache/storage (and Go's build cache) after that.
+storage-servers: ## MinIO and fake-gcs-server (pinned Go modules), Azurite (npm) for ferrite-fetch's tests (cached)
+	fetch/storage-servers.sh
+
 # The operator's tests run against a real API server, and start
 # ferrite-server processes with the test models (venv).
-test-rust: venv ort control-plane build
+test-rust: venv ort control-plane storage-servers build
 	cargo test --workspace
 
 manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/install.yaml

@@ -7,14 +7,12 @@
 //! LLMs take `llm` (tokenizer, chat template, generation engine with
 //! continuous batching) where tensor models take `scheduler`.
 
-pub mod archive;
 pub mod admission;
 pub mod backend;
 pub mod batch;
 pub mod config;
 pub mod describe;
 pub mod error;
-pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod inference;

@@ -60,9 +60,11 @@ enum Command {
     /// DIR/<model-name>/<relative path>. Cloud clients read the standard
     /// variables (AWS_*, GOOGLE_*, AZURE_*). pvc:// is mounted by the
     /// operator, not fetched. Exit status 0 on success, 1 on failure.
+    #[cfg(feature = "fetch")]
     Fetch(FetchArgs),
 }
 
+#[cfg(feature = "fetch")]
 #[derive(Args, Debug)]
 struct FetchArgs {
     /// Model to download: http(s)://host/path, s3://bucket/key,
@@ -77,7 +79,7 @@ struct FetchArgs {
     #[arg(long, env = "FERRITE_MODEL_NAME")]
     model_name: String,
     /// File name of a single downloaded object inside <model-name>/1/.
-    #[arg(long, env = "FERRITE_MODEL_FILE", default_value = ferrite_server::fetch::DEFAULT_MODEL_FILE)]
+    #[arg(long, env = "FERRITE_MODEL_FILE", default_value = ferrite_fetch::DEFAULT_MODEL_FILE)]
     model_file: String,
     /// Expected SHA-256 (hex) of a single object: a mismatch deletes the
     /// download and fails.
@@ -91,9 +93,10 @@ struct FetchArgs {
     idle_timeout_seconds: u64,
 }
 
+#[cfg(feature = "fetch")]
 impl FetchArgs {
-    fn into_options(self) -> ferrite_server::fetch::FetchOptions {
-        let mut options = ferrite_server::fetch::FetchOptions::new(self.uri, self.dest, self.model_name);
+    fn into_options(self) -> ferrite_fetch::FetchOptions {
+        let mut options = ferrite_fetch::FetchOptions::new(self.uri, self.dest, self.model_name);
         options.model_file = self.model_file;
         options.sha256 = self.sha256;
         options.retries = self.retries;
@@ -228,7 +231,8 @@ async fn main() -> anyhow::Result<()> {
                 other => other,
             }
         }
-        Command::Fetch(args) => match ferrite_server::fetch::fetch(&args.into_options()).await {
+        #[cfg(feature = "fetch")]
+        Command::Fetch(args) => match ferrite_fetch::fetch(&args.into_options()).await {
             Ok(_) => Ok(()),
             Err(error) => {
                 // One line, credentials already removed.

@@ -32,7 +32,9 @@ pub fn archive_kind(name: &str) -> Option<Compression> {
 /// How the tar stream is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
+    /// A plain `.tar`.
     None,
+    /// `.tar.gz` or `.tgz`.
     Gzip,
 }
 
