@@ -116,9 +116,12 @@ echo "$BRIDGE" >"$STATE/before/bridge"
 # ---------------------------------------------------------------- images
 step "images: pause (static C) and hello (static Go), OCI archives in $IMG_DIR"
 mkdir -p "$IMG_DIR"
+# The one OCI image writer, the one `make images` uses (static binaries: --file,
+# no libraries to resolve).
+OCI_WRITER="$ROOT/images/build-oci.py"
 build_img() { # NAME REF SRC-HASH BUILD-CMD... (the binary goes to $IMG_DIR/NAME.bin)
   local name="$1" ref="$2" hash="$3"; shift 3
-  local stamp="$IMG_DIR/$name.stamp" want="$hash|$ref|$(sha256sum "$CLUSTER_LIB_DIR/oci-image.py" | cut -c1-16)"
+  local stamp="$IMG_DIR/$name.stamp" want="$hash|$ref|$(sha256sum "$OCI_WRITER" | cut -c1-16)"
   if [[ -f "$IMG_DIR/$name.oci.tar" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then return; fi
   "$@"
   rm -f "$stamp"
@@ -128,13 +131,13 @@ build_img() { # NAME REF SRC-HASH BUILD-CMD... (the binary goes to $IMG_DIR/NAME
 pause_hash="$(cat "$CLUSTER_LIB_DIR/pause.c" | sha256sum | cut -c1-16)"
 build_img pause "$PAUSE_IMAGE" "$pause_hash" bash -c "
   gcc -Os -static -Wall -o '$IMG_DIR/pause.bin' '$CLUSTER_LIB_DIR/pause.c' && strip '$IMG_DIR/pause.bin' &&
-  python3 '$CLUSTER_LIB_DIR/oci-image.py' --ref '$PAUSE_IMAGE' --out '$IMG_DIR/pause.oci.tar' \
-    --add '$IMG_DIR/pause.bin:/pause' --entrypoint /pause --user 65535:65535"
+  python3 '$OCI_WRITER' --ref '$PAUSE_IMAGE' -o '$IMG_DIR/pause.oci.tar' \
+    --file '$IMG_DIR/pause.bin:/pause' --entrypoint /pause --user 65535:65535"
 hello_hash="$(cat "$CLUSTER_LIB_DIR/hello/main.go" | sha256sum | cut -c1-16)"
 build_img hello "$HELLO_IMAGE" "$hello_hash" bash -c "
   cd '$CLUSTER_LIB_DIR/hello' && CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS= go build -trimpath -ldflags '-s -w' -o '$IMG_DIR/hello.bin' main.go &&
-  python3 '$CLUSTER_LIB_DIR/oci-image.py' --ref '$HELLO_IMAGE' --out '$IMG_DIR/hello.oci.tar' \
-    --add '$IMG_DIR/hello.bin:/hello' --entrypoint /hello --user 65532:65532 --port 8080"
+  python3 '$OCI_WRITER' --ref '$HELLO_IMAGE' -o '$IMG_DIR/hello.oci.tar' \
+    --file '$IMG_DIR/hello.bin:/hello' --entrypoint /hello --user 65532:65532 --expose 8080"
 
 # ---------------------------------------------------------------- certificates
 step "certificates and kubeconfigs"
