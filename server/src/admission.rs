@@ -13,7 +13,7 @@ use crate::inference::Priority;
 
 /// Waiting requests in two lanes: every high-priority one leaves before
 /// any normal one; each lane is first come, first served.
-pub struct Admission<T> {
+pub(crate) struct Admission<T> {
     high: VecDeque<T>,
     normal: VecDeque<T>,
     capacity: usize,
@@ -24,13 +24,13 @@ pub struct Admission<T> {
 impl<T> Admission<T> {
     /// An open queue holding at most `capacity` requests, its length
     /// published in `depth`.
-    pub fn new(capacity: usize, depth: IntGauge) -> Admission<T> {
+    pub(crate) fn new(capacity: usize, depth: IntGauge) -> Admission<T> {
         depth.set(0);
         Admission { high: VecDeque::new(), normal: VecDeque::new(), capacity: capacity.max(1), closed: false, depth }
     }
 
     /// Queues `item`, or refuses it.
-    pub fn admit(&mut self, priority: Priority, item: T) -> InferResult<()> {
+    pub(crate) fn admit(&mut self, priority: Priority, item: T) -> InferResult<()> {
         if self.closed {
             return Err(InferError::new(ErrorKind::Unavailable, "the model is shutting down"));
         }
@@ -49,39 +49,39 @@ impl<T> Admission<T> {
     }
 
     /// Requests waiting.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.high.len() + self.normal.len()
     }
 
     /// Whether none waits.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Refuses every later request; those waiting stay.
-    pub fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         self.closed = true;
     }
 
     /// Whether [`close`](Admission::close) was called.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed
     }
 
     /// The request that leaves next.
-    pub fn front(&self) -> Option<&T> {
+    pub(crate) fn front(&self) -> Option<&T> {
         self.high.front().or_else(|| self.normal.front())
     }
 
     /// Takes the request that leaves next.
-    pub fn pop_front(&mut self) -> Option<T> {
+    pub(crate) fn pop_front(&mut self) -> Option<T> {
         let item = self.high.pop_front().or_else(|| self.normal.pop_front());
         self.publish();
         item
     }
 
     /// Keeps only the requests `keep` accepts.
-    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         self.high.retain(&mut keep);
         self.normal.retain(&mut keep);
         self.publish();
@@ -89,7 +89,7 @@ impl<T> Admission<T> {
 
     /// Takes the first request `matches` accepts, in leaving order, out of
     /// the queue.
-    pub fn remove_first(&mut self, mut matches: impl FnMut(&T) -> bool) -> Option<T> {
+    pub(crate) fn remove_first(&mut self, mut matches: impl FnMut(&T) -> bool) -> Option<T> {
         let item = [&mut self.high, &mut self.normal].into_iter().find_map(|lane| {
             let at = lane.iter().position(&mut matches)?;
             lane.remove(at)
@@ -101,7 +101,7 @@ impl<T> Admission<T> {
     /// Moves requests out in leaving order while `take` says so: `Some(true)`
     /// takes the request, `Some(false)` leaves it and looks further,
     /// `None` stops.
-    pub fn drain_where(&mut self, mut take: impl FnMut(&T) -> Option<bool>, mut into: impl FnMut(T)) {
+    pub(crate) fn drain_where(&mut self, mut take: impl FnMut(&T) -> Option<bool>, mut into: impl FnMut(T)) {
         'lanes: for lane in [&mut self.high, &mut self.normal] {
             let mut at = 0;
             while at < lane.len() {

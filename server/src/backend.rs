@@ -31,7 +31,7 @@ pub struct BackendInfo {
 }
 
 /// Runs the requests of one model version.
-pub trait Backend: Send + Sync + 'static {
+pub(crate) trait Backend: Send + Sync + 'static {
     /// The backend's description.
     fn info(&self) -> &BackendInfo;
 

@@ -6,7 +6,7 @@ use crate::tensor::{Tensor, TensorData};
 
 /// Splits a batched output into pieces of `rows` rows each, without copying
 /// element bytes. Fails when the output's first dimension is not the batch.
-pub fn split_rows(tensor: &Tensor, rows: &[usize]) -> Result<Vec<Tensor>, String> {
+pub(crate) fn split_rows(tensor: &Tensor, rows: &[usize]) -> Result<Vec<Tensor>, String> {
     let total: usize = rows.iter().sum();
     if tensor.shape.first().copied() != Some(total as i64) {
         return Err(format!(

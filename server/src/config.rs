@@ -16,11 +16,17 @@ pub const MODEL_SETTINGS_FILE: &str = "ferrite.json";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettingsFile {
+    /// See [`ModelSettings::max_batch_size`].
     pub max_batch_size: Option<usize>,
+    /// See [`ModelSettings::max_queue_delay`].
     pub max_queue_delay_microseconds: Option<u64>,
+    /// See [`ModelSettings::max_queue_size`].
     pub max_queue_size: Option<usize>,
+    /// See [`ModelSettings::instance_count`].
     pub instance_count: Option<usize>,
+    /// See [`ModelSettings::intra_op_threads`].
     pub intra_op_threads: Option<usize>,
+    /// See [`ModelSettings::execution_provider`].
     pub execution_provider: Option<ExecutionProvider>,
 }
 
@@ -49,6 +55,7 @@ pub struct ModelSettings {
     pub instance_count: usize,
     /// Threads per session; 0 means the available CPUs divided by instances.
     pub intra_op_threads: usize,
+    /// Where the sessions run.
     pub execution_provider: ExecutionProvider,
 }
 

@@ -12,25 +12,25 @@ use crate::stats::StatsSnapshot;
 use crate::tensor::DataType;
 
 /// The server's name in its metadata.
-pub const SERVER_NAME: &str = "ferrite";
+pub(crate) const SERVER_NAME: &str = "ferrite";
 
 /// The server's version.
-pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Protocol extensions ferrite implements, as Triton names them.
-pub const EXTENSIONS: &[&str] =
+pub(crate) const EXTENSIONS: &[&str] =
     &["classification_disabled", "model_repository", "statistics", "binary_tensor_data", "parameters", "health"];
 
 /// The platform every model reports.
-pub const PLATFORM: &str = "onnxruntime_onnx";
+pub(crate) const PLATFORM: &str = "onnxruntime_onnx";
 
 /// Priority levels of the dynamic batcher (high and normal); requests
 /// without one get the lowest.
-pub const PRIORITY_LEVELS: u64 = 2;
+pub(crate) const PRIORITY_LEVELS: u64 = 2;
 
 /// One input or output of a model.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TensorDescription {
+pub(crate) struct TensorDescription {
     /// Tensor name.
     pub name: String,
     /// Element type.
@@ -46,7 +46,7 @@ pub struct TensorDescription {
 
 /// Where a model's instances run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
+pub(crate) enum DeviceKind {
     /// On the CPU.
     Cpu,
     /// On a GPU.
@@ -55,7 +55,7 @@ pub enum DeviceKind {
 
 /// How requests are joined into batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DynamicBatching {
+pub(crate) struct DynamicBatching {
     /// Longest a request waits for others to join its batch.
     pub max_queue_delay_microseconds: u64,
 }
@@ -63,7 +63,7 @@ pub struct DynamicBatching {
 /// Everything the metadata and configuration endpoints say about one
 /// model version.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ModelDescription {
+pub(crate) struct ModelDescription {
     /// The model's name.
     pub name: String,
     /// Every loaded version.
@@ -90,7 +90,7 @@ pub struct ModelDescription {
 
 impl ModelDescription {
     /// Describes `model`, one of the loaded `versions` of its name.
-    pub fn of(model: &Model, versions: &[Arc<Model>]) -> ModelDescription {
+    pub(crate) fn of(model: &Model, versions: &[Arc<Model>]) -> ModelDescription {
         let info = model.info();
         let batching = info.max_batch_size.is_some();
         let tensor = |spec: &TensorSpec| TensorDescription {
@@ -123,7 +123,7 @@ impl ModelDescription {
 
 /// One model version's statistics.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelStatistics {
+pub(crate) struct ModelStatistics {
     /// The model's name.
     pub name: String,
     /// The version.
@@ -134,7 +134,7 @@ pub struct ModelStatistics {
 
 impl ModelStatistics {
     /// The statistics of `model` now.
-    pub fn of(model: &Model) -> ModelStatistics {
+    pub(crate) fn of(model: &Model) -> ModelStatistics {
         ModelStatistics { name: model.name.clone(), version: model.version.to_string(), stats: model.stats.snapshot() }
     }
 }

@@ -72,4 +72,4 @@ impl fmt::Display for InferError {
 impl std::error::Error for InferError {}
 
 /// Shorthand for results of the data path.
-pub type InferResult<T> = Result<T, InferError>;
+pub(crate) type InferResult<T> = Result<T, InferError>;

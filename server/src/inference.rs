@@ -53,11 +53,11 @@ pub enum ParamValue {
 }
 
 /// Named parameters of a request or response.
-pub type Parameters = BTreeMap<String, ParamValue>;
+pub(crate) type Parameters = BTreeMap<String, ParamValue>;
 
 /// What a backend answers to one request (or one step of a streamed one).
 #[derive(Debug, Default)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// Output tensors, in the order requested.
     pub outputs: Vec<Tensor>,
     /// Response parameters (LLMs: `finish_reason`, token counts, and
@@ -83,4 +83,4 @@ pub struct InferResponse {
 
 /// Replies to one request, answered step by step (LLMs stream one per
 /// generation step; other backends answer once).
-pub type ReplyStream = BoxStream<'static, InferResult<Reply>>;
+pub(crate) type ReplyStream = BoxStream<'static, InferResult<Reply>>;

@@ -1,32 +1,37 @@
 //! ferrite-server: a model server for micro models. The Open Inference
 //! Protocol over gRPC and HTTP, dynamic batching, ONNX Runtime underneath.
 //!
-//! The data path runs one way through these modules:
-//! frontends (`grpc`, `http`) -> `state` -> `model` (validation)
-//! -> `scheduler` (queue, batcher) -> `runtime` (ONNX Runtime).
-//! LLMs take `llm` (tokenizer, chat template, generation engine with
-//! continuous batching) where tensor models take `scheduler`.
+//! The data path runs one way through these modules (docs/architecture.md
+//! draws it): frontends (`grpc`, `http`) -> `state` -> `model` (one
+//! request record, one description) -> a `backend` (`tensor_model`:
+//! validation, `admission`, `scheduler` and its batcher; or `llm`:
+//! tokenizer, chat template, `admission`, generation engine) -> `runtime`,
+//! the only module that uses ONNX Runtime. Only what the binaries use is
+//! public.
 
-pub mod admission;
-pub mod backend;
-pub mod batch;
+#![warn(missing_docs, unreachable_pub)]
+
+pub(crate) mod admission;
+pub(crate) mod backend;
+pub(crate) mod batch;
 pub mod config;
-pub mod describe;
-pub mod error;
-pub mod grpc;
-pub mod http;
-pub mod inference;
-pub mod llm;
-pub mod metrics;
-pub mod model;
+pub(crate) mod describe;
+pub(crate) mod error;
+pub(crate) mod grpc;
+pub(crate) mod http;
+pub(crate) mod inference;
+pub(crate) mod llm;
+pub(crate) mod metrics;
+pub(crate) mod model;
 pub mod repository;
 pub mod runtime;
-pub mod scheduler;
+pub(crate) mod scheduler;
 pub mod server;
-pub mod state;
-pub mod stats;
+pub(crate) mod state;
+pub(crate) mod stats;
 pub mod tensor;
-pub mod tensor_model;
+pub(crate) mod tensor_model;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod untrusted;
 
 /// The model served when no other is given: a small classifier

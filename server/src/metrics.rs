@@ -9,7 +9,7 @@ use prometheus::{
 };
 
 /// Every metric family the server exports.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub queue_depth: IntGaugeVec,
@@ -32,7 +32,7 @@ pub struct Metrics {
 }
 
 /// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Metrics {
     fn new() -> Metrics {
@@ -123,7 +123,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("text format is UTF-8")
@@ -132,7 +132,7 @@ impl Metrics {
 
 /// One model's handles on the metrics every backend keeps (the queue depth
 /// is `admission`'s), resolved once.
-pub struct ModelMetrics {
+pub(crate) struct ModelMetrics {
     /// Requests running now.
     pub inflight: IntGauge,
     /// Time from admission to the start of a run.
@@ -145,7 +145,7 @@ pub struct ModelMetrics {
 
 impl ModelMetrics {
     /// The handles labelled with `model`.
-    pub fn new(model: &str) -> ModelMetrics {
+    pub(crate) fn new(model: &str) -> ModelMetrics {
         let m = &*METRICS;
         ModelMetrics {
             inflight: m.inflight.with_label_values(&[model]),

@@ -177,7 +177,7 @@ impl Model {
 }
 
 /// Error for a model or version that is not loaded.
-pub fn model_not_found(name: &str, version: &str) -> InferError {
+pub(crate) fn model_not_found(name: &str, version: &str) -> InferError {
     if version.is_empty() {
         InferError::new(ErrorKind::NotFound, format!("model '{name}' is not loaded"))
     } else {

@@ -26,7 +26,7 @@ use crate::tensor::Tensor;
 
 /// A validated request, ready to run.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     /// Inputs in the model's input order.
     pub inputs: Vec<Tensor>,
     /// Rows along the batch dimension (1 when the model does not batch).
@@ -65,13 +65,13 @@ struct Shared {
 }
 
 /// The queue, batcher and workers of one model version.
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     shared: Arc<Shared>,
 }
 
 impl Scheduler {
     /// Starts one worker thread per session.
-    pub fn start(
+    pub(crate) fn start(
         model: &str,
         sessions: Vec<Session>,
         settings: ModelSettings,
@@ -102,7 +102,7 @@ impl Scheduler {
 
     /// Queues a job and waits for its outputs. Dropping the returned future
     /// (the client went away) takes the job out of the queue.
-    pub async fn submit(&self, job: Job) -> InferResult<Vec<Tensor>> {
+    pub(crate) async fn submit(&self, job: Job) -> InferResult<Vec<Tensor>> {
         let deadline = job.deadline;
         let (reply, mut result) = oneshot::channel();
         let (id, wake) = {
@@ -135,7 +135,7 @@ impl Scheduler {
     }
 
     /// Stops taking requests; queued ones still run, then the workers exit.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.shared.lock().waiting.close();
         self.shared.changed.notify_all();
     }

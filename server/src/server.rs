@@ -26,13 +26,21 @@ use crate::state::ServerState;
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// Where the gRPC API listens.
     pub grpc_addr: SocketAddr,
+    /// Where the REST API (and OpenAI's) listens.
     pub http_addr: SocketAddr,
+    /// Where `/metrics` is served.
     pub metrics_addr: SocketAddr,
+    /// The models to serve.
     pub sources: Sources,
+    /// Settings of models that bring none of their own.
     pub defaults: ModelSettings,
+    /// Largest request message, in bytes.
     pub max_message_bytes: usize,
+    /// How long requests in flight may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// The ONNX Runtime shared library.
     pub onnxruntime: std::path::PathBuf,
     /// Exit (with [`ModelLoadFailure`]) when a model fails to load at
     /// startup, instead of staying up and not ready: in Kubernetes the

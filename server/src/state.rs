@@ -10,7 +10,7 @@ use crate::model::Model;
 use crate::repository::Repository;
 
 /// Server-wide state handed to the gRPC and HTTP frontends.
-pub struct ServerState {
+pub(crate) struct ServerState {
     pub repository: Arc<Repository>,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
@@ -18,25 +18,25 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(repository: Arc<Repository>, max_message_bytes: usize) -> Self {
+    pub(crate) fn new(repository: Arc<Repository>, max_message_bytes: usize) -> Self {
         ServerState { repository, max_message_bytes, shutting_down: AtomicBool::new(false) }
     }
 
     /// Ready: not shutting down, and every model loaded.
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         !self.is_shutting_down() && self.repository.all_ready()
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
     /// The model version a request addresses, if it may take requests.
-    pub fn model(&self, name: &str, version: &str) -> InferResult<Arc<Model>> {
+    pub(crate) fn model(&self, name: &str, version: &str) -> InferResult<Arc<Model>> {
         if self.is_shutting_down() {
             return Err(InferError::new(ErrorKind::Unavailable, "the server is shutting down"));
         }
@@ -44,7 +44,7 @@ impl ServerState {
     }
 
     /// Runs one request on the model it names.
-    pub async fn infer(&self, name: &str, version: &str, request: InferRequest) -> InferResult<InferResponse> {
+    pub(crate) async fn infer(&self, name: &str, version: &str, request: InferRequest) -> InferResult<InferResponse> {
         let model = self.model(name, version)?;
         model.infer(request).await
     }

@@ -10,19 +10,33 @@ use crate::error::{InferError, InferResult};
 /// The Open Inference Protocol datatypes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
+    /// Booleans, one byte each.
     Bool,
+    /// Unsigned 8-bit integers.
     Uint8,
+    /// Unsigned 16-bit integers.
     Uint16,
+    /// Unsigned 32-bit integers.
     Uint32,
+    /// Unsigned 64-bit integers.
     Uint64,
+    /// Signed 8-bit integers.
     Int8,
+    /// Signed 16-bit integers.
     Int16,
+    /// Signed 32-bit integers.
     Int32,
+    /// Signed 64-bit integers.
     Int64,
+    /// IEEE half-precision floats.
     Fp16,
+    /// bfloat16 floats.
     Bf16,
+    /// Single-precision floats.
     Fp32,
+    /// Double-precision floats.
     Fp64,
+    /// Byte strings (ONNX string tensors).
     Bytes,
 }
 
@@ -120,9 +134,13 @@ pub enum TensorData {
 /// A named tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
+    /// Tensor name.
     pub name: String,
+    /// Element type.
     pub datatype: DataType,
+    /// Dimensions.
     pub shape: Vec<i64>,
+    /// The elements.
     pub data: TensorData,
 }
 

@@ -17,17 +17,17 @@ use crate::stats::ModelStats;
 use crate::tensor::{Tensor, TensorData};
 
 /// The name of this backend in the model configuration.
-pub const BACKEND_NAME: &str = "onnxruntime";
+pub(crate) const BACKEND_NAME: &str = "onnxruntime";
 
 /// A loaded ONNX model: its signature and its scheduler.
-pub struct TensorModel {
+pub(crate) struct TensorModel {
     info: BackendInfo,
     scheduler: Scheduler,
 }
 
 impl TensorModel {
     /// Loads `instance_count` sessions of the model and starts its scheduler.
-    pub fn load(
+    pub(crate) fn load(
         runtime: &Runtime,
         name: &str,
         source: &ModelBytes,
@@ -83,7 +83,11 @@ fn batchable(signature: &Signature) -> bool {
 /// Checks a request against the model and turns it into a [`Job`]: every
 /// input present once with the right datatype and shape, no unknown inputs
 /// or outputs, and a batch no larger than the model allows.
-pub fn validate(signature: &Signature, max_batch_size: Option<usize>, request: InferRequest) -> InferResult<Job> {
+pub(crate) fn validate(
+    signature: &Signature,
+    max_batch_size: Option<usize>,
+    request: InferRequest,
+) -> InferResult<Job> {
     let mut seen = HashSet::new();
     for tensor in &request.inputs {
         if !seen.insert(tensor.name.as_str()) {

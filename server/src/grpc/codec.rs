@@ -16,7 +16,7 @@ use crate::tensor::{element_count, DataType, Tensor, TensorData};
 
 /// A decoded ModelInfer request: which model, and the request itself.
 #[derive(Debug)]
-pub struct Decoded {
+pub(crate) struct Decoded {
     pub model_name: String,
     pub model_version: String,
     pub request: InferRequest,
@@ -24,7 +24,7 @@ pub struct Decoded {
 
 /// Decodes a ModelInferRequest. `deadline` is the gRPC deadline, if any;
 /// the request's own `timeout` parameter (microseconds) may shorten it.
-pub fn decode_request(message: ModelInferRequest, deadline: Option<Instant>) -> InferResult<Decoded> {
+pub(crate) fn decode_request(message: ModelInferRequest, deadline: Option<Instant>) -> InferResult<Decoded> {
     let priority = match int_parameter(&message.parameters, "priority")? {
         Some(1) => Priority::High,
         _ => Priority::Normal,
@@ -101,7 +101,7 @@ fn int_parameter(
     }
 }
 
-pub fn parse_datatype(name: &str, datatype: &str) -> InferResult<DataType> {
+pub(crate) fn parse_datatype(name: &str, datatype: &str) -> InferResult<DataType> {
     DataType::parse(datatype)
         .ok_or_else(|| InferError::invalid(format!("input '{name}' has unknown datatype '{datatype}'")))
 }
@@ -221,7 +221,7 @@ fn used_fields(c: &InferTensorContents) -> Vec<&'static str> {
 
 /// Encodes a response the way Triton does: every output in
 /// `raw_output_contents`.
-pub fn encode_response(response: InferResponse) -> ModelInferResponse {
+pub(crate) fn encode_response(response: InferResponse) -> ModelInferResponse {
     let mut outputs = Vec::with_capacity(response.outputs.len());
     let mut raw: Vec<Bytes> = Vec::with_capacity(response.outputs.len());
     for tensor in response.outputs {
@@ -245,7 +245,7 @@ pub fn encode_response(response: InferResponse) -> ModelInferResponse {
 }
 
 /// Response parameters as protocol messages.
-pub fn encode_parameters(parameters: Parameters) -> std::collections::HashMap<String, InferParameter> {
+pub(crate) fn encode_parameters(parameters: Parameters) -> std::collections::HashMap<String, InferParameter> {
     parameters
         .into_iter()
         .map(|(key, value)| {
@@ -261,7 +261,7 @@ pub fn encode_parameters(parameters: Parameters) -> std::collections::HashMap<St
 }
 
 /// Parses a `grpc-timeout` header value ("100m", "5S", ...).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
     Some(match unit {

@@ -10,7 +10,7 @@ use crate::describe::{
 use crate::stats::Duration64;
 
 /// ServerMetadata.
-pub fn server_metadata() -> ServerMetadataResponse {
+pub(crate) fn server_metadata() -> ServerMetadataResponse {
     ServerMetadataResponse {
         name: SERVER_NAME.to_string(),
         version: SERVER_VERSION.to_string(),
@@ -19,7 +19,7 @@ pub fn server_metadata() -> ServerMetadataResponse {
 }
 
 /// ModelMetadata.
-pub fn model_metadata(model: ModelDescription) -> ModelMetadataResponse {
+pub(crate) fn model_metadata(model: ModelDescription) -> ModelMetadataResponse {
     let tensor = |t: TensorDescription| model_metadata_response::TensorMetadata {
         name: t.name,
         datatype: t.datatype.as_str().to_string(),
@@ -35,7 +35,7 @@ pub fn model_metadata(model: ModelDescription) -> ModelMetadataResponse {
 }
 
 /// ModelConfig, Triton's configuration.
-pub fn model_config(model: ModelDescription) -> ModelConfig {
+pub(crate) fn model_config(model: ModelDescription) -> ModelConfig {
     let kind = match model.device {
         DeviceKind::Cpu => model_instance_group::Kind::Cpu,
         DeviceKind::Gpu => model_instance_group::Kind::Gpu,
@@ -92,7 +92,7 @@ fn duration(d: Duration64) -> Option<StatisticDuration> {
 }
 
 /// One entry of ModelStatistics.
-pub fn model_statistics(statistics: Statistics) -> ModelStatistics {
+pub(crate) fn model_statistics(statistics: Statistics) -> ModelStatistics {
     let stats = statistics.stats;
     ModelStatistics {
         name: statistics.name,

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, Request, Response};
 
 /// The tower layer; add it to the tonic server.
 #[derive(Debug, Clone, Copy)]
-pub struct OversizeAsInvalidArgumentLayer;
+pub(crate) struct OversizeAsInvalidArgumentLayer;
 
 impl<S> tower::Layer<S> for OversizeAsInvalidArgumentLayer {
     type Service = OversizeAsInvalidArgument<S>;
@@ -24,7 +24,7 @@ impl<S> tower::Layer<S> for OversizeAsInvalidArgumentLayer {
 
 /// The service that `OversizeAsInvalidArgumentLayer` wraps around.
 #[derive(Debug, Clone)]
-pub struct OversizeAsInvalidArgument<S>(S);
+pub(crate) struct OversizeAsInvalidArgument<S>(S);
 
 impl<S, B, R> tower::Service<Request<B>> for OversizeAsInvalidArgument<S>
 where

@@ -2,9 +2,9 @@
 //! Triton's extensions). Converts messages with `codec` and hands requests
 //! to the models; it never touches ONNX Runtime.
 
-pub mod codec;
-pub mod describe;
-pub mod limit;
+pub(crate) mod codec;
+pub(crate) mod describe;
+pub(crate) mod limit;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,18 +26,18 @@ use crate::state::ServerState;
 const STREAM_CONCURRENCY: usize = 64;
 
 /// The service implementation.
-pub struct InferenceService {
+pub(crate) struct InferenceService {
     state: Arc<ServerState>,
 }
 
 impl InferenceService {
-    pub fn new(state: Arc<ServerState>) -> Self {
+    pub(crate) fn new(state: Arc<ServerState>) -> Self {
         InferenceService { state }
     }
 }
 
 /// The gRPC status code of each kind of error.
-pub fn status_code(kind: ErrorKind) -> tonic::Code {
+pub(crate) fn status_code(kind: ErrorKind) -> tonic::Code {
     match kind {
         ErrorKind::NotFound => tonic::Code::NotFound,
         ErrorKind::InvalidArgument | ErrorKind::ContextLengthExceeded => tonic::Code::InvalidArgument,
@@ -69,10 +69,10 @@ async fn infer(
 /// When a request entered the service stack, stamped by [`stamp_arrival`]
 /// (a tonic interceptor) before tonic starts its own `grpc-timeout` timer.
 #[derive(Debug, Clone, Copy)]
-pub struct Arrival(Instant);
+pub(crate) struct Arrival(Instant);
 
 /// Interceptor for every gRPC request: records its [`Arrival`].
-pub fn stamp_arrival(mut request: Request<()>) -> Result<Request<()>, Status> {
+pub(crate) fn stamp_arrival(mut request: Request<()>) -> Result<Request<()>, Status> {
     request.extensions_mut().insert(Arrival(Instant::now()));
     Ok(request)
 }

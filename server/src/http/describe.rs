@@ -11,12 +11,12 @@ use crate::stats::Duration64;
 use crate::tensor::DataType;
 
 /// `GET /v2`.
-pub fn server_metadata() -> Value {
+pub(crate) fn server_metadata() -> Value {
     json!({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
 }
 
 /// `GET /v2/models/{model}`.
-pub fn model_metadata(model: &ModelDescription) -> Value {
+pub(crate) fn model_metadata(model: &ModelDescription) -> Value {
     let tensor = |t: &TensorDescription| json!({"name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape});
     json!({
         "name": model.name,
@@ -34,7 +34,7 @@ fn config_type(datatype: DataType) -> String {
 }
 
 /// `GET /v2/models/{model}/config`: the configuration as Triton prints it.
-pub fn model_config(model: &ModelDescription) -> Value {
+pub(crate) fn model_config(model: &ModelDescription) -> Value {
     let input = |t: &TensorDescription| json!({"name": t.name, "data_type": config_type(t.datatype), "dims": t.config_dims, "optional": t.optional});
     let output =
         |t: &TensorDescription| json!({"name": t.name, "data_type": config_type(t.datatype), "dims": t.config_dims});
@@ -66,7 +66,7 @@ pub fn model_config(model: &ModelDescription) -> Value {
 }
 
 /// `GET /v2/models/.../stats`.
-pub fn statistics(models: Vec<ModelStatistics>) -> Value {
+pub(crate) fn statistics(models: Vec<ModelStatistics>) -> Value {
     let duration = |d: Duration64| json!({"count": d.count, "ns": d.ns});
     let none = Duration64::default();
     let stats: Vec<Value> = models

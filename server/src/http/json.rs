@@ -10,10 +10,10 @@ use crate::tensor::{element_count, DataType, Tensor, TensorData};
 
 /// Header that gives the length of the JSON part of a binary request or
 /// response (Triton's binary-data extension).
-pub const HEADER_LENGTH: &str = "inference-header-content-length";
+pub(crate) const HEADER_LENGTH: &str = "inference-header-content-length";
 
 #[derive(Debug, Deserialize)]
-pub struct RequestHeader {
+pub(crate) struct RequestHeader {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]
@@ -24,7 +24,7 @@ pub struct RequestHeader {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct InputHeader {
+pub(crate) struct InputHeader {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
@@ -35,14 +35,14 @@ pub struct InputHeader {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct OutputHeader {
+pub(crate) struct OutputHeader {
     pub name: String,
     #[serde(default)]
     pub parameters: Map<String, Value>,
 }
 
 /// Splits a body into its JSON header and the binary part that follows.
-pub fn split_body(body: &Bytes, header_length: Option<usize>) -> InferResult<(RequestHeader, Bytes)> {
+pub(crate) fn split_body(body: &Bytes, header_length: Option<usize>) -> InferResult<(RequestHeader, Bytes)> {
     let json_len = header_length.unwrap_or(body.len());
     if json_len > body.len() {
         return Err(InferError::invalid(format!(
@@ -56,7 +56,7 @@ pub fn split_body(body: &Bytes, header_length: Option<usize>) -> InferResult<(Re
 }
 
 /// Decodes every input: binary ones are sliced, in order, out of `binary`.
-pub fn decode_inputs(inputs: Vec<InputHeader>, mut binary: Bytes) -> InferResult<Vec<Tensor>> {
+pub(crate) fn decode_inputs(inputs: Vec<InputHeader>, mut binary: Bytes) -> InferResult<Vec<Tensor>> {
     let mut tensors = Vec::with_capacity(inputs.len());
     for input in inputs {
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
@@ -165,7 +165,7 @@ fn put_json_number(out: &mut BytesMut, datatype: DataType, value: &Value) -> Opt
 }
 
 /// A tensor's elements as a flat JSON array.
-pub fn tensor_to_json(tensor: &Tensor) -> Value {
+pub(crate) fn tensor_to_json(tensor: &Tensor) -> Value {
     let raw = match &tensor.data {
         TensorData::Strings(items) => {
             return Value::Array(items.iter().map(|b| Value::String(String::from_utf8_lossy(b).into_owned())).collect())
@@ -205,7 +205,7 @@ pub fn tensor_to_json(tensor: &Tensor) -> Value {
 /// Encodes a response: each output as JSON data, or as binary data after
 /// the JSON when `binary(name)` says so. Returns the body and, when any
 /// output is binary, the JSON length for the header.
-pub fn encode_response(
+pub(crate) fn encode_response(
     model_name: &str,
     model_version: &str,
     id: &str,

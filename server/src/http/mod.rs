@@ -2,9 +2,9 @@
 //! (binary tensor data, model configuration, statistics, repository), and
 //! the Prometheus endpoint served on the metrics port.
 
-pub mod describe;
-pub mod json;
-pub mod openai;
+pub(crate) mod describe;
+pub(crate) mod json;
+pub(crate) mod openai;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,7 +43,7 @@ impl IntoResponse for HttpError {
 }
 
 /// The HTTP status of each kind of error.
-pub fn status(kind: ErrorKind) -> StatusCode {
+pub(crate) fn status(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::InvalidArgument | ErrorKind::ContextLengthExceeded => StatusCode::BAD_REQUEST,
@@ -59,7 +59,7 @@ pub fn status(kind: ErrorKind) -> StatusCode {
 type HttpResult<T> = Result<T, HttpError>;
 
 /// Routes of the inference API.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let limit = state.max_message_bytes;
     Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
@@ -86,7 +86,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Routes of the metrics port.
-pub fn metrics_router() -> Router {
+pub(crate) fn metrics_router() -> Router {
     Router::new()
         .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }))
 }

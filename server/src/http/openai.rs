@@ -31,7 +31,7 @@ use crate::state::ServerState;
 type AppState = Arc<ServerState>;
 
 /// Routes of the OpenAI-compatible API.
-pub fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -40,7 +40,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// An error as OpenAI reports it.
-pub struct OpenAiError(InferError);
+pub(crate) struct OpenAiError(InferError);
 
 impl From<InferError> for OpenAiError {
     fn from(error: InferError) -> Self {

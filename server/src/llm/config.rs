@@ -6,16 +6,16 @@ use std::path::Path;
 use serde::Deserialize;
 
 /// File that marks a directory as an LLM model directory.
-pub const LLM_CONFIG_FILE: &str = "llm.json";
+pub(crate) const LLM_CONFIG_FILE: &str = "llm.json";
 /// The decoder graph inside an LLM model directory.
-pub const LLM_MODEL_FILE: &str = "model.onnx";
+pub(crate) const LLM_MODEL_FILE: &str = "model.onnx";
 /// The tokenizer inside an LLM model directory.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub(crate) const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The chat template inside an LLM model directory (optional).
-pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+pub(crate) const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 /// The format version this server reads.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// The contents of `llm.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -91,7 +91,7 @@ impl LlmConfig {
 }
 
 /// Whether `dir` is an LLM model directory.
-pub fn is_llm_dir(dir: &Path) -> bool {
+pub(crate) fn is_llm_dir(dir: &Path) -> bool {
     dir.join(LLM_CONFIG_FILE).is_file()
 }
 

@@ -38,7 +38,7 @@ use crate::stats::ModelStats;
 
 /// Limits of one engine.
 #[derive(Debug, Clone, Copy)]
-pub struct EngineSettings {
+pub(crate) struct EngineSettings {
     /// Sequences decoded together at most.
     pub max_running: usize,
     /// Requests that may wait to join; more are refused (queue full).
@@ -58,7 +58,7 @@ impl Default for EngineSettings {
 }
 
 /// What the engine needs to know about the model.
-pub struct EngineModel {
+pub(crate) struct EngineModel {
     pub name: String,
     pub context_length: usize,
     pub eos_token_ids: Vec<u32>,
@@ -147,13 +147,13 @@ impl Shared {
 }
 
 /// The handle the model holds: admits requests, stops the thread.
-pub struct Engine {
+pub(crate) struct Engine {
     shared: Arc<Shared>,
 }
 
 impl Engine {
     /// Starts the engine thread.
-    pub fn start(decoder: Decoder, model: EngineModel, settings: EngineSettings) -> anyhow::Result<Engine> {
+    pub(crate) fn start(decoder: Decoder, model: EngineModel, settings: EngineSettings) -> anyhow::Result<Engine> {
         let depth = METRICS.queue_depth.with_label_values(&[&model.name]);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Admission::new(settings.max_waiting, depth)),
@@ -174,7 +174,7 @@ impl Engine {
     /// Queues a request; its events arrive on the returned channel. Dropping
     /// the receiver cancels the request (it leaves the queue or the batch at
     /// the engine's next step).
-    pub fn submit(&self, request: GenerateRequest) -> InferResult<UnboundedReceiver<Event>> {
+    pub(crate) fn submit(&self, request: GenerateRequest) -> InferResult<UnboundedReceiver<Event>> {
         let (events, receiver) = unbounded_channel();
         {
             let mut queue = self.shared.lock();
@@ -186,7 +186,7 @@ impl Engine {
     }
 
     /// Stops taking requests; admitted ones still finish, then the thread exits.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.shared.lock().close();
         self.shared.wake.notify_all();
     }

@@ -7,14 +7,14 @@
 //! through [`oip`]) only build [`request::GenerateOptions`] and read
 //! [`request::Event`]s.
 
-pub mod config;
-pub mod engine;
-pub mod oip;
-pub mod request;
-pub mod sampling;
-pub mod stop;
-pub mod template;
-pub mod tokenizer;
+pub(crate) mod config;
+pub(crate) mod engine;
+pub(crate) mod oip;
+pub(crate) mod request;
+pub(crate) mod sampling;
+pub(crate) mod stop;
+pub(crate) mod template;
+pub(crate) mod tokenizer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,7 +39,7 @@ use tokenizer::TextCodec;
 const CONTEXT_LENGTH_ERROR: &str = "This model's maximum context length is";
 
 /// Most stop strings a request may give.
-pub const MAX_STOP_STRINGS: usize = 16;
+pub(crate) const MAX_STOP_STRINGS: usize = 16;
 
 /// A loaded LLM: configuration, tokenizer, chat template and engine.
 pub struct Llm {
@@ -170,7 +170,12 @@ impl Llm {
 /// `max_tokens` for a prompt of `prompt` tokens: the requested one if it
 /// fits the context, else a clear error; by default the model's default,
 /// shortened to what the context leaves.
-pub fn check_context(context: usize, prompt: usize, requested: Option<usize>, default: usize) -> InferResult<usize> {
+pub(crate) fn check_context(
+    context: usize,
+    prompt: usize,
+    requested: Option<usize>,
+    default: usize,
+) -> InferResult<usize> {
     let too_long = |max_tokens: usize| {
         InferError::new(
             ErrorKind::ContextLengthExceeded,

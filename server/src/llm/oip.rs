@@ -37,19 +37,19 @@ use crate::llm::{Generation, Llm};
 use crate::runtime::{Signature, TensorSpec};
 use crate::tensor::{DataType, Tensor, TensorData};
 
-pub const TEXT_INPUT: &str = "text_input";
-pub const TEXT_OUTPUT: &str = "text_output";
-pub const STREAM: &str = "stream";
-pub const MAX_TOKENS: &str = "max_tokens";
-pub const SAMPLING_PARAMETERS: &str = "sampling_parameters";
+pub(crate) const TEXT_INPUT: &str = "text_input";
+pub(crate) const TEXT_OUTPUT: &str = "text_output";
+pub(crate) const STREAM: &str = "stream";
+pub(crate) const MAX_TOKENS: &str = "max_tokens";
+pub(crate) const SAMPLING_PARAMETERS: &str = "sampling_parameters";
 
 /// The name of this backend in the model configuration.
-pub const BACKEND_NAME: &str = "ferrite_llm";
+pub(crate) const BACKEND_NAME: &str = "ferrite_llm";
 
 /// How an LLM describes itself: the tensors above (every input but
 /// `text_input` optional), answers streamed (decoupled, in Triton's
 /// words), and the engine's limits.
-pub fn backend_info(config: &LlmConfig, settings: &ModelSettings) -> BackendInfo {
+pub(crate) fn backend_info(config: &LlmConfig, settings: &ModelSettings) -> BackendInfo {
     let parameters = [
         ("decoupled", "true".to_string()),
         ("context_length", config.context_length.to_string()),
@@ -81,14 +81,14 @@ fn signature() -> Signature {
 
 /// A decoded LLM request.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct TextRequest {
+pub(crate) struct TextRequest {
     pub prompt: String,
     pub options: GenerateOptions,
     pub stream: Option<bool>,
 }
 
 /// Reads the prompt and the generation settings of a request.
-pub fn decode(request: &InferRequest) -> InferResult<TextRequest> {
+pub(crate) fn decode(request: &InferRequest) -> InferResult<TextRequest> {
     let mut decoded = TextRequest::default();
     let mut prompt = None;
     for tensor in &request.inputs {

@@ -67,15 +67,15 @@ impl SamplingParams {
 /// SplitMix64: small, fast and good enough to draw tokens; the same seed
 /// gives the same stream on every platform.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed)
     }
 
     /// A seed from the clock and a counter, for requests without one.
-    pub fn fresh_seed() -> u64 {
+    pub(crate) fn fresh_seed() -> u64 {
         use std::sync::atomic::{AtomicU64, Ordering};
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
@@ -85,7 +85,7 @@ impl Rng {
         nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -94,7 +94,7 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
@@ -102,7 +102,7 @@ impl Rng {
 /// The sampling state of one sequence: its parameters, generator, the
 /// tokens the penalties look at, and scratch buffers reused every step.
 #[derive(Debug)]
-pub struct Sampler {
+pub(crate) struct Sampler {
     params: SamplingParams,
     rng: Rng,
     /// Occurrences of each generated token.
@@ -114,7 +114,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams, prompt: &[u32]) -> Sampler {
+    pub(crate) fn new(params: SamplingParams, prompt: &[u32]) -> Sampler {
         let seed = params.seed.unwrap_or_else(Rng::fresh_seed);
         let prompt = if params.repetition_penalty != 1.0 { prompt.iter().copied().collect() } else { HashSet::new() };
         Sampler {
@@ -128,14 +128,14 @@ impl Sampler {
     }
 
     /// Records a generated token for the penalties.
-    pub fn observe(&mut self, token: u32) {
+    pub(crate) fn observe(&mut self, token: u32) {
         if self.params.penalizes() {
             *self.counts.entry(token).or_insert(0) += 1;
         }
     }
 
     /// Picks the next token from one row of logits.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    pub(crate) fn sample(&mut self, logits: &[f32]) -> u32 {
         let logits = if self.params.penalizes() {
             self.scratch.clear();
             self.scratch.extend_from_slice(logits);
@@ -153,7 +153,12 @@ impl Sampler {
 
 /// Applies the repetition penalty to prompt and output tokens, and the
 /// presence and frequency penalties to output tokens.
-pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, prompt: &HashSet<u32>, counts: &HashMap<u32, u32>) {
+pub(crate) fn apply_penalties(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    prompt: &HashSet<u32>,
+    counts: &HashMap<u32, u32>,
+) {
     let repetition = params.repetition_penalty;
     if repetition != 1.0 {
         for &token in prompt.iter().chain(counts.keys().filter(|t| !prompt.contains(t))) {
@@ -170,7 +175,7 @@ pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, prompt: &Has
 }
 
 /// Index of the largest logit (the first on ties; NaN never wins).
-pub fn argmax(logits: &[f32]) -> u32 {
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_value = f32::NEG_INFINITY;
     for (i, &v) in logits.iter().enumerate() {

@@ -5,7 +5,7 @@
 
 /// What a piece of new text produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scanned {
+pub(crate) struct Scanned {
     /// Text that is safe to send.
     pub text: String,
     /// A stop string was found: `text` is everything before it, and
@@ -15,7 +15,7 @@ pub struct Scanned {
 
 /// Finds stop strings in a stream of text pieces.
 #[derive(Debug, Clone, Default)]
-pub struct StopMatcher {
+pub(crate) struct StopMatcher {
     stops: Vec<String>,
     /// Text held back because it may begin a stop string.
     pending: String,
@@ -23,12 +23,12 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     /// A matcher for `stops`; empty strings are ignored.
-    pub fn new(stops: Vec<String>) -> StopMatcher {
+    pub(crate) fn new(stops: Vec<String>) -> StopMatcher {
         StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
     }
 
     /// Adds new text; returns what may be sent now.
-    pub fn push(&mut self, text: &str) -> Scanned {
+    pub(crate) fn push(&mut self, text: &str) -> Scanned {
         if self.stops.is_empty() {
             return Scanned { text: text.to_string(), stopped: false };
         }
@@ -47,7 +47,7 @@ impl StopMatcher {
     }
 
     /// The text still held back, when generation ends for another reason.
-    pub fn flush(&mut self) -> String {
+    pub(crate) fn flush(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
 

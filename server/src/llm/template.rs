@@ -14,7 +14,7 @@ pub struct ChatMessage {
 }
 
 /// A compiled chat template.
-pub struct ChatTemplate {
+pub(crate) struct ChatTemplate {
     env: Environment<'static>,
 }
 
@@ -22,7 +22,7 @@ const NAME: &str = "chat";
 
 impl ChatTemplate {
     /// Compiles `source`; a syntax error fails the model load.
-    pub fn new(source: String) -> anyhow::Result<ChatTemplate> {
+    pub(crate) fn new(source: String) -> anyhow::Result<ChatTemplate> {
         let mut env = Environment::new();
         // Hugging Face renders with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
@@ -46,7 +46,7 @@ impl ChatTemplate {
 
     /// Renders the prompt for `messages`. Errors (including the template's
     /// own `raise_exception`) are the client's: they say what is wrong.
-    pub fn render(
+    pub(crate) fn render(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,

@@ -7,13 +7,13 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 
 /// The model's tokenizer.
-pub struct TextCodec {
+pub(crate) struct TextCodec {
     tokenizer: Tokenizer,
 }
 
 impl TextCodec {
     /// Loads `tokenizer.json`.
-    pub fn load(path: &Path) -> anyhow::Result<TextCodec> {
+    pub(crate) fn load(path: &Path) -> anyhow::Result<TextCodec> {
         let tokenizer =
             Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         Ok(TextCodec { tokenizer })
@@ -21,7 +21,7 @@ impl TextCodec {
 
     /// Tokens of `text`. Special tokens written in the text (`<|im_start|>`)
     /// become their ids; no BOS is added here (the engine decides).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         self.tokenizer
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -29,18 +29,13 @@ impl TextCodec {
     }
 
     /// Text of `ids`, without special tokens.
-    pub fn decode(&self, ids: &[u32]) -> String {
+    pub(crate) fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
     /// The text of one token as the vocabulary spells it (`<|im_end|>`).
-    pub fn token_text(&self, id: u32) -> Option<String> {
+    pub(crate) fn token_text(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
-    }
-
-    /// Size of the vocabulary, special tokens included.
-    pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
     }
 }
 
@@ -50,7 +45,7 @@ impl TextCodec {
 /// cheap, and decoding the window with its left context keeps spaces that
 /// some tokenizers only produce between tokens.
 #[derive(Debug, Default, Clone)]
-pub struct IncrementalDecoder {
+pub(crate) struct IncrementalDecoder {
     ids: Vec<u32>,
     /// Start of the window decoded for context.
     prefix: usize,
@@ -60,7 +55,7 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     /// Adds a token; returns the new text it completes (maybe empty).
-    pub fn push(&mut self, decode: impl Fn(&[u32]) -> String, id: u32) -> String {
+    pub(crate) fn push(&mut self, decode: impl Fn(&[u32]) -> String, id: u32) -> String {
         self.ids.push(id);
         let before = decode(&self.ids[self.prefix..self.read]);
         let now = decode(&self.ids[self.prefix..]);

@@ -39,18 +39,18 @@ impl Names {
 }
 
 /// A decoder graph ready to run.
-pub struct Decoder {
+pub(crate) struct Decoder {
     session: ort::session::Session,
     names: Names,
     shape: CacheShape,
 }
 
 /// The logits of one forward pass: `[rows, positions, vocab]` floats.
-pub struct Logits(DynValue);
+pub(crate) struct Logits(DynValue);
 
 impl Logits {
     /// The logits, row after row.
-    pub fn data(&self) -> InferResult<&[f32]> {
+    pub(crate) fn data(&self) -> InferResult<&[f32]> {
         let (_, data) =
             self.0.try_extract_tensor::<f32>().map_err(|e| InferError::internal(format!("reading logits: {e}")))?;
         Ok(data)
@@ -60,19 +60,19 @@ impl Logits {
 impl Decoder {
     /// Checks `session` against the names docs/llm.md fixes for a cache of
     /// `shape`.
-    pub fn new(session: Session, shape: CacheShape) -> anyhow::Result<Decoder> {
+    pub(crate) fn new(session: Session, shape: CacheShape) -> anyhow::Result<Decoder> {
         let names = Names::check(&session.0, shape.layers)?;
         Ok(Decoder { session: session.0, names, shape })
     }
 
     /// The geometry of this model's cache.
-    pub fn shape(&self) -> CacheShape {
+    pub(crate) fn shape(&self) -> CacheShape {
         self.shape
     }
 
     /// Runs the graph on one batch of `cache.rows` rows, each feeding the
     /// same number of new tokens; returns the logits and the grown cache.
-    pub fn forward(
+    pub(crate) fn forward(
         &mut self,
         input_ids: Vec<i64>,
         attention_mask: Vec<i64>,

@@ -15,7 +15,7 @@ use crate::error::{InferError, InferResult};
 
 /// Geometry of the cache of one model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheShape {
+pub(crate) struct CacheShape {
     pub layers: usize,
     pub heads: usize,
     pub head_dim: usize,
@@ -23,7 +23,7 @@ pub struct CacheShape {
 
 /// A batch's cache: `2 * layers` tensors (key then value for each layer),
 /// each `[rows, heads, past, head_dim]`.
-pub struct BatchCache {
+pub(crate) struct BatchCache {
     pub(super) tensors: Vec<DynValue>,
     pub rows: usize,
     pub past: usize,
@@ -32,7 +32,7 @@ pub struct BatchCache {
 /// Where a row of a rebuilt cache comes from: row `row` of source cache
 /// `source`, whose last `len` positions are the row's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowSource {
+pub(crate) struct RowSource {
     pub source: usize,
     pub row: usize,
     pub len: usize,
@@ -40,7 +40,7 @@ pub struct RowSource {
 
 impl BatchCache {
     /// An empty cache (`past` = 0) for `rows` rows: the input of a prefill.
-    pub fn empty(shape: CacheShape, rows: usize) -> InferResult<BatchCache> {
+    pub(crate) fn empty(shape: CacheShape, rows: usize) -> InferResult<BatchCache> {
         let tensors = (0..2 * shape.layers)
             .map(|_| f32_tensor(vec![rows, shape.heads, 0, shape.head_dim], Vec::new()))
             .collect::<InferResult<Vec<_>>>()?;
@@ -48,7 +48,7 @@ impl BatchCache {
     }
 
     /// Builds a cache from rows of other caches, left-padded to the longest.
-    pub fn gather(shape: CacheShape, sources: &[&BatchCache], rows: &[RowSource]) -> InferResult<BatchCache> {
+    pub(crate) fn gather(shape: CacheShape, sources: &[&BatchCache], rows: &[RowSource]) -> InferResult<BatchCache> {
         let past = rows.iter().map(|r| r.len).max().unwrap_or(0);
         let per_tensor = rows.len() * shape.heads * past * shape.head_dim;
         let mut tensors = Vec::with_capacity(2 * shape.layers);
@@ -95,7 +95,7 @@ fn copy_rows(dst: &mut [f32], dst_past: usize, sources: &[SourceView<'_>], rows:
 /// The attention mask of a decode step over a left-padded cache of length
 /// `past`: row `b` has `past - len_b` zeros, then ones for its cached
 /// positions and the new token.
-pub fn decode_mask(lens: impl ExactSizeIterator<Item = usize>, past: usize, out: &mut Vec<i64>) {
+pub(crate) fn decode_mask(lens: impl ExactSizeIterator<Item = usize>, past: usize, out: &mut Vec<i64>) {
     out.clear();
     out.reserve(lens.len() * (past + 1));
     for len in lens {

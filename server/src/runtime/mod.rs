@@ -3,8 +3,8 @@
 //! validated tensors; and the LLM's forward pass with its key/value cache
 //! ([`decoder`], [`kv_cache`]). Never sees protocol types.
 
-pub mod decoder;
-pub mod kv_cache;
+pub(crate) mod decoder;
+pub(crate) mod kv_cache;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,15 +23,19 @@ compile_error!("ferrite copies tensors as little-endian bytes; big-endian hosts 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU provider.
     #[default]
     Cpu,
+    /// NVIDIA CUDA.
     Cuda,
+    /// NVIDIA TensorRT, with CUDA for what it cannot run.
     Tensorrt,
 }
 
 /// Settings of one ONNX Runtime session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionOptions {
+    /// Where the session runs.
     pub execution_provider: ExecutionProvider,
     /// Threads inside one operator; at least 1.
     pub intra_op_threads: usize,
@@ -40,6 +44,7 @@ pub struct SessionOptions {
 /// Where a model's ONNX bytes come from.
 #[derive(Debug, Clone)]
 pub enum ModelBytes {
+    /// A file.
     File(std::path::PathBuf),
     /// Built into the binary (the demo model).
     Embedded(&'static [u8]),
@@ -134,15 +139,20 @@ impl Session {
 /// Name, datatype and shape (-1 for a dynamic dimension) of a model tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// Tensor name.
     pub name: String,
+    /// Element type.
     pub datatype: DataType,
+    /// Dimensions, -1 where any size goes.
     pub shape: Vec<i64>,
 }
 
 /// A model's inputs and outputs, read from its graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signature {
+    /// Inputs, in the graph's order.
     pub inputs: Vec<TensorSpec>,
+    /// Outputs, in the graph's order.
     pub outputs: Vec<TensorSpec>,
 }
 
@@ -185,15 +195,20 @@ fn datatype_of(ty: TensorElementType) -> Option<DataType> {
 /// What one run produced, and where its time went.
 #[derive(Debug)]
 pub struct RunOutput {
+    /// The outputs asked for, in the order asked.
     pub outputs: Vec<Tensor>,
+    /// Where the time went.
     pub timings: RunTimings,
 }
 
 /// Time spent copying inputs in, running the graph, copying outputs out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunTimings {
+    /// Copying the inputs into ONNX Runtime.
     pub input: Duration,
+    /// Running the graph.
     pub infer: Duration,
+    /// Copying the outputs out.
     pub output: Duration,
 }
 

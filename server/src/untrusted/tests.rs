@@ -74,9 +74,9 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 #[test]
 fn mutated_grpc_requests_never_panic() {
     let seed = valid_grpc_request();
-    assert!(ferrite_server::untrusted::grpc_request(&seed), "the unmutated request must be valid");
+    assert!(super::grpc_request(&seed), "the unmutated request must be valid");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let accepted = (0..50_000).filter(|_| ferrite_server::untrusted::grpc_request(&mutate(&mut rng, &seed))).count();
+    let accepted = (0..50_000).filter(|_| super::grpc_request(&mutate(&mut rng, &seed))).count();
     // Mutations must reach both outcomes, or the test explores nothing.
     assert!(accepted > 0 && accepted < 50_000, "{accepted} of 50000 accepted");
 }
@@ -90,8 +90,8 @@ fn mutated_http_requests_never_panic() {
     let mut seed = (json.len() as u16).to_le_bytes().to_vec();
     seed.extend_from_slice(json);
     seed.extend_from_slice(&[0, 60, 0, 60]);
-    assert!(ferrite_server::untrusted::http_request(&seed), "the unmutated request must be valid");
+    assert!(super::http_request(&seed), "the unmutated request must be valid");
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    let accepted = (0..20_000).filter(|_| ferrite_server::untrusted::http_request(&mutate(&mut rng, &seed))).count();
+    let accepted = (0..20_000).filter(|_| super::http_request(&mutate(&mut rng, &seed))).count();
     assert!(accepted > 0 && accepted < 20_000, "{accepted} of 20000 accepted");
 }

@@ -63,3 +63,6 @@ fn check(request: InferRequest) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests;
