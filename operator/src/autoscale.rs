@@ -107,10 +107,11 @@ pub fn pod_metrics_endpoints(pods: &[Pod], port: u16) -> Vec<String> {
 }
 
 fn metrics_url(ip: &str, port: u16) -> String {
+    let path = ferrite_contract::metrics::PATH;
     if ip.contains(':') {
-        format!("http://[{ip}]:{port}/metrics")
+        format!("http://[{ip}]:{port}{path}")
     } else {
-        format!("http://{ip}:{port}/metrics")
+        format!("http://{ip}:{port}{path}")
     }
 }
 

@@ -129,11 +129,31 @@ pub enum ExecutionProvider {
 }
 
 impl ExecutionProvider {
+    /// The name `ferrite-server --execution-provider` takes (the contract's).
     pub fn as_str(self) -> &'static str {
-        match self {
-            ExecutionProvider::Cpu => "cpu",
-            ExecutionProvider::Cuda => "cuda",
-            ExecutionProvider::Tensorrt => "tensorrt",
+        ferrite_contract::ExecutionProvider::from(self).as_str()
+    }
+}
+
+/// The resource's providers are the server's: each converts to the contract's
+/// (exhaustive both ways, so a provider added on one side does not compile
+/// until the other has it; a test checks the names agree).
+impl From<ExecutionProvider> for ferrite_contract::ExecutionProvider {
+    fn from(provider: ExecutionProvider) -> Self {
+        match provider {
+            ExecutionProvider::Cpu => ferrite_contract::ExecutionProvider::Cpu,
+            ExecutionProvider::Cuda => ferrite_contract::ExecutionProvider::Cuda,
+            ExecutionProvider::Tensorrt => ferrite_contract::ExecutionProvider::Tensorrt,
+        }
+    }
+}
+
+impl From<ferrite_contract::ExecutionProvider> for ExecutionProvider {
+    fn from(provider: ferrite_contract::ExecutionProvider) -> Self {
+        match provider {
+            ferrite_contract::ExecutionProvider::Cpu => ExecutionProvider::Cpu,
+            ferrite_contract::ExecutionProvider::Cuda => ExecutionProvider::Cuda,
+            ferrite_contract::ExecutionProvider::Tensorrt => ExecutionProvider::Tensorrt,
         }
     }
 }
@@ -319,5 +339,25 @@ impl ModelDeployment {
     /// Name clients use for the model.
     pub fn model_name(&self) -> String {
         self.spec.model.name.clone().unwrap_or_else(|| self.metadata.name.clone().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The resource spells each provider as the server's command line does,
+    /// and its schema allows exactly the contract's providers.
+    #[test]
+    fn execution_providers_are_the_contracts() {
+        for provider in ferrite_contract::ExecutionProvider::ALL {
+            let ours = ExecutionProvider::from(provider);
+            assert_eq!(serde_json::to_value(ours).unwrap(), provider.as_str());
+            assert_eq!(serde_json::from_value::<ExecutionProvider>(provider.as_str().into()).unwrap(), ours);
+            assert_eq!(ours.as_str(), provider.as_str());
+        }
+        let schema = serde_json::to_value(schemars::schema_for!(ExecutionProvider)).unwrap();
+        let names: Vec<&str> = ferrite_contract::ExecutionProvider::ALL.iter().map(|p| p.as_str()).collect();
+        assert_eq!(schema["enum"], serde_json::json!(names), "{schema}");
     }
 }

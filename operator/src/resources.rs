@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use ferrite_contract::{fetch, ports, serve, CommandLine};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, GRPCAction, Lifecycle, LifecycleHandler,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, GRPCAction, Lifecycle, LifecycleHandler,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration, Volume, VolumeMount,
 };
@@ -16,11 +17,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{Endpoints, ExecutionProvider, ModelDeployment};
+use crate::crd::{Endpoints, ModelDeployment};
 
-pub const HTTP_PORT: i32 = 8000;
-pub const GRPC_PORT: i32 = 8001;
-pub const METRICS_PORT: i32 = 8002;
+/// The server's REST port (the contract's default, not passed as a flag).
+pub const HTTP_PORT: i32 = ports::HTTP as i32;
+/// The server's gRPC port, which the probes ask.
+pub const GRPC_PORT: i32 = ports::GRPC as i32;
+/// The server's metrics port, which the autoscaler scrapes.
+pub const METRICS_PORT: i32 = ports::METRICS as i32;
 /// Label on every owned object and pod: the owning ModelDeployment's name.
 pub const INSTANCE_LABEL: &str = "ferrite.dev/model-deployment";
 /// Where models live inside the pod.
@@ -150,33 +154,33 @@ fn server_resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
     (resources != ResourceRequirements::default()).then_some(resources)
 }
 
+/// `ferrite-server serve ...`, from the contract's flags.
 fn server_args(md: &ModelDeployment) -> Vec<String> {
     let spec = &md.spec;
-    [
-        "serve",
-        "--model-repository",
-        MODELS_DIR,
-        "--exit-on-load-failure",
-        "--log-format",
-        "json",
-        "--max-batch-size",
-        &spec.batching.max_batch_size.to_string(),
-        "--max-queue-delay-us",
-        &spec.batching.max_queue_delay_microseconds.to_string(),
-        "--max-queue-size",
-        &spec.batching.max_queue_size.to_string(),
-        "--instances",
-        &spec.runtime.instances.to_string(),
-        "--intra-op-threads",
-        &spec.runtime.intra_op_threads.to_string(),
-        "--execution-provider",
-        spec.runtime.execution_provider.as_str(),
-        "--shutdown-grace-seconds",
-        &DRAIN_SECONDS.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    CommandLine::new(serve::SUBCOMMAND)
+        .value(serve::MODEL_REPOSITORY, MODELS_DIR)
+        .switch(serve::EXIT_ON_LOAD_FAILURE)
+        .value(serve::LOG_FORMAT, serve::LOG_FORMAT_JSON)
+        .value(serve::MAX_BATCH_SIZE, spec.batching.max_batch_size.to_string())
+        .value(serve::MAX_QUEUE_DELAY_US, spec.batching.max_queue_delay_microseconds.to_string())
+        .value(serve::MAX_QUEUE_SIZE, spec.batching.max_queue_size.to_string())
+        .value(serve::INSTANCES, spec.runtime.instances.to_string())
+        .value(serve::INTRA_OP_THREADS, spec.runtime.intra_op_threads.to_string())
+        .value(serve::EXECUTION_PROVIDER, spec.runtime.execution_provider.as_str())
+        .value(serve::SHUTDOWN_GRACE_SECONDS, DRAIN_SECONDS.to_string())
+        .into_args()
+}
+
+/// `ferrite-server fetch ...` of the init container, from the contract's flags.
+fn fetch_args(md: &ModelDeployment) -> Vec<String> {
+    let mut args = CommandLine::new(fetch::SUBCOMMAND)
+        .value(fetch::URI, md.spec.model.uri.clone())
+        .value(fetch::DEST, MODELS_DIR)
+        .value(fetch::MODEL_NAME, md.model_name());
+    if let Some(sha256) = &md.spec.model.sha256 {
+        args = args.value(fetch::SHA256, sha256.clone());
+    }
+    args.into_args()
 }
 
 /// The Deployment of ferrite-server pods.
@@ -209,17 +213,11 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         }
         None => {
             volumes.push(empty_dir("models"));
-            let mut args =
-                vec!["fetch".to_string(), "--uri".into(), spec.model.uri.clone(), "--dest".into(), MODELS_DIR.into()];
-            args.extend(["--model-name".to_string(), model.clone()]);
-            if let Some(sha256) = &spec.model.sha256 {
-                args.extend(["--sha256".to_string(), sha256.clone()]);
-            }
             init_containers.push(Container {
                 name: "fetch".into(),
                 image: Some(image.clone()),
                 image_pull_policy: pull_policy.clone(),
-                args: Some(args),
+                args: Some(fetch_args(md)),
                 env: (!spec.env.is_empty()).then(|| spec.env.clone()),
                 volume_mounts: Some(vec![mount("models", MODELS_DIR, false), mount("tmp", "/tmp", false)]),
                 security_context: Some(restricted_security_context()),
@@ -230,14 +228,12 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         }
     };
 
-    let mut env = vec![EnvVar { name: "FERRITE_MODEL_NAME".into(), value: Some(model.clone()), ..EnvVar::default() }];
-    env.extend(spec.env.iter().cloned());
     let server = Container {
         name: "server".into(),
         image: Some(image),
         image_pull_policy: pull_policy,
         args: Some(server_args(md)),
-        env: Some(env),
+        env: (!spec.env.is_empty()).then(|| spec.env.clone()),
         ports: Some(vec![port("http", HTTP_PORT), port("grpc", GRPC_PORT), port("metrics", METRICS_PORT)]),
         resources: server_resources(md),
         // Kubernetes' own gRPC probes on the model's health service.
@@ -260,7 +256,7 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
 
     let placement = spec.placement.clone().unwrap_or_default();
     let mut tolerations = placement.tolerations.clone();
-    if spec.runtime.execution_provider != ExecutionProvider::Cpu {
+    if ferrite_contract::ExecutionProvider::from(spec.runtime.execution_provider).uses_gpu() {
         tolerations.push(Toleration {
             key: Some(GPU_RESOURCE.into()),
             operator: Some("Exists".into()),
@@ -369,7 +365,7 @@ pub fn pod_disruption_budget(md: &ModelDeployment) -> Option<PodDisruptionBudget
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AutoscalingSpec, ModelDeploymentSpec, ModelSource};
+    use crate::crd::{AutoscalingSpec, ExecutionProvider, ModelDeploymentSpec, ModelSource};
 
     fn md(uri: &str) -> ModelDeployment {
         let spec: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({"model": {"uri": uri}})).unwrap();
@@ -458,6 +454,62 @@ mod tests {
         let mut m = md("https://example.org/m.onnx");
         m.spec.replicas = Some(3);
         assert_eq!(pod_disruption_budget(&m).unwrap().spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    /// Checks a container's command line against the contract: the
+    /// subcommand, then only the contract's flags, each with a value if and
+    /// only if it takes one. Returns `(flag, value)` pairs.
+    fn contract_args<'a>(
+        args: &'a [String],
+        subcommand: &str,
+        flags: &[ferrite_contract::Flag],
+    ) -> Vec<(ferrite_contract::Flag, Option<&'a str>)> {
+        assert_eq!(args.first().map(String::as_str), Some(subcommand), "{args:?}");
+        let mut rest = args[1..].iter();
+        let mut seen = Vec::new();
+        while let Some(arg) = rest.next() {
+            let flag = flags
+                .iter()
+                .copied()
+                .find(|f| f.arg() == *arg)
+                .unwrap_or_else(|| panic!("{arg} is not a flag of `{subcommand}` in ferrite-contract: {args:?}"));
+            let value = flag.takes_value().then(|| rest.next().expect("a value after the flag").as_str());
+            assert!(!value.is_some_and(|v| v.starts_with("--")), "{flag} without its value: {args:?}");
+            seen.push((flag, value));
+        }
+        seen
+    }
+
+    /// The pods the operator builds use only what ferrite-contract defines;
+    /// ferrite-server's own test (server/src/main.rs) checks its command line
+    /// against the same contract, so neither side can drift alone.
+    #[test]
+    fn pods_follow_the_server_contract() {
+        let mut gpu = md("s3://bucket/m.onnx");
+        gpu.spec.model.sha256 = Some("0".repeat(64));
+        gpu.spec.gpus = Some(1);
+        gpu.spec.runtime.execution_provider = ExecutionProvider::Tensorrt;
+        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m")] {
+            let pod = pod(&deployment(&m, &config()));
+            let server = &pod.containers[0];
+            let args = contract_args(server.args.as_deref().unwrap(), serve::SUBCOMMAND, serve::FLAGS);
+            let value = |flag| args.iter().find(|(f, _)| *f == flag).and_then(|(_, v)| *v);
+            let provider: ferrite_contract::ExecutionProvider =
+                value(serve::EXECUTION_PROVIDER).unwrap().parse().unwrap();
+            assert_eq!(provider, m.spec.runtime.execution_provider.into());
+            assert_eq!(value(serve::MODEL_REPOSITORY), Some(MODELS_DIR));
+            assert!(args.contains(&(serve::EXIT_ON_LOAD_FAILURE, None)), "status reads the load-failure exit code");
+            for init in pod.init_containers.iter().flatten() {
+                let args = contract_args(init.args.as_deref().unwrap(), fetch::SUBCOMMAND, fetch::FLAGS);
+                assert_eq!(args.iter().any(|(f, _)| *f == fetch::SHA256), m.spec.model.sha256.is_some());
+            }
+            // No port flags: the server's default ports, which are the contract's.
+            let container_ports: Vec<_> = server.ports.iter().flatten().map(|p| p.container_port).collect();
+            assert_eq!(container_ports, [ports::HTTP, ports::GRPC, ports::METRICS].map(i32::from));
+            for probe in [&server.startup_probe, &server.readiness_probe, &server.liveness_probe] {
+                assert_eq!(probe.as_ref().unwrap().grpc.as_ref().unwrap().port, i32::from(ports::GRPC));
+            }
+        }
     }
 
     #[test]

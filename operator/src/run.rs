@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory};
 use crate::crd::ModelDeployment;
 use crate::reconcile::{self, Context};
-use crate::resources::{BuildConfig, INSTANCE_LABEL, METRICS_PORT};
+use crate::resources::{BuildConfig, INSTANCE_LABEL};
 use crate::telemetry::{self, Metrics};
 
 /// Settings of `ferrite-operator run`.
@@ -166,7 +166,7 @@ async fn autoscale_loop(
                 .filter(|p| p.namespace() == md.namespace() && p.labels().get(INSTANCE_LABEL) == Some(&md.name_any()))
                 .map(|p| p.as_ref().clone())
                 .collect();
-            let endpoints = autoscale::pod_metrics_endpoints(&own_pods, METRICS_PORT as u16);
+            let endpoints = autoscale::pod_metrics_endpoints(&own_pods, ferrite_contract::ports::METRICS);
             match autoscale::scale_step(ctx.client.clone(), &md, &mut entry.recommendations, endpoints, &http, now)
                 .await
             {

@@ -16,7 +16,7 @@ pub const DEGRADED: &str = "Degraded";
 
 /// Exit status of `ferrite-server serve --exit-on-load-failure` when a
 /// model fails to load.
-const LOAD_FAILURE_EXIT_CODE: i32 = 3;
+const LOAD_FAILURE_EXIT_CODE: i32 = ferrite_contract::exit::MODEL_LOAD_FAILED;
 
 /// Why pods are not serving, read from one pod: `(reason, message)`.
 pub fn pod_problem(pod: &Pod) -> Option<(&'static str, String)> {

@@ -156,6 +156,18 @@ mod tests {
         assert_eq!(settings.max_queue_size, 1024);
     }
 
+    /// `ferrite.json` names providers as `--execution-provider` and the
+    /// operator do (the contract's names).
+    #[test]
+    fn execution_provider_names_are_the_contracts() {
+        for provider in ferrite_contract::ExecutionProvider::ALL {
+            let json = format!(r#"{{"execution_provider": "{provider}"}}"#);
+            let file: ModelSettingsFile = serde_json::from_str(&json).unwrap();
+            assert_eq!(file.execution_provider, Some(provider.into()));
+            assert_eq!(ferrite_contract::ExecutionProvider::from(ExecutionProvider::from(provider)), provider);
+        }
+    }
+
     #[test]
     fn unknown_settings_are_refused() {
         assert!(serde_json::from_str::<ModelSettingsFile>(r#"{"max_batch": 4}"#).is_err());

@@ -1,4 +1,6 @@
-//! The `ferrite-server` command line.
+//! The `ferrite-server` command line. What the operator passes (flag names,
+//! provider names, default ports, the load-failure exit status) comes from
+//! `ferrite_contract`; the tests below check the two agree.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -6,9 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ferrite_contract::{self as contract, serve as flags};
 use ferrite_server::config::ModelSettings;
 use ferrite_server::repository::Sources;
-use ferrite_server::runtime::ExecutionProvider;
 use ferrite_server::server::{serve, ServeOptions};
 
 /// ferrite model server: serves ONNX models over the Open Inference Protocol
@@ -17,7 +19,13 @@ use ferrite_server::server::{serve, ServeOptions};
 #[command(name = "ferrite-server", version)]
 struct Cli {
     /// Log format.
-    #[arg(long, env = "FERRITE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long = flags::LOG_FORMAT.name(),
+        env = "FERRITE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -29,23 +37,12 @@ enum LogFormat {
     Json,
 }
 
-/// `--execution-provider`: the command line's names for
-/// [`ExecutionProvider`] (the library does not depend on clap).
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum ProviderArg {
-    Cpu,
-    Cuda,
-    Tensorrt,
-}
-
-impl From<ProviderArg> for ExecutionProvider {
-    fn from(arg: ProviderArg) -> Self {
-        match arg {
-            ProviderArg::Cpu => ExecutionProvider::Cpu,
-            ProviderArg::Cuda => ExecutionProvider::Cuda,
-            ProviderArg::Tensorrt => ExecutionProvider::Tensorrt,
-        }
-    }
+/// `--execution-provider`: the contract's provider names, listed in `--help`
+/// (the library does not depend on clap).
+fn provider_parser() -> impl clap::builder::TypedValueParser<Value = contract::ExecutionProvider> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(contract::ExecutionProvider::ALL.map(contract::ExecutionProvider::as_str))
+        .map(|name| name.parse::<contract::ExecutionProvider>().expect("one of the possible values"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,7 +106,7 @@ impl FetchArgs {
 struct ServeArgs {
     /// Model repository: every DIR/<model>/<version>/model.onnx is served;
     /// an optional DIR/<model>/ferrite.json overrides the settings below.
-    #[arg(long, env = "FERRITE_MODEL_REPOSITORY")]
+    #[arg(long = flags::MODEL_REPOSITORY.name(), env = "FERRITE_MODEL_REPOSITORY")]
     model_repository: Option<PathBuf>,
     /// Serve one ONNX file, or an LLM model directory (with llm.json), as
     /// NAME (version 1). Repeatable; in the environment, separate entries
@@ -121,45 +118,50 @@ struct ServeArgs {
     #[arg(long, env = "FERRITE_HOST", default_value = "0.0.0.0")]
     host: IpAddr,
     /// Port of the KServe v2 REST API.
-    #[arg(long, env = "FERRITE_HTTP_PORT", default_value_t = 8000)]
+    #[arg(long = flags::HTTP_PORT.name(), env = "FERRITE_HTTP_PORT", default_value_t = contract::ports::HTTP)]
     http_port: u16,
     /// Port of the gRPC API (inference, health, reflection).
-    #[arg(long, env = "FERRITE_GRPC_PORT", default_value_t = 8001)]
+    #[arg(long = flags::GRPC_PORT.name(), env = "FERRITE_GRPC_PORT", default_value_t = contract::ports::GRPC)]
     grpc_port: u16,
     /// Port of the Prometheus /metrics endpoint.
-    #[arg(long, env = "FERRITE_METRICS_PORT", default_value_t = 8002)]
+    #[arg(long = flags::METRICS_PORT.name(), env = "FERRITE_METRICS_PORT", default_value_t = contract::ports::METRICS)]
     metrics_port: u16,
     /// Largest dynamic batch; 1 turns batching off. Batching applies to
     /// models whose inputs and outputs all have a dynamic first dimension.
-    #[arg(long, env = "FERRITE_MAX_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long = flags::MAX_BATCH_SIZE.name(), env = "FERRITE_MAX_BATCH_SIZE", default_value_t = 32)]
     max_batch_size: usize,
     /// Longest time (microseconds) the batcher holds a request to grow a
     /// batch; 0 batches only what is already waiting.
-    #[arg(long, env = "FERRITE_MAX_QUEUE_DELAY_US", default_value_t = 0)]
+    #[arg(long = flags::MAX_QUEUE_DELAY_US.name(), env = "FERRITE_MAX_QUEUE_DELAY_US", default_value_t = 0)]
     max_queue_delay_us: u64,
     /// Requests that may wait per model; more are refused (RESOURCE_EXHAUSTED).
-    #[arg(long, env = "FERRITE_MAX_QUEUE_SIZE", default_value_t = 1024)]
+    #[arg(long = flags::MAX_QUEUE_SIZE.name(), env = "FERRITE_MAX_QUEUE_SIZE", default_value_t = 1024)]
     max_queue_size: usize,
     /// ONNX Runtime sessions per model, each on its own thread.
-    #[arg(long, env = "FERRITE_INSTANCES", default_value_t = 1)]
+    #[arg(long = flags::INSTANCES.name(), env = "FERRITE_INSTANCES", default_value_t = 1)]
     instances: usize,
     /// Threads per session; 0 divides the CPUs this container may use
     /// (cgroup quota included) among the instances.
-    #[arg(long, env = "FERRITE_INTRA_OP_THREADS", default_value_t = 0)]
+    #[arg(long = flags::INTRA_OP_THREADS.name(), env = "FERRITE_INTRA_OP_THREADS", default_value_t = 0)]
     intra_op_threads: usize,
     /// Execution provider.
-    #[arg(long, env = "FERRITE_EXECUTION_PROVIDER", value_enum, default_value = "cpu")]
-    execution_provider: ProviderArg,
+    #[arg(
+        long = flags::EXECUTION_PROVIDER.name(),
+        env = "FERRITE_EXECUTION_PROVIDER",
+        value_parser = provider_parser(),
+        default_value = contract::ExecutionProvider::Cpu.as_str()
+    )]
+    execution_provider: contract::ExecutionProvider,
     /// Largest request message, in bytes, on gRPC and HTTP.
     #[arg(long, env = "FERRITE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_message_bytes: usize,
     /// Seconds that requests in flight get to finish after SIGTERM.
-    #[arg(long, env = "FERRITE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    #[arg(long = flags::SHUTDOWN_GRACE_SECONDS.name(), env = "FERRITE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
     /// Exit with status 3 when a model fails to load at startup (the
     /// operator sets it, so the pod's status says why) instead of staying up
     /// and not ready.
-    #[arg(long, env = "FERRITE_EXIT_ON_LOAD_FAILURE")]
+    #[arg(long = flags::EXIT_ON_LOAD_FAILURE.name(), env = "FERRITE_EXIT_ON_LOAD_FAILURE")]
     exit_on_load_failure: bool,
     /// The ONNX Runtime shared library (libonnxruntime.so).
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = "libonnxruntime.so")]
@@ -226,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!(%error, "exiting");
                     // Also the container's termination message, for the operator.
                     eprintln!("{error}");
-                    std::process::exit(3);
+                    std::process::exit(contract::exit::MODEL_LOAD_FAILED);
                 }
                 other => other,
             }
@@ -240,5 +242,92 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+    }
+}
+
+/// The command line against `ferrite_contract`: what the operator passes must
+/// be what this binary accepts. The operator's side (its `resources.rs`)
+/// checks that its pods use only the contract's flags.
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Checks that every contract flag is an argument of the subcommand (a
+    /// global one counts) with the contract's arity.
+    fn assert_flags(subcommand: &str, flags: &[contract::Flag]) {
+        let mut cli = Cli::command();
+        cli.build();
+        let command = cli.find_subcommand(subcommand).unwrap_or_else(|| panic!("no subcommand `{subcommand}`"));
+        for flag in flags {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag.name()))
+                .unwrap_or_else(|| panic!("`ferrite-server {subcommand}` has no {flag}, which ferrite-contract names"));
+            assert_eq!(
+                arg.get_action().takes_values(),
+                flag.takes_value(),
+                "{flag}: the contract says it takes a value: {}",
+                flag.takes_value()
+            );
+        }
+    }
+
+    #[test]
+    fn serve_accepts_every_contract_flag() {
+        assert_flags(contract::serve::SUBCOMMAND, contract::serve::FLAGS);
+    }
+
+    #[cfg(feature = "fetch")]
+    #[test]
+    fn fetch_accepts_every_contract_flag() {
+        assert_flags(contract::fetch::SUBCOMMAND, contract::fetch::FLAGS);
+    }
+
+    #[test]
+    fn provider_and_log_format_values_are_the_contracts() {
+        let mut cli = Cli::command();
+        cli.build();
+        let serve = cli.find_subcommand(contract::serve::SUBCOMMAND).unwrap();
+        let values = |flag: contract::Flag| -> Vec<String> {
+            let arg = serve.get_arguments().find(|a| a.get_long() == Some(flag.name())).unwrap();
+            arg.get_possible_values().iter().map(|v| v.get_name().to_string()).collect()
+        };
+        let providers: Vec<_> = contract::ExecutionProvider::ALL.iter().map(|p| p.to_string()).collect();
+        assert_eq!(values(flags::EXECUTION_PROVIDER), providers);
+        assert!(values(flags::LOG_FORMAT).contains(&flags::LOG_FORMAT_JSON.to_string()));
+    }
+
+    /// A command line as the operator builds it parses, and means what the
+    /// contract says: the provider by name, the default ports.
+    #[test]
+    fn the_operators_command_line_parses() {
+        for provider in contract::ExecutionProvider::ALL {
+            let args = contract::CommandLine::new(contract::serve::SUBCOMMAND)
+                .value(flags::MODEL_REPOSITORY, "/models")
+                .switch(flags::EXIT_ON_LOAD_FAILURE)
+                .value(flags::LOG_FORMAT, flags::LOG_FORMAT_JSON)
+                .value(flags::MAX_BATCH_SIZE, "8")
+                .value(flags::MAX_QUEUE_DELAY_US, "100")
+                .value(flags::MAX_QUEUE_SIZE, "16")
+                .value(flags::INSTANCES, "2")
+                .value(flags::INTRA_OP_THREADS, "3")
+                .value(flags::EXECUTION_PROVIDER, provider.as_str())
+                .value(flags::SHUTDOWN_GRACE_SECONDS, "30")
+                .into_args();
+            let cli = Cli::try_parse_from(std::iter::once("ferrite-server".to_string()).chain(args)).unwrap();
+            assert!(matches!(cli.log_format, LogFormat::Json));
+            let options = match cli.command {
+                Command::Serve(args) => args.into_options(),
+                #[allow(unreachable_patterns)]
+                _ => unreachable!("parsed `serve`"),
+            };
+            assert_eq!(contract::ExecutionProvider::from(options.defaults.execution_provider), provider);
+            assert!(options.exit_on_load_failure);
+            assert_eq!(options.defaults.max_batch_size, 8);
+            let ports = [options.http_addr.port(), options.grpc_addr.port(), options.metrics_addr.port()];
+            assert_eq!(ports, [contract::ports::HTTP, contract::ports::GRPC, contract::ports::METRICS]);
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the data path. Names start with `ferrite_`; the
-//! autoscaler reads `ferrite_queue_depth` and `ferrite_inflight_requests`.
+//! autoscaler reads `ferrite_queue_depth` and `ferrite_inflight_requests`
+//! (their names and the `model` label are `ferrite_contract::metrics`).
 
 use std::sync::LazyLock;
 
@@ -7,6 +8,9 @@ use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+
+/// The label naming the model, on every family (the autoscaler's filter).
+const MODEL: &str = ferrite_contract::metrics::MODEL_LABEL;
 
 /// Every metric family the server exports.
 pub(crate) struct Metrics {
@@ -40,24 +44,24 @@ impl Metrics {
         // 50 us .. ~100 s: micro models answer in microseconds, big ones in seconds.
         let latency = exponential_buckets(50e-6, 2.0, 22).expect("valid buckets");
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
-                .expect("valid histogram");
+            let metric =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[MODEL]).expect("valid histogram");
             registry.register(Box::new(metric.clone())).expect("unique metric");
             metric
         };
         let gauge = |name: &str, help: &str| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("valid gauge");
+            let metric = IntGaugeVec::new(Opts::new(name, help), &[MODEL]).expect("valid gauge");
             registry.register(Box::new(metric.clone())).expect("unique metric");
             metric
         };
         let requests = IntCounterVec::new(
             Opts::new("ferrite_requests_total", "Inference requests by model and outcome (success or failure reason)"),
-            &["model", "outcome"],
+            &[MODEL, "outcome"],
         )
         .expect("valid counter");
         registry.register(Box::new(requests.clone())).expect("unique metric");
         let counter = |name: &str, help: &str| {
-            let metric = IntCounterVec::new(Opts::new(name, help), &["model"]).expect("valid counter");
+            let metric = IntCounterVec::new(Opts::new(name, help), &[MODEL]).expect("valid counter");
             registry.register(Box::new(metric.clone())).expect("unique metric");
             metric
         };
@@ -86,11 +90,11 @@ impl Metrics {
             ),
             requests,
             queue_depth: gauge(
-                "ferrite_queue_depth",
+                ferrite_contract::metrics::QUEUE_DEPTH,
                 "Requests waiting in the model's queue (LLMs: sequences waiting)",
             ),
             inflight: gauge(
-                "ferrite_inflight_requests",
+                ferrite_contract::metrics::INFLIGHT_REQUESTS,
                 "Requests executing on the model's sessions (LLMs: sequences in the decode batch)",
             ),
             queue_duration: histogram(

@@ -6,10 +6,12 @@
 
 use std::time::Duration;
 
-/// Metric family of requests waiting in a model's queue.
-pub const QUEUE_DEPTH: &str = "ferrite_queue_depth";
-/// Metric family of requests executing on a model's sessions.
-pub const INFLIGHT: &str = "ferrite_inflight_requests";
+/// Metric family of requests waiting in a model's queue (the contract's).
+pub const QUEUE_DEPTH: &str = ferrite_contract::metrics::QUEUE_DEPTH;
+/// Metric family of requests executing on a model's sessions (the contract's).
+pub const INFLIGHT: &str = ferrite_contract::metrics::INFLIGHT_REQUESTS;
+/// The label that names the model in both families (the contract's).
+const MODEL_LABEL: &str = ferrite_contract::metrics::MODEL_LABEL;
 
 /// Largest metrics body read: a server with many models exports tens of KiB;
 /// anything far beyond that is not a ferrite-server and is not buffered.
@@ -129,7 +131,7 @@ pub fn parse_load(text: &str, model: &str) -> Result<PodLoad, ScrapeError> {
         seen[i] = true;
         let parse_err = |message: String| ScrapeError::Parse { line: index + 1, message };
         let sample = parse_sample(&line[name_len..]).map_err(parse_err)?;
-        if sample.labels.iter().any(|(k, v)| k == "model" && v == model) {
+        if sample.labels.iter().any(|(k, v)| k == MODEL_LABEL && v == model) {
             if !sample.value.is_finite() {
                 return Err(parse_err(format!("{} is not a finite number", sample.value)));
             }

@@ -87,8 +87,10 @@ pub(crate) fn router(state: AppState) -> Router {
 
 /// Routes of the metrics port.
 pub(crate) fn metrics_router() -> Router {
-    Router::new()
-        .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }))
+    Router::new().route(
+        ferrite_contract::metrics::PATH,
+        get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }),
+    )
 }
 
 async fn server_ready(State(state): State<AppState>) -> StatusCode {

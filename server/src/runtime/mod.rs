@@ -32,6 +32,29 @@ pub enum ExecutionProvider {
     Tensorrt,
 }
 
+/// The contract's providers (the names of `--execution-provider`) are the
+/// runtime's: exhaustive both ways, so a provider added on one side does not
+/// compile until the other has it.
+impl From<ferrite_contract::ExecutionProvider> for ExecutionProvider {
+    fn from(provider: ferrite_contract::ExecutionProvider) -> Self {
+        match provider {
+            ferrite_contract::ExecutionProvider::Cpu => ExecutionProvider::Cpu,
+            ferrite_contract::ExecutionProvider::Cuda => ExecutionProvider::Cuda,
+            ferrite_contract::ExecutionProvider::Tensorrt => ExecutionProvider::Tensorrt,
+        }
+    }
+}
+
+impl From<ExecutionProvider> for ferrite_contract::ExecutionProvider {
+    fn from(provider: ExecutionProvider) -> Self {
+        match provider {
+            ExecutionProvider::Cpu => ferrite_contract::ExecutionProvider::Cpu,
+            ExecutionProvider::Cuda => ferrite_contract::ExecutionProvider::Cuda,
+            ExecutionProvider::Tensorrt => ferrite_contract::ExecutionProvider::Tensorrt,
+        }
+    }
+}
+
 /// Settings of one ONNX Runtime session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionOptions {

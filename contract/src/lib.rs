@@ -1,0 +1,343 @@
+//! The contract between `ferrite-operator` and `ferrite-server`: everything
+//! the operator relies on when it runs the server in a pod, in one place.
+//!
+//! - [`ports`]: where the server listens by default (the operator does not
+//!   pass port flags; its container ports, probes, Service and metrics
+//!   scrapes use these numbers).
+//! - [`serve`] and [`fetch`]: the subcommands and [`Flag`]s the operator
+//!   puts on the server's and the init container's command lines.
+//! - [`metrics`]: the metric families and label the autoscaler reads.
+//! - [`exit`]: exit statuses the operator turns into status conditions.
+//! - [`ExecutionProvider`]: the provider names of `--execution-provider`.
+//!
+//! The server's command line is declared with these names, and tests on both
+//! sides check against them: the server's (`ferrite-server`'s `main.rs`) that
+//! every flag here is an argument of its subcommand with the same arity, the
+//! operator's (`resources.rs`) that the pods it builds use only flags from
+//! here. A change on one side that the other does not follow fails a test,
+//! not a pod.
+
+#![warn(missing_docs)]
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A long command-line flag of `ferrite-server`: its name, and whether a
+/// value follows it (`--max-batch-size 32`) or not (`--exit-on-load-failure`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flag {
+    name: &'static str,
+    takes_value: bool,
+}
+
+impl Flag {
+    /// A flag followed by one value.
+    pub const fn value(name: &'static str) -> Flag {
+        Flag { name, takes_value: true }
+    }
+
+    /// A flag that stands alone (a boolean switch).
+    pub const fn switch(name: &'static str) -> Flag {
+        Flag { name, takes_value: false }
+    }
+
+    /// The name without dashes, as clap's `#[arg(long = ...)]` takes it:
+    /// `max-batch-size`.
+    pub const fn name(self) -> &'static str {
+        self.name
+    }
+
+    /// Whether a value follows the flag on the command line.
+    pub const fn takes_value(self) -> bool {
+        self.takes_value
+    }
+
+    /// The flag as written on a command line: `--max-batch-size`.
+    pub fn arg(self) -> String {
+        format!("--{}", self.name)
+    }
+}
+
+impl fmt::Display for Flag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "--{}", self.name)
+    }
+}
+
+/// A `ferrite-server` command line under construction: a subcommand, then
+/// flags. Each flag is checked against its arity, so a value cannot be
+/// forgotten or added by mistake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandLine {
+    args: Vec<String>,
+}
+
+impl CommandLine {
+    /// `ferrite-server <subcommand>` (without the program name, as a
+    /// container's `args`).
+    pub fn new(subcommand: &str) -> CommandLine {
+        CommandLine { args: vec![subcommand.to_string()] }
+    }
+
+    /// Appends `--flag value`.
+    ///
+    /// # Panics
+    /// If `flag` is a [`Flag::switch`].
+    pub fn value(mut self, flag: Flag, value: impl Into<String>) -> CommandLine {
+        assert!(flag.takes_value, "{flag} takes no value");
+        self.args.push(flag.arg());
+        self.args.push(value.into());
+        self
+    }
+
+    /// Appends `--flag`.
+    ///
+    /// # Panics
+    /// If `flag` is a [`Flag::value`].
+    pub fn switch(mut self, flag: Flag) -> CommandLine {
+        assert!(!flag.takes_value, "{flag} takes a value");
+        self.args.push(flag.arg());
+        self
+    }
+
+    /// The arguments, subcommand first.
+    pub fn into_args(self) -> Vec<String> {
+        self.args
+    }
+}
+
+/// Default listening ports of `ferrite-server serve` (Triton's, which users
+/// know). The operator passes no port flags and relies on these.
+pub mod ports {
+    /// The KServe v2 REST API (`--http-port`).
+    pub const HTTP: u16 = 8000;
+    /// The gRPC API: inference, `grpc.health.v1` (one service per model,
+    /// named like the model, which the pods' probes ask), reflection
+    /// (`--grpc-port`).
+    pub const GRPC: u16 = 8001;
+    /// The Prometheus endpoint [`crate::metrics::PATH`] (`--metrics-port`).
+    pub const METRICS: u16 = 8002;
+}
+
+/// `ferrite-server serve`: the model server container.
+pub mod serve {
+    use crate::Flag;
+
+    /// The subcommand.
+    pub const SUBCOMMAND: &str = "serve";
+    /// Directory of models, `<dir>/<model>/<version>/...`.
+    pub const MODEL_REPOSITORY: Flag = Flag::value("model-repository");
+    /// Exit with [`crate::exit::MODEL_LOAD_FAILED`] when a model fails to
+    /// load at startup, instead of staying up and not ready.
+    pub const EXIT_ON_LOAD_FAILURE: Flag = Flag::switch("exit-on-load-failure");
+    /// Log format: [`LOG_FORMAT_JSON`] or `text` (a global flag, accepted
+    /// after the subcommand).
+    pub const LOG_FORMAT: Flag = Flag::value("log-format");
+    /// The value of [`LOG_FORMAT`] for one JSON object per line.
+    pub const LOG_FORMAT_JSON: &str = "json";
+    /// Largest dynamic batch; 1 turns batching off.
+    pub const MAX_BATCH_SIZE: Flag = Flag::value("max-batch-size");
+    /// Longest time, in microseconds, the batcher holds a request.
+    pub const MAX_QUEUE_DELAY_US: Flag = Flag::value("max-queue-delay-us");
+    /// Requests that may wait per model.
+    pub const MAX_QUEUE_SIZE: Flag = Flag::value("max-queue-size");
+    /// ONNX Runtime sessions per model.
+    pub const INSTANCES: Flag = Flag::value("instances");
+    /// Threads per session; 0 derives them from the CPU limit.
+    pub const INTRA_OP_THREADS: Flag = Flag::value("intra-op-threads");
+    /// One of the [`crate::ExecutionProvider`] names.
+    pub const EXECUTION_PROVIDER: Flag = Flag::value("execution-provider");
+    /// Seconds requests in flight get to finish after SIGTERM.
+    pub const SHUTDOWN_GRACE_SECONDS: Flag = Flag::value("shutdown-grace-seconds");
+    /// Port of the REST API, default [`crate::ports::HTTP`].
+    pub const HTTP_PORT: Flag = Flag::value("http-port");
+    /// Port of the gRPC API, default [`crate::ports::GRPC`].
+    pub const GRPC_PORT: Flag = Flag::value("grpc-port");
+    /// Port of the metrics endpoint, default [`crate::ports::METRICS`].
+    pub const METRICS_PORT: Flag = Flag::value("metrics-port");
+
+    /// Every flag of `serve` in the contract.
+    pub const FLAGS: &[Flag] = &[
+        MODEL_REPOSITORY,
+        EXIT_ON_LOAD_FAILURE,
+        LOG_FORMAT,
+        MAX_BATCH_SIZE,
+        MAX_QUEUE_DELAY_US,
+        MAX_QUEUE_SIZE,
+        INSTANCES,
+        INTRA_OP_THREADS,
+        EXECUTION_PROVIDER,
+        SHUTDOWN_GRACE_SECONDS,
+        HTTP_PORT,
+        GRPC_PORT,
+        METRICS_PORT,
+    ];
+}
+
+/// `ferrite-server fetch`: the init container that downloads the model.
+/// It exits 0 on success and non-zero on failure.
+pub mod fetch {
+    use crate::Flag;
+
+    /// The subcommand.
+    pub const SUBCOMMAND: &str = "fetch";
+    /// The model's URI (`http(s)://`, `s3://`, `gs://`, `az://`).
+    pub const URI: Flag = Flag::value("uri");
+    /// The model repository to write into.
+    pub const DEST: Flag = Flag::value("dest");
+    /// The directory under the repository that receives the model (the
+    /// served model name).
+    pub const MODEL_NAME: Flag = Flag::value("model-name");
+    /// Expected SHA-256 (hex) of a single-file model.
+    pub const SHA256: Flag = Flag::value("sha256");
+
+    /// Every flag of `fetch` in the contract.
+    pub const FLAGS: &[Flag] = &[URI, DEST, MODEL_NAME, SHA256];
+}
+
+/// Prometheus metrics of `ferrite-server` that the operator's autoscaler
+/// reads, on [`crate::ports::METRICS`] at [`PATH`].
+pub mod metrics {
+    /// The HTTP path of the text exposition.
+    pub const PATH: &str = "/metrics";
+    /// Gauge: requests (LLMs: sequences) waiting in a model's queue.
+    pub const QUEUE_DEPTH: &str = "ferrite_queue_depth";
+    /// Gauge: requests (LLMs: sequences) executing on a model.
+    pub const INFLIGHT_REQUESTS: &str = "ferrite_inflight_requests";
+    /// The label of both gauges that names the model.
+    pub const MODEL_LABEL: &str = "model";
+}
+
+/// Exit statuses of `ferrite-server` that the operator interprets.
+pub mod exit {
+    /// `serve` with [`crate::serve::EXIT_ON_LOAD_FAILURE`]: a model failed
+    /// to load at startup; the last line of stderr (the container's
+    /// termination message) says why.
+    pub const MODEL_LOAD_FAILED: i32 = 3;
+}
+
+/// An ONNX Runtime execution provider, by the name that
+/// [`serve::EXECUTION_PROVIDER`] takes (and that the `ModelDeployment`
+/// resource and `ferrite.json` use).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ExecutionProvider {
+    /// `cpu`: ONNX Runtime's default CPU provider.
+    #[default]
+    Cpu,
+    /// `cuda`: NVIDIA GPUs through CUDA.
+    Cuda,
+    /// `tensorrt`: NVIDIA GPUs through TensorRT (CUDA for what it cannot run).
+    Tensorrt,
+}
+
+impl ExecutionProvider {
+    /// Every provider, in the order of the command line's help.
+    pub const ALL: [ExecutionProvider; 3] =
+        [ExecutionProvider::Cpu, ExecutionProvider::Cuda, ExecutionProvider::Tensorrt];
+
+    /// The name: `cpu`, `cuda` or `tensorrt`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+            ExecutionProvider::Tensorrt => "tensorrt",
+        }
+    }
+
+    /// Whether the provider runs on a GPU (the pod needs one).
+    pub const fn uses_gpu(self) -> bool {
+        !matches!(self, ExecutionProvider::Cpu)
+    }
+}
+
+impl fmt::Display for ExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not one of [`ExecutionProvider::ALL`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownExecutionProvider(pub String);
+
+impl fmt::Display for UnknownExecutionProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = ExecutionProvider::ALL.iter().map(|p| p.as_str()).collect();
+        write!(f, "unknown execution provider {:?} (expected one of: {})", self.0, names.join(", "))
+    }
+}
+
+impl std::error::Error for UnknownExecutionProvider {}
+
+impl FromStr for ExecutionProvider {
+    type Err = UnknownExecutionProvider;
+
+    /// Parses a name exactly as [`ExecutionProvider::as_str`] writes it.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        ExecutionProvider::ALL
+            .into_iter()
+            .find(|p| p.as_str() == name)
+            .ok_or_else(|| UnknownExecutionProvider(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn providers_round_trip_by_name() {
+        for provider in ExecutionProvider::ALL {
+            assert_eq!(provider.as_str().parse::<ExecutionProvider>(), Ok(provider));
+            assert_eq!(provider.to_string(), provider.as_str());
+        }
+        let error = "CUDA".parse::<ExecutionProvider>().unwrap_err();
+        assert_eq!(error.to_string(), r#"unknown execution provider "CUDA" (expected one of: cpu, cuda, tensorrt)"#);
+        assert!(!ExecutionProvider::Cpu.uses_gpu() && ExecutionProvider::Tensorrt.uses_gpu());
+    }
+
+    #[test]
+    fn flags_are_unique_lowercase_names_without_dashes() {
+        for flags in [serve::FLAGS, fetch::FLAGS] {
+            let names: HashSet<_> = flags.iter().map(|f| f.name()).collect();
+            assert_eq!(names.len(), flags.len(), "a flag listed twice");
+            for flag in flags {
+                let name = flag.name();
+                assert!(!name.starts_with('-') && !name.ends_with('-'), "{name}");
+                assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{name}");
+                assert_eq!(flag.arg(), format!("--{name}"));
+                assert_eq!(flag.to_string(), flag.arg());
+            }
+        }
+    }
+
+    #[test]
+    fn command_lines_keep_flag_arity() {
+        let args = CommandLine::new(serve::SUBCOMMAND)
+            .value(serve::MAX_BATCH_SIZE, "8")
+            .switch(serve::EXIT_ON_LOAD_FAILURE)
+            .value(serve::EXECUTION_PROVIDER, ExecutionProvider::Cuda.as_str())
+            .into_args();
+        assert_eq!(args, ["serve", "--max-batch-size", "8", "--exit-on-load-failure", "--execution-provider", "cuda"]);
+    }
+
+    #[test]
+    #[should_panic(expected = "--exit-on-load-failure takes no value")]
+    fn a_switch_refuses_a_value() {
+        let _ = CommandLine::new(serve::SUBCOMMAND).value(serve::EXIT_ON_LOAD_FAILURE, "true");
+    }
+
+    #[test]
+    #[should_panic(expected = "--uri takes a value")]
+    fn a_valued_flag_needs_its_value() {
+        let _ = CommandLine::new(fetch::SUBCOMMAND).switch(fetch::URI);
+    }
+
+    #[test]
+    fn ports_are_distinct() {
+        let ports = HashSet::from([ports::HTTP, ports::GRPC, ports::METRICS]);
+        assert_eq!(ports.len(), 3);
+    }
+}
