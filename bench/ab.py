@@ -7,6 +7,9 @@ one FP32 Add over 1 MiB rows, where the request path's copies show) with the
 same settings as `make bench`; `ferrite-loadgen` alternates between them,
 round after round, at concurrency 1 and 8, so that drift on the machine hits
 both alike. Prints the median throughput and p50 of each, and their ratio.
+Then the same for the LLM (`make models`' SmolLM2 int4, OpenAI streaming
+API, bench/llm_bench.py's load): tokens/s and time to the first token at
+1 and 16 streams (`--llm-streams`; empty to skip).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--models", default="mlp,wide")
+    p.add_argument("--llm-streams", default="1,16")
+    p.add_argument("--llm-seconds", type=float, default=8)
     args = p.parse_args()
 
     models = bench.build_models()
@@ -100,7 +105,41 @@ def main() -> int:
                    for label in ("before", "after")}
             (bt, bp), (at, ap) = med["before"], med["after"]
             print(f"{model:6} {c:>3} | {bt:12.1f} {bp:8.0f} | {at:12.1f} {ap:8.0f} | {at / bt:9.3f}x {ap / bp:7.3f}x")
+    if args.llm_streams:
+        llm_ab(args.before, args.after, [int(n) for n in args.llm_streams.split(",")], args.rounds, args.llm_seconds)
     return 0
+
+
+def llm_ab(before: Path, after: Path, streams: list[int], rounds: int, seconds: float) -> None:
+    """Both binaries serving the LLM side by side, measured alternately."""
+    import asyncio
+
+    import llm_bench
+
+    procs, urls = {}, {}
+    results: dict[tuple, list[dict]] = {}
+    try:
+        for label, binary in (("before", before), ("after", after)):
+            port = bench.free_port()
+            procs[label] = llm_bench.start_ferrite(port, 2, binary, f"ab-{label}-llm.log")
+            urls[label] = f"http://127.0.0.1:{port}"
+        for r in range(rounds):
+            for n in streams:
+                for label in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                    result = asyncio.run(llm_bench.measure(urls[label], "smollm2", n, seconds, 0))
+                    results.setdefault((n, label), []).append(result)
+            print(f"LLM round {r + 1}/{rounds} done", flush=True)
+    finally:
+        for proc in procs.values():
+            llm_bench.stop(proc)
+    print(f"\n{'streams':>7} | {'before tok/s':>12} {'TTFT ms':>8} | {'after tok/s':>12} {'TTFT ms':>8} | "
+          f"{'tokens/s':>9} {'TTFT':>7}")
+    for n in streams:
+        med = {label: (statistics.median(x.get("tokens_per_s") or 0 for x in results[(n, label)]),
+                       statistics.median(x.get("ttft_ms_p50") or 0 for x in results[(n, label)]))
+               for label in ("before", "after")}
+        (bt, bf), (at, af) = med["before"], med["after"]
+        print(f"{n:>7} | {bt:12.1f} {bf:8.1f} | {at:12.1f} {af:8.1f} | {at / bt:8.3f}x {af / bf:6.3f}x")
 
 
 if __name__ == "__main__":

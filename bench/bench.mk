@@ -23,7 +23,7 @@ PROFILE_ARGS ?= --model mlp --concurrency 64
 bench-profile: venv ort release ## perf profile and flame graph of ferrite-server under load (needs perf)
 	$(PY) bench/profile.py $(PROFILE_ARGS)
 
-bench-ab: venv ort release ## compare two server binaries: make bench-ab BEFORE=path AFTER=path
+bench-ab: venv ort release models ## compare two server binaries: make bench-ab BEFORE=path AFTER=path
 	$(PY) bench/ab.py $(BEFORE) $(AFTER)
 
 # The LLM section (issue 6): ferrite-server's OpenAI API against llama.cpp's

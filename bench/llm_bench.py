@@ -172,12 +172,12 @@ def start_llama_server(port, threads):
     return p
 
 
-def start_ferrite(port, threads):
-    if not FERRITE.exists():
-        sys.exit(f"{FERRITE} missing: run `make release`")
-    log = open(CACHE / "bench" / "ferrite-llm.log", "w")
+def start_ferrite(port, threads, binary=FERRITE, log_name="ferrite-llm.log"):
+    if not binary.exists():
+        sys.exit(f"{binary} missing: run `make release`")
+    log = open(CACHE / "bench" / log_name, "w")
     env = dict(os.environ, ORT_DYLIB_PATH=str(ORT_LIB))
-    p = subprocess.Popen([str(FERRITE), "serve", "--model", f"smollm2={MODEL_DIR}", "--host", "127.0.0.1",
+    p = subprocess.Popen([str(binary), "serve", "--model", f"smollm2={MODEL_DIR}", "--host", "127.0.0.1",
                           "--http-port", str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2),
                           "--intra-op-threads", str(threads)], stdout=log, stderr=subprocess.STDOUT, env=env)
     # Ready only once every model has loaded (/v1/models answers before that).
