@@ -42,7 +42,6 @@ BENCH_CONCURRENCY (1,8,64), BENCH_CONFIGS (all), BENCH_CLIENTS
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ import urllib.request
 from pathlib import Path
 
 import outside_clients
+import triton_peer
 from servers import FLOOR, Server, free_port, start_floor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,9 +63,6 @@ PY = ROOT / ".venv" / "bin" / "python"
 LOADGEN = ROOT / "target" / "release" / "ferrite-loadgen"
 SERVER = ROOT / "target" / "release" / "ferrite-server"
 ORT_LIB = Path(os.environ.get("ORT_DYLIB_PATH", ROOT / ".cache" / "onnxruntime" / "libonnxruntime.so"))
-
-PYTRITON_VERSION = "0.7.0"  # ships tritonserver 2.51 with the Python backend
-TRITON_REQUIREMENTS = ROOT / "bench" / "triton" / "requirements.txt"
 
 # Largest batch of the batching servers (and of raw ORT batched). ResNet-50
 # is compute bound on a CPU (a batch of 8 costs about 8 images), and a batch
@@ -146,94 +143,6 @@ def signature(path: Path) -> tuple[list, list]:
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     shape = lambda v: [d if isinstance(d, int) else -1 for d in v.shape]  # noqa: E731
     return ([(i.name, i.type, shape(i)) for i in s.get_inputs()], [(o.name, o.type, shape(o)) for o in s.get_outputs()])
-
-
-# ------------------------------------------------------------------ Triton
-def setup_triton() -> dict:
-    """tritonserver from the nvidia-pytriton wheel (downloaded once, unpacked,
-    run in place), the Python backend with the stub for this Python, and a
-    virtualenv with numpy < 2 and onnxruntime for the model."""
-    wheels = CACHE / "wheels"
-    wheel = next(iter(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl")), None)
-    if wheel is None:
-        log(f"downloading nvidia-pytriton {PYTRITON_VERSION} (55 MB, once)")
-        subprocess.run(
-            [str(PY), "-m", "pip", "download", "--no-deps", "--progress-bar", "off", "-d", str(wheels),
-             f"nvidia-pytriton=={PYTRITON_VERSION}"],
-            check=True,
-        )
-        wheel = next(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl"))
-    unpacked = CACHE / f"pytriton-{PYTRITON_VERSION}"
-    if not (unpacked / ".unpacked").exists():
-        log(f"unpacking {wheel.name}")
-        shutil.rmtree(unpacked, ignore_errors=True)
-        import zipfile
-
-        with zipfile.ZipFile(wheel) as z:
-            z.extractall(unpacked)
-        (unpacked / ".unpacked").touch()
-    home = unpacked / "pytriton" / "tritonserver"
-    binary = home / "bin" / "tritonserver"
-    binary.chmod(0o755)
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = home / "python_backend_stubs" / pyver / "triton_python_backend_stub"
-    if not stub.exists():
-        raise SystemExit(f"the nvidia-pytriton wheel has no Python backend stub for Python {pyver}")
-    backends = CACHE / "triton-backends"
-    python_backend = backends / "python"
-    python_backend.mkdir(parents=True, exist_ok=True)
-    for f in [home / "backends" / "python" / "libtriton_python.so", stub]:
-        shutil.copy2(f, python_backend / f.name)
-    (python_backend / "triton_python_backend_stub").chmod(0o755)
-
-    venv = CACHE / "triton-venv"
-    stamp = hashlib.sha256(TRITON_REQUIREMENTS.read_bytes()).hexdigest()
-    marker = venv / ".installed"
-    if not marker.exists() or marker.read_text() != stamp:
-        log(f"building {venv.relative_to(ROOT)} ({TRITON_REQUIREMENTS.relative_to(ROOT)}: numpy<2, onnxruntime)")
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable if sys.version_info[:2] == (3, 11) else "python3", "-m", "venv", str(venv)],
-                       check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--progress-bar", "off", "-q",
-                        "-r", str(TRITON_REQUIREMENTS)], check=True)
-        marker.write_text(stamp)
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    # The stub embeds the system's libpython in isolated mode (PYTHONPATH is
-    # ignored) and imports triton_python_backend_utils, which imports numpy,
-    # before any model.py: the copy in our backend directory puts the
-    # virtualenv first on sys.path.
-    utils = (home / "backends" / "python" / "triton_python_backend_utils.py").read_text()
-    (python_backend / "triton_python_backend_utils.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(site)!r})  # added by ferrite's bench/bench.py\n" + utils)
-    return {"binary": binary, "libs": unpacked / "nvidia_pytriton.libs", "backends": backends, "site": site}
-
-
-TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(string)": "TYPE_STRING", "tensor(bool)": "TYPE_BOOL",
-                "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(double)": "TYPE_FP64"}
-
-
-def triton_repository(repo: Path, models: dict[str, Path], threads: int, site: Path) -> None:
-    for name, path in models.items():
-        inputs, outputs = signature(path)
-
-        def tensors(values):
-            out = []
-            for tname, ttype, shape in values:
-                dims = shape[1:] or [1]  # Triton's batch dimension is implicit
-                out.append(f'  {{ name: "{tname}" data_type: {TRITON_TYPES[ttype]} dims: {dims} }}')
-            return ",\n".join(out)
-
-        d = repo / name
-        (d / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / "bench" / "triton" / "model.py", d / "1" / "model.py")
-        params = {"onnx_path": str(path), "intra_op_threads": str(threads), "venv_site_packages": str(site)}
-        (d / "config.pbtxt").write_text(
-            f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH[name]}\n'
-            f"input [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n"
-            "dynamic_batching { }\n"
-            'instance_group [ { count: 1 kind: KIND_CPU } ]\n'
-            + "".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
-        )
 
 
 def ferrite_repository(repo: Path, models: dict[str, Path], threads: int) -> None:
@@ -507,8 +416,9 @@ def main() -> int:
             ports["ferrite"] = {"grpc": grpc, "http": http}
             versions["ferrite"] = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http}/v2")).get("version")
         if "triton" in configs:
-            triton = setup_triton()
-            triton_repository(run_dir / "triton-repo", paths, threads, triton["site"])
+            triton = triton_peer.setup(CACHE, PY)
+            served = {m: (p, signature(p), MAX_BATCH[m]) for m, p in paths.items()}
+            triton_peer.repository(run_dir / "triton-repo", served, threads, triton["site"])
             grpc, http = free_port(), free_port()
             log(f"starting tritonserver (gRPC 127.0.0.1:{grpc}; loading models takes a while)")
             env = os.environ | {"LD_LIBRARY_PATH": str(triton["libs"])}
@@ -567,7 +477,7 @@ def main() -> int:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "machine": machine(),
         "revision": git_revision(),
-        "versions": versions | {"onnxruntime": ort_version(), "pytriton": PYTRITON_VERSION},
+        "versions": versions | {"onnxruntime": ort_version(), "pytriton": triton_peer.PYTRITON_VERSION},
         "threads": threads,
         "max_batch_size": {m: MAX_BATCH[m] for m in models},
         "models": models,
