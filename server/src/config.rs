@@ -27,7 +27,14 @@ pub struct ModelSettingsFile {
     /// See [`ModelSettings::intra_op_threads`].
     pub intra_op_threads: Option<usize>,
     /// See [`ModelSettings::execution_provider`].
+    #[serde(default, deserialize_with = "provider_name")]
     pub execution_provider: Option<ExecutionProvider>,
+}
+
+/// An execution provider by the contract's name (`cpu`, `cuda`, `tensorrt`).
+fn provider_name<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<ExecutionProvider>, D::Error> {
+    let name = String::deserialize(deserializer)?;
+    name.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 impl ModelSettingsFile {
@@ -163,8 +170,7 @@ mod tests {
         for provider in ferrite_contract::ExecutionProvider::ALL {
             let json = format!(r#"{{"execution_provider": "{provider}"}}"#);
             let file: ModelSettingsFile = serde_json::from_str(&json).unwrap();
-            assert_eq!(file.execution_provider, Some(provider.into()));
-            assert_eq!(ferrite_contract::ExecutionProvider::from(ExecutionProvider::from(provider)), provider);
+            assert_eq!(file.execution_provider, Some(provider));
         }
     }
 

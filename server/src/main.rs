@@ -192,7 +192,7 @@ impl ServeArgs {
                 max_queue_size: self.max_queue_size.max(1),
                 instance_count: self.instances.max(1),
                 intra_op_threads: self.intra_op_threads,
-                execution_provider: self.execution_provider.into(),
+                execution_provider: self.execution_provider,
             },
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
@@ -323,7 +323,7 @@ mod tests {
                 #[allow(unreachable_patterns)]
                 _ => unreachable!("parsed `serve`"),
             };
-            assert_eq!(contract::ExecutionProvider::from(options.defaults.execution_provider), provider);
+            assert_eq!(options.defaults.execution_provider, provider);
             assert!(options.exit_on_load_failure);
             assert_eq!(options.defaults.max_batch_size, 8);
             let ports = [options.http_addr.port(), options.grpc_addr.port(), options.metrics_addr.port()];

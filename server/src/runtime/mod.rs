@@ -19,41 +19,9 @@ use crate::tensor::{DataType, Tensor, TensorData};
 #[cfg(target_endian = "big")]
 compile_error!("ferrite copies tensors as little-endian bytes; big-endian hosts are not supported");
 
-/// Which ONNX Runtime execution provider runs a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutionProvider {
-    /// ONNX Runtime's CPU provider.
-    #[default]
-    Cpu,
-    /// NVIDIA CUDA.
-    Cuda,
-    /// NVIDIA TensorRT, with CUDA for what it cannot run.
-    Tensorrt,
-}
-
-/// The contract's providers (the names of `--execution-provider`) are the
-/// runtime's: exhaustive both ways, so a provider added on one side does not
-/// compile until the other has it.
-impl From<ferrite_contract::ExecutionProvider> for ExecutionProvider {
-    fn from(provider: ferrite_contract::ExecutionProvider) -> Self {
-        match provider {
-            ferrite_contract::ExecutionProvider::Cpu => ExecutionProvider::Cpu,
-            ferrite_contract::ExecutionProvider::Cuda => ExecutionProvider::Cuda,
-            ferrite_contract::ExecutionProvider::Tensorrt => ExecutionProvider::Tensorrt,
-        }
-    }
-}
-
-impl From<ExecutionProvider> for ferrite_contract::ExecutionProvider {
-    fn from(provider: ExecutionProvider) -> Self {
-        match provider {
-            ExecutionProvider::Cpu => ferrite_contract::ExecutionProvider::Cpu,
-            ExecutionProvider::Cuda => ferrite_contract::ExecutionProvider::Cuda,
-            ExecutionProvider::Tensorrt => ferrite_contract::ExecutionProvider::Tensorrt,
-        }
-    }
-}
+/// Which ONNX Runtime execution provider runs a model: the contract's
+/// (`--execution-provider` names them, the operator passes them).
+pub use ferrite_contract::ExecutionProvider;
 
 /// Settings of one ONNX Runtime session.
 #[derive(Debug, Clone, Copy)]
