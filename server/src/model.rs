@@ -13,6 +13,7 @@ use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::{InferRequest, InferResponse, Reply};
 use crate::llm::request::GenerateOptions;
+use crate::llm::template::ChatMessage;
 use crate::llm::{Generation, Llm};
 use crate::metrics::METRICS;
 use crate::runtime::{ModelBytes, Runtime};
@@ -86,10 +87,32 @@ impl Model {
         self.backend.info()
     }
 
-    /// The LLM behind this model, if it is one: the text frontends
-    /// (OpenAI's API) build prompts with it, then call [`Model::generate`].
-    pub fn llm(&self) -> Option<&Llm> {
-        self.llm.as_deref()
+    /// Whether the model generates text (an LLM): OpenAI's API serves
+    /// only these. Prompts come from [`Model::chat_prompt`],
+    /// [`Model::text_prompt`] or [`Model::token_prompt`], then go to
+    /// [`Model::generate`].
+    pub fn generates_text(&self) -> bool {
+        self.llm.is_some()
+    }
+
+    /// Prompt tokens of a chat: the chat template applied, with the
+    /// generation prompt added.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> InferResult<Vec<u32>> {
+        self.text_model()?.chat_prompt(messages)
+    }
+
+    /// Prompt tokens of plain text.
+    pub fn text_prompt(&self, text: &str) -> InferResult<Vec<u32>> {
+        self.text_model()?.text_prompt(text)
+    }
+
+    /// A prompt given as token ids, checked against the vocabulary.
+    pub fn token_prompt(&self, tokens: Vec<u32>) -> InferResult<Vec<u32>> {
+        self.text_model()?.token_prompt(tokens)
+    }
+
+    fn text_model(&self) -> InferResult<&Llm> {
+        self.llm.as_deref().ok_or_else(|| InferError::invalid(format!("model '{}' is not an LLM", self.name)))
     }
 
     /// Runs a request to its whole answer.
@@ -145,7 +168,7 @@ impl Model {
     /// Starts generating from prompt tokens (an LLM only), counted as one
     /// request until the generation ends or is dropped.
     pub fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
-        let llm = self.llm().ok_or_else(|| InferError::invalid(format!("model '{}' is not an LLM", self.name)))?;
+        let llm = self.text_model()?;
         let record = self.record();
         match llm.generate(prompt, options) {
             Ok(generation) => Ok(generation.counted(record)),

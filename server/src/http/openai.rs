@@ -214,7 +214,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, InferError> {
 /// The LLM named by a request.
 fn llm_model(state: &ServerState, name: &str) -> Result<Arc<Model>, InferError> {
     let model = state.model(name, "")?;
-    if model.llm().is_none() {
+    if !model.generates_text() {
         return Err(InferError::not_found(format!("model '{name}' is not a language model")));
     }
     Ok(model)
@@ -223,14 +223,13 @@ fn llm_model(state: &ServerState, name: &str) -> Result<Arc<Model>, InferError> 
 async fn chat_completions(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let request: ChatRequest = parse(&body)?;
     let model = llm_model(&state, &request.model)?;
-    let llm = model.llm().expect("checked");
     let messages = request
         .messages
         .into_iter()
         .map(|m| Ok(ChatMessage { role: m.role, content: m.content.into_text()? }))
         .collect::<Result<Vec<_>, InferError>>()?;
     let options = request.common.options()?;
-    let prompt = llm.chat_prompt(&messages)?;
+    let prompt = model.chat_prompt(&messages)?;
     let generation = model.generate(prompt, &options)?;
     let reply = Reply::new(Kind::Chat, request.model);
     if request.common.stream {
@@ -243,24 +242,17 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> ApiResu
 async fn completions(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
     let request: CompletionRequest = parse(&body)?;
     let model = llm_model(&state, &request.model)?;
-    let llm = model.llm().expect("checked");
     if request.echo {
         return Err(InferError::invalid("echo is not supported").into());
     }
     let options = request.common.options()?;
     let prompt = match request.prompt {
-        Prompt::Text(text) => llm.text_prompt(&text)?,
-        Prompt::Texts(texts) if texts.len() == 1 => llm.text_prompt(&texts[0])?,
+        Prompt::Text(text) => model.text_prompt(&text)?,
+        Prompt::Texts(texts) if texts.len() == 1 => model.text_prompt(&texts[0])?,
         Prompt::Texts(_) => {
             return Err(InferError::invalid("prompt must be one string (batches are not supported)").into())
         }
-        Prompt::Tokens(tokens) => {
-            let vocab = llm.config.vocab_size as u32;
-            if tokens.is_empty() || tokens.iter().any(|&t| t >= vocab) {
-                return Err(InferError::invalid(format!("prompt tokens must be non-empty and below {vocab}")).into());
-            }
-            tokens
-        }
+        Prompt::Tokens(tokens) => model.token_prompt(tokens)?,
     };
     let generation = model.generate(prompt, &options)?;
     let reply = Reply::new(Kind::Completion, request.model);
@@ -422,7 +414,7 @@ impl Reply {
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
     let mut names: Vec<String> =
-        state.repository.loaded(None).iter().filter(|m| m.llm().is_some()).map(|m| m.name.clone()).collect();
+        state.repository.loaded(None).iter().filter(|m| m.generates_text()).map(|m| m.name.clone()).collect();
     names.dedup();
     Json(json!({"object": "list", "data": names.iter().map(|n| model_object(n)).collect::<Vec<_>>()}))
 }

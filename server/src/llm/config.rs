@@ -19,7 +19,7 @@ pub(crate) const FORMAT: u32 = 1;
 
 /// The contents of `llm.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct LlmConfig {
+pub(crate) struct LlmConfig {
     pub format: u32,
     #[serde(default)]
     pub architecture: String,
@@ -44,7 +44,7 @@ pub struct LlmConfig {
 /// Generation settings used when a request does not give them.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(default)]
-pub struct Defaults {
+pub(crate) struct Defaults {
     pub max_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
@@ -59,7 +59,7 @@ impl Default for Defaults {
 
 impl LlmConfig {
     /// Reads and checks `dir/llm.json`.
-    pub fn read(dir: &Path) -> anyhow::Result<LlmConfig> {
+    pub(crate) fn read(dir: &Path) -> anyhow::Result<LlmConfig> {
         let path = dir.join(LLM_CONFIG_FILE);
         let text = std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         let config: LlmConfig =

@@ -42,7 +42,7 @@ const CONTEXT_LENGTH_ERROR: &str = "This model's maximum context length is";
 pub(crate) const MAX_STOP_STRINGS: usize = 16;
 
 /// A loaded LLM: configuration, tokenizer, chat template and engine.
-pub struct Llm {
+pub(crate) struct Llm {
     /// The model directory's `llm.json`.
     pub config: LlmConfig,
     info: BackendInfo,
@@ -57,7 +57,7 @@ impl Llm {
     /// Loads the model directory `dir` and starts its engine. Decode batch
     /// size and waiting queue come from the model settings
     /// (`max_batch_size`, `max_queue_size`).
-    pub fn load(
+    pub(crate) fn load(
         runtime: &Runtime,
         name: &str,
         dir: &Path,
@@ -101,7 +101,7 @@ impl Llm {
 
     /// Prompt tokens of a chat: the chat template applied, with the
     /// generation prompt added.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> InferResult<Vec<u32>> {
+    pub(crate) fn chat_prompt(&self, messages: &[ChatMessage]) -> InferResult<Vec<u32>> {
         let template = self
             .template
             .as_ref()
@@ -114,8 +114,17 @@ impl Llm {
     }
 
     /// Prompt tokens of plain text.
-    pub fn text_prompt(&self, text: &str) -> InferResult<Vec<u32>> {
+    pub(crate) fn text_prompt(&self, text: &str) -> InferResult<Vec<u32>> {
         self.tokens(text)
+    }
+
+    /// A prompt given as token ids: non-empty, each in the vocabulary.
+    pub(crate) fn token_prompt(&self, tokens: Vec<u32>) -> InferResult<Vec<u32>> {
+        let vocab = self.config.vocab_size as u32;
+        if tokens.is_empty() || tokens.iter().any(|&t| t >= vocab) {
+            return Err(InferError::invalid(format!("prompt tokens must be non-empty and below {vocab}")));
+        }
+        Ok(tokens)
     }
 
     fn tokens(&self, text: &str) -> InferResult<Vec<u32>> {
@@ -132,7 +141,7 @@ impl Llm {
 
     /// Checks options against the model: sampling ranges, stop strings and
     /// the context length.
-    pub fn prepare(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<GenerateRequest> {
+    pub(crate) fn prepare(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<GenerateRequest> {
         let defaults = &self.config.defaults;
         let sampling = SamplingParams {
             temperature: options.temperature.unwrap_or(defaults.temperature),
@@ -154,7 +163,7 @@ impl Llm {
 
     /// Prepares and queues a request. The caller counts it
     /// ([`Model`](crate::model::Model) does).
-    pub fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
+    pub(crate) fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
         let request = self.prepare(prompt, options)?;
         let prompt_tokens = request.prompt.len();
         let receiver = self.engine.submit(request)?;
@@ -162,7 +171,7 @@ impl Llm {
     }
 
     /// Stops taking requests.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.engine.close();
     }
 }

@@ -7,7 +7,7 @@ use crate::llm::sampling::SamplingParams;
 
 /// A validated generation request: tokens in, limits and sampling set.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
+pub(crate) struct GenerateRequest {
     /// The prompt's tokens (BOS and chat template already applied).
     pub prompt: Vec<u32>,
     /// Most tokens to generate; prompt + max_tokens fits the context.

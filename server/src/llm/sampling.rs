@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 /// How one sequence picks its tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SamplingParams {
+pub(crate) struct SamplingParams {
     /// 0 picks the most likely token (greedy).
     pub temperature: f32,
     /// Keep only the `top_k` most likely tokens; 0 keeps all.
@@ -39,7 +39,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// Checks the ranges; the message names the parameter.
-    pub fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
             return Err(format!("temperature must be between 0 and 100, not {}", self.temperature));
         }
