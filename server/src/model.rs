@@ -118,10 +118,10 @@ impl Model {
     /// Runs a request to its whole answer.
     pub async fn infer(&self, request: InferRequest) -> InferResult<InferResponse> {
         let record = self.record();
-        let id = request.id.clone();
+        let head = self.head(&request);
         let result = self.backend.infer(request).await;
         record.finish(result.as_ref().map(|_| ()).map_err(|e| e.kind));
-        Ok(self.response(&id, result?))
+        Ok(head.respond(result?))
     }
 
     /// Runs a request, answering step by step (an LLM streams one response
@@ -129,7 +129,7 @@ impl Model {
     /// after its first error.
     pub fn infer_stream(&self, request: InferRequest) -> InferResult<BoxStream<'static, InferResult<InferResponse>>> {
         let record = self.record();
-        let id = request.id.clone();
+        let head = self.head(&request);
         let replies = match self.backend.clone().infer_stream(request) {
             Ok(replies) => replies,
             Err(error) => {
@@ -137,20 +137,12 @@ impl Model {
                 return Err(error);
             }
         };
-        let (name, version) = (self.name.clone(), self.version.to_string());
-        let respond = move |reply: Reply| InferResponse {
-            model_name: name.clone(),
-            model_version: version.clone(),
-            id: id.clone(),
-            outputs: reply.outputs,
-            parameters: reply.parameters,
-        };
         Ok(stream::unfold((replies, Some(record)), move |(mut replies, record)| {
-            let respond = respond.clone();
+            let head = head.clone();
             async move {
                 let record = record?;
                 match replies.next().await {
-                    Some(Ok(reply)) => Some((Ok(respond(reply)), (replies, Some(record)))),
+                    Some(Ok(reply)) => Some((Ok(head.respond(reply)), (replies, Some(record)))),
                     Some(Err(error)) => {
                         record.finish(Err(error.kind));
                         Some((Err(error), (replies, None)))
@@ -188,11 +180,25 @@ impl Model {
         RequestRecord::start(self.label.clone(), self.stats.clone())
     }
 
-    fn response(&self, id: &str, reply: Reply) -> InferResponse {
+    fn head(&self, request: &InferRequest) -> ResponseHead {
+        ResponseHead { model_name: self.name.clone(), model_version: self.version.to_string(), id: request.id.clone() }
+    }
+}
+
+/// What every response to one request carries besides its reply.
+#[derive(Clone)]
+struct ResponseHead {
+    model_name: String,
+    model_version: String,
+    id: String,
+}
+
+impl ResponseHead {
+    fn respond(&self, reply: Reply) -> InferResponse {
         InferResponse {
-            model_name: self.name.clone(),
-            model_version: self.version.to_string(),
-            id: id.to_string(),
+            model_name: self.model_name.clone(),
+            model_version: self.model_version.clone(),
+            id: self.id.clone(),
             outputs: reply.outputs,
             parameters: reply.parameters,
         }
