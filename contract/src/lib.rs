@@ -155,6 +155,23 @@ pub mod serve {
     pub const GRPC_PORT: Flag = Flag::value("grpc-port");
     /// Port of the metrics endpoint, default [`crate::ports::METRICS`].
     pub const METRICS_PORT: Flag = Flag::value("metrics-port");
+    /// Whether clients may load and unload models through the repository
+    /// API: [`MODEL_CONTROL_NONE`] (the default, refused) or
+    /// [`MODEL_CONTROL_EXPLICIT`] (Triton's names).
+    pub const MODEL_CONTROL_MODE: Flag = Flag::value("model-control-mode");
+    /// [`MODEL_CONTROL_MODE`]: repository load/unload refused.
+    pub const MODEL_CONTROL_NONE: &str = "none";
+    /// [`MODEL_CONTROL_MODE`]: repository load/unload allowed.
+    pub const MODEL_CONTROL_EXPLICIT: &str = "explicit";
+    /// PEM certificate chain: gRPC and HTTP then speak TLS only.
+    pub const TLS_CERT: Flag = Flag::value("tls-cert");
+    /// PEM private key of [`TLS_CERT`].
+    pub const TLS_KEY: Flag = Flag::value("tls-key");
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    pub const TLS_CLIENT_CA: Flag = Flag::value("tls-client-ca");
+    /// File of API keys, one per line: gRPC and HTTP inference calls then
+    /// need `authorization: Bearer <key>` (health and metrics stay open).
+    pub const API_KEY_FILE: Flag = Flag::value("api-key-file");
 
     /// Every flag of `serve` in the contract.
     pub const FLAGS: &[Flag] = &[
@@ -171,6 +188,11 @@ pub mod serve {
         HTTP_PORT,
         GRPC_PORT,
         METRICS_PORT,
+        MODEL_CONTROL_MODE,
+        TLS_CERT,
+        TLS_KEY,
+        TLS_CLIENT_CA,
+        API_KEY_FILE,
     ];
 }
 
@@ -190,9 +212,27 @@ pub mod fetch {
     pub const MODEL_NAME: Flag = Flag::value("model-name");
     /// Expected SHA-256 (hex) of a single-file model.
     pub const SHA256: Flag = Flag::value("sha256");
+    /// Most bytes the fetch may write (downloaded and unpacked together).
+    pub const MAX_BYTES: Flag = Flag::value("max-bytes");
+    /// Most files the fetch may write.
+    pub const MAX_FILES: Flag = Flag::value("max-files");
 
     /// Every flag of `fetch` in the contract.
-    pub const FLAGS: &[Flag] = &[URI, DEST, MODEL_NAME, SHA256];
+    pub const FLAGS: &[Flag] = &[URI, DEST, MODEL_NAME, SHA256, MAX_BYTES, MAX_FILES];
+}
+
+/// Health endpoints that the pods' probes use when gRPC probes cannot
+/// (`--tls-cert` set: the kubelet's gRPC probe speaks no TLS). They are
+/// served in plain HTTP on [`crate::ports::METRICS`], which carries no model
+/// data and needs no API key, as well as on the REST port.
+pub mod health {
+    /// Liveness: 200 while the process serves (the gRPC health service `""`).
+    pub const LIVE_PATH: &str = "/v2/health/live";
+
+    /// Readiness of one model: 200 when it serves, 4xx/503 otherwise.
+    pub fn model_ready_path(model: &str) -> String {
+        format!("/v2/models/{model}/ready")
+    }
 }
 
 /// Prometheus metrics of `ferrite-server` that the operator's autoscaler
