@@ -20,7 +20,7 @@ include bench/bench.mk
 # make models: LLM model directories converted from GGUF (docs/llm.md).
 include models/models.mk
 
-.PHONY: help venv ort build release test test-rust test-python demo-local fuzz bench-resnet50 manifests storage-servers clean
+.PHONY: help venv ort build release test test-rust test-python test-hostile demo-local fuzz bench-resnet50 manifests storage-servers clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,7 +53,7 @@ demo-local: venv ort build ## no cluster: run the server on its embedded demo mo
 # The end-to-end tests (e2e/e2e.mk) come last: they need root, the images
 # (here packed from the debug build, see images/images.mk) and the cluster
 # binaries, and say so loudly when they cannot run (failing under CI=true).
-test: test-rust test-python test-models ## run every test
+test: test-rust test-python test-hostile test-models ## run every test
 	$(MAKE) --no-print-directory e2e IMAGE_PROFILE=debug
 
 # ferrite-fetch's tests run against real storage servers: MinIO (s3://),
@@ -74,6 +74,12 @@ manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/in
 
 test-python: venv ort build models
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
+
+# Every attack of docs/security.md against a running server, while a
+# well-behaved client keeps calling and the server's peak RSS is measured;
+# the table lands in target/hostile/report.md.
+test-hostile: venv ort build models ## attacks against a running server (docs/security.md)
+	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/hostile
 
 FUZZ_SECONDS ?= 60
 fuzz: ## coverage-guided fuzzing of request decoding and validation (nightly toolchain)
