@@ -1,7 +1,8 @@
 //! API keys (`--api-key-file`): with keys configured, every call on the
 //! gRPC and HTTP ports must carry `authorization: Bearer <key>`, except
-//! health (`grpc.health.v1`, `/v2/health/*`), which probes and load
-//! balancers call without credentials. The metrics port never asks.
+//! health (`grpc.health.v1`, ServerLive/ServerReady, `/v2/health/*`), which
+//! probes and load balancers call without credentials. The metrics port
+//! never asks.
 //!
 //! Keys are kept as SHA-256 digests and compared in constant time, so
 //! neither a key's content nor its length shows in response times. No key
@@ -108,18 +109,58 @@ pub(crate) async fn require_http_key(State(keys): State<Arc<ApiKeys>>, request: 
     }
 }
 
-/// tonic interceptor of the inference and reflection services (health is
-/// added without it): UNAUTHENTICATED unless the call carries a valid key.
+/// gRPC methods served without a key: health, for probes, and the
+/// inference service's own liveness and readiness (as `/v2/health/*`).
+const OPEN_GRPC_PATHS: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+];
+
+/// tower layer of the gRPC server: UNAUTHENTICATED, before the message is
+/// decoded, unless the call is to an open path or carries a valid key.
 /// Without keys it lets everything through.
 #[derive(Clone)]
-pub(crate) struct GrpcAuth(pub(crate) Option<Arc<ApiKeys>>);
+pub(crate) struct GrpcAuthLayer(pub(crate) Option<Arc<ApiKeys>>);
 
-impl tonic::service::Interceptor for GrpcAuth {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let Some(keys) = &self.0 else { return Ok(request) };
-        match keys.check(request.metadata().get("authorization").map(|value| value.as_bytes())) {
-            Ok(()) => Ok(request),
-            Err(refusal) => Err(tonic::Status::unauthenticated(refusal.message())),
+impl<S> tower::Layer<S> for GrpcAuthLayer {
+    type Service = GrpcAuth<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcAuth { keys: self.0.clone(), inner }
+    }
+}
+
+/// The service that [`GrpcAuthLayer`] wraps around.
+#[derive(Clone)]
+pub(crate) struct GrpcAuth<S> {
+    keys: Option<Arc<ApiKeys>>,
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<axum::http::Request<B>> for GrpcAuth<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = axum::http::Response<R>;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, std::future::Ready<Result<Self::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        use futures::future::Either;
+        let Some(keys) = &self.keys else { return Either::Left(self.inner.call(request)) };
+        let path = request.uri().path();
+        if OPEN_GRPC_PATHS.iter().any(|open| path.starts_with(open)) {
+            return Either::Left(self.inner.call(request));
+        }
+        match keys.check(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+            Ok(()) => Either::Left(self.inner.call(request)),
+            Err(refusal) => Either::Right(std::future::ready(Ok(tonic::Status::unauthenticated(refusal.message()).into_http()))),
         }
     }
 }

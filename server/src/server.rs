@@ -13,12 +13,11 @@ use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceServic
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::auth::{ApiKeys, GrpcAuth};
+use crate::auth::{ApiKeys, GrpcAuthLayer};
 use crate::config::ModelSettings;
 use crate::grpc::InferenceService;
 use crate::policy::Policy;
@@ -125,15 +124,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         // below reports that as INVALID_ARGUMENT like other bad input.
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
-    let auth = GrpcAuth(api_keys.clone());
     let grpc = tonic::transport::Server::builder()
         .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
         .layer(tonic::service::InterceptorLayer::new(crate::grpc::stamp_arrival))
-        // Health stays open (probes carry no key); the rest needs one.
+        .layer(GrpcAuthLayer(api_keys.clone()))
         .add_service(health_service)
-        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
-        .add_service(InterceptedService::new(reflection_v1alpha, auth.clone()))
-        .add_service(InterceptedService::new(inference, auth));
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(inference);
     let grpc = match &tls {
         Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
             TlsListener::new(grpc_listener, grpc_tls.clone())?.into_stream(),
