@@ -50,19 +50,16 @@ impl ApiKeys {
     /// starting with `#` are ignored. A file without keys is an error (it
     /// would lock every client out).
     pub(crate) fn read(path: &Path) -> anyhow::Result<ApiKeys> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
         let keys = ApiKeys::parse(&text);
         anyhow::ensure!(!keys.digests.is_empty(), "--api-key-file {} holds no key", path.display());
         Ok(keys)
     }
 
     fn parse(text: &str) -> ApiKeys {
-        let digests = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(digest)
-            .collect();
+        let digests =
+            text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#')).map(digest).collect();
         ApiKeys { digests }
     }
 
@@ -160,7 +157,9 @@ where
         }
         match keys.check(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
             Ok(()) => Either::Left(self.inner.call(request)),
-            Err(refusal) => Either::Right(std::future::ready(Ok(tonic::Status::unauthenticated(refusal.message()).into_http()))),
+            Err(refusal) => {
+                Either::Right(std::future::ready(Ok(tonic::Status::unauthenticated(refusal.message()).into_http())))
+            }
         }
     }
 }

@@ -240,7 +240,11 @@ impl ServeArgs {
             onnxruntime: self.onnxruntime,
             exit_on_load_failure: self.exit_on_load_failure,
             policy: Policy { model_control: self.model_control_mode, allow_priority: self.allow_priority },
-            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: self.tls_client_ca }),
+            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
             api_key_file: self.api_key_file,
         }
     }
@@ -368,7 +372,8 @@ mod tests {
         assert!(serve_options(&["--tls-cert", "c.pem"]).is_err());
         assert!(serve_options(&["--tls-key", "k.pem"]).is_err());
         assert!(serve_options(&["--tls-client-ca", "ca.pem"]).is_err());
-        let options = serve_options(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]).unwrap();
+        let options =
+            serve_options(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]).unwrap();
         let tls = options.tls.unwrap();
         assert_eq!(tls.client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
     }

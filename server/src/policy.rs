@@ -38,7 +38,11 @@ impl std::str::FromStr for ModelControlMode {
 
     fn from_str(name: &str) -> Result<Self, String> {
         Self::ALL.into_iter().find(|mode| mode.as_str() == name).ok_or_else(|| {
-            format!("unknown model control mode '{name}' (expected {} or {})", flags::MODEL_CONTROL_NONE, flags::MODEL_CONTROL_EXPLICIT)
+            format!(
+                "unknown model control mode '{name}' (expected {} or {})",
+                flags::MODEL_CONTROL_NONE,
+                flags::MODEL_CONTROL_EXPLICIT
+            )
         })
     }
 }

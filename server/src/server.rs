@@ -132,23 +132,24 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference);
-    let grpc = match &tls {
-        Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
-            TlsListener::new(grpc_listener, grpc_tls.clone())?.into_stream(),
-            stopped(),
-        )),
-        None => tokio::spawn(
-            grpc.serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped()),
-        ),
-    };
+    let grpc =
+        match &tls {
+            Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
+                TlsListener::new(grpc_listener, grpc_tls.clone())?.into_stream(),
+                stopped(),
+            )),
+            None => tokio::spawn(
+                grpc.serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped()),
+            ),
+        };
     let mut api = crate::http::router(state.clone());
     if let Some(keys) = api_keys {
         api = api.layer(axum::middleware::from_fn_with_state(keys, crate::auth::require_http_key));
     }
     let http = match &tls {
         Some((_, http_tls)) => {
-            let http = axum::serve(TlsListener::new(http_listener, http_tls.clone())?, api)
-                .with_graceful_shutdown(stopped());
+            let http =
+                axum::serve(TlsListener::new(http_listener, http_tls.clone())?, api).with_graceful_shutdown(stopped());
             tokio::spawn(async move { http.await })
         }
         None => {

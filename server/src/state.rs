@@ -60,7 +60,12 @@ impl ServerState {
     }
 
     /// Runs one request on the model it names.
-    pub(crate) async fn infer(&self, name: &str, version: &str, mut request: InferRequest) -> InferResult<InferResponse> {
+    pub(crate) async fn infer(
+        &self,
+        name: &str,
+        version: &str,
+        mut request: InferRequest,
+    ) -> InferResult<InferResponse> {
         let model = self.model(name, version)?;
         self.policy.apply_priority(&mut request);
         model.infer(request).await

@@ -102,9 +102,8 @@ fn stream_infer(
     state: &ServerState,
     message: ModelInferRequest,
 ) -> BoxStream<'static, Result<ModelInferResponse, InferError>> {
-    let started = codec::decode_request(message, None).and_then(|decoded| {
-        state.infer_stream(&decoded.model_name, &decoded.model_version, decoded.request)
-    });
+    let started = codec::decode_request(message, None)
+        .and_then(|decoded| state.infer_stream(&decoded.model_name, &decoded.model_version, decoded.request));
     match started {
         Ok(responses) => responses.map(|r| r.map(codec::encode_response)).boxed(),
         Err(error) => stream::once(future::ready(Err(error))).boxed(),
