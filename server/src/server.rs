@@ -230,7 +230,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// grpc-go clients (ghz, most Go microservices) saw ~40 ms per unary call.
 /// The gRPC port gets the same from tonic's `TcpIncoming::with_nodelay`,
 /// TLS ports from `tls::TlsListener`.
-pub(crate) fn set_nodelay(connection: &tokio::net::TcpStream) {
+fn set_nodelay(connection: &tokio::net::TcpStream) {
     if let Err(error) = connection.set_nodelay(true) {
         tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
     }

@@ -148,7 +148,10 @@ async fn accept_loop(
             },
             _ = sender.closed() => return,
         };
-        crate::server::set_nodelay(&tcp);
+        // As on the plaintext ports (see server::set_nodelay).
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
+        }
         let (acceptor, sender) = (acceptor.clone(), sender.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
