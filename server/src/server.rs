@@ -132,16 +132,15 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference);
-    let grpc =
-        match &tls {
-            Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
-                TlsListener::new(grpc_listener, grpc_tls.clone())?.into_stream(),
-                stopped(),
-            )),
-            None => tokio::spawn(
-                grpc.serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped()),
-            ),
-        };
+    let grpc = match &tls {
+        Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
+            tls::handshaken(tls::tcp_connections(grpc_listener), grpc_tls.clone()),
+            stopped(),
+        )),
+        None => tokio::spawn(
+            grpc.serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped()),
+        ),
+    };
     let mut api = crate::http::router(state.clone());
     if let Some(keys) = api_keys {
         api = api.layer(axum::middleware::from_fn_with_state(keys, crate::auth::require_http_key));

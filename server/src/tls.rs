@@ -2,21 +2,25 @@
 //! `--tls-cert` and `--tls-key`, and with `--tls-client-ca` mutual TLS
 //! (a client must present a certificate that CA signed).
 //!
-//! One listener serves both ports: it accepts TCP connections, sets
-//! TCP_NODELAY, and runs each TLS handshake in its own task with a time
-//! limit, so a client that stalls its handshake holds up nobody else.
+//! [`handshaken`] turns any stream of accepted connections into TLS ones,
+//! each handshake in its own task with a time limit, so a client that
+//! stalls its handshake holds up nobody else; the gRPC port serves it,
+//! the HTTP port the same through [`TlsListener`].
 
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -89,27 +93,94 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// Connections on a TLS port, handshakes done.
+/// Runs the TLS handshake of one accepted connection, within
+/// [`HANDSHAKE_TIMEOUT`]; `None` (logged at debug level) when it fails: a
+/// plaintext client, an unknown CA, no client certificate.
+pub(crate) async fn handshake<IO>(acceptor: &TlsAcceptor, connection: IO) -> Option<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(connection)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The accepted connections of `connections` once their handshakes are
+/// done, each handshake in its own task: one stalled client holds up nobody.
+/// The tasks stop when the returned stream is dropped.
+pub(crate) fn handshaken<S, IO>(
+    connections: S,
+    config: Arc<ServerConfig>,
+) -> impl Stream<Item = io::Result<TlsStream<IO>>>
+where
+    S: Stream<Item = io::Result<IO>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let acceptor = TlsAcceptor::from(config);
+    let (sender, accepted) = mpsc::channel(ACCEPTED_BACKLOG);
+    tokio::spawn(async move {
+        tokio::pin!(connections);
+        loop {
+            let connection = tokio::select! {
+                next = connections.next() => match next {
+                    Some(Ok(connection)) => connection,
+                    Some(Err(error)) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        tracing::warn!(%error, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    None => return,
+                },
+                _ = sender.closed() => return,
+            };
+            let (acceptor, sender) = (acceptor.clone(), sender.clone());
+            tokio::spawn(async move {
+                if let Some(tls) = handshake(&acceptor, connection).await {
+                    let _ = sender.send(tls).await;
+                }
+            });
+        }
+    });
+    futures::stream::unfold(accepted, |mut accepted| async move {
+        let connection = accepted.recv().await?;
+        Some((Ok(connection), accepted))
+    })
+}
+
+/// A plaintext listener's connections, with TCP_NODELAY as on the
+/// plaintext ports (see `server::set_nodelay`).
+pub(crate) fn tcp_connections(listener: TcpListener) -> impl Stream<Item = io::Result<TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(connection, _)| {
+            if let Err(error) = connection.set_nodelay(true) {
+                tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
+            }
+            connection
+        });
+        Some((accepted, listener))
+    })
+}
+
+/// A TLS port as axum serves it: the connections of [`handshaken`].
 pub(crate) struct TlsListener {
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    connections: Pin<Box<dyn Stream<Item = io::Result<TlsStream<TcpStream>>> + Send>>,
     local_addr: SocketAddr,
 }
 
 impl TlsListener {
-    /// Starts accepting on `listener`; stops when the `TlsListener` is dropped.
-    pub(crate) fn new(listener: TcpListener, config: Arc<ServerConfig>) -> anyhow::Result<TlsListener> {
+    /// Accepts on `listener` with TLS from `config`.
+    pub(crate) fn new(listener: TcpListener, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
         let local_addr = listener.local_addr()?;
-        let (sender, accepted) = mpsc::channel(ACCEPTED_BACKLOG);
-        tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), sender));
-        Ok(TlsListener { accepted, local_addr })
-    }
-
-    /// The connections as tonic takes them.
-    pub(crate) fn into_stream(self) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
-        futures::stream::unfold(self.accepted, |mut accepted| async move {
-            let (connection, _) = accepted.recv().await?;
-            Some((Ok(connection), accepted))
-        })
+        Ok(TlsListener { connections: Box::pin(handshaken(tcp_connections(listener), config)), local_addr })
     }
 }
 
@@ -118,51 +189,20 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(connection) => connection,
-            // The accept loop ended (it never does while we hold the receiver).
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local_addr)
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    sender: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        loop {
+            match self.connections.next().await {
+                Some(Ok(connection)) => {
+                    let peer = connection.get_ref().0.peer_addr().unwrap_or(self.local_addr);
+                    return (connection, peer);
                 }
-            },
-            _ = sender.closed() => return,
-        };
-        // As on the plaintext ports (see server::set_nodelay).
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
-        }
-        let (acceptor, sender) = (acceptor.clone(), sender.clone());
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let _ = sender.send((tls, peer)).await;
-                }
-                // A plaintext client, a wrong CA, no client certificate: the
-                // client sees the TLS alert; one debug line here.
-                Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                Some(Err(_)) => continue,
+                // The accept task ended (it does not while the listener lives).
+                None => std::future::pending().await,
             }
-        });
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local_addr)
     }
 }

@@ -164,6 +164,28 @@ def test_plaintext_clients_are_refused(tls_server):
     conn.close()
 
 
+def test_stalled_handshakes_hold_up_nobody(tls_server, pki):
+    """Connections that never start their handshake do not delay others:
+    each handshake runs on its own (and gives up after 10 s)."""
+    import socket
+    import time
+
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5)
+            for port in (tls_server.grpc_port, tls_server.http_port) for _ in range(8)]  # fmt: skip
+    try:
+        started = time.monotonic()
+        c = _tls_grpc(tls_server, pki)
+        assert c.is_server_live()
+        c.close()
+        context = ssl.create_default_context(cafile=pki["ca_crt"])
+        with urllib.request.urlopen(f"https://127.0.0.1:{tls_server.http_port}/v2/health/live", context=context, timeout=10) as r:
+            assert r.status == 200
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_grpc_api_keys(tls_server, pki):
     c = _tls_grpc(tls_server, pki)
     try:
