@@ -23,15 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # layer or lower ones.
 SERVER = [
     ["main", "server", "untrusted"],  # untrusted: the fuzz harness over the frontends' decoders
-    ["grpc", "http"],  # frontends
+    ["grpc", "http", "auth", "tls"],  # frontends, and what guards their ports
     ["state", "describe"],
     ["repository"],
     ["model"],
     ["tensor_model", "llm"],  # backends
     ["backend", "scheduler", "admission", "batch"],
-    ["config", "stats", "metrics", "inference"],
+    ["config", "stats", "metrics", "inference", "policy"],
     ["runtime"],  # the only user of ONNX Runtime
-    ["tensor", "error"],
+    ["tensor", "error", "keyed_lock"],
     ["lib"],
 ]
 OPERATOR = [

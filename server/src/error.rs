@@ -24,6 +24,9 @@ pub enum ErrorKind {
     Cancelled,
     /// The runtime failed to execute a valid request.
     Internal,
+    /// The operation is turned off by the server's configuration (a flag
+    /// names how to turn it on); no request or credential changes that.
+    Disabled,
 }
 
 impl ErrorKind {
@@ -37,6 +40,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
+            ErrorKind::Disabled => "disabled",
         }
     }
 }

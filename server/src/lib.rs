@@ -12,6 +12,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub(crate) mod admission;
+pub(crate) mod auth;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub mod config;
@@ -20,9 +21,11 @@ pub(crate) mod error;
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod inference;
+pub(crate) mod keyed_lock;
 pub(crate) mod llm;
 pub(crate) mod metrics;
 pub(crate) mod model;
+pub mod policy;
 pub mod repository;
 pub mod runtime;
 pub(crate) mod scheduler;
@@ -31,6 +34,7 @@ pub(crate) mod state;
 pub(crate) mod stats;
 pub mod tensor;
 pub(crate) mod tensor_model;
+pub mod tls;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod untrusted;
 

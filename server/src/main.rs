@@ -10,8 +10,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ferrite_contract::{self as contract, serve as flags};
 use ferrite_server::config::ModelSettings;
+use ferrite_server::policy::{ModelControlMode, Policy};
 use ferrite_server::repository::Sources;
 use ferrite_server::server::{serve, ServeOptions};
+use ferrite_server::tls::TlsFiles;
 
 /// ferrite model server: serves ONNX models over the Open Inference Protocol
 /// (KServe v2 / Triton) on gRPC and HTTP, with dynamic batching.
@@ -166,6 +168,45 @@ struct ServeArgs {
     /// The ONNX Runtime shared library (libonnxruntime.so).
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = "libonnxruntime.so")]
     onnxruntime: PathBuf,
+    /// Whether clients may load and unload models through the repository
+    /// API (gRPC RepositoryModelLoad/Unload, HTTP POST
+    /// /v2/repository/models/*/load|unload): `none` refuses them
+    /// (FAILED_PRECONDITION, HTTP 403), `explicit` allows them.
+    #[arg(
+        long = flags::MODEL_CONTROL_MODE.name(),
+        env = "FERRITE_MODEL_CONTROL_MODE",
+        value_parser = model_control_parser(),
+        default_value = flags::MODEL_CONTROL_NONE
+    )]
+    model_control_mode: ModelControlMode,
+    /// Honour the `priority` request parameter (1: ahead of every other
+    /// request). Without it any client could jump the queue, so a priority
+    /// is served as the default one. Server-only: the operator does not set it.
+    #[arg(long, env = "FERRITE_ALLOW_PRIORITY")]
+    allow_priority: bool,
+    /// PEM certificate chain: the gRPC and HTTP ports then speak TLS only
+    /// (the metrics port stays plain HTTP). Needs --tls-key.
+    #[arg(long = flags::TLS_CERT.name(), env = "FERRITE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long = flags::TLS_KEY.name(), env = "FERRITE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate it signed (mutual
+    /// TLS). Needs --tls-cert.
+    #[arg(long = flags::TLS_CLIENT_CA.name(), env = "FERRITE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// File of API keys, one per line (blank lines and # comments ignored):
+    /// gRPC and HTTP calls then need `authorization: Bearer <key>`, except
+    /// health checks; the metrics port needs none.
+    #[arg(long = flags::API_KEY_FILE.name(), env = "FERRITE_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+}
+
+/// `--model-control-mode`: the contract's names, listed in `--help`.
+fn model_control_parser() -> impl clap::builder::TypedValueParser<Value = ModelControlMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(ModelControlMode::ALL.map(ModelControlMode::as_str))
+        .map(|name| name.parse::<ModelControlMode>().expect("one of the possible values"))
 }
 
 fn parse_model(value: &str) -> Result<(String, PathBuf), String> {
@@ -198,6 +239,13 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             onnxruntime: self.onnxruntime,
             exit_on_load_failure: self.exit_on_load_failure,
+            policy: Policy { model_control: self.model_control_mode, allow_priority: self.allow_priority },
+            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            api_key_file: self.api_key_file,
         }
     }
 }
@@ -297,6 +345,37 @@ mod tests {
         let providers: Vec<_> = contract::ExecutionProvider::ALL.iter().map(|p| p.to_string()).collect();
         assert_eq!(values(flags::EXECUTION_PROVIDER), providers);
         assert!(values(flags::LOG_FORMAT).contains(&flags::LOG_FORMAT_JSON.to_string()));
+        assert_eq!(values(flags::MODEL_CONTROL_MODE), [flags::MODEL_CONTROL_NONE, flags::MODEL_CONTROL_EXPLICIT]);
+    }
+
+    fn serve_options(args: &[&str]) -> Result<ServeOptions, clap::Error> {
+        let cli = Cli::try_parse_from(["ferrite-server", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(args) => Ok(args.into_options()),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("parsed `serve`"),
+        }
+    }
+
+    /// Model control is off unless asked for; TLS needs a certificate and
+    /// its key together.
+    #[test]
+    fn safe_defaults_and_tls_flags() {
+        let options = serve_options(&[]).unwrap();
+        assert_eq!(options.policy, Policy::default());
+        assert_eq!(options.policy.model_control, ModelControlMode::None);
+        assert!(!options.policy.allow_priority);
+        assert!(options.tls.is_none() && options.api_key_file.is_none());
+        let options = serve_options(&["--model-control-mode", "explicit", "--allow-priority"]).unwrap();
+        assert_eq!(options.policy, Policy { model_control: ModelControlMode::Explicit, allow_priority: true });
+        assert!(serve_options(&["--model-control-mode", "poll"]).is_err());
+        assert!(serve_options(&["--tls-cert", "c.pem"]).is_err());
+        assert!(serve_options(&["--tls-key", "k.pem"]).is_err());
+        assert!(serve_options(&["--tls-client-ca", "ca.pem"]).is_err());
+        let options =
+            serve_options(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]).unwrap();
+        let tls = options.tls.unwrap();
+        assert_eq!(tls.client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
     }
 
     /// A command line as the operator builds it parses, and means what the

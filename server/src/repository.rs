@@ -1,16 +1,22 @@
 //! The set of models the server knows: where each comes from (a model
 //! repository directory, a single file, or the embedded demo), which
 //! versions are loaded, and loading and unloading them at run time.
+//!
+//! Loads and unloads of one model run one at a time, and a load asked for
+//! while another load of the same model runs joins it: N concurrent load
+//! calls build one copy of the model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::future::BoxFuture;
+use tokio::sync::watch;
 
 use crate::config::{ModelSettings, ModelSettingsFile};
 use crate::error::{ErrorKind, InferError, InferResult};
+use crate::keyed_lock::KeyedLocks;
 use crate::model::{model_not_found, Model, VersionSource};
 use crate::runtime::{ModelBytes, Runtime};
 
@@ -98,6 +104,11 @@ pub struct Repository {
     /// Set once `load_all` has finished: before that the server is not ready.
     initial_load_done: AtomicBool,
     readiness: Box<dyn ReadinessSink>,
+    /// Loads requested through the API and still running, by model: their
+    /// result, once known, for every caller that joined.
+    loads: Mutex<HashMap<String, watch::Receiver<Option<InferResult<()>>>>>,
+    /// Held by a load or unload of the model, so they run one at a time.
+    operations: KeyedLocks,
 }
 
 impl Repository {
@@ -117,6 +128,8 @@ impl Repository {
             models: RwLock::new(BTreeMap::new()),
             initial_load_done: AtomicBool::new(false),
             readiness,
+            loads: Mutex::default(),
+            operations: KeyedLocks::default(),
         }
     }
 
@@ -133,12 +146,35 @@ impl Repository {
 
     /// Loads (or reloads) every version of `name` from its source. If a
     /// reload fails, the versions already serving go on serving (as in
-    /// Triton) and the error is returned.
-    pub async fn load(&self, name: &str) -> InferResult<()> {
-        self.load_as(name, false).await
+    /// Triton) and the error is returned. A call made while a load of
+    /// `name` runs waits for that load and returns its result. The load
+    /// runs in its own task: a caller that goes away does not cancel it.
+    pub async fn load(self: &Arc<Self>, name: &str) -> InferResult<()> {
+        let mut result = {
+            let mut loads = self.loads.lock().expect("loads lock");
+            loads
+                .entry(name.to_string())
+                .or_insert_with(|| {
+                    let (sender, receiver) = watch::channel(None);
+                    let (repository, name) = (self.clone(), name.to_string());
+                    tokio::spawn(async move {
+                        let result = repository.load_as(&name, false).await;
+                        // Removed before the result is sent: a later call
+                        // starts a new load, one that joined gets this one.
+                        repository.loads.lock().expect("loads lock").remove(&name);
+                        sender.send_replace(Some(result));
+                    });
+                    receiver
+                })
+                .clone()
+        };
+        let done = result.wait_for(Option::is_some).await;
+        let done = done.map_err(|_| InferError::internal(format!("loading '{name}' ended without a result")))?;
+        done.clone().expect("waited for a result")
     }
 
     async fn load_as(&self, name: &str, at_startup: bool) -> InferResult<()> {
+        let _one_at_a_time = self.operations.lock(name).await;
         let (versions, settings) = self.discover(name)?;
         let runtime = self.runtime.clone();
         let model_name = name.to_string();
@@ -176,6 +212,7 @@ impl Repository {
 
     /// Unloads every version of `name`. Requests already queued finish.
     pub async fn unload(&self, name: &str) -> InferResult<()> {
+        let _one_at_a_time = self.operations.lock(name).await;
         if !self.models.read().expect("models lock").contains_key(name) {
             return Err(model_not_found(name, ""));
         }
@@ -261,6 +298,15 @@ impl Repository {
             }
         }
         entries
+    }
+
+    /// Whether `name` (and `version`, unless empty) is a model this server
+    /// knows, loaded or not: an unknown one is NOT_FOUND, a known one that
+    /// does not serve is only not ready.
+    pub fn knows(&self, name: &str, version: &str) -> bool {
+        self.index().iter().any(|entry| {
+            entry.name == name && (version.is_empty() || entry.version.is_empty() || entry.version == version)
+        })
     }
 
     /// Names of every model the sources provide.

@@ -17,11 +17,14 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::auth::{ApiKeys, GrpcAuthLayer};
 use crate::config::ModelSettings;
 use crate::grpc::InferenceService;
+use crate::policy::Policy;
 use crate::repository::{IndexState, ReadinessSink, Repository, Sources};
 use crate::runtime::Runtime;
 use crate::state::ServerState;
+use crate::tls::{self, Alpn, TlsFiles, TlsListener};
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -46,6 +49,12 @@ pub struct ServeOptions {
     /// startup, instead of staying up and not ready: in Kubernetes the
     /// container's exit and its message tell the operator why.
     pub exit_on_load_failure: bool,
+    /// What clients may do beyond inference (load/unload, priority).
+    pub policy: Policy,
+    /// TLS on the gRPC and HTTP ports; none: plaintext.
+    pub tls: Option<TlsFiles>,
+    /// API keys the gRPC and HTTP ports require; none: no key needed.
+    pub api_key_file: Option<std::path::PathBuf>,
 }
 
 /// A model failed to load at startup and `exit_on_load_failure` was set.
@@ -66,18 +75,33 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     // clean shutdown too.
     let shutdown = shutdown_signal()?;
     tokio::pin!(shutdown);
+    // Bad certificate or key files fail here, before anything is loaded.
+    let tls = match &options.tls {
+        Some(files) => Some((tls::server_config(files, Alpn::Grpc)?, tls::server_config(files, Alpn::Http)?)),
+        None => None,
+    };
+    let api_keys = options.api_key_file.as_deref().map(ApiKeys::read).transpose()?.map(Arc::new);
     let runtime = Arc::new(Runtime::load(&options.onnxruntime)?);
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = Box::new(HealthSink(health.clone()));
     let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, readiness));
-    let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes));
+    let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes, options.policy));
 
     // Bind first, so that a port in use fails fast and probes can connect
     // (and see "not ready") while models load.
     let grpc_listener = bind(options.grpc_addr, "gRPC").await?;
     let http_listener = bind(options.http_addr, "HTTP").await?;
     let metrics_listener = bind(options.metrics_addr, "metrics").await?;
-    tracing::info!(grpc = %options.grpc_addr, http = %options.http_addr, metrics = %options.metrics_addr, "listening");
+    tracing::info!(
+        grpc = %options.grpc_addr,
+        http = %options.http_addr,
+        metrics = %options.metrics_addr,
+        tls = tls.is_some(),
+        mtls = options.tls.as_ref().is_some_and(|files| files.client_ca.is_some()),
+        api_keys = api_keys.is_some(),
+        model_control = options.policy.model_control.as_str(),
+        "listening"
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -103,18 +127,38 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let grpc = tonic::transport::Server::builder()
         .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
         .layer(tonic::service::InterceptorLayer::new(crate::grpc::stamp_arrival))
+        .layer(GrpcAuthLayer(api_keys.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(inference)
-        .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped());
-    let http = axum::serve(http_listener.tap_io(set_nodelay), crate::http::router(state.clone()))
+        .add_service(inference);
+    let grpc = match &tls {
+        Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
+            tls::handshaken(tls::tcp_connections(grpc_listener), grpc_tls.clone()),
+            stopped(),
+        )),
+        None => tokio::spawn(
+            grpc.serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped()),
+        ),
+    };
+    let mut api = crate::http::router(state.clone());
+    if let Some(keys) = api_keys {
+        api = api.layer(axum::middleware::from_fn_with_state(keys, crate::auth::require_http_key));
+    }
+    let http = match &tls {
+        Some((_, http_tls)) => {
+            let http =
+                axum::serve(TlsListener::new(http_listener, http_tls.clone())?, api).with_graceful_shutdown(stopped());
+            tokio::spawn(async move { http.await })
+        }
+        None => {
+            let http = axum::serve(http_listener.tap_io(|c| set_nodelay(c)), api).with_graceful_shutdown(stopped());
+            tokio::spawn(async move { http.await })
+        }
+    };
+    // Plain HTTP, no key: Prometheus, and the probes when TLS is on.
+    let metrics = axum::serve(metrics_listener.tap_io(|c| set_nodelay(c)), crate::http::metrics_router(state.clone()))
         .with_graceful_shutdown(stopped());
-    let metrics = axum::serve(metrics_listener.tap_io(set_nodelay), crate::http::metrics_router())
-        .with_graceful_shutdown(stopped());
-
-    let grpc = tokio::spawn(grpc);
-    let http = tokio::spawn(async move { http.await });
     let metrics = tokio::spawn(async move { metrics.await });
 
     let loaded = tokio::select! {
@@ -123,7 +167,6 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     };
     if loaded {
         if repository.all_ready() {
-            health.set_service_status("", ServingStatus::Serving).await;
             health.set_service_status("inference.GRPCInferenceService", ServingStatus::Serving).await;
             tracing::info!("ready");
         } else if options.exit_on_load_failure {
@@ -135,7 +178,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
                 .collect();
             return Err(ModelLoadFailure(reasons.join("; ")).into());
         } else {
-            health.set_service_status("", ServingStatus::NotServing).await;
+            // "" is liveness (the process serves) and stays SERVING: a
+            // restart would not load the model either. Readiness is each
+            // model's service and "inference.GRPCInferenceService".
             tracing::warn!("not every model loaded; the server stays not ready (see the repository index)");
         }
         shutdown.await;
@@ -182,8 +227,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Every accepted connection, on all three ports, sends without Nagle's
 /// delay. Without it a small response waits for the client's delayed ACK:
 /// grpc-go clients (ghz, most Go microservices) saw ~40 ms per unary call.
-/// The gRPC port gets the same from tonic's `TcpIncoming::with_nodelay`.
-fn set_nodelay(connection: &mut tokio::net::TcpStream) {
+/// The gRPC port gets the same from tonic's `TcpIncoming::with_nodelay`,
+/// TLS ports from `tls::TlsListener`.
+fn set_nodelay(connection: &tokio::net::TcpStream) {
     if let Err(error) = connection.set_nodelay(true) {
         tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
     }

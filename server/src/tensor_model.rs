@@ -121,12 +121,13 @@ pub(crate) fn validate(
             )));
         }
         // Checked here rather than in the runtime: a batch joins requests, and
-        // one request's bad text must not fail its neighbours.
+        // one request's bad element must not fail its neighbours. Any other
+        // bytes pass as they are (as in Triton), UTF-8 or not.
         if let TensorData::Strings(items) = &tensor.data {
-            if let Some(i) = items.iter().position(|item| std::str::from_utf8(item).map_or(true, |s| s.contains('\0')))
-            {
+            if let Some(i) = items.iter().position(|item| item.contains(&0)) {
                 return Err(InferError::invalid(format!(
-                    "input '{}': BYTES element {i} must be UTF-8 without NUL bytes (ONNX string tensors hold text)",
+                    "input '{}': BYTES element {i} contains a NUL byte, which ONNX Runtime's string tensors cannot \
+                     take (they are filled from C strings)",
                     spec.name
                 )));
             }

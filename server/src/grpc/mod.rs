@@ -46,6 +46,9 @@ pub(crate) fn status_code(kind: ErrorKind) -> tonic::Code {
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::Cancelled => tonic::Code::Cancelled,
         ErrorKind::Internal => tonic::Code::Internal,
+        // Not PERMISSION_DENIED: no caller or key may do it, the server's
+        // configuration must change (and UNAVAILABLE would invite retries).
+        ErrorKind::Disabled => tonic::Code::FailedPrecondition,
     }
 }
 
@@ -99,10 +102,8 @@ fn stream_infer(
     state: &ServerState,
     message: ModelInferRequest,
 ) -> BoxStream<'static, Result<ModelInferResponse, InferError>> {
-    let started = codec::decode_request(message, None).and_then(|decoded| {
-        let model = state.model(&decoded.model_name, &decoded.model_version)?;
-        model.infer_stream(decoded.request)
-    });
+    let started = codec::decode_request(message, None)
+        .and_then(|decoded| state.infer_stream(&decoded.model_name, &decoded.model_version, decoded.request));
     match started {
         Ok(responses) => responses.map(|r| r.map(codec::encode_response)).boxed(),
         Err(error) => stream::once(future::ready(Err(error))).boxed(),
@@ -121,7 +122,7 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let ready = self.state.model(&request.name, &request.version).is_ok();
+        let ready = self.state.model_ready(&request.name, &request.version)?;
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -237,7 +238,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        self.state.repository.load(&request.into_inner().model_name).await?;
+        self.state.load(&request.into_inner().model_name).await?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -245,7 +246,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        self.state.repository.unload(&request.into_inner().model_name).await?;
+        self.state.unload(&request.into_inner().model_name).await?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }

@@ -53,6 +53,8 @@ pub(crate) fn status(kind: ErrorKind) -> StatusCode {
         // nginx's "client closed request": nobody is left to read it.
         ErrorKind::Cancelled => StatusCode::from_u16(499).expect("valid status"),
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        // Understood and refused whoever asks (not 401: no key helps).
+        ErrorKind::Disabled => StatusCode::FORBIDDEN,
     }
 }
 
@@ -85,12 +87,19 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Routes of the metrics port.
-pub(crate) fn metrics_router() -> Router {
-    Router::new().route(
-        ferrite_contract::metrics::PATH,
-        get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }),
-    )
+/// Routes of the metrics port: `/metrics`, and liveness and each model's
+/// readiness for probes that cannot use the API ports (TLS on). Plain
+/// HTTP, no key: nothing here carries model data.
+pub(crate) fn metrics_router(state: AppState) -> Router {
+    use ferrite_contract::health;
+    Router::new()
+        .route(
+            ferrite_contract::metrics::PATH,
+            get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], METRICS.render()) }),
+        )
+        .route(health::LIVE_PATH, get(|| async { StatusCode::OK }))
+        .route(&health::model_ready_path("{model}"), get(model_ready))
+        .with_state(state)
 }
 
 async fn server_ready(State(state): State<AppState>) -> StatusCode {
@@ -114,19 +123,17 @@ async fn model_metadata_version(
     Ok(Json(describe::model_metadata(&ModelDescription::of(&model, &versions))))
 }
 
-async fn model_ready(state: State<AppState>, Path(model): Path<String>) -> StatusCode {
+async fn model_ready(state: State<AppState>, Path(model): Path<String>) -> HttpResult<StatusCode> {
     model_ready_version(state, Path((model, String::new()))).await
 }
 
+/// 200 when the model serves, 503 when it is known but does not (yet), 404
+/// for a model this server does not know (the KServe v2 REST API says 4xx).
 async fn model_ready_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
-) -> StatusCode {
-    if state.model(&name, &version).is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    }
+) -> HttpResult<StatusCode> {
+    Ok(if state.model_ready(&name, &version)? { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
 }
 
 async fn model_config(state: State<AppState>, Path(model): Path<String>) -> HttpResult<Json<Value>> {
@@ -183,12 +190,12 @@ async fn repository_index(State(state): State<AppState>, body: Bytes) -> Json<Va
 }
 
 async fn load(State(state): State<AppState>, Path(model): Path<String>) -> HttpResult<StatusCode> {
-    state.repository.load(&model).await?;
+    state.load(&model).await?;
     Ok(StatusCode::OK)
 }
 
 async fn unload(State(state): State<AppState>, Path(model): Path<String>) -> HttpResult<StatusCode> {
-    state.repository.unload(&model).await?;
+    state.unload(&model).await?;
     Ok(StatusCode::OK)
 }
 

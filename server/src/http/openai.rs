@@ -56,6 +56,7 @@ impl OpenAiError {
             ErrorKind::NotFound => ("invalid_request_error", Some("model_not_found")),
             ErrorKind::QueueFull => ("rate_limit_error", Some("queue_full")),
             ErrorKind::DeadlineExceeded => ("timeout_error", None),
+            ErrorKind::Disabled => ("permission_error", None),
             ErrorKind::Unavailable | ErrorKind::Cancelled | ErrorKind::Internal => ("server_error", None),
         };
         json!({"error": {"message": self.0.message, "type": kind, "param": null, "code": code}})

@@ -5,6 +5,7 @@
 
 pub(crate) mod decoder;
 pub(crate) mod kv_cache;
+mod strings;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -314,21 +315,14 @@ fn to_ort(blocks: &[Tensor]) -> InferResult<DynValue> {
             Ok(value.into_dyn())
         }, bytes => Err(InferError::internal("BYTES tensor without string elements"))),
         TensorData::Strings(_) => {
-            let mut strings: Vec<String> = Vec::new();
+            let mut items = Vec::new();
             for block in blocks {
-                let TensorData::Strings(items) = &block.data else {
+                let TensorData::Strings(block_items) = &block.data else {
                     return Err(InferError::internal("a batch mixes raw and BYTES blocks"));
                 };
-                for item in items {
-                    // Validation (model::validate) let only UTF-8 without NUL through.
-                    let text = std::str::from_utf8(item).map_err(|_| {
-                        InferError::internal(format!("input '{}': BYTES element not UTF-8", first.name))
-                    })?;
-                    strings.push(text.to_owned());
-                }
+                items.extend(block_items.iter().cloned());
             }
-            let value = OrtTensor::from_string_array((shape, strings.as_slice())).map_err(ort_error)?;
-            Ok(value.into_dyn())
+            strings::to_string_tensor(&first.name, shape, items)
         }
     }
 }
@@ -354,8 +348,8 @@ fn from_ort(name: &str, value: DynValue) -> InferResult<Tensor> {
             TensorData::Raw(Bytes::from_owner(OutputMemory { _value: value, data, len }))
         }
     }, bytes => {
-        let (_, strings) = value.try_extract_strings().map_err(ort_error)?;
-        TensorData::Strings(strings.into_iter().map(Bytes::from).collect())
+        let elements = crate::tensor::element_count(&shape).map_err(|e| InferError::internal(format!("output '{name}': {e}")))?;
+        TensorData::Strings(strings::from_string_tensor(name, &value, elements)?)
     });
     Ok(Tensor { name: name.to_string(), datatype, shape, data })
 }

@@ -94,8 +94,15 @@ def logs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(model_repo, logs_dir):
+    # Off by default, on here: the repository tests load and unload models,
+    # the queue tests check priorities.
     s = fl.FerriteServer(
-        ["--model-repository", str(model_repo), "--max-message-bytes", str(MAX_MESSAGE_BYTES)],
+        [
+            "--model-repository", str(model_repo),
+            "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+            "--model-control-mode", "explicit",
+            "--allow-priority",
+        ],  # fmt: skip
         logs_dir,
         name="main",
     )

@@ -42,8 +42,9 @@ def test_model_ready_http(server, http_client):
     assert http_client.is_model_ready("no_such_model") is False
     assert server.http_get("/v2/models/add_sub/ready")[0] == 200
     assert server.http_get("/v2/models/calc/versions/3/ready")[0] == 200
-    assert server.http_get("/v2/models/no_such_model/ready")[0] != 200
-    assert server.http_get("/v2/models/calc/versions/2/ready")[0] != 200
+    # Unknown model or version: 404 (KServe v2 says 4xx; unknown is NOT_FOUND everywhere).
+    assert server.http_get("/v2/models/no_such_model/ready")[0] == 404
+    assert server.http_get("/v2/models/calc/versions/2/ready")[0] == 404
 
 
 def test_model_metadata_http(server, http_client):
@@ -292,7 +293,7 @@ def test_unload_then_load_http(server, http_client):
         assert http_client.is_model_ready(m) is False
         with fl.expect_http_error(404, m):
             http_client.infer(m, _add_sub_inputs(a, a))
-        assert server.http_get(f"/v2/models/{m}/ready")[0] != 200
+        assert server.http_get(f"/v2/models/{m}/ready")[0] == 503  # known, not serving
     finally:
         http_client.load_model(m)
     assert http_client.is_model_ready(m) is True

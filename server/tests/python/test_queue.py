@@ -1,6 +1,7 @@
 """Queue policy on the `slow` models (one instance, no batching, tens of ms a call):
 full queue -> RESOURCE_EXHAUSTED / 429, deadline expired in queue ->
-DEADLINE_EXCEEDED / 504, priority 1 overtakes queued normal requests.
+DEADLINE_EXCEEDED / 504, priority 1 overtakes queued normal requests (only
+with --allow-priority).
 
 No test here sleeps and hopes: they wait on the server's own counts (queue
 depth, requests executing and finished, ModelStatistics) so that they hold
@@ -247,11 +248,10 @@ def _stub_slow_int64_priority(server, i):
     return resp
 
 
-@pytest.mark.parametrize("param_type", ["uint64", "int64", "http"])
-def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
-    """Normal requests queue up behind busy work, one by one; a priority-1
-    request sent last finishes before all of them, and they keep their
-    order. The server's queue depth, read once the high-priority request is
+def _priority_scenario(server, param_type) -> list[str]:
+    """Normal requests queue up behind busy work, one by one, then a
+    priority-1 request is sent last; returns the completion order of those
+    six. The server's queue depth, read once the high-priority request is
     in, proves the normal ones were all still waiting; if the busy work ran
     out first (a very fast or very loaded machine), the scenario is repeated
     with more of it."""
@@ -280,9 +280,27 @@ def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
     else:
         pytest.fail(f"the busy work never outlasted queuing 6 requests, even {queued} queued requests")
     order = sorted((t, k) for k, (t, _, _) in held.bg.out.items() if not k.startswith("busy"))
-    keys = [k for _, k in order]
+    return [k for _, k in order]
+
+
+@pytest.mark.parametrize("param_type", ["uint64", "int64", "http"])
+def test_priority_overtakes_queued_requests(server, slow_call_s, param_type):
+    """With --allow-priority (the main test server has it), a priority-1
+    request sent last finishes before the queued normal ones, which keep
+    their order."""
+    keys = _priority_scenario(server, param_type)
     assert keys[0] == "high", f"completion order {keys}: priority 1 did not overtake the queue"
-    assert keys[1:] == [f"normal{k}" for k in range(n_normal)], f"normal requests out of order: {keys}"
+    assert keys[1:] == [f"normal{k}" for k in range(5)], f"normal requests out of order: {keys}"
+
+
+@pytest.mark.parametrize("param_type", ["uint64", "http"])
+def test_priority_is_ignored_without_allow_priority(server_factory, model_repo, slow_call_s, param_type):
+    """Without --allow-priority any client could jump the queue: priority 1
+    is served at the default priority (as Triton serves a priority outside
+    the model's levels), so the request sent last finishes last."""
+    plain = server_factory(["--model-repository", str(model_repo)])
+    keys = _priority_scenario(plain, param_type)
+    assert keys == [f"normal{k}" for k in range(5)] + ["high"], f"completion order {keys}: priority was honoured"
 
 
 def test_cancelled_requests_leave_the_queue(server, slow_call_s):
