@@ -205,7 +205,7 @@ async fn the_binary_stops_at_max_bytes_and_refuses_a_zero_cap() {
     let envs = vec![
         (
             "FERRITE_MODEL_URI",
-            format!("http://bob:pa55word-xyz@127.0.0.1:{}/models/model.onnx?sig=t0ken-abc", server.port),
+            format!("http://bob:pa55word-xyz@127.0.0.1:{}/models/slow.onnx?sig=t0ken-abc", server.port),
         ),
         ("FERRITE_MODEL_DEST", dest.path().display().to_string()),
         ("FERRITE_MODEL_NAME", "capped".to_string()),
@@ -217,7 +217,7 @@ async fn the_binary_stops_at_max_bytes_and_refuses_a_zero_cap() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with(&format!("error: fetch http://127.0.0.1:{}/models/model.onnx: ", server.port)), "{last}");
+    assert!(last.starts_with(&format!("error: fetch http://127.0.0.1:{}/models/slow.onnx: ", server.port)), "{last}");
     assert!(last.contains(&format!("announces {MODEL_LEN} bytes, more than --max-bytes (1048576 bytes)")), "{last}");
     for secret in ["bob", "pa55word-xyz", "t0ken-abc"] {
         assert!(!stderr.contains(secret), "{secret} leaked: {stderr}");
