@@ -103,6 +103,7 @@ manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/in
 
 test-python: venv ort build models
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
+	$(PY) -m pytest -q images/test_images.py -k "not test_built_images"
 
 FUZZ_SECONDS ?= 60
 fuzz: ## coverage-guided fuzzing of request decoding and validation (nightly toolchain)
