@@ -48,8 +48,8 @@ impl Budget {
             let next = used.saturating_add(n);
             if next > self.max_bytes {
                 return Err(Failure::over_limit(format!(
-                    "the model is larger than --max-bytes ({} bytes): stopped after {used} bytes, \
-                     the partial output was removed",
+                    "the model is larger than --max-bytes ({} bytes): stopped after {used} bytes; \
+                     what this fetch wrote was removed",
                     self.max_bytes
                 )));
             }
@@ -92,8 +92,7 @@ impl Budget {
         let used = self.files.load(Ordering::Relaxed);
         if used.saturating_add(n) > self.max_files {
             return Err(Failure::over_limit(format!(
-                "the model has more files than --max-files ({}) allows; nothing more was written, \
-                 the partial output was removed",
+                "the model has more files than --max-files ({}) allows; what this fetch wrote was removed",
                 self.max_files
             )));
         }
