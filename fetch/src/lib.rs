@@ -118,8 +118,8 @@ pub const DEFAULT_MODEL_FILE: &str = "model.onnx";
 /// Suffix of the temporary files a download writes before renaming.
 pub const TEMP_MARKER: &str = ".fetch-tmp-";
 
-/// What to fetch and where.
-#[derive(Debug, Clone)]
+/// What to fetch and where. Its `Debug` shows the URI without credentials.
+#[derive(Clone)]
 pub struct FetchOptions {
     /// Where the model is (see the crate documentation for the schemes).
     pub uri: String,
@@ -149,6 +149,25 @@ pub struct FetchOptions {
     pub max_bytes: u64,
     /// Most files the fetch may write (downloaded, present or unpacked).
     pub max_files: u64,
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("uri", &redact_uri(&self.uri))
+            .field("dest", &self.dest)
+            .field("model_name", &self.model_name)
+            .field("model_file", &self.model_file)
+            .field("sha256", &self.sha256)
+            .field("retries", &self.retries)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("progress_interval", &self.progress_interval)
+            .field("store_options", &self.store_options.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("max_bytes", &self.max_bytes)
+            .field("max_files", &self.max_files)
+            .finish()
+    }
 }
 
 impl FetchOptions {
@@ -398,6 +417,17 @@ mod tests {
         assert_eq!(relative_dest(dir, "1/model.onnx").unwrap(), Path::new("/m/x/1/model.onnx"));
         assert!(relative_dest(dir, "../evil").is_err());
         assert!(relative_dest(dir, "a//b").is_err());
+    }
+
+    #[test]
+    fn debug_output_carries_no_credentials() {
+        let mut options = FetchOptions::new("https://bob:hunter2@h/m.onnx?sig=s3cret", "/m", "x");
+        options.store_options.push(("aws_secret_access_key".into(), "wJalr-secret".into()));
+        let shown = format!("{options:?}");
+        assert!(shown.contains("https://h/m.onnx"), "{shown}");
+        for secret in ["bob", "hunter2", "s3cret", "wJalr-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
     }
 
     #[test]
