@@ -7,6 +7,10 @@ PY          := $(VENV)/bin/python
 ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements-dev.txt)
 ORT_LIB     := $(CURDIR)/.cache/onnxruntime/libonnxruntime.so
 SERVER_BIN  := $(CURDIR)/target/debug/ferrite-server
+# Tools the Makefile installs for itself (cargo-deny, uv), pinned and cached.
+TOOLS       := $(CURDIR)/.cache/tools
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY  := $(TOOLS)/bin/cargo-deny
 
 # ort (load-dynamic) finds ONNX Runtime through this variable.
 export ORT_DYLIB_PATH := $(ORT_LIB)
@@ -20,17 +24,42 @@ include bench/bench.mk
 # make models: LLM model directories converted from GGUF (docs/llm.md).
 include models/models.mk
 
-.PHONY: help venv ort build release test test-rust test-python test-hostile demo-local fuzz bench-resnet50 manifests storage-servers clean
+.PHONY: help venv lock deny ort build release test test-rust test-python test-hostile demo-local fuzz bench-resnet50 manifests storage-servers clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-venv: $(VENV)/.installed ## Python virtualenv for tests and tools
+# requirements-lock.txt pins every package with the SHA-256 of its files: pip
+# refuses any file whose hash is not listed (--require-hashes). The venv is
+# made anew when the lock changes, so nothing installed without a hash stays.
+# pip's report (the wheel and hash of each package) feeds the images' SBOM.
+venv: $(VENV)/.installed ## Python virtualenv for tests and tools (hash-checked)
 $(VENV)/.installed: requirements-dev.txt requirements-lock.txt
-	@echo "==> creating $(VENV) (pinned in requirements-dev.txt)"
+	python3 scripts/check_lock.py requirements-dev.txt requirements-lock.txt
+	@echo "==> creating $(VENV) (requirements-lock.txt, --require-hashes)"
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --progress-bar on -r requirements-dev.txt -c requirements-lock.txt
+	$(VENV)/bin/pip install --progress-bar on --require-hashes --report $(VENV)/pip-report.json -r requirements-lock.txt
 	touch $@
+
+# uv resolves requirements-dev.txt and writes every file's hash; the versions
+# already in requirements-lock.txt are kept unless requirements-dev.txt moves them.
+lock: ## re-pin requirements-lock.txt (with hashes) after editing requirements-dev.txt
+	[ -x $(TOOLS)/uv/bin/uv ] || { python3 -m venv $(TOOLS)/uv && \
+	  $(TOOLS)/uv/bin/pip install --require-hashes -r scripts/requirements-uv.txt; }
+	sed -n '1,/^[^#]/{/^#/p}' requirements-lock.txt > $(TOOLS)/lock-header.txt
+	$(TOOLS)/uv/bin/uv pip compile requirements-dev.txt --generate-hashes --python-version 3.11 \
+	  --no-header --quiet -o requirements-lock.txt
+	cat $(TOOLS)/lock-header.txt requirements-lock.txt > $(TOOLS)/lock.txt && mv $(TOOLS)/lock.txt requirements-lock.txt
+	python3 scripts/check_lock.py requirements-dev.txt requirements-lock.txt
+
+# cargo-deny (deny.toml): licenses, bans and sources of every crate in
+# Cargo.lock. Built once into .cache/tools (cold: about 18 min on the shared
+# 2-core machine, 3.5 min of CPU); skipped when that version is there.
+deny: ## cargo deny check: licenses, bans, sources (deny.toml)
+	@$(CARGO_DENY) --version 2>/dev/null | grep -qx "cargo-deny $(CARGO_DENY_VERSION)" || \
+	  cargo install --locked cargo-deny@$(CARGO_DENY_VERSION) --root $(TOOLS)
+	$(CARGO_DENY) check --hide-inclusion-graph licenses bans sources
 
 ort: $(ORT_LIB) ## ONNX Runtime shared library, taken from the pinned onnxruntime wheel
 $(ORT_LIB): $(VENV)/.installed
@@ -65,7 +94,7 @@ storage-servers: ## MinIO and fake-gcs-server (pinned Go modules), Azurite (npm)
 
 # The operator's tests run against a real API server, and start
 # ferrite-server processes with the test models (venv).
-test-rust: venv ort control-plane storage-servers build
+test-rust: deny venv ort control-plane storage-servers build
 	cargo test --workspace
 
 manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/install.yaml
@@ -74,6 +103,7 @@ manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/in
 
 test-python: venv ort build models
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
+	$(PY) -m pytest -q images/test_images.py -k "not test_built_images"
 
 # Every attack of docs/security.md against a running server, while a
 # well-behaved client keeps calling and the server's peak RSS is measured;

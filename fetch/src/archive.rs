@@ -6,11 +6,16 @@
 //! Only regular files and directories are unpacked, each to a path inside the
 //! model directory (no absolute paths, no `..`, no links). Files go to a
 //! staging directory first and are renamed into place once the whole archive
-//! has been read: a broken archive leaves nothing half-written behind.
+//! has been read: a broken archive leaves nothing half-written behind. Every
+//! file and byte unpacked is counted against the fetch's caps
+//! ([`crate::limits`]): a tar bomb stops at `--max-bytes` or `--max-files`.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
+
+use crate::failure::Failure;
+use crate::limits::Budget;
 
 /// File names that mark a model version's directory: an archive whose root
 /// holds one of them is unpacked into version `1/`.
@@ -45,15 +50,21 @@ pub enum Compression {
 /// `model.onnx` or `llm.json`, the files are one model version and go to
 /// `model_dir/1/`, otherwise the root's layout (version directories,
 /// `ferrite.json`) is kept as it is.
-pub fn unpack(archive: &Path, compression: Compression, model_dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn unpack(
+    archive: &Path,
+    compression: Compression,
+    model_dir: &Path,
+    budget: &Budget,
+) -> Result<Vec<PathBuf>, Failure> {
     let staging = model_dir.join(".unpack-tmp");
     let _ = std::fs::remove_dir_all(&staging);
-    let result = unpack_into(archive, compression, &staging).and_then(|()| place(&staging, model_dir));
+    let result = unpack_into(archive, compression, &staging, budget)
+        .and_then(|()| place(&staging, model_dir).map_err(Failure::permanent));
     let _ = std::fs::remove_dir_all(&staging);
     result
 }
 
-fn unpack_into(archive: &Path, compression: Compression, staging: &Path) -> Result<(), String> {
+fn unpack_into(archive: &Path, compression: Compression, staging: &Path, budget: &Budget) -> Result<(), Failure> {
     let file = File::open(archive).map_err(|e| format!("cannot open the archive: {e}"))?;
     let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(BufReader::new(file)),
@@ -71,21 +82,45 @@ fn unpack_into(archive: &Path, compression: Compression, staging: &Path) -> Resu
             continue; // directories are made for the files inside them
         }
         if !kind.is_file() {
-            return Err(format!("archive entry '{}' is not a regular file (links are not unpacked)", path.display()));
+            return Err(
+                format!("archive entry '{}' is not a regular file (links are not unpacked)", path.display()).into()
+            );
         }
+        budget.add_file()?;
+        budget.check_announced(&format!("archive entry '{}' holds", path.display()), entry.size())?;
         let dest = staging.join(&relative);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         let mut out = File::create(&dest).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| format!("broken archive at '{}': {e}", path.display()))?;
+        copy_counted(&mut entry, &mut out, budget, &path, &dest)?;
         out.sync_all().map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
         files += 1;
     }
     if files == 0 {
-        return Err("the archive holds no files".into());
+        return Err(Failure::permanent("the archive holds no files"));
     }
     Ok(())
+}
+
+/// Copies one entry, counting every block against `--max-bytes` before it
+/// is written: the check of the announced size above trusts the headers.
+fn copy_counted(
+    entry: &mut impl Read,
+    out: &mut File,
+    budget: &Budget,
+    path: &Path,
+    dest: &Path,
+) -> Result<(), Failure> {
+    let mut buffer = vec![0u8; 256 * 1024];
+    loop {
+        let n = entry.read(&mut buffer).map_err(|e| format!("broken archive at '{}': {e}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        budget.add_bytes(n as u64)?;
+        out.write_all(&buffer[..n]).map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+    }
 }
 
 /// `path` as a relative path of normal components, or an error naming it.
@@ -185,13 +220,22 @@ mod tests {
     }
 
     fn unpack_bytes(test: &str, bytes: &[u8], compression: Compression) -> (Scratch, Result<Vec<PathBuf>, String>) {
+        unpack_capped(test, bytes, compression, &Budget::new(u64::MAX, u64::MAX))
+    }
+
+    fn unpack_capped(
+        test: &str,
+        bytes: &[u8],
+        compression: Compression,
+        budget: &Budget,
+    ) -> (Scratch, Result<Vec<PathBuf>, String>) {
         let dir = Scratch(std::env::temp_dir().join(format!("ferrite-archive-{}-{test}", std::process::id())));
         let _ = std::fs::remove_dir_all(dir.path());
         std::fs::create_dir_all(dir.path()).unwrap();
         let archive = dir.path().join("m.tar");
         std::fs::write(&archive, bytes).unwrap();
         let model_dir = dir.path().join("models/llm");
-        let result = unpack(&archive, compression, &model_dir);
+        let result = unpack(&archive, compression, &model_dir, budget).map_err(|f| f.message);
         (dir, result)
     }
 
@@ -234,5 +278,42 @@ mod tests {
     fn garbage_is_a_clear_error() {
         let (_dir, result) = unpack_bytes("garbage", b"this is not gzip", Compression::Gzip);
         assert!(result.unwrap_err().contains("archive"));
+    }
+
+    #[test]
+    fn a_tar_bomb_stops_at_max_bytes_and_leaves_nothing() {
+        // 64 MiB of zeros in one entry: about 64 KiB of gzip.
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let size = 64 << 20;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, "bomb/model.onnx", std::io::repeat(0).take(size)).unwrap();
+        let bytes = builder.into_inner().unwrap().finish().unwrap();
+        assert!(bytes.len() < 1 << 20, "{} bytes compressed", bytes.len());
+
+        let budget = Budget::new(8 << 20, 100);
+        let (dir, result) = unpack_capped("bomb", &bytes, Compression::Gzip, &budget);
+        let error = result.unwrap_err();
+        assert!(error.contains("--max-bytes (8388608 bytes)"), "{error}");
+        assert!(tree_is_empty(&dir.path().join("models/llm")));
+    }
+
+    #[test]
+    fn too_many_files_stop_at_max_files() {
+        let names: Vec<String> = (0..50).map(|i| format!("f{i}.txt")).collect();
+        let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+        let bytes = tar_of(&files, false);
+        let budget = Budget::new(u64::MAX, 10);
+        let (dir, result) = unpack_capped("many", &bytes, Compression::None, &budget);
+        assert!(result.unwrap_err().contains("--max-files (10)"));
+        assert!(tree_is_empty(&dir.path().join("models/llm")));
+    }
+
+    /// No regular file under `dir` (or no `dir`).
+    fn tree_is_empty(dir: &Path) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else { return true };
+        entries.flatten().all(|e| e.path().is_dir() && tree_is_empty(&e.path()))
     }
 }

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backends::{Backend, Location};
 use crate::failure::{io_failure, Failure};
+use crate::limits::Budget;
 use crate::progress::Progress;
 use crate::uri::sanitize;
 use crate::{FetchOptions, TEMP_MARKER};
@@ -77,6 +78,7 @@ pub(crate) async fn download(
     options: &FetchOptions,
     sha: Option<&[u8; 32]>,
     progress: &Progress,
+    budget: &Budget,
     shown: &str,
 ) -> Result<u64, Failure> {
     let dir = item.dest.parent().expect("a file under the model directory");
@@ -86,7 +88,7 @@ pub(crate) async fn download(
     let temp = dir.join(format!(".{file_name}{TEMP_MARKER}{}-{}", std::process::id(), next_temp_id()));
     let writer = Writer::spawn(temp.clone(), sha.is_some())?;
 
-    let result = receive(backend, item, options, &writer, progress, shown).await;
+    let result = receive(backend, item, options, &writer, progress, budget, shown).await;
     let finished = writer.finish().await;
     let (size, digest) = match (result, finished) {
         (Ok(expected), Ok((size, digest))) => {
@@ -146,6 +148,7 @@ async fn receive(
     options: &FetchOptions,
     writer: &Writer,
     progress: &Progress,
+    budget: &Budget,
     shown: &str,
 ) -> Result<Option<u64>, Failure> {
     let mut written: u64 = 0;
@@ -158,18 +161,21 @@ async fn receive(
                 // The source ignored the range: start over.
                 writer.truncate().await?;
                 progress.rewind(written);
+                budget.remove_bytes(written);
                 written = 0;
             }
             if let Some(size) = opened.total {
                 if total.is_some_and(|t| t != size) && written > 0 {
                     writer.truncate().await?;
                     progress.rewind(written);
+                    budget.remove_bytes(written);
                     written = 0;
                     return Err(Failure::transient("the object changed during the download"));
                 }
                 if total.is_none() {
                     progress.add_total(size);
                 }
+                budget.check_announced("the source announces", size.saturating_sub(written))?;
                 total = Some(size);
             }
             loop {
@@ -179,6 +185,8 @@ async fn receive(
                 let Some(chunk) = next else { break };
                 let chunk = chunk?;
                 let n = chunk.len() as u64;
+                // Counted before it is written: an endless body stops here.
+                budget.add_bytes(n)?;
                 writer.write(chunk).await?;
                 written += n;
                 progress.add(n);
@@ -212,7 +220,7 @@ async fn receive(
                 } else {
                     failure.message
                 };
-                return Err(Failure { message, transient: failure.transient });
+                return Err(Failure { message, ..failure });
             }
         }
     }

@@ -9,15 +9,28 @@ pub(crate) struct Failure {
     pub(crate) message: String,
     /// Worth another try (a connection error, a 5xx, a body cut short).
     pub(crate) transient: bool,
+    /// A cap (`--max-bytes`, `--max-files`) was reached: what this fetch
+    /// wrote is removed.
+    pub(crate) over_limit: bool,
 }
 
 impl Failure {
     pub(crate) fn permanent(message: impl Into<String>) -> Self {
-        Failure { message: message.into(), transient: false }
+        Failure { message: message.into(), transient: false, over_limit: false }
     }
 
     pub(crate) fn transient(message: impl Into<String>) -> Self {
-        Failure { message: message.into(), transient: true }
+        Failure { message: message.into(), transient: true, over_limit: false }
+    }
+
+    pub(crate) fn over_limit(message: impl Into<String>) -> Self {
+        Failure { message: message.into(), transient: false, over_limit: true }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::permanent(message)
     }
 }
 

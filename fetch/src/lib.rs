@@ -47,6 +47,16 @@
 //! where the source supports ranges. A destination file that already has the
 //! source's size (and the given SHA-256) is not downloaded again.
 //!
+//! # Caps
+//!
+//! A fetch writes at most `max_bytes` bytes (`--max-bytes`, default 20 GiB)
+//! and `max_files` files (`--max-files`, default 10,000): downloads and
+//! unpacked archive contents together ([`limits`]). A source that announces
+//! more (a listing, a `Content-Length`, a tar header) fails before the
+//! download; one that sends more (an endless body, a tar bomb) stops at the
+//! cap. Either way the fetch fails, naming the flag, and removes what it
+//! wrote.
+//!
 //! Messages never contain credentials: user info, query strings and
 //! fragments are removed from every URL they mention.
 
@@ -59,6 +69,7 @@
 //! | `backends` | reading: HTTP, object stores (built from the URI by `object_store`), local files |
 //! | `download` | one file into place: retries, resume, the writer thread, hashing |
 //! | [`archive`] | unpacking `.tar` / `.tar.gz` model directories |
+//! | [`limits`] | the byte and file caps |
 //! | `progress` | the progress lines |
 //!
 //! # Why a crate of its own
@@ -81,6 +92,7 @@ pub mod archive;
 mod backends;
 mod download;
 mod failure;
+pub mod limits;
 mod progress;
 pub mod uri;
 
@@ -94,6 +106,8 @@ use object_store::path::Path as StorePath;
 use crate::backends::{Backend, Location};
 use crate::download::{already_present, download, Item};
 use crate::failure::{io_failure, Failure};
+use crate::limits::Budget;
+pub use crate::limits::{DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES};
 use crate::progress::{rate_mb_s, Progress};
 pub use crate::uri::{parse_source, redact_uri, Source, StoreKind};
 
@@ -104,8 +118,8 @@ pub const DEFAULT_MODEL_FILE: &str = "model.onnx";
 /// Suffix of the temporary files a download writes before renaming.
 pub const TEMP_MARKER: &str = ".fetch-tmp-";
 
-/// What to fetch and where.
-#[derive(Debug, Clone)]
+/// What to fetch and where. Its `Debug` shows the URI without credentials.
+#[derive(Clone)]
 pub struct FetchOptions {
     /// Where the model is (see the crate documentation for the schemes).
     pub uri: String,
@@ -130,11 +144,36 @@ pub struct FetchOptions {
     /// `object_store` names them, e.g. `aws_endpoint`, `allow_http`. An
     /// unknown key is an error.
     pub store_options: Vec<(String, String)>,
+    /// Most bytes the fetch may write, downloads and unpacked archive
+    /// contents together ([`limits`]).
+    pub max_bytes: u64,
+    /// Most files the fetch may write (downloaded, present or unpacked).
+    pub max_files: u64,
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions")
+            .field("uri", &redact_uri(&self.uri))
+            .field("dest", &self.dest)
+            .field("model_name", &self.model_name)
+            .field("model_file", &self.model_file)
+            .field("sha256", &self.sha256)
+            .field("retries", &self.retries)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("progress_interval", &self.progress_interval)
+            .field("store_options", &self.store_options.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("max_bytes", &self.max_bytes)
+            .field("max_files", &self.max_files)
+            .finish()
+    }
 }
 
 impl FetchOptions {
     /// Options with the defaults of `ferrite-server fetch`: 5 retries from
-    /// 0.5 s, a 120 s idle timeout, a progress line a second.
+    /// 0.5 s, a 120 s idle timeout, a progress line a second, the default
+    /// caps ([`DEFAULT_MAX_BYTES`], [`DEFAULT_MAX_FILES`]).
     pub fn new(uri: impl Into<String>, dest: impl Into<PathBuf>, model_name: impl Into<String>) -> Self {
         FetchOptions {
             uri: uri.into(),
@@ -147,6 +186,8 @@ impl FetchOptions {
             idle_timeout: Duration::from_secs(120),
             progress_interval: Duration::from_secs(1),
             store_options: Vec::new(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_files: DEFAULT_MAX_FILES,
         }
     }
 }
@@ -253,6 +294,12 @@ pub async fn fetch(options: &FetchOptions) -> Result<FetchReport, FetchError> {
     };
 
     let total = items.iter().map(|i| i.size).sum::<Option<u64>>();
+    let budget = Budget::new(options.max_bytes, options.max_files);
+    if source.is_prefix() {
+        // A listing says how much is coming: refuse before downloading.
+        budget.check_files(items.len() as u64).map_err(fail)?;
+        budget.check_announced("the objects under this prefix hold", total.unwrap_or(0)).map_err(fail)?;
+    }
     let progress = Progress::new(shown.clone(), total, options.progress_interval);
     let mut report = FetchReport {
         model_dir: model_dir.clone(),
@@ -262,31 +309,50 @@ pub async fn fetch(options: &FetchOptions) -> Result<FetchReport, FetchError> {
         bytes: 0,
         elapsed: Duration::ZERO,
     };
-    for item in &items {
-        match already_present(&backend, item, expected_sha.as_ref()).await.map_err(fail)? {
-            Some(size) => {
-                tracing::info!(
-                    "{} is already present ({size} bytes{}): not downloading it again",
-                    item.dest.display(),
-                    if expected_sha.is_some() { ", sha256 matches" } else { "" }
-                );
-                progress.skip(size);
-                report.skipped_files += 1;
+    // Files this run put in place: removed again when a cap stops it.
+    let mut written = Vec::new();
+    let outcome = async {
+        for item in &items {
+            if archive.is_none() {
+                budget.add_file()?;
             }
-            None => {
-                let size =
-                    download(&backend, item, options, expected_sha.as_ref(), &progress, &shown).await.map_err(fail)?;
-                report.bytes += size;
-                report.downloaded_files += 1;
+            match already_present(&backend, item, expected_sha.as_ref()).await? {
+                Some(size) => {
+                    budget.add_bytes(size)?;
+                    tracing::info!(
+                        "{} is already present ({size} bytes{}): not downloading it again",
+                        item.dest.display(),
+                        if expected_sha.is_some() { ", sha256 matches" } else { "" }
+                    );
+                    progress.skip(size);
+                    report.skipped_files += 1;
+                }
+                None => {
+                    let size =
+                        download(&backend, item, options, expected_sha.as_ref(), &progress, &budget, &shown).await?;
+                    written.push(item.dest.clone());
+                    report.bytes += size;
+                    report.downloaded_files += 1;
+                }
+            }
+            report.files.push(item.dest.clone());
+        }
+        if let (Some(compression), [item]) = (archive, items.as_slice()) {
+            tracing::info!("unpacking the archive into {}", model_dir.display());
+            let unpacked = archive::unpack(&item.dest, compression, &model_dir, &budget);
+            let _ = std::fs::remove_file(&item.dest);
+            report.files = unpacked?;
+        }
+        Ok::<(), Failure>(())
+    }
+    .await;
+    if let Err(failure) = outcome {
+        if failure.over_limit {
+            for path in &written {
+                let _ = std::fs::remove_file(path);
             }
         }
-        report.files.push(item.dest.clone());
-    }
-    if let (Some(compression), [item]) = (archive, items.as_slice()) {
-        tracing::info!("unpacking the archive into {}", model_dir.display());
-        let unpacked = archive::unpack(&item.dest, compression, &model_dir);
-        let _ = std::fs::remove_file(&item.dest);
-        report.files = unpacked.map_err(|m| fail(Failure::permanent(m)))?;
+        return Err(fail(failure));
     }
     report.elapsed = started.elapsed();
     let seconds = report.elapsed.as_secs_f64();
@@ -351,6 +417,17 @@ mod tests {
         assert_eq!(relative_dest(dir, "1/model.onnx").unwrap(), Path::new("/m/x/1/model.onnx"));
         assert!(relative_dest(dir, "../evil").is_err());
         assert!(relative_dest(dir, "a//b").is_err());
+    }
+
+    #[test]
+    fn debug_output_carries_no_credentials() {
+        let mut options = FetchOptions::new("https://bob:hunter2@h/m.onnx?sig=s3cret", "/m", "x");
+        options.store_options.push(("aws_secret_access_key".into(), "wJalr-secret".into()));
+        let shown = format!("{options:?}");
+        assert!(shown.contains("https://h/m.onnx"), "{shown}");
+        for secret in ["bob", "hunter2", "s3cret", "wJalr-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
     }
 
     #[test]

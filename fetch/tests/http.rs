@@ -246,3 +246,80 @@ async fn refuses_what_it_cannot_fetch() {
     assert!(tree(dest.path()).is_empty());
     assert!(!dest.path().parent().unwrap().join("evil").exists());
 }
+
+#[tokio::test]
+async fn an_endless_body_stops_at_max_bytes() {
+    let (server, _) = http_server().await;
+    let dest = TempDir::new("endless");
+    // Credentials in the URI stay out of the cap's message too.
+    let uri = format!("http://admin:hunter2secret@127.0.0.1:{}/models/endless.onnx?sig=sigvalue123", server.port);
+    let mut opts = options(&uri, dest.path(), "m");
+    opts.max_bytes = 8 << 20;
+    let started = std::time::Instant::now();
+    let error = fetch(&opts).await.unwrap_err().to_string();
+    assert!(error.contains("larger than --max-bytes (8388608 bytes)"), "{error}");
+    assert!(error.contains("stopped after"), "{error}");
+    for secret in ["admin", "hunter2secret", "sigvalue123"] {
+        assert!(!error.contains(secret), "{secret} leaked: {error}");
+    }
+    // A cap is not a transient failure: no retry, one GET.
+    assert_eq!(server.count("GET", "/models/endless.onnx"), 1);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(tree(dest.path()).is_empty(), "partial output left: {:?}", tree(dest.path()).keys());
+}
+
+#[tokio::test]
+async fn a_content_length_over_max_bytes_is_refused_before_the_download() {
+    let (server, _) = http_server().await;
+    let dest = TempDir::new("announced");
+    let mut opts = options(&format!("{}/models/model.onnx", server.base), dest.path(), "m");
+    opts.max_bytes = 1 << 20;
+    let error = fetch(&opts).await.unwrap_err().to_string();
+    assert!(error.contains(&format!("the source announces {MODEL_LEN} bytes, more than --max-bytes")), "{error}");
+    assert!(tree(dest.path()).is_empty());
+    // Exactly the model's size is allowed.
+    opts.max_bytes = MODEL_LEN as u64;
+    fetch(&opts).await.unwrap();
+}
+
+/// A gzip tar whose entries expand far past their compressed size.
+fn bomb(entries: usize, entry_len: u64) -> Bytes {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for i in 0..entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(entry_len);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, format!("bomb/part{i}.bin"), std::io::Read::take(std::io::repeat(0), entry_len))
+            .unwrap();
+    }
+    Bytes::from(builder.into_inner().unwrap().finish().unwrap())
+}
+
+#[tokio::test]
+async fn a_tar_bomb_stops_at_max_bytes_and_max_files() {
+    // 48 MiB of zeros in 12 entries, about 50 KiB on the wire.
+    let archive = bomb(12, 4 << 20);
+    assert!(archive.len() < 1 << 20);
+    let mut served = Files::default();
+    served.files.insert("/bomb.tar.gz".into(), archive);
+    let server = Server::start(served).await;
+    let dest = TempDir::new("bomb");
+    let mut opts = options(&format!("{}/bomb.tar.gz", server.base), dest.path(), "m");
+    opts.max_bytes = 16 << 20;
+    let error = fetch(&opts).await.unwrap_err().to_string();
+    assert!(error.contains("--max-bytes (16777216 bytes)"), "{error}");
+    assert!(tree(dest.path()).is_empty(), "partial output left: {:?}", tree(dest.path()).keys());
+
+    opts.max_bytes = 1 << 30;
+    opts.max_files = 5;
+    let error = fetch(&opts).await.unwrap_err().to_string();
+    assert!(error.contains("more files than --max-files (5)"), "{error}");
+    assert!(tree(dest.path()).is_empty(), "partial output left: {:?}", tree(dest.path()).keys());
+
+    // Under both caps it unpacks: the caps count what is there, not more.
+    opts.max_files = 12;
+    let report = fetch(&opts).await.unwrap();
+    assert_eq!(report.files.len(), 12);
+}

@@ -58,3 +58,24 @@ async fn copies_a_local_directory_prefix() {
     let error = fetch(&options("/nonexistent/ferrite/model.onnx", dest.path(), "z")).await.unwrap_err().to_string();
     assert!(error.contains("cannot read /nonexistent/ferrite/model.onnx"), "{error}");
 }
+
+#[tokio::test]
+async fn a_prefix_over_the_caps_is_refused_before_copying() {
+    let source = TempDir::new("many");
+    for i in 0..6 {
+        std::fs::write(source.path().join(format!("part{i}.bin")), generate(1000, i)).unwrap();
+    }
+    let dest = TempDir::new("many-dest");
+    let uri = format!("{}/", source.path().display());
+    let mut opts = options(&uri, dest.path(), "m");
+    opts.max_files = 5;
+    let error = fetch(&opts).await.unwrap_err().to_string();
+    assert!(error.contains("more files than --max-files (5)"), "{error}");
+    opts.max_files = 6;
+    opts.max_bytes = 5999;
+    let error = fetch(&opts).await.unwrap_err().to_string();
+    assert!(error.contains("the objects under this prefix hold 6000 bytes, more than --max-bytes (5999"), "{error}");
+    assert!(tree(dest.path()).is_empty());
+    opts.max_bytes = 6000;
+    assert_eq!(fetch(&opts).await.unwrap().downloaded_files, 6);
+}

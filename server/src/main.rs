@@ -68,7 +68,9 @@ enum Command {
 struct FetchArgs {
     /// Model to download: http(s)://host/path, s3://bucket/key,
     /// gs://bucket/key, az://container/key (or azure://), file:///path or a
-    /// local path. End with '/' to copy a whole prefix (directory).
+    /// local path. End with '/' to copy a whole prefix (directory). A URI
+    /// with credentials (user:password@, a presigned query) is best passed
+    /// in the environment (from a Secret); messages never show them.
     #[arg(long, env = "FERRITE_MODEL_URI", hide_env_values = true)]
     uri: String,
     /// Model repository to write into.
@@ -90,6 +92,24 @@ struct FetchArgs {
     /// Seconds without data after which a download is retried.
     #[arg(long, env = "FERRITE_FETCH_IDLE_TIMEOUT_SECONDS", default_value_t = 120)]
     idle_timeout_seconds: u64,
+    /// Most bytes the fetch may write, downloads and unpacked archive contents
+    /// together (default 20 GiB): an endless body or a tar bomb stops there,
+    /// the partial output is removed and the fetch fails.
+    #[arg(
+        long = contract::fetch::MAX_BYTES.name(),
+        env = "FERRITE_FETCH_MAX_BYTES",
+        default_value_t = ferrite_fetch::DEFAULT_MAX_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_bytes: u64,
+    /// Most files the fetch may write (downloaded or unpacked).
+    #[arg(
+        long = contract::fetch::MAX_FILES.name(),
+        env = "FERRITE_FETCH_MAX_FILES",
+        default_value_t = ferrite_fetch::DEFAULT_MAX_FILES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_files: u64,
 }
 
 #[cfg(feature = "fetch")]
@@ -100,6 +120,8 @@ impl FetchArgs {
         options.sha256 = self.sha256;
         options.retries = self.retries;
         options.idle_timeout = Duration::from_secs(self.idle_timeout_seconds.max(1));
+        options.max_bytes = self.max_bytes;
+        options.max_files = self.max_files;
         options
     }
 }

@@ -196,3 +196,40 @@ async fn the_binary_reports_progress_at_most_once_a_second() {
     assert!(done[0].contains(&format!("{MODEL_LEN} bytes (3.2 MB) in ")) && done[0].contains("MB/s"), "{stderr}");
     assert!(std::fs::read(dest.path().join("slow/1/model.onnx")).unwrap() == model);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_stops_at_max_bytes_and_refuses_a_zero_cap() {
+    let (server, _) = http_server().await;
+    let dest = TempDir::new("capped");
+    // The credential-bearing URI comes from the environment, as from a Secret.
+    let envs = vec![
+        (
+            "FERRITE_MODEL_URI",
+            format!("http://bob:pa55word-xyz@127.0.0.1:{}/models/slow.onnx?sig=t0ken-abc", server.port),
+        ),
+        ("FERRITE_MODEL_DEST", dest.path().display().to_string()),
+        ("FERRITE_MODEL_NAME", "capped".to_string()),
+    ];
+    let output =
+        tokio::task::spawn_blocking(move || run_binary(&envs, &["--max-bytes", "1048576", "--max-files", "1"]))
+            .await
+            .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with(&format!("error: fetch http://127.0.0.1:{}/models/slow.onnx: ", server.port)), "{last}");
+    assert!(last.contains(&format!("announces {MODEL_LEN} bytes, more than --max-bytes (1048576 bytes)")), "{last}");
+    for secret in ["bob", "pa55word-xyz", "t0ken-abc"] {
+        assert!(!stderr.contains(secret), "{secret} leaked: {stderr}");
+    }
+    assert!(!dest.path().join("capped/1/model.onnx").exists());
+
+    let output = tokio::task::spawn_blocking(|| {
+        run_binary(&[], &["--uri", "/nowhere", "--dest", "/tmp", "--model-name", "m", "--max-files", "0"])
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-files"), "{stderr}");
+}

@@ -84,5 +84,5 @@ fn http_failure(error: reqwest::Error) -> Failure {
     // Network errors are worth another try; a bad request or a redirect
     // loop is not.
     let transient = !(error.is_builder() || error.is_redirect());
-    Failure { message: format!("{what}: {}", error_chain(&error)), transient }
+    Failure { message: format!("{what}: {}", error_chain(&error)), transient, over_limit: false }
 }

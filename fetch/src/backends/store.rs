@@ -159,7 +159,7 @@ fn store_failure(error: object_store::Error, transient: bool) -> Failure {
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
             Failure::permanent(format!("access denied: {}", error_chain(&error)))
         }
-        _ => Failure { message: error_chain(&error), transient },
+        _ => Failure { message: error_chain(&error), transient, over_limit: false },
     }
 }
 
@@ -191,5 +191,5 @@ fn credential_hint(kind: StoreKind, failure: Failure) -> Failure {
         }
         _ => return failure,
     };
-    Failure { message: format!("{hint}: {}", failure.message), transient: failure.transient }
+    Failure { message: format!("{hint}: {}", failure.message), ..failure }
 }

@@ -28,6 +28,9 @@ pub struct Files {
     pub cut: Vec<String>,
     /// Paths sent in ten parts, 250 ms apart.
     pub slow: Vec<String>,
+    /// Paths whose GET sends a body that never ends (chunked, no
+    /// `Content-Length`: 64 KiB parts of the file's content, over and over).
+    pub endless: Vec<String>,
 }
 
 pub struct Server {
@@ -94,12 +97,16 @@ async fn handle(State(state): State<Arc<ServerState>>, method: Method, uri: Uri,
         *entry += 1;
         *entry
     };
-    let (data, flaky, cut, slow) = {
+    let (data, flaky, cut, slow, endless) = {
         let files = state.files.lock().unwrap();
         match files.files.get(&path) {
-            Some(data) => {
-                (data.clone(), files.flaky.contains(&path), files.cut.contains(&path), files.slow.contains(&path))
-            }
+            Some(data) => (
+                data.clone(),
+                files.flaky.contains(&path),
+                files.cut.contains(&path),
+                files.slow.contains(&path),
+                files.endless.contains(&path),
+            ),
             None => return Response::builder().status(StatusCode::NOT_FOUND).body(Body::from("no such file")).unwrap(),
         }
     };
@@ -108,6 +115,11 @@ async fn handle(State(state): State<Arc<ServerState>>, method: Method, uri: Uri,
     }
     if method == Method::GET && flaky && count == 1 {
         return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Body::from("try again")).unwrap();
+    }
+    if method == Method::GET && endless {
+        let part = data.slice(..data.len().min(64 * 1024));
+        let stream = futures::stream::repeat_with(move || Ok::<Bytes, std::io::Error>(part.clone()));
+        return Response::builder().status(StatusCode::OK).body(Body::from_stream(stream)).unwrap();
     }
     let len = data.len() as u64;
     let start = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
@@ -180,6 +192,8 @@ pub async fn http_server() -> (Server, Bytes) {
     files.cut.push("/models/cut.onnx".into());
     files.files.insert("/models/slow.onnx".into(), model.clone());
     files.slow.push("/models/slow.onnx".into());
+    files.files.insert("/models/endless.onnx".into(), model.clone());
+    files.endless.push("/models/endless.onnx".into());
     files.files.insert("/models/bundle.tar.gz".into(), Bytes::from_static(b"not really"));
     files.files.insert("/models/bundle.zip".into(), Bytes::from_static(b"PK"));
     (Server::start(files).await, model)
