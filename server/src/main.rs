@@ -67,7 +67,7 @@ struct FetchArgs {
     /// Model to download: http(s)://host/path, s3://bucket/key,
     /// gs://bucket/key, az://container/key (or azure://), file:///path or a
     /// local path. End with '/' to copy a whole prefix (directory).
-    #[arg(long, env = "FERRITE_MODEL_URI", hide_env_values = true)]
+    #[arg(long, env = contract::fetch::URI_ENV, hide_env_values = true)]
     uri: String,
     /// Model repository to write into.
     #[arg(long, env = "FERRITE_MODEL_DEST")]
