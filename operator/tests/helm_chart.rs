@@ -120,8 +120,14 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
     }
     // What the operator's service account may and may not do.
     let sa = "system:serviceaccount:ferrite-system:ferrite-operator";
+    // `kubectl auth can-i` reads "kind/name": a subresource goes in its own flag.
     let can = |verb: &str, resource: &str, ns: &str| {
-        let out = run(&kubectl, &["auth", "can-i", verb, resource, "-n", ns, "--as", sa], Some(plane));
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+        let mut args = vec!["auth", "can-i", verb, resource, "-n", ns, "--as", sa];
+        if !subresource.is_empty() {
+            args.extend(["--subresource", subresource]);
+        }
+        let out = run(&kubectl, &args, Some(plane));
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     // Exactly the calls in operator/src (docs/security.md lists them);
