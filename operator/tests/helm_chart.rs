@@ -130,12 +130,13 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         let out = run(&kubectl, &args, Some(plane));
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
-    // Exactly the calls in operator/src (docs/security.md lists them);
-    // writes are server-side apply, which is a patch even when it creates.
+    // Exactly the calls in operator/src (docs/operator-security.md lists them);
+    // writes are server-side apply: patch, and create for a new object.
     for (verb, resource, ns) in [
         ("watch", "modeldeployments.ferrite.dev", "examples"),
         ("patch", "modeldeployments.ferrite.dev/status", "examples"),
         ("patch", "deployments.apps", "examples"),
+        ("create", "deployments.apps", "examples"),
         ("get", "deployments.apps/scale", "examples"),
         ("patch", "deployments.apps/scale", "examples"),
         ("patch", "services", "examples"),
@@ -152,7 +153,6 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("patch", "modeldeployments.ferrite.dev", "examples"),
         ("update", "modeldeployments.ferrite.dev", "examples"),
         ("update", "modeldeployments.ferrite.dev/status", "examples"),
-        ("create", "deployments.apps", "examples"),
         ("update", "deployments.apps", "examples"),
         ("delete", "deployments.apps", "examples"),
         ("delete", "services", "examples"),

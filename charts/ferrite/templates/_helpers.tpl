@@ -108,12 +108,13 @@ ferrite-server image reference for model pods.
 
 {{/*
 The rules the operator needs on the objects it reconciles and owns: exactly
-the verbs its code uses (see docs/security.md for the list of calls). It
-writes only by server-side apply (patch, which also creates), reads through
-watches (list, watch), never reads Secrets or ConfigMaps (the kubelet mounts
-a ModelDeployment's Secrets), never creates, updates or deletes
-ModelDeployments, Deployments or Services (owner references let the garbage
-collector delete them), and only reads pods.
+the verbs its code uses (docs/operator-security.md lists the calls). It reads
+through watches (list, watch) and writes by server-side apply, which the API
+server authorizes as patch, or as create when the object is new. It never
+updates or deletes ModelDeployments, Deployments or Services (owner
+references let the garbage collector delete them), never reads Secrets or
+ConfigMaps (the kubelet mounts a ModelDeployment's Secrets), and only reads
+pods.
 */}}
 {{- define "ferrite.operatorRules" -}}
 - apiGroups: ["ferrite.dev"]
@@ -124,22 +125,22 @@ collector delete them), and only reads pods.
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
