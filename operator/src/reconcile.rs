@@ -92,6 +92,9 @@ pub fn validate(md: &ModelDeployment) -> Result<(), Error> {
     if md.metadata.uid.is_none() || md.metadata.namespace.is_none() {
         return Err(Error::InvalidSpec("the ModelDeployment has no uid or namespace".into()));
     }
+    if md.spec.model.uri.is_some() == md.spec.model.uri_from.is_some() {
+        return Err(Error::InvalidSpec("spec.model needs exactly one of uri and uriFrom".into()));
+    }
     if let Some(auto) = &md.spec.autoscaling {
         if auto.min_replicas > auto.max_replicas {
             return Err(Error::InvalidSpec("autoscaling.minReplicas exceeds maxReplicas".into()));
