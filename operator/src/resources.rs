@@ -611,6 +611,16 @@ mod tests {
     }
 
     #[test]
+    fn tls_makes_the_http_port_and_endpoint_https() {
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.tls = Some(TlsSpec { secret_name: "cert".into(), client_auth: false });
+        let ports = service(&m).spec.unwrap().ports.unwrap();
+        assert_eq!(ports[0].app_protocol.as_deref(), Some("https"));
+        assert_eq!(ports[2].app_protocol.as_deref(), Some("http"), "metrics stay plain");
+        assert_eq!(endpoints(&m).http, "https://resnet.ml.svc:8000");
+    }
+
+    #[test]
     fn service_exposes_three_named_ports() {
         let mut m = md("https://example.org/m.onnx");
         m.spec.model =

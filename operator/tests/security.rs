@@ -159,6 +159,35 @@ async fn a_model_deployment_outside_the_policy_gets_no_pods() {
         (reason != "PolicyViolation").then_some(())
     })
     .await;
+
+    // With autoscaling, the autoscaler leaves a held Deployment at zero and
+    // brings it back to minReplicas once the spec passes again.
+    let auto = json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 3, "scrapeIntervalSeconds": 1}});
+    create(&client, &ns, &model_deployment("auto", auto)).await;
+    let replicas = |want: i32| {
+        let deployments = deployments.clone();
+        async move {
+            let what = format!("the autoscaled Deployment has {want} replicas");
+            eventually(&what, WAIT, || async {
+                (deployments.get("auto").await.ok()?.spec?.replicas == Some(want)).then_some(())
+            })
+            .await
+        }
+    };
+    replicas(2).await;
+    let edit = |spec: serde_json::Value| {
+        let mds = mds.clone();
+        async move {
+            mds.patch("auto", &PatchParams::default(), &Patch::Merge(&json!({ "spec": spec }))).await.unwrap();
+        }
+    };
+    edit(json!({"runtime": {"instances": 99}})).await;
+    violation(&mds, "auto", "--max-instances").await;
+    replicas(0).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(deployments.get("auto").await.unwrap().spec.unwrap().replicas, Some(0), "the autoscaler keeps off");
+    edit(json!({"runtime": {"instances": 1}})).await;
+    replicas(2).await;
 }
 
 #[tokio::test]
