@@ -205,6 +205,10 @@ pub mod fetch {
     pub const SUBCOMMAND: &str = "fetch";
     /// The model's URI (`http(s)://`, `s3://`, `gs://`, `az://`).
     pub const URI: Flag = Flag::value("uri");
+    /// The environment variable that [`URI`] is read from when the flag is
+    /// absent: the operator sets it from a Secret for URIs that carry
+    /// credentials, which must not appear on a command line.
+    pub const URI_ENV: &str = "FERRITE_MODEL_URI";
     /// The model repository to write into.
     pub const DEST: Flag = Flag::value("dest");
     /// The directory under the repository that receives the model (the

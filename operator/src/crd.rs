@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -96,26 +96,134 @@ pub struct ModelDeploymentSpec {
     /// The Service in front of the pods.
     #[serde(default)]
     pub service: ServiceOptions,
+    /// TLS on the gRPC and HTTP ports, from a cert-manager-style Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// API keys for inference calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// A NetworkPolicy owned by the ModelDeployment; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
 }
 
 /// Where the model comes from.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.uri) != has(self.uriFrom)").message("set exactly one of spec.model.uri and spec.model.uriFrom"))]
 pub struct ModelSource {
     /// Model location: `http(s)://`, `s3://`, `gs://`, `az://` (downloaded by
     /// an init container), or `pvc://<claim>/<path>` (mounted read-only). A
     /// URI ending in `/` is a directory: `<version>/model.onnx`, an optional
-    /// `ferrite.json`, or an LLM model directory.
+    /// `ferrite.json`, or an LLM model directory. It lands in the pod spec, so
+    /// it must carry no credentials: use `uriFrom` for those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^(https?|s3|gs|az|pvc)://.+')").message("spec.model.uri must start with http://, https://, s3://, gs://, az:// or pvc://"))]
-    pub uri: String,
+    #[x_kube(validation = Rule::new("!self.matches('^[a-z0-9]+://[^/?#]*@') && !self.contains('?')").message("spec.model.uri must not carry credentials (user:password@ or a query string such as a presigned URL): put the URI in a Secret and reference it with spec.model.uriFrom"))]
+    pub uri: Option<String>,
+    /// The model's URI from a Secret key, for URIs that carry credentials
+    /// (presigned URLs, `user:password@`). The fetch init container reads it
+    /// from an environment variable; it never appears in the pod spec. Not
+    /// for `pvc://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_from: Option<UriSource>,
     /// Name clients use for the model; defaults to the ModelDeployment's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9][a-zA-Z0-9_.-]*$')").message("spec.model.name may hold letters, digits, '_', '.' and '-'"))]
     pub name: Option<String>,
     /// Expected SHA-256 of a single-file model, checked after download.
+    /// Without it an `http://` download gets a Warning event (nothing
+    /// authenticates what arrives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.model.sha256 must be 64 lowercase hex digits"))]
     pub sha256: Option<String>,
+    /// Most bytes the download may write (archive and unpacked files
+    /// together), e.g. `2Gi`; also the size limit of the model volume.
+    /// Defaults to the operator's `--model-max-bytes`, which is also the most
+    /// it may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*(Ki|Mi|Gi|Ti|k|M|G|T)?$')").message("spec.model.maxSize must be a whole number of bytes with an optional suffix Ki, Mi, Gi, Ti, k, M, G or T (e.g. 2Gi)"))]
+    pub max_size: Option<String>,
+    /// Most files the download may write. Defaults to the operator's
+    /// `--model-max-files`, which is also the most it may be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.model.maxFiles must be at least 1"))]
+    pub max_files: Option<i64>,
+}
+
+/// Where a value comes from (like an environment variable's `valueFrom`).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UriSource {
+    /// A key of a Secret in the ModelDeployment's namespace.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the ModelDeployment's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(self) <= 253").message("a Secret name must be a DNS subdomain"))]
+    pub name: String,
+    /// The key within the Secret.
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$') && size(self) <= 253").message("a Secret key may hold letters, digits, '-', '_' and '.'"))]
+    pub key: String,
+}
+
+/// TLS of the server's gRPC and HTTP ports.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in the ModelDeployment's namespace with `tls.crt` and
+    /// `tls.key` (and `ca.crt` for `clientAuth`), as cert-manager writes
+    /// them. Mounted as files; the server reloads nothing, so a renewed
+    /// certificate takes a rollout (or a pod restart).
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(self) <= 253").message("spec.tls.secretName must be a DNS subdomain"))]
+    pub secret_name: String,
+    /// Require client certificates signed by the Secret's `ca.crt` (mutual TLS).
+    #[serde(default)]
+    pub client_auth: bool,
+}
+
+/// Who may call the model.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// A Secret key holding API keys, one per line: inference calls then need
+    /// `authorization: Bearer <key>` (health and metrics stay open).
+    pub api_key_secret_ref: SecretKeyRef,
+}
+
+/// A NetworkPolicy in front of the pods: who may reach the model ports and
+/// the metrics port. Enforced only where the cluster's network plugin
+/// enforces NetworkPolicies.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Who may reach the HTTP and gRPC ports. Each peer selects namespaces
+    /// and/or pods (both: those pods in those namespaces). Empty: pods of
+    /// the ModelDeployment's own namespace only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<NetworkPeer>,
+    /// Who else may reach the metrics port, besides the operator and the
+    /// Prometheus the operator is configured with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_from: Vec<NetworkPeer>,
+}
+
+/// Namespaces and/or pods allowed in (a NetworkPolicy peer without ipBlock).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.namespaceSelector) || has(self.podSelector)").message("a network peer needs namespaceSelector, podSelector or both"))]
+pub struct NetworkPeer {
+    /// Namespaces by label (`{}`: every namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods by label, in the selected namespaces (or, alone, in the
+    /// ModelDeployment's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
 }
 
 /// ONNX Runtime execution provider.

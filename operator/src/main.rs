@@ -2,7 +2,11 @@
 
 use std::net::SocketAddr;
 
+use std::collections::BTreeMap;
+
 use clap::{Args, Parser, Subcommand};
+use ferrite_operator::network_policy::{self, MetricsScrapers};
+use ferrite_operator::policy::{self, Policy};
 use ferrite_operator::run::{run, RunOptions};
 use kube::CustomResourceExt;
 
@@ -27,7 +31,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator (leader election, controller, autoscaler).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the ModelDeployment CustomResourceDefinition as YAML.
     Crdgen,
 }
@@ -40,9 +44,31 @@ struct RunArgs {
     /// Pull policy of that image (Always, IfNotPresent, Never); empty leaves it to Kubernetes.
     #[arg(long, env = "FERRITE_SERVER_IMAGE_PULL_POLICY", default_value = "")]
     server_image_pull_policy: String,
-    /// Watch only this namespace; empty watches all.
-    #[arg(long, env = "FERRITE_WATCH_NAMESPACE", default_value = "")]
-    watch_namespace: String,
+    /// Watch only these namespaces (comma-separated); empty watches all.
+    /// Namespaced watches need only Roles in these namespaces.
+    #[arg(
+        long,
+        alias = "watch-namespace",
+        env = "FERRITE_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    watch_namespaces: Vec<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Labels of the operator's own pods (`k=v,k2=v2`), which a
+    /// ModelDeployment's NetworkPolicy lets reach the metrics port; empty:
+    /// every pod of the operator's namespace.
+    #[arg(long, env = "FERRITE_OPERATOR_POD_LABELS", default_value = "", value_parser = network_policy::parse_labels)]
+    operator_pod_labels: Labels,
+    /// Labels of Prometheus's namespace (`k=v,...`); with
+    /// --prometheus-pod-labels, who else may scrape model pods when a
+    /// NetworkPolicy guards them. Both empty: no Prometheus.
+    #[arg(long, env = "FERRITE_PROMETHEUS_NAMESPACE_LABELS", default_value = "", value_parser = network_policy::parse_labels)]
+    prometheus_namespace_labels: Labels,
+    /// Labels of Prometheus's pods (`k=v,...`).
+    #[arg(long, env = "FERRITE_PROMETHEUS_POD_LABELS", default_value = "", value_parser = network_policy::parse_labels)]
+    prometheus_pod_labels: Labels,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "FERRITE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -55,6 +81,72 @@ struct RunArgs {
     /// This replica's name in the Lease (the pod name); defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+}
+
+type Labels = BTreeMap<String, String>;
+
+/// The operator policy: what a ModelDeployment may ask for. A
+/// ModelDeployment outside it gets Ready=False, reason PolicyViolation, and
+/// no pods.
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// Prefixes spec.image must start with (comma-separated); the
+    /// repository of --server-image is always allowed. Empty: only that one.
+    #[arg(long, env = "FERRITE_POLICY_ALLOWED_IMAGE_PREFIXES", value_delimiter = ',', default_value = "")]
+    allowed_image_prefixes: Vec<String>,
+    /// Environment names spec.env may not set (comma-separated; a trailing
+    /// `*` matches any suffix), besides LD_*, ORT_* and FERRITE_*, which are
+    /// always denied.
+    #[arg(long, env = "FERRITE_POLICY_DENIED_ENV", value_delimiter = ',', default_value = "")]
+    denied_env: Vec<String>,
+    /// Service types spec.service.type may ask for (comma-separated).
+    #[arg(long, env = "FERRITE_POLICY_ALLOWED_SERVICE_TYPES", value_delimiter = ',', default_value = "ClusterIP")]
+    allowed_service_types: Vec<String>,
+    /// Most replicas (spec.replicas, spec.autoscaling.maxReplicas).
+    #[arg(long, env = "FERRITE_POLICY_MAX_REPLICAS", default_value_t = Policy::default().max_replicas)]
+    max_replicas: i32,
+    /// Largest spec.batching.maxBatchSize.
+    #[arg(long, env = "FERRITE_POLICY_MAX_BATCH_SIZE", default_value_t = Policy::default().max_batch_size)]
+    max_batch_size: i32,
+    /// Largest spec.batching.maxQueueSize.
+    #[arg(long, env = "FERRITE_POLICY_MAX_QUEUE_SIZE", default_value_t = Policy::default().max_queue_size)]
+    max_queue_size: i32,
+    /// Largest spec.runtime.instances.
+    #[arg(long, env = "FERRITE_POLICY_MAX_INSTANCES", default_value_t = Policy::default().max_instances)]
+    max_instances: i32,
+    /// Most bytes a model download may write (e.g. 20Gi): the default and
+    /// the maximum of spec.model.maxSize, and the model volume's size limit.
+    #[arg(long, env = "FERRITE_POLICY_MODEL_MAX_BYTES", default_value = "20Gi", value_parser = parse_byte_count)]
+    model_max_bytes: u64,
+    /// Most files a model download may write: the default and the maximum
+    /// of spec.model.maxFiles.
+    #[arg(long, env = "FERRITE_POLICY_MODEL_MAX_FILES", default_value_t = Policy::default().model_max_files)]
+    model_max_files: u64,
+}
+
+fn parse_byte_count(text: &str) -> Result<u64, String> {
+    policy::parse_bytes(text).ok_or_else(|| format!("{text:?} is not a byte count (e.g. 512Mi, 20Gi)"))
+}
+
+/// The flags' list values without the empty entries an empty string gives.
+fn non_empty(values: Vec<String>) -> Vec<String> {
+    values.into_iter().map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect()
+}
+
+impl PolicyArgs {
+    fn into_policy(self) -> Policy {
+        Policy {
+            allowed_image_prefixes: non_empty(self.allowed_image_prefixes),
+            denied_env: non_empty(self.denied_env),
+            allowed_service_types: non_empty(self.allowed_service_types),
+            max_replicas: self.max_replicas,
+            max_batch_size: self.max_batch_size,
+            max_queue_size: self.max_queue_size,
+            max_instances: self.max_instances,
+            model_max_bytes: self.model_max_bytes,
+            model_max_files: self.model_max_files,
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -90,12 +182,21 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
+            let args = *args;
             init_logging(cli.log_format);
             let identity = lease_identity(args.identity);
             run(RunOptions {
                 server_image: args.server_image,
                 server_image_pull_policy: Some(args.server_image_pull_policy).filter(|p| !p.is_empty()),
-                watch_namespace: Some(args.watch_namespace).filter(|ns| !ns.is_empty()),
+                watch_namespaces: non_empty(args.watch_namespaces),
+                policy: args.policy.into_policy(),
+                scrapers: MetricsScrapers {
+                    operator_namespace: args.lease_namespace.clone(),
+                    operator_pod_labels: args.operator_pod_labels,
+                    prometheus: (!args.prometheus_namespace_labels.is_empty()
+                        || !args.prometheus_pod_labels.is_empty())
+                    .then_some((args.prometheus_namespace_labels, args.prometheus_pod_labels)),
+                },
                 metrics_addr: args.metrics_addr,
                 lease_name: args.lease_name,
                 lease_namespace: args.lease_namespace,

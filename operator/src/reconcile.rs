@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -20,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+use crate::network_policy;
 use crate::resources::{self, BuildConfig, INSTANCE_LABEL};
 use crate::status;
 use crate::telemetry::Metrics;
@@ -37,6 +39,10 @@ pub enum Error {
     // kube's errors are large; boxed so every Result stays small.
     #[error("applying {kind}: {source}")]
     Apply { kind: &'static str, source: Box<kube::Error> },
+    #[error("deleting {kind}: {source}")]
+    Delete { kind: &'static str, source: Box<kube::Error> },
+    #[error("scaling the Deployment of a ModelDeployment outside the policy to zero: {0}")]
+    HoldAtZero(Box<kube::Error>),
     #[error("reading {kind}: {source}")]
     Read { kind: &'static str, source: Box<kube::Error> },
     #[error("writing status: {0}")]
@@ -49,6 +55,8 @@ impl Error {
         match self {
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::HoldAtZero(_) => "hold_at_zero",
             Error::Read { .. } => "read",
             Error::Status(_) => "status",
         }
@@ -84,6 +92,9 @@ pub fn validate(md: &ModelDeployment) -> Result<(), Error> {
     if md.metadata.uid.is_none() || md.metadata.namespace.is_none() {
         return Err(Error::InvalidSpec("the ModelDeployment has no uid or namespace".into()));
     }
+    if md.spec.model.uri.is_some() == md.spec.model.uri_from.is_some() {
+        return Err(Error::InvalidSpec("spec.model needs exactly one of uri and uriFrom".into()));
+    }
     if let Some(auto) = &md.spec.autoscaling {
         if auto.min_replicas > auto.max_replicas {
             return Err(Error::InvalidSpec("autoscaling.minReplicas exceeds maxReplicas".into()));
@@ -115,37 +126,86 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
+/// Removes the object of kind `K` named like the ModelDeployment, if the
+/// ModelDeployment owns it (something else of that name is left alone).
+async fn delete_owned<K>(client: &Client, md: &ModelDeployment, kind: &'static str) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let name = md.name_any();
+    let existing = api.get_opt(&name).await.map_err(|source| Error::Read { kind, source: Box::new(source) })?;
+    if existing.is_some_and(|o| o.owner_references().iter().any(|o| Some(&o.uid) == md.metadata.uid.as_ref())) {
+        api.delete(&name, &Default::default())
+            .await
+            .map_err(|source| Error::Delete { kind, source: Box::new(source) })?;
+    }
+    Ok(())
+}
+
+/// A ModelDeployment outside the policy gets no pods: nothing is built or
+/// applied, and a Deployment it already has (from before an edit, or from
+/// before the policy was tightened) is scaled to zero through the scale
+/// subresource. Scaling rather than deleting keeps the last template that
+/// passed and needs no delete right; the autoscaler skips such a
+/// ModelDeployment, so nothing scales it up again until the spec is fixed.
+async fn hold_at_zero(md: &ModelDeployment, ctx: &Context, violation: &crate::policy::Violation) -> Result<(), Error> {
+    let namespace = md.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let zero = serde_json::json!({"spec": {"replicas": 0}});
+    match deployments.patch_scale(&md.name_any(), &PatchParams::default(), &Patch::Merge(&zero)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(Error::HoldAtZero(Box::new(e))),
+    }
+    let new_status = status::policy_violation(md, violation);
+    announce_changes(md, &new_status, ctx).await;
+    write_status(&ctx.client, md, &new_status).await
+}
+
+/// Warns (once per spec generation) about a download nothing authenticates:
+/// `http://` without `sha256`.
+async fn warn_unverified_download(md: &ModelDeployment, ctx: &Context) {
+    let plain_http = md.spec.model.uri.as_deref().is_some_and(|uri| uri.starts_with("http://"));
+    let new_generation = md.status.as_ref().and_then(|s| s.observed_generation) != md.metadata.generation;
+    if plain_http && md.spec.model.sha256.is_none() && new_generation {
+        let note = "spec.model.uri is plain http:// and spec.model.sha256 is not set: anyone on the path can \
+                    change the model; set sha256 or use https://"
+            .to_string();
+        ctx.event(md, EventType::Warning, "UnverifiedModelDownload", note).await;
+    }
+}
+
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     validate(md)?;
     let namespace = md.namespace().expect("validated");
     let name = md.name_any();
 
+    if let Err(violation) = ctx.config.policy.check(md, &ctx.config.server_image) {
+        hold_at_zero(md, ctx, &violation).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    warn_unverified_download(md, ctx).await;
+
     // Build (pure), then apply.
     let deployment = resources::deployment(md, &ctx.config);
     let service = resources::service(md);
     let budget = resources::pod_disruption_budget(md);
+    let network_policy = network_policy::network_policy(md, &ctx.config.scrapers);
     let deployment = apply(&ctx.client, &namespace, &deployment, "Deployment").await?;
     apply(&ctx.client, &namespace, &service, "Service").await?;
-    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
     match &budget {
         Some(budget) => {
             apply(&ctx.client, &namespace, budget, "PodDisruptionBudget").await?;
         }
-        None => {
-            // Only a budget this ModelDeployment owns is removed.
-            if let Some(existing) = budgets
-                .get_opt(&name)
-                .await
-                .map_err(|source| Error::Read { kind: "PodDisruptionBudget", source: Box::new(source) })?
-            {
-                if existing.owner_references().iter().any(|o| Some(&o.uid) == md.metadata.uid.as_ref()) {
-                    budgets
-                        .delete(&name, &Default::default())
-                        .await
-                        .map_err(|source| Error::Apply { kind: "PodDisruptionBudget", source: Box::new(source) })?;
-                }
-            }
+        None => delete_owned::<PodDisruptionBudget>(&ctx.client, md, "PodDisruptionBudget").await?,
+    }
+    match &network_policy {
+        Some(policy) => {
+            apply(&ctx.client, &namespace, policy, "NetworkPolicy").await?;
         }
+        None => delete_owned::<NetworkPolicy>(&ctx.client, md, "NetworkPolicy").await?,
     }
 
     // Status, from what the Deployment and its pods report.
@@ -209,9 +269,21 @@ pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) 
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the controller until `shutdown` completes. `namespace` limits it to
-/// one namespace; `None` watches all.
+/// Runs the controller until `shutdown` completes: one per namespace in
+/// `namespaces` (each with namespaced watches, so that Roles in those
+/// namespaces suffice), or one for the whole cluster when it is empty.
 pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: &[String],
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let scopes: Vec<Option<&str>> =
+        if namespaces.is_empty() { vec![None] } else { namespaces.iter().map(|ns| Some(ns.as_str())).collect() };
+    futures::future::join_all(scopes.into_iter().map(|ns| run_one(ctx.clone(), ns, shutdown.clone()))).await;
+}
+
+async fn run_one(
     ctx: Arc<Context>,
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
@@ -232,6 +304,7 @@ pub async fn run(
         .owns(api::<Deployment>(client, namespace), owned.clone())
         .owns(api::<Service>(client, namespace), owned.clone())
         .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
+        .owns(api::<NetworkPolicy>(client, namespace), owned.clone())
         // Pod changes (crashes, image pulls) feed the status conditions.
         .watches(api::<Pod>(client, namespace), watcher::Config::default().labels(INSTANCE_LABEL), |pod: Pod| {
             let name = pod.labels().get(INSTANCE_LABEL)?.clone();

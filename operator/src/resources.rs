@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use ferrite_contract::{fetch, ports, serve, CommandLine};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, GRPCAction, Lifecycle, LifecycleHandler,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, Lifecycle, LifecycleHandler,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
     SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -17,7 +17,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use crate::access;
 use crate::crd::{Endpoints, ModelDeployment};
+use crate::network_policy::MetricsScrapers;
+use crate::policy::Policy;
 
 /// The server's REST port (the contract's default, not passed as a flag).
 pub const HTTP_PORT: i32 = ports::HTTP as i32;
@@ -37,6 +40,10 @@ const DRAIN_SECONDS: i64 = 30;
 /// and kube-proxy stop sending it new connections.
 const PRE_STOP_SLEEP_SECONDS: i64 = 5;
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Resources of the fetch init container: it streams to disk, so little
+/// memory; the limits keep a hostile archive from taking a node's CPU.
+/// `[resource, request, limit]`.
+const FETCH_RESOURCES: [[&str; 3]; 2] = [["cpu", "100m", "1"], ["memory", "64Mi", "512Mi"]];
 
 /// Operator-wide settings the builders need.
 #[derive(Debug, Clone)]
@@ -45,6 +52,10 @@ pub struct BuildConfig {
     pub server_image: String,
     /// Pull policy of that image, unless the resource sets one.
     pub server_image_pull_policy: Option<String>,
+    /// What ModelDeployments may ask for; also the default download caps.
+    pub policy: Policy,
+    /// Who may scrape the metrics port through a ModelDeployment's NetworkPolicy.
+    pub scrapers: MetricsScrapers,
 }
 
 /// Labels that select a ModelDeployment's pods.
@@ -96,12 +107,13 @@ pub fn desired_replicas(md: &ModelDeployment, deployment: Option<&Deployment>) -
 /// In-cluster addresses of the model's APIs.
 pub fn endpoints(md: &ModelDeployment) -> Endpoints {
     let host = format!("{}.{}.svc", md.name_any(), md.namespace().unwrap_or_else(|| "default".into()));
-    Endpoints { grpc: format!("{host}:{GRPC_PORT}"), http: format!("http://{host}:{HTTP_PORT}") }
+    let scheme = if md.spec.tls.is_some() { "https" } else { "http" };
+    Endpoints { grpc: format!("{host}:{GRPC_PORT}"), http: format!("{scheme}://{host}:{HTTP_PORT}") }
 }
 
 /// `pvc://<claim>/<path>`, split; `None` for URIs that are downloaded.
-fn pvc_source(uri: &str) -> Option<(String, String)> {
-    let rest = uri.strip_prefix("pvc://")?;
+fn pvc_source(uri: Option<&str>) -> Option<(String, String)> {
+    let rest = uri?.strip_prefix("pvc://")?;
     let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
     Some((claim.to_string(), path.trim_end_matches('/').to_string()))
 }
@@ -118,16 +130,6 @@ fn restricted_security_context() -> SecurityContext {
     }
 }
 
-fn grpc_probe(service: &str, period: i32, failures: i32) -> Probe {
-    Probe {
-        grpc: Some(GRPCAction { port: GRPC_PORT, service: Some(service.to_string()) }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(2),
-        ..Probe::default()
-    }
-}
-
 fn port(name: &str, number: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.into()),
@@ -141,8 +143,15 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(read_only), ..VolumeMount::default() }
 }
 
-fn empty_dir(name: &str) -> Volume {
-    Volume { name: name.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() }
+fn empty_dir(name: &str, size_limit: Option<u64>) -> Volume {
+    let source = EmptyDirVolumeSource { size_limit: size_limit.map(|b| Quantity(b.to_string())), ..Default::default() };
+    Volume { name: name.into(), empty_dir: Some(source), ..Volume::default() }
+}
+
+fn fetch_resources() -> ResourceRequirements {
+    let pick =
+        |column: usize| FETCH_RESOURCES.iter().map(|r| (r[0].to_string(), Quantity(r[column].to_string()))).collect();
+    ResourceRequirements { requests: Some(pick(1)), limits: Some(pick(2)), ..Default::default() }
 }
 
 /// The server container's resources, with the GPU count as a limit.
@@ -157,7 +166,7 @@ fn server_resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
 /// `ferrite-server serve ...`, from the contract's flags.
 fn server_args(md: &ModelDeployment) -> Vec<String> {
     let spec = &md.spec;
-    CommandLine::new(serve::SUBCOMMAND)
+    let args = CommandLine::new(serve::SUBCOMMAND)
         .value(serve::MODEL_REPOSITORY, MODELS_DIR)
         .switch(serve::EXIT_ON_LOAD_FAILURE)
         .value(serve::LOG_FORMAT, serve::LOG_FORMAT_JSON)
@@ -167,16 +176,23 @@ fn server_args(md: &ModelDeployment) -> Vec<String> {
         .value(serve::INSTANCES, spec.runtime.instances.to_string())
         .value(serve::INTRA_OP_THREADS, spec.runtime.intra_op_threads.to_string())
         .value(serve::EXECUTION_PROVIDER, spec.runtime.execution_provider.as_str())
-        .value(serve::SHUTDOWN_GRACE_SECONDS, DRAIN_SECONDS.to_string())
-        .into_args()
+        .value(serve::SHUTDOWN_GRACE_SECONDS, DRAIN_SECONDS.to_string());
+    access::server_args(md, args).into_args()
 }
 
-/// `ferrite-server fetch ...` of the init container, from the contract's flags.
-fn fetch_args(md: &ModelDeployment) -> Vec<String> {
-    let mut args = CommandLine::new(fetch::SUBCOMMAND)
-        .value(fetch::URI, md.spec.model.uri.clone())
+/// `ferrite-server fetch ...` of the init container, from the contract's
+/// flags. A URI from a Secret is not here: the container's environment
+/// carries it ([`access::model_uri_env`]).
+fn fetch_args(md: &ModelDeployment, policy: &Policy) -> Vec<String> {
+    let mut args = CommandLine::new(fetch::SUBCOMMAND);
+    if let Some(uri) = &md.spec.model.uri {
+        args = args.value(fetch::URI, uri.clone());
+    }
+    args = args
         .value(fetch::DEST, MODELS_DIR)
-        .value(fetch::MODEL_NAME, md.model_name());
+        .value(fetch::MODEL_NAME, md.model_name())
+        .value(fetch::MAX_BYTES, policy.model_max_bytes(md).to_string())
+        .value(fetch::MAX_FILES, policy.model_max_files(md).to_string());
     if let Some(sha256) = &md.spec.model.sha256 {
         args = args.value(fetch::SHA256, sha256.clone());
     }
@@ -190,9 +206,9 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
     let image = spec.image.clone().unwrap_or_else(|| config.server_image.clone());
     let pull_policy = spec.image_pull_policy.clone().or_else(|| config.server_image_pull_policy.clone());
 
-    let mut volumes = vec![empty_dir("tmp")];
+    let mut volumes = vec![empty_dir("tmp", None)];
     let mut init_containers = Vec::new();
-    let models_mount = match pvc_source(&spec.model.uri) {
+    let models_mount = match pvc_source(spec.model.uri.as_deref()) {
         // A claim is mounted as the model's directory; nothing to download.
         Some((claim, path)) => {
             volumes.push(Volume {
@@ -212,13 +228,17 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
             }
         }
         None => {
-            volumes.push(empty_dir("models"));
+            // fetch stops at --max-bytes; the volume's limit backs it up
+            // (the kubelet evicts a pod whose emptyDir outgrows it).
+            volumes.push(empty_dir("models", Some(config.policy.model_max_bytes(md))));
+            let env: Vec<_> = spec.env.iter().cloned().chain(access::model_uri_env(md)).collect();
             init_containers.push(Container {
                 name: "fetch".into(),
                 image: Some(image.clone()),
                 image_pull_policy: pull_policy.clone(),
-                args: Some(fetch_args(md)),
-                env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+                args: Some(fetch_args(md, &config.policy)),
+                env: (!env.is_empty()).then_some(env),
+                resources: Some(fetch_resources()),
                 volume_mounts: Some(vec![mount("models", MODELS_DIR, false), mount("tmp", "/tmp", false)]),
                 security_context: Some(restricted_security_context()),
                 termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -228,6 +248,12 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         }
     };
 
+    let mut server_mounts = vec![models_mount, mount("tmp", "/tmp", false)];
+    for (volume, mount) in access::server_volumes(md) {
+        volumes.push(volume);
+        server_mounts.push(mount);
+    }
+    let (startup, readiness, liveness) = access::probes(md);
     let server = Container {
         name: "server".into(),
         image: Some(image),
@@ -236,11 +262,10 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
         env: (!spec.env.is_empty()).then(|| spec.env.clone()),
         ports: Some(vec![port("http", HTTP_PORT), port("grpc", GRPC_PORT), port("metrics", METRICS_PORT)]),
         resources: server_resources(md),
-        // Kubernetes' own gRPC probes on the model's health service.
-        startup_probe: Some(grpc_probe(&model, 2, 150)),
-        readiness_probe: Some(grpc_probe(&model, 2, 2)),
-        liveness_probe: Some(grpc_probe(&model, 10, 3)),
-        volume_mounts: Some(vec![models_mount, mount("tmp", "/tmp", false)]),
+        startup_probe: Some(startup),
+        readiness_probe: Some(readiness),
+        liveness_probe: Some(liveness),
+        volume_mounts: Some(server_mounts),
         security_context: Some(restricted_security_context()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         // A sleep hook needs no shell (the image has none).
@@ -333,7 +358,7 @@ pub fn service(md: &ModelDeployment) -> Service {
             type_: md.spec.service.type_.clone().or_else(|| Some("ClusterIP".into())),
             selector: Some(selector_labels(md)),
             ports: Some(vec![
-                service_port("http", HTTP_PORT, Some("http")),
+                service_port("http", HTTP_PORT, Some(if md.spec.tls.is_some() { "https" } else { "http" })),
                 service_port("grpc", GRPC_PORT, Some("grpc")),
                 service_port("metrics", METRICS_PORT, Some("http")),
             ]),
@@ -365,7 +390,10 @@ pub fn pod_disruption_budget(md: &ModelDeployment) -> Option<PodDisruptionBudget
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AutoscalingSpec, ExecutionProvider, ModelDeploymentSpec, ModelSource};
+    use crate::crd::{
+        AuthSpec, AutoscalingSpec, ExecutionProvider, ModelDeploymentSpec, ModelSource, SecretKeyRef, TlsSpec,
+        UriSource,
+    };
 
     fn md(uri: &str) -> ModelDeployment {
         let spec: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({"model": {"uri": uri}})).unwrap();
@@ -376,7 +404,12 @@ mod tests {
     }
 
     fn config() -> BuildConfig {
-        BuildConfig { server_image: "ferrite-server:test".into(), server_image_pull_policy: None }
+        BuildConfig {
+            server_image: "ferrite-server:test".into(),
+            server_image_pull_policy: None,
+            policy: Policy::default(),
+            scrapers: MetricsScrapers::default(),
+        }
     }
 
     fn pod(d: &Deployment) -> PodSpec {
@@ -402,6 +435,50 @@ mod tests {
         assert_eq!(pod.automount_service_account_token, Some(false));
         let pre_stop = server.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
         assert_eq!(pre_stop.sleep.as_ref().unwrap().seconds, PRE_STOP_SLEEP_SECONDS);
+    }
+
+    #[test]
+    fn downloads_are_capped_in_bytes_files_cpu_and_memory() {
+        let mut m = md("s3://bucket/m.onnx");
+        m.spec.model.max_size = Some("2Gi".into());
+        m.spec.model.max_files = Some(50);
+        let pod = pod(&deployment(&m, &config()));
+        let fetch = &pod.init_containers.as_ref().unwrap()[0];
+        let args = fetch.args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w == ["--max-bytes", &(2u64 << 30).to_string()]), "{args:?}");
+        assert!(args.windows(2).any(|w| w == ["--max-files", "50"]), "{args:?}");
+        let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "models").unwrap();
+        assert_eq!(volume.empty_dir.as_ref().unwrap().size_limit, Some(Quantity((2u64 << 30).to_string())));
+        let resources = fetch.resources.clone().unwrap();
+        assert_eq!(resources.limits.unwrap()["memory"], Quantity("512Mi".into()));
+        assert_eq!(resources.requests.unwrap()["cpu"], Quantity("100m".into()));
+        // Without a spec value, the operator's default.
+        let pod = super::tests::pod(&deployment(&md("s3://bucket/m.onnx"), &config()));
+        let args = pod.init_containers.unwrap()[0].args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w == ["--max-bytes", &Policy::default().model_max_bytes.to_string()]));
+    }
+
+    #[test]
+    fn a_uri_from_a_secret_stays_out_of_the_pod_spec() {
+        let mut m = md("s3://bucket/m.onnx");
+        m.spec.model.uri = None;
+        m.spec.model.uri_from =
+            Some(UriSource { secret_key_ref: SecretKeyRef { name: "model-uri".into(), key: "uri".into() } });
+        m.spec.env = vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "AWS_REGION".into(),
+            value: Some("x".into()),
+            value_from: None,
+        }];
+        let pod = pod(&deployment(&m, &config()));
+        let fetch = &pod.init_containers.as_ref().unwrap()[0];
+        assert!(!fetch.args.as_ref().unwrap().contains(&"--uri".to_string()));
+        let env = fetch.env.clone().unwrap();
+        let names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["AWS_REGION", "FERRITE_MODEL_URI"]);
+        assert!(
+            pod.containers[0].env.iter().flatten().all(|e| e.name != "FERRITE_MODEL_URI"),
+            "the server never sees it"
+        );
     }
 
     #[test]
@@ -489,7 +566,14 @@ mod tests {
         gpu.spec.model.sha256 = Some("0".repeat(64));
         gpu.spec.gpus = Some(1);
         gpu.spec.runtime.execution_provider = ExecutionProvider::Tensorrt;
-        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m")] {
+        let mut secured = md("s3://bucket/m.onnx");
+        secured.spec.model.uri = None;
+        secured.spec.model.uri_from =
+            Some(UriSource { secret_key_ref: SecretKeyRef { name: "s".into(), key: "k".into() } });
+        secured.spec.tls = Some(TlsSpec { secret_name: "cert".into(), client_auth: true });
+        secured.spec.auth =
+            Some(AuthSpec { api_key_secret_ref: SecretKeyRef { name: "keys".into(), key: "keys".into() } });
+        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m"), secured] {
             let pod = pod(&deployment(&m, &config()));
             let server = &pod.containers[0];
             let args = contract_args(server.args.as_deref().unwrap(), serve::SUBCOMMAND, serve::FLAGS);
@@ -502,20 +586,45 @@ mod tests {
             for init in pod.init_containers.iter().flatten() {
                 let args = contract_args(init.args.as_deref().unwrap(), fetch::SUBCOMMAND, fetch::FLAGS);
                 assert_eq!(args.iter().any(|(f, _)| *f == fetch::SHA256), m.spec.model.sha256.is_some());
+                assert_eq!(args.iter().any(|(f, _)| *f == fetch::URI), m.spec.model.uri.is_some());
+                assert!(
+                    args.iter().any(|(f, _)| *f == fetch::MAX_BYTES)
+                        && args.iter().any(|(f, _)| *f == fetch::MAX_FILES)
+                );
             }
             // No port flags: the server's default ports, which are the contract's.
             let container_ports: Vec<_> = server.ports.iter().flatten().map(|p| p.container_port).collect();
             assert_eq!(container_ports, [ports::HTTP, ports::GRPC, ports::METRICS].map(i32::from));
+            // gRPC probes on the gRPC port, or with TLS plain HTTP on the metrics port.
             for probe in [&server.startup_probe, &server.readiness_probe, &server.liveness_probe] {
-                assert_eq!(probe.as_ref().unwrap().grpc.as_ref().unwrap().port, i32::from(ports::GRPC));
+                let probe = probe.as_ref().unwrap();
+                match (&probe.grpc, &probe.http_get) {
+                    (Some(grpc), None) => assert_eq!(grpc.port, i32::from(ports::GRPC)),
+                    (None, Some(get)) => {
+                        assert!(m.spec.tls.is_some());
+                        assert_eq!(get.port, IntOrString::Int(ports::METRICS.into()));
+                    }
+                    other => panic!("one probe kind: {other:?}"),
+                }
             }
         }
     }
 
     #[test]
+    fn tls_makes_the_http_port_and_endpoint_https() {
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.tls = Some(TlsSpec { secret_name: "cert".into(), client_auth: false });
+        let ports = service(&m).spec.unwrap().ports.unwrap();
+        assert_eq!(ports[0].app_protocol.as_deref(), Some("https"));
+        assert_eq!(ports[2].app_protocol.as_deref(), Some("http"), "metrics stay plain");
+        assert_eq!(endpoints(&m).http, "https://resnet.ml.svc:8000");
+    }
+
+    #[test]
     fn service_exposes_three_named_ports() {
         let mut m = md("https://example.org/m.onnx");
-        m.spec.model = ModelSource { uri: m.spec.model.uri.clone(), name: Some("r50".into()), sha256: None };
+        m.spec.model =
+            ModelSource { uri: m.spec.model.uri.clone(), name: Some("r50".into()), ..ModelSource::default() };
         let s = service(&m);
         let ports: Vec<_> = s.spec.unwrap().ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.port)).collect();
         assert_eq!(ports, vec![("http".into(), 8000), ("grpc".into(), 8001), ("metrics".into(), 8002)]);

@@ -20,6 +20,8 @@ use tokio::sync::watch;
 
 use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory};
 use crate::crd::ModelDeployment;
+use crate::network_policy::MetricsScrapers;
+use crate::policy::Policy;
 use crate::reconcile::{self, Context};
 use crate::resources::{BuildConfig, INSTANCE_LABEL};
 use crate::telemetry::{self, Metrics};
@@ -29,8 +31,12 @@ use crate::telemetry::{self, Metrics};
 pub struct RunOptions {
     pub server_image: String,
     pub server_image_pull_policy: Option<String>,
-    /// Watch one namespace only; `None` for all.
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces; empty for all.
+    pub watch_namespaces: Vec<String>,
+    /// What ModelDeployments may ask for.
+    pub policy: Policy,
+    /// Who may scrape model pods' metrics through their NetworkPolicies.
+    pub scrapers: MetricsScrapers,
     pub metrics_addr: SocketAddr,
     pub lease_name: String,
     pub lease_namespace: String,
@@ -80,15 +86,26 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         let config = BuildConfig {
             server_image: options.server_image.clone(),
             server_image_pull_policy: options.server_image_pull_policy.clone(),
+            policy: options.policy.clone(),
+            scrapers: options.scrapers.clone(),
         };
         let ctx = Arc::new(Context::new(client.clone(), config, metrics.clone(), &options.identity));
-        let namespace = options.watch_namespace.clone();
+        let namespaces = options.watch_namespaces.clone();
         let controller = tokio::spawn({
             let (ctx, stopped) = (ctx.clone(), stopped());
-            async move { reconcile::run(ctx, namespace.as_deref(), stopped).await }
+            async move { reconcile::run(ctx, &namespaces, stopped).await }
         });
-        let autoscaler =
-            tokio::spawn(autoscale_loop(ctx.clone(), options.watch_namespace.clone(), autoscale_metrics, stopped()));
+        // One autoscaler per watched namespace (namespaced watches), or one
+        // for the cluster.
+        let scopes: Vec<Option<String>> = if options.watch_namespaces.is_empty() {
+            vec![None]
+        } else {
+            options.watch_namespaces.iter().cloned().map(Some).collect()
+        };
+        let autoscalers: Vec<_> = scopes
+            .into_iter()
+            .map(|ns| tokio::spawn(autoscale_loop(ctx.clone(), ns, autoscale_metrics.clone(), stopped())))
+            .collect();
         let lost = tokio::select! {
             _ = leader.wait_for(|is_leader| !*is_leader) => true,
             _ = term.recv() => false,
@@ -100,7 +117,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             let _ = controller.await;
-            let _ = autoscaler.await;
+            futures::future::join_all(autoscalers).await;
         })
         .await;
         metrics.leader.set(0);
@@ -150,6 +167,10 @@ async fn autoscale_loop(
         state.retain(|key, _| current.iter().any(|md| &ObjectRef::from_obj(md.as_ref()) == key));
         for md in current {
             let Some(spec) = md.spec.autoscaling.as_ref() else { continue };
+            // Held at zero by the reconciler until its spec passes the policy.
+            if ctx.config.policy.check(&md, &ctx.config.server_image).is_err() {
+                continue;
+            }
             let key = ObjectRef::from_obj(md.as_ref());
             let entry = state.entry(key).or_insert_with(|| Scaled {
                 recommendations: Recommendations::new(),

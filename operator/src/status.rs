@@ -8,11 +8,14 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+use crate::policy::Violation;
 use crate::resources::{desired_replicas, endpoints, selector_string};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// The reason of every condition of a ModelDeployment the policy refuses.
+pub const POLICY_VIOLATION: &str = "PolicyViolation";
 
 /// Exit status of `ferrite-server serve --exit-on-load-failure` when a
 /// model fails to load.
@@ -154,6 +157,32 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
     }
 }
 
+/// The status of a ModelDeployment outside the operator's policy: no pods
+/// (its Deployment, if any, is held at zero replicas) and every condition
+/// naming the broken rule, so that `kubectl get` and `describe` say why.
+pub fn policy_violation(md: &ModelDeployment, violation: &Violation) -> ModelDeploymentStatus {
+    let generation = md.metadata.generation;
+    let previous = md.status.clone().unwrap_or_default();
+    let message = violation.to_string();
+    let mut conditions = vec![
+        condition(READY, false, POLICY_VIOLATION, message.clone(), generation),
+        condition(PROGRESSING, false, POLICY_VIOLATION, message.clone(), generation),
+        condition(DEGRADED, true, POLICY_VIOLATION, message, generation),
+    ];
+    carry_transition_times(&mut conditions, &previous.conditions);
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        replicas: 0,
+        ready_replicas: 0,
+        desired_replicas: 0,
+        queue_depth: None,
+        last_scale_time: None,
+        selector: Some(selector_string(md)),
+        endpoints: None,
+        conditions,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +292,18 @@ mod tests {
         m.status = Some(old);
         let second = compute(&m, Some(&deployment(2, 2)), &[]);
         assert_eq!(get(&second, READY).last_transition_time.0, k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    }
+
+    #[test]
+    fn a_policy_violation_names_the_rule_in_every_condition() {
+        let violation =
+            Violation { rule: "--max-replicas", message: "spec.replicas 9 exceeds the maximum of 4".into() };
+        let status = policy_violation(&md(), &violation);
+        assert_eq!((status.replicas, status.desired_replicas, status.observed_generation), (0, 0, Some(3)));
+        for (type_, expected) in [(READY, "False"), (PROGRESSING, "False"), (DEGRADED, "True")] {
+            let c = get(&status, type_);
+            assert_eq!((c.status.as_str(), c.reason.as_str()), (expected, POLICY_VIOLATION));
+            assert!(c.message.contains("--max-replicas") && c.message.contains("spec.replicas 9"), "{}", c.message);
+        }
     }
 }

@@ -182,6 +182,22 @@ async fn bad_specs_are_refused_by_cel_rules() {
             "needs spec.gpus of 1 or more",
         ),
         (json!({"model": {"uri": "ftp://b/m.onnx"}}), "spec.model.uri must start with"),
+        // Credentials belong in a Secret (spec.model.uriFrom), not in the pod spec.
+        (
+            json!({"model": {"uri": "https://user:secret@models.example/m.onnx"}}),
+            "reference it with spec.model.uriFrom",
+        ),
+        (json!({"model": {"uri": "s3://b/m.onnx?X-Amz-Signature=abc"}}), "reference it with spec.model.uriFrom"),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx", "uriFrom": {"secretKeyRef": {"name": "s", "key": "uri"}}}}),
+            "set exactly one of spec.model.uri and spec.model.uriFrom",
+        ),
+        (json!({"model": {"name": "m"}}), "set exactly one of spec.model.uri and spec.model.uriFrom"),
+        (json!({"model": {"uri": "s3://b/m.onnx", "maxSize": "2GB"}}), "spec.model.maxSize must be"),
+        (
+            json!({"model": {"uri": "s3://b/m.onnx"}, "networkPolicy": {"from": [{}]}}),
+            "a network peer needs namespaceSelector, podSelector or both",
+        ),
         (json!({"model": {"uri": "s3://b/m.onnx", "sha256": "xyz"}}), "64 lowercase hex digits"),
         (
             json!({"model": {"uri": "s3://b/m.onnx"}, "batching": {"maxBatchSize": 0}}),

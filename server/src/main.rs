@@ -71,7 +71,7 @@ struct FetchArgs {
     /// local path. End with '/' to copy a whole prefix (directory). A URI
     /// with credentials (user:password@, a presigned query) is best passed
     /// in the environment (from a Secret); messages never show them.
-    #[arg(long, env = "FERRITE_MODEL_URI", hide_env_values = true)]
+    #[arg(long, env = contract::fetch::URI_ENV, hide_env_values = true)]
     uri: String,
     /// Model repository to write into.
     #[arg(long, env = "FERRITE_MODEL_DEST")]

@@ -69,15 +69,27 @@ Name of the operator's ServiceAccount.
 {{- end }}
 
 {{/*
-The namespace the operator reconciles: watchNamespace; else the release
-namespace when rbac.clusterWide is false; else "" (all namespaces).
+The namespaces the operator reconciles, comma-separated: watchNamespaces;
+else the release namespace when rbac.clusterWide is false; else "" (all
+namespaces).
 */}}
-{{- define "ferrite.watchNamespace" -}}
-{{- if .Values.watchNamespace }}
-{{- .Values.watchNamespace }}
+{{- define "ferrite.watchNamespaces" -}}
+{{- if .Values.watchNamespaces }}
+{{- join "," .Values.watchNamespaces }}
 {{- else if not .Values.rbac.clusterWide }}
 {{- .Release.Namespace }}
 {{- end }}
+{{- end }}
+
+{{/*
+A label map as the operator's flags take it: "k=v,k2=v2".
+*/}}
+{{- define "ferrite.labelList" -}}
+{{- $pairs := list }}
+{{- range $k, $v := . }}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}
 
 {{/*
@@ -95,33 +107,41 @@ ferrite-server image reference for model pods.
 {{- end }}
 
 {{/*
-The rules the operator needs on the objects it reconciles and owns. Exactly
-these, and no more: it never reads Secrets or ConfigMaps, never creates
-ModelDeployments, and only reads pods (to scrape their queue depth).
+The rules the operator needs on the objects it reconciles and owns: exactly
+the verbs its code uses (docs/operator-security.md lists the calls). It reads
+through watches (list, watch) and writes by server-side apply, which the API
+server authorizes as patch, or as create when the object is new. It never
+updates or deletes ModelDeployments, Deployments or Services (owner
+references let the garbage collector delete them), never reads Secrets or
+ConfigMaps (the kubelet mounts a ModelDeployment's Secrets), and only reads
+pods.
 */}}
 {{- define "ferrite.operatorRules" -}}
 - apiGroups: ["ferrite.dev"]
   resources: ["modeldeployments"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch"]
 - apiGroups: ["ferrite.dev"]
   resources: ["modeldeployments/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}

@@ -174,19 +174,25 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator for one namespace, with its own lease.
     pub fn start(plane: &ControlPlane, namespace: &str, identity: &str) -> Operator {
+        let lease = format!("ferrite-{namespace}");
+        let args = ["--watch-namespace", namespace, "--lease-name", &lease, "--lease-namespace", namespace];
+        Operator::start_with(&plane.kubeconfig, namespace, identity, &args)
+    }
+
+    /// Starts the operator with `kubeconfig` and the given `run` flags (a
+    /// log file named after `log_name` and `identity`).
+    pub fn start_with(kubeconfig: &Path, log_name: &str, identity: &str, args: &[&str]) -> Operator {
         let metrics_port = free_port();
         let log =
-            std::fs::File::create(std::env::temp_dir().join(format!("ferrite-operator-{namespace}-{identity}.log")))
+            std::fs::File::create(std::env::temp_dir().join(format!("ferrite-operator-{log_name}-{identity}.log")))
                 .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_ferrite-operator"))
             .args(["--log-format", "text", "run"])
-            .args(["--watch-namespace", namespace])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--lease-name", &format!("ferrite-{namespace}")])
-            .args(["--lease-namespace", namespace])
             .args(["--identity", identity])
             .args(["--server-image", "ferrite-server:test"])
-            .env("KUBECONFIG", &plane.kubeconfig)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
             .stderr(log)
