@@ -50,9 +50,10 @@ def reset_peak_rss(pid: int) -> None:
 class GoodClient(threading.Thread):
     """Calls add_sub over gRPC in a loop and records (start time, latency, ok)."""
 
-    def __init__(self, server, timeout_s: float = 10.0):
+    def __init__(self, server, timeout_s: float = 10.0, headers: dict | None = None):
         super().__init__(daemon=True, name="good-client")
         self.server = server
+        self.headers = headers
         self.timeout_s = timeout_s
         self.calls: list[tuple[float, float, bool]] = []
         self.errors: list[str] = []
@@ -68,7 +69,7 @@ class GoodClient(threading.Thread):
                 start = time.monotonic()
                 ok = True
                 try:
-                    fl.grpc_infer_add_sub(client, a, a, client_timeout=self.timeout_s)
+                    fl.grpc_infer_add_sub(client, a, a, client_timeout=self.timeout_s, headers=self.headers)
                 except Exception as error:  # noqa: BLE001 - every failure counts against the attack
                     ok = False
                     self.errors.append(f"{type(error).__name__}: {error}"[:300])
@@ -124,10 +125,13 @@ RESULTS: list[SiegeResult] = []
 
 
 class Siege:
-    """`with Siege(server, "name", rss_growth_bound_mib=...) as siege: attack(); siege.outcome = "..."`"""
+    """`with Siege(server, "name", rss_growth_bound_mib=...) as siege: attack(); siege.outcome = "..."`
 
-    def __init__(self, server, attack: str, rss_growth_bound_mib: float, settle_s: float = 0.3):
+    `headers` go with every good-client call (an API key)."""
+
+    def __init__(self, server, attack: str, rss_growth_bound_mib: float, settle_s: float = 0.3, headers: dict | None = None):
         self.server = server
+        self.headers = headers
         self.attack = attack
         self.rss_growth_bound_mib = rss_growth_bound_mib
         self.settle_s = settle_s
@@ -137,7 +141,7 @@ class Siege:
 
     def __enter__(self) -> "Siege":
         pid = self.server.proc.pid
-        self.client = GoodClient(self.server)
+        self.client = GoodClient(self.server, headers=self.headers)
         self.client.start()
         fl.wait_until(lambda: len(self.client.calls) >= 5, timeout=30, what="the good client to get going")
         reset_peak_rss(pid)
