@@ -8,7 +8,9 @@ operator is installed once per session with Helm (conftest.py).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -380,3 +382,39 @@ def test_7_llm_model_deployment_answers_chat_completions(operator, model_server,
     log(f"smollm2 through its Service: {text!r} (usage {answer['usage']})")
     assert "Paris" in text, answer
     assert answer["usage"]["completion_tokens"] > 0
+
+
+# ---------------------------------------------------------------- 8
+def test_8_hostile_clients_and_specs_change_nothing(operator, model_server, namespace):
+    """Issue 12 on the cluster: an unload POST through the Service (which once
+    made the pod unready and restarted it) is refused and the pod keeps
+    serving; a spec outside the operator's policy gets PolicyViolation and no
+    pods; a URI carrying credentials is refused by the API server."""
+    apply(namespace, model_deployment("guarded", model_server.url("mlp.onnx"), replicas=1,
+                                      runtime={"intraOpThreads": 1}))
+    e2e.wait_ready(namespace, "guarded")
+    ip = e2e.service_ip(namespace, "guarded")
+    for _ in range(5):
+        request = urllib.request.Request(f"http://{ip}:8000/v2/repository/models/guarded/unload", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 403, refused.value.code
+    # Longer than the readiness probe's failure window: the pod stays Ready, unrestarted.
+    time.sleep(15)
+    pods = kubectl_json("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/instance=guarded")["items"]
+    assert pods and all(p["status"]["containerStatuses"][-1]["restartCount"] == 0 for p in pods), pods
+    assert e2e.condition(e2e.get_mdep(namespace, "guarded"), "Ready")["status"] == "True"
+    assert grpcclient.InferenceServerClient(f"{ip}:8001").is_model_ready("guarded")
+
+    apply(namespace, model_deployment("preload", model_server.url("mlp.onnx"), replicas=1,
+                                      env=[{"name": "LD_PRELOAD", "value": "/models/evil.so"}]))
+    refused = eventually("the policy refuses LD_PRELOAD", 60, lambda: (
+        lambda c: c if c and c.get("reason") == "PolicyViolation" else None)(
+            e2e.condition(e2e.get_mdep(namespace, "preload"), "Ready")))
+    assert refused["status"] == "False" and "LD_" in refused["message"], refused
+    assert not kubectl("-n", namespace, "get", "deployment", "preload", "--ignore-not-found", "-o", "name").strip()
+
+    leaky = model_deployment("leaky", "https://user:secret@models.example/mlp.onnx", replicas=1)
+    out = subprocess.run([e2e.KUBECTL, "-n", namespace, "apply", "-f", "-"], input=json.dumps(leaky),
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "uriFrom" in out.stderr, out.stderr
