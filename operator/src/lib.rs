@@ -3,6 +3,8 @@
 
 pub mod autoscale;
 pub mod crd;
+pub mod health;
+pub mod leader;
 pub mod reconcile;
 pub mod resources;
 pub mod run;
