@@ -125,3 +125,30 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn healthz_fails_while_a_loop_makes_no_progress() {
+        let health = Health::new();
+        let controller = health.register("controller", Duration::from_millis(200));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+        let ready = Arc::new(AtomicBool::new(true));
+        tokio::spawn(serve(listener, Metrics::new(), ready, health.clone(), std::future::pending()));
+        let get = || async { reqwest::get(&url).await.unwrap() };
+
+        assert_eq!(get().await.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stalled = get().await;
+        assert_eq!(stalled.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = stalled.text().await.unwrap();
+        assert!(body.starts_with("controller: no progress for"), "{body}");
+        controller.beat();
+        assert_eq!(get().await.status(), StatusCode::OK);
+    }
+}
