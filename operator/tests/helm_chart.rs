@@ -126,6 +126,7 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("create", "deployments.apps", "examples"),
         ("delete", "poddisruptionbudgets.policy", "examples"),
         ("list", "pods", "examples"),
+        ("watch", "replicasets.apps", "examples"),
         ("create", "events.events.k8s.io", "examples"),
         ("update", "leases.coordination.k8s.io", "ferrite-system"),
     ] {
