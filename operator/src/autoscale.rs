@@ -1,6 +1,6 @@
-//! The built-in autoscaler: scrape each ready pod's queue depth, decide a
-//! replica count (pure, in [`decide`]), write it through the Deployment's
-//! scale subresource.
+//! The built-in autoscaler: scrape the queue depth of each pod of the
+//! Deployment, decide a replica count (pure, in [`decide`]), apply it as the
+//! Deployment's `spec.replicas`.
 //!
 //! The controller owns the loop, leader election and Events; this module
 //! gives it one step at a time ([`scale_step`]), the write of the
@@ -72,7 +72,7 @@ pub struct ScaleOutcome {
     pub old_replicas: u32,
     /// Replicas after the step (equal to `old_replicas` unless `changed`).
     pub new_replicas: u32,
-    /// Whether the step wrote a new count to the scale subresource.
+    /// Whether the step wrote a new count to the Deployment.
     pub changed: bool,
     /// Up, down or hold.
     pub direction: Direction,

@@ -445,9 +445,7 @@ async fn autoscaler_and_reconciler_each_own_their_status_fields() {
     };
     check_owners(&md, "after the scale-up");
     let scale_time = md.status.as_ref().unwrap().last_scale_time.clone();
-    // The reconciler leaves the Deployment's replicas to the autoscaler.
-    // (A write through /scale shows in managedFields only when some manager
-    // owned spec.replicas before; here none did, so none may own it.)
+    // The reconciler has left the Deployment's replicas to the autoscaler.
     let deployment = Api::<Deployment>::namespaced(client.clone(), &ns).get("m").await.unwrap();
     assert_eq!(deployment.spec.as_ref().unwrap().replicas, Some(3));
     let replica_owners = owners(&deployment.metadata, &["f:spec", "f:replicas"]);

@@ -192,7 +192,7 @@ impl Observation {
 pub struct DecisionInput<'a> {
     /// Range, target and windows.
     pub policy: ScalePolicy,
-    /// Replicas the Deployment asks for now (its scale subresource).
+    /// Replicas the Deployment asks for now (its `spec.replicas`).
     pub current_replicas: u32,
     /// Earlier recommendations; `decide` reads it, the caller records
     /// [`Decision::record`] into it afterwards.
