@@ -275,15 +275,15 @@ pub async fn scale_step(
             Ok(()) => break (current, decision),
             Err(kube::Error::Api(status)) if status.code == 409 && attempts < 2 => {
                 tracing::info!(%namespace, %name, "the Deployment changed since it was read; deciding again");
-                deployment = deployments.get_opt(&name).await.map_err(read)?.ok_or_else(|| {
-                    anyhow::anyhow!("Deployment {namespace}/{name} was deleted while scaling it")
-                })?;
+                deployment = deployments
+                    .get_opt(&name)
+                    .await
+                    .map_err(read)?
+                    .ok_or_else(|| anyhow::anyhow!("Deployment {namespace}/{name} was deleted while scaling it"))?;
             }
             Err(error) => {
-                return Err(anyhow::Error::new(error).context(format!(
-                    "scaling Deployment {namespace}/{name} from {current} to {}",
-                    decision.replicas
-                )))
+                return Err(anyhow::Error::new(error)
+                    .context(format!("scaling Deployment {namespace}/{name} from {current} to {}", decision.replicas)))
             }
         }
     };

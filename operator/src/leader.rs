@@ -167,7 +167,12 @@ struct Candidate {
 }
 
 impl Candidate {
-    async fn run(mut self, term: watch::Sender<Option<Instant>>, mut stop: watch::Receiver<bool>, heartbeat: Heartbeat) {
+    async fn run(
+        mut self,
+        term: watch::Sender<Option<Instant>>,
+        mut stop: watch::Receiver<bool>,
+        heartbeat: Heartbeat,
+    ) {
         loop {
             let started = Instant::now();
             // The attempt may hang on a dead connection; bound it so the loop

@@ -96,8 +96,7 @@ pub async fn run_with(
         }
     };
     let ready = Arc::new(AtomicBool::new(false));
-    let telemetry =
-        tokio::spawn(telemetry::serve(listener, metrics.clone(), ready.clone(), health.clone(), stopped()));
+    let telemetry = tokio::spawn(telemetry::serve(listener, metrics.clone(), ready.clone(), health.clone(), stopped()));
 
     // The election has a client of its own: the fenced one below refuses
     // writes exactly when the election has no term to show.
@@ -183,8 +182,10 @@ async fn watch_controller(
     heartbeat: Heartbeat,
     shutdown: impl Future<Output = ()>,
 ) {
-    let finished = || metrics.reconciliations.with_label_values(&["ok"]).get()
-        + metrics.reconciliations.with_label_values(&["error"]).get();
+    let finished = || {
+        metrics.reconciliations.with_label_values(&["ok"]).get()
+            + metrics.reconciliations.with_label_values(&["error"]).get()
+    };
     let mut last = finished();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -267,7 +268,9 @@ async fn autoscale_loop(
                     record_outcome(&ctx, &md, &outcome, &mut entry.status).await;
                 }
                 Ok(Ok(None)) => {}
-                Ok(Err(error)) => tracing::warn!(name = %md.name_any(), error = format!("{error:#}"), "autoscaling step failed"),
+                Ok(Err(error)) => {
+                    tracing::warn!(name = %md.name_any(), error = format!("{error:#}"), "autoscaling step failed")
+                }
                 Err(_) => tracing::warn!(name = %md.name_any(), "autoscaling step timed out after {STEP_TIMEOUT:?}"),
             }
             heartbeat.beat();

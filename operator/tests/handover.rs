@@ -270,7 +270,10 @@ async fn switching_between_replicas_and_autoscaling_keeps_the_running_count() {
         .await;
     let started = Instant::now();
     hand_over(RECONCILER, AUTOSCALER).await;
-    eprintln!("replicas -> autoscaling: the autoscaler owned spec.replicas after {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "replicas -> autoscaling: the autoscaler owned spec.replicas after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(replicas(&deployments, "m").await, Some(3));
     let after_first = seen.lock().unwrap().clone();

@@ -480,7 +480,8 @@ async fn scale_step_claims_the_replica_count_before_deciding_anything() {
 async fn scale_step_decides_again_when_the_deployment_changed_under_it() {
     let (client, api) = fake_api(&[("m", 2)]).await;
     let http = scrape_client();
-    let md = model_deployment("m", Some(json!({ "maxReplicas": 8, "targetQueueDepth": 4, "scrapeIntervalSeconds": 1 })));
+    let md =
+        model_deployment("m", Some(json!({ "maxReplicas": 8, "targetQueueDepth": 4, "scrapeIntervalSeconds": 1 })));
     let pod = FakePod::start("m", 12, 0).await;
     api.lock().unwrap().conflicts = 1;
     let mut state = Recommendations::new();
@@ -492,13 +493,20 @@ async fn scale_step_decides_again_when_the_deployment_changed_under_it() {
     {
         let api = api.lock().unwrap();
         assert_eq!(api.patches.len(), 2, "a conflict, then a write on the version read again");
-        assert_eq!((api.patches[0].3["metadata"]["resourceVersion"].as_str(), api.patches[1].3["metadata"]["resourceVersion"].as_str()), (Some("1"), Some("2")));
+        assert_eq!(
+            (
+                api.patches[0].3["metadata"]["resourceVersion"].as_str(),
+                api.patches[1].3["metadata"]["resourceVersion"].as_str()
+            ),
+            (Some("1"), Some("2"))
+        );
         assert_eq!(api.deployments["m"].0, 3);
     }
     // Two conflicts in a row: the step gives up with an error; the next one retries.
     api.lock().unwrap().conflicts = 2;
     pod.set(30, 0);
-    let error = scale_step(client, &md, &mut state, fixed(ready(&[&pod.url])), &http, Instant::now()).await.unwrap_err();
+    let error =
+        scale_step(client, &md, &mut state, fixed(ready(&[&pod.url])), &http, Instant::now()).await.unwrap_err();
     assert!(format!("{error:#}").contains("scaling Deployment ns/m from 3 to 8"), "{error:#}");
 }
 
@@ -506,7 +514,8 @@ async fn scale_step_decides_again_when_the_deployment_changed_under_it() {
 async fn scale_step_scales_up_when_every_pod_is_unready_under_load() {
     let (client, api) = fake_api(&[("m", 2)]).await;
     let http = scrape_client();
-    let md = model_deployment("m", Some(json!({ "maxReplicas": 8, "targetQueueDepth": 4, "scrapeIntervalSeconds": 1 })));
+    let md =
+        model_deployment("m", Some(json!({ "maxReplicas": 8, "targetQueueDepth": 4, "scrapeIntervalSeconds": 1 })));
     let a = FakePod::start("m", 10, 2).await;
     let b = FakePod::start("m", 10, 2).await;
     let unready = vec![target(&a.url, false), target(&b.url, false)];

@@ -43,13 +43,11 @@ fn counters() -> FenceCounters {
     }
 }
 
+type Inner = tower::util::BoxCloneService<Request<Body>, Response<Body>, BoxError>;
+
 /// A fenced service over an inner one that answers after `delay` and
 /// counts the requests that reached it.
-fn fenced(
-    leadership: Leadership,
-    counters: FenceCounters,
-    delay: Duration,
-) -> (Fenced<tower::util::BoxCloneService<Request<Body>, Response<Body>, BoxError>>, Arc<AtomicUsize>) {
+fn fenced(leadership: Leadership, counters: FenceCounters, delay: Duration) -> (Fenced<Inner>, Arc<AtomicUsize>) {
     let reached = Arc::new(AtomicUsize::new(0));
     let inner = tower::service_fn({
         let reached = reached.clone();
@@ -65,7 +63,11 @@ fn fenced(
 }
 
 fn request(method: Method) -> Request<Body> {
-    Request::builder().method(method).uri("/apis/apps/v1/namespaces/ns/deployments/m").body(Body::from(Vec::new())).unwrap()
+    Request::builder()
+        .method(method)
+        .uri("/apis/apps/v1/namespaces/ns/deployments/m")
+        .body(Body::from(Vec::new()))
+        .unwrap()
 }
 
 #[tokio::test]
