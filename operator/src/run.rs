@@ -321,3 +321,40 @@ where
     });
     reader
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_controller_heartbeat_needs_reconciliations_only_when_there_is_work() {
+        let metrics = Metrics::new();
+        let health = Health::new();
+        let limit = Duration::from_millis(1500);
+        let (mds, mut writer) = reflector::store::<ModelDeployment>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(watch_controller(metrics.clone(), mds, health.register("controller", limit), async {
+            let _ = stopped.await;
+        }));
+
+        // Nothing to reconcile: no reconciliation needed to stay healthy.
+        tokio::time::sleep(limit + Duration::from_secs(1)).await;
+        assert!(health.stalled().is_empty(), "{:?}", health.stalled());
+
+        // A ModelDeployment and no reconciliation: stalled.
+        let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ferrite.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "ns"}, "spec": {"model": {"uri": "s3://b/m"}},
+        }))
+        .unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(md));
+        tokio::time::sleep(limit + Duration::from_secs(1)).await;
+        assert_eq!(health.stalled().len(), 1);
+
+        // A reconciliation finishes (even in error): progress.
+        metrics.reconciliations.with_label_values(&["error"]).inc();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(health.stalled().is_empty(), "{:?}", health.stalled());
+        let _ = stop.send(());
+    }
+}
