@@ -303,4 +303,18 @@ async fn switching_between_replicas_and_autoscaling_keeps_the_running_count() {
     assert_eq!(replicas(&deployments, "m").await, Some(4));
     let after_back = seen.lock().unwrap().clone();
     assert!(after_back.iter().all(|&r| r == 4), "the count left 4: {after_back:?}");
+
+    // The autoscaler's write is conditional: applied on a resourceVersion
+    // that is no longer current, the API server refuses it.
+    let read = deployments.get("m").await.unwrap();
+    let touch = json!({"metadata": {"annotations": {"test/touched": "yes"}}});
+    deployments.patch("m", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+    let stale = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "m", "resourceVersion": read.metadata.resource_version},
+        "spec": {"replicas": 1},
+    });
+    let refused = deployments.patch("m", &PatchParams::apply(AUTOSCALER).force(), &Patch::Apply(&stale)).await;
+    assert!(matches!(refused, Err(kube::Error::Api(ref e)) if e.code == 409), "{refused:?}");
+    assert_eq!(replicas(&deployments, "m").await, Some(4));
 }
