@@ -318,3 +318,52 @@ async fn switching_between_replicas_and_autoscaling_keeps_the_running_count() {
     assert!(matches!(refused, Err(kube::Error::Api(ref e)) if e.code == 409), "{refused:?}");
     assert_eq!(replicas(&deployments, "m").await, Some(4));
 }
+
+#[tokio::test]
+async fn a_pod_that_only_carries_the_label_is_not_scraped() {
+    let Some(plane) = support::control_plane() else { return };
+    let client = plane.client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "impostor").await;
+    let _operator = Operator::start(plane, &ns, "op-a");
+    let (real_ip, real_load) = fake_pod_metrics("m").await;
+    let (impostor_ip, impostor_load) = fake_pod_metrics("m").await;
+    *impostor_load.lock().unwrap() = (400, 0);
+    let md: ModelDeployment = serde_json::from_value(json!({
+        "apiVersion": "ferrite.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "m"},
+        "spec": {"model": {"uri": "s3://b/m.onnx", "name": "m"},
+                 "autoscaling": {"minReplicas": 1, "maxReplicas": 5, "targetQueueDepth": 4,
+                                 "scrapeIntervalSeconds": 1, "scaleDownStabilizationSeconds": 300}},
+    }))
+    .unwrap();
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
+    mds.create(&PostParams::default(), &md).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = eventually("the Deployment controller created a pod", WAIT, || async {
+        pods.list(&ListParams::default().labels("ferrite.dev/model-deployment=m")).await.ok()?.items.into_iter().next()
+    })
+    .await;
+    make_ready(&pods, &pod.name_any(), &real_ip).await;
+    // Anyone who may create pods in the namespace can copy the label.
+    let impostor: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "impostor", "labels": {"ferrite.dev/model-deployment": "m"}},
+        "spec": {"containers": [{"name": "x", "image": "x"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &impostor).await.unwrap();
+    make_ready(&pods, "impostor", &impostor_ip).await;
+
+    let queue_depth = || async { mds.get("m").await.ok()?.status?.queue_depth };
+    eventually("the autoscaler reads the real pod", WAIT, || async { (queue_depth().await? == 0).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(queue_depth().await, Some(0), "the impostor's queue of 400 was read");
+    assert_eq!(replicas(&deployments, "m").await, Some(1));
+
+    // The real pod's load does count.
+    *real_load.lock().unwrap() = (8, 0);
+    eventually("queue 8 scales to 2", WAIT, || async {
+        (queue_depth().await? == 8 && replicas(&deployments, "m").await? == 2).then_some(())
+    })
+    .await;
+}
