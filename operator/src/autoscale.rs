@@ -25,7 +25,7 @@
 //! for a Deployment it applies the count it finds, so it co-owns the field
 //! before the reconciler lets go of it, and the count never falls back to the
 //! API server's default of 1 in between (see
-//! [`resources::replicas_to_apply`](crate::resources::replicas_to_apply)). In the
+//! [`resources::set_replicas`](crate::resources::set_replicas)). In the
 //! ModelDeployment's status the autoscaler owns `queueDepth` and
 //! `lastScaleTime` (typed server-side apply, field manager
 //! [`FIELD_MANAGER`]), the reconciler everything else, `desiredReplicas`
@@ -88,7 +88,7 @@ pub struct ScaleOutcome {
 }
 
 /// A pod to scrape.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScrapeTarget {
     /// `http://<podIP>:<port>/metrics`.
     pub url: String,
@@ -137,8 +137,9 @@ pub fn pod_metrics_endpoints(pods: &[Pod], port: u16) -> Vec<ScrapeTarget> {
             (ready || running).then(|| ScrapeTarget { url: metrics_url(ip, port), ready })
         })
         .collect();
-    targets.sort();
-    targets.dedup_by(|a, b| a.url == b.url);
+    // Of two pods at one address (a reused IP), the Ready one.
+    targets.sort_by(|a, b| a.url.cmp(&b.url).then(b.ready.cmp(&a.ready)));
+    targets.dedup_by(|later, kept| later.url == kept.url);
     targets
 }
 

@@ -60,6 +60,7 @@ fn endpoints_keep_running_pods_with_an_ip_and_say_which_are_ready() {
         pod("terminating", Some("10.0.0.4"), "True", true),
         pod("v6", Some("fd00::5"), "True", false),
         pod("dup", Some("10.0.0.1"), "True", false),
+        pod("reused-ip", Some("10.0.0.2"), "False", false),
         pending,
         no_status,
         no_conditions,
