@@ -1,6 +1,6 @@
-//! The built-in autoscaler: scrape each ready pod's queue depth, decide a
-//! replica count (pure, in [`decide`]), write it through the Deployment's
-//! scale subresource.
+//! The built-in autoscaler: scrape the queue depth of each pod of the
+//! Deployment, decide a replica count (pure, in [`decide`]), apply it as the
+//! Deployment's `spec.replicas`.
 //!
 //! The controller owns the loop, leader election and Events; this module
 //! gives it one step at a time ([`scale_step`]), the write of the
@@ -10,8 +10,8 @@
 //! ModelDeployment:
 //!
 //! ```text
-//! let endpoints = pod_metrics_endpoints(&pods, METRICS_PORT);
-//! if let Some(outcome) = scale_step(client, &md, &mut state, endpoints, &http, Instant::now()).await? {
+//! let targets = |uid: &str| pod_metrics_endpoints(&owned_pods(&pods, &replica_sets, uid), METRICS_PORT);
+//! if let Some(outcome) = scale_step(client, &md, &mut state, targets, &http, Instant::now()).await? {
 //!     metrics.observe(&outcome);
 //!     // status.queueDepth, and when `changed` status.lastScaleTime:
 //!     write_status(&client, &md, &outcome, &mut memory, Utc::now()).await?;
@@ -20,8 +20,12 @@
 //! ```
 //!
 //! One writer per field. The Deployment's `spec.replicas` belongs to the
-//! autoscaler when `spec.autoscaling` is set: the reconciler leaves it out of
-//! what it applies, or the two would undo each other. In the
+//! autoscaler when `spec.autoscaling` is set. It takes the field over by
+//! server-side apply (field manager [`FIELD_MANAGER`]): at its first step
+//! for a Deployment it applies the count it finds, so it co-owns the field
+//! before the reconciler lets go of it, and the count never falls back to the
+//! API server's default of 1 in between (see
+//! [`resources::set_replicas`](crate::resources::set_replicas)). In the
 //! ModelDeployment's status the autoscaler owns `queueDepth` and
 //! `lastScaleTime` (typed server-side apply, field manager
 //! [`FIELD_MANAGER`]), the reconciler everything else, `desiredReplicas`
@@ -35,8 +39,9 @@ pub mod status;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
@@ -47,12 +52,9 @@ pub use metrics::AutoscaleMetrics;
 pub use scrape::{parse_load, scrape, PodLoad, ScrapeError, INFLIGHT, QUEUE_DEPTH};
 pub use status::{write_status, AutoscalerStatus, StatusMemory};
 
-/// Field manager of the autoscaler's writes (the Deployment's `/scale`, its
-/// status fields), distinct from the reconciler's so `managedFields` shows
-/// who set the replica count and the queue depth. (The API server records a
-/// `/scale` write there only when some manager owned `spec.replicas`
-/// before; a Deployment created with autoscaling has none, so there the
-/// field shows no owner - and no conflict either.)
+/// Field manager of the autoscaler's writes (the Deployment's
+/// `spec.replicas`, its status fields), distinct from the reconciler's so
+/// `managedFields` shows who set the replica count and the queue depth.
 pub const FIELD_MANAGER: &str = "ferrite-operator-autoscaler";
 
 /// Longest a scrape may take; shorter when the interval is shorter, so a
@@ -70,7 +72,7 @@ pub struct ScaleOutcome {
     pub old_replicas: u32,
     /// Replicas after the step (equal to `old_replicas` unless `changed`).
     pub new_replicas: u32,
-    /// Whether the step wrote a new count to the scale subresource.
+    /// Whether the step wrote a new count to the Deployment.
     pub changed: bool,
     /// Up, down or hold.
     pub direction: Direction,
@@ -85,25 +87,71 @@ pub struct ScaleOutcome {
     pub pods_failed: u32,
 }
 
-/// The metrics URLs (`http://<podIP>:<port>/metrics`) of the pods worth
-/// scraping: Ready (their queue is real load the Service sends to), with an
-/// IP, and not terminating (a draining pod's queue is going away with it and
-/// must not scale the rest up). Sorted and deduplicated, so rounds are
+/// A pod to scrape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrapeTarget {
+    /// `http://<podIP>:<port>/metrics`.
+    pub url: String,
+    /// Whether the pod is Ready. The load of an unready pod may only scale
+    /// up, and its silence is not a failure (see [`decide`](mod@decide)).
+    pub ready: bool,
+}
+
+/// The pods that belong to the Deployment with UID `deployment_uid`: those
+/// whose controlling owner is a ReplicaSet whose controlling owner is that
+/// Deployment (old ReplicaSets of a rollout included). The label alone
+/// would also pick pods that someone else labelled alike, or the leftovers
+/// of a Deployment of the same name that was deleted and created again.
+pub fn owned_pods(pods: &[Pod], replica_sets: &[ReplicaSet], deployment_uid: &str) -> Vec<Pod> {
+    let owned_sets: Vec<&str> = replica_sets
+        .iter()
+        .filter(|rs| controller_uid(&rs.metadata) == Some(deployment_uid))
+        .filter_map(|rs| rs.metadata.uid.as_deref())
+        .collect();
+    pods.iter()
+        .filter(|pod| controller_uid(&pod.metadata).is_some_and(|uid| owned_sets.contains(&uid)))
+        .cloned()
+        .collect()
+}
+
+/// The UID of the controlling owner, if any.
+fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
+    meta.owner_references.as_ref()?.iter().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str())
+}
+
+/// The scrape targets among `pods`: Running (their queue is load the
+/// Service sent them), with an IP, and not terminating (a draining pod's
+/// queue is going away with it and must not scale the rest up); Ready or not
+/// (see [`ScrapeTarget::ready`]). Sorted and deduplicated, so rounds are
 /// comparable.
-pub fn pod_metrics_endpoints(pods: &[Pod], port: u16) -> Vec<String> {
-    let mut urls: Vec<String> = pods
+pub fn pod_metrics_endpoints(pods: &[Pod], port: u16) -> Vec<ScrapeTarget> {
+    let mut targets: Vec<ScrapeTarget> = pods
         .iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none())
         .filter_map(|pod| {
             let status = pod.status.as_ref()?;
-            let ready = status.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            let conditions = status.conditions.as_deref().unwrap_or_default();
+            let ready = conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            let running = status.phase.as_deref() == Some("Running");
             let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
-            ready.then(|| metrics_url(ip, port))
+            (ready || running).then(|| ScrapeTarget { url: metrics_url(ip, port), ready })
         })
         .collect();
-    urls.sort();
-    urls.dedup();
-    urls
+    // Of two pods at one address (a reused IP), the Ready one.
+    targets.sort_by(|a, b| a.url.cmp(&b.url).then(b.ready.cmp(&a.ready)));
+    targets.dedup_by(|later, kept| later.url == kept.url);
+    targets
+}
+
+/// The HTTP client of the scrapes. It follows no redirect (a pod's answer
+/// could otherwise send the operator to any address its network reaches)
+/// and uses no proxy from the environment (pod IPs are reached directly).
+pub fn scrape_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("a client without TLS settings builds")
 }
 
 fn metrics_url(ip: &str, port: u16) -> String {
@@ -120,55 +168,71 @@ pub fn scrape_timeout(interval: Duration) -> Duration {
     interval.min(MAX_SCRAPE_TIMEOUT)
 }
 
-/// Scrapes every endpoint concurrently and sums the load of `model`. Failed
-/// pods are counted (and logged), never read as idle.
-pub async fn observe_pods(http: &reqwest::Client, endpoints: &[String], model: &str, timeout: Duration) -> Observation {
-    // Owned URLs and a boxed `Send` future per scrape: closures that return
-    // futures borrowing their argument defeat the compiler's `Send` proof
-    // when the caller is spawned.
-    let results: Vec<(String, Result<PodLoad, ScrapeError>)> = stream::iter(endpoints.to_vec())
-        .map(|url: String| -> futures::future::BoxFuture<'_, _> {
+/// Scrapes every target concurrently and sums the load of `model`. Failed
+/// Ready pods are counted (and logged), never read as idle; unready pods
+/// that do not answer are skipped.
+pub async fn observe_pods(
+    http: &reqwest::Client,
+    targets: &[ScrapeTarget],
+    model: &str,
+    timeout: Duration,
+) -> Observation {
+    // Owned targets and a boxed `Send` future per scrape: closures that
+    // return futures borrowing their argument defeat the compiler's `Send`
+    // proof when the caller is spawned.
+    let results: Vec<(ScrapeTarget, Result<PodLoad, ScrapeError>)> = stream::iter(targets.to_vec())
+        .map(|target: ScrapeTarget| -> futures::future::BoxFuture<'_, _> {
             Box::pin(async move {
-                let result = scrape(http, &url, model, timeout).await;
-                (url, result)
+                let result = scrape(http, &target.url, model, timeout).await;
+                (target, result)
             })
         })
         .buffer_unordered(SCRAPE_CONCURRENCY)
         .collect()
         .await;
     let mut obs = Observation::default();
-    for (url, result) in results {
+    for (target, result) in results {
         match result {
             Ok(load) => {
                 obs.queued = obs.queued.saturating_add(load.queued);
                 obs.inflight = obs.inflight.saturating_add(load.inflight);
                 obs.pods_scraped += 1;
+                obs.pods_unready += u32::from(!target.ready);
             }
-            Err(error) => {
-                tracing::warn!(%url, model, %error, "scraping pod metrics failed");
+            Err(error) if target.ready => {
+                tracing::warn!(url = %target.url, model, %error, "scraping pod metrics failed");
                 obs.pods_failed += 1;
             }
+            Err(error) => tracing::debug!(url = %target.url, model, %error, "unready pod did not answer"),
         }
     }
     obs
 }
 
-/// One autoscaling step for one ModelDeployment: scrape `pod_endpoints`
-/// (see [`pod_metrics_endpoints`]) and read the Deployment's scale at the
-/// same time, [`decide`], record the recommendation in `state`, and when the
-/// count changes, merge-patch `{"spec":{"replicas":N}}` into the
-/// Deployment's scale subresource (the Deployment has the ModelDeployment's
-/// name).
+/// One autoscaling step for one ModelDeployment (its Deployment has the
+/// same name): read the Deployment, scrape the pods `targets` picks for its
+/// UID (see [`owned_pods`], [`pod_metrics_endpoints`]), [`decide`], record
+/// the recommendation in `state`, and when the count changes - or the
+/// autoscaler does not own `spec.replicas` yet - apply
+/// `{"spec":{"replicas":N}}` to the Deployment (server-side apply, field
+/// manager [`FIELD_MANAGER`]).
+///
+/// The apply carries the `resourceVersion` of the Deployment the decision
+/// was made on, so a write that raced another (a second leader, a user's
+/// `kubectl scale`) fails with a conflict instead of overwriting it; the
+/// step then reads the Deployment again and decides once more on the same
+/// observation.
 ///
 /// Returns `None` when there is nothing to scale: `spec.autoscaling` is
 /// unset, or the Deployment does not exist yet. Errors are API failures; a
-/// failed patch leaves `state` with the recommendation recorded (it describes
-/// the load, whatever happened to the write), and the next step retries.
+/// failed write leaves `state` with the recommendation recorded (it
+/// describes the load, whatever happened to the write), and the next step
+/// retries.
 pub async fn scale_step(
     client: kube::Client,
     md: &ModelDeployment,
     state: &mut Recommendations,
-    pod_endpoints: Vec<String>,
+    targets: impl FnOnce(&str) -> Vec<ScrapeTarget>,
     http: &reqwest::Client,
     now: Instant,
 ) -> anyhow::Result<Option<ScaleOutcome>> {
@@ -181,48 +245,53 @@ pub async fn scale_step(
     let timeout = scrape_timeout(Duration::from_secs(spec.scrape_interval_seconds.max(1) as u64));
     let model = md.model_name();
     let deployments = Api::<Deployment>::namespaced(client, &namespace);
+    let read = |what: kube::Error| anyhow::Error::new(what).context(format!("reading Deployment {namespace}/{name}"));
 
-    let (observation, scale) =
-        tokio::join!(observe_pods(http, &pod_endpoints, &model, timeout), deployments.get_scale(&name));
-    let scale = match scale {
-        Ok(scale) => scale,
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("reading the scale of Deployment {namespace}/{name}")))
-        }
+    let Some(mut deployment) = deployments.get_opt(&name).await.map_err(read)? else {
+        return Ok(None);
     };
-    // The API server defaults a Deployment's replicas to 1; never absent in practice.
-    let current = scale.spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as u32;
+    let uid = deployment.metadata.uid.clone().unwrap_or_default();
+    let observation = observe_pods(http, &targets(&uid), &model, timeout).await;
 
     // A fresh history (new leader, restart): wait a full scale-down window
     // before removing replicas someone chose before us.
     if state.is_empty() {
-        state.seed(now, current);
+        state.seed(now, replicas_of(&deployment));
     }
-    let decision = decide(&DecisionInput {
-        policy,
-        current_replicas: current,
-        history: state,
-        observation: Some(observation),
-        now,
-    });
+    let mut attempts = 0;
+    let (current, decision) = loop {
+        attempts += 1;
+        let current = replicas_of(&deployment);
+        let decision = decide(&DecisionInput {
+            policy,
+            current_replicas: current,
+            history: state,
+            observation: Some(observation),
+            now,
+        });
+        if !decision.changed && owns_replicas(&deployment.metadata, FIELD_MANAGER) {
+            break (current, decision);
+        }
+        match apply_replicas(&deployments, &deployment, decision.replicas).await {
+            Ok(()) => break (current, decision),
+            Err(kube::Error::Api(status)) if status.code == 409 && attempts < 2 => {
+                tracing::info!(%namespace, %name, "the Deployment changed since it was read; deciding again");
+                deployment = deployments
+                    .get_opt(&name)
+                    .await
+                    .map_err(read)?
+                    .ok_or_else(|| anyhow::anyhow!("Deployment {namespace}/{name} was deleted while scaling it"))?;
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("scaling Deployment {namespace}/{name} from {current} to {}", decision.replicas)))
+            }
+        }
+    };
     if let Some(recommendation) = decision.record {
         state.record(now, recommendation, policy.longest_window());
     }
-
     if decision.changed {
-        let patch = serde_json::json!({ "spec": { "replicas": decision.replicas } });
-        deployments
-            .patch_scale(
-                &name,
-                &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|e| {
-                anyhow::Error::new(e)
-                    .context(format!("scaling Deployment {namespace}/{name} from {current} to {}", decision.replicas))
-            })?;
         tracing::info!(%namespace, %name, from = current, to = decision.replicas, reason = %decision.reason, "scaled");
     } else {
         tracing::debug!(%namespace, %name, replicas = current, reason = %decision.reason, "holding");
@@ -238,6 +307,32 @@ pub async fn scale_step(
         pods_scraped: observation.pods_scraped,
         pods_failed: observation.pods_failed,
     }))
+}
+
+/// The Deployment's replica count (the API server defaults it to 1; never
+/// absent in practice).
+fn replicas_of(deployment: &Deployment) -> u32 {
+    deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as u32
+}
+
+/// Whether `manager` owns `spec.replicas` according to `managedFields`.
+pub fn owns_replicas(meta: &ObjectMeta, manager: &str) -> bool {
+    meta.managed_fields.iter().flatten().filter(|entry| entry.manager.as_deref() == Some(manager)).any(|entry| {
+        entry.fields_v1.as_ref().and_then(|f| f.0.get("f:spec")).and_then(|spec| spec.get("f:replicas")).is_some()
+    })
+}
+
+/// Applies `replicas` as the autoscaler's field, on the condition that the
+/// Deployment is still at `read`'s resourceVersion.
+async fn apply_replicas(deployments: &Api<Deployment>, read: &Deployment, replicas: u32) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": read.name_any(), "resourceVersion": read.metadata.resource_version },
+        "spec": { "replicas": replicas },
+    });
+    deployments.patch(&read.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
 }
 
 #[cfg(test)]

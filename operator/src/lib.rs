@@ -4,6 +4,8 @@
 pub mod access;
 pub mod autoscale;
 pub mod crd;
+pub mod health;
+pub mod leader;
 pub mod network_policy;
 pub mod policy;
 pub mod reconcile;

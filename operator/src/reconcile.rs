@@ -189,7 +189,12 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     warn_unverified_download(md, ctx).await;
 
     // Build (pure), then apply.
-    let deployment = resources::deployment(md, &ctx.config);
+    let existing = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::Read { kind: "Deployment", source: Box::new(source) })?;
+    let mut deployment = resources::deployment(md, &ctx.config);
+    resources::set_replicas(&mut deployment, md, existing.as_ref());
     let service = resources::service(md);
     let budget = resources::pod_disruption_budget(md);
     let network_policy = network_policy::network_policy(md, &ctx.config.scrapers);

@@ -22,6 +22,9 @@ use crate::crd::{Endpoints, ModelDeployment};
 use crate::network_policy::MetricsScrapers;
 use crate::policy::Policy;
 
+mod replicas;
+pub use replicas::set_replicas;
+
 /// The server's REST port (the contract's default, not passed as a flag).
 pub const HTTP_PORT: i32 = ports::HTTP as i32;
 /// The server's gRPC port, which the probes ask.
@@ -314,9 +317,8 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
     Deployment {
         metadata: metadata(md, &owner(md)),
         spec: Some(DeploymentSpec {
-            // With autoscaling the replica count belongs to the autoscaler,
-            // which writes the scale subresource; applying it here too would
-            // undo its decisions.
+            // With autoscaling the replica count belongs to the autoscaler;
+            // the hand-over is `set_replicas`'s.
             replicas: md.spec.autoscaling.is_none().then(|| desired_replicas(md, None)),
             selector: LabelSelector { match_labels: Some(selector_labels(md)), ..LabelSelector::default() },
             // Surge one pod and keep every old one until the new is ready,

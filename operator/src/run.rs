@@ -1,15 +1,20 @@
 //! The operator process: health and metrics endpoints, leader election on
-//! a Lease, and - while leader - the controller and the autoscaler loop.
-//! SIGTERM stops both and releases the lease so the other replica takes
-//! over at once.
+//! a Lease ([`crate::leader`]), and - while leader - the controller and the
+//! autoscaler loop, whose writes all go through a client fenced by the
+//! leadership. When the term ends (no renewal before the deadline, or
+//! another holder), both stop at once and the process exits with an error so
+//! that a fresh one rejoins as follower. SIGTERM stops both and releases the
+//! lease so the other replica takes over at once.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::events::EventType;
@@ -22,9 +27,23 @@ use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, Scale
 use crate::crd::ModelDeployment;
 use crate::network_policy::MetricsScrapers;
 use crate::policy::Policy;
+use crate::health::{Health, Heartbeat};
+use crate::leader::{fenced_client, Election, FenceLayer, LeaseConfig};
 use crate::reconcile::{self, Context};
 use crate::resources::{BuildConfig, INSTANCE_LABEL};
 use crate::telemetry::{self, Metrics};
+
+/// Longest one autoscaling step for one ModelDeployment may take (a scrape
+/// round is at most 2 s; the rest is API calls): a hung API call must not
+/// stop the loop.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Liveness limits (see [`crate::health`]): the election attempts every 2 s
+/// and bounds each attempt by 10 s; the autoscaler ticks every second and
+/// bounds each step; the controller reconciles every ModelDeployment at
+/// least once a minute.
+const ELECTION_STALL: Duration = Duration::from_secs(30);
+const AUTOSCALER_STALL: Duration = Duration::from_secs(60);
+const CONTROLLER_STALL: Duration = Duration::from_secs(180);
 
 /// Settings of `ferrite-operator run`.
 #[derive(Debug, Clone)]
@@ -44,11 +63,37 @@ pub struct RunOptions {
     pub identity: String,
 }
 
-/// Runs until SIGTERM or Ctrl-C.
+/// Runs until SIGTERM or Ctrl-C; an error when leadership was lost.
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
-    let metrics = Metrics::new();
+    let config = kube::Config::infer().await?;
+    let listener = tokio::net::TcpListener::bind(options.metrics_addr).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let signal = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    let lease = LeaseConfig::new(&options.lease_name, &options.lease_namespace, &options.identity);
+    run_with(config, &options, lease, listener, Metrics::new(), signal).await
+}
+
+/// One operator replica against the API server of `config`, serving its
+/// endpoints on `listener`, until `shutdown` completes (then it stops,
+/// releases the lease and returns `Ok`) or its leadership ends (then it stops
+/// at once and returns an error). The process entry point is [`run`]; tests
+/// run several replicas in one process.
+pub async fn run_with(
+    config: kube::Config,
+    options: &RunOptions,
+    lease: LeaseConfig,
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let autoscale_metrics = AutoscaleMetrics::new(&metrics.registry)?;
+    let health = Health::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -57,81 +102,125 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
     };
     let ready = Arc::new(AtomicBool::new(false));
-    let telemetry = tokio::spawn(telemetry::serve(options.metrics_addr, metrics.clone(), ready.clone(), stopped()));
+    let telemetry = tokio::spawn(telemetry::serve(listener, metrics.clone(), ready.clone(), health.clone(), stopped()));
 
+    // The election has a client of its own: the fenced one below refuses
+    // writes exactly when the election has no term to show.
+    let election_client = Client::try_from(config.clone())?;
     // Ready once the API server answers: a follower is a healthy replica too.
-    client.apiserver_version().await?;
+    election_client.apiserver_version().await?;
     ready.store(true, Ordering::SeqCst);
+    let identity = lease.identity.clone();
+    tracing::info!(%identity, lease = %lease.name, "waiting for leadership");
+    let (election, mut leadership) =
+        Election::start(election_client, lease, health.register("leader election", ELECTION_STALL));
 
-    let leases = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &options.lease_name)
-        .with_namespace(&options.lease_namespace)
-        .with_identity(&options.identity)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await?;
-    let (mut leader, lease_task) = leases.watch().await;
-    tracing::info!(identity = %options.identity, lease = %options.lease_name, "waiting for leadership");
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::pin!(shutdown);
     let became_leader = tokio::select! {
-        result = leader.wait_for(|is_leader| *is_leader) => result.is_ok(),
-        _ = term.recv() => false,
-        _ = interrupt.recv() => false,
+        _ = leadership.acquired() => true,
+        _ = &mut shutdown => false,
     };
+    let mut lost = false;
     if became_leader {
-        tracing::info!(identity = %options.identity, "leading");
+        tracing::info!(%identity, "leading");
         metrics.leader.set(1);
-        let config = BuildConfig {
+        let client = fenced_client(config, &FenceLayer::new(leadership.clone(), metrics.fence_counters()))?;
+        let build = BuildConfig {
             server_image: options.server_image.clone(),
             server_image_pull_policy: options.server_image_pull_policy.clone(),
             policy: options.policy.clone(),
             scrapers: options.scrapers.clone(),
         };
-        let ctx = Arc::new(Context::new(client.clone(), config, metrics.clone(), &options.identity));
+        let ctx = Arc::new(Context::new(client.clone(), build, metrics.clone(), &identity));
         let namespaces = options.watch_namespaces.clone();
         let controller = tokio::spawn({
             let (ctx, stopped) = (ctx.clone(), stopped());
             async move { reconcile::run(ctx, &namespaces, stopped).await }
         });
-        // One autoscaler per watched namespace (namespaced watches), or one
-        // for the cluster.
+        // One cache and one autoscaler per watched namespace (namespaced
+        // watches need no cluster-wide rights), or one for the cluster.
         let scopes: Vec<Option<String>> = if options.watch_namespaces.is_empty() {
             vec![None]
         } else {
             options.watch_namespaces.iter().cloned().map(Some).collect()
         };
-        let autoscalers: Vec<_> = scopes
+        let caches: Vec<_> =
+            scopes.iter().map(|ns| (ns.clone(), cache::<ModelDeployment>(&client, ns.as_deref(), None))).collect();
+        let watchdog = tokio::spawn(watch_controller(
+            metrics.clone(),
+            caches.iter().map(|(_, mds)| mds.clone()).collect(),
+            health.register("controller", CONTROLLER_STALL),
+            stopped(),
+        ));
+        let autoscalers: Vec<_> = caches
             .into_iter()
-            .map(|ns| tokio::spawn(autoscale_loop(ctx.clone(), ns, autoscale_metrics.clone(), stopped())))
+            .map(|(namespace, mds)| {
+                tokio::spawn(autoscale_loop(
+                    ctx.clone(),
+                    namespace,
+                    mds,
+                    autoscale_metrics.clone(),
+                    health.register("autoscaler", AUTOSCALER_STALL),
+                    stopped(),
+                ))
+            })
             .collect();
-        let lost = tokio::select! {
-            _ = leader.wait_for(|is_leader| !*is_leader) => true,
-            _ = term.recv() => false,
-            _ = interrupt.recv() => false,
+        lost = tokio::select! {
+            _ = leadership.lost() => true,
+            _ = &mut shutdown => false,
         };
         if lost {
-            tracing::error!("lost leadership; exiting so that a fresh process rejoins as follower");
+            // The fence already refuses every write; this stops the loops.
+            metrics.leader.set(0);
+            tracing::error!(%identity, "lost leadership; exiting so that a fresh process rejoins as follower");
         }
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             let _ = controller.await;
             futures::future::join_all(autoscalers).await;
+            let _ = watchdog.await;
         })
         .await;
         metrics.leader.set(0);
-        if lost {
-            anyhow::bail!("lost leadership");
-        }
     }
     let _ = stop_tx.send(true);
-    // Dropping the receiver makes the lease task release the lease.
-    drop(leader);
-    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    // Gives the lease up when still holding it.
+    election.stop().await;
     let _ = telemetry.await;
-    tracing::info!("stopped");
+    tracing::info!(%identity, "stopped");
+    if lost {
+        anyhow::bail!("lost leadership");
+    }
     Ok(())
+}
+
+/// Beats the controller's heartbeat while it makes progress: a
+/// reconciliation finished since the last look (each ModelDeployment is
+/// reconciled at least once a minute), or there is nothing to reconcile.
+async fn watch_controller(
+    metrics: Metrics,
+    mds: Vec<Store<ModelDeployment>>,
+    heartbeat: Heartbeat,
+    shutdown: impl Future<Output = ()>,
+) {
+    let finished = || {
+        metrics.reconciliations.with_label_values(&["ok"]).get()
+            + metrics.reconciliations.with_label_values(&["error"]).get()
+    };
+    let mut last = finished();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut shutdown => return,
+        }
+        let now = finished();
+        if now != last || mds.iter().all(|store| store.state().is_empty()) {
+            heartbeat.beat();
+            last = now;
+        }
+    }
 }
 
 /// Per-ModelDeployment memory of the autoscaler.
@@ -146,14 +235,14 @@ struct Scaled {
 async fn autoscale_loop(
     ctx: Arc<Context>,
     namespace: Option<String>,
+    mds: Store<ModelDeployment>,
     metrics: AutoscaleMetrics,
-    shutdown: impl std::future::Future<Output = ()>,
+    heartbeat: Heartbeat,
+    shutdown: impl Future<Output = ()>,
 ) {
-    let (mds, pods) = (
-        cache::<ModelDeployment>(&ctx.client, namespace.as_deref(), None),
-        cache::<Pod>(&ctx.client, namespace.as_deref(), Some(INSTANCE_LABEL)),
-    );
-    let http = reqwest::Client::new();
+    let pods = cache::<Pod>(&ctx.client, namespace.as_deref(), Some(INSTANCE_LABEL));
+    let replica_sets = cache::<ReplicaSet>(&ctx.client, namespace.as_deref(), Some(INSTANCE_LABEL));
+    let http = autoscale::scrape_client();
     let mut state: HashMap<ObjectRef<ModelDeployment>, Scaled> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -162,6 +251,7 @@ async fn autoscale_loop(
             _ = tick.tick() => {},
             _ = &mut shutdown => return,
         }
+        heartbeat.beat();
         let now = Instant::now();
         let current = mds.state();
         state.retain(|key, _| current.iter().any(|md| &ObjectRef::from_obj(md.as_ref()) == key));
@@ -181,23 +271,34 @@ async fn autoscale_loop(
                 continue;
             }
             entry.next_due = now + Duration::from_secs(spec.scrape_interval_seconds.max(1) as u64);
-            let own_pods: Vec<Pod> = pods
+            let same_namespace = |meta_ns: Option<String>| meta_ns == md.namespace();
+            let own_pods: Vec<Pod> =
+                pods.state().iter().filter(|p| same_namespace(p.namespace())).map(|p| p.as_ref().clone()).collect();
+            let own_sets: Vec<ReplicaSet> = replica_sets
                 .state()
                 .iter()
-                .filter(|p| p.namespace() == md.namespace() && p.labels().get(INSTANCE_LABEL) == Some(&md.name_any()))
-                .map(|p| p.as_ref().clone())
+                .filter(|rs| same_namespace(rs.namespace()))
+                .map(|rs| rs.as_ref().clone())
                 .collect();
-            let endpoints = autoscale::pod_metrics_endpoints(&own_pods, ferrite_contract::ports::METRICS);
-            match autoscale::scale_step(ctx.client.clone(), &md, &mut entry.recommendations, endpoints, &http, now)
-                .await
-            {
-                Ok(Some(outcome)) => {
+            let targets = |uid: &str| {
+                autoscale::pod_metrics_endpoints(
+                    &autoscale::owned_pods(&own_pods, &own_sets, uid),
+                    ferrite_contract::ports::METRICS,
+                )
+            };
+            let step = autoscale::scale_step(ctx.client.clone(), &md, &mut entry.recommendations, targets, &http, now);
+            match tokio::time::timeout(STEP_TIMEOUT, step).await {
+                Ok(Ok(Some(outcome))) => {
                     metrics.observe(&outcome);
                     record_outcome(&ctx, &md, &outcome, &mut entry.status).await;
                 }
-                Ok(None) => {}
-                Err(error) => tracing::warn!(name = %md.name_any(), %error, "autoscaling step failed"),
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(name = %md.name_any(), error = format!("{error:#}"), "autoscaling step failed")
+                }
+                Err(_) => tracing::warn!(name = %md.name_any(), "autoscaling step timed out after {STEP_TIMEOUT:?}"),
             }
+            heartbeat.beat();
         }
     }
 }
@@ -244,4 +345,41 @@ where
         stream.for_each(|_| async {}).await;
     });
     reader
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_controller_heartbeat_needs_reconciliations_only_when_there_is_work() {
+        let metrics = Metrics::new();
+        let health = Health::new();
+        let limit = Duration::from_millis(1500);
+        let (mds, mut writer) = reflector::store::<ModelDeployment>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(watch_controller(metrics.clone(), mds, health.register("controller", limit), async {
+            let _ = stopped.await;
+        }));
+
+        // Nothing to reconcile: no reconciliation needed to stay healthy.
+        tokio::time::sleep(limit + Duration::from_secs(1)).await;
+        assert!(health.stalled().is_empty(), "{:?}", health.stalled());
+
+        // A ModelDeployment and no reconciliation: stalled.
+        let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ferrite.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "m", "namespace": "ns"}, "spec": {"model": {"uri": "s3://b/m"}},
+        }))
+        .unwrap();
+        writer.apply_watcher_event(&watcher::Event::Apply(md));
+        tokio::time::sleep(limit + Duration::from_secs(1)).await;
+        assert_eq!(health.stalled().len(), 1);
+
+        // A reconciliation finishes (even in error): progress.
+        metrics.reconciliations.with_label_values(&["error"]).inc();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(health.stalled().is_empty(), "{:?}", health.stalled());
+        let _ = stop.send(());
+    }
 }

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrite_operator::crd::ModelDeployment;
@@ -16,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use support::{eventually, install_crd, namespace, ControlPlane, Operator};
+use support::{eventually, fake_pod_metrics, install_crd, namespace, ControlPlane, Operator};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -397,41 +396,6 @@ fn owners(meta: &ObjectMeta, path: &[&str]) -> Vec<String> {
     owners
 }
 
-/// A stand-in for one pod's ferrite-server metrics on `<ip>:8002` (the
-/// port the operator scrapes), with a load the test sets: `(queued,
-/// in-flight)` of model `model`.
-async fn fake_pod_metrics(model: &'static str) -> (String, Arc<Mutex<(u64, u64)>>) {
-    let load = Arc::new(Mutex::new((0u64, 0u64)));
-    // A loopback address of its own: other tests (and other test
-    // processes on this machine) take 127.0.0.N.
-    let listener = {
-        let mut found = None;
-        for n in 1..=254 {
-            if let Ok(l) = tokio::net::TcpListener::bind(format!("127.0.77.{n}:8002")).await {
-                found = Some(l);
-                break;
-            }
-        }
-        found.expect("a free 127.0.77.N:8002")
-    };
-    let ip = listener.local_addr().unwrap().ip().to_string();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get({
-            let load = load.clone();
-            move || async move {
-                let (queued, inflight) = *load.lock().unwrap();
-                format!(
-                    "# TYPE ferrite_queue_depth gauge\nferrite_queue_depth{{model=\"{model}\"}} {queued}\n\
-                     # TYPE ferrite_inflight_requests gauge\nferrite_inflight_requests{{model=\"{model}\"}} {inflight}\n"
-                )
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (ip, load)
-}
-
 #[tokio::test]
 async fn autoscaler_and_reconciler_each_own_their_status_fields() {
     const AUTOSCALER: &str = "ferrite-operator-autoscaler";
@@ -497,9 +461,7 @@ async fn autoscaler_and_reconciler_each_own_their_status_fields() {
     };
     check_owners(&md, "after the scale-up");
     let scale_time = md.status.as_ref().unwrap().last_scale_time.clone();
-    // The reconciler leaves the Deployment's replicas to the autoscaler.
-    // (A write through /scale shows in managedFields only when some manager
-    // owned spec.replicas before; here none did, so none may own it.)
+    // The reconciler has left the Deployment's replicas to the autoscaler.
     let deployment = Api::<Deployment>::namespaced(client.clone(), &ns).get("m").await.unwrap();
     assert_eq!(deployment.spec.as_ref().unwrap().replicas, Some(3));
     let replica_owners = owners(&deployment.metadata, &["f:spec", "f:replicas"]);

@@ -139,14 +139,15 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("patch", "modeldeployments.ferrite.dev/status", "examples"),
         ("patch", "deployments.apps", "examples"),
         ("create", "deployments.apps", "examples"),
-        ("get", "deployments.apps/scale", "examples"),
+        ("get", "deployments.apps", "examples"),
         ("patch", "deployments.apps/scale", "examples"),
         ("patch", "services", "examples"),
         ("delete", "poddisruptionbudgets.policy", "examples"),
         ("delete", "networkpolicies.networking.k8s.io", "examples"),
         ("list", "pods", "examples"),
+        ("watch", "replicasets.apps", "examples"),
         ("create", "events.events.k8s.io", "examples"),
-        ("patch", "leases.coordination.k8s.io", "ferrite-system"),
+        ("update", "leases.coordination.k8s.io", "ferrite-system"),
     ] {
         assert!(can(verb, resource, ns), "the operator needs to {verb} {resource} in {ns}");
     }
@@ -162,8 +163,9 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("delete", "pods", "examples"),
         ("get", "secrets", "examples"),
         ("create", "events", "examples"),
-        ("update", "leases.coordination.k8s.io", "ferrite-system"),
-        ("patch", "leases.coordination.k8s.io", "examples"),
+        ("patch", "leases.coordination.k8s.io", "ferrite-system"),
+        ("update", "leases.coordination.k8s.io", "examples"),
+        ("get", "deployments.apps/scale", "examples"),
         ("create", "clusterroles.rbac.authorization.k8s.io", ""),
     ] {
         assert!(!can(verb, resource, ns), "the operator must not be able to {verb} {resource} in {ns:?}");

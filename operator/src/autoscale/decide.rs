@@ -17,6 +17,19 @@
 //! the busy ones, so the partial sum is a lower bound of the load). Either way
 //! `[minReplicas, maxReplicas]` is enforced at once, since that is the user's
 //! hard limit and needs no metrics.
+//!
+//! Pods that are Running but not Ready are scraped too, and their load
+//! counts, but only upwards (the same "scale up only" rule as a failed
+//! scrape). Why: an overloaded server answers its readiness probe late, so
+//! under a burst every pod can turn unready at once while its queue is full;
+//! reading Ready pods only, the autoscaler then saw no data and held - at
+//! the moment it was needed most. The queue of an unready pod is real
+//! demand (requests it accepted), so it may add replicas; its emptiness is
+//! no evidence of low demand (the Service sends it nothing, or it is still
+//! loading its model), so it never removes any. An unready pod that does
+//! not answer its metrics port is skipped, not counted as a failed scrape:
+//! a starting or crash-looping pod must not freeze scale-down. When no pod
+//! answers at all, the count holds.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -163,6 +176,8 @@ pub struct Observation {
     pub pods_scraped: u32,
     /// Pods whose scrape failed (connection, timeout, status, parse).
     pub pods_failed: u32,
+    /// Of `pods_scraped`, those not Ready: their load may only scale up.
+    pub pods_unready: u32,
 }
 
 impl Observation {
@@ -177,7 +192,7 @@ impl Observation {
 pub struct DecisionInput<'a> {
     /// Range, target and windows.
     pub policy: ScalePolicy,
-    /// Replicas the Deployment asks for now (its scale subresource).
+    /// Replicas the Deployment asks for now (its `spec.replicas`).
     pub current_replicas: u32,
     /// Earlier recommendations; `decide` reads it, the caller records
     /// [`Decision::record`] into it afterwards.
@@ -290,17 +305,22 @@ pub fn decide(input: &DecisionInput) -> Decision {
         .chain(seed)
         .fold(recommendation, u32::max);
 
-    if obs.pods_failed > 0 {
+    let partial = match (obs.pods_failed, obs.pods_unready) {
+        (0, 0) => None,
+        (failed, 0) => Some(format!("{failed} of {pods} scrapes failed")),
+        (0, unready) => Some(format!("{unready} of {pods} pods not Ready")),
+        (failed, unready) => Some(format!("{failed} of {pods} scrapes failed, {unready} pods not Ready")),
+    };
+    if let Some(partial) = partial {
         // Partial data: the sum is a lower bound, good enough to add
         // replicas, never to remove them.
-        let failed = format!("{} of {} scrapes failed", obs.pods_failed, pods);
         let replicas = in_range.max(up_bound);
         let reason = if replicas > current {
-            format!("{summary}; {failed}, scaling up only: {current} -> {replicas}")
+            format!("{summary}; {partial}, scaling up only: {current} -> {replicas}")
         } else if replicas < current {
-            format!("holding: {failed}; {}", range_note().unwrap_or_default())
+            format!("holding: {partial}; {}", range_note().unwrap_or_default())
         } else {
-            format!("holding: {failed} ({summary})")
+            format!("holding: {partial} ({summary})")
         };
         return finish(current, replicas, Some(recommendation), None, reason);
     }

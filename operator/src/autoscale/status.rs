@@ -11,8 +11,8 @@
 //! | `observedGeneration`, `replicas`, `readyReplicas`, `desiredReplicas`, `selector`, `endpoints`, `conditions` | the reconciler ([`crate::reconcile::write_status`]) | `ferrite-operator` |
 //!
 //! `desiredReplicas` is the reconciler's: it is the fixed count, or, with
-//! autoscaling, the Deployment's `spec.replicas` (which the autoscaler sets
-//! through the scale subresource) within `minReplicas..maxReplicas`. The
+//! autoscaling, the Deployment's `spec.replicas` (which the autoscaler
+//! applies) within `minReplicas..maxReplicas`. The
 //! reconciler's conditions count against the same number, so the two always
 //! agree; a scale write changes the Deployment, which the controller
 //! watches, so the new count reaches the status within a reconciliation.

@@ -105,12 +105,59 @@ use std::os::unix::process::CommandExt;
 impl ControlPlane {
     /// A client for this test (clients are bound to the test's runtime).
     pub async fn client(&self) -> Client {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("kubeconfig is valid");
-        Client::try_from(config).expect("client")
+        Client::try_from(self.config().await).expect("client")
     }
+
+    /// The client configuration of the kubeconfig.
+    pub async fn config(&self) -> Config {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig is valid")
+    }
+}
+
+/// A stand-in for one pod's ferrite-server metrics on `<ip>:8002` (the
+/// port the operator scrapes), with a load the test sets: `(queued,
+/// in-flight)` of model `model`.
+pub async fn fake_pod_metrics(model: &'static str) -> (String, std::sync::Arc<std::sync::Mutex<(u64, u64)>>) {
+    let load = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+    // A loopback address of its own: other tests (and other test
+    // processes on this machine) take 127.0.0.N.
+    let listener = {
+        let mut found = None;
+        for n in 1..=254 {
+            if let Ok(l) = tokio::net::TcpListener::bind(format!("127.0.77.{n}:8002")).await {
+                found = Some(l);
+                break;
+            }
+        }
+        found.expect("a free 127.0.77.N:8002")
+    };
+    let ip = listener.local_addr().unwrap().ip().to_string();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get({
+            let load = load.clone();
+            move || async move {
+                let (queued, inflight) = *load.lock().unwrap();
+                format!(
+                    "# TYPE ferrite_queue_depth gauge\nferrite_queue_depth{{model=\"{model}\"}} {queued}\n\
+                     # TYPE ferrite_inflight_requests gauge\nferrite_inflight_requests{{model=\"{model}\"}} {inflight}\n"
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (ip, load)
+}
+
+/// Plays kubelet for `pod`: Running and Ready at `ip`.
+pub async fn make_ready(pods: &Api<k8s_openapi::api::core::v1::Pod>, pod: &str, ip: &str) {
+    let now = chrono::Utc::now().to_rfc3339();
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+    }});
+    pods.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("patch pod status");
 }
 
 /// Installs (or updates) the CRD from `manifests/crd.yaml` and waits until

@@ -14,7 +14,12 @@ fn policy(min: u32, max: u32, target: u32, up: u64, down: u64) -> ScalePolicy {
 }
 
 fn obs(queued: u64, inflight: u64, scraped: u32, failed: u32) -> Option<Observation> {
-    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: failed })
+    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: failed, pods_unready: 0 })
+}
+
+/// An observation where `unready` of the `scraped` pods are not Ready.
+fn unready(queued: u64, inflight: u64, scraped: u32, unready: u32) -> Option<Observation> {
+    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: 0, pods_unready: unready })
 }
 
 struct Case {
@@ -376,6 +381,39 @@ fn decision_table() {
             want: 50,
             want_record: Some(50),
             reason: "scaling up from 1 to 50",
+        },
+        Case {
+            name: "every pod unready under load: their queues scale up",
+            policy: p,
+            current: 2,
+            history: &[(5, 2)],
+            seed: None,
+            observation: unready(60, 4, 2, 2),
+            want: 8,
+            want_record: None,
+            reason: "2 of 2 pods not Ready, scaling up only: 2 -> 8",
+        },
+        Case {
+            name: "an idle unready pod never scales down",
+            policy: policy(1, 10, 8, 0, 0),
+            current: 4,
+            history: &[],
+            seed: None,
+            observation: unready(0, 0, 3, 1),
+            want: 4,
+            want_record: None,
+            reason: "holding: 1 of 3 pods not Ready",
+        },
+        Case {
+            name: "unready and failed together: still up only",
+            policy: policy(1, 10, 8, 0, 0),
+            current: 4,
+            history: &[],
+            seed: None,
+            observation: Some(Observation { queued: 0, inflight: 0, pods_scraped: 2, pods_failed: 1, pods_unready: 1 }),
+            want: 4,
+            want_record: None,
+            reason: "holding: 1 of 3 scrapes failed, 1 pods not Ready",
         },
     ];
     assert!(cases.len() >= 15);
