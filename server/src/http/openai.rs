@@ -343,7 +343,13 @@ async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, Re
     let largest = state.repository.loaded(None).iter().filter_map(|m| m.max_prompt_bytes()).max();
     let largest = largest.ok_or_else(|| InferError::not_found("no language model is loaded on this server"))?;
     let too_large = |limit: usize| {
-        InferError::invalid(format!("the request body is larger than {limit} bytes, the most this model takes"))
+        InferError::new(
+            ErrorKind::ContextLengthExceeded,
+            format!(
+                "The request body is larger than {limit} bytes, the most this model takes (its longest prompt, \
+                 --llm-max-prompt-bytes, written as JSON). Please reduce the prompt."
+            ),
+        )
     };
     let bytes = axum::body::to_bytes(body, body_limit(largest)).await.map_err(|_| too_large(body_limit(largest)))?;
     #[derive(Deserialize)]
