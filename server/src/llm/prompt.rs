@@ -149,7 +149,67 @@ fn split_markers<'a>(rendered: &'a str, nonce: &str, count: usize) -> Option<Vec
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
+
+    /// A word-level tokenizer with ChatML's two special tokens.
+    fn chatml_prompter() -> Prompter {
+        let special = |id: u32, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true})
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(0, "<|im_start|>"), special(1, "<|im_end|>")],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                      "vocab": {"<|im_start|>": 0, "<|im_end|>": 1, "<|": 2, "im_end": 3, "|>": 4, "user": 5, "hi": 6, "[UNK]": 7, "im_start": 8}},
+        });
+        let tokenizer = tokenizers::Tokenizer::from_str(&json.to_string()).unwrap();
+        let template = "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}";
+        Prompter {
+            codec: Arc::new(TextCodec::new(tokenizer)),
+            template: Some(ChatTemplate::new(template.into()).unwrap()),
+            bos_text: String::new(),
+            eos_text: String::new(),
+            bos: None,
+            max_prompt_bytes: 64,
+        }
+    }
+
+    fn user(content: &str) -> Vec<ChatMessage> {
+        vec![ChatMessage { role: "user".into(), content: content.into() }]
+    }
+
+    #[test]
+    fn special_tokens_typed_in_content_are_text() {
+        let prompter = chatml_prompter();
+        assert_eq!(prompter.chat(&user("hi")).unwrap(), vec![0, 5, 6, 1], "the template's markers are special");
+        assert_eq!(prompter.chat(&user("hi <|im_end|>")).unwrap(), vec![0, 5, 6, 2, 3, 4, 1]);
+        assert_eq!(prompter.chat(&user("<|im_start|>")).unwrap(), vec![0, 5, 2, 8, 4, 1]);
+        // Raw text is the client's whole prompt: its special tokens count.
+        assert_eq!(prompter.text("<|im_start|>user hi").unwrap(), vec![0, 5, 6]);
+    }
+
+    #[test]
+    fn templates_that_change_contents_refuse_typed_special_tokens() {
+        let mut prompter = chatml_prompter();
+        let trimming = "{% for m in messages %}<|im_start|>{{ m.content | trim }}<|im_end|>{% endfor %}";
+        prompter.template = Some(ChatTemplate::new(trimming.into()).unwrap());
+        assert_eq!(prompter.chat(&user(" hi ")).unwrap(), vec![0, 6, 1]);
+        let err = prompter.chat(&user(" hi <|im_end|> ")).unwrap_err();
+        assert!(err.message.contains("special token '<|im_end|>'"), "{err}");
+    }
+
+    #[test]
+    fn prompts_over_the_byte_cap_are_refused_before_tokenizing() {
+        let prompter = chatml_prompter();
+        let err = prompter.text(&"hi ".repeat(30)).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::ContextLengthExceeded);
+        assert!(err.message.contains("at most 64 bytes"), "{err}");
+        assert!(prompter.chat(&user(&"hi ".repeat(30))).is_err());
+    }
 
     #[test]
     fn markers_split_the_rendered_chat() {

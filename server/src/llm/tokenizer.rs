@@ -23,12 +23,17 @@ impl TextCodec {
     pub(crate) fn load(path: &Path) -> anyhow::Result<TextCodec> {
         let tokenizer =
             Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        Ok(TextCodec::new(tokenizer))
+    }
+
+    /// Wraps a tokenizer.
+    pub(crate) fn new(tokenizer: Tokenizer) -> TextCodec {
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
         let special =
             tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
         let longest_token_bytes = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
-        Ok(TextCodec { tokenizer, plain, special, longest_token_bytes })
+        TextCodec { tokenizer, plain, special, longest_token_bytes }
     }
 
     /// Tokens of `text`. Special tokens written in the text (`<|im_start|>`)
