@@ -562,3 +562,53 @@ async fn get_model(State(state): State<AppState>, Path(name): Path<String>) -> A
 fn model_object(name: &str) -> Value {
     json!({"id": name, "object": "model", "created": 0, "owned_by": "ferrite"})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Result<RequestBody, InferError> {
+        parse(json.as_bytes())
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_known_ones_typed() {
+        let mut request = body(
+            r#"{"model": "m", "tools": [{"deep": [[[1]]]}], "response_format": {"type": "json"},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"}],
+                "stop": "END", "logprobs": false, "max_tokens": 5}"#,
+        )
+        .unwrap();
+        let messages = request.messages.take().unwrap();
+        assert_eq!((messages[0].role.as_str(), messages[0].content.0.as_str()), ("user", "ab"));
+        let options = request.options().unwrap();
+        assert_eq!(options.stop, vec!["END".to_string()]);
+        assert_eq!(options.max_tokens, Some(5));
+        let null_content = body(r#"{"messages": [{"role": "assistant", "content": null}]}"#).unwrap();
+        assert_eq!(null_content.messages.unwrap()[0].content.0, "");
+    }
+
+    #[test]
+    fn prompts_are_text_one_text_or_tokens() {
+        let prompt = |json: &str| body(&format!(r#"{{"prompt": {json}}}"#)).map(|b| b.prompt.unwrap());
+        assert!(matches!(prompt(r#""hi""#), Ok(Prompt::Text(t)) if t == "hi"));
+        assert!(matches!(prompt(r#"["hi"]"#), Ok(Prompt::Text(t)) if t == "hi"));
+        assert!(matches!(prompt("[1, 2, 3]"), Ok(Prompt::Tokens(t)) if t == vec![1, 2, 3]));
+        assert!(prompt(r#"["a", "b"]"#).unwrap_err().message.contains("batches are not supported"));
+        assert!(prompt(r#"[1, "a"]"#).is_err());
+        assert!(prompt("[4294967296]").is_err());
+    }
+
+    #[test]
+    fn refusals_while_parsing() {
+        let stops = serde_json::to_string(&vec!["s"; MAX_STOP_STRINGS + 1]).unwrap();
+        let err = body(&format!(r#"{{"stop": {stops}}}"#)).unwrap_err();
+        assert!(err.message.contains("at most 16 stop strings"), "{err}");
+        let err = body(r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#)
+            .unwrap_err();
+        assert!(err.message.contains("'image_url' are not supported"), "{err}");
+        assert!(body(r#"{"logprobs": 2}"#).unwrap().options().is_err());
+        assert!(body(r#"{"logprobs": true}"#).unwrap().options().is_err());
+        assert!(body(r#"{"logprobs": null}"#).unwrap().options().is_ok());
+    }
+}
