@@ -74,8 +74,8 @@ pub struct ModelSettings {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LlmLimits {
     /// Longest prompt, in bytes of text, checked before tokenizing; 0: the
-    /// context length times the longest token's bytes (a longer prompt
-    /// cannot fit the context).
+    /// context length times 16 bytes (or the longest token's bytes, if
+    /// shorter): text averages 3 to 5 bytes per token.
     pub max_prompt_bytes: usize,
     /// Most tokens one request may generate (`max_tokens`); 0: the context
     /// length. Larger requests are refused, as OpenAI does.

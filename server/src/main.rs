@@ -153,7 +153,7 @@ struct ServeArgs {
     )]
     execution_provider: contract::ExecutionProvider,
     /// LLMs: longest prompt in bytes of text, refused before tokenizing;
-    /// 0: the context length times the longest token's bytes.
+    /// 0: the context length times 16 (or the longest token's bytes).
     #[arg(long, env = "FERRITE_LLM_MAX_PROMPT_BYTES", default_value_t = 0)]
     llm_max_prompt_bytes: usize,
     /// LLMs: most tokens one request may generate; larger `max_tokens` are

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -335,13 +335,17 @@ const JSON_ESCAPE_BYTES: usize = 6;
 const BODY_SLACK_BYTES: usize = 64 << 10;
 
 /// Reads an OpenAI request, cheapest checks first: without a language
-/// model loaded, 404 before the body is read; a body longer than the
+/// model loaded, 404 without keeping the body; a body longer than the
 /// loaded models' longest prompt allows is not read past that; the model is
 /// found by reading only the `model` field (the rest skipped, nothing
 /// kept), and only then is the whole body parsed.
 async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, RequestBody), InferError> {
     let largest = state.repository.loaded(None).iter().filter_map(|m| m.max_prompt_bytes()).max();
-    let largest = largest.ok_or_else(|| InferError::not_found("no language model is loaded on this server"))?;
+    let Some(largest) = largest else {
+        // Read and dropped (nothing kept), so that the client gets the 404.
+        read_body(body, 0, state.max_message_bytes).await?;
+        return Err(InferError::not_found("no language model is loaded on this server"));
+    };
     let too_large = |limit: usize| {
         InferError::new(
             ErrorKind::ContextLengthExceeded,
@@ -351,7 +355,9 @@ async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, Re
             ),
         )
     };
-    let bytes = axum::body::to_bytes(body, body_limit(largest)).await.map_err(|_| too_large(body_limit(largest)))?;
+    let bytes = read_body(body, body_limit(largest), state.max_message_bytes)
+        .await?
+        .ok_or_else(|| too_large(body_limit(largest)))?;
     #[derive(Deserialize)]
     struct Named {
         model: String,
@@ -362,6 +368,25 @@ async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, Re
         return Err(too_large(limit));
     }
     Ok((model, parse(&bytes)?))
+}
+
+/// Reads a body of at most `limit` bytes; `None` when it is longer. The
+/// rest of a longer body (up to `drain` bytes) is read and dropped, so the
+/// client, still sending, gets the answer rather than a broken connection.
+async fn read_body(body: Body, limit: usize, drain: usize) -> Result<Option<Bytes>, InferError> {
+    let mut data = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| InferError::invalid(format!("cannot read the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > drain.max(limit) {
+            break;
+        }
+    }
+    Ok((seen <= limit).then(|| Bytes::from(kept)))
 }
 
 async fn chat_completions(State(state): State<AppState>, body: Body) -> ApiResult<Response> {

@@ -67,14 +67,17 @@ def test_openai_routes_answer_404_without_an_llm_before_reading_the_body(server_
 def test_a_model_that_is_not_an_llm_is_404_and_bodies_are_bounded(guarded):
     answer = hostile.chat(guarded.http_base, "nope", "hi")
     assert answer.status == 404 and answer.error["code"] == "model_not_found", answer
-    # Larger than any prompt this model takes, even JSON-escaped: not read to the end.
-    limit = context_length() * 64 * 6
-    answer = hostile.post_json(guarded.http_base, "/v1/completions", b'{"model": "smol", "prompt": "' + b"a" * (limit + MIB) + b'"}')
-    assert answer.status in (400, 0), answer  # the server may close before the client is done sending
+    # Larger than any prompt this model takes, even JSON-escaped: refused, not kept.
+    limit = context_length() * 16 * 6 + (64 << 10)
+    answer = hostile.post_json(guarded.http_base, "/v1/completions", b'{"model": "smol", "prompt": "' + b"a" * limit + b'"}')
+    assert answer.status == 400 and answer.error["code"] == "context_length_exceeded", answer
+    assert f"larger than {limit} bytes" in answer.error["message"], answer
 
 
 def test_long_stop_strings_are_400(guarded):
     answer = hostile.long_stop_strings(guarded.http_base, MODEL, count=16, length=MIB)
+    assert answer.status == 400, answer  # the body alone is over the limit
+    answer = hostile.long_stop_strings(guarded.http_base, MODEL, count=16, length=16 << 10)
     assert answer.status == 400 and "at most 256 bytes" in answer.error["message"], answer
     answer = hostile.long_stop_strings(guarded.http_base, MODEL, count=17, length=1)
     assert answer.status == 400 and "at most 16 stop strings" in answer.error["message"], answer
