@@ -185,18 +185,19 @@ impl Llm {
                 "ignore_eos is not allowed on this server (start it with --llm-allow-ignore-eos)",
             ));
         }
-        let cap = self.limits.max_tokens;
-        if let Some(requested) = options.max_tokens.filter(|&n| n > cap) {
-            return Err(InferError::invalid(format!(
-                "max_tokens is too large: {requested}. This server allows at most {cap} completion tokens \
-                 (--llm-max-tokens), whereas you provided {requested}."
-            )));
-        }
         // Without max_tokens: the default, within the cap and what the KV
         // budget leaves a sequence.
+        let cap = self.limits.max_tokens;
         let room = self.limits.kv.max_sequence_tokens().saturating_sub(prompt.len()).max(1);
         let default = defaults.max_tokens.min(cap).min(room);
+        // The context first: its error is the one OpenAI clients know.
         let max_tokens = check_context(self.config.context_length, prompt.len(), options.max_tokens, default)?;
+        if max_tokens > cap {
+            return Err(InferError::invalid(format!(
+                "max_tokens is too large: {max_tokens}. This server allows at most {cap} completion tokens \
+                 (--llm-max-tokens), whereas you provided {max_tokens}."
+            )));
+        }
         self.limits.kv.check_alone(prompt.len(), max_tokens)?;
         Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone(), ignore_eos: options.ignore_eos })
     }
