@@ -176,3 +176,25 @@ def test_kv_budget_bounds_concurrent_generations(server_factory):
     growth = rss.peak - rss.samples[0]
     print(f"KV budget {BUDGET / MIB:.1f} MiB: RSS {rss.samples[0] / MIB:.0f} -> peak {rss.peak / MIB:.0f} MiB")
     assert growth < BUDGET + 128 * MIB, f"RSS grew {growth / MIB:.0f} MiB on a {BUDGET / MIB:.0f} MiB budget"
+
+
+def test_grpc_prompts_are_capped_and_tokenized_off_the_async_workers(guarded):
+    """The Open Inference Protocol path has the same byte cap, and a long prompt under it
+    is tokenized on a blocking thread while the liveness probe is answered."""
+    c = guarded.grpc_client()
+    try:
+        with fl.expect_grpc_error("INVALID_ARGUMENT", "--llm-max-prompt-bytes"):
+            c.infer(MODEL, base.grpc_inputs("x" * (1 << 20)), parameters={"max_tokens": 1})
+        stop = threading.Event()
+        probe = threading.Thread(target=lambda: probes.extend(hostile.probe_latencies(guarded.http_base, stop)))
+        probes: list[float] = []
+        probe.start()
+        try:
+            with fl.expect_grpc_error("INVALID_ARGUMENT", "maximum context length"):
+                c.infer(MODEL, base.grpc_inputs("hi " * 12_000), parameters={"max_tokens": 1}, client_timeout=300)
+        finally:
+            stop.set()
+            probe.join()
+        assert probes and max(probes) < 1.0, f"liveness probe took {max(probes):.3f}s"
+    finally:
+        c.close()
