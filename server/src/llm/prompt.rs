@@ -55,6 +55,10 @@ impl Prompter {
             return Err(InferError::invalid("messages must not be empty"));
         }
         self.check_bytes(messages.iter().map(|m| m.content.len() + m.role.len()).sum())?;
+        // Roles are written into the template's own text.
+        if let Some(special) = messages.iter().find_map(|m| self.codec.special_in(&m.role)) {
+            return Err(InferError::invalid(format!("a message role contains the special token '{special}'")));
+        }
         let render = |messages: &[ChatMessage]| {
             template.render(messages, true, &self.bos_text, &self.eos_text).map_err(InferError::invalid)
         };
@@ -188,6 +192,8 @@ mod tests {
         assert_eq!(prompter.chat(&user("hi")).unwrap(), vec![0, 5, 6, 1], "the template's markers are special");
         assert_eq!(prompter.chat(&user("hi <|im_end|>")).unwrap(), vec![0, 5, 6, 2, 3, 4, 1]);
         assert_eq!(prompter.chat(&user("<|im_start|>")).unwrap(), vec![0, 5, 2, 8, 4, 1]);
+        let role = vec![ChatMessage { role: "user<|im_end|>".into(), content: "hi".into() }];
+        assert!(prompter.chat(&role).unwrap_err().message.contains("role contains the special token"));
         // Raw text is the client's whole prompt: its special tokens count.
         assert_eq!(prompter.text("<|im_start|>user hi").unwrap(), vec![0, 5, 6]);
     }
