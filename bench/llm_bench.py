@@ -18,7 +18,7 @@ to first token for a 40-token prompt < 100 ms.
 
 Servers started here bind to 127.0.0.1 only:
   llama-server  .cache/bench/llama-server (bench/llama_server.sh), -t 2 --parallel 16
-  ferrite       target/release/ferrite-server serve --model smollm2=<.cache/models/...-int4>
+  ferrite       target/release/ferrite-server serve --model smollm2=<.cache/models/...-int4> --llm-allow-ignore-eos
 Writes bench/llm_results.json, docs/benchmarks-llm.md and docs/bench-llm-*.png.
 """
 from __future__ import annotations
@@ -179,7 +179,7 @@ def start_ferrite(port, threads, binary=FERRITE, log_name="ferrite-llm.log"):
     env = dict(os.environ, ORT_DYLIB_PATH=str(ORT_LIB))
     p = subprocess.Popen([str(binary), "serve", "--model", f"smollm2={MODEL_DIR}", "--host", "127.0.0.1",
                           "--http-port", str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2),
-                          "--intra-op-threads", str(threads)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                          "--intra-op-threads", str(threads), "--llm-allow-ignore-eos"], stdout=log, stderr=subprocess.STDOUT, env=env)
     # Ready only once every model has loaded (/v1/models answers before that).
     wait_http(f"http://127.0.0.1:{port}", "/v2/health/ready", proc=p)
     return p

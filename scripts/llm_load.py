@@ -4,8 +4,8 @@
 
   python scripts/llm_load.py --url http://127.0.0.1:8000 --model smol --concurrency 1 16
 
-Each stream asks for exactly --max-tokens tokens (`ignore_eos`), with a prompt of about
-40 tokens; every worker sends --requests streams one after another. Standard library
+Each stream asks for exactly --max-tokens tokens (`ignore_eos`: start ferrite-server with
+--llm-allow-ignore-eos), with a prompt of about 40 tokens; every worker sends --requests streams one after another. Standard library
 only, so it runs in any Python.
 """
 

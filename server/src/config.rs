@@ -64,6 +64,28 @@ pub struct ModelSettings {
     pub intra_op_threads: usize,
     /// Where the sessions run.
     pub execution_provider: ExecutionProvider,
+    /// What one client may ask of an LLM (server-wide; not in `ferrite.json`).
+    pub llm: LlmLimits,
+}
+
+/// Server-side limits on LLM requests (docs/security.md). A value of 0 (or
+/// `None`) means "derived from the model and the container" (see
+/// `llm::limits`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LlmLimits {
+    /// Longest prompt, in bytes of text, checked before tokenizing; 0: the
+    /// context length times 16 bytes (or the longest token's bytes, if
+    /// shorter): text averages 3 to 5 bytes per token.
+    pub max_prompt_bytes: usize,
+    /// Most tokens one request may generate (`max_tokens`); 0: the context
+    /// length. Larger requests are refused, as OpenAI does.
+    pub max_tokens: usize,
+    /// Whether requests may set `ignore_eos` (refused otherwise).
+    pub allow_ignore_eos: bool,
+    /// Bytes of KV cache the engine may hold for all its sequences; 0: the
+    /// container's memory limit, less what the process holds after loading
+    /// the model, less a margin.
+    pub kv_budget_bytes: u64,
 }
 
 impl Default for ModelSettings {
@@ -75,6 +97,7 @@ impl Default for ModelSettings {
             instance_count: 1,
             intra_op_threads: 0,
             execution_provider: ExecutionProvider::Cpu,
+            llm: LlmLimits::default(),
         }
     }
 }
@@ -92,6 +115,7 @@ impl ModelSettings {
             instance_count: file.instance_count.unwrap_or(self.instance_count).max(1),
             intra_op_threads: file.intra_op_threads.unwrap_or(self.intra_op_threads),
             execution_provider: file.execution_provider.unwrap_or(self.execution_provider),
+            llm: self.llm,
         }
     }
 
@@ -139,6 +163,39 @@ fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
     (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
+/// Bytes of memory this process may use: its cgroup's limit (v2
+/// `memory.max`, v1 `memory.limit_in_bytes`), else the machine's memory.
+pub fn memory_limit() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .ok()
+        .and_then(|text| parse_memory_limit(&text));
+    cgroup.or_else(|| parse_meminfo_total(&std::fs::read_to_string("/proc/meminfo").ok()?))
+}
+
+/// Bytes this process holds in memory now (`VmRSS`).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kib_field(&status, "VmRSS:")
+}
+
+/// A cgroup memory limit: "max" (v2) or a huge number (v1, no limit) mean none.
+fn parse_memory_limit(text: &str) -> Option<u64> {
+    let bytes: u64 = text.trim().parse().ok()?;
+    (bytes < 1 << 60).then_some(bytes)
+}
+
+fn parse_meminfo_total(text: &str) -> Option<u64> {
+    kib_field(text, "MemTotal:")
+}
+
+/// A `Name:   1234 kB` line of a /proc file, in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +206,15 @@ mod tests {
         assert_eq!(parse_cpu_max("250000 100000\n"), Some(2.5));
         assert_eq!(parse_cfs("-1\n", "100000\n"), None);
         assert_eq!(parse_cfs("50000\n", "100000\n"), Some(0.5));
+    }
+
+    #[test]
+    fn memory_limit_parsing() {
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(parse_memory_limit("2147483648\n"), Some(2 << 30));
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None, "cgroup v1 without a limit");
+        assert_eq!(parse_meminfo_total("MemTotal:       16318412 kB\nMemFree: 1 kB\n"), Some(16_318_412 * 1024));
+        assert!(resident_bytes().is_some_and(|b| b > 0));
     }
 
     #[test]

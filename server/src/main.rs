@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ferrite_contract::{self as contract, serve as flags};
-use ferrite_server::config::ModelSettings;
+use ferrite_server::config::{LlmLimits, ModelSettings};
 use ferrite_server::policy::{ModelControlMode, Policy};
 use ferrite_server::repository::Sources;
 use ferrite_server::server::{serve, ServeOptions};
@@ -176,6 +176,22 @@ struct ServeArgs {
         default_value = contract::ExecutionProvider::Cpu.as_str()
     )]
     execution_provider: contract::ExecutionProvider,
+    /// LLMs: longest prompt in bytes of text, refused before tokenizing;
+    /// 0: the context length times 16 (or the longest token's bytes).
+    #[arg(long, env = "FERRITE_LLM_MAX_PROMPT_BYTES", default_value_t = 0)]
+    llm_max_prompt_bytes: usize,
+    /// LLMs: most tokens one request may generate; larger `max_tokens` are
+    /// refused (400). 0: the model's context length.
+    #[arg(long, env = "FERRITE_LLM_MAX_TOKENS", default_value_t = 0)]
+    llm_max_tokens: usize,
+    /// LLMs: let requests set `ignore_eos` (benchmarks); refused otherwise.
+    #[arg(long, env = "FERRITE_LLM_ALLOW_IGNORE_EOS")]
+    llm_allow_ignore_eos: bool,
+    /// LLMs: bytes of KV cache each engine may hold; requests wait until
+    /// theirs fits. 0: the container's memory limit less the loaded model
+    /// and a margin.
+    #[arg(long, env = "FERRITE_LLM_KV_BUDGET_BYTES", default_value_t = 0)]
+    llm_kv_budget_bytes: u64,
     /// Largest request message, in bytes, on gRPC and HTTP.
     #[arg(long, env = "FERRITE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_message_bytes: usize,
@@ -256,6 +272,12 @@ impl ServeArgs {
                 instance_count: self.instances.max(1),
                 intra_op_threads: self.intra_op_threads,
                 execution_provider: self.execution_provider,
+                llm: LlmLimits {
+                    max_prompt_bytes: self.llm_max_prompt_bytes,
+                    max_tokens: self.llm_max_tokens,
+                    allow_ignore_eos: self.llm_allow_ignore_eos,
+                    kv_budget_bytes: self.llm_kv_budget_bytes,
+                },
             },
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),

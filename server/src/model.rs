@@ -97,13 +97,19 @@ impl Model {
 
     /// Prompt tokens of a chat: the chat template applied, with the
     /// generation prompt added.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> InferResult<Vec<u32>> {
-        self.text_model()?.chat_prompt(messages)
+    /// Runs on a blocking thread (see `Llm::chat_prompt`).
+    pub async fn chat_prompt(&self, messages: Vec<ChatMessage>) -> InferResult<Vec<u32>> {
+        self.text_model()?.chat_prompt(messages).await
     }
 
-    /// Prompt tokens of plain text.
-    pub fn text_prompt(&self, text: &str) -> InferResult<Vec<u32>> {
-        self.text_model()?.text_prompt(text)
+    /// Prompt tokens of plain text, tokenized on a blocking thread.
+    pub async fn text_prompt(&self, text: String) -> InferResult<Vec<u32>> {
+        self.text_model()?.text_prompt(text).await
+    }
+
+    /// The longest prompt text an LLM takes, in bytes.
+    pub(crate) fn max_prompt_bytes(&self) -> Option<usize> {
+        Some(self.llm.as_deref()?.limits.max_prompt_bytes)
     }
 
     /// A prompt given as token ids, checked against the vocabulary.

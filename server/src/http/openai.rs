@@ -8,23 +8,25 @@
 //! at the next step.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
 use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
 use crate::llm::template::ChatMessage;
-use crate::llm::Generation;
+use crate::llm::{Generation, MAX_STOP_STRINGS};
 use crate::model::Model;
 use crate::state::ServerState;
 
@@ -71,11 +73,18 @@ impl IntoResponse for OpenAiError {
 
 type ApiResult<T> = Result<T, OpenAiError>;
 
-/// Settings both endpoints share (OpenAI's names, plus vLLM's `top_k` and
-/// `repetition_penalty`). Fields this server does not use are ignored.
+/// An OpenAI request body: both endpoints' fields (OpenAI's names, plus
+/// vLLM's `top_k`, `repetition_penalty` and `ignore_eos`). Fields this
+/// server does not use are skipped while parsing, never kept; lists are
+/// read into typed values (no generic JSON buffering).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct Common {
+struct RequestBody {
+    /// Chat only.
+    messages: Option<Vec<InMessage>>,
+    /// Completions only.
+    prompt: Option<Prompt>,
+    echo: bool,
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
     temperature: Option<f32>,
@@ -89,17 +98,10 @@ struct Common {
     n: Option<usize>,
     stream: bool,
     stream_options: Option<StreamOptions>,
-    logprobs: Option<Value>,
+    logprobs: Option<Logprobs>,
     /// vLLM's and llama.cpp's extension: generate `max_tokens` regardless
-    /// of end-of-sequence tokens (benchmarks).
+    /// of end-of-sequence tokens (benchmarks); only where the server allows it.
     ignore_eos: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,12 +110,12 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-impl Common {
-    fn options(&self) -> Result<GenerateOptions, InferError> {
+impl RequestBody {
+    fn options(&mut self) -> Result<GenerateOptions, InferError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(InferError::invalid("only n = 1 is supported"));
         }
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+        if self.logprobs.as_ref().is_some_and(|l| l.0) {
             return Err(InferError::invalid("logprobs are not supported"));
         }
         Ok(GenerateOptions {
@@ -125,11 +127,7 @@ impl Common {
             repetition_penalty: self.repetition_penalty,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
-            stop: match &self.stop {
-                None => Vec::new(),
-                Some(Stop::One(s)) => vec![s.clone()],
-                Some(Stop::Many(list)) => list.clone(),
-            },
+            stop: self.stop.take().map(|s| s.0).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
         })
     }
@@ -140,30 +138,46 @@ impl Common {
 }
 
 #[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: String,
-    messages: Vec<InMessage>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Debug, Deserialize)]
 struct InMessage {
     role: String,
     #[serde(default)]
     content: Content,
 }
 
-/// Message content: a string, or a list of parts of which only text is
-/// supported.
-#[derive(Debug, Default, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-    #[default]
-    Null,
+/// `stop`: a string or a list of at most `MAX_STOP_STRINGS` strings.
+#[derive(Debug)]
+struct Stop(Vec<String>);
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StopVisitor;
+        impl<'de> Visitor<'de> for StopVisitor {
+            type Value = Stop;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Stop, E> {
+                Ok(Stop(vec![text.to_owned()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Stop, A::Error> {
+                let mut stops = Vec::new();
+                while let Some(stop) = seq.next_element::<String>()? {
+                    if stops.len() == MAX_STOP_STRINGS {
+                        return Err(de::Error::custom(format!("at most {MAX_STOP_STRINGS} stop strings are allowed")));
+                    }
+                    stops.push(stop);
+                }
+                Ok(Stop(stops))
+            }
+        }
+        deserializer.deserialize_any(StopVisitor)
+    }
 }
+
+/// Message content: a string, null, or a list of parts of which only text
+/// is supported (joined).
+#[derive(Debug, Default)]
+struct Content(String);
 
 #[derive(Debug, Deserialize)]
 struct Part {
@@ -173,39 +187,128 @@ struct Part {
     text: String,
 }
 
-impl Content {
-    fn into_text(self) -> Result<String, InferError> {
-        match self {
-            Content::Text(text) => Ok(text),
-            Content::Null => Ok(String::new()),
-            Content::Parts(parts) => parts
-                .into_iter()
-                .map(|part| match part.kind.as_str() {
-                    "text" => Ok(part.text),
-                    other => Err(InferError::invalid(format!("content parts of type '{other}' are not supported"))),
-                })
-                .collect(),
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+        impl<'de> Visitor<'de> for ContentVisitor {
+            type Value = Content;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, null or a list of content parts")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Content, E> {
+                Ok(Content(text.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Content, E> {
+                Ok(Content(text))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
+                let mut text = String::new();
+                while let Some(part) = seq.next_element::<Part>()? {
+                    if part.kind != "text" {
+                        let message = format!("content parts of type '{}' are not supported", part.kind);
+                        return Err(de::Error::custom(message));
+                    }
+                    text.push_str(&part.text);
+                }
+                Ok(Content(text))
+            }
         }
+        deserializer.deserialize_any(ContentVisitor)
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    model: String,
-    prompt: Prompt,
-    #[serde(default)]
-    echo: bool,
-    #[serde(flatten)]
-    common: Common,
-}
-
 /// A completion prompt: text, a list of one text, or token ids.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum Prompt {
     Text(String),
-    Texts(Vec<String>),
     Tokens(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// The first element of a list prompt: it says which kind the list is.
+        enum First {
+            Text(String),
+            Token(u32),
+        }
+        impl<'de> Deserialize<'de> for First {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct FirstVisitor;
+                impl<'de> Visitor<'de> for FirstVisitor {
+                    type Value = First;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a string or a token id")
+                    }
+                    fn visit_str<E: de::Error>(self, text: &str) -> Result<First, E> {
+                        Ok(First::Text(text.to_owned()))
+                    }
+                    fn visit_u64<E: de::Error>(self, id: u64) -> Result<First, E> {
+                        u32::try_from(id).map(First::Token).map_err(|_| E::custom("token ids are below 2^32"))
+                    }
+                }
+                deserializer.deserialize_any(FirstVisitor)
+            }
+        }
+        struct PromptVisitor;
+        impl<'de> Visitor<'de> for PromptVisitor {
+            type Value = Prompt;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, a list of one string, or a list of token ids")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Prompt, E> {
+                Ok(Prompt::Text(text.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Prompt, E> {
+                Ok(Prompt::Text(text))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
+                match seq.next_element::<First>()? {
+                    None => Ok(Prompt::Tokens(Vec::new())),
+                    Some(First::Text(text)) => match seq.next_element::<IgnoredAny>()? {
+                        None => Ok(Prompt::Text(text)),
+                        Some(_) => Err(de::Error::custom("prompt must be one string (batches are not supported)")),
+                    },
+                    Some(First::Token(id)) => {
+                        let mut tokens = vec![id];
+                        while let Some(id) = seq.next_element::<u32>()? {
+                            tokens.push(id);
+                        }
+                        Ok(Prompt::Tokens(tokens))
+                    }
+                }
+            }
+        }
+        deserializer.deserialize_any(PromptVisitor)
+    }
+}
+
+/// `logprobs`: a flag (chat) or a count (completions); either asks for them.
+#[derive(Debug)]
+struct Logprobs(bool);
+
+impl<'de> Deserialize<'de> for Logprobs {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LogprobsVisitor;
+        impl<'de> Visitor<'de> for LogprobsVisitor {
+            type Value = Logprobs;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a boolean or a count")
+            }
+            fn visit_bool<E: de::Error>(self, asked: bool) -> Result<Logprobs, E> {
+                Ok(Logprobs(asked))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Logprobs, E> {
+                Ok(Logprobs(true))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Logprobs, E> {
+                Ok(Logprobs(true))
+            }
+        }
+        deserializer.deserialize_any(LogprobsVisitor)
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, InferError> {
@@ -221,44 +324,101 @@ fn llm_model(state: &ServerState, name: &str) -> Result<Arc<Model>, InferError> 
     Ok(model)
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
-    let request: ChatRequest = parse(&body)?;
-    let model = llm_model(&state, &request.model)?;
-    let messages = request
-        .messages
-        .into_iter()
-        .map(|m| Ok(ChatMessage { role: m.role, content: m.content.into_text()? }))
-        .collect::<Result<Vec<_>, InferError>>()?;
-    let options = request.common.options()?;
-    let prompt = model.chat_prompt(&messages)?;
+/// The largest request body for prompts of `max_prompt_bytes`: the prompt
+/// written with JSON escapes, and room for the rest.
+fn body_limit(max_prompt_bytes: usize) -> usize {
+    max_prompt_bytes.saturating_mul(JSON_ESCAPE_BYTES).saturating_add(BODY_SLACK_BYTES)
+}
+
+/// Bytes a JSON string may spend per byte of text (`\u0001`).
+const JSON_ESCAPE_BYTES: usize = 6;
+/// Room in a request body for everything but the prompt.
+const BODY_SLACK_BYTES: usize = 64 << 10;
+
+/// Reads an OpenAI request, cheapest checks first: without a language
+/// model loaded, 404 without keeping the body; a body longer than the
+/// loaded models' longest prompt allows is not read past that; the model is
+/// found by reading only the `model` field (the rest skipped, nothing
+/// kept), and only then is the whole body parsed.
+async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, RequestBody), InferError> {
+    let largest = state.repository.loaded(None).iter().filter_map(|m| m.max_prompt_bytes()).max();
+    let Some(largest) = largest else {
+        // Read and dropped (nothing kept), so that the client gets the 404.
+        read_body(body, 0, state.max_message_bytes).await?;
+        return Err(InferError::not_found("no language model is loaded on this server"));
+    };
+    let too_large = |limit: usize| {
+        InferError::new(
+            ErrorKind::ContextLengthExceeded,
+            format!(
+                "The request body is larger than {limit} bytes, the most this model takes (its longest prompt, \
+                 --llm-max-prompt-bytes, written as JSON). Please reduce the prompt."
+            ),
+        )
+    };
+    let bytes = read_body(body, body_limit(largest), state.max_message_bytes)
+        .await?
+        .ok_or_else(|| too_large(body_limit(largest)))?;
+    #[derive(Deserialize)]
+    struct Named {
+        model: String,
+    }
+    let model = llm_model(state, &parse::<Named>(&bytes)?.model)?;
+    let limit = body_limit(model.max_prompt_bytes().unwrap_or(largest));
+    if bytes.len() > limit {
+        return Err(too_large(limit));
+    }
+    Ok((model, parse(&bytes)?))
+}
+
+/// Reads a body of at most `limit` bytes; `None` when it is longer. The
+/// rest of a longer body (up to `drain` bytes) is read and dropped, so the
+/// client, still sending, gets the answer rather than a broken connection.
+async fn read_body(body: Body, limit: usize, drain: usize) -> Result<Option<Bytes>, InferError> {
+    let mut data = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| InferError::invalid(format!("cannot read the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > drain.max(limit) {
+            break;
+        }
+    }
+    Ok((seen <= limit).then(|| Bytes::from(kept)))
+}
+
+async fn chat_completions(State(state): State<AppState>, body: Body) -> ApiResult<Response> {
+    let (model, mut request) = read_request(&state, body).await?;
+    let messages = request.messages.take().ok_or_else(|| InferError::invalid("'messages' is required"))?;
+    let messages = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content.0 }).collect();
+    let options = request.options()?;
+    let prompt = model.chat_prompt(messages).await?;
     let generation = model.generate(prompt, &options)?;
-    let reply = Reply::new(Kind::Chat, request.model);
-    if request.common.stream {
-        Ok(reply.stream(generation, request.common.include_usage()).into_response())
+    let reply = Reply::new(Kind::Chat, model.name.clone());
+    if request.stream {
+        Ok(reply.stream(generation, request.include_usage()).into_response())
     } else {
         Ok(Json(reply.collect(generation).await?).into_response())
     }
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> ApiResult<Response> {
-    let request: CompletionRequest = parse(&body)?;
-    let model = llm_model(&state, &request.model)?;
+async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Response> {
+    let (model, mut request) = read_request(&state, body).await?;
     if request.echo {
         return Err(InferError::invalid("echo is not supported").into());
     }
-    let options = request.common.options()?;
-    let prompt = match request.prompt {
-        Prompt::Text(text) => model.text_prompt(&text)?,
-        Prompt::Texts(texts) if texts.len() == 1 => model.text_prompt(&texts[0])?,
-        Prompt::Texts(_) => {
-            return Err(InferError::invalid("prompt must be one string (batches are not supported)").into())
-        }
+    let options = request.options()?;
+    let prompt = match request.prompt.take().ok_or_else(|| InferError::invalid("'prompt' is required"))? {
+        Prompt::Text(text) => model.text_prompt(text).await?,
         Prompt::Tokens(tokens) => model.token_prompt(tokens)?,
     };
     let generation = model.generate(prompt, &options)?;
-    let reply = Reply::new(Kind::Completion, request.model);
-    if request.common.stream {
-        Ok(reply.stream(generation, request.common.include_usage()).into_response())
+    let reply = Reply::new(Kind::Completion, model.name.clone());
+    if request.stream {
+        Ok(reply.stream(generation, request.include_usage()).into_response())
     } else {
         Ok(Json(reply.collect(generation).await?).into_response())
     }
@@ -427,4 +587,54 @@ async fn get_model(State(state): State<AppState>, Path(name): Path<String>) -> A
 
 fn model_object(name: &str) -> Value {
     json!({"id": name, "object": "model", "created": 0, "owned_by": "ferrite"})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Result<RequestBody, InferError> {
+        parse(json.as_bytes())
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_known_ones_typed() {
+        let mut request = body(
+            r#"{"model": "m", "tools": [{"deep": [[[1]]]}], "response_format": {"type": "json"},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"}],
+                "stop": "END", "logprobs": false, "max_tokens": 5}"#,
+        )
+        .unwrap();
+        let messages = request.messages.take().unwrap();
+        assert_eq!((messages[0].role.as_str(), messages[0].content.0.as_str()), ("user", "ab"));
+        let options = request.options().unwrap();
+        assert_eq!(options.stop, vec!["END".to_string()]);
+        assert_eq!(options.max_tokens, Some(5));
+        let null_content = body(r#"{"messages": [{"role": "assistant", "content": null}]}"#).unwrap();
+        assert_eq!(null_content.messages.unwrap()[0].content.0, "");
+    }
+
+    #[test]
+    fn prompts_are_text_one_text_or_tokens() {
+        let prompt = |json: &str| body(&format!(r#"{{"prompt": {json}}}"#)).map(|b| b.prompt.unwrap());
+        assert!(matches!(prompt(r#""hi""#), Ok(Prompt::Text(t)) if t == "hi"));
+        assert!(matches!(prompt(r#"["hi"]"#), Ok(Prompt::Text(t)) if t == "hi"));
+        assert!(matches!(prompt("[1, 2, 3]"), Ok(Prompt::Tokens(t)) if t == vec![1, 2, 3]));
+        assert!(prompt(r#"["a", "b"]"#).unwrap_err().message.contains("batches are not supported"));
+        assert!(prompt(r#"[1, "a"]"#).is_err());
+        assert!(prompt("[4294967296]").is_err());
+    }
+
+    #[test]
+    fn refusals_while_parsing() {
+        let stops = serde_json::to_string(&vec!["s"; MAX_STOP_STRINGS + 1]).unwrap();
+        let err = body(&format!(r#"{{"stop": {stops}}}"#)).unwrap_err();
+        assert!(err.message.contains("at most 16 stop strings"), "{err}");
+        let err = body(r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#)
+            .unwrap_err();
+        assert!(err.message.contains("'image_url' are not supported"), "{err}");
+        assert!(body(r#"{"logprobs": 2}"#).unwrap().options().is_err());
+        assert!(body(r#"{"logprobs": true}"#).unwrap().options().is_err());
+        assert!(body(r#"{"logprobs": null}"#).unwrap().options().is_ok());
+    }
 }

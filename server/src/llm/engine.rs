@@ -6,8 +6,11 @@
 //! Each iteration of the thread:
 //! 1. drops sequences whose client went away (their receiver is closed),
 //!    waiting or running;
-//! 2. admits waiting requests while the batch has room, up to a prompt-token
-//!    budget, and prefills each (in chunks), sending its first token at once;
+//! 2. admits waiting requests, first come first served, while the batch has
+//!    room, its worst-case KV memory fits the budget ([`KvBudget`]), and up
+//!    to a prompt-token budget, and prefills each (in chunks), sending its
+//!    first token at once; a request whose memory does not fit yet waits
+//!    (in the bounded queue, counted in `ferrite_queue_depth`);
 //! 3. rebuilds the batch cache if a sequence joined or left (`cache`);
 //! 4. runs one decode step for every running sequence, feeding the previous
 //!    step's `present.*` back as `past_key_values.*`, and sends each
@@ -26,6 +29,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::admission::Admission;
 use crate::error::{InferError, InferResult};
 use crate::inference::Priority;
+use crate::llm::limits::KvBudget;
 use crate::llm::request::{Event, FinishReason, GenerateRequest, Usage};
 use crate::llm::sampling::Sampler;
 use crate::llm::stop::{Scanned, StopMatcher};
@@ -49,12 +53,38 @@ pub(crate) struct EngineSettings {
     /// Prompt tokens prefilled per iteration while others decode (at least
     /// one request is always admitted), so running streams are not stalled.
     pub prefill_budget: usize,
+    /// Memory for the batch's KV cache; requests wait until theirs fits.
+    pub kv: KvBudget,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineSettings { max_running: 32, max_waiting: 1024, prefill_chunk: 512, prefill_budget: 512 }
+        EngineSettings {
+            max_running: 32,
+            max_waiting: 1024,
+            prefill_chunk: 512,
+            prefill_budget: 512,
+            kv: KvBudget { bytes_per_token: 1, budget: u64::MAX },
+        }
     }
+}
+
+/// The rows of the batch cache as admission sees them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Occupancy {
+    /// Sequences still generating.
+    live: usize,
+    /// Rows in the cache (finished rows riding along count until rebuilt).
+    rows: usize,
+    /// The most tokens any row may reach.
+    longest: usize,
+}
+
+/// What the engine thread takes from the queue.
+struct Admitted {
+    pending: Vec<Pending>,
+    /// The next request waits for KV memory.
+    blocked: bool,
 }
 
 /// What the engine needs to know about the model.
@@ -116,13 +146,17 @@ impl Shared {
     }
 
     /// Blocks until there is work; returns the requests to admit now, or
-    /// `None` once closed and drained.
-    fn take(&self, running: usize) -> Option<Vec<Pending>> {
+    /// `None` once closed and drained. A request is admitted only when the
+    /// batch with it still fits the KV budget; it waits otherwise, and the
+    /// ones behind it too (first come, first served: a long request is not
+    /// passed over forever). The first request always fits an empty batch
+    /// (`Engine::submit` refuses one that never could).
+    fn take(&self, batch: Occupancy) -> Option<Admitted> {
         let mut queue = self.lock();
         loop {
             queue.retain(|p| !p.events.is_closed());
             self.metrics.waiting.set(queue.len() as i64);
-            if running > 0 || !queue.is_empty() {
+            if batch.live > 0 || !queue.is_empty() {
                 break;
             }
             if queue.is_closed() {
@@ -130,16 +164,23 @@ impl Shared {
             }
             queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
         }
-        let mut admitted = Vec::new();
+        let mut admitted = Admitted { pending: Vec::new(), blocked: false };
+        let (mut rows, mut longest) = if batch.live == 0 { (0, 0) } else { (batch.rows, batch.longest) };
         let mut tokens = 0;
-        while running + admitted.len() < self.settings.max_running {
+        while batch.live + admitted.pending.len() < self.settings.max_running {
             let Some(next) = queue.front() else { break };
             let len = next.request.prompt.len();
-            if !admitted.is_empty() && tokens + len > self.settings.prefill_budget {
+            if !admitted.pending.is_empty() && tokens + len > self.settings.prefill_budget {
                 break;
             }
+            let reach = longest.max(next.request.reach());
+            if !self.settings.kv.fits(rows + 1, reach) {
+                admitted.blocked = true;
+                break;
+            }
+            (rows, longest) = (rows + 1, reach);
             tokens += len;
-            admitted.extend(queue.pop_front());
+            admitted.pending.extend(queue.pop_front());
         }
         self.metrics.waiting.set(queue.len() as i64);
         Some(admitted)
@@ -173,8 +214,10 @@ impl Engine {
 
     /// Queues a request; its events arrive on the returned channel. Dropping
     /// the receiver cancels the request (it leaves the queue or the batch at
-    /// the engine's next step).
+    /// the engine's next step). A request whose KV memory could never fit
+    /// the budget, even alone, is refused.
     pub(crate) fn submit(&self, request: GenerateRequest) -> InferResult<UnboundedReceiver<Event>> {
+        self.shared.settings.kv.check_alone(request.prompt.len(), request.max_tokens)?;
         let (events, receiver) = unbounded_channel();
         {
             let mut queue = self.shared.lock();
@@ -202,9 +245,11 @@ impl Drop for Engine {
 /// Finished rows may ride along (masked work, their output unused) until
 /// the next join rebuilds the cache anyway: in steady traffic a replacement
 /// arrives within a step, so one rebuild serves both. At most a quarter of
-/// the rows may be such passengers.
-fn needs_rebuild(rows: usize, finished: usize, joining: usize) -> bool {
-    joining > 0 || (finished > 0 && (finished == rows || finished * 4 > rows))
+/// the rows may be such passengers, and none once its memory is wanted
+/// (`release`: a passenger would outgrow its reservation, or a request
+/// waits for KV memory).
+fn needs_rebuild(rows: usize, finished: usize, joining: usize, release: bool) -> bool {
+    joining > 0 || (finished > 0 && (release || finished == rows || finished * 4 > rows))
 }
 
 /// One sequence being generated.
@@ -212,6 +257,8 @@ struct Sequence {
     events: UnboundedSender<Event>,
     prompt_len: usize,
     max_tokens: usize,
+    /// Most positions this row may hold (its KV reservation).
+    reach: usize,
     /// Tokens generated (an end-of-sequence token is not counted).
     generated: usize,
     /// Positions in the cache.
@@ -260,8 +307,16 @@ impl Worker {
         self.running.iter().filter(|s| !s.finished).count()
     }
 
+    fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            live: self.live(),
+            rows: self.running.len(),
+            longest: self.running.iter().map(|s| s.reach).max().unwrap_or(0),
+        }
+    }
+
     fn run(mut self) {
-        while let Some(admitted) = self.shared.take(self.live()) {
+        while let Some(admitted) = self.shared.take(self.occupancy()) {
             let result = catch_unwind(AssertUnwindSafe(|| self.iterate(admitted)))
                 .unwrap_or_else(|_| Err(InferError::internal("the LLM engine panicked")));
             if let Err(error) = result {
@@ -277,14 +332,14 @@ impl Worker {
         self.shared.metrics.set_running(0);
     }
 
-    fn iterate(&mut self, admitted: Vec<Pending>) -> InferResult<()> {
+    fn iterate(&mut self, admitted: Admitted) -> InferResult<()> {
         for sequence in &mut self.running {
             if sequence.events.is_closed() {
                 sequence.finished = true;
             }
         }
         let mut joiners = Vec::new();
-        for pending in admitted {
+        for pending in admitted.pending {
             if pending.events.is_closed() {
                 continue;
             }
@@ -302,7 +357,10 @@ impl Worker {
             }
         }
         let done = self.running.iter().filter(|s| s.finished).count();
-        if needs_rebuild(self.running.len(), done, joiners.len()) {
+        // The next step writes position `len`: a passenger must not outgrow
+        // the memory admission counted for it.
+        let outgrown = self.running.iter().any(|s| s.finished && s.len + 1 >= s.reach);
+        if needs_rebuild(self.running.len(), done, joiners.len(), outgrown || admitted.blocked) {
             self.rebuild(joiners)?;
         }
         self.shared.metrics.set_running(self.live());
@@ -338,6 +396,7 @@ impl Worker {
                     events: events.clone(),
                     prompt_len: prompt.len(),
                     max_tokens: request.max_tokens,
+                    reach: request.reach(),
                     generated: 0,
                     len: prompt.len(),
                     last_token: first,
@@ -471,12 +530,14 @@ mod tests {
 
     #[test]
     fn rebuild_on_joins_and_on_many_leaves() {
-        assert!(!needs_rebuild(8, 0, 0), "nothing changed");
-        assert!(needs_rebuild(8, 0, 1), "a join");
-        assert!(!needs_rebuild(8, 2, 0), "two of eight finished: they ride along");
-        assert!(needs_rebuild(8, 3, 0), "more than a quarter finished");
-        assert!(needs_rebuild(1, 1, 0), "everyone finished");
-        assert!(needs_rebuild(2, 1, 0));
-        assert!(!needs_rebuild(0, 0, 0));
+        assert!(!needs_rebuild(8, 0, 0, false), "nothing changed");
+        assert!(needs_rebuild(8, 0, 1, false), "a join");
+        assert!(!needs_rebuild(8, 2, 0, false), "two of eight finished: they ride along");
+        assert!(needs_rebuild(8, 2, 0, true), "unless their memory is wanted");
+        assert!(!needs_rebuild(8, 0, 0, true), "no passenger to drop");
+        assert!(needs_rebuild(8, 3, 0, false), "more than a quarter finished");
+        assert!(needs_rebuild(1, 1, 0, false), "everyone finished");
+        assert!(needs_rebuild(2, 1, 0, false));
+        assert!(!needs_rebuild(0, 0, 0, false));
     }
 }

@@ -9,7 +9,9 @@
 
 pub(crate) mod config;
 pub(crate) mod engine;
+pub(crate) mod limits;
 pub(crate) mod oip;
+pub(crate) mod prompt;
 pub(crate) mod request;
 pub(crate) mod sampling;
 pub(crate) mod stop;
@@ -20,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::Semaphore;
 
 use crate::backend::BackendInfo;
 use crate::config::ModelSettings;
@@ -30,6 +33,8 @@ use crate::runtime::{ModelBytes, Runtime, SessionOptions};
 use crate::stats::{ModelStats, RequestRecord};
 use config::LlmConfig;
 use engine::{Engine, EngineModel, EngineSettings};
+use limits::{Limits, MAX_STOP_BYTES};
+use prompt::Prompter;
 use request::{Event, FinishReason, GenerateOptions, GenerateRequest, Usage};
 use sampling::SamplingParams;
 use template::{ChatMessage, ChatTemplate};
@@ -41,15 +46,19 @@ const CONTEXT_LENGTH_ERROR: &str = "This model's maximum context length is";
 /// Most stop strings a request may give.
 pub(crate) const MAX_STOP_STRINGS: usize = 16;
 
-/// A loaded LLM: configuration, tokenizer, chat template and engine.
+/// A loaded LLM: configuration, limits, prompts (tokenizer and chat
+/// template) and engine.
 pub(crate) struct Llm {
     /// The model directory's `llm.json`.
     pub config: LlmConfig,
+    /// What one request may ask.
+    pub limits: Limits,
     info: BackendInfo,
-    codec: Arc<TextCodec>,
-    template: Option<ChatTemplate>,
-    bos_text: String,
-    eos_text: String,
+    prompter: Arc<Prompter>,
+    /// Prompts being tokenized at once (each on a blocking thread): one per
+    /// CPU, so a flood of long prompts queues instead of taking the memory
+    /// of hundreds of tokenizations.
+    tokenizing: Semaphore,
     engine: Engine,
 }
 
@@ -82,9 +91,20 @@ impl Llm {
         let session = runtime.session_without_spinning(&ModelBytes::File(dir.join(config::LLM_MODEL_FILE)), options)?;
         let shape = CacheShape { layers: config.num_layers, heads: config.num_kv_heads, head_dim: config.head_dim };
         let decoder = Decoder::new(session, shape)?;
+        let limits = Limits::resolve(&settings.llm, config.context_length, codec.longest_token_bytes(), shape);
+        tracing::info!(
+            model = name,
+            max_prompt_bytes = limits.max_prompt_bytes,
+            max_tokens = limits.max_tokens,
+            allow_ignore_eos = limits.allow_ignore_eos,
+            kv_budget_mib = limits.kv.budget >> 20,
+            kv_tokens = limits.kv.max_sequence_tokens(),
+            "LLM limits"
+        );
         let engine_settings = EngineSettings {
             max_running: settings.max_batch_size.max(1),
             max_waiting: settings.max_queue_size.max(1),
+            kv: limits.kv,
             ..EngineSettings::default()
         };
         let model = EngineModel {
@@ -96,26 +116,43 @@ impl Llm {
         };
         let engine = Engine::start(decoder, model, engine_settings)?;
         let info = oip::backend_info(&config, settings);
-        Ok(Llm { config, info, codec, template, bos_text, eos_text, engine })
+        let prompter = Prompter {
+            codec,
+            template,
+            bos_text,
+            eos_text,
+            bos: config.bos_token_id.filter(|_| config.add_bos_token),
+            max_prompt_bytes: limits.max_prompt_bytes,
+        };
+        let tokenizing = Semaphore::new(crate::config::available_cpus());
+        Ok(Llm { config, limits, info, prompter: Arc::new(prompter), tokenizing, engine })
     }
 
     /// Prompt tokens of a chat: the chat template applied, with the
-    /// generation prompt added.
-    pub(crate) fn chat_prompt(&self, messages: &[ChatMessage]) -> InferResult<Vec<u32>> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or_else(|| InferError::invalid("this model has no chat template; use /v1/completions"))?;
-        if messages.is_empty() {
-            return Err(InferError::invalid("messages must not be empty"));
-        }
-        let text = template.render(messages, true, &self.bos_text, &self.eos_text).map_err(InferError::invalid)?;
-        self.tokens(&text)
+    /// generation prompt added; what the messages say stays text.
+    pub(crate) async fn chat_prompt(&self, messages: Vec<ChatMessage>) -> InferResult<Vec<u32>> {
+        self.off_runtime(move |prompter| prompter.chat(&messages)).await
     }
 
     /// Prompt tokens of plain text.
-    pub(crate) fn text_prompt(&self, text: &str) -> InferResult<Vec<u32>> {
-        self.tokens(text)
+    pub(crate) async fn text_prompt(&self, text: String) -> InferResult<Vec<u32>> {
+        self.prompter.check_bytes(text.len())?;
+        self.off_runtime(move |prompter| prompter.text(&text)).await
+    }
+
+    /// Runs `work` on a blocking thread (tokenizing a long prompt takes
+    /// seconds of CPU), at most one per CPU at a time, so the async
+    /// workers stay free for probes and other clients.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Prompter) -> InferResult<T> + Send + 'static,
+    ) -> InferResult<T> {
+        let _permit =
+            self.tokenizing.acquire().await.map_err(|_| InferError::internal("the tokenizer pool is closed"))?;
+        let prompter = self.prompter.clone();
+        tokio::task::spawn_blocking(move || work(&prompter))
+            .await
+            .unwrap_or_else(|_| Err(InferError::internal("tokenizing failed")))
     }
 
     /// A prompt given as token ids: non-empty, each in the vocabulary.
@@ -127,20 +164,9 @@ impl Llm {
         Ok(tokens)
     }
 
-    fn tokens(&self, text: &str) -> InferResult<Vec<u32>> {
-        let mut tokens = Vec::new();
-        if self.config.add_bos_token {
-            tokens.extend(self.config.bos_token_id);
-        }
-        tokens.extend(self.codec.encode(text).map_err(InferError::invalid)?);
-        if tokens.is_empty() {
-            return Err(InferError::invalid("the prompt is empty"));
-        }
-        Ok(tokens)
-    }
-
-    /// Checks options against the model: sampling ranges, stop strings and
-    /// the context length.
+    /// Checks options against the model and the server's limits: sampling
+    /// ranges, stop strings, `ignore_eos`, `max_tokens`, the context length
+    /// and the KV budget.
     pub(crate) fn prepare(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<GenerateRequest> {
         let defaults = &self.config.defaults;
         let sampling = SamplingParams {
@@ -153,11 +179,26 @@ impl Llm {
             frequency_penalty: options.frequency_penalty.unwrap_or(0.0),
         };
         sampling.check().map_err(InferError::invalid)?;
-        if options.stop.len() > MAX_STOP_STRINGS {
-            return Err(InferError::invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed")));
+        check_stop(&options.stop)?;
+        if options.ignore_eos && !self.limits.allow_ignore_eos {
+            return Err(InferError::invalid(
+                "ignore_eos is not allowed on this server (start it with --llm-allow-ignore-eos)",
+            ));
         }
-        let context = self.config.context_length;
-        let max_tokens = check_context(context, prompt.len(), options.max_tokens, defaults.max_tokens)?;
+        // Without max_tokens: the default, within the cap and what the KV
+        // budget leaves a sequence.
+        let cap = self.limits.max_tokens;
+        let room = self.limits.kv.max_sequence_tokens().saturating_sub(prompt.len()).max(1);
+        let default = defaults.max_tokens.min(cap).min(room);
+        // The context first: its error is the one OpenAI clients know.
+        let max_tokens = check_context(self.config.context_length, prompt.len(), options.max_tokens, default)?;
+        if max_tokens > cap {
+            return Err(InferError::invalid(format!(
+                "max_tokens is too large: {max_tokens}. This server allows at most {cap} completion tokens \
+                 (--llm-max-tokens), whereas you provided {max_tokens}."
+            )));
+        }
+        self.limits.kv.check_alone(prompt.len(), max_tokens)?;
         Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone(), ignore_eos: options.ignore_eos })
     }
 
@@ -174,6 +215,21 @@ impl Llm {
     pub(crate) fn close(&self) {
         self.engine.close();
     }
+}
+
+/// Stop strings: at most [`MAX_STOP_STRINGS`], each at most
+/// [`MAX_STOP_BYTES`] long.
+pub(crate) fn check_stop(stop: &[String]) -> InferResult<()> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(InferError::invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed")));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(InferError::invalid(format!(
+            "stop strings may be at most {MAX_STOP_BYTES} bytes long (one is {} bytes)",
+            long.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `max_tokens` for a prompt of `prompt` tokens: the requested one if it
@@ -275,5 +331,13 @@ mod tests {
         assert!(check_context(100, 100, None, 16).is_err());
         assert!(check_context(100, 1, Some(0), 16).is_err());
         assert!(check_context(100, 1, Some(usize::MAX), 16).is_err());
+    }
+
+    #[test]
+    fn stop_strings_are_bounded() {
+        assert!(check_stop(&["\n".repeat(MAX_STOP_BYTES)]).is_ok());
+        let err = check_stop(&["x".repeat(MAX_STOP_BYTES + 1)]).unwrap_err();
+        assert!(err.message.contains("at most 256 bytes"), "{err}");
+        assert!(check_stop(&vec!["a".to_string(); MAX_STOP_STRINGS + 1]).is_err());
     }
 }

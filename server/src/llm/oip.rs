@@ -235,12 +235,37 @@ fn single_scalar(tensor: &Tensor, datatype: DataType) -> InferResult<Bytes> {
     }
 }
 
-/// Starts generating for an OIP request.
-fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, Generation)> {
-    let decoded = decode(request)?;
-    let prompt = llm.text_prompt(&decoded.prompt)?;
+/// Starts generating for an OIP request (the prompt tokenized off the
+/// async workers).
+async fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, Generation)> {
+    let mut decoded = decode(request)?;
+    let prompt = llm.text_prompt(std::mem::take(&mut decoded.prompt)).await?;
     let generation = llm.generate(prompt, &decoded.options)?;
     Ok((decoded, generation))
+}
+
+/// The replies of a started generation: one per engine step, or one in all
+/// when the request sets `stream: false`.
+fn replies(decoded: TextRequest, generation: Generation) -> ReplyStream {
+    if decoded.stream == Some(false) {
+        let once = async move {
+            let (text, finish_reason, usage) = generation.collect().await?;
+            Ok(final_reply(text, finish_reason, usage, Some(true)))
+        };
+        return stream::once(once).boxed();
+    }
+    stream::unfold(Some(generation), |state| async move {
+        let mut generation = state?;
+        let item = match generation.next().await? {
+            Event::Text(text) => Ok(delta(text)),
+            Event::Done { text, finish_reason, usage } => {
+                return Some((Ok(final_reply(text, finish_reason, usage, Some(true))), None));
+            }
+            Event::Error(error) => return Some((Err(error), None)),
+        };
+        Some((item, Some(generation)))
+    })
+    .boxed()
 }
 
 impl Backend for Llm {
@@ -251,35 +276,23 @@ impl Backend for Llm {
     /// ModelInfer: generates the whole answer, returns it in one reply.
     fn infer(&self, request: InferRequest) -> BoxFuture<'_, InferResult<Reply>> {
         Box::pin(async move {
-            let (_, generation) = start(self, &request)?;
+            let (_, generation) = start(self, &request).await?;
             let (text, finish_reason, usage) = generation.collect().await?;
             Ok(final_reply(text, finish_reason, usage, None))
         })
     }
 
     /// ModelStreamInfer: one reply per engine step (unless the request
-    /// sets `stream: false`).
+    /// sets `stream: false`). Errors before the first token, tokenizing
+    /// included, are the stream's first item.
     fn infer_stream(self: Arc<Self>, request: InferRequest) -> InferResult<ReplyStream> {
-        let (decoded, generation) = start(&self, &request)?;
-        if decoded.stream == Some(false) {
-            let once = async move {
-                let (text, finish_reason, usage) = generation.collect().await?;
-                Ok(final_reply(text, finish_reason, usage, Some(true)))
-            };
-            return Ok(stream::once(once).boxed());
-        }
-        let replies = stream::unfold(Some(generation), |state| async move {
-            let mut generation = state?;
-            let item = match generation.next().await? {
-                Event::Text(text) => Ok(delta(text)),
-                Event::Done { text, finish_reason, usage } => {
-                    return Some((Ok(final_reply(text, finish_reason, usage, Some(true))), None));
-                }
-                Event::Error(error) => return Some((Err(error), None)),
-            };
-            Some((item, Some(generation)))
-        });
-        Ok(replies.boxed())
+        let started = async move { start(&self, &request).await };
+        Ok(stream::once(started)
+            .flat_map(|started| match started {
+                Ok((decoded, generation)) => replies(decoded, generation),
+                Err(error) => stream::once(futures::future::ready(Err(error))).boxed(),
+            })
+            .boxed())
     }
 
     fn close(&self) {

@@ -19,6 +19,13 @@ pub(crate) struct GenerateRequest {
     pub ignore_eos: bool,
 }
 
+impl GenerateRequest {
+    /// Most positions the sequence may reach: its KV reservation.
+    pub(crate) fn reach(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+}
+
 /// What a request asks for, before it is checked against the model.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateOptions {

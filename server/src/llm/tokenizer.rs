@@ -9,6 +9,13 @@ use tokenizers::Tokenizer;
 /// The model's tokenizer.
 pub(crate) struct TextCodec {
     tokenizer: Tokenizer,
+    /// The same tokenizer, reading special tokens' text as plain text.
+    plain: Tokenizer,
+    /// The text of every special token (`<|im_end|>`).
+    special: Vec<String>,
+    /// Bytes of the longest token's text (an upper bound: byte-level
+    /// vocabularies spell some bytes with two).
+    longest_token_bytes: usize,
 }
 
 impl TextCodec {
@@ -16,16 +23,44 @@ impl TextCodec {
     pub(crate) fn load(path: &Path) -> anyhow::Result<TextCodec> {
         let tokenizer =
             Tokenizer::from_file(path).map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        Ok(TextCodec { tokenizer })
+        Ok(TextCodec::new(tokenizer))
+    }
+
+    /// Wraps a tokenizer.
+    pub(crate) fn new(tokenizer: Tokenizer) -> TextCodec {
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let special =
+            tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
+        let longest_token_bytes = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
+        TextCodec { tokenizer, plain, special, longest_token_bytes }
     }
 
     /// Tokens of `text`. Special tokens written in the text (`<|im_start|>`)
     /// become their ids; no BOS is added here (the engine decides).
     pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| format!("cannot tokenize: {e}"))
+        Self::ids(&self.tokenizer, text)
+    }
+
+    /// Tokens of `text` with special tokens' text read as plain text: what a
+    /// user typed can never become a control token.
+    pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>, String> {
+        Self::ids(&self.plain, text)
+    }
+
+    fn ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
+        tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| format!("cannot tokenize: {e}"))
+    }
+
+    /// The first special token whose text appears in `text`.
+    pub(crate) fn special_in<'a>(&'a self, text: &str) -> Option<&'a str> {
+        self.special.iter().find(|s| text.contains(s.as_str())).map(String::as_str)
+    }
+
+    /// Bytes of the longest token: a text of more than `n` times this many
+    /// bytes has more than `n` tokens.
+    pub(crate) fn longest_token_bytes(&self) -> usize {
+        self.longest_token_bytes
     }
 
     /// Text of `ids`, without special tokens.
