@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))  # ferrite_testlib, hostile_*
 
 import ferrite_testlib as fl  # noqa: E402
 import siege  # noqa: E402
