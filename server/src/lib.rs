@@ -12,6 +12,10 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub(crate) mod admission;
+/// Heap measurements in tests (the proto crate's counting allocator).
+#[cfg(test)]
+#[path = "../../proto/src/alloc_probe.rs"]
+mod alloc_probe;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub mod config;

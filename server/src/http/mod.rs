@@ -224,22 +224,22 @@ async fn infer_version(
         None => None,
     };
     let (request, binary) = json::split_body(&body, header_length)?;
-    let priority = match request.parameters.get("priority").and_then(Value::as_i64) {
+    let priority = match request.parameters.get("priority").and_then(|v| v.as_i64()) {
         Some(1) => Priority::High,
         _ => Priority::Normal,
     };
     let deadline = request
         .parameters
         .get("timeout")
-        .and_then(Value::as_u64)
+        .and_then(|v| v.as_u64())
         .filter(|&us| us > 0)
         .map(|us| Instant::now() + std::time::Duration::from_micros(us));
-    let binary_default = request.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    let binary_default = request.parameters.get("binary_data_output").and_then(|v| v.as_bool()).unwrap_or(false);
     let outputs = request.outputs.unwrap_or_default();
     let binary_outputs: Vec<(String, bool)> = outputs
         .iter()
         .map(|o| {
-            let binary = o.parameters.get("binary_data").and_then(Value::as_bool).unwrap_or(binary_default);
+            let binary = o.parameters.get("binary_data").and_then(|v| v.as_bool()).unwrap_or(binary_default);
             (o.name.clone(), binary)
         })
         .collect();
@@ -247,7 +247,7 @@ async fn infer_version(
         .parameters
         .iter()
         .filter_map(|(key, value)| {
-            let value = match value {
+            let value = match &value.0 {
                 Value::Bool(b) => ParamValue::Bool(*b),
                 Value::Number(n) => match n.as_i64() {
                     Some(i) => ParamValue::Int(i),
