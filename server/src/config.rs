@@ -139,9 +139,53 @@ fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
     (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
+/// Default budget of in-flight request bytes: 1/32 of the memory this
+/// process may use. Decoding takes at most 24x the wire bytes, so even
+/// degenerate requests that fill the budget stay within 3/4 of it.
+pub fn default_inflight_bytes() -> usize {
+    available_memory() / 32
+}
+
+/// Memory this process may use: its cgroup limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`), or the machine's memory.
+pub fn available_memory() -> usize {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .ok()
+        .and_then(|text| parse_memory_limit(&text));
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| parse_mem_total(&text));
+    match (cgroup, machine) {
+        (Some(limit), Some(total)) => limit.min(total),
+        (limit, total) => limit.or(total).unwrap_or(4 << 30),
+    }
+}
+
+/// A cgroup memory limit in bytes; `max` (v2) and v1's "no limit" (a
+/// value near 2^63) are none.
+fn parse_memory_limit(text: &str) -> Option<usize> {
+    let bytes: u64 = text.trim().parse().ok()?;
+    (bytes < 1 << 60).then_some(bytes as usize)
+}
+
+/// `MemTotal` of /proc/meminfo, in bytes.
+fn parse_mem_total(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_limit_parsing() {
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(parse_memory_limit("2147483648\n"), Some(2 << 30));
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_mem_total("MemTotal:       16384 kB\nMemFree: 1 kB\n"), Some(16 << 20));
+        assert!(default_inflight_bytes() > 0);
+    }
 
     #[test]
     fn cpu_quota_parsing() {

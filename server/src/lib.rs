@@ -18,6 +18,7 @@ pub(crate) mod admission;
 mod alloc_probe;
 pub(crate) mod backend;
 pub(crate) mod batch;
+pub(crate) mod budget;
 pub mod config;
 pub(crate) mod describe;
 pub(crate) mod error;
@@ -35,6 +36,7 @@ pub(crate) mod state;
 pub(crate) mod stats;
 pub mod tensor;
 pub(crate) mod tensor_model;
+pub mod transport;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod untrusted;
 

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::budget::Budget;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::{InferRequest, InferResponse};
 use crate::model::Model;
@@ -14,12 +15,14 @@ pub(crate) struct ServerState {
     pub repository: Arc<Repository>,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// The in-flight bytes budget every request is counted against.
+    pub budget: Arc<Budget>,
     shutting_down: AtomicBool,
 }
 
 impl ServerState {
-    pub(crate) fn new(repository: Arc<Repository>, max_message_bytes: usize) -> Self {
-        ServerState { repository, max_message_bytes, shutting_down: AtomicBool::new(false) }
+    pub(crate) fn new(repository: Arc<Repository>, max_message_bytes: usize, budget: Arc<Budget>) -> Self {
+        ServerState { repository, max_message_bytes, budget, shutting_down: AtomicBool::new(false) }
     }
 
     /// Ready: not shutting down, and every model loaded.

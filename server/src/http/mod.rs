@@ -38,8 +38,13 @@ impl From<InferError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (status(self.0.kind), Json(json!({"error": self.0.message}))).into_response()
+        error_response(self.0)
     }
+}
+
+/// An error as a response: its status and `{"error": message}`.
+pub(crate) fn error_response(error: InferError) -> Response {
+    (status(error.kind), Json(json!({"error": error.message}))).into_response()
 }
 
 /// The HTTP status of each kind of error.
@@ -58,9 +63,11 @@ pub(crate) fn status(kind: ErrorKind) -> StatusCode {
 
 type HttpResult<T> = Result<T, HttpError>;
 
-/// Routes of the inference API.
-pub(crate) fn router(state: AppState) -> Router {
+/// Routes of the inference API. Every request is counted against the
+/// in-flight bytes budget, and its body must arrive within `body_timeout`.
+pub(crate) fn router(state: AppState, body_timeout: std::time::Duration) -> Router {
     let limit = state.max_message_bytes;
+    let budget = state.budget.clone();
     Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
@@ -82,6 +89,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(openai::routes())
         // Bodies over the limit are refused while being read (see `infer`).
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state((budget, body_timeout), crate::budget::http_middleware))
         .with_state(state)
 }
 
@@ -162,7 +170,16 @@ async fn model_statistics_version(
 }
 
 async fn repository_index(State(state): State<AppState>, body: Bytes) -> Json<Value> {
-    let ready_only = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["ready"].as_bool()).unwrap_or(false);
+    /// The body, typed: other fields are skipped without being built.
+    #[derive(serde::Deserialize)]
+    struct IndexRequest {
+        ready: Option<json::Scalar>,
+    }
+    let ready_only = serde_json::from_slice::<IndexRequest>(&body)
+        .ok()
+        .and_then(|r| r.ready)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let entries: Vec<Value> = state
         .repository
         .index()
@@ -192,6 +209,22 @@ async fn unload(State(state): State<AppState>, Path(model): Path<String>) -> Htt
     Ok(StatusCode::OK)
 }
 
+/// Why a body could not be read: the budget (429) or the body timeout
+/// (408), both found in the error's sources, or else a bad body (400).
+fn body_error(rejection: &axum::extract::rejection::BytesRejection, limit: usize) -> Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if let Some(refused) = error.downcast_ref::<InferError>() {
+            return error_response(refused.clone());
+        }
+        if let Some(timeout) = error.downcast_ref::<crate::budget::BodyTimeout>() {
+            return (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": timeout.to_string()}))).into_response();
+        }
+        source = error.source();
+    }
+    error_response(InferError::invalid(format!("cannot read the request body (the limit is {limit} bytes): {rejection}")))
+}
+
 async fn infer(
     state: State<AppState>,
     Path(model): Path<String>,
@@ -207,12 +240,10 @@ async fn infer_version(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> HttpResult<Response> {
-    let body = body.map_err(|e| {
-        InferError::invalid(format!(
-            "cannot read the request body (the limit is {} bytes): {e}",
-            state.max_message_bytes
-        ))
-    })?;
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return Ok(body_error(&rejection, state.max_message_bytes)),
+    };
     let header_length = match headers.get(json::HEADER_LENGTH) {
         Some(value) => Some(
             value

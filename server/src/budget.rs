@@ -1,0 +1,308 @@
+//! The server-wide in-flight bytes budget: the wire bytes of every request
+//! being received, decoded, queued or executed, on gRPC and HTTP together.
+//!
+//! Decoding is bounded per byte (`ferrite_proto::wire`, `http::json`); this
+//! bounds the bytes. A request body is counted frame by frame as it
+//! arrives, and its bytes stay counted until its response has been sent
+//! (a ModelStreamInfer stream: each message from its decoding until its
+//! responses are sent). A request that would take the total past the
+//! budget is refused: RESOURCE_EXHAUSTED on gRPC, 429 on HTTP (before the
+//! body is read when it has a Content-Length). Exported as
+//! `ferrite_inflight_request_bytes`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use axum::http::{Request, Response};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::error::{ErrorKind, InferError};
+use crate::metrics::METRICS;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The budget, shared by every request of the server.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Arc<Budget> {
+        METRICS.inflight_bytes_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        Arc::new(Budget { limit, used: AtomicUsize::new(0) })
+    }
+
+    /// A new, empty hold on the budget, released when dropped.
+    pub(crate) fn hold(self: &Arc<Self>) -> Hold {
+        Hold { budget: self.clone(), held: AtomicUsize::new(0) }
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        let taken = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(bytes).filter(|&total| total <= self.limit)
+        });
+        match taken {
+            Ok(before) => {
+                METRICS.inflight_bytes.set((before + bytes) as i64);
+                true
+            }
+            Err(_) => {
+                METRICS.inflight_bytes_refused.inc();
+                false
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: usize) {
+        let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
+        METRICS.inflight_bytes.set((before - bytes) as i64);
+    }
+
+    /// The error a refused request gets.
+    pub(crate) fn refusal(&self) -> InferError {
+        InferError::new(
+            ErrorKind::QueueFull,
+            format!(
+                "the server is busy: requests in flight already hold {} of its {} bytes (--max-inflight-bytes); \
+                 try again later",
+                self.used.load(Ordering::Acquire),
+                self.limit
+            ),
+        )
+    }
+}
+
+/// Bytes one request holds on the budget.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    budget: Arc<Budget>,
+    held: AtomicUsize,
+}
+
+impl Hold {
+    /// Holds `bytes` more; false (holding nothing more) if the budget has
+    /// no room for them.
+    pub(crate) fn take(&self, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let taken = self.budget.try_take(bytes);
+        if taken {
+            self.held.fetch_add(bytes, Ordering::AcqRel);
+        }
+        taken
+    }
+
+    pub(crate) fn refusal(&self) -> InferError {
+        self.budget.refusal()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut();
+        if held > 0 {
+            self.budget.give_back(held);
+        }
+    }
+}
+
+/// The request body took longer than `--body-read-timeout-seconds`.
+#[derive(Debug)]
+pub(crate) struct BodyTimeout(pub Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body was not received within {} s (--body-read-timeout-seconds)", self.0.as_secs())
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// A request body whose data frames are taken from the budget as they
+/// arrive, and that fails once `deadline` passes before its end.
+pub(crate) struct Counted<B> {
+    inner: B,
+    hold: Arc<Hold>,
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+    /// Bytes already held for this body (from its Content-Length).
+    credit: usize,
+    /// How a refusal reaches the protocol (a gRPC `Status`, an `InferError`).
+    refuse: fn(InferError) -> BoxError,
+}
+
+impl<B> Counted<B> {
+    pub(crate) fn new(
+        inner: B,
+        hold: Arc<Hold>,
+        timeout: Option<Duration>,
+        refuse: fn(InferError) -> BoxError,
+    ) -> Self {
+        let deadline = timeout.map(|t| (Box::pin(tokio::time::sleep(t)), t));
+        Counted { inner, hold, deadline, credit: 0, refuse }
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if let Some((sleep, timeout)) = &mut this.deadline {
+                    ready!(sleep.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout(*timeout)))));
+                }
+                return Poll::Pending;
+            }
+        };
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => {
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                let charge = len.saturating_sub(this.credit);
+                this.credit = this.credit.saturating_sub(len);
+                if this.hold.take(charge) {
+                    Some(Ok(frame))
+                } else {
+                    Some(Err((this.refuse)(this.hold.refusal())))
+                }
+            }
+            Some(Err(error)) => Some(Err(error.into())),
+            None => {
+                this.deadline = None;
+                None
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that keeps its request's bytes held until it is sent.
+pub(crate) struct Held<B> {
+    inner: B,
+    _hold: Arc<Hold>,
+}
+
+impl<B> Held<B> {
+    pub(crate) fn new(inner: B, hold: Arc<Hold>) -> Self {
+        Held { inner, _hold: hold }
+    }
+}
+
+impl<B: Body + Unpin> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The gRPC port's layer. A ModelStreamInfer stream is left to its handler,
+/// which holds each message's bytes (a stream may run for hours).
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcBudgetLayer(pub Arc<Budget>);
+
+impl<S> tower::Layer<S> for GrpcBudgetLayer {
+    type Service = GrpcBudget<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcBudget { inner, budget: self.0.clone() }
+    }
+}
+
+/// The service of [`GrpcBudgetLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcBudget<S> {
+    inner: S,
+    budget: Arc<Budget>,
+}
+
+/// The ModelStreamInfer method's path.
+const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+
+impl<S, R> tower::Service<Request<tonic::body::Body>> for GrpcBudget<S>
+where
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Held<R>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let hold = Arc::new(self.budget.hold());
+        let request = if request.uri().path() == STREAM_INFER_PATH {
+            request
+        } else {
+            let refuse = |error: InferError| -> BoxError { Box::new(tonic::Status::from(error)) };
+            let hold = hold.clone();
+            request.map(|body| tonic::body::Body::new(Counted::new(body, hold, None, refuse)))
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move { Ok(response.await?.map(|body| Held::new(body, hold))) })
+    }
+}
+
+/// The HTTP port's middleware (`axum::middleware::from_fn_with_state`).
+pub(crate) async fn http_middleware(
+    axum::extract::State((budget, body_timeout)): axum::extract::State<(Arc<Budget>, Duration)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let hold = Arc::new(budget.hold());
+    // A declared length is taken at once: a request that cannot fit is
+    // refused before its body is read.
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(length) = declared {
+        if !hold.take(length) {
+            return crate::http::error_response(hold.refusal());
+        }
+    }
+    let counted = hold.clone();
+    let refuse = |error: InferError| -> BoxError { Box::new(error) };
+    let request = request.map(|body| {
+        let mut body = Counted::new(body, counted, Some(body_timeout), refuse);
+        // Frames within the declared length are already held.
+        body.credit = declared.unwrap_or(0);
+        axum::body::Body::new(body)
+    });
+    let response = next.run(request).await;
+    response.map(|body| axum::body::Body::new(Held::new(body, hold)))
+}
