@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # layer or lower ones.
 SERVER = [
     ["main", "server", "untrusted"],  # untrusted: the fuzz harness over the frontends' decoders
-    ["grpc", "http"],  # frontends
+    ["grpc", "http", "transport"],  # frontends; transport: connection limits
     ["state", "describe"],
     ["repository"],
     ["model"],
     ["tensor_model", "llm"],  # backends
-    ["backend", "scheduler", "admission", "batch"],
+    ["backend", "scheduler", "admission", "batch", "budget"],
     ["config", "stats", "metrics", "inference"],
     ["runtime"],  # the only user of ONNX Runtime
     ["tensor", "error"],

@@ -341,10 +341,8 @@ mod tests {
     fn typed_contents_of_small_values_pass() {
         // The worst legitimate case: INT64 zeros, 1 wire byte each.
         let contents = InferTensorContents { int64_contents: vec![0; 1 << 20], ..Default::default() };
-        let request = ModelInferRequest {
-            inputs: vec![tensor("x", vec![1 << 20], Some(contents))],
-            ..Default::default()
-        };
+        let request =
+            ModelInferRequest { inputs: vec![tensor("x", vec![1 << 20], Some(contents))], ..Default::default() };
         let wire = request.encode_to_vec();
         let cost = check_model_infer_request(&wire).unwrap();
         assert_eq!(cost.content_elements, 1 << 20);
@@ -393,7 +391,8 @@ mod tests {
         };
         let mut many = ordinary();
         many.inputs.extend((0..500).map(|i| tensor(&format!("t{i}"), vec![1, 2, 3], Some(contents.clone()))));
-        many.outputs.extend((0..300).map(|i| InferRequestedOutputTensor { name: format!("o{i}"), ..Default::default() }));
+        many.outputs
+            .extend((0..300).map(|i| InferRequestedOutputTensor { name: format!("o{i}"), ..Default::default() }));
         for i in 0..300 {
             many.parameters.insert(format!("p{i}"), InferParameter::default());
         }

@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use axum::http::{Request, Response};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::error::{ErrorKind, InferError};
 use crate::metrics::METRICS;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The error type of the bodies below.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The budget, shared by every request of the server.
 #[derive(Debug)]
@@ -148,6 +148,13 @@ impl<B> Counted<B> {
         let deadline = timeout.map(|t| (Box::pin(tokio::time::sleep(t)), t));
         Counted { inner, hold, deadline, credit: 0, refuse }
     }
+
+    /// The first `bytes` of the body are already held (taken from its
+    /// Content-Length): they are not taken again.
+    pub(crate) fn with_credit(mut self, bytes: usize) -> Self {
+        self.credit = bytes;
+        self
+    }
 }
 
 impl<B> Body for Counted<B>
@@ -225,84 +232,4 @@ impl<B: Body + Unpin> Body for Held<B> {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// The gRPC port's layer. A ModelStreamInfer stream is left to its handler,
-/// which holds each message's bytes (a stream may run for hours).
-#[derive(Debug, Clone)]
-pub(crate) struct GrpcBudgetLayer(pub Arc<Budget>);
-
-impl<S> tower::Layer<S> for GrpcBudgetLayer {
-    type Service = GrpcBudget<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcBudget { inner, budget: self.0.clone() }
-    }
-}
-
-/// The service of [`GrpcBudgetLayer`].
-#[derive(Debug, Clone)]
-pub(crate) struct GrpcBudget<S> {
-    inner: S,
-    budget: Arc<Budget>,
-}
-
-/// The ModelStreamInfer method's path.
-const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
-
-impl<S, R> tower::Service<Request<tonic::body::Body>> for GrpcBudget<S>
-where
-    S: tower::Service<Request<tonic::body::Body>, Response = Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Held<R>>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let hold = Arc::new(self.budget.hold());
-        let request = if request.uri().path() == STREAM_INFER_PATH {
-            request
-        } else {
-            let refuse = |error: InferError| -> BoxError { Box::new(tonic::Status::from(error)) };
-            let hold = hold.clone();
-            request.map(|body| tonic::body::Body::new(Counted::new(body, hold, None, refuse)))
-        };
-        let response = self.inner.call(request);
-        Box::pin(async move { Ok(response.await?.map(|body| Held::new(body, hold))) })
-    }
-}
-
-/// The HTTP port's middleware (`axum::middleware::from_fn_with_state`).
-pub(crate) async fn http_middleware(
-    axum::extract::State((budget, body_timeout)): axum::extract::State<(Arc<Budget>, Duration)>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let hold = Arc::new(budget.hold());
-    // A declared length is taken at once: a request that cannot fit is
-    // refused before its body is read.
-    let declared = request
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if let Some(length) = declared {
-        if !hold.take(length) {
-            return crate::http::error_response(hold.refusal());
-        }
-    }
-    let counted = hold.clone();
-    let refuse = |error: InferError| -> BoxError { Box::new(error) };
-    let request = request.map(|body| {
-        let mut body = Counted::new(body, counted, Some(body_timeout), refuse);
-        // Frames within the declared length are already held.
-        body.credit = declared.unwrap_or(0);
-        axum::body::Body::new(body)
-    });
-    let response = next.run(request).await;
-    response.map(|body| axum::body::Body::new(Held::new(body, hold)))
 }

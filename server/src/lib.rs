@@ -12,10 +12,6 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub(crate) mod admission;
-/// Heap measurements in tests (the proto crate's counting allocator).
-#[cfg(test)]
-#[path = "../../proto/src/alloc_probe.rs"]
-mod alloc_probe;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub(crate) mod budget;
@@ -47,3 +43,8 @@ pub const DEMO_MODEL: &[u8] = include_bytes!("../assets/demo.onnx");
 
 /// Name of the embedded demo model.
 pub const DEMO_MODEL_NAME: &str = "demo";
+
+/// Heap measurements in tests (the proto crate's counting allocator).
+#[cfg(test)]
+#[path = "../../proto/src/alloc_probe.rs"]
+mod alloc_probe;

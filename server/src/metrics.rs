@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The label naming the model, on every family (the autoscaler's filter).
@@ -92,11 +92,14 @@ impl Metrics {
         )
         .expect("valid counter");
         register(Box::new(inflight_bytes_refused.clone()));
-        let connections =
-            IntGaugeVec::new(Opts::new("ferrite_connections", "Open connections by port"), &["port"]).expect("valid gauge");
+        let connections = IntGaugeVec::new(Opts::new("ferrite_connections", "Open connections by port"), &["port"])
+            .expect("valid gauge");
         register(Box::new(connections.clone()));
         let connections_refused = IntCounterVec::new(
-            Opts::new("ferrite_connections_refused_total", "Connections closed at once: the port had --max-connections"),
+            Opts::new(
+                "ferrite_connections_refused_total",
+                "Connections closed at once: the port had --max-connections",
+            ),
             &["port"],
         )
         .expect("valid counter");

@@ -106,7 +106,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .max_encoding_message_size(usize::MAX);
     let grpc = crate::transport::grpc_server(&options.limits)
         .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
-        .layer(crate::budget::GrpcBudgetLayer(budget))
+        .layer(crate::grpc::limit::BudgetLayer(budget))
         .layer(tonic::service::InterceptorLayer::new(crate::grpc::stamp_arrival))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -123,7 +123,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .with_graceful_shutdown(stopped());
 
     let grpc = tokio::spawn(grpc);
-    let http = tokio::spawn(async move { http.await });
+    let http = tokio::spawn(http);
     let metrics = tokio::spawn(async move { metrics.await });
 
     let loaded = tokio::select! {

@@ -104,7 +104,13 @@ pub(crate) struct Limited {
 }
 
 impl Limited {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, opening: usize, timeout: Duration, port: &'static str) -> Self {
+    fn new(
+        stream: TcpStream,
+        slot: OwnedSemaphorePermit,
+        opening: usize,
+        timeout: Duration,
+        port: &'static str,
+    ) -> Self {
         METRICS.connections.with_label_values(&[port]).inc();
         Limited { stream, _slot: slot, opening, deadline: Some(Box::pin(tokio::time::sleep(timeout))), port }
     }

@@ -515,7 +515,12 @@ mod tests {
                 let _ = decode_inputs(header.inputs, binary);
             });
             let bound = 16 * body.len() + 64 * 1024;
-            assert!(peak <= bound, "{}...: {peak} bytes for a body of {}", &body[..60.min(body.len())].escape_ascii(), body.len());
+            assert!(
+                peak <= bound,
+                "{}...: {peak} bytes for a body of {}",
+                &body[..60.min(body.len())].escape_ascii(),
+                body.len()
+            );
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub(crate) mod describe;
 pub(crate) mod json;
+pub(crate) mod limits;
 pub(crate) mod openai;
 
 use std::sync::Arc;
@@ -89,7 +90,7 @@ pub(crate) fn router(state: AppState, body_timeout: std::time::Duration) -> Rout
         .merge(openai::routes())
         // Bodies over the limit are refused while being read (see `infer`).
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state((budget, body_timeout), crate::budget::http_middleware))
+        .layer(axum::middleware::from_fn_with_state((budget, body_timeout), limits::middleware))
         .with_state(state)
 }
 
@@ -209,22 +210,6 @@ async fn unload(State(state): State<AppState>, Path(model): Path<String>) -> Htt
     Ok(StatusCode::OK)
 }
 
-/// Why a body could not be read: the budget (429) or the body timeout
-/// (408), both found in the error's sources, or else a bad body (400).
-fn body_error(rejection: &axum::extract::rejection::BytesRejection, limit: usize) -> Response {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
-    while let Some(error) = source {
-        if let Some(refused) = error.downcast_ref::<InferError>() {
-            return error_response(refused.clone());
-        }
-        if let Some(timeout) = error.downcast_ref::<crate::budget::BodyTimeout>() {
-            return (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": timeout.to_string()}))).into_response();
-        }
-        source = error.source();
-    }
-    error_response(InferError::invalid(format!("cannot read the request body (the limit is {limit} bytes): {rejection}")))
-}
-
 async fn infer(
     state: State<AppState>,
     Path(model): Path<String>,
@@ -242,7 +227,7 @@ async fn infer_version(
 ) -> HttpResult<Response> {
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => return Ok(body_error(&rejection, state.max_message_bytes)),
+        Err(rejection) => return Ok(limits::body_error(&rejection, state.max_message_bytes)),
     };
     let header_length = match headers.get(json::HEADER_LENGTH) {
         Some(value) => Some(
