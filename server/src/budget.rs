@@ -49,8 +49,8 @@ impl Budget {
             used.checked_add(bytes).filter(|&total| total <= self.limit)
         });
         match taken {
-            Ok(before) => {
-                METRICS.inflight_bytes.set((before + bytes) as i64);
+            Ok(_) => {
+                METRICS.inflight_bytes.add(bytes as i64);
                 true
             }
             Err(_) => {
@@ -61,8 +61,8 @@ impl Budget {
     }
 
     fn give_back(&self, bytes: usize) {
-        let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
-        METRICS.inflight_bytes.set((before - bytes) as i64);
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        METRICS.inflight_bytes.sub(bytes as i64);
     }
 
     /// The error a refused request gets.
@@ -231,5 +231,50 @@ impl<B: Body + Unpin> Body for Held<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn used(budget: &Budget) -> usize {
+        budget.used.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn holds_take_until_the_limit_and_give_back_when_dropped() {
+        let budget = Budget::new(100);
+        let first = budget.hold();
+        assert!(first.take(60) && first.take(0));
+        let second = budget.hold();
+        assert!(!second.take(41), "over the limit");
+        assert!(second.take(40));
+        assert_eq!(used(&budget), 100);
+        drop(first);
+        assert_eq!(used(&budget), 40);
+        assert_eq!(second.refusal().kind, ErrorKind::QueueFull);
+        drop(second);
+        assert_eq!(used(&budget), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_takes_its_frames_beyond_its_credit_and_fails_when_refused() {
+        let budget = Budget::new(10);
+        let refuse = |error: InferError| -> BoxError { Box::new(error) };
+        let hold = Arc::new(budget.hold());
+        assert!(hold.take(4)); // a declared length of 4, taken up front
+        let body = http_body_util::Full::new(Bytes::from_static(b"123456"));
+        let collected = Counted::new(body, hold.clone(), None, refuse).with_credit(4).collect().await;
+        assert_eq!(collected.unwrap().to_bytes().len(), 6);
+        assert_eq!(used(&budget), 6, "4 up front and the 2 beyond them");
+
+        let big = http_body_util::Full::new(Bytes::from(vec![0u8; 5]));
+        let error = Counted::new(big, Arc::new(budget.hold()), None, refuse).collect().await.unwrap_err();
+        assert_eq!(error.downcast_ref::<InferError>().map(|e| e.kind), Some(ErrorKind::QueueFull));
+        drop(hold);
+        assert_eq!(used(&budget), 0);
     }
 }

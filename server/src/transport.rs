@@ -21,8 +21,8 @@ use tokio::task::JoinSet;
 
 use crate::metrics::METRICS;
 
-/// Largest block of HTTP/2 headers (or gRPC metadata) a request may send;
-/// hyper's default is 16 MiB.
+/// Largest block of headers (HTTP/1, HTTP/2, gRPC metadata) a request may
+/// send; hyper's defaults are ~400 KiB (HTTP/1) and 16 MiB (HTTP/2).
 const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// Limits on the connections of one port.
@@ -207,7 +207,12 @@ pub(crate) async fn serve_http(
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's default lets one connection's headers take ~400 KiB.
+        .max_buf_size(MAX_HEADER_LIST_BYTES as usize);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -277,6 +277,29 @@ def slow_body(host: str, port: int, wait_s: float, path: str = "/v2/models/add_s
         s.close()
 
 
+def huge_header(host: str, port: int, kib: int = 1024) -> Answer:
+    """A GET whose headers take `kib` KiB (one long header line after another)."""
+    s = socket.create_connection((host, port), timeout=10)
+    start = time.monotonic()
+    try:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: ferrite\r\n")
+        line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        try:
+            for _ in range(kib):
+                s.sendall(line)
+            s.sendall(b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while sending
+        try:
+            data = s.recv(1 << 16)
+        except (ConnectionResetError, socket.timeout):
+            data = b""
+        status = data.split(b" ")[1].decode() if data.startswith(b"HTTP/") else "closed"
+        return Answer(status, "", time.monotonic() - start)
+    finally:
+        s.close()
+
+
 def metric(host: str, metrics_port: int, name: str) -> float:
     """The value of an unlabelled metric of the server."""
     import urllib.request

@@ -119,6 +119,13 @@ def test_half_headers_are_closed_after_the_timeout(server_factory, model_repo):
     good.check()
 
 
+def test_header_blocks_are_bounded(server):
+    # Over 64 KiB, under hyper's default (~400 KiB).
+    answer = hostile.huge_header(HOST, server.http_port, kib=128)
+    assert answer.status in ("431", "closed"), answer
+    assert server.http_get("/v2/health/live")[0] == 200
+
+
 def connections(server, port: str) -> float:
     return fl.metric_sum(fl.parse_metrics(server.metrics_text()), "ferrite_connections", port=port)
 
