@@ -56,9 +56,12 @@ impl Default for Limits {
     }
 }
 
-/// The bytes an HTTP/2 client sends first: the 24-byte preface and the
-/// 9-byte header of its SETTINGS frame.
-const HTTP2_OPENING: usize = 24 + 9;
+/// The HTTP/2 connection preface, in bytes.
+const HTTP2_PREFACE: usize = 24;
+
+/// The bytes an HTTP/2 client sends first: the preface and the 9-byte
+/// header of its SETTINGS frame.
+const HTTP2_OPENING: usize = HTTP2_PREFACE + 9;
 
 /// Accepts connections up to `max_connections`; one over it is closed at
 /// once (the client sees the connection reset, not a hang).
@@ -228,9 +231,11 @@ pub(crate) async fn serve_http(
         let connection = tokio::select! {
             _ = &mut stop => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            // Only the bytes that start a request count against the
-            // timeout: hyper's own timer watches the rest of the headers.
-            connection = acceptor.accept(1) => connection,
+            // hyper's timer watches HTTP/1 headers, but not the HTTP/2
+            // preface it reads to tell the two apart: the preface's length
+            // is what a new connection must send in time (an HTTP/1.1
+            // request line and its Host header are longer).
+            connection = acceptor.accept(HTTP2_PREFACE) => connection,
         };
         let connection = match connection {
             Ok(connection) => connection,

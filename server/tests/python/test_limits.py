@@ -107,14 +107,16 @@ def test_half_headers_are_closed_after_the_timeout(server_factory, model_repo):
         http = hostile.open_sockets(HOST, server.http_port, 300, hostile.HALF_HTTP1_HEADER)
         grpc = hostile.open_sockets(HOST, server.grpc_port, 300, hostile.HALF_HTTP2_PREFACE)
         idle = hostile.open_sockets(HOST, server.http_port, 50)
+        http2 = hostile.open_sockets(HOST, server.http_port, 50, hostile.HALF_HTTP2_PREFACE)
         try:
             assert hostile.still_open(http) == 300
             time.sleep(4)
             assert hostile.still_open(http) == 0
             assert hostile.still_open(grpc) == 0
             assert hostile.still_open(idle) == 0
+            assert hostile.still_open(http2) == 0
         finally:
-            for sockets in (http, grpc, idle):
+            for sockets in (http, grpc, idle, http2):
                 hostile.close_all(sockets)
     good.check()
 
