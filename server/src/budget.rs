@@ -114,20 +114,9 @@ impl Drop for Hold {
     }
 }
 
-/// The request body took longer than `--body-read-timeout-seconds`.
-#[derive(Debug)]
-pub(crate) struct BodyTimeout(pub Duration);
-
-impl std::fmt::Display for BodyTimeout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the request body was not received within {} s (--body-read-timeout-seconds)", self.0.as_secs())
-    }
-}
-
-impl std::error::Error for BodyTimeout {}
-
 /// A request body whose data frames are taken from the budget as they
-/// arrive, and that fails once `deadline` passes before its end.
+/// arrive, and that fails once its timeout passes before its end
+/// (DEADLINE_EXCEEDED; HTTP answers 408).
 pub(crate) struct Counted<B> {
     inner: B,
     hold: Arc<Hold>,
@@ -172,7 +161,14 @@ where
             Poll::Pending => {
                 if let Some((sleep, timeout)) = &mut this.deadline {
                     ready!(sleep.as_mut().poll(cx));
-                    return Poll::Ready(Some(Err(Box::new(BodyTimeout(*timeout)))));
+                    let message = format!(
+                        "the request body was not received within {} s (--body-read-timeout-seconds)",
+                        timeout.as_secs()
+                    );
+                    return Poll::Ready(Some(Err((this.refuse)(InferError::new(
+                        ErrorKind::DeadlineExceeded,
+                        message,
+                    )))));
                 }
                 return Poll::Pending;
             }
@@ -276,5 +272,16 @@ mod tests {
         assert_eq!(error.downcast_ref::<InferError>().map(|e| e.kind), Some(ErrorKind::QueueFull));
         drop(hold);
         assert_eq!(used(&budget), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_fails_after_its_timeout() {
+        let refuse = |error: InferError| -> BoxError { Box::new(error) };
+        let stalled = http_body_util::StreamBody::new(futures::stream::pending::<Result<Frame<Bytes>, BoxError>>());
+        let body = Counted::new(stalled, Arc::new(Budget::new(10).hold()), Some(Duration::from_millis(50)), refuse);
+        let error = body.collect().await.unwrap_err();
+        let error = error.downcast_ref::<InferError>().unwrap();
+        assert_eq!(error.kind, ErrorKind::DeadlineExceeded);
+        assert!(error.message.contains("--body-read-timeout-seconds"), "{error}");
     }
 }

@@ -175,7 +175,8 @@ struct ServeArgs {
     /// or its HTTP/2 preface (gRPC); then it is closed.
     #[arg(long, env = "FERRITE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = Limits::default().header_read_timeout.as_secs())]
     header_read_timeout_seconds: u64,
-    /// Seconds an HTTP request has to send its whole body (408 after).
+    /// Seconds an HTTP request (or a unary gRPC inference call) has to send
+    /// its whole body; then 408 (DEADLINE_EXCEEDED).
     #[arg(long, env = "FERRITE_BODY_READ_TIMEOUT_SECONDS", default_value_t = Limits::default().body_read_timeout.as_secs())]
     body_read_timeout_seconds: u64,
     /// Seconds of silence after which the server pings an HTTP/2 connection.

@@ -106,7 +106,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         .max_encoding_message_size(usize::MAX);
     let grpc = crate::transport::grpc_server(&options.limits)
         .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
-        .layer(crate::grpc::limit::BudgetLayer(budget))
+        .layer(crate::grpc::limit::BudgetLayer { budget, body_timeout: options.limits.body_read_timeout })
         .layer(tonic::service::InterceptorLayer::new(crate::grpc::stamp_arrival))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -35,7 +35,8 @@ pub struct Limits {
     /// Time a new connection has to send its first request's headers
     /// (HTTP/1), or the HTTP/2 connection preface.
     pub header_read_timeout: Duration,
-    /// Time an HTTP request has to send its whole body.
+    /// Time an HTTP request, or a unary gRPC inference call, has to send
+    /// its whole body.
     pub body_read_timeout: Duration,
     /// Idle time after which the server pings an HTTP/2 connection.
     pub keepalive_interval: Duration,

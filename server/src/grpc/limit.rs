@@ -14,6 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Request, Response};
 
@@ -59,15 +60,20 @@ where
 }
 
 /// Counts each request's body against the budget until its response is
-/// sent; a refusal is RESOURCE_EXHAUSTED. A ModelStreamInfer stream is left to its handler,
-/// which holds each message's bytes (a stream may run for hours).
+/// sent (a refusal is RESOURCE_EXHAUSTED), and gives the message of a unary
+/// inference call `body_timeout` to arrive (DEADLINE_EXCEEDED). A
+/// ModelStreamInfer stream is left to its handler, which holds each
+/// message's bytes (a stream may run for hours).
 #[derive(Debug, Clone)]
-pub(crate) struct BudgetLayer(pub Arc<Budget>);
+pub(crate) struct BudgetLayer {
+    pub budget: Arc<Budget>,
+    pub body_timeout: Duration,
+}
 
 impl<S> tower::Layer<S> for BudgetLayer {
     type Service = BudgetService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        BudgetService { inner, budget: self.0.clone() }
+        BudgetService { inner, limits: self.clone() }
     }
 }
 
@@ -75,10 +81,11 @@ impl<S> tower::Layer<S> for BudgetLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct BudgetService<S> {
     inner: S,
-    budget: Arc<Budget>,
+    limits: BudgetLayer,
 }
 
-/// The ModelStreamInfer method's path.
+/// Paths of the inference service's methods, and its one stream.
+const INFERENCE_SERVICE: &str = "/inference.GRPCInferenceService/";
 const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 
 impl<S, R> tower::Service<Request<tonic::body::Body>> for BudgetService<S>
@@ -95,13 +102,16 @@ where
     }
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let hold = Arc::new(self.budget.hold());
-        let request = if request.uri().path() == STREAM_INFER_PATH {
+        let hold = Arc::new(self.limits.budget.hold());
+        let path = request.uri().path();
+        let request = if path == STREAM_INFER_PATH {
             request
         } else {
+            // Health and reflection streams may stay open: no timeout there.
+            let timeout = path.starts_with(INFERENCE_SERVICE).then_some(self.limits.body_timeout);
             let refuse = |error: InferError| -> BoxError { Box::new(tonic::Status::from(error)) };
             let hold = hold.clone();
-            request.map(|body| tonic::body::Body::new(Counted::new(body, hold, None, refuse)))
+            request.map(|body| tonic::body::Body::new(Counted::new(body, hold, timeout, refuse)))
         };
         let response = self.inner.call(request);
         Box::pin(async move { Ok(response.await?.map(|body| Held::new(body, hold))) })

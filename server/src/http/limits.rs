@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::budget::{BodyTimeout, BoxError, Budget, Counted, Held};
-use crate::error::InferError;
+use crate::budget::{BoxError, Budget, Counted, Held};
+use crate::error::{ErrorKind, InferError};
 
 /// Counts each request against the budget until its response is sent, and
 /// bounds the time its body may take (`axum::middleware::from_fn_with_state`).
@@ -45,15 +45,16 @@ pub(crate) async fn middleware(
 }
 
 /// Why a body could not be read: the budget (429) or the body timeout
-/// (408), both found in the error's sources, or else a bad body (400).
+/// (408, not the 504 of a deadline passed in the queue), both found in the
+/// error's sources, or else a bad body (400).
 pub(crate) fn body_error(rejection: &BytesRejection, limit: usize) -> Response {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(error) = source {
         if let Some(refused) = error.downcast_ref::<InferError>() {
+            if refused.kind == ErrorKind::DeadlineExceeded {
+                return (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": refused.message}))).into_response();
+            }
             return super::error_response(refused.clone());
-        }
-        if let Some(timeout) = error.downcast_ref::<BodyTimeout>() {
-            return (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": timeout.to_string()}))).into_response();
         }
         source = error.source();
     }

@@ -277,6 +277,25 @@ def slow_body(host: str, port: int, wait_s: float, path: str = "/v2/models/add_s
         s.close()
 
 
+def grpc_slow_message(host: str, port: int, wait_s: float) -> Answer:
+    """A unary ModelInfer call whose message does not come for `wait_s`
+    (sent as a client stream so that the headers go first)."""
+    import grpc
+
+    def late():
+        time.sleep(wait_s)
+        yield _field(1, b"add_sub")
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        call = channel.stream_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+        start = time.monotonic()
+        try:
+            call(late(), timeout=wait_s + 30)
+            return Answer("OK", "", time.monotonic() - start)
+        except grpc.RpcError as error:
+            return Answer(error.code().name, error.details() or "", time.monotonic() - start)
+
+
 def huge_header(host: str, port: int, kib: int = 1024) -> Answer:
     """A GET whose headers take `kib` KiB (one long header line after another)."""
     s = socket.create_connection((host, port), timeout=10)

@@ -201,8 +201,11 @@ def test_inflight_bytes_budget(server_factory, model_repo):
     assert answer.status == "400", answer
 
 
-def test_a_body_that_never_ends_gets_408(server_factory, model_repo):
+def test_a_body_that_never_ends_is_timed_out(server_factory, model_repo):
     server = start(server_factory, model_repo, "--body-read-timeout-seconds", "2")
     answer = hostile.slow_body(HOST, server.http_port, wait_s=10)
     assert answer.status == "408" and "--body-read-timeout-seconds" in answer.message, answer
+    assert 1.5 < answer.seconds < 5, answer
+    answer = hostile.grpc_slow_message(HOST, server.grpc_port, wait_s=8)
+    assert answer.status == "DEADLINE_EXCEEDED" and "--body-read-timeout-seconds" in answer.message, answer
     assert 1.5 < answer.seconds < 5, answer
