@@ -469,6 +469,14 @@ mod tests {
         assert_eq!(tensor_to_json(&t), json!(["a\"b", "", "\u{e9}"]));
         let err = decode_json_tensor("s", DataType::Bytes, vec![2], r#"["a", 1]"#).unwrap_err();
         assert!(err.message.contains("value 1 is not a valid BYTES"), "{err}");
+        // Deep nesting is refused (serde_json's recursion limit), not a stack overflow.
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let body = Bytes::from(format!(
+            r#"{{"inputs": [{{"name": "x", "shape": [1], "datatype": "INT8", "data": {deep}}}]}}"#
+        ));
+        let (header, binary) = split_body(&body, None).unwrap();
+        let err = decode_inputs(header.inputs, binary).unwrap_err();
+        assert!(err.message.contains("recursion limit"), "{err}");
     }
 
     #[test]
