@@ -111,6 +111,7 @@ fn stream_infer(
     match started {
         Ok(responses) => responses
             .map(move |r| {
+                // The stream owns the hold: released with its last response.
                 let _held = &hold;
                 r.map(codec::encode_response)
             })
