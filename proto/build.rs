@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `bytes::Bytes` for `bytes` fields: raw tensor contents are sliced
         // out of the received buffer instead of copied.
         .bytes(".inference")
+        // prost with a pre-scan that bounds a ModelInferRequest's decoding.
+        .codec_path("crate::codec::BoundedCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # layer or lower ones.
 SERVER = [
     ["main", "server", "untrusted"],  # untrusted: the fuzz harness over the frontends' decoders
-    ["grpc", "http", "auth", "tls"],  # frontends, and what guards their ports
+    ["grpc", "http", "auth", "tls", "transport"],  # frontends, and what guards their ports
     ["state", "describe"],
     ["repository"],
     ["model"],
     ["tensor_model", "llm"],  # backends
-    ["backend", "scheduler", "admission", "batch"],
+    ["backend", "scheduler", "admission", "batch", "budget"],
     ["config", "stats", "metrics", "inference", "policy"],
     ["runtime"],  # the only user of ONNX Runtime
     ["tensor", "error", "keyed_lock"],
@@ -38,8 +38,10 @@ OPERATOR = [
     ["main", "run"],
     ["reconcile", "autoscale"],  # the control loops: reconcile; scrape -> decide -> scale
     ["status"],
-    ["resources"],
-    ["crd", "telemetry"],
+    ["resources"],  # builders of the owned objects (access, network_policy, replicas inside)
+    ["policy", "telemetry"],
+    ["leader"],  # the Lease and the fence on leader-only writes
+    ["crd", "health"],
     ["lib"],
 ]
 CRATES = {"server": SERVER, "operator": OPERATOR}

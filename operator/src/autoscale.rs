@@ -52,10 +52,8 @@ pub use metrics::AutoscaleMetrics;
 pub use scrape::{parse_load, scrape, PodLoad, ScrapeError, INFLIGHT, QUEUE_DEPTH};
 pub use status::{write_status, AutoscalerStatus, StatusMemory};
 
-/// Field manager of the autoscaler's writes (the Deployment's
-/// `spec.replicas`, its status fields), distinct from the reconciler's so
-/// `managedFields` shows who set the replica count and the queue depth.
-pub const FIELD_MANAGER: &str = "ferrite-operator-autoscaler";
+/// Field manager of the autoscaler's writes.
+pub use crate::resources::AUTOSCALER_FIELD_MANAGER as FIELD_MANAGER;
 
 /// Longest a scrape may take; shorter when the interval is shorter, so a
 /// round finishes before the next one is due.
@@ -269,7 +267,7 @@ pub async fn scale_step(
             observation: Some(observation),
             now,
         });
-        if !decision.changed && owns_replicas(&deployment.metadata, FIELD_MANAGER) {
+        if !decision.changed && crate::resources::owns_replicas(&deployment.metadata, FIELD_MANAGER) {
             break (current, decision);
         }
         match apply_replicas(&deployments, &deployment, decision.replicas).await {
@@ -315,12 +313,6 @@ fn replicas_of(deployment: &Deployment) -> u32 {
     deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as u32
 }
 
-/// Whether `manager` owns `spec.replicas` according to `managedFields`.
-pub fn owns_replicas(meta: &ObjectMeta, manager: &str) -> bool {
-    meta.managed_fields.iter().flatten().filter(|entry| entry.manager.as_deref() == Some(manager)).any(|entry| {
-        entry.fields_v1.as_ref().and_then(|f| f.0.get("f:spec")).and_then(|spec| spec.get("f:replicas")).is_some()
-    })
-}
 
 /// Applies `replicas` as the autoscaler's field, on the condition that the
 /// Deployment is still at `read`'s resourceVersion.

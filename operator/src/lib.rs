@@ -1,12 +1,10 @@
 //! ferrite-operator: reconciles `ModelDeployment`s into ferrite-server pods
 //! and scales them on the depth of their request queues.
 
-pub mod access;
 pub mod autoscale;
 pub mod crd;
 pub mod health;
 pub mod leader;
-pub mod network_policy;
 pub mod policy;
 pub mod reconcile;
 pub mod resources;

@@ -21,13 +21,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
-use crate::network_policy;
+use crate::resources::network_policy;
 use crate::resources::{self, BuildConfig, INSTANCE_LABEL};
 use crate::status;
 use crate::telemetry::Metrics;
 
 /// Field manager of every object the operator writes.
-pub const FIELD_MANAGER: &str = "ferrite-operator";
+pub use crate::resources::RECONCILER_FIELD_MANAGER as FIELD_MANAGER;
 /// How often a ModelDeployment is looked at even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(60);
 

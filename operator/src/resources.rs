@@ -17,13 +17,22 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::access;
 use crate::crd::{Endpoints, ModelDeployment};
-use crate::network_policy::MetricsScrapers;
 use crate::policy::Policy;
 
+pub mod access;
+pub mod network_policy;
 mod replicas;
-pub use replicas::set_replicas;
+
+pub use network_policy::MetricsScrapers;
+pub use replicas::{owns_replicas, set_replicas};
+
+/// Field manager of every object the reconciler applies (and of status).
+pub const RECONCILER_FIELD_MANAGER: &str = "ferrite-operator";
+/// Field manager of the autoscaler's writes (the Deployment's
+/// `spec.replicas`, its status fields), distinct from the reconciler's so
+/// `managedFields` shows who set the replica count and the queue depth.
+pub const AUTOSCALER_FIELD_MANAGER: &str = "ferrite-operator-autoscaler";
 
 /// The server's REST port (the contract's default, not passed as a flag).
 pub const HTTP_PORT: i32 = ports::HTTP as i32;

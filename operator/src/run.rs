@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory};
 use crate::crd::ModelDeployment;
-use crate::network_policy::MetricsScrapers;
+use crate::resources::network_policy::MetricsScrapers;
 use crate::policy::Policy;
 use crate::health::{Health, Heartbeat};
 use crate::leader::{fenced_client, Election, FenceLayer, LeaseConfig};
@@ -358,7 +358,7 @@ mod tests {
         let limit = Duration::from_millis(1500);
         let (mds, mut writer) = reflector::store::<ModelDeployment>();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(watch_controller(metrics.clone(), mds, health.register("controller", limit), async {
+        tokio::spawn(watch_controller(metrics.clone(), vec![mds], health.register("controller", limit), async {
             let _ = stopped.await;
         }));
 

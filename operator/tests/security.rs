@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferrite_operator::crd::ModelDeployment;
-use ferrite_operator::network_policy::{network_policy, parse_labels, MetricsScrapers};
+use ferrite_operator::resources::network_policy::{network_policy, parse_labels, MetricsScrapers};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;

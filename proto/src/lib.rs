@@ -1,7 +1,15 @@
 //! Generated types and services of the Open Inference Protocol (KServe v2)
 //! with Triton's extensions: `package inference`, `GRPCInferenceService`.
+//! Every service decodes through [`codec::BoundedCodec`], which refuses a
+//! ModelInferRequest whose decoding would take too much memory (see `wire`).
 
 #![allow(clippy::all, missing_docs)]
+
+pub mod codec;
+pub mod wire;
+
+#[cfg(test)]
+mod alloc_probe;
 
 /// Messages and the `GRPCInferenceService` client and server.
 pub mod inference {

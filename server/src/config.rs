@@ -163,14 +163,26 @@ fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
     (quota > 0.0 && period > 0.0).then(|| quota / period)
 }
 
+/// Default budget of in-flight request bytes: 1/32 of the memory this
+/// process may use. Decoding takes at most 24x the wire bytes, so even
+/// degenerate requests that fill the budget stay within 3/4 of it.
+pub fn default_inflight_bytes() -> usize {
+    (memory_limit().unwrap_or(4 << 30) / 32) as usize
+}
+
 /// Bytes of memory this process may use: its cgroup's limit (v2
-/// `memory.max`, v1 `memory.limit_in_bytes`), else the machine's memory.
+/// `memory.max`, v1 `memory.limit_in_bytes`) or the machine's memory,
+/// whichever is smaller.
 pub fn memory_limit() -> Option<u64> {
     let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
         .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
         .ok()
         .and_then(|text| parse_memory_limit(&text));
-    cgroup.or_else(|| parse_meminfo_total(&std::fs::read_to_string("/proc/meminfo").ok()?))
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| parse_meminfo_total(&text));
+    match (cgroup, machine) {
+        (Some(limit), Some(total)) => Some(limit.min(total)),
+        (limit, total) => limit.or(total),
+    }
 }
 
 /// Bytes this process holds in memory now (`VmRSS`).
@@ -215,6 +227,7 @@ mod tests {
         assert_eq!(parse_memory_limit("9223372036854771712\n"), None, "cgroup v1 without a limit");
         assert_eq!(parse_meminfo_total("MemTotal:       16318412 kB\nMemFree: 1 kB\n"), Some(16_318_412 * 1024));
         assert!(resident_bytes().is_some_and(|b| b > 0));
+        assert!(default_inflight_bytes() > 0);
     }
 
     #[test]

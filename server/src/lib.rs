@@ -15,6 +15,7 @@ pub(crate) mod admission;
 pub(crate) mod auth;
 pub(crate) mod backend;
 pub(crate) mod batch;
+pub(crate) mod budget;
 pub mod config;
 pub(crate) mod describe;
 pub(crate) mod error;
@@ -35,6 +36,7 @@ pub(crate) mod stats;
 pub mod tensor;
 pub(crate) mod tensor_model;
 pub mod tls;
+pub mod transport;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod untrusted;
 
@@ -45,3 +47,8 @@ pub const DEMO_MODEL: &[u8] = include_bytes!("../assets/demo.onnx");
 
 /// Name of the embedded demo model.
 pub const DEMO_MODEL_NAME: &str = "demo";
+
+/// Heap measurements in tests (the proto crate's counting allocator).
+#[cfg(test)]
+#[path = "../../proto/src/alloc_probe.rs"]
+mod alloc_probe;

@@ -14,6 +14,7 @@ use ferrite_server::policy::{ModelControlMode, Policy};
 use ferrite_server::repository::Sources;
 use ferrite_server::server::{serve, ServeOptions};
 use ferrite_server::tls::TlsFiles;
+use ferrite_server::transport::Limits;
 
 /// ferrite model server: serves ONNX models over the Open Inference Protocol
 /// (KServe v2 / Triton) on gRPC and HTTP, with dynamic batching.
@@ -192,9 +193,38 @@ struct ServeArgs {
     /// and a margin.
     #[arg(long, env = "FERRITE_LLM_KV_BUDGET_BYTES", default_value_t = 0)]
     llm_kv_budget_bytes: u64,
-    /// Largest request message, in bytes, on gRPC and HTTP.
-    #[arg(long, env = "FERRITE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    /// Largest request message, in bytes, on gRPC and HTTP. 32 MiB holds a
+    /// batch of 32 RGB 224x224 FP32 images (18.4 MiB) with room; decoding
+    /// one takes at most 24x its size (docs/security.md).
+    #[arg(long, env = "FERRITE_MAX_MESSAGE_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// Budget of the wire bytes of all requests in flight (received,
+    /// queued or executing), on gRPC and HTTP together; a request beyond it
+    /// gets RESOURCE_EXHAUSTED (HTTP 429). 0: 1/32 of the container's
+    /// memory limit (cgroup), or of the machine's memory, and never less
+    /// than --max-message-bytes.
+    #[arg(long, env = "FERRITE_MAX_INFLIGHT_BYTES", default_value_t = 0)]
+    max_inflight_bytes: usize,
+    /// Open connections per port (gRPC, HTTP); more are closed at once.
+    #[arg(long, env = "FERRITE_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// HTTP/2 streams (requests) at once per connection, gRPC and HTTP.
+    #[arg(long, env = "FERRITE_MAX_CONCURRENT_STREAMS", default_value_t = Limits::default().max_concurrent_streams)]
+    max_concurrent_streams: u32,
+    /// Seconds a new connection has to send its request headers (HTTP/1)
+    /// or its HTTP/2 preface (gRPC); then it is closed.
+    #[arg(long, env = "FERRITE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = Limits::default().header_read_timeout.as_secs())]
+    header_read_timeout_seconds: u64,
+    /// Seconds an HTTP request (or a unary gRPC inference call) has to send
+    /// its whole body; then 408 (DEADLINE_EXCEEDED).
+    #[arg(long, env = "FERRITE_BODY_READ_TIMEOUT_SECONDS", default_value_t = Limits::default().body_read_timeout.as_secs())]
+    body_read_timeout_seconds: u64,
+    /// Seconds of silence after which the server pings an HTTP/2 connection.
+    #[arg(long, env = "FERRITE_HTTP2_KEEPALIVE_INTERVAL_SECONDS", default_value_t = Limits::default().keepalive_interval.as_secs())]
+    http2_keepalive_interval_seconds: u64,
+    /// Seconds a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "FERRITE_HTTP2_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = Limits::default().keepalive_timeout.as_secs())]
+    http2_keepalive_timeout_seconds: u64,
     /// Seconds that requests in flight get to finish after SIGTERM.
     #[arg(long = flags::SHUTDOWN_GRACE_SECONDS.name(), env = "FERRITE_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
@@ -280,6 +310,19 @@ impl ServeArgs {
                 },
             },
             max_message_bytes: self.max_message_bytes,
+            max_inflight_bytes: match self.max_inflight_bytes {
+                0 => ferrite_server::config::default_inflight_bytes(),
+                set => set,
+            }
+            .max(self.max_message_bytes),
+            limits: Limits {
+                max_connections: self.max_connections.max(1),
+                max_concurrent_streams: self.max_concurrent_streams.max(1),
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_seconds.max(1)),
+                body_read_timeout: Duration::from_secs(self.body_read_timeout_seconds.max(1)),
+                keepalive_interval: Duration::from_secs(self.http2_keepalive_interval_seconds.max(1)),
+                keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_seconds.max(1)),
+            },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             onnxruntime: self.onnxruntime,
             exit_on_load_failure: self.exit_on_load_failure,

@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The label naming the model, on every family (the autoscaler's filter).
@@ -33,6 +33,16 @@ pub(crate) struct Metrics {
     pub llm_waiting: IntGaugeVec,
     /// LLMs: sequences in the decode batch (also in `inflight`).
     pub llm_running: IntGaugeVec,
+    /// Wire bytes of requests in flight, server-wide (`budget`).
+    pub inflight_bytes: IntGauge,
+    /// The budget of `inflight_bytes`.
+    pub inflight_bytes_limit: IntGauge,
+    /// Requests refused because the budget was spent.
+    pub inflight_bytes_refused: IntCounter,
+    /// Open connections, by port (`grpc`, `http`).
+    pub connections: IntGaugeVec,
+    /// Connections closed at once because the port had its maximum.
+    pub connections_refused: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -65,6 +75,35 @@ impl Metrics {
             registry.register(Box::new(metric.clone())).expect("unique metric");
             metric
         };
+        let register = |metric: Box<dyn prometheus::core::Collector>| registry.register(metric).expect("unique metric");
+        let inflight_bytes =
+            IntGauge::new("ferrite_inflight_request_bytes", "Wire bytes of requests received, queued or executing")
+                .expect("valid gauge");
+        register(Box::new(inflight_bytes.clone()));
+        let inflight_bytes_limit = IntGauge::new(
+            "ferrite_inflight_request_bytes_limit",
+            "Budget of ferrite_inflight_request_bytes (--max-inflight-bytes)",
+        )
+        .expect("valid gauge");
+        register(Box::new(inflight_bytes_limit.clone()));
+        let inflight_bytes_refused = IntCounter::new(
+            "ferrite_inflight_request_bytes_refused_total",
+            "Requests refused because the in-flight bytes budget was spent",
+        )
+        .expect("valid counter");
+        register(Box::new(inflight_bytes_refused.clone()));
+        let connections = IntGaugeVec::new(Opts::new("ferrite_connections", "Open connections by port"), &["port"])
+            .expect("valid gauge");
+        register(Box::new(connections.clone()));
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "ferrite_connections_refused_total",
+                "Connections closed at once: the port had --max-connections",
+            ),
+            &["port"],
+        )
+        .expect("valid counter");
+        register(Box::new(connections_refused.clone()));
         // 1 ms .. ~65 s.
         let token_latency = exponential_buckets(1e-3, 2.0, 17).expect("valid buckets");
         Metrics {
@@ -88,6 +127,11 @@ impl Metrics {
                 "ferrite_llm_running_sequences",
                 "Sequences in the decode batch (counted in ferrite_inflight_requests too)",
             ),
+            inflight_bytes,
+            inflight_bytes_limit,
+            inflight_bytes_refused,
+            connections,
+            connections_refused,
             requests,
             queue_depth: gauge(
                 ferrite_contract::metrics::QUEUE_DEPTH,

@@ -13,7 +13,6 @@ use ferrite_proto::inference::grpc_inference_service_server::GrpcInferenceServic
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -24,7 +23,7 @@ use crate::policy::Policy;
 use crate::repository::{IndexState, ReadinessSink, Repository, Sources};
 use crate::runtime::Runtime;
 use crate::state::ServerState;
-use crate::tls::{self, Alpn, TlsFiles, TlsListener};
+use crate::tls::{self, Alpn, TlsFiles};
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -41,6 +40,10 @@ pub struct ServeOptions {
     pub defaults: ModelSettings,
     /// Largest request message, in bytes.
     pub max_message_bytes: usize,
+    /// Budget of the wire bytes of all requests in flight (see `budget`).
+    pub max_inflight_bytes: usize,
+    /// Connection limits of the gRPC and HTTP ports.
+    pub limits: crate::transport::Limits,
     /// How long requests in flight may finish after SIGTERM.
     pub shutdown_grace: Duration,
     /// The ONNX Runtime shared library.
@@ -85,7 +88,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = Box::new(HealthSink(health.clone()));
     let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, readiness));
-    let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes, options.policy));
+    let budget = crate::budget::Budget::new(options.max_inflight_bytes);
+    let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes, options.policy, budget.clone()));
 
     // Bind first, so that a port in use fails fast and probes can connect
     // (and see "not ready") while models load.
@@ -124,40 +128,30 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         // below reports that as INVALID_ARGUMENT like other bad input.
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
-    let grpc = tonic::transport::Server::builder()
+    let grpc = crate::transport::grpc_server(&options.limits)
         .layer(crate::grpc::limit::OversizeAsInvalidArgumentLayer)
+        .layer(crate::grpc::limit::BudgetLayer { budget, body_timeout: options.limits.body_read_timeout })
         .layer(tonic::service::InterceptorLayer::new(crate::grpc::stamp_arrival))
         .layer(GrpcAuthLayer(api_keys.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference);
+    let incoming = crate::transport::grpc_incoming(grpc_listener, options.limits);
     let grpc = match &tls {
-        Some((grpc_tls, _)) => tokio::spawn(grpc.serve_with_incoming_shutdown(
-            tls::handshaken(tls::tcp_connections(grpc_listener), grpc_tls.clone()),
-            stopped(),
-        )),
-        None => tokio::spawn(
-            grpc.serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), stopped()),
-        ),
+        Some((grpc_tls, _)) => {
+            tokio::spawn(grpc.serve_with_incoming_shutdown(tls::handshaken(incoming, grpc_tls.clone()), stopped()))
+        }
+        None => tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped())),
     };
-    let mut api = crate::http::router(state.clone());
+    let mut api = crate::http::router(state.clone(), options.limits.body_read_timeout);
     if let Some(keys) = api_keys {
         api = api.layer(axum::middleware::from_fn_with_state(keys, crate::auth::require_http_key));
     }
-    let http = match &tls {
-        Some((_, http_tls)) => {
-            let http =
-                axum::serve(TlsListener::new(http_listener, http_tls.clone())?, api).with_graceful_shutdown(stopped());
-            tokio::spawn(async move { http.await })
-        }
-        None => {
-            let http = axum::serve(http_listener.tap_io(|c| set_nodelay(c)), api).with_graceful_shutdown(stopped());
-            tokio::spawn(async move { http.await })
-        }
-    };
+    let http_tls = tls.as_ref().map(|(_, http_tls)| http_tls.clone());
+    let http = tokio::spawn(crate::transport::serve_http(http_listener, api, options.limits, http_tls, stopped()));
     // Plain HTTP, no key: Prometheus, and the probes when TLS is on.
-    let metrics = axum::serve(metrics_listener.tap_io(|c| set_nodelay(c)), crate::http::metrics_router(state.clone()))
+    let metrics = axum::serve(metrics_listener.tap_io(set_nodelay), crate::http::metrics_router(state.clone()))
         .with_graceful_shutdown(stopped());
     let metrics = tokio::spawn(async move { metrics.await });
 
@@ -224,12 +218,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-/// Every accepted connection, on all three ports, sends without Nagle's
-/// delay. Without it a small response waits for the client's delayed ACK:
-/// grpc-go clients (ghz, most Go microservices) saw ~40 ms per unary call.
-/// The gRPC port gets the same from tonic's `TcpIncoming::with_nodelay`,
-/// TLS ports from `tls::TlsListener`.
-fn set_nodelay(connection: &tokio::net::TcpStream) {
+/// Every accepted connection of the metrics port sends without Nagle's
+/// delay, as the others do (see `transport`).
+fn set_nodelay(connection: &mut tokio::net::TcpStream) {
     if let Err(error) = connection.set_nodelay(true) {
         tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
     }

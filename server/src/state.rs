@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 
+use crate::budget::Budget;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::{InferRequest, InferResponse};
 use crate::model::Model;
@@ -19,12 +20,19 @@ pub(crate) struct ServerState {
     pub max_message_bytes: usize,
     /// What clients may do beyond inference (load/unload, priority).
     policy: Policy,
+    /// The in-flight bytes budget every request is counted against.
+    pub budget: Arc<Budget>,
     shutting_down: AtomicBool,
 }
 
 impl ServerState {
-    pub(crate) fn new(repository: Arc<Repository>, max_message_bytes: usize, policy: Policy) -> Self {
-        ServerState { repository, max_message_bytes, policy, shutting_down: AtomicBool::new(false) }
+    pub(crate) fn new(
+        repository: Arc<Repository>,
+        max_message_bytes: usize,
+        policy: Policy,
+        budget: Arc<Budget>,
+    ) -> Self {
+        ServerState { repository, max_message_bytes, policy, budget, shutting_down: AtomicBool::new(false) }
     }
 
     /// Ready: not shutting down, and every model loaded.

@@ -8,9 +8,7 @@
 //! the HTTP port the same through [`TlsListener`].
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +19,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -156,53 +153,3 @@ where
     })
 }
 
-/// A plaintext listener's connections, with TCP_NODELAY as on the
-/// plaintext ports (see `server::set_nodelay`).
-pub(crate) fn tcp_connections(listener: TcpListener) -> impl Stream<Item = io::Result<TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(connection, _)| {
-            if let Err(error) = connection.set_nodelay(true) {
-                tracing::warn!(%error, "cannot set TCP_NODELAY on an accepted connection");
-            }
-            connection
-        });
-        Some((accepted, listener))
-    })
-}
-
-/// A TLS port as axum serves it: the connections of [`handshaken`].
-pub(crate) struct TlsListener {
-    connections: Pin<Box<dyn Stream<Item = io::Result<TlsStream<TcpStream>>> + Send>>,
-    local_addr: SocketAddr,
-}
-
-impl TlsListener {
-    /// Accepts on `listener` with TLS from `config`.
-    pub(crate) fn new(listener: TcpListener, config: Arc<ServerConfig>) -> io::Result<TlsListener> {
-        let local_addr = listener.local_addr()?;
-        Ok(TlsListener { connections: Box::pin(handshaken(tcp_connections(listener), config)), local_addr })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.connections.next().await {
-                Some(Ok(connection)) => {
-                    let peer = connection.get_ref().0.peer_addr().unwrap_or(self.local_addr);
-                    return (connection, peer);
-                }
-                Some(Err(_)) => continue,
-                // The accept task ended (it does not while the listener lives).
-                None => std::future::pending().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local_addr)
-    }
-}

@@ -4,8 +4,8 @@
 //!
 //! Server-side apply removes a field that its only owner stops sending, and
 //! the API server then defaults a Deployment's replicas to 1. So the
-//! reconciler (field manager [`crate::reconcile::FIELD_MANAGER`]) lets go of
-//! the field only once the autoscaler ([`crate::autoscale::FIELD_MANAGER`])
+//! reconciler (field manager [`RECONCILER_FIELD_MANAGER`]) lets go of
+//! the field only once the autoscaler ([`AUTOSCALER_FIELD_MANAGER`])
 //! co-owns it; the autoscaler claims it at its first step by applying the
 //! count it finds. Until then the reconciler keeps applying the current
 //! count, on the condition that the Deployment is still the one it read (its
@@ -15,9 +15,10 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 
-use crate::autoscale::{self, owns_replicas};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{AUTOSCALER_FIELD_MANAGER, RECONCILER_FIELD_MANAGER};
 use crate::crd::ModelDeployment;
-use crate::reconcile;
 
 /// Sets `deployment.spec.replicas` (built by
 /// [`deployment`](super::deployment)) to what the reconciler applies, given
@@ -34,8 +35,8 @@ pub fn set_replicas(deployment: &mut Deployment, md: &ModelDeployment, existing:
     match existing {
         None => spec.replicas = Some(auto.min_replicas),
         Some(existing) => {
-            let held = owns_replicas(&existing.metadata, reconcile::FIELD_MANAGER)
-                && !owns_replicas(&existing.metadata, autoscale::FIELD_MANAGER);
+            let held = owns_replicas(&existing.metadata, RECONCILER_FIELD_MANAGER)
+                && !owns_replicas(&existing.metadata, AUTOSCALER_FIELD_MANAGER);
             if held {
                 spec.replicas = existing.spec.as_ref().and_then(|s| s.replicas);
                 deployment.metadata.resource_version = existing.metadata.resource_version.clone();
@@ -44,6 +45,13 @@ pub fn set_replicas(deployment: &mut Deployment, md: &ModelDeployment, existing:
             }
         }
     }
+}
+
+/// Whether `manager` owns `spec.replicas` according to `managedFields`.
+pub fn owns_replicas(meta: &ObjectMeta, manager: &str) -> bool {
+    meta.managed_fields.iter().flatten().filter(|entry| entry.manager.as_deref() == Some(manager)).any(|entry| {
+        entry.fields_v1.as_ref().and_then(|f| f.0.get("f:spec")).and_then(|spec| spec.get("f:replicas")).is_some()
+    })
 }
 
 #[cfg(test)]
@@ -78,7 +86,12 @@ mod tests {
     }
 
     fn applied(md: &ModelDeployment, existing: Option<&Deployment>) -> (Option<i32>, Option<String>) {
-        let config = BuildConfig { server_image: "ferrite-server:test".into(), server_image_pull_policy: None };
+        let config = BuildConfig {
+            server_image: "ferrite-server:test".into(),
+            server_image_pull_policy: None,
+            policy: crate::policy::Policy::default(),
+            scrapers: crate::resources::network_policy::MetricsScrapers::default(),
+        };
         let mut d = deployment(md, &config);
         set_replicas(&mut d, md, existing);
         (d.spec.unwrap().replicas, d.metadata.resource_version)
@@ -87,7 +100,7 @@ mod tests {
     #[test]
     fn fixed_count_is_applied_as_written() {
         let fixed = md(json!({"model": {"uri": "s3://b/m"}, "replicas": 3}));
-        let d = existing(5, &[autoscale::FIELD_MANAGER]);
+        let d = existing(5, &[AUTOSCALER_FIELD_MANAGER]);
         assert_eq!(applied(&fixed, Some(&d)), (Some(3), None), "force takes it back from the autoscaler");
         assert_eq!(applied(&fixed, None), (Some(3), None));
     }
@@ -96,11 +109,11 @@ mod tests {
     fn autoscaling_keeps_the_count_until_the_autoscaler_owns_it() {
         let auto = md(json!({"model": {"uri": "s3://b/m"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}));
         assert_eq!(applied(&auto, None), (Some(2), None), "created at minReplicas");
-        let held = existing(3, &[reconcile::FIELD_MANAGER]);
+        let held = existing(3, &[RECONCILER_FIELD_MANAGER]);
         assert_eq!(applied(&auto, Some(&held)), (Some(3), Some("42".into())), "kept, on the read version");
-        let shared = existing(3, &[reconcile::FIELD_MANAGER, autoscale::FIELD_MANAGER]);
+        let shared = existing(3, &[RECONCILER_FIELD_MANAGER, AUTOSCALER_FIELD_MANAGER]);
         assert_eq!(applied(&auto, Some(&shared)), (None, None), "the autoscaler co-owns: let go");
-        let taken = existing(4, &[autoscale::FIELD_MANAGER]);
+        let taken = existing(4, &[AUTOSCALER_FIELD_MANAGER]);
         assert_eq!(applied(&auto, Some(&taken)), (None, None));
         let nobody = existing(4, &[]);
         assert_eq!(applied(&auto, Some(&nobody)), (None, None), "nothing to remove, nothing to claim");

@@ -1,15 +1,25 @@
-//! Reports gRPC messages over the size limit as INVALID_ARGUMENT.
+//! Tower layers of the gRPC port.
 //!
-//! tonic refuses a message larger than `max_decoding_message_size` before
-//! our handler runs, with OUT_OF_RANGE in a trailers-only response. Bad
-//! input is INVALID_ARGUMENT everywhere else in ferrite, so this layer
-//! rewrites exactly that status (and nothing else) in the response headers.
+//! [`OversizeAsInvalidArgumentLayer`] reports messages over the size limit
+//! as INVALID_ARGUMENT: tonic refuses a message larger than
+//! `max_decoding_message_size` before our handler runs, with OUT_OF_RANGE
+//! in a trailers-only response. Bad input is INVALID_ARGUMENT everywhere
+//! else in ferrite, so this layer rewrites exactly that status (and nothing
+//! else) in the response headers.
+//!
+//! [`BudgetLayer`] counts every request against the in-flight bytes budget
+//! (`crate::budget`).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, Request, Response};
+
+use crate::budget::{BoxError, Budget, Counted, Held};
+use crate::error::InferError;
 
 /// The tower layer; add it to the tonic server.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +56,65 @@ where
             rewrite_oversize(response.headers_mut());
             Ok(response)
         })
+    }
+}
+
+/// Counts each request's body against the budget until its response is
+/// sent (a refusal is RESOURCE_EXHAUSTED), and gives the message of a unary
+/// inference call `body_timeout` to arrive (DEADLINE_EXCEEDED). A
+/// ModelStreamInfer stream is left to its handler, which holds each
+/// message's bytes (a stream may run for hours).
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetLayer {
+    pub budget: Arc<Budget>,
+    pub body_timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for BudgetLayer {
+    type Service = BudgetService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BudgetService { inner, limits: self.clone() }
+    }
+}
+
+/// The service of [`BudgetLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetService<S> {
+    inner: S,
+    limits: BudgetLayer,
+}
+
+/// Paths of the inference service's methods, and its one stream.
+const INFERENCE_SERVICE: &str = "/inference.GRPCInferenceService/";
+const STREAM_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+
+impl<S, R> tower::Service<Request<tonic::body::Body>> for BudgetService<S>
+where
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Held<R>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let hold = Arc::new(self.limits.budget.hold());
+        let path = request.uri().path();
+        let request = if path == STREAM_INFER_PATH {
+            request
+        } else {
+            // Health and reflection streams may stay open: no timeout there.
+            let timeout = path.starts_with(INFERENCE_SERVICE).then_some(self.limits.body_timeout);
+            let refuse = |error: InferError| -> BoxError { Box::new(tonic::Status::from(error)) };
+            let hold = hold.clone();
+            request.map(|body| tonic::body::Body::new(Counted::new(body, hold, timeout, refuse)))
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move { Ok(response.await?.map(|body| Held::new(body, hold))) })
     }
 }
 

@@ -97,15 +97,26 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse,
 
 /// The responses to one request of a ModelStreamInfer stream: one for a
 /// tensor model, one per generation step for an LLM (returned as soon as
-/// the request is admitted).
+/// the request is admitted). The request's bytes are held on the in-flight
+/// budget until its last response.
 fn stream_infer(
     state: &ServerState,
     message: ModelInferRequest,
 ) -> BoxStream<'static, Result<ModelInferResponse, InferError>> {
+    let hold = state.budget.hold();
+    if !hold.take(prost::Message::encoded_len(&message)) {
+        return stream::once(future::ready(Err(hold.refusal()))).boxed();
+    }
     let started = codec::decode_request(message, None)
         .and_then(|decoded| state.infer_stream(&decoded.model_name, &decoded.model_version, decoded.request));
     match started {
-        Ok(responses) => responses.map(|r| r.map(codec::encode_response)).boxed(),
+        Ok(responses) => responses
+            .map(move |r| {
+                // The stream owns the hold: released with its last response.
+                let _held = &hold;
+                r.map(codec::encode_response)
+            })
+            .boxed(),
         Err(error) => stream::once(future::ready(Err(error))).boxed(),
     }
 }

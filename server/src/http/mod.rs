@@ -4,6 +4,7 @@
 
 pub(crate) mod describe;
 pub(crate) mod json;
+pub(crate) mod limits;
 pub(crate) mod openai;
 
 use std::sync::Arc;
@@ -38,8 +39,13 @@ impl From<InferError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (status(self.0.kind), Json(json!({"error": self.0.message}))).into_response()
+        error_response(self.0)
     }
+}
+
+/// An error as a response: its status and `{"error": message}`.
+pub(crate) fn error_response(error: InferError) -> Response {
+    (status(error.kind), Json(json!({"error": error.message}))).into_response()
 }
 
 /// The HTTP status of each kind of error.
@@ -60,9 +66,11 @@ pub(crate) fn status(kind: ErrorKind) -> StatusCode {
 
 type HttpResult<T> = Result<T, HttpError>;
 
-/// Routes of the inference API.
-pub(crate) fn router(state: AppState) -> Router {
+/// Routes of the inference API. Every request is counted against the
+/// in-flight bytes budget, and its body must arrive within `body_timeout`.
+pub(crate) fn router(state: AppState, body_timeout: std::time::Duration) -> Router {
     let limit = state.max_message_bytes;
+    let budget = state.budget.clone();
     Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
@@ -84,6 +92,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(openai::routes())
         // Bodies over the limit are refused while being read (see `infer`).
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state((budget, body_timeout), limits::middleware))
         .with_state(state)
 }
 
@@ -169,7 +178,16 @@ async fn model_statistics_version(
 }
 
 async fn repository_index(State(state): State<AppState>, body: Bytes) -> Json<Value> {
-    let ready_only = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["ready"].as_bool()).unwrap_or(false);
+    /// The body, typed: other fields are skipped without being built.
+    #[derive(serde::Deserialize)]
+    struct IndexRequest {
+        ready: Option<json::Scalar>,
+    }
+    let ready_only = serde_json::from_slice::<IndexRequest>(&body)
+        .ok()
+        .and_then(|r| r.ready)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let entries: Vec<Value> = state
         .repository
         .index()
@@ -214,12 +232,10 @@ async fn infer_version(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> HttpResult<Response> {
-    let body = body.map_err(|e| {
-        InferError::invalid(format!(
-            "cannot read the request body (the limit is {} bytes): {e}",
-            state.max_message_bytes
-        ))
-    })?;
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return Ok(limits::body_error(&rejection, state.max_message_bytes)),
+    };
     let header_length = match headers.get(json::HEADER_LENGTH) {
         Some(value) => Some(
             value
@@ -231,22 +247,22 @@ async fn infer_version(
         None => None,
     };
     let (request, binary) = json::split_body(&body, header_length)?;
-    let priority = match request.parameters.get("priority").and_then(Value::as_i64) {
+    let priority = match request.parameters.get("priority").and_then(|v| v.as_i64()) {
         Some(1) => Priority::High,
         _ => Priority::Normal,
     };
     let deadline = request
         .parameters
         .get("timeout")
-        .and_then(Value::as_u64)
+        .and_then(|v| v.as_u64())
         .filter(|&us| us > 0)
         .map(|us| Instant::now() + std::time::Duration::from_micros(us));
-    let binary_default = request.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    let binary_default = request.parameters.get("binary_data_output").and_then(|v| v.as_bool()).unwrap_or(false);
     let outputs = request.outputs.unwrap_or_default();
     let binary_outputs: Vec<(String, bool)> = outputs
         .iter()
         .map(|o| {
-            let binary = o.parameters.get("binary_data").and_then(Value::as_bool).unwrap_or(binary_default);
+            let binary = o.parameters.get("binary_data").and_then(|v| v.as_bool()).unwrap_or(binary_default);
             (o.name.clone(), binary)
         })
         .collect();
@@ -254,7 +270,7 @@ async fn infer_version(
         .parameters
         .iter()
         .filter_map(|(key, value)| {
-            let value = match value {
+            let value = match &value.0 {
                 Value::Bool(b) => ParamValue::Bool(*b),
                 Value::Number(n) => match n.as_i64() {
                     Some(i) => ParamValue::Int(i),

@@ -30,6 +30,10 @@ pub fn sample_signature() -> Signature {
 /// Decodes `data` as a gRPC ModelInferRequest and validates it against
 /// [`sample_signature`]; true if it was accepted.
 pub fn grpc_request(data: &[u8]) -> bool {
+    // The codec's pre-scan runs first, as on the gRPC port.
+    if ferrite_proto::wire::check_model_infer_request(data).is_err() {
+        return false;
+    }
     let Ok(message) = ferrite_proto::inference::ModelInferRequest::decode(data) else { return false };
     match crate::grpc::codec::decode_request(message, Some(Instant::now())) {
         Ok(decoded) => check(decoded.request),

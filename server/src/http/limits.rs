@@ -1,0 +1,64 @@
+//! What the HTTP port adds to every request: the in-flight bytes budget
+//! (`crate::budget`) and the body read timeout, and how their failures
+//! reach the client (429, 408).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::budget::{BoxError, Budget, Counted, Held};
+use crate::error::{ErrorKind, InferError};
+
+/// Counts each request against the budget until its response is sent, and
+/// bounds the time its body may take (`axum::middleware::from_fn_with_state`).
+pub(crate) async fn middleware(
+    axum::extract::State((budget, body_timeout)): axum::extract::State<(Arc<Budget>, Duration)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let hold = Arc::new(budget.hold());
+    // A declared length is taken at once: a request that cannot fit is
+    // refused before its body is read.
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(length) = declared {
+        if !hold.take(length) {
+            return super::error_response(hold.refusal());
+        }
+    }
+    let counted = hold.clone();
+    let refuse = |error: InferError| -> BoxError { Box::new(error) };
+    let request = request.map(|body| {
+        let body = Counted::new(body, counted, Some(body_timeout), refuse).with_credit(declared.unwrap_or(0));
+        axum::body::Body::new(body)
+    });
+    let response = next.run(request).await;
+    response.map(|body| axum::body::Body::new(Held::new(body, hold)))
+}
+
+/// Why a body could not be read: the budget (429) or the body timeout
+/// (408, not the 504 of a deadline passed in the queue), both found in the
+/// error's sources, or else a bad body (400).
+pub(crate) fn body_error(rejection: &BytesRejection, limit: usize) -> Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if let Some(refused) = error.downcast_ref::<InferError>() {
+            if refused.kind == ErrorKind::DeadlineExceeded {
+                return (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": refused.message}))).into_response();
+            }
+            return super::error_response(refused.clone());
+        }
+        source = error.source();
+    }
+    super::error_response(InferError::invalid(format!(
+        "cannot read the request body (the limit is {limit} bytes): {rejection}"
+    )))
+}
