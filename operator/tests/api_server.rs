@@ -15,32 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use support::{eventually, fake_pod_metrics, install_crd, namespace, ControlPlane, Operator};
+use support::{create, eventually, fake_pod_metrics, model_deployment, setup, Operator};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Control plane, client with the CRD installed, a fresh namespace.
-async fn setup(test: &str) -> Option<(&'static ControlPlane, Client, String)> {
-    let plane = support::control_plane()?;
-    let client = plane.client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, test).await;
-    Some((plane, client, ns))
-}
-
-fn model_deployment(name: &str, spec: serde_json::Value) -> ModelDeployment {
-    serde_json::from_value(json!({
-        "apiVersion": "ferrite.dev/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .expect("valid ModelDeployment")
-}
-
-async fn create(client: &Client, ns: &str, md: &ModelDeployment) -> ModelDeployment {
-    Api::<ModelDeployment>::namespaced(client.clone(), ns).create(&PostParams::default(), md).await.expect("create")
-}
 
 async fn deployment_args(deployments: &Api<Deployment>, name: &str) -> Option<Vec<String>> {
     deployments.get_opt(name).await.ok()??.spec?.template.spec?.containers.first()?.args.clone()

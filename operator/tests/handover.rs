@@ -89,7 +89,9 @@ impl Replica {
         let options = RunOptions {
             server_image: "ferrite-server:test".into(),
             server_image_pull_policy: None,
-            watch_namespace: Some(ns.to_string()),
+            watch_namespaces: vec![ns.to_string()],
+            policy: Default::default(),
+            scrapers: Default::default(),
             metrics_addr: listener.local_addr().unwrap(),
             lease_name: format!("ferrite-{ns}"),
             lease_namespace: ns.to_string(),
@@ -124,7 +126,7 @@ async fn replicas(deployments: &Api<Deployment>, name: &str) -> Option<i32> {
 }
 
 fn owns_replicas(deployment: &Deployment, manager: &str) -> bool {
-    ferrite_operator::autoscale::owns_replicas(&deployment.metadata, manager)
+    ferrite_operator::resources::owns_replicas(&deployment.metadata, manager)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,16 +7,7 @@ mod support;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use support::{install_crd, namespace, repo_root, ControlPlane};
-
-fn bin(name: &str) -> PathBuf {
-    let dir = Command::new("bash")
-        .arg(repo_root().join("e2e/build-control-plane.sh"))
-        .arg("--print-bin-dir")
-        .output()
-        .expect("build-control-plane.sh --print-bin-dir");
-    PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim()).join(name)
-}
+use support::{install_crd, k8s_bin, namespace, repo_root, ControlPlane};
 
 fn run(program: &PathBuf, args: &[&str], plane: Option<&ControlPlane>) -> Output {
     let mut command = Command::new(program);
@@ -35,7 +26,7 @@ fn assert_ok(output: &Output, what: &str) -> String {
 
 /// Helm from the control-plane cache; `None` (loudly) outside CI if absent.
 fn helm() -> Option<PathBuf> {
-    let helm = bin("helm");
+    let helm = k8s_bin("helm");
     if helm.is_file() {
         return Some(helm);
     }
@@ -89,14 +80,14 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
     if helm().is_none() {
         return;
     }
-    let kubectl = bin("kubectl");
+    let kubectl = k8s_bin("kubectl");
     let client = plane.client().await;
     install_crd(&client).await;
     namespace(&client, "ferrite-system").await;
     // Rendered by helm, checked by the API server.
     let helm_out = assert_ok(
         &run(
-            &bin("helm"),
+            &k8s_bin("helm"),
             &["template", "ferrite", "charts/ferrite", "--namespace", "ferrite-system", "--include-crds"],
             None,
         ),

@@ -20,29 +20,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use support::{eventually, install_crd, namespace, repo_root, ControlPlane, Operator};
+use support::{create, eventually, k8s_bin, model_deployment, repo_root, setup, ControlPlane, Operator};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn setup(test: &str) -> Option<(&'static ControlPlane, Client, String)> {
-    let plane = support::control_plane()?;
-    let client = plane.client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, test).await;
-    Some((plane, client, ns))
-}
-
-fn model_deployment(name: &str, spec: serde_json::Value) -> ModelDeployment {
-    serde_json::from_value(json!({
-        "apiVersion": "ferrite.dev/v1alpha1", "kind": "ModelDeployment",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .expect("valid ModelDeployment")
-}
-
-async fn create(client: &Client, ns: &str, md: &ModelDeployment) -> ModelDeployment {
-    Api::<ModelDeployment>::namespaced(client.clone(), ns).create(&PostParams::default(), md).await.expect("create")
-}
 
 /// The Ready condition as `(status, reason, message)`, once it exists.
 async fn ready(mds: &Api<ModelDeployment>, name: &str) -> Option<(String, String, String)> {
@@ -266,15 +246,6 @@ async fn network_policies_pass_a_server_side_dry_run_and_follow_the_spec() {
         api.get_opt("guarded").await.ok()?.is_none().then_some(())
     })
     .await;
-}
-
-fn k8s_bin(name: &str) -> PathBuf {
-    let dir = Command::new("bash")
-        .arg(repo_root().join("e2e/build-control-plane.sh"))
-        .arg("--print-bin-dir")
-        .output()
-        .expect("build-control-plane.sh --print-bin-dir");
-    PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim()).join(name)
 }
 
 /// The chart in namespaced mode, applied for real; the operator then runs as

@@ -44,6 +44,15 @@ impl Budget {
         Hold { budget: self.clone(), held: AtomicUsize::new(0) }
     }
 
+    /// Whether `bytes` more would fit now (taking nothing).
+    pub(crate) fn has_room(&self, bytes: usize) -> bool {
+        let fits = self.used.load(Ordering::Acquire).checked_add(bytes).is_some_and(|total| total <= self.limit);
+        if !fits {
+            METRICS.inflight_bytes_refused.inc();
+        }
+        fits
+    }
+
     fn try_take(&self, bytes: usize) -> bool {
         let taken = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
             used.checked_add(bytes).filter(|&total| total <= self.limit)
@@ -121,8 +130,6 @@ pub(crate) struct Counted<B> {
     inner: B,
     hold: Arc<Hold>,
     deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
-    /// Bytes already held for this body (from its Content-Length).
-    credit: usize,
     /// How a refusal reaches the protocol (a gRPC `Status`, an `InferError`).
     refuse: fn(InferError) -> BoxError,
 }
@@ -135,14 +142,7 @@ impl<B> Counted<B> {
         refuse: fn(InferError) -> BoxError,
     ) -> Self {
         let deadline = timeout.map(|t| (Box::pin(tokio::time::sleep(t)), t));
-        Counted { inner, hold, deadline, credit: 0, refuse }
-    }
-
-    /// The first `bytes` of the body are already held (taken from its
-    /// Content-Length): they are not taken again.
-    pub(crate) fn with_credit(mut self, bytes: usize) -> Self {
-        self.credit = bytes;
-        self
+        Counted { inner, hold, deadline, refuse }
     }
 }
 
@@ -176,9 +176,7 @@ where
         Poll::Ready(match frame {
             Some(Ok(frame)) => {
                 let len = frame.data_ref().map_or(0, Bytes::len);
-                let charge = len.saturating_sub(this.credit);
-                this.credit = this.credit.saturating_sub(len);
-                if this.hold.take(charge) {
+                if this.hold.take(len) {
                     Some(Ok(frame))
                 } else {
                     Some(Err((this.refuse)(this.hold.refusal())))
@@ -257,15 +255,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_takes_its_frames_beyond_its_credit_and_fails_when_refused() {
+    async fn a_body_takes_its_frames_as_they_come_and_fails_when_refused() {
         let budget = Budget::new(10);
         let refuse = |error: InferError| -> BoxError { Box::new(error) };
         let hold = Arc::new(budget.hold());
-        assert!(hold.take(4)); // a declared length of 4, taken up front
+        assert!(budget.has_room(10) && !budget.has_room(11));
         let body = http_body_util::Full::new(Bytes::from_static(b"123456"));
-        let collected = Counted::new(body, hold.clone(), None, refuse).with_credit(4).collect().await;
+        let collected = Counted::new(body, hold.clone(), None, refuse).collect().await;
         assert_eq!(collected.unwrap().to_bytes().len(), 6);
-        assert_eq!(used(&budget), 6, "4 up front and the 2 beyond them");
+        assert_eq!(used(&budget), 6, "the bytes received");
+        assert!(!budget.has_room(5), "a declared length that does not fit now");
 
         let big = http_body_util::Full::new(Bytes::from(vec![0u8; 5]));
         let error = Counted::new(big, Arc::new(budget.hold()), None, refuse).collect().await.unwrap_err();

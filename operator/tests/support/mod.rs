@@ -270,3 +270,43 @@ impl Drop for Operator {
         let _ = self.child.wait();
     }
 }
+
+/// Control plane, a client with the CRD installed, a fresh namespace named
+/// after the test; `None` when the control plane is missing (said loudly).
+pub async fn setup(test: &str) -> Option<(&'static ControlPlane, Client, String)> {
+    let plane = control_plane()?;
+    let client = plane.client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, test).await;
+    Some((plane, client, ns))
+}
+
+/// A ModelDeployment named `name` with `spec`.
+pub fn model_deployment(name: &str, spec: serde_json::Value) -> ferrite_operator::crd::ModelDeployment {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "ferrite.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("valid ModelDeployment")
+}
+
+/// Creates `md` in `ns`.
+pub async fn create(
+    client: &Client,
+    ns: &str,
+    md: &ferrite_operator::crd::ModelDeployment,
+) -> ferrite_operator::crd::ModelDeployment {
+    kube::Api::namespaced(client.clone(), ns).create(&kube::api::PostParams::default(), md).await.expect("create")
+}
+
+/// A binary of the control plane's build (kubectl, helm, ...).
+pub fn k8s_bin(name: &str) -> PathBuf {
+    let dir = std::process::Command::new("bash")
+        .arg(repo_root().join("e2e/build-control-plane.sh"))
+        .arg("--print-bin-dir")
+        .output()
+        .expect("build-control-plane.sh --print-bin-dir");
+    PathBuf::from(String::from_utf8_lossy(&dir.stdout).trim()).join(name)
+}

@@ -22,24 +22,20 @@ pub(crate) async fn middleware(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let hold = Arc::new(budget.hold());
-    // A declared length is taken at once: a request that cannot fit is
-    // refused before its body is read.
+    // A declared length that does not fit now is refused before the body is
+    // read. It is not reserved: only bytes received are held, so a client
+    // that declares much and sends little (slowly) holds little.
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if let Some(length) = declared {
-        if !hold.take(length) {
-            return super::error_response(hold.refusal());
-        }
+    if declared.is_some_and(|length| !budget.has_room(length)) {
+        return super::error_response(budget.refusal());
     }
     let counted = hold.clone();
     let refuse = |error: InferError| -> BoxError { Box::new(error) };
-    let request = request.map(|body| {
-        let body = Counted::new(body, counted, Some(body_timeout), refuse).with_credit(declared.unwrap_or(0));
-        axum::body::Body::new(body)
-    });
+    let request = request.map(|body| axum::body::Body::new(Counted::new(body, counted, Some(body_timeout), refuse)));
     let response = next.run(request).await;
     response.map(|body| axum::body::Body::new(Held::new(body, hold)))
 }

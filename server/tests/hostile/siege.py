@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import ferrite_testlib as fl
+from hostile import reset_peak_rss, vm_kib
 
 REPORT_DIR = fl.REPO_ROOT / "target" / "hostile"
 
@@ -33,18 +34,6 @@ REPORT_DIR = fl.REPO_ROOT / "target" / "hostile"
 # server, the good client and pytest, so the bound is generous; a stall (the
 # 1.5 s seen before decoding was bounded) still fails it.
 GOOD_CLIENT_P99_BOUND_S = 0.5
-
-
-def read_status_kib(pid: int, field_name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Resets VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 class GoodClient(threading.Thread):
@@ -145,7 +134,7 @@ class Siege:
         self.client.start()
         fl.wait_until(lambda: len(self.client.calls) >= 5, timeout=30, what="the good client to get going")
         reset_peak_rss(pid)
-        self.baseline_kib = read_status_kib(pid, "VmRSS")
+        self.baseline_kib = vm_kib(pid, "VmRSS")
         self.started = time.monotonic()
         return self
 
@@ -154,7 +143,7 @@ class Siege:
         time.sleep(self.settle_s)  # calls that started during the attack finish
         pid = self.server.proc.pid
         alive = self.server.proc.poll() is None
-        peak_kib = read_status_kib(pid, "VmHWM") if alive else 0
+        peak_kib = vm_kib(pid, "VmHWM") if alive else 0
         self.client.stop()
         during = self.client.between(self.started, ended)
         latencies = np.array([latency for latency, _ in during]) if during else np.array([0.0])

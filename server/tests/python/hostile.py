@@ -246,15 +246,16 @@ def stream_flood(host: str, port: int, n: int, path: str = INFER_METHOD) -> Stre
         s.close()
 
 
-def hold_http_body(host: str, port: int, declared: int, path: str = "/v2/models/add_sub/infer") -> socket.socket:
-    """Starts a POST that declares `declared` body bytes, sends 10 of them
-    and stalls: its bytes stay held on the in-flight budget. Close the
-    socket to let go."""
+def hold_http_body(host: str, port: int, declared: int, send: int = 10,
+                   path: str = "/v2/models/add_sub/infer") -> socket.socket:
+    """Starts a POST that declares `declared` body bytes, sends `send` of
+    them and stalls: the bytes received stay held on the in-flight budget.
+    Close the socket to let go."""
     s = socket.create_connection((host, port), timeout=10)
     s.sendall(
         f"POST {path} HTTP/1.1\r\nHost: ferrite\r\nContent-Type: application/json\r\n"
         f"Content-Length: {declared}\r\n\r\n".encode()
-        + b'{"inputs":'
+        + (b'{"inputs":' + b" " * send)[:send]
     )
     return s
 
@@ -262,7 +263,7 @@ def hold_http_body(host: str, port: int, declared: int, path: str = "/v2/models/
 def slow_body(host: str, port: int, wait_s: float, path: str = "/v2/models/add_sub/infer") -> Answer:
     """A POST whose body never finishes; returns what the server answers
     (within `wait_s`)."""
-    s = hold_http_body(host, port, 1000, path)
+    s = hold_http_body(host, port, 1000, path=path)
     start = time.monotonic()
     try:
         s.settimeout(wait_s)

@@ -172,7 +172,7 @@ def test_inflight_bytes_budget(server_factory, model_repo):
     server = start(server_factory, model_repo, "--max-message-bytes", "1000000", "--max-inflight-bytes", "1500000")
     samples = fl.parse_metrics(server.metrics_text())
     assert fl.metric_sum(samples, "ferrite_inflight_request_bytes_limit") == 1500000
-    hog = hostile.hold_http_body(HOST, server.http_port, 1_000_000)
+    hog = hostile.hold_http_body(HOST, server.http_port, 1_000_001, send=1_000_000)
     try:
         fl.wait_until(
             lambda: hostile.metric(HOST, server.metrics_port, "ferrite_inflight_request_bytes") >= 1_000_000,
