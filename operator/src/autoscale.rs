@@ -313,7 +313,6 @@ fn replicas_of(deployment: &Deployment) -> u32 {
     deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as u32
 }
 
-
 /// Applies `replicas` as the autoscaler's field, on the condition that the
 /// Deployment is still at `read`'s resourceVersion.
 async fn apply_replicas(deployments: &Api<Deployment>, read: &Deployment, replicas: u32) -> Result<(), kube::Error> {

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::collections::BTreeMap;
 
 use clap::{Args, Parser, Subcommand};
-use ferrite_operator::resources::network_policy::{self, MetricsScrapers};
 use ferrite_operator::policy::{self, Policy};
+use ferrite_operator::resources::network_policy::{self, MetricsScrapers};
 use ferrite_operator::run::{run, RunOptions};
 use kube::CustomResourceExt;
 

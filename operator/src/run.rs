@@ -25,11 +25,11 @@ use tokio::sync::watch;
 
 use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory};
 use crate::crd::ModelDeployment;
-use crate::resources::network_policy::MetricsScrapers;
-use crate::policy::Policy;
 use crate::health::{Health, Heartbeat};
 use crate::leader::{fenced_client, Election, FenceLayer, LeaseConfig};
+use crate::policy::Policy;
 use crate::reconcile::{self, Context};
+use crate::resources::network_policy::MetricsScrapers;
 use crate::resources::{BuildConfig, INSTANCE_LABEL};
 use crate::telemetry::{self, Metrics};
 

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -17,10 +16,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use support::{create, eventually, k8s_bin, model_deployment, repo_root, setup, ControlPlane, Operator};
+use support::{create, eventually, k8s_bin, model_deployment, namespace, repo_root, setup, Operator};
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -89,7 +89,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let readiness = Box::new(HealthSink(health.clone()));
     let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, readiness));
     let budget = crate::budget::Budget::new(options.max_inflight_bytes);
-    let state = Arc::new(ServerState::new(repository.clone(), options.max_message_bytes, options.policy, budget.clone()));
+    let state =
+        Arc::new(ServerState::new(repository.clone(), options.max_message_bytes, options.policy, budget.clone()));
 
     // Bind first, so that a port in use fails fast and probes can connect
     // (and see "not ready") while models load.

@@ -152,4 +152,3 @@ where
         Some((Ok(connection), accepted))
     })
 }
-
