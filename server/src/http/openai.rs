@@ -24,7 +24,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
-use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
+use crate::llm::logprobs::{chat_entry, finite, MAX_TOP_LOGPROBS};
+use crate::llm::request::{Event, FinishReason, GenerateOptions, TokenLogprob, Usage};
 use crate::llm::template::ChatMessage;
 use crate::llm::{Generation, MAX_STOP_STRINGS};
 use crate::model::Model;
@@ -95,10 +96,13 @@ struct RequestBody {
     frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
     stop: Option<Stop>,
-    n: Option<usize>,
+    n: Option<i64>,
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// Chat: a flag; completions: how many alternatives per token.
     logprobs: Option<Logprobs>,
+    /// Chat: how many alternatives per token.
+    top_logprobs: Option<i64>,
     /// vLLM's and llama.cpp's extension: generate `max_tokens` regardless
     /// of end-of-sequence tokens (benchmarks); only where the server allows it.
     ignore_eos: bool,
@@ -111,14 +115,15 @@ struct StreamOptions {
 }
 
 impl RequestBody {
-    fn options(&mut self) -> Result<GenerateOptions, InferError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(InferError::invalid("only n = 1 is supported"));
-        }
-        if self.logprobs.as_ref().is_some_and(|l| l.0) {
-            return Err(InferError::invalid("logprobs are not supported"));
-        }
-        Ok(GenerateOptions {
+    /// The generation options of each choice and how many choices (`n`).
+    /// Values out of range are refused with the field's name.
+    fn options(&mut self, kind: Kind) -> Result<(GenerateOptions, usize), InferError> {
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+            Some(n) => return Err(InferError::invalid(format!("n must be between 1 and {MAX_CHOICES}, not {n}"))),
+        };
+        let options = GenerateOptions {
             max_tokens: self.max_completion_tokens.or(self.max_tokens),
             temperature: self.temperature,
             top_p: self.top_p,
@@ -129,13 +134,61 @@ impl RequestBody {
             frequency_penalty: self.frequency_penalty,
             stop: self.stop.take().map(|s| s.0).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
-        })
+            logprobs: self.top_logprobs(kind)?,
+        };
+        Ok((options, n))
+    }
+
+    /// Alternatives per token when log-probabilities are asked for. Chat:
+    /// `logprobs` is a flag and `top_logprobs` (0 to 20) the count;
+    /// completions: `logprobs` is the count (0 to 5).
+    fn top_logprobs(&self, kind: Kind) -> Result<Option<usize>, InferError> {
+        match kind {
+            Kind::Chat => {
+                let asked = match self.logprobs {
+                    None | Some(Logprobs::Flag(false)) => false,
+                    Some(Logprobs::Flag(true)) => true,
+                    Some(Logprobs::Count(_)) => {
+                        return Err(InferError::invalid(
+                            "logprobs must be a boolean in chat completions (top_logprobs sets the alternatives)",
+                        ))
+                    }
+                };
+                match self.top_logprobs {
+                    None => Ok(asked.then_some(0)),
+                    Some(top) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&top) => Err(InferError::invalid(format!(
+                        "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {top}"
+                    ))),
+                    Some(top) if top > 0 && !asked => {
+                        Err(InferError::invalid("top_logprobs requires logprobs to be true"))
+                    }
+                    Some(top) => Ok(asked.then_some(top as usize)),
+                }
+            }
+            Kind::Completion => match self.logprobs {
+                None | Some(Logprobs::Flag(false)) => Ok(None),
+                Some(Logprobs::Count(top)) if (0..=MAX_COMPLETION_LOGPROBS as i64).contains(&top) => {
+                    Ok(Some(top as usize))
+                }
+                Some(Logprobs::Count(top)) => Err(InferError::invalid(format!(
+                    "logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} in completions, not {top}"
+                ))),
+                Some(Logprobs::Flag(true)) => Err(InferError::invalid(format!(
+                    "logprobs must be an integer between 0 and {MAX_COMPLETION_LOGPROBS} in completions"
+                ))),
+            },
+        }
     }
 
     fn include_usage(&self) -> bool {
         self.stream_options.as_ref().is_some_and(|o| o.include_usage)
     }
 }
+
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: usize = 16;
+/// Most alternatives per token in completions' `logprobs` (OpenAI's bound).
+const MAX_COMPLETION_LOGPROBS: usize = 5;
 
 #[derive(Debug, Deserialize)]
 struct InMessage {
@@ -285,9 +338,12 @@ impl<'de> Deserialize<'de> for Prompt {
     }
 }
 
-/// `logprobs`: a flag (chat) or a count (completions); either asks for them.
-#[derive(Debug)]
-struct Logprobs(bool);
+/// `logprobs`: a flag (chat) or a count (completions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Logprobs {
+    Flag(bool),
+    Count(i64),
+}
 
 impl<'de> Deserialize<'de> for Logprobs {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -298,13 +354,13 @@ impl<'de> Deserialize<'de> for Logprobs {
                 f.write_str("a boolean or a count")
             }
             fn visit_bool<E: de::Error>(self, asked: bool) -> Result<Logprobs, E> {
-                Ok(Logprobs(asked))
+                Ok(Logprobs::Flag(asked))
             }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Logprobs, E> {
-                Ok(Logprobs(true))
+            fn visit_u64<E: de::Error>(self, count: u64) -> Result<Logprobs, E> {
+                Ok(Logprobs::Count(i64::try_from(count).unwrap_or(i64::MAX)))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Logprobs, E> {
-                Ok(Logprobs(true))
+            fn visit_i64<E: de::Error>(self, count: i64) -> Result<Logprobs, E> {
+                Ok(Logprobs::Count(count))
             }
         }
         deserializer.deserialize_any(LogprobsVisitor)
@@ -394,14 +450,14 @@ async fn chat_completions(State(state): State<AppState>, body: Body) -> ApiResul
     let (model, mut request) = read_request(&state, body).await?;
     let messages = request.messages.take().ok_or_else(|| InferError::invalid("'messages' is required"))?;
     let messages = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content.0 }).collect();
-    let options = request.options()?;
+    let (options, n) = request.options(Kind::Chat)?;
     let prompt = model.chat_prompt(messages).await?;
-    let generation = model.generate(prompt, &options)?;
-    let reply = Reply::new(Kind::Chat, model.name.clone());
+    let generations = generate(&model, prompt, &options, n)?;
+    let reply = Reply::new(Kind::Chat, model.name.clone(), options.logprobs.is_some());
     if request.stream {
-        Ok(reply.stream(generation, request.include_usage()).into_response())
+        Ok(reply.stream(generations, request.include_usage()).into_response())
     } else {
-        Ok(Json(reply.collect(generation).await?).into_response())
+        Ok(Json(reply.collect(generations).await?).into_response())
     }
 }
 
@@ -410,18 +466,37 @@ async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Res
     if request.echo {
         return Err(InferError::invalid("echo is not supported").into());
     }
-    let options = request.options()?;
+    let (options, n) = request.options(Kind::Completion)?;
     let prompt = match request.prompt.take().ok_or_else(|| InferError::invalid("'prompt' is required"))? {
         Prompt::Text(text) => model.text_prompt(text).await?,
         Prompt::Tokens(tokens) => model.token_prompt(tokens)?,
     };
-    let generation = model.generate(prompt, &options)?;
-    let reply = Reply::new(Kind::Completion, model.name.clone());
+    let generations = generate(&model, prompt, &options, n)?;
+    let reply = Reply::new(Kind::Completion, model.name.clone(), options.logprobs.is_some());
     if request.stream {
-        Ok(reply.stream(generation, request.include_usage()).into_response())
+        Ok(reply.stream(generations, request.include_usage()).into_response())
     } else {
-        Ok(Json(reply.collect(generation).await?).into_response())
+        Ok(Json(reply.collect(generations).await?).into_response())
     }
+}
+
+/// Starts the `n` generations of a request, one per choice, on the same
+/// prompt. With a seed, choice `i` gets `seed + i`: each choice differs,
+/// and the request as a whole is reproducible. If one cannot start, those
+/// already started are dropped (cancelled).
+fn generate(
+    model: &Model,
+    prompt: Vec<u32>,
+    options: &GenerateOptions,
+    n: usize,
+) -> Result<Vec<Generation>, InferError> {
+    (0..n)
+        .map(|i| {
+            let mut options = options.clone();
+            options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
+            model.generate(prompt.clone(), &options)
+        })
+        .collect()
 }
 
 /// Which endpoint a reply belongs to.
@@ -438,10 +513,58 @@ struct Reply {
     id: String,
     model: String,
     created: u64,
+    /// Log-probabilities were asked for.
+    logprobs: bool,
+}
+
+/// Character offsets of tokens in a completion's text (completions'
+/// `text_offset`), fed token by token: a token that starts inside a
+/// character (byte-level tokens can) gets that character's offset.
+#[derive(Debug, Clone, Default)]
+struct TextOffsets {
+    /// Characters complete so far.
+    chars: usize,
+    /// Bytes of an unfinished character.
+    tail: Vec<u8>,
+}
+
+impl TextOffsets {
+    /// The offset of a token of `bytes`, which then counts as read.
+    fn next(&mut self, bytes: &[u8]) -> usize {
+        let offset = self.chars;
+        self.tail.extend_from_slice(bytes);
+        let mut rest = &self.tail[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(text) => {
+                    self.chars += text.chars().count();
+                    rest = &[];
+                    break;
+                }
+                Err(error) => {
+                    let (valid, after) = rest.split_at(error.valid_up_to());
+                    self.chars += std::str::from_utf8(valid).map(|t| t.chars().count()).unwrap_or(0);
+                    match error.error_len() {
+                        // Invalid bytes: one replacement character, as the text shows them.
+                        Some(bad) => {
+                            self.chars += 1;
+                            rest = &after[bad..];
+                        }
+                        None => {
+                            rest = after;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.tail = rest.to_vec();
+        offset
+    }
 }
 
 impl Reply {
-    fn new(kind: Kind, model: String) -> Reply {
+    fn new(kind: Kind, model: String, logprobs: bool) -> Reply {
         let prefix = match kind {
             Kind::Chat => "chatcmpl",
             Kind::Completion => "cmpl",
@@ -451,7 +574,7 @@ impl Reply {
             crate::llm::sampling::Rng::new(crate::llm::sampling::Rng::fresh_seed()).next_u64()
         );
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Reply { kind, id, model, created }
+        Reply { kind, id, model, created, logprobs }
     }
 
     fn usage(usage: &Usage) -> Value {
@@ -462,38 +585,90 @@ impl Reply {
         })
     }
 
-    /// Waits for the whole answer.
-    async fn collect(&self, generation: Generation) -> Result<Value, InferError> {
-        let (text, finish_reason, usage) = generation.collect().await?;
-        Ok(self.complete(text, finish_reason, &usage))
+    /// The usage of a request's choices: the prompt once, every choice's
+    /// completion tokens.
+    fn add_usage(total: &mut Option<Usage>, usage: Usage) {
+        *total = Some(match total.take() {
+            None => usage,
+            Some(sum) => Usage { completion_tokens: sum.completion_tokens + usage.completion_tokens, ..sum },
+        });
     }
 
-    fn complete(&self, text: String, finish_reason: FinishReason, usage: &Usage) -> Value {
-        let choice = match self.kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish_reason.as_str(),
-            }),
+    /// The `logprobs` of a choice (or of a chunk of one): `null` unless
+    /// asked for; chat: `{content: [...]}`; completions: `{tokens,
+    /// token_logprobs, top_logprobs, text_offset}`.
+    fn logprobs_json(&self, entries: &[TokenLogprob], offsets: &mut TextOffsets) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => json!({"content": entries.iter().map(chat_entry).collect::<Vec<_>>(), "refusal": null}),
             Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason.as_str()})
+                let top = |entry: &TokenLogprob| {
+                    // The alternatives and, as OpenAI does, always the sampled token.
+                    let mut map = serde_json::Map::new();
+                    for alternative in &entry.top {
+                        map.entry(alternative.token.text.clone()).or_insert(json!(finite(alternative.logprob)));
+                    }
+                    map.entry(entry.token.text.clone()).or_insert(json!(finite(entry.logprob)));
+                    Value::Object(map)
+                };
+                json!({
+                    "tokens": entries.iter().map(|e| e.token.text.as_str()).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| finite(e.logprob)).collect::<Vec<_>>(),
+                    "top_logprobs": entries.iter().map(top).collect::<Vec<_>>(),
+                    "text_offset": entries.iter().map(|e| offsets.next(&e.token.bytes)).collect::<Vec<_>>(),
+                })
             }
-        };
-        json!({
+        }
+    }
+
+    /// Waits for every choice's whole answer.
+    async fn collect(&self, generations: Vec<Generation>) -> Result<Value, InferError> {
+        let answers = futures::future::try_join_all(generations.into_iter().map(Generation::collect)).await?;
+        let mut usage = None;
+        let choices: Vec<Value> = answers
+            .into_iter()
+            .enumerate()
+            .map(|(index, answer)| {
+                Self::add_usage(&mut usage, answer.usage);
+                let logprobs = self.logprobs_json(&answer.logprobs, &mut TextOffsets::default());
+                let finish = answer.finish_reason.as_str();
+                match self.kind {
+                    Kind::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": answer.text},
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }),
+                    Kind::Completion => {
+                        json!({"index": index, "text": answer.text, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                }
+            })
+            .collect();
+        Ok(json!({
             "id": self.id,
             "object": match self.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": Self::usage(usage),
-        })
+            "choices": choices,
+            "usage": Self::usage(&usage.unwrap_or_default()),
+        }))
     }
 
-    /// One streamed chunk: new text (or the role, for the first chat
-    /// chunk), or the finish reason.
-    fn chunk(&self, text: Option<&str>, role: bool, finish_reason: Option<FinishReason>, with_usage: bool) -> Value {
-        let finish = finish_reason.map(FinishReason::as_str);
+    /// One streamed chunk of choice `index`: new text (or the role, for
+    /// the first chat chunk) with its log-probabilities, or the finish
+    /// reason.
+    fn chunk(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<FinishReason>,
+        logprobs: Value,
+    ) -> Value {
+        let finish = finish.map(FinishReason::as_str);
         let choice = match self.kind {
             Kind::Chat => {
                 let mut delta = json!({});
@@ -503,74 +678,104 @@ impl Reply {
                 if let Some(text) = text {
                     delta["content"] = json!(text);
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         };
-        let mut chunk = json!({
+        self.envelope(vec![choice])
+    }
+
+    /// A chunk around `choices`.
+    fn envelope(&self, choices: Vec<Value>) -> Value {
+        json!({
             "id": self.id,
             "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-        });
-        if with_usage {
-            chunk["usage"] = Value::Null;
-        }
-        chunk
+            "choices": choices,
+        })
     }
 
-    /// The last chunk when usage is asked for: no choices, the usage.
-    fn usage_chunk(&self, usage: &Usage) -> Value {
-        let mut chunk = self.chunk(None, false, None, true);
-        chunk["choices"] = json!([]);
-        chunk["usage"] = Self::usage(usage);
-        chunk
-    }
-
-    /// The answer as server-sent events, ending with `data: [DONE]`.
+    /// The answer as server-sent events, ending with `data: [DONE]`: the
+    /// choices' chunks interleaved as they come (each with its `index`),
+    /// then, when usage is asked for, a chunk with no choices and the
+    /// usage of them all.
     fn stream(
         self,
-        generation: Generation,
+        generations: Vec<Generation>,
         include_usage: bool,
     ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-        let data = |value: Value| SseEvent::default().data(value.to_string());
-        let first = (self.kind == Kind::Chat).then(|| data(self.chunk(Some(""), true, None, include_usage)));
-        let events = stream::unfold(Some((self, generation)), move |state| async move {
-            let (reply, mut generation) = state?;
-            let events: Vec<SseEvent> = match generation.next().await {
-                Some(Event::Text(text)) => {
-                    let chunk = data(reply.chunk(Some(&text), false, None, include_usage));
-                    return Some((vec![chunk], Some((reply, generation))));
+        let data = move |mut value: Value| {
+            if include_usage && value.get("usage").is_none() {
+                value["usage"] = Value::Null;
+            }
+            SseEvent::default().data(value.to_string())
+        };
+        let n = generations.len();
+        let first: Vec<SseEvent> = match self.kind {
+            Kind::Chat => (0..n).map(|i| data(self.chunk(i, Some(""), true, None, Value::Null))).collect(),
+            Kind::Completion => Vec::new(),
+        };
+        let merged = stream::select_all(generations.into_iter().enumerate().map(|(index, generation)| {
+            stream::unfold(generation, move |mut generation| async move {
+                generation.next().await.map(|event| ((index, event), generation))
+            })
+            .boxed()
+        }));
+        let state = StreamState { reply: self, merged, offsets: vec![TextOffsets::default(); n], usage: None };
+        let events = stream::unfold(Some(state), move |state| async move {
+            let mut state = state?;
+            let Some((index, event)) = state.merged.next().await else {
+                // Every choice has finished.
+                let mut events = Vec::new();
+                if include_usage {
+                    let mut chunk = state.reply.envelope(Vec::new());
+                    chunk["usage"] = Reply::usage(&state.usage.unwrap_or_default());
+                    events.push(data(chunk));
                 }
-                Some(Event::Done { text, finish_reason, usage }) => {
+                events.push(SseEvent::default().data("[DONE]"));
+                return Some((events, None));
+            };
+            let reply = &state.reply;
+            let events = match event {
+                Event::Text { text, logprobs } => {
+                    let logprobs = reply.logprobs_json(&logprobs, &mut state.offsets[index]);
+                    vec![data(reply.chunk(index, Some(&text), false, None, logprobs))]
+                }
+                Event::Done { text, logprobs, finish_reason, usage } => {
                     let mut events = Vec::new();
-                    if !text.is_empty() {
-                        events.push(data(reply.chunk(Some(&text), false, None, include_usage)));
+                    if !text.is_empty() || !logprobs.is_empty() {
+                        let logprobs = reply.logprobs_json(&logprobs, &mut state.offsets[index]);
+                        events.push(data(reply.chunk(index, Some(&text), false, None, logprobs)));
                     }
-                    let last = match reply.kind {
-                        Kind::Chat => reply.chunk(None, false, Some(finish_reason), include_usage),
-                        Kind::Completion => reply.chunk(Some(""), false, Some(finish_reason), include_usage),
-                    };
-                    events.push(data(last));
-                    if include_usage {
-                        events.push(data(reply.usage_chunk(&usage)));
-                    }
+                    let text = (reply.kind == Kind::Completion).then_some("");
+                    events.push(data(reply.chunk(index, text, false, Some(finish_reason), Value::Null)));
+                    Reply::add_usage(&mut state.usage, usage);
                     events
                 }
-                Some(Event::Error(error)) => vec![data(OpenAiError(error).body())],
-                None => return None,
+                Event::Error(error) => {
+                    // The other choices are dropped with the state: cancelled.
+                    let error = SseEvent::default().data(OpenAiError(error).body().to_string());
+                    let events = vec![error, SseEvent::default().data("[DONE]")];
+                    return Some((events, None));
+                }
             };
-            let mut events = events;
-            events.push(SseEvent::default().data("[DONE]"));
-            Some((events, None))
+            Some((events, Some(state)))
         })
         .flat_map(stream::iter);
         let all = stream::iter(first).chain(events).map(Ok);
         Sse::new(all).keep_alive(KeepAlive::default())
     }
+}
+
+/// A stream's progress over its choices.
+struct StreamState {
+    reply: Reply,
+    merged: stream::SelectAll<stream::BoxStream<'static, (usize, Event)>>,
+    offsets: Vec<TextOffsets>,
+    usage: Option<Usage>,
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
@@ -607,7 +812,9 @@ mod tests {
         .unwrap();
         let messages = request.messages.take().unwrap();
         assert_eq!((messages[0].role.as_str(), messages[0].content.0.as_str()), ("user", "ab"));
-        let options = request.options().unwrap();
+        let (options, n) = request.options(Kind::Chat).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(options.logprobs, None);
         assert_eq!(options.stop, vec!["END".to_string()]);
         assert_eq!(options.max_tokens, Some(5));
         let null_content = body(r#"{"messages": [{"role": "assistant", "content": null}]}"#).unwrap();
@@ -633,8 +840,43 @@ mod tests {
         let err = body(r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#)
             .unwrap_err();
         assert!(err.message.contains("'image_url' are not supported"), "{err}");
-        assert!(body(r#"{"logprobs": 2}"#).unwrap().options().is_err());
-        assert!(body(r#"{"logprobs": true}"#).unwrap().options().is_err());
-        assert!(body(r#"{"logprobs": null}"#).unwrap().options().is_ok());
+    }
+
+    #[test]
+    fn logprobs_and_n_are_checked_per_endpoint() {
+        let chat = |json: &str| body(json).unwrap().options(Kind::Chat).map(|(o, n)| (o.logprobs, n));
+        let completion = |json: &str| body(json).unwrap().options(Kind::Completion).map(|(o, n)| (o.logprobs, n));
+        let message = |result: Result<(Option<usize>, usize), InferError>| result.unwrap_err().message;
+        assert_eq!(chat(r#"{"logprobs": null}"#), Ok((None, 1)));
+        assert_eq!(chat(r#"{"logprobs": false, "top_logprobs": 0}"#), Ok((None, 1)));
+        assert_eq!(chat(r#"{"logprobs": true}"#), Ok((Some(0), 1)));
+        assert_eq!(chat(r#"{"logprobs": true, "top_logprobs": 20, "n": 16}"#), Ok((Some(20), 16)));
+        assert!(message(chat(r#"{"logprobs": true, "top_logprobs": 21}"#)).contains("top_logprobs"));
+        assert!(message(chat(r#"{"logprobs": true, "top_logprobs": -1}"#)).contains("top_logprobs"));
+        assert!(message(chat(r#"{"top_logprobs": 3}"#)).contains("requires logprobs"));
+        assert!(message(chat(r#"{"logprobs": 2}"#)).contains("logprobs must be a boolean"));
+        assert_eq!(completion(r#"{"logprobs": 0}"#), Ok((Some(0), 1)));
+        assert_eq!(completion(r#"{"logprobs": 5}"#), Ok((Some(5), 1)));
+        assert_eq!(completion(r#"{"logprobs": false}"#), Ok((None, 1)));
+        assert!(message(completion(r#"{"logprobs": 6}"#)).contains("logprobs must be between 0 and 5"));
+        assert!(message(completion(r#"{"logprobs": -1}"#)).contains("logprobs"));
+        assert!(message(completion(r#"{"logprobs": true}"#)).contains("logprobs must be an integer"));
+        assert!(message(chat(r#"{"n": 0}"#)).contains("n must be between 1 and 16"));
+        assert!(message(chat(r#"{"n": 17}"#)).contains("n must be between 1 and 16"));
+        assert!(message(completion(r#"{"n": -3}"#)).contains("n must be"));
+    }
+
+    #[test]
+    fn text_offsets_count_characters() {
+        let mut offsets = TextOffsets::default();
+        // "a", " caf", then "é" split over two tokens, then "!".
+        let tokens: [&[u8]; 5] = [b"a", b" caf", &[0xC3], &[0xA9], b"!"];
+        let got: Vec<usize> = tokens.iter().map(|t| offsets.next(t)).collect();
+        assert_eq!(got, vec![0, 1, 5, 5, 6]);
+        assert_eq!(offsets.next(b""), 7);
+        // An invalid byte counts as one replacement character.
+        let mut offsets = TextOffsets::default();
+        assert_eq!(offsets.next(&[0xFF, b'x']), 0);
+        assert_eq!(offsets.next(b"y"), 2);
     }
 }

@@ -30,7 +30,8 @@ use crate::admission::Admission;
 use crate::error::{InferError, InferResult};
 use crate::inference::Priority;
 use crate::llm::limits::KvBudget;
-use crate::llm::request::{Event, FinishReason, GenerateRequest, Usage};
+use crate::llm::logprobs::{step_logprobs, StepLogprobs};
+use crate::llm::request::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use crate::llm::sampling::Sampler;
 use crate::llm::stop::{Scanned, StopMatcher};
 use crate::llm::tokenizer::{IncrementalDecoder, TextCodec};
@@ -269,6 +270,10 @@ struct Sequence {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     ignore_eos: bool,
+    /// Alternatives per token when log-probabilities are asked for.
+    top_logprobs: Option<usize>,
+    /// Entries of tokens whose text is not sent yet.
+    logprobs: Vec<TokenLogprob>,
     enqueued: Instant,
     last_token_at: Option<Instant>,
     finished: bool,
@@ -281,7 +286,8 @@ impl Sequence {
 
     fn finish(&mut self, text: String, finish_reason: FinishReason) {
         let usage = self.usage();
-        let _ = self.events.send(Event::Done { text, finish_reason, usage });
+        let logprobs = std::mem::take(&mut self.logprobs);
+        let _ = self.events.send(Event::Done { text, logprobs, finish_reason, usage });
         self.finished = true;
     }
 
@@ -391,7 +397,9 @@ impl Worker {
             cache = next;
             if cache.past == prompt.len() {
                 let mut sampler = Sampler::new(request.sampling, prompt);
-                let first = sampler.sample(logits.data()?);
+                let row = logits.data()?;
+                let first = sampler.sample(row);
+                let logprobs = request.logprobs.map(|top| step_logprobs(row, first, top));
                 let mut sequence = Sequence {
                     events: events.clone(),
                     prompt_len: prompt.len(),
@@ -404,6 +412,8 @@ impl Worker {
                     decoder: IncrementalDecoder::default(),
                     stop: StopMatcher::new(request.stop.clone()),
                     ignore_eos: request.ignore_eos,
+                    top_logprobs: request.logprobs,
+                    logprobs: Vec::new(),
                     enqueued,
                     last_token_at: None,
                     finished: false,
@@ -411,7 +421,7 @@ impl Worker {
                 let compute = started.elapsed();
                 self.record(1, waited, compute);
                 self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
-                self.accept(&mut sequence, first);
+                self.accept(&mut sequence, first, logprobs);
                 return Ok((!sequence.finished).then_some((sequence, cache)));
             }
         }
@@ -471,17 +481,20 @@ impl Worker {
             if sequence.finished {
                 continue;
             }
-            let token = sequence.sampler.sample(&data[b * vocab..(b + 1) * vocab]);
-            self.accept(sequence, token);
+            let row = &data[b * vocab..(b + 1) * vocab];
+            let token = sequence.sampler.sample(row);
+            let logprobs = sequence.top_logprobs.map(|top| step_logprobs(row, token, top));
+            self.accept(sequence, token, logprobs);
         }
         self.running = running;
         self.record(live, Duration::ZERO, started.elapsed());
         Ok(())
     }
 
-    /// Takes a sampled token: counts it, turns it into text, checks the end
-    /// conditions and sends what the client may see.
-    fn accept(&self, sequence: &mut Sequence, token: u32) {
+    /// Takes a sampled token (and its log-probabilities, when asked for):
+    /// counts it, turns it into text, checks the end conditions and sends
+    /// what the client may see.
+    fn accept(&self, sequence: &mut Sequence, token: u32, logprobs: Option<StepLogprobs>) {
         let metrics = &self.shared.metrics;
         let now = Instant::now();
         match sequence.last_token_at {
@@ -499,6 +512,9 @@ impl Worker {
         sequence.generated += 1;
         sequence.sampler.observe(token);
         let codec = &self.model.codec;
+        if let Some(logprobs) = logprobs {
+            sequence.logprobs.push(logprobs.render(codec));
+        }
         let text = sequence.decoder.push(|ids| codec.decode(ids), token);
         let scanned = if text.is_empty() { Scanned { text, stopped: false } } else { sequence.stop.push(&text) };
         if scanned.stopped {
@@ -511,8 +527,11 @@ impl Worker {
             sequence.finish(text, FinishReason::Length);
             return;
         }
-        if !scanned.text.is_empty() && sequence.events.send(Event::Text(scanned.text)).is_err() {
-            sequence.finished = true;
+        if !scanned.text.is_empty() {
+            let logprobs = std::mem::take(&mut sequence.logprobs);
+            if sequence.events.send(Event::Text { text: scanned.text, logprobs }).is_err() {
+                sequence.finished = true;
+            }
         }
     }
 

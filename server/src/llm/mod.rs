@@ -10,6 +10,7 @@
 pub(crate) mod config;
 pub(crate) mod engine;
 pub(crate) mod limits;
+pub(crate) mod logprobs;
 pub(crate) mod oip;
 pub(crate) mod prompt;
 pub(crate) mod request;
@@ -34,8 +35,9 @@ use crate::stats::{ModelStats, RequestRecord};
 use config::LlmConfig;
 use engine::{Engine, EngineModel, EngineSettings};
 use limits::{Limits, MAX_STOP_BYTES};
+use logprobs::MAX_TOP_LOGPROBS;
 use prompt::Prompter;
-use request::{Event, FinishReason, GenerateOptions, GenerateRequest, Usage};
+use request::{Answer, Event, GenerateOptions, GenerateRequest};
 use sampling::SamplingParams;
 use template::{ChatMessage, ChatTemplate};
 use tokenizer::TextCodec;
@@ -180,6 +182,11 @@ impl Llm {
         };
         sampling.check().map_err(InferError::invalid)?;
         check_stop(&options.stop)?;
+        if let Some(top) = options.logprobs.filter(|&top| top > MAX_TOP_LOGPROBS) {
+            return Err(InferError::invalid(format!(
+                "logprobs: at most {MAX_TOP_LOGPROBS} alternatives per token, not {top}"
+            )));
+        }
         if options.ignore_eos && !self.limits.allow_ignore_eos {
             return Err(InferError::invalid(
                 "ignore_eos is not allowed on this server (start it with --llm-allow-ignore-eos)",
@@ -199,7 +206,14 @@ impl Llm {
             )));
         }
         self.limits.kv.check_alone(prompt.len(), max_tokens)?;
-        Ok(GenerateRequest { prompt, max_tokens, sampling, stop: options.stop.clone(), ignore_eos: options.ignore_eos })
+        Ok(GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling,
+            stop: options.stop.clone(),
+            ignore_eos: options.ignore_eos,
+            logprobs: options.logprobs,
+        })
     }
 
     /// Prepares and queues a request. The caller counts it
@@ -288,7 +302,7 @@ impl Generation {
         let result = match &event {
             Event::Done { .. } => Ok(()),
             Event::Error(error) => Err(error.kind),
-            Event::Text(_) => return Some(event),
+            Event::Text { .. } => return Some(event),
         };
         self.finished = true;
         if let Some(record) = self.record.take() {
@@ -297,15 +311,21 @@ impl Generation {
         Some(event)
     }
 
-    /// Waits for the whole answer: its text, why it ended and the token counts.
-    pub async fn collect(mut self) -> InferResult<(String, FinishReason, Usage)> {
+    /// Waits for the whole answer: its text, log-probabilities (if asked
+    /// for), why it ended and the token counts.
+    pub async fn collect(mut self) -> InferResult<Answer> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         while let Some(event) = self.next().await {
             match event {
-                Event::Text(piece) => text.push_str(&piece),
-                Event::Done { text: last, finish_reason, usage } => {
+                Event::Text { text: piece, logprobs: entries } => {
+                    text.push_str(&piece);
+                    logprobs.extend(entries);
+                }
+                Event::Done { text: last, logprobs: entries, finish_reason, usage } => {
                     text.push_str(&last);
-                    return Ok((text, finish_reason, usage));
+                    logprobs.extend(entries);
+                    return Ok(Answer { text, logprobs, finish_reason, usage });
                 }
                 Event::Error(error) => return Err(error),
             }

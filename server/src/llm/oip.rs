@@ -12,7 +12,10 @@
 //!   `stop` (a string, or a JSON list as a string), `stream`;
 //! - output `text_output` BYTES `[1]`: the generated text only (vLLM's
 //!   `exclude_input_in_output: true`); response parameters `finish_reason`,
-//!   `prompt_tokens`, `completion_tokens`.
+//!   `prompt_tokens`, `completion_tokens`;
+//! - request parameter `logprobs` (0 to 20 alternatives per token): each
+//!   reply then has a `logprobs` parameter, a JSON list of its tokens'
+//!   entries in OpenAI's chat shape.
 //!
 //! ModelStreamInfer streams by default: one response per engine step with
 //! that step's new text, the last one carrying `triton_final_response: true`
@@ -32,7 +35,8 @@ use crate::config::ModelSettings;
 use crate::error::{InferError, InferResult};
 use crate::inference::{InferRequest, ParamValue, Parameters, Reply, ReplyStream};
 use crate::llm::config::LlmConfig;
-use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
+use crate::llm::logprobs::chat_entry;
+use crate::llm::request::{Answer, Event, GenerateOptions, TokenLogprob};
 use crate::llm::{Generation, Llm};
 use crate::runtime::{Signature, TensorSpec};
 use crate::tensor::{DataType, Tensor, TensorData};
@@ -147,6 +151,7 @@ fn apply(request: &mut TextRequest, key: &str, value: &ParamValue) -> InferResul
     match key {
         "max_tokens" => options.max_tokens = Some(as_count(key, value)?),
         "top_k" => options.top_k = Some(as_count(key, value)?),
+        "logprobs" => options.logprobs = Some(as_count(key, value)?),
         "seed" => options.seed = Some(as_int(key, value)? as u64),
         "temperature" => options.temperature = Some(as_float(key, value)?),
         "top_p" => options.top_p = Some(as_float(key, value)?),
@@ -248,18 +253,16 @@ async fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, G
 /// when the request sets `stream: false`.
 fn replies(decoded: TextRequest, generation: Generation) -> ReplyStream {
     if decoded.stream == Some(false) {
-        let once = async move {
-            let (text, finish_reason, usage) = generation.collect().await?;
-            Ok(final_reply(text, finish_reason, usage, Some(true)))
-        };
+        let once = async move { Ok(final_reply(generation.collect().await?, Some(true))) };
         return stream::once(once).boxed();
     }
     stream::unfold(Some(generation), |state| async move {
         let mut generation = state?;
         let item = match generation.next().await? {
-            Event::Text(text) => Ok(delta(text)),
-            Event::Done { text, finish_reason, usage } => {
-                return Some((Ok(final_reply(text, finish_reason, usage, Some(true))), None));
+            Event::Text { text, logprobs } => Ok(delta(text, &logprobs)),
+            Event::Done { text, logprobs, finish_reason, usage } => {
+                let answer = Answer { text, logprobs, finish_reason, usage };
+                return Some((Ok(final_reply(answer, Some(true))), None));
             }
             Event::Error(error) => return Some((Err(error), None)),
         };
@@ -277,8 +280,7 @@ impl Backend for Llm {
     fn infer(&self, request: InferRequest) -> BoxFuture<'_, InferResult<Reply>> {
         Box::pin(async move {
             let (_, generation) = start(self, &request).await?;
-            let (text, finish_reason, usage) = generation.collect().await?;
-            Ok(final_reply(text, finish_reason, usage, None))
+            Ok(final_reply(generation.collect().await?, None))
         })
     }
 
@@ -301,15 +303,26 @@ impl Backend for Llm {
 }
 
 /// A streamed piece of text.
-fn delta(text: String) -> Reply {
+fn delta(text: String, logprobs: &[TokenLogprob]) -> Reply {
     let mut parameters = Parameters::new();
     parameters.insert("triton_final_response".into(), ParamValue::Bool(false));
+    add_logprobs(&mut parameters, logprobs);
     Reply { outputs: vec![text_tensor(text)], parameters }
 }
 
+/// The `logprobs` parameter: the entries as a JSON list (when asked for).
+fn add_logprobs(parameters: &mut Parameters, logprobs: &[TokenLogprob]) {
+    if !logprobs.is_empty() {
+        let list = Value::Array(logprobs.iter().map(chat_entry).collect());
+        parameters.insert("logprobs".into(), ParamValue::Str(list.to_string()));
+    }
+}
+
 /// The final (or only) reply, with the finish reason and token counts.
-fn final_reply(text: String, finish_reason: FinishReason, usage: Usage, final_flag: Option<bool>) -> Reply {
+fn final_reply(answer: Answer, final_flag: Option<bool>) -> Reply {
+    let Answer { text, logprobs, finish_reason, usage } = answer;
     let mut parameters = Parameters::new();
+    add_logprobs(&mut parameters, &logprobs);
     parameters.insert("finish_reason".into(), ParamValue::Str(finish_reason.as_str().into()));
     parameters.insert("prompt_tokens".into(), ParamValue::Int(usage.prompt_tokens as i64));
     parameters.insert("completion_tokens".into(), ParamValue::Int(usage.completion_tokens as i64));

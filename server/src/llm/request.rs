@@ -17,6 +17,9 @@ pub(crate) struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Report log-probabilities with this many alternatives per token
+    /// (`None`: not asked, nothing computed).
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -39,6 +42,9 @@ pub struct GenerateOptions {
     pub frequency_penalty: Option<f32>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Log-probabilities with this many alternatives per token (0 to
+    /// [`MAX_TOP_LOGPROBS`](crate::llm::logprobs::MAX_TOP_LOGPROBS)).
+    pub logprobs: Option<usize>,
 }
 
 /// Why generation ended, as OpenAI names it.
@@ -72,17 +78,62 @@ impl Usage {
     }
 }
 
+/// A token as a client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    pub id: u32,
+    /// Its bytes (a byte-level token may hold part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Its bytes as text (an incomplete character becomes U+FFFD).
+    pub text: String,
+}
+
+/// One alternative token and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+}
+
+/// The log-probability of one generated token and the most likely
+/// alternatives at its step (most likely first), under the model's own
+/// distribution (`llm::logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenText,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
 /// One step of a request's answer. A request gets any number of `Text`
-/// events, then exactly one `Done` or `Error`.
+/// events, then exactly one `Done` or `Error`. When log-probabilities are
+/// asked for, every generated token (an end-of-sequence token excepted)
+/// has one entry, sent with the text that its token completes (text held
+/// back, by a stop string or an unfinished character, keeps its entries
+/// back with it).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// New text (the tokens of one engine step).
-    Text(String),
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The end, with the last text held back (maybe empty).
     Done {
         text: String,
+        logprobs: Vec<TokenLogprob>,
         finish_reason: FinishReason,
         usage: Usage,
     },
     Error(InferError),
+}
+
+/// A whole answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    /// Empty unless asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
 }

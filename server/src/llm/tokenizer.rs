@@ -2,9 +2,12 @@
 //! `tokenizers` crate), and the incremental decoder that turns a growing
 //! token sequence into text deltas without splitting characters.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::{DecoderWrapper, Tokenizer};
+
+use crate::llm::request::TokenText;
 
 /// The model's tokenizer.
 pub(crate) struct TextCodec {
@@ -16,6 +19,11 @@ pub(crate) struct TextCodec {
     /// Bytes of the longest token's text (an upper bound: byte-level
     /// vocabularies spell some bytes with two).
     longest_token_bytes: usize,
+    /// For a byte-level vocabulary (GPT-2 style), the byte each of its 256
+    /// characters stands for; empty otherwise.
+    byte_of: HashMap<char, u8>,
+    /// Added tokens (`<|im_end|>`): their text is literal, not byte-level.
+    added: HashSet<u32>,
 }
 
 impl TextCodec {
@@ -33,7 +41,28 @@ impl TextCodec {
         let special =
             tokenizer.get_added_tokens_decoder().into_values().filter(|t| t.special).map(|t| t.content).collect();
         let longest_token_bytes = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
-        TextCodec { tokenizer, plain, special, longest_token_bytes }
+        let byte_of = match tokenizer.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) => byte_level_chars(),
+            _ => HashMap::new(),
+        };
+        let added = tokenizer.get_added_tokens_decoder().into_keys().collect();
+        TextCodec { tokenizer, plain, special, longest_token_bytes, byte_of, added }
+    }
+
+    /// One token's bytes and text, as a log-probability entry shows it.
+    pub(crate) fn token_piece(&self, id: u32) -> TokenText {
+        let piece = self.tokenizer.id_to_token(id).unwrap_or_default();
+        let bytes = if !self.byte_of.is_empty() && !self.added.contains(&id) {
+            piece.chars().map(|c| self.byte_of.get(&c).copied()).collect::<Option<Vec<u8>>>()
+        } else if self.added.contains(&id) {
+            None
+        } else {
+            // Other vocabularies (SentencePiece's "▁", byte fallback): the decoder knows.
+            Some(self.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes())
+        };
+        let bytes = bytes.unwrap_or_else(|| piece.into_bytes());
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        TokenText { id, bytes, text }
     }
 
     /// Tokens of `text`. Special tokens written in the text (`<|im_start|>`)
@@ -72,6 +101,24 @@ impl TextCodec {
     pub(crate) fn token_text(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
     }
+}
+
+/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the
+/// others for the characters from U+0100 on, in byte order.
+fn byte_level_chars() -> HashMap<char, u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut next = 0u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(255 + next).expect("below U+0200")
+            };
+            (c, b)
+        })
+        .collect()
 }
 
 /// Turns tokens, one at a time, into text deltas. Byte-level tokens may end
@@ -114,6 +161,16 @@ mod tests {
     /// A byte-level stand-in: each token is one byte of UTF-8.
     fn bytes_decode(ids: &[u32]) -> String {
         String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<u8>>()).into_owned()
+    }
+
+    #[test]
+    fn byte_level_alphabet() {
+        let table = byte_level_chars();
+        assert_eq!(table.len(), 256);
+        assert_eq!(table[&'Ġ'], b' ');
+        assert_eq!(table[&'Ċ'], b'\n');
+        assert_eq!(table[&'a'], b'a');
+        assert_eq!(table[&'é'], 0xE9);
     }
 
     #[test]
