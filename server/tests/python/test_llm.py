@@ -246,7 +246,7 @@ def test_context_length_is_a_clear_400(client, llm_server):
         (b"{not json", "invalid request body"),
         (b'{"model": "smol"}', "messages"),
         (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
-        (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "n = 1"),
+        (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 17}', "n must be between 1 and 16"),
         (b'{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p"),
     ],
 )
