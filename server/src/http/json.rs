@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::{InferError, InferResult};
+use crate::inference::{ParamValue, Parameters};
 use crate::tensor::{element_count, DataType, Tensor, TensorData};
 
 /// Header that gives the length of the JSON part of a binary request or
@@ -393,13 +394,15 @@ pub(crate) fn tensor_to_json(tensor: &Tensor) -> Value {
 }
 
 /// Encodes a response: each output as JSON data, or as binary data after
-/// the JSON when `binary(name)` says so. Returns the body and, when any
-/// output is binary, the JSON length for the header.
+/// the JSON when `binary(name)` says so, and the response parameters (an
+/// LLM's `finish_reason`, token counts, `logprobs`). Returns the body and,
+/// when any output is binary, the JSON length for the header.
 pub(crate) fn encode_response(
     model_name: &str,
     model_version: &str,
     id: &str,
     outputs: &[Tensor],
+    parameters: &Parameters,
     binary: impl Fn(&str) -> bool,
 ) -> (Bytes, Option<usize>) {
     let mut chunks = Vec::new();
@@ -420,6 +423,15 @@ pub(crate) fn encode_response(
     let mut header = json!({"model_name": model_name, "model_version": model_version, "outputs": outputs_json});
     if !id.is_empty() {
         header["id"] = json!(id);
+    }
+    if !parameters.is_empty() {
+        let scalar = |value: &ParamValue| match value {
+            ParamValue::Bool(b) => json!(b),
+            ParamValue::Int(i) => json!(i),
+            ParamValue::Float(f) => json!(f),
+            ParamValue::Str(s) => json!(s),
+        };
+        header["parameters"] = parameters.iter().map(|(key, value)| (key.clone(), scalar(value))).collect();
     }
     let header = serde_json::to_vec(&header).expect("JSON encoding");
     if chunks.is_empty() {
@@ -548,7 +560,7 @@ mod tests {
     #[test]
     fn binary_response_carries_header_length() {
         let t = decode_json_tensor("y", DataType::Fp32, vec![1], "[0.5]").unwrap();
-        let (body, len) = encode_response("m", "1", "", &[t], |_| true);
+        let (body, len) = encode_response("m", "1", "", &[t], &Parameters::new(), |_| true);
         let len = len.unwrap();
         assert_eq!(&body[len..], &0.5f32.to_le_bytes());
         let header: Value = serde_json::from_slice(&body[..len]).unwrap();

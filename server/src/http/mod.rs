@@ -301,8 +301,14 @@ async fn infer_version(
     let is_binary = |output: &str| {
         binary_outputs.iter().find(|(name, _)| name == output).map(|(_, b)| *b).unwrap_or(binary_default)
     };
-    let (body, json_len) =
-        json::encode_response(&response.model_name, &response.model_version, &id, &response.outputs, is_binary);
+    let (body, json_len) = json::encode_response(
+        &response.model_name,
+        &response.model_version,
+        &id,
+        &response.outputs,
+        &response.parameters,
+        is_binary,
+    );
     Ok(match json_len {
         Some(len) => (
             [

@@ -299,6 +299,20 @@ def test_grpc_logprobs_parameter(fp32_server, client):
         for e, want in zip(entries, same.choices[0].logprobs.token_logprobs):
             assert e["logprob"] == pytest.approx(want, abs=1e-5)
             assert len(e["top_logprobs"]) == 2
+        # The KServe v2 REST endpoint takes and answers the same.
+        body = {
+            "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [CHATML_FRANCE]}],
+            "parameters": {"max_tokens": 8, "temperature": 0, "logprobs": 2},
+        }
+        status, _, data = fp32_server.http_request(
+            "POST", f"/v2/models/{MODEL}/infer", json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        assert status == 200, data
+        answer = json.loads(data)
+        assert answer["parameters"]["completion_tokens"] == len(entries)
+        assert answer["parameters"]["finish_reason"] in ("stop", "length")
+        rest = json.loads(answer["parameters"]["logprobs"])
+        assert [e["token"] for e in rest] == [e["token"] for e in entries]
         # Not asked: no parameter.
         plain = c.infer(MODEL, grpc_inputs("Hi"), parameters={"max_tokens": 2}, client_timeout=300)
         assert "logprobs" not in plain.get_response().parameters
