@@ -797,6 +797,7 @@ fn model_object(name: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::request::{TokenText, TopLogprob};
 
     fn body(json: &str) -> Result<RequestBody, InferError> {
         parse(json.as_bytes())
@@ -864,6 +865,41 @@ mod tests {
         assert!(message(chat(r#"{"n": 0}"#)).contains("n must be between 1 and 16"));
         assert!(message(chat(r#"{"n": 17}"#)).contains("n must be between 1 and 16"));
         assert!(message(completion(r#"{"n": -3}"#)).contains("n must be"));
+    }
+
+    fn entry(text: &str, logprob: f32, top: &[(&str, f32)]) -> TokenLogprob {
+        let token = |text: &str| TokenText { id: 0, bytes: text.as_bytes().to_vec(), text: text.to_string() };
+        TokenLogprob {
+            token: token(text),
+            logprob,
+            top: top.iter().map(|&(t, logprob)| TopLogprob { token: token(t), logprob }).collect(),
+        }
+    }
+
+    #[test]
+    fn logprobs_in_openai_shapes() {
+        let entries = [entry(" Paris", -0.5, &[(" Paris", -0.5), (" Lyon", -1.5)]), entry("!", -3.0, &[(".", -0.1)])];
+        let completion = Reply::new(Kind::Completion, "m".into(), true);
+        let value = completion.logprobs_json(&entries, &mut TextOffsets::default());
+        assert_eq!(value["tokens"], json!([" Paris", "!"]));
+        assert_eq!(value["token_logprobs"], json!([-0.5, -3.0]));
+        assert_eq!(value["text_offset"], json!([0, 6]));
+        // The sampled token is in the dictionary even when it is not an alternative.
+        assert_eq!(value["top_logprobs"], json!([{" Paris": -0.5, " Lyon": -1.5}, {".": -0.1f32, "!": -3.0}]));
+        let chat = Reply::new(Kind::Chat, "m".into(), true);
+        let value = chat.logprobs_json(&entries[1..], &mut TextOffsets::default());
+        assert_eq!(
+            value,
+            json!({"content": [{"token": "!", "logprob": -3.0, "bytes": [33],
+                                "top_logprobs": [{"token": ".", "logprob": -0.1f32, "bytes": [46]}]}],
+                   "refusal": null})
+        );
+        let minus_infinity = [entry("x", f32::NEG_INFINITY, &[])];
+        assert_eq!(chat.logprobs_json(&minus_infinity, &mut TextOffsets::default())["content"][0]["logprob"], -9999.0);
+        assert_eq!(
+            Reply::new(Kind::Chat, "m".into(), false).logprobs_json(&entries, &mut TextOffsets::default()),
+            Value::Null
+        );
     }
 
     #[test]
