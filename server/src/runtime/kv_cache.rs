@@ -252,7 +252,7 @@ mod tests {
     fn blocks_round_trip_through_a_left_padded_row() {
         // Row 1 of a batch (id 2, len 4, past 5), blocks of 2 positions.
         let batch = source(&[(1, 1), (2, 4)], 5);
-        let mut blocks = vec![Vec::new(), Vec::new()];
+        let mut blocks = [Vec::new(), Vec::new()];
         for (j, block) in blocks.iter_mut().enumerate() {
             copy_block_out(block, &batch, 5, 1, 1 + 2 * j, 2, SHAPE);
         }

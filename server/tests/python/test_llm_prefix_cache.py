@@ -35,7 +35,9 @@ SYSTEM = (
     "writing to the support address. Our best sellers are the stainless steel spade, the bamboo "
     "rake, the folding chair made of oak, tomato seeds of the heirloom variety, and the rain "
     "barrel of two hundred litres. The shop is closed on public holidays. Keep every answer under "
-    "five sentences unless the customer asks for details."
+    "five sentences unless the customer asks for details. If a customer asks for gardening advice, "
+    "give one practical tip about watering, soil or sunlight, and recommend a product from the "
+    "catalogue only when it truly helps."
 )
 TURNS = [
     "Hello! Do you sell rakes?",
