@@ -416,7 +416,6 @@ impl Worker {
             let (logits, next) = self.decoder.forward(ids, mask, positions, cache)?;
             cache = next;
             if cache.past == prompt.len() {
-                self.cache_blocks(prompt, &cache, 0);
                 let mut sampler = Sampler::new(request.sampling, prompt);
                 let first = sampler.sample(logits.data()?);
                 let mut sequence = Sequence {
@@ -441,6 +440,9 @@ impl Worker {
                 self.record(1, waited, compute);
                 self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
                 self.accept(&mut sequence, first);
+                // After the first token went out, before the next prefill
+                // (the same prompt admitted in this iteration hits).
+                self.cache_blocks(prompt, &cache, 0);
                 return Ok((!sequence.finished).then_some((sequence, cache)));
             }
         }

@@ -11,6 +11,7 @@ and the previous answers at every turn.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -145,6 +146,14 @@ def test_cached_tokens_and_eviction_within_the_budget(server_factory):
     assert cached(second.usage) > 250 and cached(second.usage) % BLOCK == 0, second.usage
     chunks = list(ask("Can I pay by card?", stream=True, stream_options={"include_usage": True}))
     assert cached(chunks[-1].usage) == cached(second.usage), chunks[-1].usage
+
+    # Two identical new prompts at once (as OpenAI `n` > 1 sends): the engine prefills
+    # them one after the other, and the second reuses the first's blocks even when both
+    # were admitted in the same iteration.
+    twin = "<|im_start|>user\n" + " ".join(f"word{i}" for i in range(40)) + "<|im_end|>\n<|im_start|>assistant\n"
+    with ThreadPoolExecutor(2) as pool:
+        usages = sorted(pool.map(lambda _: complete(client, twin, max_tokens=2)[1], range(2)), key=cached)
+    assert cached(usages[0]) == 0 and cached(usages[1]) == (usages[1].prompt_tokens - 1) // BLOCK * BLOCK, usages
 
     import tritonclient.grpc as grpcclient
     from test_llm import grpc_inputs
