@@ -125,7 +125,10 @@ impl Metrics {
                 "Time between successive tokens of a sequence",
                 token_latency,
             ),
-            llm_prompt_tokens: counter("ferrite_llm_prompt_tokens_total", "Prompt tokens prefilled"),
+            llm_prompt_tokens: counter(
+                "ferrite_llm_prompt_tokens_total",
+                "Prompt tokens of admitted requests (prefilled or from the prefix cache)",
+            ),
             llm_generated_tokens: counter("ferrite_llm_generated_tokens_total", "Tokens generated"),
             llm_waiting: gauge(
                 "ferrite_llm_waiting_sequences",
