@@ -84,8 +84,12 @@ pub struct LlmLimits {
     pub allow_ignore_eos: bool,
     /// Bytes of KV cache the engine may hold for all its sequences; 0: the
     /// container's memory limit, less what the process holds after loading
-    /// the model, less a margin.
+    /// the model, less a margin. The prefix cache's bytes come out of it.
     pub kv_budget_bytes: u64,
+    /// Bytes of the prefix cache (KV blocks of prompts seen, `llm::prefix_cache`),
+    /// taken from the KV budget; 0 turns the cache off; `None`: an eighth of
+    /// the KV budget, at most 1 GiB.
+    pub prefix_cache_bytes: Option<u64>,
 }
 
 impl Default for ModelSettings {

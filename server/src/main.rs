@@ -193,6 +193,12 @@ struct ServeArgs {
     /// and a margin.
     #[arg(long, env = "FERRITE_LLM_KV_BUDGET_BYTES", default_value_t = 0)]
     llm_kv_budget_bytes: u64,
+    /// LLMs: bytes of the prefix cache (KV blocks of prompts seen, reused by
+    /// requests that start the same way), taken from the KV budget; 0 turns
+    /// it off. Default: an eighth of the KV budget, at most 1 GiB (at most
+    /// half the budget when given).
+    #[arg(long, env = "FERRITE_LLM_PREFIX_CACHE_BYTES")]
+    llm_prefix_cache_bytes: Option<u64>,
     /// Largest request message, in bytes, on gRPC and HTTP. 32 MiB holds a
     /// batch of 32 RGB 224x224 FP32 images (18.4 MiB) with room; decoding
     /// one takes at most 24x its size (docs/security.md).
@@ -307,6 +313,7 @@ impl ServeArgs {
                     max_tokens: self.llm_max_tokens,
                     allow_ignore_eos: self.llm_allow_ignore_eos,
                     kv_budget_bytes: self.llm_kv_budget_bytes,
+                    prefix_cache_bytes: self.llm_prefix_cache_bytes,
                 },
             },
             max_message_bytes: self.max_message_bytes,

@@ -33,6 +33,14 @@ pub(crate) struct Metrics {
     pub llm_waiting: IntGaugeVec,
     /// LLMs: sequences in the decode batch (also in `inflight`).
     pub llm_running: IntGaugeVec,
+    /// LLMs: prompt tokens whose KV came from the prefix cache.
+    pub llm_prefix_hit_tokens: IntCounterVec,
+    /// LLMs: prompt tokens the prefix cache did not hold (prefilled).
+    pub llm_prefix_miss_tokens: IntCounterVec,
+    /// LLMs: prefix cache blocks evicted to make room.
+    pub llm_prefix_evictions: IntCounterVec,
+    /// LLMs: bytes of KV data in the prefix cache.
+    pub llm_prefix_bytes: IntGaugeVec,
     /// Wire bytes of requests in flight, server-wide (`budget`).
     pub inflight_bytes: IntGauge,
     /// The budget of `inflight_bytes`.
@@ -117,7 +125,10 @@ impl Metrics {
                 "Time between successive tokens of a sequence",
                 token_latency,
             ),
-            llm_prompt_tokens: counter("ferrite_llm_prompt_tokens_total", "Prompt tokens prefilled"),
+            llm_prompt_tokens: counter(
+                "ferrite_llm_prompt_tokens_total",
+                "Prompt tokens of admitted requests (prefilled or from the prefix cache)",
+            ),
             llm_generated_tokens: counter("ferrite_llm_generated_tokens_total", "Tokens generated"),
             llm_waiting: gauge(
                 "ferrite_llm_waiting_sequences",
@@ -127,6 +138,19 @@ impl Metrics {
                 "ferrite_llm_running_sequences",
                 "Sequences in the decode batch (counted in ferrite_inflight_requests too)",
             ),
+            llm_prefix_hit_tokens: counter(
+                "ferrite_llm_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose KV came from the prefix cache (not prefilled)",
+            ),
+            llm_prefix_miss_tokens: counter(
+                "ferrite_llm_prefix_cache_miss_tokens_total",
+                "Prompt tokens not in the prefix cache (prefilled)",
+            ),
+            llm_prefix_evictions: counter(
+                "ferrite_llm_prefix_cache_evictions_total",
+                "Prefix cache blocks evicted (least recently used) to make room",
+            ),
+            llm_prefix_bytes: gauge("ferrite_llm_prefix_cache_bytes", "Bytes of KV data held in the prefix cache"),
             inflight_bytes,
             inflight_bytes_limit,
             inflight_bytes_refused,

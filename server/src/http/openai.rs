@@ -582,6 +582,7 @@ impl Reply {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens(),
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         })
     }
 

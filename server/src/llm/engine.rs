@@ -18,6 +18,12 @@
 //!
 //! No request waits for another to finish: a new one joins at the next
 //! step, a finished one leaves at the next step.
+//!
+//! With a prefix cache ([`PrefixCache`]), a prefill starts after the
+//! longest cached prefix of its prompt and caches the prompt's blocks as
+//! soon as it ends (a second request with the same prompt in the same
+//! iteration already hits); a sequence that finishes caches its prompt and
+//! answer too (the next turn of a chat resends both).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -29,8 +35,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::admission::Admission;
 use crate::error::{InferError, InferResult};
 use crate::inference::Priority;
-use crate::llm::limits::KvBudget;
+use crate::llm::limits::{kv_bytes_per_token, KvBudget};
 use crate::llm::logprobs::{step_logprobs, StepLogprobs};
+use crate::llm::prefix_cache::{PrefixCache, BLOCK_TOKENS};
 use crate::llm::request::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use crate::llm::sampling::Sampler;
 use crate::llm::stop::{Scanned, StopMatcher};
@@ -56,6 +63,8 @@ pub(crate) struct EngineSettings {
     pub prefill_budget: usize,
     /// Memory for the batch's KV cache; requests wait until theirs fits.
     pub kv: KvBudget,
+    /// Bytes of the prefix cache; 0: off.
+    pub prefix_cache_bytes: u64,
 }
 
 impl Default for EngineSettings {
@@ -66,6 +75,7 @@ impl Default for EngineSettings {
             prefill_chunk: 512,
             prefill_budget: 512,
             kv: KvBudget { bytes_per_token: 1, budget: u64::MAX },
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -112,6 +122,10 @@ struct EngineMetrics {
     inter_token_latency: Histogram,
     prompt_tokens: IntCounter,
     generated_tokens: IntCounter,
+    prefix_hit_tokens: IntCounter,
+    prefix_miss_tokens: IntCounter,
+    prefix_evictions: IntCounter,
+    prefix_bytes: IntGauge,
 }
 
 impl EngineMetrics {
@@ -125,6 +139,10 @@ impl EngineMetrics {
             inter_token_latency: m.llm_inter_token_latency.with_label_values(&[model]),
             prompt_tokens: m.llm_prompt_tokens.with_label_values(&[model]),
             generated_tokens: m.llm_generated_tokens.with_label_values(&[model]),
+            prefix_hit_tokens: m.llm_prefix_hit_tokens.with_label_values(&[model]),
+            prefix_miss_tokens: m.llm_prefix_miss_tokens.with_label_values(&[model]),
+            prefix_evictions: m.llm_prefix_evictions.with_label_values(&[model]),
+            prefix_bytes: m.llm_prefix_bytes.with_label_values(&[model]),
         }
     }
 
@@ -205,7 +223,9 @@ impl Engine {
         });
         shared.metrics.waiting.set(0);
         shared.metrics.set_running(0);
-        let worker = Worker { shared: shared.clone(), decoder, model, running: Vec::new(), cache: None };
+        shared.metrics.prefix_bytes.set(0);
+        let prefix = (settings.prefix_cache_bytes > 0).then(|| PrefixCache::new(settings.prefix_cache_bytes));
+        let worker = Worker { shared: shared.clone(), decoder, model, running: Vec::new(), cache: None, prefix };
         std::thread::Builder::new()
             .name(format!("ferrite-llm-{}", worker.model.name))
             .spawn(move || worker.run())
@@ -257,6 +277,10 @@ fn needs_rebuild(rows: usize, finished: usize, joining: usize, release: bool) ->
 struct Sequence {
     events: UnboundedSender<Event>,
     prompt_len: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    cached: usize,
+    /// The tokens whose KV the cache holds (prompt, then each token fed).
+    tokens: Vec<u32>,
     max_tokens: usize,
     /// Most positions this row may hold (its KV reservation).
     reach: usize,
@@ -281,7 +305,7 @@ struct Sequence {
 
 impl Sequence {
     fn usage(&self) -> Usage {
-        Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated }
+        Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated, cached_tokens: self.cached }
     }
 
     fn finish(&mut self, text: String, finish_reason: FinishReason) {
@@ -304,6 +328,8 @@ struct Worker {
     /// In the order of the cache's rows.
     running: Vec<Sequence>,
     cache: Option<BatchCache>,
+    /// KV blocks of prompts seen; `None` when off.
+    prefix: Option<PrefixCache>,
 }
 
 impl Worker {
@@ -387,8 +413,8 @@ impl Worker {
         let started = Instant::now();
         let Pending { request, events, enqueued } = pending;
         let prompt = &request.prompt;
-        let mut cache = BatchCache::empty(self.decoder.shape(), 1)?;
-        for chunk in prompt.chunks(self.shared.settings.prefill_chunk.max(1)) {
+        let (mut cache, cached) = self.cached_prefix(prompt)?;
+        for chunk in prompt[cached..].chunks(self.shared.settings.prefill_chunk.max(1)) {
             let past = cache.past;
             let ids = chunk.iter().map(|&t| t as i64).collect();
             let mask = vec![1i64; past + chunk.len()];
@@ -403,6 +429,8 @@ impl Worker {
                 let mut sequence = Sequence {
                     events: events.clone(),
                     prompt_len: prompt.len(),
+                    cached,
+                    tokens: prompt.clone(),
                     max_tokens: request.max_tokens,
                     reach: request.reach(),
                     generated: 0,
@@ -422,6 +450,9 @@ impl Worker {
                 self.record(1, waited, compute);
                 self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
                 self.accept(&mut sequence, first, logprobs);
+                // After the first token went out, before the next prefill
+                // (the same prompt admitted in this iteration hits).
+                self.cache_blocks(prompt, &cache, 0);
                 return Ok((!sequence.finished).then_some((sequence, cache)));
             }
         }
@@ -481,10 +512,18 @@ impl Worker {
             if sequence.finished {
                 continue;
             }
+            sequence.tokens.push(sequence.last_token);
             let row = &data[b * vocab..(b + 1) * vocab];
             let token = sequence.sampler.sample(row);
             let logprobs = sequence.top_logprobs.map(|top| step_logprobs(row, token, top));
             self.accept(sequence, token, logprobs);
+            if sequence.finished {
+                // Its row is still in the cache: keep prompt and answer.
+                if let Some(cache) = self.cache.take() {
+                    self.cache_blocks(&sequence.tokens, &cache, b);
+                    self.cache = Some(cache);
+                }
+            }
         }
         self.running = running;
         self.record(live, Duration::ZERO, started.elapsed());
@@ -533,6 +572,42 @@ impl Worker {
                 sequence.finished = true;
             }
         }
+    }
+
+    /// The start of a prefill: a one-row cache holding the longest cached
+    /// prefix of `prompt`, and its length in tokens.
+    fn cached_prefix(&mut self, prompt: &[u32]) -> InferResult<(BatchCache, usize)> {
+        let shape = self.decoder.shape();
+        let Some(prefix) = self.prefix.as_mut() else { return Ok((BatchCache::empty(shape, 1)?, 0)) };
+        let blocks = prefix.lookup(prompt);
+        let cached = blocks.len() * BLOCK_TOKENS;
+        let metrics = &self.shared.metrics;
+        metrics.prefix_hit_tokens.inc_by(cached as u64);
+        metrics.prefix_miss_tokens.inc_by((prompt.len() - cached) as u64);
+        if blocks.is_empty() {
+            return Ok((BatchCache::empty(shape, 1)?, 0));
+        }
+        let views: Vec<&[f32]> = blocks.iter().map(|b| &b[..]).collect();
+        Ok((BatchCache::from_blocks(shape, &views, BLOCK_TOKENS)?, cached))
+    }
+
+    /// Caches the whole blocks of `tokens`, the positions of row `row` of
+    /// `cache`. A failure costs only the reuse, never the request.
+    fn cache_blocks(&mut self, tokens: &[u32], cache: &BatchCache, row: usize) {
+        let Some(prefix) = self.prefix.as_mut() else { return };
+        let shape = self.decoder.shape();
+        let block_bytes = kv_bytes_per_token(shape) * BLOCK_TOKENS as u64;
+        let len = tokens.len();
+        let inserted = prefix.insert(tokens, block_bytes, |i| {
+            let mut blocks = cache.row_blocks(shape, row, len, i, 1, BLOCK_TOKENS)?;
+            blocks.pop().ok_or_else(|| InferError::internal("no KV block copied"))
+        });
+        let metrics = &self.shared.metrics;
+        match inserted {
+            Ok(done) => metrics.prefix_evictions.inc_by(done.evicted as u64),
+            Err(error) => tracing::warn!(model = %self.model.name, %error, "caching KV blocks failed"),
+        }
+        metrics.prefix_bytes.set(prefix.bytes() as i64);
     }
 
     fn record(&self, rows: usize, waited: Duration, compute: Duration) {

@@ -4,6 +4,8 @@
 //! The KV budget is what keeps a pod inside its memory: the engine admits a
 //! sequence only when the batch's worst case still fits (see
 //! [`KvBudget::cost`]), so no mix of requests can grow the caches past it.
+//! The prefix cache's bytes are carved out of the same budget: batch caches
+//! and prefix cache together never exceed `--llm-kv-budget-bytes`.
 
 use crate::config::{self, LlmLimits};
 use crate::error::{ErrorKind, InferError, InferResult};
@@ -28,6 +30,14 @@ const CACHE_COPIES: u64 = 2;
 /// tokens could fit the context with more.
 const MAX_BYTES_PER_TOKEN: usize = 16;
 
+/// The prefix cache's default share of the KV budget: an eighth (about 45
+/// system prompts of 320 tokens in a 1 GiB budget for SmolLM2-135M), so the
+/// batch keeps most of the memory; at most [`MAX_DEFAULT_PREFIX_BYTES`].
+const DEFAULT_PREFIX_SHARE: u64 = 8;
+
+/// The default prefix cache, at most (and when the KV budget is unlimited).
+const MAX_DEFAULT_PREFIX_BYTES: u64 = 1 << 30;
+
 /// Longest stop string, in bytes. Stop strings are matched against the
 /// output after every token, so their length costs engine time for every
 /// request in the batch.
@@ -39,7 +49,10 @@ pub(crate) struct Limits {
     pub max_prompt_bytes: usize,
     pub max_tokens: usize,
     pub allow_ignore_eos: bool,
+    /// The batch caches' budget (the prefix cache's bytes taken out).
     pub kv: KvBudget,
+    /// Bytes of the prefix cache; 0: off.
+    pub prefix_cache_bytes: u64,
 }
 
 impl Limits {
@@ -49,10 +62,11 @@ impl Limits {
     /// budget counts the memory the process holds then.
     pub(crate) fn resolve(flags: &LlmLimits, context: usize, longest_token_bytes: usize, shape: CacheShape) -> Limits {
         let bytes_per_token = kv_bytes_per_token(shape);
-        let budget = match flags.kv_budget_bytes {
+        let total = match flags.kv_budget_bytes {
             0 => derived_budget(config::memory_limit(), config::resident_bytes()),
             bytes => bytes,
         };
+        let (budget, prefix_cache_bytes) = split_budget(total, flags.prefix_cache_bytes);
         Limits {
             max_prompt_bytes: match flags.max_prompt_bytes {
                 0 => context.saturating_mul(longest_token_bytes.min(MAX_BYTES_PER_TOKEN)),
@@ -64,8 +78,26 @@ impl Limits {
             },
             allow_ignore_eos: flags.allow_ignore_eos,
             kv: KvBudget { bytes_per_token, budget },
+            prefix_cache_bytes,
         }
     }
+}
+
+/// The KV budget `total` split into the batch's and the prefix cache's:
+/// `prefix` as asked (at most half the total), or by default an eighth, at
+/// most [`MAX_DEFAULT_PREFIX_BYTES`]. An unlimited total stays unlimited
+/// for the batch; the prefix cache is always bounded.
+fn split_budget(total: u64, prefix: Option<u64>) -> (u64, u64) {
+    let prefix = match prefix {
+        Some(bytes) if total == u64::MAX => bytes,
+        Some(bytes) => bytes.min(total / 2),
+        None if total == u64::MAX => MAX_DEFAULT_PREFIX_BYTES,
+        None => (total / DEFAULT_PREFIX_SHARE).min(MAX_DEFAULT_PREFIX_BYTES),
+    };
+    if total == u64::MAX {
+        return (total, prefix);
+    }
+    (total - prefix, prefix)
 }
 
 /// Bytes of key and value cache one token of one sequence takes (f32).
@@ -172,6 +204,19 @@ mod tests {
         assert_eq!(Limits::resolve(&flags, 8192, 7, SMOL).max_prompt_bytes, 8192 * 7);
         assert_eq!(limits.max_tokens, 8192);
         assert!(!limits.allow_ignore_eos);
-        assert_eq!(limits.kv.budget, 1 << 30);
+        assert_eq!(limits.kv.budget + limits.prefix_cache_bytes, 1 << 30, "the prefix cache is carved out");
+        assert_eq!(limits.prefix_cache_bytes, 1 << 27);
+    }
+
+    #[test]
+    fn the_prefix_cache_comes_out_of_the_kv_budget() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(split_budget(GIB, None), (GIB - GIB / 8, GIB / 8));
+        assert_eq!(split_budget(64 * GIB, None), (63 * GIB, GIB), "at most 1 GiB by default");
+        assert_eq!(split_budget(GIB, Some(0)), (GIB, 0), "off");
+        assert_eq!(split_budget(GIB, Some(100)), (GIB - 100, 100));
+        assert_eq!(split_budget(GIB, Some(2 * GIB)), (GIB / 2, GIB / 2), "at most half");
+        assert_eq!(split_budget(u64::MAX, None), (u64::MAX, GIB), "bounded even when the budget is not");
+        assert_eq!(split_budget(u64::MAX, Some(5)), (u64::MAX, 5));
     }
 }

@@ -12,6 +12,7 @@ pub(crate) mod engine;
 pub(crate) mod limits;
 pub(crate) mod logprobs;
 pub(crate) mod oip;
+pub(crate) mod prefix_cache;
 pub(crate) mod prompt;
 pub(crate) mod request;
 pub(crate) mod sampling;
@@ -100,6 +101,7 @@ impl Llm {
             max_tokens = limits.max_tokens,
             allow_ignore_eos = limits.allow_ignore_eos,
             kv_budget_mib = limits.kv.budget >> 20,
+            prefix_cache_mib = limits.prefix_cache_bytes >> 20,
             kv_tokens = limits.kv.max_sequence_tokens(),
             "LLM limits"
         );
@@ -107,6 +109,7 @@ impl Llm {
             max_running: settings.max_batch_size.max(1),
             max_waiting: settings.max_queue_size.max(1),
             kv: limits.kv,
+            prefix_cache_bytes: limits.prefix_cache_bytes,
             ..EngineSettings::default()
         };
         let model = EngineModel {

@@ -12,7 +12,8 @@
 //!   `stop` (a string, or a JSON list as a string), `stream`;
 //! - output `text_output` BYTES `[1]`: the generated text only (vLLM's
 //!   `exclude_input_in_output: true`); response parameters `finish_reason`,
-//!   `prompt_tokens`, `completion_tokens`;
+//!   `prompt_tokens`, `completion_tokens`, `cached_tokens` (prompt tokens
+//!   taken from the prefix cache);
 //! - request parameter `logprobs` (0 to 20 alternatives per token): each
 //!   reply then has a `logprobs` parameter, a JSON list of its tokens'
 //!   entries in OpenAI's chat shape.
@@ -326,6 +327,7 @@ fn final_reply(answer: Answer, final_flag: Option<bool>) -> Reply {
     parameters.insert("finish_reason".into(), ParamValue::Str(finish_reason.as_str().into()));
     parameters.insert("prompt_tokens".into(), ParamValue::Int(usage.prompt_tokens as i64));
     parameters.insert("completion_tokens".into(), ParamValue::Int(usage.completion_tokens as i64));
+    parameters.insert("cached_tokens".into(), ParamValue::Int(usage.cached_tokens as i64));
     if let Some(flag) = final_flag {
         parameters.insert("triton_final_response".into(), ParamValue::Bool(flag));
     }

@@ -70,6 +70,8 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not prefilled).
+    pub cached_tokens: usize,
 }
 
 impl Usage {

@@ -69,6 +69,90 @@ impl BatchCache {
         }
         Ok(BatchCache { tensors, rows: rows.len(), past })
     }
+
+    /// A one-row cache holding `blocks` one after the other (the prefix
+    /// cache's, each `block` positions: per layer key then value,
+    /// `[heads, block, head_dim]`); the input of a prefill that continues
+    /// after them.
+    pub(crate) fn from_blocks(shape: CacheShape, blocks: &[&[f32]], block: usize) -> InferResult<BatchCache> {
+        let past = blocks.len() * block;
+        let per_tensor = shape.heads * block * shape.head_dim;
+        if let Some(bad) = blocks.iter().find(|b| b.len() != 2 * shape.layers * per_tensor) {
+            return Err(InferError::internal(format!(
+                "a cached KV block has {} floats, expected {}",
+                bad.len(),
+                2 * shape.layers * per_tensor
+            )));
+        }
+        let mut tensors = Vec::with_capacity(2 * shape.layers);
+        for index in 0..2 * shape.layers {
+            let mut data = vec![0.0f32; per_tensor * blocks.len()];
+            for (j, data_block) in blocks.iter().enumerate() {
+                let tensor = &data_block[index * per_tensor..(index + 1) * per_tensor];
+                copy_block_in(&mut data, past, tensor, j * block, block, shape);
+            }
+            tensors.push(f32_tensor(vec![1, shape.heads, past, shape.head_dim], data)?);
+        }
+        Ok(BatchCache { tensors, rows: 1, past })
+    }
+
+    /// Copies `count` blocks of `block` positions out of row `row`, which
+    /// holds its `len` positions at the right end, starting at the row's
+    /// position `first * block`: each in [`BatchCache::from_blocks`]'s layout.
+    pub(crate) fn row_blocks(
+        &self,
+        shape: CacheShape,
+        row: usize,
+        len: usize,
+        first: usize,
+        count: usize,
+        block: usize,
+    ) -> InferResult<Vec<Vec<f32>>> {
+        if row >= self.rows || len > self.past || (first + count) * block > len {
+            return Err(InferError::internal("KV blocks outside the cached row"));
+        }
+        let per_block = 2 * shape.layers * shape.heads * block * shape.head_dim;
+        let mut out: Vec<Vec<f32>> = (0..count).map(|_| Vec::with_capacity(per_block)).collect();
+        for tensor in &self.tensors {
+            let (_, data) = tensor
+                .try_extract_tensor::<f32>()
+                .map_err(|e| InferError::internal(format!("reading the KV cache: {e}")))?;
+            let start = self.past - len;
+            for (j, dst) in out.iter_mut().enumerate() {
+                copy_block_out(dst, data, self.past, row, start + (first + j) * block, block, shape);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Copies one tensor's block (`[heads, block, head_dim]`) into a one-row
+/// tensor `[1, heads, past, head_dim]` at position `at`.
+fn copy_block_in(dst: &mut [f32], past: usize, src: &[f32], at: usize, block: usize, shape: CacheShape) {
+    let d = shape.head_dim;
+    for h in 0..shape.heads {
+        let from = h * block * d;
+        let to = (h * past + at) * d;
+        dst[to..to + block * d].copy_from_slice(&src[from..from + block * d]);
+    }
+}
+
+/// Appends positions `at .. at + block` of row `row` of a tensor
+/// `[rows, heads, past, head_dim]` to `dst`, head after head.
+fn copy_block_out(
+    dst: &mut Vec<f32>,
+    src: &[f32],
+    past: usize,
+    row: usize,
+    at: usize,
+    block: usize,
+    shape: CacheShape,
+) {
+    let d = shape.head_dim;
+    for h in 0..shape.heads {
+        let from = ((row * shape.heads + h) * past + at) * d;
+        dst.extend_from_slice(&src[from..from + block * d]);
+    }
 }
 
 /// One source tensor's elements and its `past` length.
@@ -162,6 +246,23 @@ mod tests {
         let mut out = vec![0.0; 2 * 2];
         copy_rows(&mut out, 1, &views, &rows, SHAPE);
         assert_eq!(out, source(&[(1, 1)], 1));
+    }
+
+    #[test]
+    fn blocks_round_trip_through_a_left_padded_row() {
+        // Row 1 of a batch (id 2, len 4, past 5), blocks of 2 positions.
+        let batch = source(&[(1, 1), (2, 4)], 5);
+        let mut blocks = [Vec::new(), Vec::new()];
+        for (j, block) in blocks.iter_mut().enumerate() {
+            copy_block_out(block, &batch, 5, 1, 1 + 2 * j, 2, SHAPE);
+        }
+        // Block 1 of head 1 holds positions 2 and 3 of id 2.
+        assert_eq!(&blocks[1][4..], &[212.0, 212.0, 213.0, 213.0]);
+        let mut row = vec![0.0; 2 * 4 * 2];
+        for (j, block) in blocks.iter().enumerate() {
+            copy_block_in(&mut row, 4, block, 2 * j, 2, SHAPE);
+        }
+        assert_eq!(row, source(&[(2, 4)], 4));
     }
 
     #[test]

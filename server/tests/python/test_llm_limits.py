@@ -143,6 +143,7 @@ def test_kv_budget_bounds_concurrent_generations(server_factory):
         [
             "--model", f"{MODEL}={base.model_dir()}",
             "--llm-kv-budget-bytes", str(BUDGET),
+            "--llm-prefix-cache-bytes", "0",  # all of the budget for the batch
             "--llm-allow-ignore-eos",
             "--max-queue-size", "5",
         ]
