@@ -11,15 +11,13 @@ The graph is built by hand from the GGUF tensors:
 - token embedding: Gather on the dequantized `token_embd.weight`;
 - per layer: RMSNorm (com.microsoft SkipSimplifiedLayerNormalization, which also adds
   the residual), one fused QKV projection, rotary embeddings (com.microsoft
-  RotaryEmbedding, per-row `position_ids`), grouped-query attention as one
-  com.microsoft GroupQueryAttention node (it appends the new keys and values to the
-  past and attends with an additive bias built once from `attention_mask` and the
-  causal rule; every row is declared full length, `seqlens_k = T - 1`, so the bias, not
-  GQA's right-padding lengths, hides each row's left padding), output projection,
-  SwiGLU MLP with a fused gate/up projection. `--attention ops` builds the same
-  attention from standard ops instead (the 3 query heads of each KV head stacked along
-  the row axis, so K and V are never repeated), for execution providers without a
-  float32 GroupQueryAttention kernel (CUDA's takes float16 only);
+  RotaryEmbedding, per-row `position_ids`), grouped-query attention with standard ops
+  (the 3 query heads of each KV head are stacked along the row axis, so K and V are
+  never repeated), an additive mask built once from `attention_mask` and the causal
+  rule, output projection, SwiGLU MLP with a fused gate/up projection. `--attention gqa`
+  makes the attention one com.microsoft GroupQueryAttention node instead (every row
+  declared full length, `seqlens_k = T - 1`, so GQA appends at T like Concat and the
+  same bias hides the left padding); not faster on the CPUs measured (docs/llm.md);
 - the final RMSNorm and the LM head (tied to the embedding when the GGUF has no
   `output.weight`) run on the last position only.
 
