@@ -3,6 +3,11 @@
 steps of a converted decoder (prefill excluded), per operator type.
 
   python models/profile_graph.py .cache/models/smollm2-135m-instruct-int4 [--batch 1] [--steps 32]
+
+Kernel times are wall times: on a loaded machine every operator's time includes the
+preemptions inside it, which inflates the many small operators. To decide whether a graph
+change pays, compare CPU time per step of interleaved runs (models/bench_graph.py OLD NEW
+--cpu-time).
 """
 import argparse
 import collections

@@ -11,7 +11,8 @@ int4 (4-bit MatMulNBits, re-quantized): answers Paris; with transformers' greedy
     fed back, top-1 agrees at >= 65% and top-5 contains them at >= 90% of positions;
     with llama.cpp's, top-1 >= 60% and top-5 >= 85% (seen: 63.5%, 88.0%).
 Engine contract: left-padded batches give the same next tokens as each row alone,
-also over several decode steps (logits within 1e-3 for fp32, 1.5 for int4).
+also over several decode steps (logits within 1e-3 for fp32, 1.5 for int4), and a
+left-padded batch prefilled in two chunks gives the logits and cache of one prefill.
 
 Without the converted models (make models) these tests fail under CI=true and skip,
 loudly, otherwise.
