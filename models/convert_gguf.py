@@ -14,7 +14,10 @@ The graph is built by hand from the GGUF tensors:
   RotaryEmbedding, per-row `position_ids`), grouped-query attention with standard ops
   (the 3 query heads of each KV head are stacked along the row axis, so K and V are
   never repeated), an additive mask built once from `attention_mask` and the causal
-  rule, output projection, SwiGLU MLP with a fused gate/up projection;
+  rule, output projection, SwiGLU MLP with a fused gate/up projection. `--attention gqa`
+  makes the attention one com.microsoft GroupQueryAttention node instead (every row
+  declared full length, `seqlens_k = T - 1`, so GQA appends at T like Concat and the
+  same bias hides the left padding); not faster on the CPUs measured (docs/llm.md);
 - the final RMSNorm and the LM head (tied to the embedding when the GGUF has no
   `output.weight`) run on the last position only.
 
@@ -159,13 +162,21 @@ class G:
     def const(self, hint, arr):
         return self.init(self.name(hint), np.asarray(arr))
 
+    def branch(self, hint, body, n_out):
+        """A subgraph (an If branch) of the nodes that body() adds; body returns its n_out outputs."""
+        outer, self.nodes = self.nodes, []
+        outs = body()
+        nodes, self.nodes = self.nodes, outer
+        infos = [helper.make_empty_tensor_value_info(o) for o in outs]
+        return helper.make_graph(nodes, self.name(hint), [], infos)
+
     def op(self, op, inputs, hint=None, n_out=1, domain=None, outputs=None, **attrs):
         outs = outputs or [self.name(hint or op) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.name("n_" + op), domain=domain, **attrs))
         return outs if n_out > 1 else outs[0]
 
 
-def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
+def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, attention: str = "ops"):
     arch = gg.field("general.architecture")
     if arch != "llama":
         sys.exit(f"unsupported architecture {arch!r} (only llama)")
@@ -233,7 +244,7 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
     total = g.op("Shape", ["attention_mask"], "total", start=1, end=2)
     past = g.op("Sub", [total, seq], "past")
 
-    # ---- additive attention bias [b, 1, group*s, T], shared by every layer
+    # ---- additive attention bias [b, 1, s, T] (padding and causal rule), shared by every layer
     zero_s, one_s = g.const("c", i64(0)), g.const("c", i64(1))
     seq_s = g.op("Squeeze", [seq], "seq_s")
     total_s = g.op("Squeeze", [total], "total_s")
@@ -247,7 +258,19 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
     allowed = g.op("And", [am4, causal], "allowed")  # [b,1,s,T]
     bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
                           g.const("c", np.array(-1e9, np.float32))], "bias")
-    bias = g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+    bias_g = g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+    if attention == "gqa":
+        # GroupQueryAttention: every row counts as full length (seqlens_k = T - 1), so it
+        # appends the new keys at T like Concat does; `bias` hides the left padding.
+        total_i32 = g.op("Cast", [total_s], "total_i32", to=TensorProto.INT32)
+        seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const("c", i64([1]))], "tm1"), batch],
+                                     "seqlens64")], "seqlens_k", to=TensorProto.INT32)
+        # ONNX Runtime's CPU kernel refuses several rows that each add several tokens to a
+        # past (a batched chunked prefill): those calls take the standard-ops attention.
+        several = lambda t: g.op("Greater", [t, g.const("c", i64([1]))], "gt1")  # noqa: E731
+        batched_chunk = g.op("And", [g.op("And", [several(batch), several(seq)], "and"),
+                                     g.op("Greater", [past, g.const("c", i64([0]))], "has_past")], "batched_chunk")
+        batched_chunk = g.op("Squeeze", [batched_chunk], "batched_chunk_s")
 
     # rotary caches (HF rotate-half convention)
     inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
@@ -264,6 +287,26 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
     split_qkv = g.const("c", i64([hidden, n_kv * hd, n_kv * hd]))
     ffn = gg.t["blk.0.ffn_gate.weight"].shape[1]
     split_ffn = g.const("c", i64([int(ffn), int(ffn)]))
+
+    def attention_ops(i, q, k, v, presents=None):
+        """Grouped-query attention from standard ops; returns the output [b, s, hidden] and
+        the presents (named `presents`, else fresh names)."""
+        k = g.op("Transpose", [g.op("Reshape", [k, shp_kv], "k4")], "kT", perm=[0, 2, 1, 3])
+        v = g.op("Transpose", [g.op("Reshape", [v, shp_kv], "v4")], "vT", perm=[0, 2, 1, 3])
+        pk = g.op("Concat", [f"past_key_values.{i}.key", k], "pk", axis=2, outputs=presents and presents[:1])
+        pv = g.op("Concat", [f"past_key_values.{i}.value", v], "pv", axis=2, outputs=presents and presents[1:])
+        q = g.op("Reshape", [q, shp_q5], "q5")  # [b,s,kv,g,hd]
+        q = g.op("Transpose", [q], "q5t", perm=[0, 2, 3, 1, 4])  # [b,kv,g,s,hd]
+        q = g.op("Reshape", [q, shp_q4], "q4")  # [b,kv,g*s,hd]
+        sc = g.op("FusedMatMul", [q, pk], "scores", domain="com.microsoft", transA=0, transB=1,
+                  alpha=1.0 / np.sqrt(hd))
+        sc = g.op("Add", [sc, bias_g], "scores_m")
+        pr = g.op("Softmax", [sc], "probs", axis=-1)
+        o = g.op("MatMul", [pr, pv], "ctx")  # [b,kv,g*s,hd]
+        o = g.op("Reshape", [o, shp_o5], "ctx5")
+        o = g.op("Transpose", [o], "ctx5t", perm=[0, 3, 1, 2, 4])  # [b,s,kv,g,hd]
+        o = g.op("Reshape", [o, shp_o3], "ctx3")
+        return o, pk, pv
 
     h = g.op("Gather", ["embed.weight", "input_ids"], "h")
     resid = None
@@ -287,21 +330,19 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4):
                  num_heads=n_head, interleaved=0)
         k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], "k_rot", domain="com.microsoft",
                  num_heads=n_kv, interleaved=0)
-        k = g.op("Transpose", [g.op("Reshape", [k, shp_kv], "k4")], "kT", perm=[0, 2, 1, 3])
-        v = g.op("Transpose", [g.op("Reshape", [v, shp_kv], "v4")], "vT", perm=[0, 2, 1, 3])
-        pk = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
-        pv = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
-        q = g.op("Reshape", [q, shp_q5], "q5")  # [b,s,kv,g,hd]
-        q = g.op("Transpose", [q], "q5t", perm=[0, 2, 3, 1, 4])  # [b,kv,g,s,hd]
-        q = g.op("Reshape", [q, shp_q4], "q4")  # [b,kv,g*s,hd]
-        sc = g.op("FusedMatMul", [q, pk], "scores", domain="com.microsoft", transA=0, transB=1,
-                  alpha=1.0 / np.sqrt(hd))
-        sc = g.op("Add", [sc, bias], "scores_m")
-        pr = g.op("Softmax", [sc], "probs", axis=-1)
-        o = g.op("MatMul", [pr, pv], "ctx")  # [b,kv,g*s,hd]
-        o = g.op("Reshape", [o, shp_o5], "ctx5")
-        o = g.op("Transpose", [o], "ctx5t", perm=[0, 3, 1, 2, 4])  # [b,s,kv,g,hd]
-        o = g.op("Reshape", [o, shp_o3], "ctx3")
+        presents = [f"present.{i}.key", f"present.{i}.value"]
+        if attention == "gqa":
+            # one fused op: appends k, v to the past (BNSH, as present.*), grouped-query
+            # attention with `bias` (per-row padding) and its own causal rule, output [b, s, hidden]
+            gqa = g.branch("gqa", lambda: g.op(
+                "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                                        total_i32, "", "", "", bias], "gqa", n_out=3, domain="com.microsoft",
+                num_heads=n_head, kv_num_heads=n_kv, scale=float(1.0 / np.sqrt(hd))), 3)
+            ops = g.branch("attn_ops", lambda: attention_ops(i, q, k, v), 3)
+            o = g.op("If", [batched_chunk], outputs=[g.name("ctx3")] + presents, n_out=3,
+                     then_branch=ops, else_branch=gqa)[0]
+        else:
+            o, _, _ = attention_ops(i, q, k, v, presents)
         attn = linear(o, [p + "attn_output.weight"], f"l{i}.o", {})
         x, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [attn, resid, f"l{i}.ffn_norm"],
                               "x", n_out=4, domain="com.microsoft", epsilon=eps)
@@ -423,13 +464,16 @@ def main():
     ap.add_argument("--block-size", type=int, default=64,
                     help="MatMulNBits block (along K) of the 4-bit projections; must divide every K")
     ap.add_argument("--accuracy-level", type=int, default=4)
+    ap.add_argument("--attention", choices=["ops", "gqa"], default="ops",
+                    help="ops: attention from standard ops; gqa: com.microsoft GroupQueryAttention (an "
+                         "experiment: no faster on the CPUs measured, see docs/llm.md)")
     ap.add_argument("--sha256", help="sha256 of the GGUF file (computed when absent)")
     a = ap.parse_args()
 
     log(f"reading {a.gguf}")
     gg = Gguf(a.gguf)
     digest = a.sha256 or sha256_file(a.gguf)
-    model, meta = build(gg, a.quant, a.block_size, a.accuracy_level)
+    model, meta = build(gg, a.quant, a.block_size, a.accuracy_level, a.attention)
     os.makedirs(a.outdir, exist_ok=True)
     tmp = os.path.join(a.outdir, "model.onnx.tmp")
     log("writing model.onnx")

@@ -11,7 +11,8 @@ int4 (4-bit MatMulNBits, re-quantized): answers Paris; with transformers' greedy
     fed back, top-1 agrees at >= 65% and top-5 contains them at >= 90% of positions;
     with llama.cpp's, top-1 >= 60% and top-5 >= 85% (seen: 63.5%, 88.0%).
 Engine contract: left-padded batches give the same next tokens as each row alone,
-also over several decode steps (logits within 1e-3 for fp32, 1.5 for int4).
+also over several decode steps (logits within 1e-3 for fp32, 1.5 for int4), and a
+left-padded batch prefilled in two chunks gives the logits and cache of one prefill.
 
 Without the converted models (make models) these tests fail under CI=true and skip,
 loudly, otherwise.
@@ -205,3 +206,27 @@ def test_left_padded_batch_equals_single_runs(which, request, tf):
         # ~1 (docs/llm.md); fp32 is batch-invariant.
         tol = 1e-3 if which == "fp32" else 1.5
         assert np.abs(logits_b[b] - logits_s).max() < tol
+
+
+# --------------------------------------------------------------------------- chunked prefill
+@pytest.mark.parametrize("which", ["fp32", "int4"])
+def test_left_padded_prefill_in_chunks_equals_whole(which, request, tf):
+    """A left-padded batch prefilled in two chunks (past > 0 and several new tokens, the
+    engine's chunked prefill) gives the logits and cache of one whole prefill."""
+    m = request.getfixturevalue(which)
+    rows = [p["prompt_ids"] for p in tf["prompts"][:3]]
+    assert len({len(r) for r in rows}) > 1
+    logits, past, mask, _ = m.prefill(rows)
+    n = mask.shape[1]
+    cut = n - min(len(r) for r in rows) // 2  # every row has real tokens in the second chunk
+    ids = np.full((len(rows), n), m.cfg["pad_token_id"], np.int64)
+    pos = np.zeros((len(rows), n), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, n - len(r):] = r
+        pos[b, n - len(r):] = np.arange(len(r))
+    _, p1 = m.step(ids[:, :cut], mask[:, :cut], pos[:, :cut], m.empty_past(len(rows)))
+    l2, p2 = m.step(ids[:, cut:], mask, pos[:, cut:], p1)
+    tol = 1e-3 if which == "fp32" else 1.5  # int4: see test_left_padded_batch_equals_single_runs
+    assert np.abs(l2 - logits).max() < tol
+    for b, r in enumerate(rows):  # the cache of each row's real positions
+        assert max(np.abs(x[b, :, n - len(r):] - y[b, :, n - len(r):]).max() for x, y in zip(p2, past)) < tol
