@@ -14,6 +14,7 @@ pub(crate) mod oip;
 pub(crate) mod prompt;
 pub(crate) mod request;
 pub(crate) mod sampling;
+pub(crate) mod schedule;
 pub(crate) mod stop;
 pub(crate) mod template;
 pub(crate) mod tokenizer;
