@@ -361,9 +361,15 @@ impl Worker {
 
     fn occupancy(&self) -> Occupancy {
         let reserved: u64 = self.prefills.iter().map(|p| schedule::reservation(p.job.request.reach())).sum();
+        let reaches = || {
+            let grouped = self.groups.iter().flat_map(|g| g.running.iter().map(|s| s.reach));
+            grouped.chain(self.prefills.iter().map(|p| p.job.request.reach()))
+        };
         Occupancy {
             live: self.live(),
             slots: self.groups.iter().map(Group::slots).sum::<u64>() + reserved,
+            rows: reaches().count(),
+            longest_reach: reaches().max().unwrap_or(0),
             prefilling: !self.prefills.is_empty(),
         }
     }

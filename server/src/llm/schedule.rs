@@ -5,10 +5,14 @@
 //!
 //! Memory is counted in padded token slots: a decode group of `rows` rows
 //! whose longest may reach `reach` tokens holds `rows * reach` slots at
-//! most (rows are left-padded to the longest). A sequence that is admitted
-//! but not yet in a group reserves `2 * reach` slots: it joins a group only
+//! most (rows are left-padded to the longest). Two upper bounds of what the
+//! groups can grow to hold at once, and admission needs only one of them
+//! to fit: (1) all sequences, grouped or not, times the longest reach
+//! (whatever the grouping, it holds no more); (2) the groups' slots plus
+//! `2 * reach` for each sequence not yet in a group: it joins a group only
 //! if that grows the group's slots by at most that much (or it starts a
-//! group of its own, `reach` slots), so the reservation always covers it.
+//! group of its own, `reach` slots). Neither bound grows between
+//! admissions (joins stay within (2), leaves shrink both).
 
 /// Smallest prefill piece while others decode (smaller pieces pay the
 /// fixed cost of a forward pass for too little prompt).
@@ -73,6 +77,11 @@ pub(crate) struct Occupancy {
     /// Padded KV slots of the decode groups (finished rows riding along
     /// included) plus the reservations of sequences not yet in a group.
     pub slots: u64,
+    /// Rows of the groups (finished rows riding along included) and
+    /// sequences not yet in a group.
+    pub rows: usize,
+    /// The longest reach among them.
+    pub longest_reach: usize,
     /// A prefill is under way (resumable); new arrivals wait behind it.
     pub prefilling: bool,
 }
@@ -114,6 +123,7 @@ pub(crate) fn admit(
     }
     let idle = occupancy.live == 0 && occupancy.slots == 0;
     let (mut slots, mut longest) = (occupancy.slots, 0);
+    let mut reach = occupancy.longest_reach;
     for next in queue {
         if occupancy.live + admission.take >= max_running {
             break;
@@ -123,11 +133,14 @@ pub(crate) fn admit(
             break;
         }
         let wanted = slots.saturating_add(reservation(next.reach));
-        if wanted > capacity && !(idle && admission.take == 0) {
+        let rows = (occupancy.rows + admission.take + 1) as u64;
+        let padded_all = rows.saturating_mul(reach.max(next.reach) as u64);
+        if wanted.min(padded_all) > capacity && !(idle && admission.take == 0) {
             admission.blocked = true;
             break;
         }
         slots = wanted;
+        reach = reach.max(next.reach);
         longest = longest.max(next.prompt);
         admission.take += 1;
         if next.prompt > budget {
@@ -215,7 +228,7 @@ mod tests {
         Waiting { prompt, reach }
     }
 
-    const EMPTY: Occupancy = Occupancy { live: 0, slots: 0, prefilling: false };
+    const EMPTY: Occupancy = Occupancy { live: 0, slots: 0, rows: 0, longest_reach: 0, prefilling: false };
 
     #[test]
     fn arrivals_are_prefilled_together_within_the_budget() {
@@ -223,7 +236,7 @@ mod tests {
         // 3 rows padded to 40 = 120 tokens fit; the fourth would pad to 4 x 100.
         assert_eq!(admit(queue, EMPTY, 32, u64::MAX, 128), Admission { take: 3, blocked: false });
         assert_eq!(admit(queue, EMPTY, 2, u64::MAX, 128), Admission { take: 2, blocked: false }, "slots");
-        let busy = Occupancy { live: 31, slots: 0, prefilling: false };
+        let busy = Occupancy { live: 31, ..EMPTY };
         assert_eq!(admit(queue, busy, 32, u64::MAX, 128).take, 1);
     }
 
@@ -233,17 +246,22 @@ mod tests {
         assert_eq!(admit(queue, EMPTY, 32, u64::MAX, 64), Admission { take: 1, blocked: false });
         let short_first = [w(10, 20), w(1500, 1800)];
         assert_eq!(admit(short_first, EMPTY, 32, u64::MAX, 64).take, 1, "the long one waits for its own turn");
-        let prefilling = Occupancy { live: 1, slots: 3600, prefilling: true };
+        let prefilling = Occupancy { live: 1, slots: 3600, rows: 1, longest_reach: 1800, prefilling: true };
         assert_eq!(admit([w(10, 20)], prefilling, 32, u64::MAX, 64).take, 0);
     }
 
     #[test]
     fn admission_counts_reservations_against_the_capacity() {
-        let busy = Occupancy { live: 2, slots: 800, prefilling: false };
-        // Each waiting request reserves 2 x 100 slots.
+        // Two groups of 4 x 100 slots (some rows longer than 100).
+        let busy = Occupancy { live: 2, slots: 800, rows: 8, longest_reach: 150, prefilling: false };
+        // Each waiting request reserves 2 x 100 slots; all rows padded to 150 would take more.
         assert_eq!(admit([w(10, 100), w(10, 100)], busy, 32, 1000, 512), Admission { take: 1, blocked: true });
         assert_eq!(admit([w(10, 100), w(10, 100)], busy, 32, 1200, 512), Admission { take: 2, blocked: false });
         assert_eq!(admit([w(10, 300)], busy, 32, 1000, 512), Admission { take: 0, blocked: true });
+        // Rows alike: padding all of them to the longest is the smaller bound.
+        let alike = Occupancy { live: 2, slots: 200, rows: 2, longest_reach: 100, prefilling: false };
+        assert_eq!(admit([w(10, 100), w(10, 100)], alike, 32, 400, 512), Admission { take: 2, blocked: false });
+        assert_eq!(admit([w(10, 100)], alike, 32, 299, 512), Admission { take: 0, blocked: true });
         // An idle engine always takes its first request.
         assert_eq!(admit([w(10, 600), w(10, 10)], EMPTY, 32, 1000, 512), Admission { take: 1, blocked: true });
     }
