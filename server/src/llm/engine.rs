@@ -346,7 +346,7 @@ struct Worker {
     groups: Vec<Group>,
     /// Prompts under way, the front one prefilled next.
     prefills: VecDeque<Prefill>,
-    /// Seconds of one iteration's decode steps (all groups, rebuilds included).
+    /// Seconds of one iteration's decode steps (all groups).
     step_time: Ewma,
     /// Seconds per prefilled (padded) prompt token.
     token_time: Ewma,
@@ -429,14 +429,13 @@ impl Worker {
             }
         }
         self.shared.metrics.set_running(self.live());
-        let started = Instant::now();
         let mut groups = std::mem::take(&mut self.groups);
         let result = self.step_groups(&mut groups, joiners, admitted.blocked);
         // Idle groups give their cache's memory back now.
         groups.retain(|g| g.live() > 0);
         self.groups = groups;
-        if result? {
-            self.step_time.observe(started.elapsed().as_secs_f64());
+        if let Some(stepped) = result? {
+            self.step_time.observe(stepped.as_secs_f64());
         }
         Ok(())
     }
@@ -580,8 +579,15 @@ impl Worker {
     }
 
     /// Places the joiners in groups, rebuilds the groups whose rows change
-    /// and runs one decode step per group. Returns whether any step ran.
-    fn step_groups(&mut self, groups: &mut Vec<Group>, mut joiners: Joiners, blocked: bool) -> InferResult<bool> {
+    /// and runs one decode step per group. Returns the time of the decode
+    /// steps, if any ran (rebuilds are left out: one join must not inflate
+    /// the next prefill pieces).
+    fn step_groups(
+        &mut self,
+        groups: &mut Vec<Group>,
+        mut joiners: Joiners,
+        blocked: bool,
+    ) -> InferResult<Option<Duration>> {
         let mut incoming: Vec<Vec<(Sequence, usize, usize)>> = groups.iter().map(|_| Vec::new()).collect();
         for joiner in std::mem::take(&mut joiners.members) {
             let shapes: Vec<GroupShape> = groups
@@ -597,7 +603,7 @@ impl Worker {
                 }
             }
         }
-        let mut stepped = false;
+        let mut stepped = None;
         for (group, new) in groups.iter_mut().zip(incoming) {
             let done = group.running.iter().filter(|s| s.finished).count();
             // The next step writes position `len`: a passenger must not
@@ -607,8 +613,9 @@ impl Worker {
                 self.rebuild(group, new, &mut joiners.caches)?;
             }
             if group.live() > 0 {
+                let started = Instant::now();
                 self.decode_step(group)?;
-                stepped = true;
+                stepped = Some(stepped.unwrap_or_default() + started.elapsed());
             }
         }
         Ok(stepped)

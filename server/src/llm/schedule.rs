@@ -14,12 +14,20 @@
 //! group of its own, `reach` slots). Neither bound grows between
 //! admissions (joins stay within (2), leaves shrink both).
 
-/// Smallest prefill piece while others decode (smaller pieces pay the
-/// fixed cost of a forward pass for too little prompt).
+/// Smallest prefill piece while others decode. A forward pass has a fixed
+/// cost (measured with int4 SmolLM2 on 2 busy CPUs: 8 prompt tokens of one
+/// row take about as long as a decode step of 8 rows), so smaller pieces
+/// would lengthen the prefill without shortening the running streams' wait;
+/// 32 made that wait longer than 16 (docs/llm.md).
 pub(crate) const MIN_PIECE: usize = 16;
 
 /// Piece size before any prefill was measured, while others decode.
 const FIRST_PIECE: usize = 32;
+
+/// Share of a decode step's time a prefill piece may take: a running
+/// stream's inter-token latency is then about twice its steady value while
+/// a prompt is prefilled.
+const PREFILL_SHARE: f64 = 1.0;
 
 /// A row joins a group only while the group's padded size (tokens the step
 /// copies and attends over) stays within this factor of its real size.
@@ -52,16 +60,17 @@ impl Ewma {
 
 /// Prompt tokens (padded) to prefill in this iteration: with nothing
 /// decoding, a whole `chunk`; otherwise as many as cost about one decode
-/// step of the running groups (`step` seconds), at `per_token` seconds per
-/// prefilled token, so the running streams' inter-token latency at most
-/// doubles while a prompt is prefilled.
+/// step of the running groups (`step` seconds, times [`PREFILL_SHARE`]) at
+/// `per_token` seconds per prefilled token (measured on pieces, so their
+/// fixed cost counts), so the running streams' inter-token latency about
+/// doubles at most while a prompt is prefilled.
 pub(crate) fn piece_budget(chunk: usize, decoding: bool, step: Option<f64>, per_token: Option<f64>) -> usize {
     let chunk = chunk.max(1);
     if !decoding {
         return chunk;
     }
     let tokens = match (step, per_token) {
-        (Some(step), Some(per_token)) if per_token > 0.0 => (step / per_token) as usize,
+        (Some(step), Some(per_token)) if per_token > 0.0 => (PREFILL_SHARE * step / per_token) as usize,
         _ => FIRST_PIECE,
     };
     tokens.clamp(MIN_PIECE.min(chunk), chunk)
@@ -207,11 +216,12 @@ mod tests {
     #[test]
     fn pieces_cost_about_one_decode_step() {
         assert_eq!(piece_budget(512, false, Some(0.05), Some(0.001)), 512, "nothing decodes: a whole chunk");
-        assert_eq!(piece_budget(512, true, Some(0.05), Some(0.001)), 50);
+        assert_eq!(piece_budget(512, true, Some(0.05), Some(0.001)), 50, "one step's worth");
         assert_eq!(piece_budget(512, true, None, None), FIRST_PIECE, "not measured yet");
         assert_eq!(piece_budget(512, true, Some(0.05), Some(0.01)), MIN_PIECE, "never below the minimum");
+        assert_eq!(piece_budget(512, true, Some(0.1), Some(0.002)), 50);
         assert_eq!(piece_budget(512, true, Some(5.0), Some(0.001)), 512, "never above a chunk");
-        assert_eq!(piece_budget(16, true, Some(0.0), Some(0.001)), 16, "a chunk below the minimum wins");
+        assert_eq!(piece_budget(4, true, Some(0.0), Some(0.001)), 4, "a chunk below the minimum wins");
     }
 
     #[test]
