@@ -458,8 +458,10 @@ impl Worker {
             self.shared.metrics.model.queue_duration.observe(waited.as_secs_f64());
             let job = Job { request, events, enqueued, waited, compute: Duration::ZERO };
             // Prefix cache lookup goes here: a hit gives a one-row cache with
-            // `past` = the cached length, and the job is prefilled alone from
-            // there (`Prefill { job, cache }` below), never in the batch.
+            // `past` = the cached length (less than the prompt's: its last
+            // token is always computed, for the logits), and the job is
+            // prefilled alone from there (`self.prefills.push_back(Prefill {
+            // job, cache })`), never in the batch.
             if job.request.prompt.len() > budget {
                 match BatchCache::empty(self.decoder.shape(), 1) {
                     Ok(cache) => self.prefills.push_back(Prefill { job, cache }),
