@@ -15,7 +15,9 @@
 //!    is, the new arrivals (first come, first served, within the slots, the
 //!    KV memory ([`KvBudget`]) and the token budget) together, left-padded in
 //!    one batch; a prompt longer than the budget is prefilled alone in
-//!    pieces. The first token is sampled when a prompt's last piece is done;
+//!    pieces. While arrivals wait behind a prompt under way, iterations
+//!    alternate between its pieces and the arrivals that fit the budget.
+//!    The first token is sampled when a prompt's last piece is done;
 //!    requests not taken yet stay in the bounded queue (`ferrite_queue_depth`);
 //! 4. places each newly prefilled sequence in a decode group: rows of
 //!    similar length share one left-padded cache, so a long prompt does not
@@ -43,7 +45,7 @@ use crate::inference::Priority;
 use crate::llm::limits::KvBudget;
 use crate::llm::request::{Event, FinishReason, GenerateRequest, Usage};
 use crate::llm::sampling::Sampler;
-use crate::llm::schedule::{self, Ewma, GroupShape, Occupancy, Waiting};
+use crate::llm::schedule::{self, Ewma, GroupShape, Occupancy, Prefilling, Waiting};
 use crate::llm::stop::{Scanned, StopMatcher};
 use crate::llm::tokenizer::{IncrementalDecoder, TextCodec};
 use crate::metrics::{ModelMetrics, METRICS};
@@ -197,6 +199,7 @@ impl Engine {
             prefills: VecDeque::new(),
             step_time: Ewma::default(),
             token_time: Ewma::default(),
+            arrivals_turn: false,
         };
         std::thread::Builder::new()
             .name(format!("ferrite-llm-{}", worker.model.name))
@@ -350,6 +353,9 @@ struct Worker {
     step_time: Ewma,
     /// Seconds per prefilled (padded) prompt token.
     token_time: Ewma,
+    /// While a prompt is prefilled in pieces, the iterations alternate
+    /// between its pieces and short new arrivals.
+    arrivals_turn: bool,
 }
 
 impl Worker {
@@ -370,7 +376,11 @@ impl Worker {
             slots: self.groups.iter().map(Group::slots).sum::<u64>() + reserved,
             rows: reaches().count(),
             longest_reach: reaches().max().unwrap_or(0),
-            prefilling: !self.prefills.is_empty(),
+            prefilling: match (self.prefills.is_empty(), self.arrivals_turn) {
+                (true, _) => Prefilling::No,
+                (false, false) => Prefilling::PieceTurn,
+                (false, true) => Prefilling::ArrivalsTurn,
+            },
         }
     }
 
@@ -403,6 +413,7 @@ impl Worker {
                 tracing::error!(model = %self.model.name, %error, "generation step failed");
                 self.fail_all(&error);
             }
+            self.arrivals_turn = !self.prefills.is_empty() && !self.arrivals_turn;
             self.shared.metrics.set_running(self.live());
         }
         self.shared.metrics.set_running(0);

@@ -91,8 +91,22 @@ pub(crate) struct Occupancy {
     pub rows: usize,
     /// The longest reach among them.
     pub longest_reach: usize,
-    /// A prefill is under way (resumable); new arrivals wait behind it.
-    pub prefilling: bool,
+    /// What a prefill under way (resumable, in pieces) leaves to new arrivals.
+    pub prefilling: Prefilling,
+}
+
+/// Whether a prompt is being prefilled in pieces, and whose turn it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Prefilling {
+    /// None is: new arrivals may start.
+    #[default]
+    No,
+    /// Its next piece runs in this iteration: arrivals wait.
+    PieceTurn,
+    /// Arrivals whose prompts fit this iteration's budget may be prefilled
+    /// (together) instead, so a long prompt does not hold short ones back
+    /// for its whole prefill; a long arrival waits for its own turn.
+    ArrivalsTurn,
 }
 
 /// A waiting request as admission sees it.
@@ -112,8 +126,9 @@ pub(crate) struct Admission {
 }
 
 /// Which requests from the front of the queue start their prefill now,
-/// first come first served. None while a prefill is under way (it finishes
-/// first). Otherwise the longest run that has free slots (`max_running`),
+/// first come first served. While a prompt is prefilled in pieces, none on
+/// its turns, and on the others only prompts that fit the budget (the
+/// engine alternates while arrivals wait). Otherwise the longest run that has free slots (`max_running`),
 /// fits the KV capacity (`capacity` slots, see the module doc) and whose
 /// padded prompts fit `budget` tokens, prefilled together in one forward;
 /// the first request goes even if its prompt alone is longer (it is then
@@ -127,9 +142,10 @@ pub(crate) fn admit(
     budget: usize,
 ) -> Admission {
     let mut admission = Admission { take: 0, blocked: false };
-    if occupancy.prefilling {
+    if occupancy.prefilling == Prefilling::PieceTurn {
         return admission;
     }
+    let short_only = occupancy.prefilling == Prefilling::ArrivalsTurn;
     let idle = occupancy.live == 0 && occupancy.slots == 0;
     let (mut slots, mut longest) = (occupancy.slots, 0);
     let mut reach = occupancy.longest_reach;
@@ -138,7 +154,7 @@ pub(crate) fn admit(
             break;
         }
         let padded = (admission.take + 1).saturating_mul(longest.max(next.prompt));
-        if admission.take > 0 && padded > budget {
+        if (admission.take > 0 || short_only) && padded > budget {
             break;
         }
         let wanted = slots.saturating_add(reservation(next.reach));
@@ -238,7 +254,7 @@ mod tests {
         Waiting { prompt, reach }
     }
 
-    const EMPTY: Occupancy = Occupancy { live: 0, slots: 0, rows: 0, longest_reach: 0, prefilling: false };
+    const EMPTY: Occupancy = Occupancy { live: 0, slots: 0, rows: 0, longest_reach: 0, prefilling: Prefilling::No };
 
     #[test]
     fn arrivals_are_prefilled_together_within_the_budget() {
@@ -256,20 +272,23 @@ mod tests {
         assert_eq!(admit(queue, EMPTY, 32, u64::MAX, 64), Admission { take: 1, blocked: false });
         let short_first = [w(10, 20), w(1500, 1800)];
         assert_eq!(admit(short_first, EMPTY, 32, u64::MAX, 64).take, 1, "the long one waits for its own turn");
-        let prefilling = Occupancy { live: 1, slots: 3600, rows: 1, longest_reach: 1800, prefilling: true };
-        assert_eq!(admit([w(10, 20)], prefilling, 32, u64::MAX, 64).take, 0);
+        let piece = Occupancy { live: 1, slots: 3600, rows: 1, longest_reach: 1800, prefilling: Prefilling::PieceTurn };
+        assert_eq!(admit([w(10, 20)], piece, 32, u64::MAX, 64).take, 0, "the prefill's turn");
+        let arrivals = Occupancy { prefilling: Prefilling::ArrivalsTurn, ..piece };
+        assert_eq!(admit([w(10, 20), w(20, 30), w(40, 50)], arrivals, 32, u64::MAX, 64).take, 2, "short ones go");
+        assert_eq!(admit([w(100, 120), w(10, 20)], arrivals, 32, u64::MAX, 64).take, 0, "a long one waits");
     }
 
     #[test]
     fn admission_counts_reservations_against_the_capacity() {
         // Two groups of 4 x 100 slots (some rows longer than 100).
-        let busy = Occupancy { live: 2, slots: 800, rows: 8, longest_reach: 150, prefilling: false };
+        let busy = Occupancy { live: 2, slots: 800, rows: 8, longest_reach: 150, prefilling: Prefilling::No };
         // Each waiting request reserves 2 x 100 slots; all rows padded to 150 would take more.
         assert_eq!(admit([w(10, 100), w(10, 100)], busy, 32, 1000, 512), Admission { take: 1, blocked: true });
         assert_eq!(admit([w(10, 100), w(10, 100)], busy, 32, 1200, 512), Admission { take: 2, blocked: false });
         assert_eq!(admit([w(10, 300)], busy, 32, 1000, 512), Admission { take: 0, blocked: true });
         // Rows alike: padding all of them to the longest is the smaller bound.
-        let alike = Occupancy { live: 2, slots: 200, rows: 2, longest_reach: 100, prefilling: false };
+        let alike = Occupancy { live: 2, slots: 200, rows: 2, longest_reach: 100, prefilling: Prefilling::No };
         assert_eq!(admit([w(10, 100), w(10, 100)], alike, 32, 400, 512), Admission { take: 2, blocked: false });
         assert_eq!(admit([w(10, 100)], alike, 32, 299, 512), Admission { take: 0, blocked: true });
         // An idle engine always takes its first request.
