@@ -68,9 +68,9 @@ impl<T> Admission<T> {
         self.closed
     }
 
-    /// The request that leaves next.
-    pub(crate) fn front(&self) -> Option<&T> {
-        self.high.front().or_else(|| self.normal.front())
+    /// The waiting requests, in leaving order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.high.iter().chain(self.normal.iter())
     }
 
     /// Takes the request that leaves next.

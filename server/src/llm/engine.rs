@@ -1,30 +1,44 @@
 //! The generation engine of one LLM: a bounded waiting queue and one
 //! dedicated thread that runs continuous batching on the model's
 //! [`Decoder`] (whose runs block, so they stay off the async runtime).
-//! Scheduling only: the forward pass and the cache layout are `runtime`'s.
+//! Scheduling only: the forward pass and the cache layout are `runtime`'s;
+//! the decisions themselves are pure functions in [`schedule`].
 //!
 //! Each iteration of the thread:
 //! 1. drops sequences whose client went away (their receiver is closed),
-//!    waiting or running;
-//! 2. admits waiting requests, first come first served, while the batch has
-//!    room, its worst-case KV memory fits the budget ([`KvBudget`]), and up
-//!    to a prompt-token budget, and prefills each (in chunks), sending its
-//!    first token at once; a request whose memory does not fit yet waits
-//!    (in the bounded queue, counted in `ferrite_queue_depth`);
-//! 3. rebuilds the batch cache if a sequence joined or left (`cache`);
-//! 4. runs one decode step for every running sequence, feeding the previous
-//!    step's `present.*` back as `past_key_values.*`, and sends each
-//!    sequence's new text on its own channel.
+//!    waiting, prefilling or running;
+//! 2. sizes this iteration's prefill: a whole chunk when nothing decodes,
+//!    otherwise the prompt tokens that cost about one decode step (measured:
+//!    moving averages of the decode step and of a prefilled token);
+//! 3. runs at most one prefill forward: the next piece of a prompt already
+//!    under way (its one-row cache is kept across iterations), or, when none
+//!    is, the new arrivals (first come, first served, within the slots, the
+//!    KV memory ([`KvBudget`]) and the token budget) together, left-padded in
+//!    one batch; a prompt longer than the budget is prefilled alone in
+//!    pieces. While arrivals wait behind a prompt under way, iterations
+//!    alternate between its pieces and the arrivals that fit the budget.
+//!    The first token is sampled when a prompt's last piece is done;
+//!    requests not taken yet stay in the bounded queue (`ferrite_queue_depth`);
+//! 4. places each newly prefilled sequence in a decode group: rows of
+//!    similar length share one left-padded cache, so a long prompt does not
+//!    make every short row copy and attend over its length
+//!    ([`schedule::choose_group`]); rebuilds the groups whose rows changed;
+//! 5. runs one decode step per group, feeding each step's `present.*` back
+//!    as `past_key_values.*`, and sends each sequence's new text on its own
+//!    channel.
 //!
-//! No request waits for another to finish: a new one joins at the next
-//! step, a finished one leaves at the next step.
+//! No request waits for another to finish, and a long prompt delays the
+//! running streams by about one decode step per iteration, not by its whole
+//! prefill.
 //!
-//! With a prefix cache ([`PrefixCache`]), a prefill starts after the
-//! longest cached prefix of its prompt and caches the prompt's blocks as
-//! soon as it ends (a second request with the same prompt in the same
-//! iteration already hits); a sequence that finishes caches its prompt and
-//! answer too (the next turn of a chat resends both).
+//! With a prefix cache ([`PrefixCache`]), a prompt starts after the longest
+//! cached prefix of its blocks (prefilled alone, in pieces, from there) and
+//! its blocks are cached as soon as its first token is out (a second request
+//! with the same prompt, e.g. OpenAI `n` > 1, admitted next already hits); a
+//! sequence that finishes caches its prompt and answer too (the next turn of
+//! a chat resends both).
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,6 +54,7 @@ use crate::llm::logprobs::{step_logprobs, StepLogprobs};
 use crate::llm::prefix_cache::{PrefixCache, BLOCK_TOKENS};
 use crate::llm::request::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use crate::llm::sampling::Sampler;
+use crate::llm::schedule::{self, Ewma, GroupShape, Occupancy, Prefilling, Waiting};
 use crate::llm::stop::{Scanned, StopMatcher};
 use crate::llm::tokenizer::{IncrementalDecoder, TextCodec};
 use crate::metrics::{ModelMetrics, METRICS};
@@ -55,12 +70,10 @@ pub(crate) struct EngineSettings {
     pub max_running: usize,
     /// Requests that may wait to join; more are refused (queue full).
     pub max_waiting: usize,
-    /// Longest piece of a prompt prefilled in one run (bounds the memory of
-    /// the attention scores for long prompts).
+    /// Most prompt tokens (padded) prefilled in one forward: bounds the
+    /// memory of the attention scores for long prompts. While others
+    /// decode, pieces are smaller (about one decode step's cost).
     pub prefill_chunk: usize,
-    /// Prompt tokens prefilled per iteration while others decode (at least
-    /// one request is always admitted), so running streams are not stalled.
-    pub prefill_budget: usize,
     /// Memory for the batch's KV cache; requests wait until theirs fits.
     pub kv: KvBudget,
     /// Bytes of the prefix cache; 0: off.
@@ -73,29 +86,20 @@ impl Default for EngineSettings {
             max_running: 32,
             max_waiting: 1024,
             prefill_chunk: 512,
-            prefill_budget: 512,
             kv: KvBudget { bytes_per_token: 1, budget: u64::MAX },
             prefix_cache_bytes: 0,
         }
     }
 }
 
-/// The rows of the batch cache as admission sees them.
-#[derive(Debug, Clone, Copy, Default)]
-struct Occupancy {
-    /// Sequences still generating.
-    live: usize,
-    /// Rows in the cache (finished rows riding along count until rebuilt).
-    rows: usize,
-    /// The most tokens any row may reach.
-    longest: usize,
-}
-
 /// What the engine thread takes from the queue.
 struct Admitted {
+    /// New arrivals to prefill now.
     pending: Vec<Pending>,
     /// The next request waits for KV memory.
     blocked: bool,
+    /// Prompt tokens (padded) this iteration may prefill.
+    budget: usize,
 }
 
 /// What the engine needs to know about the model.
@@ -164,18 +168,17 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Blocks until there is work; returns the requests to admit now, or
-    /// `None` once closed and drained. A request is admitted only when the
-    /// batch with it still fits the KV budget; it waits otherwise, and the
-    /// ones behind it too (first come, first served: a long request is not
-    /// passed over forever). The first request always fits an empty batch
-    /// (`Engine::submit` refuses one that never could).
-    fn take(&self, batch: Occupancy) -> Option<Admitted> {
+    /// Blocks until there is work; returns the requests whose prefill
+    /// starts now ([`schedule::admit`]), or `None` once closed and drained.
+    /// A request that does not fit the KV memory yet waits, and the ones
+    /// behind it too (first come, first served: a long request is not
+    /// passed over forever).
+    fn take(&self, occupancy: Occupancy, budget: usize) -> Option<Admitted> {
         let mut queue = self.lock();
         loop {
             queue.retain(|p| !p.events.is_closed());
             self.metrics.waiting.set(queue.len() as i64);
-            if batch.live > 0 || !queue.is_empty() {
+            if occupancy.live > 0 || !queue.is_empty() {
                 break;
             }
             if queue.is_closed() {
@@ -183,26 +186,11 @@ impl Shared {
             }
             queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
         }
-        let mut admitted = Admitted { pending: Vec::new(), blocked: false };
-        let (mut rows, mut longest) = if batch.live == 0 { (0, 0) } else { (batch.rows, batch.longest) };
-        let mut tokens = 0;
-        while batch.live + admitted.pending.len() < self.settings.max_running {
-            let Some(next) = queue.front() else { break };
-            let len = next.request.prompt.len();
-            if !admitted.pending.is_empty() && tokens + len > self.settings.prefill_budget {
-                break;
-            }
-            let reach = longest.max(next.request.reach());
-            if !self.settings.kv.fits(rows + 1, reach) {
-                admitted.blocked = true;
-                break;
-            }
-            (rows, longest) = (rows + 1, reach);
-            tokens += len;
-            admitted.pending.extend(queue.pop_front());
-        }
+        let waiting = queue.iter().map(|p| Waiting { prompt: p.request.prompt.len(), reach: p.request.reach() });
+        let plan = schedule::admit(waiting, occupancy, self.settings.max_running, self.settings.kv.slots(), budget);
+        let pending = (0..plan.take).filter_map(|_| queue.pop_front()).collect();
         self.metrics.waiting.set(queue.len() as i64);
-        Some(admitted)
+        Some(Admitted { pending, blocked: plan.blocked, budget })
     }
 }
 
@@ -224,8 +212,17 @@ impl Engine {
         shared.metrics.waiting.set(0);
         shared.metrics.set_running(0);
         shared.metrics.prefix_bytes.set(0);
-        let prefix = (settings.prefix_cache_bytes > 0).then(|| PrefixCache::new(settings.prefix_cache_bytes));
-        let worker = Worker { shared: shared.clone(), decoder, model, running: Vec::new(), cache: None, prefix };
+        let worker = Worker {
+            shared: shared.clone(),
+            decoder,
+            model,
+            groups: Vec::new(),
+            prefills: VecDeque::new(),
+            step_time: Ewma::default(),
+            token_time: Ewma::default(),
+            arrivals_turn: false,
+            prefix: (settings.prefix_cache_bytes > 0).then(|| PrefixCache::new(settings.prefix_cache_bytes)),
+        };
         std::thread::Builder::new()
             .name(format!("ferrite-llm-{}", worker.model.name))
             .spawn(move || worker.run())
@@ -294,13 +291,13 @@ struct Sequence {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     ignore_eos: bool,
+    enqueued: Instant,
+    last_token_at: Option<Instant>,
+    finished: bool,
     /// Alternatives per token when log-probabilities are asked for.
     top_logprobs: Option<usize>,
     /// Entries of tokens whose text is not sent yet.
     logprobs: Vec<TokenLogprob>,
-    enqueued: Instant,
-    last_token_at: Option<Instant>,
-    finished: bool,
 }
 
 impl Sequence {
@@ -321,193 +318,445 @@ impl Sequence {
     }
 }
 
+/// Sequences decoded together: one left-padded cache, one forward per step.
+#[derive(Default)]
+struct Group {
+    /// In the order of the cache's rows.
+    running: Vec<Sequence>,
+    cache: Option<BatchCache>,
+}
+
+impl Group {
+    fn live(&self) -> usize {
+        self.running.iter().filter(|s| !s.finished).count()
+    }
+
+    /// Padded KV slots the group may grow to (finished rows riding along
+    /// count until the group is rebuilt).
+    fn slots(&self) -> u64 {
+        self.running.len() as u64 * self.running.iter().map(|s| s.reach as u64).max().unwrap_or(0)
+    }
+}
+
+/// The shape of a group after its next rebuild: its live rows and the
+/// sequences about to join it.
+fn next_shape<'a>(members: impl Iterator<Item = &'a Sequence>) -> GroupShape {
+    let mut shape = GroupShape { rows: 0, longest_len: 0, total_len: 0, longest_reach: 0 };
+    for s in members.filter(|s| !s.finished) {
+        shape = shape.with(s.len, s.reach);
+    }
+    shape
+}
+
+/// An admitted request before its first token.
+struct Job {
+    request: GenerateRequest,
+    events: UnboundedSender<Event>,
+    enqueued: Instant,
+    waited: Duration,
+    /// Time spent prefilling it so far.
+    compute: Duration,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
+}
+
+/// A prompt prefilled in pieces across iterations: its one-row cache holds
+/// the positions done (`cache.past`).
+struct Prefill {
+    job: Job,
+    cache: BatchCache,
+}
+
+/// Sequences whose prefill finished in this iteration, with the caches
+/// their rows are in (row `row` of `caches[source]`).
+#[derive(Default)]
+struct Joiners {
+    caches: Vec<Option<BatchCache>>,
+    members: Vec<(Sequence, usize, usize)>,
+}
+
 struct Worker {
     shared: Arc<Shared>,
     decoder: Decoder,
     model: EngineModel,
-    /// In the order of the cache's rows.
-    running: Vec<Sequence>,
-    cache: Option<BatchCache>,
+    groups: Vec<Group>,
+    /// Prompts under way, the front one prefilled next.
+    prefills: VecDeque<Prefill>,
+    /// Seconds of one iteration's decode steps (all groups).
+    step_time: Ewma,
+    /// Seconds per prefilled (padded) prompt token.
+    token_time: Ewma,
+    /// While a prompt is prefilled in pieces, the iterations alternate
+    /// between its pieces and short new arrivals.
+    arrivals_turn: bool,
     /// KV blocks of prompts seen; `None` when off.
     prefix: Option<PrefixCache>,
 }
 
 impl Worker {
-    /// Sequences still generating (finished rows may wait in the batch
-    /// for the next rebuild; they hold no slot).
+    /// Sequences generating or being prefilled (finished rows may wait in
+    /// a group for its next rebuild; they hold no slot).
     fn live(&self) -> usize {
-        self.running.iter().filter(|s| !s.finished).count()
+        self.groups.iter().map(Group::live).sum::<usize>() + self.prefills.len()
     }
 
     fn occupancy(&self) -> Occupancy {
+        let reserved: u64 = self.prefills.iter().map(|p| schedule::reservation(p.job.request.reach())).sum();
+        let reaches = || {
+            let grouped = self.groups.iter().flat_map(|g| g.running.iter().map(|s| s.reach));
+            grouped.chain(self.prefills.iter().map(|p| p.job.request.reach()))
+        };
         Occupancy {
             live: self.live(),
-            rows: self.running.len(),
-            longest: self.running.iter().map(|s| s.reach).max().unwrap_or(0),
+            slots: self.groups.iter().map(Group::slots).sum::<u64>() + reserved,
+            rows: reaches().count(),
+            longest_reach: reaches().max().unwrap_or(0),
+            prefilling: match (self.prefills.is_empty(), self.arrivals_turn) {
+                (true, _) => Prefilling::No,
+                (false, false) => Prefilling::PieceTurn,
+                (false, true) => Prefilling::ArrivalsTurn,
+            },
         }
     }
 
+    fn fail_all(&mut self, error: &InferError) {
+        for group in &mut self.groups {
+            for sequence in &mut group.running {
+                sequence.fail(error.clone());
+            }
+        }
+        for prefill in &self.prefills {
+            let _ = prefill.job.events.send(Event::Error(error.clone()));
+        }
+        self.groups.clear();
+        self.prefills.clear();
+    }
+
     fn run(mut self) {
-        while let Some(admitted) = self.shared.take(self.occupancy()) {
+        loop {
+            let decoding = self.groups.iter().any(|g| g.live() > 0);
+            let budget = schedule::piece_budget(
+                self.shared.settings.prefill_chunk,
+                decoding,
+                self.step_time.get(),
+                self.token_time.get(),
+            );
+            let Some(admitted) = self.shared.take(self.occupancy(), budget) else { break };
             let result = catch_unwind(AssertUnwindSafe(|| self.iterate(admitted)))
                 .unwrap_or_else(|_| Err(InferError::internal("the LLM engine panicked")));
             if let Err(error) = result {
                 tracing::error!(model = %self.model.name, %error, "generation step failed");
-                for sequence in &mut self.running {
-                    sequence.fail(error.clone());
-                }
-                self.running.clear();
-                self.cache = None;
+                self.fail_all(&error);
             }
+            self.arrivals_turn = !self.prefills.is_empty() && !self.arrivals_turn;
             self.shared.metrics.set_running(self.live());
         }
         self.shared.metrics.set_running(0);
     }
 
     fn iterate(&mut self, admitted: Admitted) -> InferResult<()> {
-        for sequence in &mut self.running {
-            if sequence.events.is_closed() {
-                sequence.finished = true;
+        for group in &mut self.groups {
+            for sequence in &mut group.running {
+                if sequence.events.is_closed() {
+                    sequence.finished = true;
+                }
             }
         }
-        let mut joiners = Vec::new();
-        for pending in admitted.pending {
-            if pending.events.is_closed() {
-                continue;
-            }
-            let waited = pending.enqueued.elapsed();
-            self.shared.metrics.model.queue_duration.observe(waited.as_secs_f64());
-            // A failed prefill fails its own request only.
-            let events = pending.events.clone();
-            match self.prefill(pending, waited) {
-                Ok(Some(joiner)) => joiners.push(joiner),
-                Ok(None) => {}
-                Err(error) => {
+        self.prefills.retain(|p| !p.job.events.is_closed());
+        let mut joiners = Joiners::default();
+        // At most one prefill forward per iteration.
+        if !self.start(admitted.pending, admitted.budget, &mut joiners) {
+            if let Some(prefill) = self.prefills.pop_front() {
+                let events = prefill.job.events.clone();
+                if let Err(error) = self.prefill_piece(prefill, admitted.budget, &mut joiners) {
                     tracing::error!(model = %self.model.name, %error, "prefill failed");
                     let _ = events.send(Event::Error(error));
                 }
             }
         }
-        let done = self.running.iter().filter(|s| s.finished).count();
-        // The next step writes position `len`: a passenger must not outgrow
-        // the memory admission counted for it.
-        let outgrown = self.running.iter().any(|s| s.finished && s.len + 1 >= s.reach);
-        if needs_rebuild(self.running.len(), done, joiners.len(), outgrown || admitted.blocked) {
-            self.rebuild(joiners)?;
-        }
         self.shared.metrics.set_running(self.live());
-        if !self.running.is_empty() {
-            self.decode_step()?;
-        }
-        if self.live() == 0 {
-            // Idle: give the cache's memory back now.
-            self.running.clear();
-            self.cache = None;
+        let mut groups = std::mem::take(&mut self.groups);
+        let result = self.step_groups(&mut groups, joiners, admitted.blocked);
+        // Idle groups give their cache's memory back now.
+        groups.retain(|g| g.live() > 0);
+        self.groups = groups;
+        if let Some(stepped) = result? {
+            self.step_time.observe(stepped.as_secs_f64());
         }
         Ok(())
     }
 
-    /// Prefills a prompt in chunks and handles its first token. Returns the
-    /// sequence and its cache, or `None` if it already finished.
-    fn prefill(&mut self, pending: Pending, waited: Duration) -> InferResult<Option<(Sequence, BatchCache)>> {
-        let started = Instant::now();
-        let Pending { request, events, enqueued } = pending;
-        let prompt = &request.prompt;
-        let (mut cache, cached) = self.cached_prefix(prompt)?;
-        for chunk in prompt[cached..].chunks(self.shared.settings.prefill_chunk.max(1)) {
-            let past = cache.past;
-            let ids = chunk.iter().map(|&t| t as i64).collect();
-            let mask = vec![1i64; past + chunk.len()];
-            let positions = (past..past + chunk.len()).map(|p| p as i64).collect();
-            let (logits, next) = self.decoder.forward(ids, mask, positions, cache)?;
-            cache = next;
-            if cache.past == prompt.len() {
-                let mut sampler = Sampler::new(request.sampling, prompt);
-                let row = logits.data()?;
-                let first = sampler.sample(row);
-                let logprobs = request.logprobs.map(|top| step_logprobs(row, first, top));
-                let mut sequence = Sequence {
-                    events: events.clone(),
-                    prompt_len: prompt.len(),
-                    cached,
-                    tokens: prompt.clone(),
-                    max_tokens: request.max_tokens,
-                    reach: request.reach(),
-                    generated: 0,
-                    len: prompt.len(),
-                    last_token: first,
-                    sampler,
-                    decoder: IncrementalDecoder::default(),
-                    stop: StopMatcher::new(request.stop.clone()),
-                    ignore_eos: request.ignore_eos,
-                    top_logprobs: request.logprobs,
-                    logprobs: Vec::new(),
-                    enqueued,
-                    last_token_at: None,
-                    finished: false,
-                };
-                let compute = started.elapsed();
-                self.record(1, waited, compute);
-                self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
-                self.accept(&mut sequence, first, logprobs);
-                // After the first token went out, before the next prefill
-                // (the same prompt admitted in this iteration hits).
-                self.cache_blocks(prompt, &cache, 0);
-                return Ok((!sequence.finished).then_some((sequence, cache)));
+    /// Starts the prefill of new arrivals: those without a cached prefix
+    /// and short enough are prefilled together now; the others are queued
+    /// to be prefilled alone, in pieces. A failed prefill fails its own
+    /// requests only. Returns whether a forward ran.
+    fn start(&mut self, pending: Vec<Pending>, budget: usize, joiners: &mut Joiners) -> bool {
+        let mut batch = Vec::new();
+        for Pending { request, events, enqueued } in pending {
+            if events.is_closed() {
+                continue;
+            }
+            if request.prompt.is_empty() {
+                let _ = events.send(Event::Error(InferError::internal("empty prompt reached the engine")));
+                continue;
+            }
+            let waited = enqueued.elapsed();
+            self.shared.metrics.model.queue_duration.observe(waited.as_secs_f64());
+            let mut job = Job { request, events, enqueued, waited, compute: Duration::ZERO, cached: 0 };
+            // A prefix hit (less than the whole prompt: its last token is
+            // always computed, for the logits) is prefilled alone from there,
+            // never in the batch.
+            let cached = self.cached_prefix(&job.request.prompt);
+            if let Ok(Some((cache, cached))) = cached {
+                job.cached = cached;
+                self.prefills.push_back(Prefill { job, cache });
+                continue;
+            }
+            if let Err(error) = cached {
+                let _ = job.events.send(Event::Error(error));
+                continue;
+            }
+            if job.request.prompt.len() > budget {
+                match BatchCache::empty(self.decoder.shape(), 1) {
+                    Ok(cache) => self.prefills.push_back(Prefill { job, cache }),
+                    Err(error) => {
+                        let _ = job.events.send(Event::Error(error));
+                    }
+                }
+                continue;
+            }
+            batch.push(job);
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        let events: Vec<_> = batch.iter().map(|j| j.events.clone()).collect();
+        if let Err(error) = self.prefill_batch(batch, joiners) {
+            tracing::error!(model = %self.model.name, %error, "prefill failed");
+            for events in events {
+                let _ = events.send(Event::Error(error.clone()));
             }
         }
-        Err(InferError::internal("empty prompt reached the engine"))
+        true
     }
 
-    /// Applies membership changes to the batch cache: finished sequences
-    /// leave, `joiners` come in.
-    fn rebuild(&mut self, joiners: Vec<(Sequence, BatchCache)>) -> InferResult<()> {
-        let old = self.cache.take();
+    /// Prefills whole prompts (no cache yet) together in one forward, rows
+    /// left-padded to the longest; the mask hides the padding, whose keys
+    /// and values are dropped when the rows join their groups.
+    fn prefill_batch(&mut self, jobs: Vec<Job>, joiners: &mut Joiners) -> InferResult<()> {
+        let started = Instant::now();
+        let rows = jobs.len();
+        let n = jobs.iter().map(|j| j.request.prompt.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows * n);
+        let mut mask = Vec::with_capacity(rows * n);
+        let mut positions = Vec::with_capacity(rows * n);
+        for job in &jobs {
+            let prompt = &job.request.prompt;
+            let pad = n - prompt.len();
+            ids.extend(std::iter::repeat_n(0, pad).chain(prompt.iter().map(|&t| t as i64)));
+            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, prompt.len())));
+            positions.extend(std::iter::repeat_n(0, pad).chain(0..prompt.len() as i64));
+        }
+        let (logits, cache) =
+            self.decoder.forward(ids, mask, positions, BatchCache::empty(self.decoder.shape(), rows)?)?;
+        let compute = started.elapsed();
+        self.token_time.observe(compute.as_secs_f64() / (rows * n).max(1) as f64);
+        let data = logits.data()?;
+        let vocab = data.len() / rows.max(1);
+        let waited = jobs.iter().map(|j| j.waited).max().unwrap_or_default();
+        self.record(rows, waited, compute);
+        let source = joiners.caches.len();
+        for (b, mut job) in jobs.into_iter().enumerate() {
+            job.compute = compute;
+            let prompt = job.request.prompt.clone();
+            if let Some(sequence) = self.first_token(job, &data[b * vocab..(b + 1) * vocab]) {
+                joiners.members.push((sequence, source, b));
+            }
+            // After the first token went out (row `b`: its last
+            // `prompt.len()` positions).
+            self.cache_blocks(&prompt, &cache, b);
+        }
+        joiners.caches.push(Some(cache));
+        Ok(())
+    }
+
+    /// Prefills the next piece (at most `budget` tokens) of a prompt under
+    /// way; after its last piece, samples its first token.
+    fn prefill_piece(&mut self, prefill: Prefill, budget: usize, joiners: &mut Joiners) -> InferResult<()> {
+        let started = Instant::now();
+        let Prefill { mut job, cache } = prefill;
+        let prompt = &job.request.prompt;
+        let past = cache.past;
+        let piece = &prompt[past..prompt.len().min(past + budget.max(1))];
+        let ids = piece.iter().map(|&t| t as i64).collect();
+        let mask = vec![1i64; past + piece.len()];
+        let positions = (past..past + piece.len()).map(|p| p as i64).collect();
+        let (logits, cache) = self.decoder.forward(ids, mask, positions, cache)?;
+        let elapsed = started.elapsed();
+        self.token_time.observe(elapsed.as_secs_f64() / piece.len().max(1) as f64);
+        job.compute += elapsed;
+        if cache.past < prompt.len() {
+            self.prefills.push_front(Prefill { job, cache });
+            return Ok(());
+        }
+        self.record(1, job.waited, job.compute);
+        let prompt = job.request.prompt.clone();
+        if let Some(sequence) = self.first_token(job, logits.data()?) {
+            joiners.members.push((sequence, joiners.caches.len(), 0));
+        }
+        self.cache_blocks(&prompt, &cache, 0);
+        joiners.caches.push(Some(cache));
+        Ok(())
+    }
+
+    /// Samples a prefilled prompt's first token from its `logits` and sends
+    /// it; returns the sequence, or `None` if it already finished.
+    fn first_token(&self, job: Job, logits: &[f32]) -> Option<Sequence> {
+        let Job { request, events, enqueued, cached, .. } = job;
+        let prompt = &request.prompt;
+        let mut sampler = Sampler::new(request.sampling, prompt);
+        let first = sampler.sample(logits);
+        let logprobs = request.logprobs.map(|top| step_logprobs(logits, first, top));
+        let mut sequence = Sequence {
+            events,
+            prompt_len: prompt.len(),
+            cached,
+            tokens: prompt.clone(),
+            max_tokens: request.max_tokens,
+            reach: request.reach(),
+            generated: 0,
+            len: prompt.len(),
+            last_token: first,
+            sampler,
+            decoder: IncrementalDecoder::default(),
+            stop: StopMatcher::new(request.stop.clone()),
+            ignore_eos: request.ignore_eos,
+            enqueued,
+            last_token_at: None,
+            finished: false,
+            top_logprobs: request.logprobs,
+            logprobs: Vec::new(),
+        };
+        self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        self.accept(&mut sequence, first, logprobs);
+        (!sequence.finished).then_some(sequence)
+    }
+
+    /// Places the joiners in groups, rebuilds the groups whose rows change
+    /// and runs one decode step per group. Returns the time of the decode
+    /// steps, if any ran (rebuilds are left out: one join must not inflate
+    /// the next prefill pieces).
+    fn step_groups(
+        &mut self,
+        groups: &mut Vec<Group>,
+        mut joiners: Joiners,
+        blocked: bool,
+    ) -> InferResult<Option<Duration>> {
+        let mut incoming: Vec<Vec<(Sequence, usize, usize)>> = groups.iter().map(|_| Vec::new()).collect();
+        for joiner in std::mem::take(&mut joiners.members) {
+            let shapes: Vec<GroupShape> = groups
+                .iter()
+                .zip(&incoming)
+                .map(|(g, new)| next_shape(g.running.iter().chain(new.iter().map(|(s, _, _)| s))))
+                .collect();
+            match schedule::choose_group(&shapes, joiner.0.len, joiner.0.reach) {
+                Some(i) => incoming[i].push(joiner),
+                None => {
+                    groups.push(Group::default());
+                    incoming.push(vec![joiner]);
+                }
+            }
+        }
+        let mut stepped = None;
+        for (group, new) in groups.iter_mut().zip(incoming) {
+            let done = group.running.iter().filter(|s| s.finished).count();
+            // The next step writes position `len`: a passenger must not
+            // outgrow the memory admission counted for it.
+            let outgrown = group.running.iter().any(|s| s.finished && s.len + 1 >= s.reach);
+            if needs_rebuild(group.running.len(), done, new.len(), outgrown || blocked) {
+                self.rebuild(group, new, &mut joiners.caches)?;
+            }
+            if group.live() > 0 {
+                let started = Instant::now();
+                self.decode_step(group)?;
+                stepped = Some(stepped.unwrap_or_default() + started.elapsed());
+            }
+        }
+        Ok(stepped)
+    }
+
+    /// Applies membership changes to a group's cache: finished sequences
+    /// leave, `joiners` (row `row` of `caches[source]`) come in.
+    fn rebuild(
+        &self,
+        group: &mut Group,
+        joiners: Vec<(Sequence, usize, usize)>,
+        caches: &mut [Option<BatchCache>],
+    ) -> InferResult<()> {
+        let old = group.cache.take();
         let mut rows = Vec::new();
         let mut members = Vec::new();
-        for (i, sequence) in std::mem::take(&mut self.running).into_iter().enumerate() {
+        for (i, sequence) in std::mem::take(&mut group.running).into_iter().enumerate() {
             if !sequence.finished {
                 rows.push(RowSource { source: 0, row: i, len: sequence.len });
                 members.push(sequence);
             }
         }
+        // A newly prefilled cache that is exactly the new group (every row of
+        // it, no extra padding) becomes its cache without a copy.
+        if rows.is_empty() && !joiners.is_empty() {
+            let source = joiners[0].1;
+            let whole = caches[source].as_ref().is_some_and(|cache| {
+                cache.rows == joiners.len()
+                    && joiners.iter().enumerate().all(|(b, j)| j.1 == source && j.2 == b)
+                    && joiners.iter().map(|j| j.0.len).max() == Some(cache.past)
+            });
+            if whole {
+                group.cache = caches[source].take();
+                group.running = joiners.into_iter().map(|j| j.0).collect();
+                return Ok(());
+            }
+        }
+        // Sources: the old cache (index 0, if any), then the joiners' caches.
         let base = usize::from(old.is_some());
-        let (sequences, caches): (Vec<Sequence>, Vec<BatchCache>) = joiners.into_iter().unzip();
-        for (k, sequence) in sequences.into_iter().enumerate() {
-            rows.push(RowSource { source: base + k, row: 0, len: sequence.len });
+        let mut used: Vec<usize> = Vec::new();
+        for (sequence, source, row) in joiners {
+            let at = used.iter().position(|&s| s == source).unwrap_or_else(|| {
+                used.push(source);
+                used.len() - 1
+            });
+            rows.push(RowSource { source: base + at, row, len: sequence.len });
             members.push(sequence);
         }
-        self.running = members;
+        group.running = members;
         if rows.is_empty() {
             return Ok(());
         }
-        // A lone newcomer's prefill cache is already the batch cache.
-        if rows.len() == 1 && rows[0].source == base && caches.len() == 1 {
-            self.cache = caches.into_iter().next();
-            return Ok(());
+        let mut sources: Vec<&BatchCache> = old.iter().collect();
+        for &source in &used {
+            sources
+                .push(caches[source].as_ref().ok_or_else(|| InferError::internal("a prefill cache was used twice"))?);
         }
-        let sources: Vec<&BatchCache> = old.iter().chain(caches.iter()).collect();
-        self.cache = Some(BatchCache::gather(self.decoder.shape(), &sources, &rows)?);
+        group.cache = Some(BatchCache::gather(self.decoder.shape(), &sources, &rows)?);
         Ok(())
     }
 
-    /// One decode step for every running sequence.
-    fn decode_step(&mut self) -> InferResult<()> {
+    /// One decode step for every row of a group.
+    fn decode_step(&mut self, group: &mut Group) -> InferResult<()> {
         let started = Instant::now();
-        let cache = self.cache.take().ok_or_else(|| InferError::internal("decode batch without a cache"))?;
+        let cache = group.cache.take().ok_or_else(|| InferError::internal("decode batch without a cache"))?;
         let past = cache.past;
-        let ids = self.running.iter().map(|s| s.last_token as i64).collect();
-        let positions = self.running.iter().map(|s| s.len as i64).collect();
+        let ids = group.running.iter().map(|s| s.last_token as i64).collect();
+        let positions = group.running.iter().map(|s| s.len as i64).collect();
         let mut mask = Vec::new();
-        decode_mask(self.running.iter().map(|s| s.len), past, &mut mask);
+        decode_mask(group.running.iter().map(|s| s.len), past, &mut mask);
         let (logits, cache) = self.decoder.forward(ids, mask, positions, cache)?;
-        self.cache = Some(cache);
+        group.cache = Some(cache);
         let data = logits.data()?;
-        let rows = self.running.len();
+        let rows = group.running.len();
         let vocab = data.len() / rows;
-        let live = self.live();
-        let mut running = std::mem::take(&mut self.running);
-        for (b, sequence) in running.iter_mut().enumerate() {
+        let live = group.live();
+        for (b, sequence) in group.running.iter_mut().enumerate() {
             sequence.len += 1;
             if sequence.finished {
                 continue;
@@ -519,13 +768,11 @@ impl Worker {
             self.accept(sequence, token, logprobs);
             if sequence.finished {
                 // Its row is still in the cache: keep prompt and answer.
-                if let Some(cache) = self.cache.take() {
-                    self.cache_blocks(&sequence.tokens, &cache, b);
-                    self.cache = Some(cache);
+                if let Some(cache) = &group.cache {
+                    self.cache_blocks(&sequence.tokens, cache, b);
                 }
             }
         }
-        self.running = running;
         self.record(live, Duration::ZERO, started.elapsed());
         Ok(())
     }
@@ -575,20 +822,20 @@ impl Worker {
     }
 
     /// The start of a prefill: a one-row cache holding the longest cached
-    /// prefix of `prompt`, and its length in tokens.
-    fn cached_prefix(&mut self, prompt: &[u32]) -> InferResult<(BatchCache, usize)> {
+    /// prefix of `prompt`, and its length in tokens; `None` on a miss.
+    fn cached_prefix(&mut self, prompt: &[u32]) -> InferResult<Option<(BatchCache, usize)>> {
         let shape = self.decoder.shape();
-        let Some(prefix) = self.prefix.as_mut() else { return Ok((BatchCache::empty(shape, 1)?, 0)) };
+        let Some(prefix) = self.prefix.as_mut() else { return Ok(None) };
         let blocks = prefix.lookup(prompt);
         let cached = blocks.len() * BLOCK_TOKENS;
         let metrics = &self.shared.metrics;
         metrics.prefix_hit_tokens.inc_by(cached as u64);
         metrics.prefix_miss_tokens.inc_by((prompt.len() - cached) as u64);
         if blocks.is_empty() {
-            return Ok((BatchCache::empty(shape, 1)?, 0));
+            return Ok(None);
         }
         let views: Vec<&[f32]> = blocks.iter().map(|b| &b[..]).collect();
-        Ok((BatchCache::from_blocks(shape, &views, BLOCK_TOKENS)?, cached))
+        Ok(Some((BatchCache::from_blocks(shape, &views, BLOCK_TOKENS)?, cached)))
     }
 
     /// Caches the whole blocks of `tokens`, the positions of row `row` of

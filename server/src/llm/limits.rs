@@ -134,6 +134,12 @@ impl KvBudget {
         self.cost(rows, longest) <= self.budget
     }
 
+    /// Padded token slots the budget holds (see `llm::schedule`): each slot
+    /// is a token of one row, in [`CACHE_COPIES`] copies.
+    pub(crate) fn slots(&self) -> u64 {
+        self.budget / self.bytes_per_token.saturating_mul(CACHE_COPIES).max(1)
+    }
+
     /// Most tokens (prompt and completion) one sequence alone may reach.
     pub(crate) fn max_sequence_tokens(&self) -> usize {
         let per_token = self.bytes_per_token.saturating_mul(CACHE_COPIES).max(1);

@@ -16,6 +16,7 @@ pub(crate) mod prefix_cache;
 pub(crate) mod prompt;
 pub(crate) mod request;
 pub(crate) mod sampling;
+pub(crate) mod schedule;
 pub(crate) mod stop;
 pub(crate) mod template;
 pub(crate) mod tokenizer;
