@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
 use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
+use crate::llm::structured::ResponseFormat;
 use crate::llm::template::ChatMessage;
 use crate::llm::{Generation, MAX_STOP_STRINGS};
 use crate::model::Model;
@@ -99,6 +100,9 @@ struct RequestBody {
     stream: bool,
     stream_options: Option<StreamOptions>,
     logprobs: Option<Logprobs>,
+    /// Structured output: `{"type": "json_object"}` or `{"type":
+    /// "json_schema", "json_schema": {...}}` (read as JSON, then checked).
+    response_format: Option<Value>,
     /// vLLM's and llama.cpp's extension: generate `max_tokens` regardless
     /// of end-of-sequence tokens (benchmarks); only where the server allows it.
     ignore_eos: bool,
@@ -129,6 +133,10 @@ impl RequestBody {
             frequency_penalty: self.frequency_penalty,
             stop: self.stop.take().map(|s| s.0).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
+            response_format: match self.response_format.take() {
+                Some(value) => ResponseFormat::from_json(&value)?,
+                None => None,
+            },
         })
     }
 
@@ -396,7 +404,7 @@ async fn chat_completions(State(state): State<AppState>, body: Body) -> ApiResul
     let messages = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content.0 }).collect();
     let options = request.options()?;
     let prompt = model.chat_prompt(messages).await?;
-    let generation = model.generate(prompt, &options)?;
+    let generation = model.generate(prompt, &options).await?;
     let reply = Reply::new(Kind::Chat, model.name.clone());
     if request.stream {
         Ok(reply.stream(generation, request.include_usage()).into_response())
@@ -415,7 +423,7 @@ async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Res
         Prompt::Text(text) => model.text_prompt(text).await?,
         Prompt::Tokens(tokens) => model.token_prompt(tokens)?,
     };
-    let generation = model.generate(prompt, &options)?;
+    let generation = model.generate(prompt, &options).await?;
     let reply = Reply::new(Kind::Completion, model.name.clone());
     if request.stream {
         Ok(reply.stream(generation, request.include_usage()).into_response())

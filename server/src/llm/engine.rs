@@ -390,7 +390,7 @@ impl Worker {
             let (logits, next) = self.decoder.forward(ids, mask, positions, cache)?;
             cache = next;
             if cache.past == prompt.len() {
-                let mut sampler = Sampler::new(request.sampling, prompt);
+                let mut sampler = Sampler::new(request.sampling, prompt).constrained(request.grammar.as_ref());
                 let first = sampler.sample(logits.data()?);
                 let mut sequence = Sequence {
                     events: events.clone(),

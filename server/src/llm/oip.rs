@@ -33,6 +33,7 @@ use crate::error::{InferError, InferResult};
 use crate::inference::{InferRequest, ParamValue, Parameters, Reply, ReplyStream};
 use crate::llm::config::LlmConfig;
 use crate::llm::request::{Event, FinishReason, GenerateOptions, Usage};
+use crate::llm::structured::ResponseFormat;
 use crate::llm::{Generation, Llm};
 use crate::runtime::{Signature, TensorSpec};
 use crate::tensor::{DataType, Tensor, TensorData};
@@ -162,6 +163,11 @@ fn apply(request: &mut TextRequest, key: &str, value: &ParamValue) -> InferResul
             ParamValue::Bool(b) => options.ignore_eos = *b,
             _ => return Err(InferError::invalid("parameter 'ignore_eos' must be a boolean")),
         },
+        // OpenAI's `response_format` object, written as a JSON string.
+        "response_format" => match value {
+            ParamValue::Str(text) => options.response_format = ResponseFormat::from_text(text)?,
+            _ => return Err(InferError::invalid("parameter 'response_format' must be a string holding JSON")),
+        },
         _ => {}
     }
     Ok(())
@@ -209,7 +215,8 @@ fn json_param(value: &Value) -> Option<ParamValue> {
             None => ParamValue::Float(n.as_f64()?),
         },
         Value::String(s) => ParamValue::Str(s.clone()),
-        Value::Array(_) => ParamValue::Str(value.to_string()),
+        // Lists (`stop`) and objects (`response_format`) travel as JSON text.
+        Value::Array(_) | Value::Object(_) => ParamValue::Str(value.to_string()),
         _ => return None,
     })
 }
@@ -240,7 +247,7 @@ fn single_scalar(tensor: &Tensor, datatype: DataType) -> InferResult<Bytes> {
 async fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, Generation)> {
     let mut decoded = decode(request)?;
     let prompt = llm.text_prompt(std::mem::take(&mut decoded.prompt)).await?;
-    let generation = llm.generate(prompt, &decoded.options)?;
+    let generation = llm.generate(prompt, &decoded.options).await?;
     Ok((decoded, generation))
 }
 

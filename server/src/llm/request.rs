@@ -4,6 +4,7 @@
 
 use crate::error::InferError;
 use crate::llm::sampling::SamplingParams;
+use crate::llm::structured::{Grammar, ResponseFormat};
 
 /// A validated generation request: tokens in, limits and sampling set.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +18,8 @@ pub(crate) struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Structured output: the grammar every token must follow.
+    pub grammar: Option<Grammar>,
 }
 
 impl GenerateRequest {
@@ -39,6 +42,8 @@ pub struct GenerateOptions {
     pub frequency_penalty: Option<f32>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Structured output (`response_format`); `None` is free text.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// Why generation ended, as OpenAI names it.
