@@ -315,3 +315,157 @@ impl Drop for Constraint {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A byte-level `tokenizer.json` whose vocabulary is the printable
+    /// ASCII characters, a few longer words, and `<eos>` (id 0).
+    fn tiny_grammars(dir: &Path) -> Grammars {
+        let mut vocab = serde_json::Map::new();
+        let mut id = 1;
+        for c in ' '..='~' {
+            // ByteLevel spells a space as 'Ġ'.
+            let spelled = if c == ' ' { "Ġ".to_string() } else { c.to_string() };
+            vocab.insert(spelled, json!(id));
+            id += 1;
+        }
+        for word in ["{\"", "\":", "Ġ\"", "positive", "negative", "label"] {
+            vocab.insert(word.to_string(), json!(id));
+            id += 1;
+        }
+        vocab.insert("<eos>".to_string(), json!(0));
+        let tokenizer = json!({
+            "added_tokens": [{"id": 0, "content": "<eos>", "special": true}],
+            "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": vocab, "merges": []},
+        });
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, tokenizer.to_string()).unwrap();
+        // Wider logits than the vocabulary, as real models have.
+        Grammars::load(&path, id + 5, &[0]).unwrap()
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferrite-structured-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Greedy decoding where the model prefers tokens by `preference`
+    /// (higher wins): what the mask lets through decides the text.
+    fn generate(grammars: &Grammars, format: &ResponseFormat, preference: impl Fn(usize) -> f32) -> (String, bool) {
+        let (key, _) = grammars.cached(format).unwrap();
+        let grammar = grammars.compile(key, format).unwrap();
+        let mut constraint = grammar.start();
+        let trie = grammars.factory.tok_env().tok_trie().clone();
+        let logits: Vec<f32> = (0..trie.vocab_size()).map(&preference).collect();
+        let mut masked = Vec::new();
+        let mut text = Vec::new();
+        for _ in 0..200 {
+            constraint.mask(&logits, &mut masked);
+            let token = crate::llm::sampling::argmax(&masked);
+            if token == 0 {
+                return (String::from_utf8(text).unwrap(), true);
+            }
+            text.extend_from_slice(trie.token(token));
+            constraint.advance(token);
+        }
+        (String::from_utf8(text).unwrap(), false)
+    }
+
+    #[test]
+    fn the_mask_forces_the_schema_and_ends_with_eos() {
+        let dir = temp_dir("mask");
+        let grammars = tiny_grammars(&dir);
+        let schema = json!({
+            "type": "object",
+            "properties": {"label": {"enum": ["positive", "negative"]}, "score": {"type": "integer", "minimum": 3, "maximum": 7}},
+            "required": ["label", "score"],
+            "additionalProperties": false
+        });
+        let format = ResponseFormat::JsonSchema { name: "x".into(), schema };
+        // A model that prefers 'z', then EOS, then high ids: none of that
+        // fits, so only the mask makes the answer valid.
+        let (text, ended) = generate(&grammars, &format, |id| match id {
+            0 => 5.0,
+            id if id == ('z' as usize - ' ' as usize + 1) => 10.0,
+            id => id as f32 / 100.0,
+        });
+        assert!(ended, "{text}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert!(value["label"] == "positive" || value["label"] == "negative", "{text}");
+        assert!((3..=7).contains(&value["score"].as_i64().unwrap()), "{text}");
+        // Compact with a space after ':' and ','.
+        assert!(text.starts_with("{\"label\": \""), "{text}");
+        // json_object: any object; here the model likes '}' best.
+        let close = '}' as usize - ' ' as usize + 1;
+        let (text, ended) = generate(&grammars, &ResponseFormat::JsonObject, |id| if id == close { 10.0 } else { 0.0 });
+        assert!(ended, "{text}");
+        assert_eq!(text, "{}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn unsupported_keywords_are_named_and_grammars_are_cached() {
+        let dir = temp_dir("errors");
+        let grammars = tiny_grammars(&dir);
+        let compile = |schema: Value| {
+            let format = ResponseFormat::JsonSchema { name: "x".into(), schema };
+            let (key, _) = grammars.cached(&format)?;
+            grammars.compile(key, &format)
+        };
+        let err = compile(json!({"type": "array", "uniqueItems": true})).unwrap_err();
+        assert_eq!(err.kind, crate::error::ErrorKind::InvalidArgument);
+        assert!(err.message.contains("uniqueItems"), "{err}");
+        assert!(compile(json!({"type": "string", "format": "nope"})).unwrap_err().message.contains("nope"));
+        assert!(compile(json!({"type": "object", "x-guidance": {"lenient": true}}))
+            .unwrap_err()
+            .message
+            .contains("x-guidance"));
+        let big = json!({"enum": vec!["a".repeat(100); 1000]});
+        assert!(compile(big).unwrap_err().message.contains("at most 65536"));
+        // Compiled once, then served from the cache (keys ignore formatting).
+        let format = ResponseFormat::from_text(
+            r#"{"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(grammars.cached(&format).unwrap().1.is_none());
+        let (key, _) = grammars.cached(&format).unwrap();
+        let compiled = grammars.compile(key, &format).unwrap();
+        assert_eq!(grammars.cached(&format).unwrap().1, Some(compiled));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn response_format_is_read_and_checked() {
+        assert_eq!(ResponseFormat::from_json(&json!({"type": "text"})).unwrap(), None);
+        assert_eq!(
+            ResponseFormat::from_json(&json!({"type": "json_object"})).unwrap(),
+            Some(ResponseFormat::JsonObject)
+        );
+        let schema = json!({"type": "object"});
+        let parsed = ResponseFormat::from_json(
+            &json!({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": true}}),
+        )
+        .unwrap();
+        assert_eq!(parsed, Some(ResponseFormat::JsonSchema { name: "a".into(), schema: schema.clone() }));
+        for (bad, says) in [
+            (json!("json"), "must be an object"),
+            (json!({"type": "yaml"}), "unknown type 'yaml'"),
+            (json!({}), "'type'"),
+            (json!({"type": "json_schema"}), "'json_schema'"),
+            (json!({"type": "json_schema", "json_schema": {"schema": schema}}), "json_schema.name"),
+            (json!({"type": "json_schema", "json_schema": {"name": "a"}}), "json_schema.schema"),
+            (json!({"type": "json_schema", "json_schema": {"name": "a", "schema": []}}), "json_schema.schema"),
+            (json!({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": 1}}), "strict"),
+        ] {
+            let err = ResponseFormat::from_json(&bad).unwrap_err();
+            assert!(err.message.contains(says) && err.message.starts_with("response_format"), "{bad}: {err}");
+        }
+        assert!(ResponseFormat::from_text("{oops").unwrap_err().message.contains("response_format"));
+    }
+}
