@@ -401,6 +401,8 @@ def test_max_tokens_cuts_with_finish_reason_length(fp32_server):
         ({"type": "object", "properties": {"a": {"type": "string", "format": "no-such-format"}}}, "no-such-format"),
         ({"type": "object", "not": {"required": ["a"]}}, "not"),
         ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "if"),
+        ({"type": "array", "contains": {"type": "integer"}}, "contains"),
+        ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}, "oneOf"),
         ({"$ref": "https://example.com/schema.json"}, "https://example.com/schema.json"),
         ({"type": "object", "x-guidance": {"lenient": True}}, "x-guidance"),
     ],
