@@ -608,7 +608,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_skipped_and_known_ones_typed() {
         let mut request = body(
-            r#"{"model": "m", "tools": [{"deep": [[[1]]]}], "response_format": {"type": "json"},
+            r#"{"model": "m", "tools": [{"deep": [[[1]]]}], "tool_choice": {"type": "json"},
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"}],
                 "stop": "END", "logprobs": false, "max_tokens": 5}"#,
         )
@@ -618,6 +618,12 @@ mod tests {
         let options = request.options().unwrap();
         assert_eq!(options.stop, vec!["END".to_string()]);
         assert_eq!(options.max_tokens, Some(5));
+        assert_eq!(options.response_format, None);
+        // response_format is read, then checked.
+        let mut request = body(r#"{"response_format": {"type": "json_object"}}"#).unwrap();
+        assert_eq!(request.options().unwrap().response_format, Some(ResponseFormat::JsonObject));
+        let mut request = body(r#"{"response_format": {"type": "json"}}"#).unwrap();
+        assert!(request.options().unwrap_err().message.contains("unknown type 'json'"));
         let null_content = body(r#"{"messages": [{"role": "assistant", "content": null}]}"#).unwrap();
         assert_eq!(null_content.messages.unwrap()[0].content.0, "");
     }

@@ -491,3 +491,22 @@ def test_grpc_parameter_constrains_the_answer(fp32_server):
             c.infer(MODEL, grpc_inputs("x"), parameters={"response_format": "{not json"}, client_timeout=60)
         with fl.expect_grpc_error("INVALID_ARGUMENT", "response_format"):
             c.infer(MODEL, grpc_inputs("x"), parameters={"response_format": 3}, client_timeout=60)
+
+
+def test_rest_infer_parameter(fp32_server):
+    """KServe v2 REST: the same parameter as a JSON string; an object there is a 400, not
+    silently dropped."""
+
+    def infer(response_format):
+        body = {
+            "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [chatml(f"{CASES['sentiment'][1]}\n\n{REVIEWS[1]}")]}],
+            "parameters": {"max_tokens": 64, "temperature": 0, "response_format": response_format},
+        }
+        return post(fp32_server, f"/v2/models/{MODEL}/infer", body)
+
+    status, reply = infer(json.dumps(json_schema_format(SENTIMENT)))
+    assert status == 200, reply
+    text = next(o for o in reply["outputs"] if o["name"] == "text_output")["data"][0]
+    jsonschema.validate(json.loads(text), SENTIMENT)
+    status, reply = infer(json_schema_format(SENTIMENT))
+    assert status == 400 and "response_format" in reply["error"], reply
