@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
@@ -101,8 +102,9 @@ struct RequestBody {
     stream_options: Option<StreamOptions>,
     logprobs: Option<Logprobs>,
     /// Structured output: `{"type": "json_object"}` or `{"type":
-    /// "json_schema", "json_schema": {...}}` (read as JSON, then checked).
-    response_format: Option<Value>,
+    /// "json_schema", "json_schema": {...}}`. Kept as text while parsing
+    /// (a `Value` can take 40x its text), size-checked, then read.
+    response_format: Option<Box<RawValue>>,
     /// vLLM's and llama.cpp's extension: generate `max_tokens` regardless
     /// of end-of-sequence tokens (benchmarks); only where the server allows it.
     ignore_eos: bool,
@@ -134,7 +136,7 @@ impl RequestBody {
             stop: self.stop.take().map(|s| s.0).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
             response_format: match self.response_format.take() {
-                Some(value) => ResponseFormat::from_json(&value)?,
+                Some(raw) => ResponseFormat::from_text(raw.get())?,
                 None => None,
             },
         })

@@ -72,7 +72,8 @@ impl ResponseFormat {
         }
     }
 
-    /// Reads the same object written as a JSON string (the OIP parameter).
+    /// Reads the same object from its JSON text (the OIP parameter, the
+    /// OpenAI body's field as it came), at most twice [`MAX_SCHEMA_BYTES`].
     pub fn from_text(text: &str) -> InferResult<Option<ResponseFormat>> {
         if text.len() > MAX_SCHEMA_BYTES * 2 {
             return Err(InferError::invalid(format!("response_format is longer than {} bytes", MAX_SCHEMA_BYTES * 2)));
