@@ -450,6 +450,17 @@ impl ModelDeployment {
     }
 }
 
+/// The CRD as `ferrite-operator crdgen` prints it (`manifests/crd.yaml`),
+/// with every object's keys sorted: the text must not depend on whether
+/// serde_json's `preserve_order` is on, which a workspace build turns on
+/// for every crate when one dependency asks for it (llguidance does).
+pub fn crd_yaml() -> anyhow::Result<String> {
+    use kube::CustomResourceExt;
+    let mut value = serde_json::to_value(ModelDeployment::crd())?;
+    value.sort_all_objects();
+    Ok(serde_yaml::to_string(&value)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand};
 use ferrite_operator::policy::{self, Policy};
 use ferrite_operator::resources::network_policy::{self, MetricsScrapers};
 use ferrite_operator::run::{run, RunOptions};
-use kube::CustomResourceExt;
 
 /// ferrite operator: reconciles ModelDeployments into ferrite-server pods and
 /// scales them on the depth of their request queues.
@@ -178,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crdgen => {
-            print!("{}", serde_yaml::to_string(&ferrite_operator::crd::ModelDeployment::crd())?);
+            print!("{}", ferrite_operator::crd::crd_yaml()?);
             Ok(())
         }
         Command::Run(args) => {

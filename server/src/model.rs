@@ -165,10 +165,10 @@ impl Model {
 
     /// Starts generating from prompt tokens (an LLM only), counted as one
     /// request until the generation ends or is dropped.
-    pub fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
+    pub async fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
         let llm = self.text_model()?;
         let record = self.record();
-        match llm.generate(prompt, options) {
+        match llm.generate(prompt, options).await {
             Ok(generation) => Ok(generation.counted(record)),
             Err(error) => {
                 record.finish(Err(error.kind));

@@ -57,15 +57,45 @@ pub(crate) struct OutputHeader {
 pub(crate) type JsonParameters = BTreeMap<String, Scalar>;
 
 /// A parameter value. Arrays and objects are skipped without being built
-/// (as `null`): no parameter uses them, and a `Value` would take ~16x
-/// their text.
+/// (as `Null`): no parameter uses them, and a `Value` would take ~16x
+/// their text. Its own type rather than a `Value`: with serde_json's
+/// `preserve_order` (which llguidance turns on) a `Value` is 80 bytes, this
+/// is 32, and a body of many parameters must stay within its memory bound.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Scalar(pub Value);
+pub(crate) enum Scalar {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+}
 
-impl std::ops::Deref for Scalar {
-    type Target = Value;
-    fn deref(&self) -> &Value {
-        &self.0
+impl Scalar {
+    pub(crate) fn as_bool(&self) -> Option<bool> {
+        match self {
+            Scalar::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_i64(&self) -> Option<i64> {
+        match self {
+            Scalar::Number(n) => n.as_i64(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_u64(&self) -> Option<u64> {
+        match self {
+            Scalar::Number(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> Option<&str> {
+        match self {
+            Scalar::String(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -78,33 +108,33 @@ impl<'de> Deserialize<'de> for Scalar {
                 f.write_str("a JSON value")
             }
             fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
-                Ok(Scalar(Value::Bool(v)))
+                Ok(Scalar::Bool(v))
             }
             fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
-                Ok(Scalar(v.into()))
+                Ok(Scalar::Number(v.into()))
             }
             fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
-                Ok(Scalar(v.into()))
+                Ok(Scalar::Number(v.into()))
             }
             fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
-                Ok(Scalar(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)))
+                Ok(serde_json::Number::from_f64(v).map_or(Scalar::Null, Scalar::Number))
             }
             fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
-                Ok(Scalar(Value::String(v.to_string())))
+                Ok(Scalar::String(v.to_string()))
             }
             fn visit_string<E>(self, v: String) -> Result<Scalar, E> {
-                Ok(Scalar(Value::String(v)))
+                Ok(Scalar::String(v))
             }
             fn visit_unit<E>(self) -> Result<Scalar, E> {
-                Ok(Scalar(Value::Null))
+                Ok(Scalar::Null)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Scalar(Value::Null))
+                Ok(Scalar::Null)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Scalar(Value::Null))
+                Ok(Scalar::Null)
             }
         }
         deserializer.deserialize_any(ScalarVisitor)
@@ -500,8 +530,8 @@ mod tests {
         );
         let (header, binary) = split_body(&body, None).unwrap();
         assert_eq!(header.parameters["priority"].as_i64(), Some(1));
-        assert_eq!(*header.parameters["big"], Value::Null);
-        assert_eq!(*header.parameters["o"], Value::Null);
+        assert_eq!(header.parameters["big"], Scalar::Null);
+        assert_eq!(header.parameters["o"], Scalar::Null);
         assert_eq!(header.parameters["s"].as_str(), Some("x"));
         let err = decode_inputs(header.inputs, binary).unwrap_err();
         assert!(err.message.contains("binary_data_size must be an integer"), "{err}");

@@ -266,18 +266,26 @@ async fn infer_version(
             (o.name.clone(), binary)
         })
         .collect();
+    // Structured output must never be dropped silently: an object (skipped
+    // while parsing) would leave the answer unconstrained.
+    if request.parameters.get("response_format").is_some_and(|v| v.as_str().is_none()) {
+        return Err(InferError::invalid(
+            "parameter 'response_format' must be a string holding the response_format JSON",
+        )
+        .into());
+    }
     let parameters = request
         .parameters
         .iter()
         .filter_map(|(key, value)| {
-            let value = match &value.0 {
-                Value::Bool(b) => ParamValue::Bool(*b),
-                Value::Number(n) => match n.as_i64() {
+            let value = match value {
+                json::Scalar::Bool(b) => ParamValue::Bool(*b),
+                json::Scalar::Number(n) => match n.as_i64() {
                     Some(i) => ParamValue::Int(i),
                     None => ParamValue::Float(n.as_f64()?),
                 },
-                Value::String(s) => ParamValue::Str(s.clone()),
-                _ => return None,
+                json::Scalar::String(s) => ParamValue::Str(s.clone()),
+                json::Scalar::Null => return None,
             };
             Some((key.clone(), value))
         })

@@ -21,11 +21,13 @@ use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::{ErrorKind, InferError};
 use crate::llm::logprobs::{chat_entry, finite, MAX_TOP_LOGPROBS};
 use crate::llm::request::{Event, FinishReason, GenerateOptions, TokenLogprob, Usage};
+use crate::llm::structured::ResponseFormat;
 use crate::llm::template::ChatMessage;
 use crate::llm::{Generation, MAX_STOP_STRINGS};
 use crate::model::Model;
@@ -103,6 +105,10 @@ struct RequestBody {
     logprobs: Option<Logprobs>,
     /// Chat: how many alternatives per token.
     top_logprobs: Option<i64>,
+    /// Structured output: `{"type": "json_object"}` or `{"type":
+    /// "json_schema", "json_schema": {...}}`. Kept as text while parsing
+    /// (a `Value` can take 40x its text), size-checked, then read.
+    response_format: Option<Box<RawValue>>,
     /// vLLM's and llama.cpp's extension: generate `max_tokens` regardless
     /// of end-of-sequence tokens (benchmarks); only where the server allows it.
     ignore_eos: bool,
@@ -134,6 +140,10 @@ impl RequestBody {
             frequency_penalty: self.frequency_penalty,
             stop: self.stop.take().map(|s| s.0).unwrap_or_default(),
             ignore_eos: self.ignore_eos,
+            response_format: match self.response_format.take() {
+                Some(raw) => ResponseFormat::from_text(raw.get())?,
+                None => None,
+            },
             logprobs: self.top_logprobs(kind)?,
         };
         Ok((options, n))
@@ -452,7 +462,7 @@ async fn chat_completions(State(state): State<AppState>, body: Body) -> ApiResul
     let messages = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content.0 }).collect();
     let (options, n) = request.options(Kind::Chat)?;
     let prompt = model.chat_prompt(messages).await?;
-    let generations = generate(&model, prompt, &options, n)?;
+    let generations = generate(&model, prompt, &options, n).await?;
     let reply = Reply::new(Kind::Chat, model.name.clone(), options.logprobs.is_some());
     if request.stream {
         Ok(reply.stream(generations, request.include_usage()).into_response())
@@ -471,7 +481,7 @@ async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Res
         Prompt::Text(text) => model.text_prompt(text).await?,
         Prompt::Tokens(tokens) => model.token_prompt(tokens)?,
     };
-    let generations = generate(&model, prompt, &options, n)?;
+    let generations = generate(&model, prompt, &options, n).await?;
     let reply = Reply::new(Kind::Completion, model.name.clone(), options.logprobs.is_some());
     if request.stream {
         Ok(reply.stream(generations, request.include_usage()).into_response())
@@ -484,19 +494,19 @@ async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Res
 /// prompt. With a seed, choice `i` gets `seed + i`: each choice differs,
 /// and the request as a whole is reproducible. If one cannot start, those
 /// already started are dropped (cancelled).
-fn generate(
+async fn generate(
     model: &Model,
     prompt: Vec<u32>,
     options: &GenerateOptions,
     n: usize,
 ) -> Result<Vec<Generation>, InferError> {
-    (0..n)
-        .map(|i| {
-            let mut options = options.clone();
-            options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
-            model.generate(prompt.clone(), &options)
-        })
-        .collect()
+    let mut generations = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut options = options.clone();
+        options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
+        generations.push(model.generate(prompt.clone(), &options).await?);
+    }
+    Ok(generations)
 }
 
 /// Which endpoint a reply belongs to.
@@ -807,7 +817,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_skipped_and_known_ones_typed() {
         let mut request = body(
-            r#"{"model": "m", "tools": [{"deep": [[[1]]]}], "response_format": {"type": "json"},
+            r#"{"model": "m", "tools": [{"deep": [[[1]]]}], "tool_choice": {"type": "json"},
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"}],
                 "stop": "END", "logprobs": false, "max_tokens": 5}"#,
         )
@@ -819,6 +829,12 @@ mod tests {
         assert_eq!(options.logprobs, None);
         assert_eq!(options.stop, vec!["END".to_string()]);
         assert_eq!(options.max_tokens, Some(5));
+        assert_eq!(options.response_format, None);
+        // response_format is read, then checked.
+        let mut request = body(r#"{"response_format": {"type": "json_object"}}"#).unwrap();
+        assert_eq!(request.options().unwrap().response_format, Some(ResponseFormat::JsonObject));
+        let mut request = body(r#"{"response_format": {"type": "json"}}"#).unwrap();
+        assert!(request.options().unwrap_err().message.contains("unknown type 'json'"));
         let null_content = body(r#"{"messages": [{"role": "assistant", "content": null}]}"#).unwrap();
         assert_eq!(null_content.messages.unwrap()[0].content.0, "");
     }

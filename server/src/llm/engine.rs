@@ -614,7 +614,7 @@ impl Worker {
     fn first_token(&self, job: Job, logits: &[f32]) -> Option<Sequence> {
         let Job { request, events, enqueued, cached, .. } = job;
         let prompt = &request.prompt;
-        let mut sampler = Sampler::new(request.sampling, prompt);
+        let mut sampler = Sampler::new(request.sampling, prompt).constrained(request.grammar.as_ref());
         let first = sampler.sample(logits);
         let logprobs = request.logprobs.map(|top| step_logprobs(logits, first, top));
         let mut sequence = Sequence {

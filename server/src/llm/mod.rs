@@ -18,6 +18,7 @@ pub(crate) mod request;
 pub(crate) mod sampling;
 pub(crate) mod schedule;
 pub(crate) mod stop;
+pub(crate) mod structured;
 pub(crate) mod template;
 pub(crate) mod tokenizer;
 
@@ -41,6 +42,7 @@ use logprobs::MAX_TOP_LOGPROBS;
 use prompt::Prompter;
 use request::{Answer, Event, GenerateOptions, GenerateRequest};
 use sampling::SamplingParams;
+use structured::{Grammar, Grammars, ResponseFormat};
 use template::{ChatMessage, ChatTemplate};
 use tokenizer::TextCodec;
 
@@ -63,6 +65,8 @@ pub(crate) struct Llm {
     /// CPU, so a flood of long prompts queues instead of taking the memory
     /// of hundreds of tokenizations.
     tokenizing: Semaphore,
+    /// Structured output's grammar compiler, or why this model has none.
+    grammars: Result<Arc<Grammars>, String>,
     engine: Engine,
 }
 
@@ -79,6 +83,12 @@ impl Llm {
     ) -> anyhow::Result<Llm> {
         let config = LlmConfig::read(dir)?;
         let codec = Arc::new(TextCodec::load(&dir.join(config::TOKENIZER_FILE))?);
+        let grammars = Grammars::load(&dir.join(config::TOKENIZER_FILE), config.vocab_size, &config.eos_token_ids)
+            .map(Arc::new)
+            .map_err(|e| {
+                tracing::warn!(model = name, error = %e, "structured output is not available");
+                format!("structured output (response_format) is not available for this model: {e}")
+            });
         let template_path = dir.join(config::CHAT_TEMPLATE_FILE);
         let template = match std::fs::read_to_string(&template_path) {
             Ok(source) => Some(ChatTemplate::new(source)?),
@@ -131,7 +141,7 @@ impl Llm {
             max_prompt_bytes: limits.max_prompt_bytes,
         };
         let tokenizing = Semaphore::new(crate::config::available_cpus());
-        Ok(Llm { config, limits, info, prompter: Arc::new(prompter), tokenizing, engine })
+        Ok(Llm { config, limits, info, prompter: Arc::new(prompter), tokenizing, grammars, engine })
     }
 
     /// Prompt tokens of a chat: the chat template applied, with the
@@ -191,6 +201,9 @@ impl Llm {
                 "logprobs: at most {MAX_TOP_LOGPROBS} alternatives per token, not {top}"
             )));
         }
+        if options.ignore_eos && options.response_format.is_some() {
+            return Err(InferError::invalid("ignore_eos cannot be combined with response_format"));
+        }
         if options.ignore_eos && !self.limits.allow_ignore_eos {
             return Err(InferError::invalid(
                 "ignore_eos is not allowed on this server (start it with --llm-allow-ignore-eos)",
@@ -217,13 +230,34 @@ impl Llm {
             stop: options.stop.clone(),
             ignore_eos: options.ignore_eos,
             logprobs: options.logprobs,
+            grammar: None,
         })
     }
 
-    /// Prepares and queues a request. The caller counts it
-    /// ([`Model`](crate::model::Model) does).
-    pub(crate) fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
-        let request = self.prepare(prompt, options)?;
+    /// The compiled grammar of a `response_format`: from the cache, or
+    /// compiled on a blocking thread (one per CPU at a time, shared with
+    /// tokenizing), so neither the async workers nor the engine wait.
+    pub(crate) async fn grammar(&self, format: &ResponseFormat) -> InferResult<Grammar> {
+        let grammars = self.grammars.as_ref().map_err(|why| InferError::invalid(why.clone()))?;
+        let (key, hit) = grammars.cached(format)?;
+        if let Some(grammar) = hit {
+            return Ok(grammar);
+        }
+        let _permit =
+            self.tokenizing.acquire().await.map_err(|_| InferError::internal("the tokenizer pool is closed"))?;
+        let (grammars, format) = (grammars.clone(), format.clone());
+        tokio::task::spawn_blocking(move || grammars.compile(key, &format))
+            .await
+            .unwrap_or_else(|_| Err(InferError::internal("compiling the response_format failed")))
+    }
+
+    /// Prepares and queues a request (compiling its `response_format`
+    /// first). The caller counts it ([`Model`](crate::model::Model) does).
+    pub(crate) async fn generate(&self, prompt: Vec<u32>, options: &GenerateOptions) -> InferResult<Generation> {
+        let mut request = self.prepare(prompt, options)?;
+        if let Some(format) = &options.response_format {
+            request.grammar = Some(self.grammar(format).await?);
+        }
         let prompt_tokens = request.prompt.len();
         let receiver = self.engine.submit(request)?;
         Ok(Generation { receiver, record: None, finished: false, prompt_tokens })

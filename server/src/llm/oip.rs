@@ -38,6 +38,7 @@ use crate::inference::{InferRequest, ParamValue, Parameters, Reply, ReplyStream}
 use crate::llm::config::LlmConfig;
 use crate::llm::logprobs::chat_entry;
 use crate::llm::request::{Answer, Event, GenerateOptions, TokenLogprob};
+use crate::llm::structured::ResponseFormat;
 use crate::llm::{Generation, Llm};
 use crate::runtime::{Signature, TensorSpec};
 use crate::tensor::{DataType, Tensor, TensorData};
@@ -168,6 +169,11 @@ fn apply(request: &mut TextRequest, key: &str, value: &ParamValue) -> InferResul
             ParamValue::Bool(b) => options.ignore_eos = *b,
             _ => return Err(InferError::invalid("parameter 'ignore_eos' must be a boolean")),
         },
+        // OpenAI's `response_format` object, written as a JSON string.
+        "response_format" => match value {
+            ParamValue::Str(text) => options.response_format = ResponseFormat::from_text(text)?,
+            _ => return Err(InferError::invalid("parameter 'response_format' must be a string holding JSON")),
+        },
         _ => {}
     }
     Ok(())
@@ -215,7 +221,8 @@ fn json_param(value: &Value) -> Option<ParamValue> {
             None => ParamValue::Float(n.as_f64()?),
         },
         Value::String(s) => ParamValue::Str(s.clone()),
-        Value::Array(_) => ParamValue::Str(value.to_string()),
+        // Lists (`stop`) and objects (`response_format`) travel as JSON text.
+        Value::Array(_) | Value::Object(_) => ParamValue::Str(value.to_string()),
         _ => return None,
     })
 }
@@ -246,7 +253,7 @@ fn single_scalar(tensor: &Tensor, datatype: DataType) -> InferResult<Bytes> {
 async fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, Generation)> {
     let mut decoded = decode(request)?;
     let prompt = llm.text_prompt(std::mem::take(&mut decoded.prompt)).await?;
-    let generation = llm.generate(prompt, &decoded.options)?;
+    let generation = llm.generate(prompt, &decoded.options).await?;
     Ok((decoded, generation))
 }
 

@@ -4,6 +4,7 @@
 
 use crate::error::InferError;
 use crate::llm::sampling::SamplingParams;
+use crate::llm::structured::{Grammar, ResponseFormat};
 
 /// A validated generation request: tokens in, limits and sampling set.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,8 @@ pub(crate) struct GenerateRequest {
     /// Report log-probabilities with this many alternatives per token
     /// (`None`: not asked, nothing computed).
     pub logprobs: Option<usize>,
+    /// Structured output: the grammar every token must follow.
+    pub grammar: Option<Grammar>,
 }
 
 impl GenerateRequest {
@@ -45,6 +48,8 @@ pub struct GenerateOptions {
     /// Log-probabilities with this many alternatives per token (0 to
     /// [`MAX_TOP_LOGPROBS`](crate::llm::logprobs::MAX_TOP_LOGPROBS)).
     pub logprobs: Option<usize>,
+    /// Structured output (`response_format`); `None` is free text.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// Why generation ended, as OpenAI names it.

@@ -1,8 +1,12 @@
 //! Choosing the next token from a row of logits: penalties (repetition,
 //! presence, frequency), then greedy or temperature sampling with top-k and
-//! top-p, drawn from a seeded generator so a seed reproduces a run.
+//! top-p, drawn from a seeded generator so a seed reproduces a run. A
+//! sequence with structured output also masks the tokens its grammar does
+//! not allow (a separate step, before the choice).
 
 use std::collections::{HashMap, HashSet};
+
+use crate::llm::structured::{Constraint, Grammar};
 
 /// How one sequence picks its tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -111,6 +115,9 @@ pub(crate) struct Sampler {
     prompt: HashSet<u32>,
     scratch: Vec<f32>,
     candidates: Vec<(f32, u32)>,
+    /// Structured output: the grammar's state, and the masked logits.
+    constraint: Option<Constraint>,
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -124,13 +131,24 @@ impl Sampler {
             prompt,
             scratch: Vec::new(),
             candidates: Vec::new(),
+            constraint: None,
+            masked: Vec::new(),
         }
+    }
+
+    /// Restricts the sequence to what `grammar` allows (structured output).
+    pub(crate) fn constrained(mut self, grammar: Option<&Grammar>) -> Sampler {
+        self.constraint = grammar.map(Grammar::start);
+        self
     }
 
     /// Records a generated token for the penalties.
     pub(crate) fn observe(&mut self, token: u32) {
         if self.params.penalizes() {
             *self.counts.entry(token).or_insert(0) += 1;
+        }
+        if let Some(constraint) = &mut self.constraint {
+            constraint.advance(token);
         }
     }
 
@@ -143,6 +161,13 @@ impl Sampler {
             &self.scratch[..]
         } else {
             logits
+        };
+        let logits = match &mut self.constraint {
+            Some(constraint) => {
+                constraint.mask(logits, &mut self.masked);
+                &self.masked[..]
+            }
+            None => logits,
         };
         if self.params.temperature == 0.0 {
             return argmax(logits);
