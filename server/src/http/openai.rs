@@ -832,9 +832,9 @@ mod tests {
         assert_eq!(options.response_format, None);
         // response_format is read, then checked.
         let mut request = body(r#"{"response_format": {"type": "json_object"}}"#).unwrap();
-        assert_eq!(request.options().unwrap().response_format, Some(ResponseFormat::JsonObject));
+        assert_eq!(request.options(Kind::Chat).unwrap().0.response_format, Some(ResponseFormat::JsonObject));
         let mut request = body(r#"{"response_format": {"type": "json"}}"#).unwrap();
-        assert!(request.options().unwrap_err().message.contains("unknown type 'json'"));
+        assert!(request.options(Kind::Chat).unwrap_err().message.contains("unknown type 'json'"));
         let null_content = body(r#"{"messages": [{"role": "assistant", "content": null}]}"#).unwrap();
         assert_eq!(null_content.messages.unwrap()[0].content.0, "");
     }
