@@ -34,7 +34,8 @@ bench-ab: venv ort release models ## compare two server binaries: make bench-ab 
 # summary in docs/benchmarks.md (~15 min; BENCH_LLM_QUICK=1: 2-3 min). Knobs:
 # BENCH_LLM_CONFIGS, BENCH_LLM_WORKLOADS, BENCH_LLM_CONCURRENCY, BENCH_LLM_SECONDS,
 # BENCH_LLM_CHAT_USERS, BENCH_LLM_CHAT_TURNS, BENCH_LLM_CHAT_SECONDS,
-# BENCH_LLM_STEADY_SECONDS, BENCH_LLM_THREADS, BENCH_LLM_FERRITE (bench/llm_bench.py).
+# BENCH_LLM_STEADY_SECONDS, BENCH_LLM_THREADS, BENCH_LLM_CELL_LIMIT, BENCH_LLM_FERRITE
+# (bench/llm_bench.py).
 bench-llm: venv ort release models llama-server ## LLM tokens/s and time to first token, ferrite vs llama-server
 	$(PY) bench/llm_bench.py
 

@@ -108,6 +108,8 @@ def knobs():
         "chat_seconds": env_num("BENCH_LLM_CHAT_SECONDS", 5 if quick else 25),
         "steady_seconds": env_num("BENCH_LLM_STEADY_SECONDS", 3 if quick else 6),
         "threads": env_num("BENCH_LLM_THREADS", 2, int),
+        # a cell still running after this many seconds is cut short (a busy machine)
+        "cell_limit": env_num("BENCH_LLM_CELL_LIMIT", 120 if quick else 240),
     }
 
 
@@ -241,11 +243,24 @@ class Cell:
         return rec
 
 
+async def run_clients(clients, limit):
+    """Runs the cell's clients; past `limit` seconds (a machine too busy to finish
+    the cell) cancels them, and the cell keeps the requests that ended."""
+    tasks = [asyncio.ensure_future(c) for c in clients]
+    done, pending = await asyncio.wait(tasks, timeout=limit)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for t in done:
+        t.result()  # a bug in a client surfaces here
+    return bool(pending)
+
+
 async def warm_up(session, url, model, cache, n, prompts):
     """One request per client, so that the cell measures a server already running
     that many streams."""
-    await asyncio.gather(*[stream_request(session, url, request_body(
-        model, [{"role": "user", "content": next(prompts)}], cache, max_tokens=8)) for _ in range(n)])
+    await asyncio.wait_for(asyncio.gather(*[stream_request(session, url, request_body(
+        model, [{"role": "user", "content": next(prompts)}], cache, max_tokens=8)) for _ in range(n)]), 120)
 
 
 async def chat_cell(url, model, n, cache, k, cell_tag, prompts):
@@ -268,9 +283,9 @@ async def chat_cell(url, model, n, cache, k, cell_tag, prompts):
                         break  # the conversation cannot go on without its answer
                     history.append({"role": "assistant", "content": rec["text"]})
 
-        await asyncio.gather(*[client() for _ in range(n)])
+        cut = await run_clients([client() for _ in range(n)], k["cell_limit"])
         t1 = time.perf_counter()
-    return summarize(cell.records, cell.errors, t1 - t0, n, cell.last_error)
+    return dict(summarize(cell.records, cell.errors, t1 - t0, n, cell.last_error), **({"cut_short": True} if cut else {}))
 
 
 async def single_cell(url, model, n, cache, k, prompts):
@@ -284,9 +299,9 @@ async def single_cell(url, model, n, cache, k, prompts):
             while time.perf_counter() < deadline:
                 await cell.run(session, url, request_body(model, [{"role": "user", "content": next(prompts)}], cache))
 
-        await asyncio.gather(*[client() for _ in range(n)])
+        cut = await run_clients([client() for _ in range(n)], k["cell_limit"])
         t1 = time.perf_counter()
-    return summarize(cell.records, cell.errors, t1 - t0, n, cell.last_error)
+    return dict(summarize(cell.records, cell.errors, t1 - t0, n, cell.last_error), **({"cut_short": True} if cut else {}))
 
 
 async def prefill_interference_cell(url, model, cache, k, prompts, long_text):
@@ -308,7 +323,7 @@ async def prefill_interference_cell(url, model, cache, k, prompts, long_text):
         # the long prompt is always a fresh one: no cache can hold it
         long_body = request_body(model, [{"role": "user", "content": long_text}], cache)
         try:
-            long_rec = await stream_request(session, url, long_body)
+            long_rec = await asyncio.wait_for(stream_request(session, url, long_body), k["cell_limit"])
         except Exception as e:  # noqa: BLE001 - reported in the cell
             long_rec, cell.last_error = None, repr(e)[:300]
         stop.set()
@@ -490,7 +505,8 @@ def run_config(name, url, model, k, plan, tokenizer, long_text, cache):
             print(f"{name:15s} {w:6s} x{n:2d}: {fmt(r.get('tokens_per_s'))} tok/s, TTFT p50 "
                   f"{fmt(r.get('ttft_ms_p50'))} ms{extra}, ITL p50/p99 {fmt(r.get('itl_ms_p50'))}/"
                   f"{fmt(r.get('itl_ms_p99'))} ms, {r.get('requests', 0)} requests, {r.get('errors', 0)} errors"
-                  + (f" (last: {r['last_error']})" if r.get("last_error") else ""), flush=True)
+                  + (f" (last: {r['last_error']})" if r.get("last_error") else "")
+                  + (" CUT SHORT at BENCH_LLM_CELL_LIMIT" if r.get("cut_short") else ""), flush=True)
     return rows
 
 
@@ -860,7 +876,7 @@ def report(data):
                 n = r["concurrency"]
                 vs = (f"{r['tokens_per_s'] / ref[n]['tokens_per_s']:.2f}x"
                       if r.get("tokens_per_s") and n in ref and name != "llama-default" else "")
-                L.append(f"| {name} | {n} | {fmt(r.get('tokens_per_s'))} | {vs} | {fmt(r.get('ttft_ms_p50'))} | "
+                L.append(f"| {name}{' (cut short)' if r.get('cut_short') else ''} | {n} | {fmt(r.get('tokens_per_s'))} | {vs} | {fmt(r.get('ttft_ms_p50'))} | "
                          f"{fmt(r.get('ttft_ms_p99'))} | "
                          + (f"{fmt(r.get('ttft_cached_ms_p50'))} | {fmt(r.get('ttft_cached_ms_p99'))} | "
                             f"{fmt(r.get('ttft_turn1_ms_p50'))} | " if chat else "")
@@ -902,7 +918,8 @@ def report(data):
           "```", "",
           "Knobs: BENCH_LLM_CONFIGS, BENCH_LLM_WORKLOADS (chat,single,interference), BENCH_LLM_CONCURRENCY, "
           "BENCH_LLM_SECONDS (single cells), BENCH_LLM_CHAT_USERS, BENCH_LLM_CHAT_TURNS, BENCH_LLM_CHAT_SECONDS, "
-          "BENCH_LLM_STEADY_SECONDS, BENCH_LLM_THREADS, BENCH_LLM_FERRITE (another ferrite-server binary), "
+          "BENCH_LLM_STEADY_SECONDS, BENCH_LLM_THREADS, BENCH_LLM_CELL_LIMIT (seconds after which a cell is cut short), "
+          "BENCH_LLM_FERRITE (another ferrite-server binary), "
           "BENCH_LLM_QUICK. Server logs: target/bench-llm/<config>.log.", ""]
     (DOCS / "benchmarks-llm.md").write_text("\n".join(L))
     update_benchmarks_md(data)
