@@ -628,7 +628,7 @@ def cells(data, name, workload):
 def ratio_rows(data):
     """(workload, streams, ferrite config, llama config, ferrite tok/s, llama tok/s, ratio)."""
     out = []
-    for f, l in (("ferrite", "llama-default"), ("ferrite-nocache", "llama-nocache"), ("ferrite", "llama-nocache")):
+    for f, l in comparisons(data):
         for w in ("chat", "single"):
             fc, lc = cells(data, f, w), cells(data, l, w)
             for n in sorted(set(fc) & set(lc)):
@@ -752,24 +752,55 @@ def plots(data):
     return images
 
 
+def busy_note(data):
+    """A warning when the run shared the machine with other work (1-minute load
+    average above 1.5x the CPUs), or None."""
+    loads = [x for c in data["configs"].values() for x in c.get("load_average") or []]
+    cpus = int(re.match(r".*?(\d+) CPUs", data.get("machine", "")).group(1)) if re.match(
+        r".*?(\d+) CPUs", data.get("machine", "")) else (os.cpu_count() or 1)
+    if loads and max(loads) > 1.5 * cpus:
+        return (f"**Caution: the machine was busy with other work during this run** (1-minute load average up to "
+                f"{max(loads):.1f} on {cpus} CPUs): the figures, llama-server's most (its threads spin while they "
+                "wait, and collapse when the CPUs are oversubscribed), are not a fair comparison, and the verdicts "
+                "below do not hold; run it again on a quiet machine.")
+    return None
+
+
+def comparisons(data):
+    """(ferrite config, llama-server config) pairs worth a ratio: both at their
+    defaults, and both with caches off (ferrite's default when it has no cache)."""
+    off = "ferrite-nocache" if "ferrite-nocache" in data["results"] else "ferrite"
+    return [("ferrite", "llama-default"), (off, "llama-nocache")]
+
+
+def ratio_table(data):
+    rows = ratio_rows(data)
+    ns = sorted({r[1] for r in rows})
+    if not rows:
+        return []
+    out = ["| comparison | workload | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in ns) + " |",
+           "|---|---|" + "---|" * len(ns)]
+    for f, l in comparisons(data):
+        for w in ("chat", "single"):
+            sel = {r[1]: r[6] for r in rows if r[0] == w and r[2] == f and r[3] == l}
+            if sel:
+                out.append(f"| {f} / {l} | {w} | " + " | ".join(f"{sel[n]:.2f}x" if n in sel else "-" for n in ns)
+                           + " |")
+    return out
+
+
 def summary_markdown(data):
     """The short "Micro LLMs" section of docs/benchmarks.md (also used by bench/report.py)."""
     lines = ["## Micro LLMs", "",
              "SmolLM2-135M-Instruct, ferrite-server's OpenAI API against llama.cpp's llama-server on the same GGUF "
              f"(`make bench-llm`, {data['date']}; full tables, method and flags in "
              "[benchmarks-llm.md](benchmarks-llm.md))."]
-    rows = ratio_rows(data)
-    if rows:
+    table = ratio_table(data)
+    if table:
         lines[-1] += " Aggregate generated tokens/s, ferrite / llama-server, same run:"
-        lines += ["", "| comparison | workload | " + " | ".join(f"{n} stream{'s' * (n > 1)}" for n in
-                                                          sorted({r[1] for r in rows})) + " |",
-                  "|---|---|" + "---|" * len({r[1] for r in rows})]
-        for f, l in (("ferrite", "llama-default"), ("ferrite-nocache", "llama-nocache")):
-            for w in ("chat", "single"):
-                sel = {r[1]: r[6] for r in rows if r[0] == w and r[2] == f and r[3] == l}
-                if sel:
-                    lines.append(f"| {f} / {l} | {w} | " + " | ".join(
-                        f"{sel[n]:.2f}x" if n in sel else "-" for n in sorted({r[1] for r in rows})) + " |")
+        lines += [""] + table
+    if busy_note(data):
+        lines += ["", busy_note(data)]
     met = target_lines(data)
     if met:
         lines += ["", f"Issue 13's targets (llama-server at its defaults): {sum(m for _, m in met)} of {len(met)} met.",
@@ -806,17 +837,16 @@ def report(data):
          f"({MODEL_DIR.name}); OpenAI streaming chat completions, greedy, {MAX_TOKENS} generated tokens per request "
          f"(`max_tokens` {MAX_TOKENS}, `ignore_eos`), {k['threads']} threads per server, one server at a time "
          "on the same machine, closed loop (a client sends its next request when the previous answer ends).", ""]
+    if busy_note(data):
+        L += [busy_note(data) + " (The load before and after each server's cells is in the table of servers.)", ""]
     met = target_lines(data)
     if met:
         L += ["## Targets (issue 13, llama-server at its defaults)", ""]
         L += [f"- {t}: **{'met' if m else 'not met'}**" for t, m in met]
         L += [""]
-    loads = [x for c in data["configs"].values() for x in c.get("load_average") or []]
-    cpus = os.cpu_count() or 1
-    if loads and max(loads) > 1.5 * cpus:
-        L += [f"**Caution: the machine was busy with other work during this run** (1-minute load average up to "
-              f"{max(loads):.1f} on {cpus} CPUs, column \"load\" below): the figures, llama-server's most (its "
-              "threads spin while they wait), are not a fair comparison; run it again on a quiet machine.", ""]
+    if ratio_table(data):
+        L += ["## Ratios", "", "Aggregate generated tokens/s, ferrite / llama-server, in this run:", ""]
+        L += ratio_table(data) + [""]
     L += ["## Servers", "", "| config | prompt cache | load (before, after) | command |", "|---|---|---|---|"]
     for name, c in data["configs"].items():
         la = c.get("load_average")
