@@ -26,10 +26,16 @@ bench-profile: venv ort release ## perf profile and flame graph of ferrite-serve
 bench-ab: venv ort release models ## compare two server binaries: make bench-ab BEFORE=path AFTER=path
 	$(PY) bench/ab.py $(BEFORE) $(AFTER)
 
-# The LLM section (issue 6): ferrite-server's OpenAI API against llama.cpp's
-# llama-server on the same SmolLM2 GGUF, 1/4/16 streams of 64 tokens; writes
-# bench/llm_results.json, docs/benchmarks-llm.md and docs/bench-llm.png.
-# Knobs: BENCH_LLM_SECONDS, BENCH_LLM_CONCURRENCY, BENCH_LLM_THREADS.
+# The LLM section (issues 6, 13): ferrite-server's OpenAI API against llama.cpp's
+# llama-server on the same SmolLM2 GGUF, both at their defaults (prompt caches on)
+# and with their caches off; a 5-turn chat under a shared ~300-token system prompt,
+# single prompts and a prefill-interference cell, at 1/4/16 streams; writes
+# bench/llm_results.json, docs/benchmarks-llm.md, docs/bench-llm*.png and the
+# summary in docs/benchmarks.md (~15 min; BENCH_LLM_QUICK=1: 2-3 min). Knobs:
+# BENCH_LLM_CONFIGS, BENCH_LLM_WORKLOADS, BENCH_LLM_CONCURRENCY, BENCH_LLM_SECONDS,
+# BENCH_LLM_CHAT_USERS, BENCH_LLM_CHAT_TURNS, BENCH_LLM_CHAT_SECONDS,
+# BENCH_LLM_STEADY_SECONDS, BENCH_LLM_THREADS, BENCH_LLM_CELL_LIMIT, BENCH_LLM_FERRITE
+# (bench/llm_bench.py).
 bench-llm: venv ort release models llama-server ## LLM tokens/s and time to first token, ferrite vs llama-server
 	$(PY) bench/llm_bench.py
 

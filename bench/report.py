@@ -272,12 +272,11 @@ The first run downloads the `nvidia-pytriton` wheel (55 MB) into `.cache/bench/w
 Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requirements.txt`; later runs reuse them.
 `make bench-resnet50` is the shorter ResNet-50-only benchmark of issue 2.
 """)
-    llm = DOCS / "benchmarks-llm.md"
-    if llm.exists():  # the LLM section (make bench-llm, bench/llm_bench.py)
-        out += ["", "## Micro LLMs", "",
-                "SmolLM2-135M-Instruct, ferrite-server's OpenAI API against llama.cpp's llama-server: "
-                "see [benchmarks-llm.md](benchmarks-llm.md).", "",
-                "![LLM throughput and time to first token](bench-llm.png)", ""]
+    llm = ROOT / "bench" / "llm_results.json"
+    if llm.exists():  # the LLM section: its summary, written by bench/llm_bench.py (make bench-llm)
+        import llm_bench
+
+        out += ["", llm_bench.summary_markdown(json.loads(llm.read_text()))]
     (out_dir / "benchmarks.md").write_text("\n".join(out))
     print(f"==> wrote {out_dir}/benchmarks.md and {', '.join(str(out_dir / x) for x in images)}")
     return 0
