@@ -516,7 +516,10 @@ impl Worker {
                 let _ = job.events.send(Event::Error(error));
                 continue;
             }
-            if job.request.prompt.len() > budget {
+            // The twin of a prompt in this batch (OpenAI `n` > 1) waits for
+            // its blocks: prefilled alone, it looks the prefix up again.
+            let twin = self.prefix.is_some() && batch.iter().any(|j: &Job| j.request.prompt == job.request.prompt);
+            if twin || job.request.prompt.len() > budget {
                 match BatchCache::empty(self.decoder.shape(), 1) {
                     Ok(cache) => self.prefills.push_back(Prefill { job, cache }),
                     Err(error) => {
@@ -584,7 +587,13 @@ impl Worker {
     /// way; after its last piece, samples its first token.
     fn prefill_piece(&mut self, prefill: Prefill, budget: usize, joiners: &mut Joiners) -> InferResult<()> {
         let started = Instant::now();
-        let Prefill { mut job, cache } = prefill;
+        let Prefill { mut job, mut cache } = prefill;
+        if cache.past == 0 {
+            // A twin or an earlier prompt may have cached blocks since.
+            if let Some((hit, cached)) = self.cached_prefix(&job.request.prompt)? {
+                (cache, job.cached) = (hit, cached);
+            }
+        }
         let prompt = &job.request.prompt;
         let past = cache.past;
         let piece = &prompt[past..prompt.len().min(past + budget.max(1))];
@@ -637,7 +646,12 @@ impl Worker {
             top_logprobs: request.logprobs,
             logprobs: Vec::new(),
         };
-        self.shared.metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        let metrics = &self.shared.metrics;
+        metrics.prompt_tokens.inc_by(prompt.len() as u64);
+        if self.prefix.is_some() {
+            metrics.prefix_hit_tokens.inc_by(cached as u64);
+            metrics.prefix_miss_tokens.inc_by((prompt.len() - cached) as u64);
+        }
         self.accept(&mut sequence, first, logprobs);
         (!sequence.finished).then_some(sequence)
     }
@@ -828,9 +842,6 @@ impl Worker {
         let Some(prefix) = self.prefix.as_mut() else { return Ok(None) };
         let blocks = prefix.lookup(prompt);
         let cached = blocks.len() * BLOCK_TOKENS;
-        let metrics = &self.shared.metrics;
-        metrics.prefix_hit_tokens.inc_by(cached as u64);
-        metrics.prefix_miss_tokens.inc_by((prompt.len() - cached) as u64);
         if blocks.is_empty() {
             return Ok(None);
         }
