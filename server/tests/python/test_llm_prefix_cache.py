@@ -156,6 +156,15 @@ def test_cached_tokens_and_eviction_within_the_budget(server_factory):
         usages = sorted(pool.map(lambda _: complete(client, twin, max_tokens=2)[1], range(2)), key=cached)
     assert cached(usages[0]) == 0 and cached(usages[1]) == (usages[1].prompt_tokens - 1) // BLOCK * BLOCK, usages
 
+    # OpenAI `n` = 3 on a new prompt: the first choice computes it, the other two
+    # reuse its blocks (they arrive in one iteration and wait for their twin).
+    triplet = twin.replace("word", "term")
+    hits = samples(s, "ferrite_llm_prefix_cache_hit_tokens_total")
+    reply = client.completions.create(model=MODEL, prompt=triplet, n=3, max_tokens=2, temperature=0)
+    assert len(reply.choices) == 3 and cached(reply.usage) == 0, reply.usage
+    shared = (reply.usage.prompt_tokens - 1) // BLOCK * BLOCK
+    assert samples(s, "ferrite_llm_prefix_cache_hit_tokens_total") - hits == 2 * shared, (hits, shared)
+
     import tritonclient.grpc as grpcclient
     from test_llm import grpc_inputs
 
