@@ -45,13 +45,19 @@ def checked_dir(d: Path) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def llm_server(logs_dir):
-    s = fl.FerriteServer(["--model", f"{MODEL}={model_dir()}"], logs_dir, name="llm")
+def serving(logs_dir, directory: Path, name: str):
+    """The body of a module fixture: an LLM server on `directory`, SIGTERMed at the
+    end, whose exit code must be 0 (`yield from serving(...)`)."""
+    s = fl.FerriteServer(["--model", f"{MODEL}={checked_dir(directory)}"], logs_dir, name=name)
     s.start()
     yield s
     rc = s.terminate()
     assert rc == 0, f"LLM server exited with {rc} after SIGTERM\n{s.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def llm_server(logs_dir):
+    yield from serving(logs_dir, model_dir(), "llm")
 
 
 def openai_client(server):

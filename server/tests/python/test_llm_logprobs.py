@@ -17,17 +17,14 @@ import numpy as np
 import pytest
 
 import ferrite_testlib as fl
-from test_llm import CHATML_FRANCE, FP32_DIR, FRANCE, MODEL, checked_dir, grpc_inputs, openai_client
+from test_llm import CHATML_FRANCE, FP32_DIR, FRANCE, MODEL, checked_dir, grpc_inputs, openai_client, serving
 
 STORY = "Tell me a short story about a cat."
 
 
 @pytest.fixture(scope="module")
 def fp32_server(logs_dir):
-    s = fl.FerriteServer(["--model", f"{MODEL}={checked_dir(FP32_DIR)}"], logs_dir, name="llm-logprobs")
-    s.start()
-    yield s
-    assert s.terminate() == 0, s.log_tail()
+    yield from serving(logs_dir, FP32_DIR, "llm-logprobs")
 
 
 @pytest.fixture(scope="module")

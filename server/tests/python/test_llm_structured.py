@@ -15,17 +15,15 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
 
 import ferrite_testlib as fl
+from test_llm import DEFAULT_DIR, FP32_DIR, MODEL, serving
 
-MODEL = "smol"
-MODELS = fl.REPO_ROOT / ".cache" / "models"
-VARIANTS = {"fp32": MODELS / "smollm2-135m-instruct-fp32", "int4": MODELS / "smollm2-135m-instruct-int4"}
+VARIANTS = {"fp32": FP32_DIR, "int4": DEFAULT_DIR}
 FIXTURES = fl.REPO_ROOT / "models" / "fixtures" / "transformers.json"
 # Enough for every schema below: their strings and arrays are bounded.
 MAX_TOKENS = 256
@@ -228,29 +226,15 @@ def json_schema_format(schema, name="answer"):
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
-def model_dir(variant: str) -> Path:
-    d = VARIANTS[variant]
-    if not (d / "llm.json").is_file():
-        fl.missing(f"LLM model directory {d} not found; run `make models`")
-    return d
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant_server(request, logs_dir):
-    s = fl.FerriteServer(["--model", f"{MODEL}={model_dir(request.param)}"], logs_dir, name=f"structured-{request.param}")
-    s.start()
-    yield request.param, s
-    rc = s.terminate()
-    assert rc == 0, f"LLM server exited with {rc} after SIGTERM\n{s.log_tail()}"
+    for s in serving(logs_dir, VARIANTS[request.param], f"structured-{request.param}"):
+        yield request.param, s
 
 
 @pytest.fixture(scope="module")
 def fp32_server(logs_dir):
-    s = fl.FerriteServer(["--model", f"{MODEL}={model_dir('fp32')}"], logs_dir, name="structured-fp32-checks")
-    s.start()
-    yield s
-    rc = s.terminate()
-    assert rc == 0, f"LLM server exited with {rc} after SIGTERM\n{s.log_tail()}"
+    yield from serving(logs_dir, VARIANTS["fp32"], "structured-fp32-checks")
 
 
 def post(server, path: str, body: dict, timeout: float = 300):
