@@ -176,6 +176,25 @@ class G:
         return outs if n_out > 1 else outs[0]
 
 
+def attention_bias(g, seq, total, past, group):
+    """The additive attention bias [b, kv_group * s, T] from `attention_mask` and the causal rule."""
+    i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+    zero_s, one_s = g.const("c", i64(0)), g.const("c", i64(1))
+    seq_s = g.op("Squeeze", [seq], "seq_s")
+    total_s = g.op("Squeeze", [total], "total_s")
+    past_s = g.op("Squeeze", [past], "past_s")
+    kidx = g.op("Range", [zero_s, total_s, one_s], "kidx")  # [T]
+    qidx = g.op("Range", [past_s, total_s, one_s], "qidx")  # [s] absolute positions
+    qcol = g.op("Unsqueeze", [qidx, g.const("c", i64([1]))], "qcol")  # [s,1]
+    causal = g.op("LessOrEqual", [kidx, qcol], "causal")  # [s,T]
+    am_bool = g.op("Cast", ["attention_mask"], "am_bool", to=TensorProto.BOOL)
+    am4 = g.op("Unsqueeze", [am_bool, g.const("c", i64([1, 2]))], "am4")  # [b,1,1,T]
+    allowed = g.op("And", [am4, causal], "allowed")  # [b,1,s,T]
+    bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
+                          g.const("c", np.array(-1e9, np.float32))], "bias")
+    return g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+
+
 def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, attention: str = "ops"):
     arch = gg.field("general.architecture")
     if arch != "llama":
@@ -222,47 +241,44 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
                                     g.init(hint + ".zp", z)], hint, domain="com.microsoft",
                     K=k, N=n, bits=4, block_size=block_size, accuracy_level=accuracy_level)
 
+    shared = attention == "gqa-shared"
     # ---- inputs
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-    ]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    if shared:
+        # per-row lengths instead of a mask: seqlens_k[b] = row b's past + new tokens - 1 (rows
+        # right-padded in the buffer), total_sequence_length = the longest row's past + new
+        inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
+                   helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    else:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                    ["batch_size", "total_sequence_length"]))
+    inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, vocab])]
+    past_len, present_len = ("max_sequence_length",) * 2 if shared else ("past_sequence_length",
+                                                                          "total_sequence_length")
     for i in range(L):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
-                                                        ["batch_size", n_kv, "past_sequence_length", hd]))
+                                                        ["batch_size", n_kv, past_len, hd]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
-                                                         ["batch_size", n_kv, "total_sequence_length", hd]))
+                                                         ["batch_size", n_kv, present_len, hd]))
 
     i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
     # ---- shapes
     ids_shape = g.op("Shape", ["input_ids"], "ids_shape")
     batch = g.op("Slice", [ids_shape, g.const("c", i64([0])), g.const("c", i64([1]))], "batch")
     seq = g.op("Slice", [ids_shape, g.const("c", i64([1])), g.const("c", i64([2]))], "seq")
-    total = g.op("Shape", ["attention_mask"], "total", start=1, end=2)
-    past = g.op("Sub", [total, seq], "past")
 
     # ---- additive attention bias [b, 1, s, T] (padding and causal rule), shared by every layer
-    zero_s, one_s = g.const("c", i64(0)), g.const("c", i64(1))
-    seq_s = g.op("Squeeze", [seq], "seq_s")
-    total_s = g.op("Squeeze", [total], "total_s")
-    past_s = g.op("Squeeze", [past], "past_s")
-    kidx = g.op("Range", [zero_s, total_s, one_s], "kidx")  # [T]
-    qidx = g.op("Range", [past_s, total_s, one_s], "qidx")  # [s] absolute positions
-    qcol = g.op("Unsqueeze", [qidx, g.const("c", i64([1]))], "qcol")  # [s,1]
-    causal = g.op("LessOrEqual", [kidx, qcol], "causal")  # [s,T]
-    am_bool = g.op("Cast", ["attention_mask"], "am_bool", to=TensorProto.BOOL)
-    am4 = g.op("Unsqueeze", [am_bool, g.const("c", i64([1, 2]))], "am4")  # [b,1,1,T]
-    allowed = g.op("And", [am4, causal], "allowed")  # [b,1,s,T]
-    bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
-                          g.const("c", np.array(-1e9, np.float32))], "bias")
-    bias_g = g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+    # (gqa-shared: none; GQA reads row b's first seqlens_k[b] + 1 positions, causal by itself)
+    if not shared:
+        total = g.op("Shape", ["attention_mask"], "total", start=1, end=2)
+        past = g.op("Sub", [total, seq], "past")
+        bias_g = attention_bias(g, seq, total, past, group)
     if attention == "gqa":
         # GroupQueryAttention: every row counts as full length (seqlens_k = T - 1), so it
         # appends the new keys at T like Concat does; `bias` hides the left padding.
-        total_i32 = g.op("Cast", [total_s], "total_i32", to=TensorProto.INT32)
+        total_i32 = g.op("Cast", [g.op("Squeeze", [total], "total_s")], "total_i32", to=TensorProto.INT32)
         seqlens = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.const("c", i64([1]))], "tm1"), batch],
                                      "seqlens64")], "seqlens_k", to=TensorProto.INT32)
         # ONNX Runtime's CPU kernel refuses several rows that each add several tokens to a
@@ -331,7 +347,14 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
         k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], "k_rot", domain="com.microsoft",
                  num_heads=n_kv, interleaved=0)
         presents = [f"present.{i}.key", f"present.{i}.value"]
-        if attention == "gqa":
+        if shared:
+            # bound to the same buffers as past_key_values.* (I/O binding), GQA writes the new
+            # keys and values in place at each row's seqlens_k - s + 1 and copies nothing else
+            o = g.op("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                             "seqlens_k", "total_sequence_length"],
+                     outputs=[g.name("ctx3")] + presents, n_out=3, domain="com.microsoft",
+                     num_heads=n_head, kv_num_heads=n_kv, scale=float(1.0 / np.sqrt(hd)))[0]
+        elif attention == "gqa":
             # one fused op: appends k, v to the past (BNSH, as present.*), grouped-query
             # attention with `bias` (per-row padding) and its own causal rule, output [b, s, hidden]
             gqa = g.branch("gqa", lambda: g.op(
@@ -354,10 +377,20 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
             log(f"layer {i + 1}/{L}")
 
     # last position only
-    m1, big = g.const("c", i64([-1])), g.const("c", i64([np.iinfo(np.int64).max]))
-    ax1 = g.const("c", i64([1]))
-    last_x = g.op("Slice", [x_attn_in, m1, big, ax1], "last_x")
-    last_r = g.op("Slice", [resid, m1, big, ax1], "last_r")
+    if shared:
+        # each row's last real token: min(s - 1, seqlens_k), which is s - 1 for a decode step or
+        # a chunk after a past, and len_b - 1 for a first prefill of right-padded rows
+        last = g.op("Min", [g.op("Sub", [seq, g.const("c", i64([1]))], "sm1"),
+                            g.op("Cast", ["seqlens_k"], "seqlens64", to=TensorProto.INT64)], "last")
+        idx = g.op("Expand", [g.op("Unsqueeze", [last, g.const("c", i64([1, 2]))], "last3"),
+                              g.op("Concat", [batch, g.const("c", i64([1, hidden]))], "shp_last", axis=0)], "idx")
+        last_x = g.op("GatherElements", [x_attn_in, idx], "last_x", axis=1)
+        last_r = g.op("GatherElements", [resid, idx], "last_r", axis=1)
+    else:
+        m1, big = g.const("c", i64([-1])), g.const("c", i64([np.iinfo(np.int64).max]))
+        ax1 = g.const("c", i64([1]))
+        last_x = g.op("Slice", [x_attn_in, m1, big, ax1], "last_x")
+        last_r = g.op("Slice", [resid, m1, big, ax1], "last_r")
     g.init("output_norm", gg.f32("output_norm.weight"))
     xn, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_x, last_r, "output_norm"], "xf", n_out=4,
                        domain="com.microsoft", epsilon=eps)
@@ -464,9 +497,12 @@ def main():
     ap.add_argument("--block-size", type=int, default=64,
                     help="MatMulNBits block (along K) of the 4-bit projections; must divide every K")
     ap.add_argument("--accuracy-level", type=int, default=4)
-    ap.add_argument("--attention", choices=["ops", "gqa"], default="ops",
+    ap.add_argument("--attention", choices=["ops", "gqa", "gqa-shared"], default="ops",
                     help="ops: attention from standard ops; gqa: com.microsoft GroupQueryAttention (an "
-                         "experiment: no faster on the CPUs measured, see docs/llm.md)")
+                         "experiment: no faster on the CPUs measured, see docs/llm.md); gqa-shared: "
+                         "GroupQueryAttention over one preallocated KV buffer per layer, rows right-padded, "
+                         "seqlens_k and total_sequence_length instead of attention_mask (a different "
+                         "interface; models/bench_kv_layout.py)")
     ap.add_argument("--sha256", help="sha256 of the GGUF file (computed when absent)")
     a = ap.parse_args()
 
