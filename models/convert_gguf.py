@@ -18,6 +18,11 @@ The graph is built by hand from the GGUF tensors:
   makes the attention one com.microsoft GroupQueryAttention node instead (every row
   declared full length, `seqlens_k = T - 1`, so GQA appends at T like Concat and the
   same bias hides the left padding); not faster on the CPUs measured (docs/llm.md);
+  `--attention gqa-shared` is GroupQueryAttention over one preallocated KV buffer per
+  tensor `[batch, kv_heads, max_seq, head_dim]` that the caller binds as both
+  `past_key_values.*` and `present.*` (ONNX Runtime then writes only the new positions),
+  rows right-padded, `seqlens_k` / `total_sequence_length` instead of `attention_mask`,
+  the logits of each row's last real token (models/bench_kv_layout.py measures it);
 - the final RMSNorm and the LM head (tied to the embedding when the GGUF has no
   `output.weight`) run on the last position only.
 
@@ -177,7 +182,8 @@ class G:
 
 
 def attention_bias(g, seq, total, past, group):
-    """The additive attention bias [b, kv_group * s, T] from `attention_mask` and the causal rule."""
+    """The additive attention bias [b, 1, s, T] from `attention_mask` and the causal rule, and
+    the same tiled for the query heads of a KV head stacked as rows [b, 1, group * s, T]."""
     i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
     zero_s, one_s = g.const("c", i64(0)), g.const("c", i64(1))
     seq_s = g.op("Squeeze", [seq], "seq_s")
@@ -192,7 +198,7 @@ def attention_bias(g, seq, total, past, group):
     allowed = g.op("And", [am4, causal], "allowed")  # [b,1,s,T]
     bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
                           g.const("c", np.array(-1e9, np.float32))], "bias")
-    return g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+    return bias, g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
 
 
 def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, attention: str = "ops"):
@@ -274,7 +280,7 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
     if not shared:
         total = g.op("Shape", ["attention_mask"], "total", start=1, end=2)
         past = g.op("Sub", [total, seq], "past")
-        bias_g = attention_bias(g, seq, total, past, group)
+        bias, bias_g = attention_bias(g, seq, total, past, group)
     if attention == "gqa":
         # GroupQueryAttention: every row counts as full length (seqlens_k = T - 1), so it
         # appends the new keys at T like Concat does; `bias` hides the left padding.
