@@ -37,8 +37,11 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(model_dir, threads):
+def session(model_dir, threads, profile=False):
     so = ort.SessionOptions()
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = "/tmp/ferrite_kv_layout"
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     # as the server runs it (docs/llm.md, "Threads of ONNX Runtime")
@@ -242,6 +245,37 @@ def bench(a):
             json.dump(rows, f, indent=1)
 
 
+def profile(a):
+    """ONNX Runtime's profiler over the decode steps of each layout at the first context and the
+    last batch: kernel time per operator type (wall times: inflated by other load)."""
+    import collections
+
+    ctx, b = int(a.contexts.split(",")[0]), int(a.batches.split(",")[-1])
+    lens = [ctx - (r * 7) % 24 for r in range(b)]
+    rng = np.random.default_rng(0)
+    for name in ("concat", "gqa", "shared"):
+        d = getattr(a, name)
+        if not d:
+            continue
+        sess, cfg = session(d, a.threads, profile=True), config(d)
+        lay = Shared(sess, cfg, a.max_seq) if name == "shared" else Padded(sess, cfg)
+        lay.setup(lens, rng)
+        timed_steps(lay, a.steps, rng)
+        with open(sess.end_profiling()) as f:
+            ev = json.load(f)
+        runs = sorted((e for e in ev if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+        lo = runs[1]["ts"]  # skip the warm-up step
+        per_op = collections.Counter()
+        for e in ev:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= lo:
+                per_op[e["args"]["op_name"]] += e["dur"]
+        n = len(runs) - 1
+        total = sum(per_op.values())
+        print(f"{name}: ctx {ctx} batch {b}: model_run {sum(r['dur'] for r in runs[1:]) / n / 1e3:.2f} ms, kernels "
+              f"{total / n / 1e3:.2f} ms per step; " + ", ".join(
+                  f"{op} {us / n / 1e3:.2f}" for op, us in per_op.most_common(6)), flush=True)
+
+
 def verify(a):
     """fp32: the shared graph's logits against today's, rows of different lengths."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -324,12 +358,16 @@ def main():
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--verify", action="store_true", help="check the shared graph against --concat (fp32)")
     ap.add_argument("--verify-steps", type=int, default=6)
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel time per operator type of each layout (first context, last batch)")
     ap.add_argument("--atol", type=float, default=1e-3)
     a = ap.parse_args()
     if a.verify:
         if not (a.concat and a.shared):
             ap.error("--verify needs --concat and --shared")
         verify(a)
+    elif a.profile:
+        profile(a)
     else:
         if not (a.concat or a.gqa or a.shared):
             ap.error("give at least one model directory")
