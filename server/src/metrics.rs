@@ -145,8 +145,11 @@ impl Metrics {
             "Requests of a cascade by how they were answered: local, escalated, or fallback (target failed)",
             contract::OUTCOME_LABEL,
         );
-        let cascade_tokens =
-            labelled("ferrite_cascade_tokens_total", "Completion tokens served by a cascade, by side (micro, macro)", "side");
+        let cascade_tokens = labelled(
+            "ferrite_cascade_tokens_total",
+            "Completion tokens served by a cascade, by side (micro, macro)",
+            "side",
+        );
         let escalation_target_errors = labelled(
             "ferrite_escalation_target_errors_total",
             "Failed calls to the escalation target, by kind (timeout, unreachable, error)",

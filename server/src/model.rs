@@ -232,7 +232,8 @@ impl Model {
         match cascade.generate(request).await {
             Ok((generations, route)) => {
                 let mut records = std::iter::once(record).chain(std::iter::repeat_with(|| self.record()));
-                let generations = generations.into_iter().map(|g| g.counted(records.next().expect("endless"))).collect();
+                let generations =
+                    generations.into_iter().map(|g| g.counted(records.next().expect("endless"))).collect();
                 Ok(Routed { generations, route: Some(route) })
             }
             Err(error) => {

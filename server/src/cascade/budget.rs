@@ -5,7 +5,7 @@
 
 /// Requests and escalations per second over a sliding window.
 #[derive(Debug, Clone)]
-pub struct Budget {
+pub(crate) struct Budget {
     fraction: f64,
     /// `(second, requests, escalations)`, indexed by `second % window`.
     buckets: Vec<(u64, u64, u64)>,
@@ -13,7 +13,7 @@ pub struct Budget {
 
 impl Budget {
     /// A budget of `fraction` over `window_seconds` (at least 1).
-    pub fn new(fraction: f64, window_seconds: u64) -> Budget {
+    pub(crate) fn new(fraction: f64, window_seconds: u64) -> Budget {
         Budget { fraction, buckets: vec![(u64::MAX, 0, 0); window_seconds.max(1) as usize] }
     }
 
@@ -40,7 +40,7 @@ impl Budget {
     /// refused). Returns whether it escalates: only while the escalations
     /// of the window, this one included, stay within the fraction of its
     /// requests.
-    pub fn admit(&mut self, second: u64, wants: bool, forced: bool) -> bool {
+    pub(crate) fn admit(&mut self, second: u64, wants: bool, forced: bool) -> bool {
         let (requests, escalations) = self.totals(second);
         let allowed = forced || (wants && (escalations + 1) as f64 <= self.fraction * (requests + 1) as f64);
         let bucket = self.bucket(second);

@@ -81,7 +81,8 @@ pub struct Pricing {
 impl Pricing {
     /// What the target would charge for these tokens, in dollars.
     pub fn dollars(&self, prompt_tokens: usize, completion_tokens: usize) -> f64 {
-        (prompt_tokens as f64 * self.input_per_million_tokens + completion_tokens as f64 * self.output_per_million_tokens)
+        (prompt_tokens as f64 * self.input_per_million_tokens
+            + completion_tokens as f64 * self.output_per_million_tokens)
             / 1e6
     }
 }
@@ -142,9 +143,9 @@ fn default_timeout() -> f64 {
 }
 
 /// Largest `decideAfterTokens`.
-pub const MAX_DECIDE_AFTER_TOKENS: usize = 4096;
+pub(crate) const MAX_DECIDE_AFTER_TOKENS: usize = 4096;
 /// Largest `timeoutSeconds`.
-pub const MAX_TIMEOUT_SECONDS: f64 = 600.0;
+pub(crate) const MAX_TIMEOUT_SECONDS: f64 = 600.0;
 
 /// The settings after checking: the target resolved, the key read.
 #[derive(Clone)]

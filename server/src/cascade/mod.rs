@@ -31,12 +31,12 @@ use crate::llm::request::{Event, GenerateOptions, Usage};
 use crate::llm::{Generation, Llm, Observer};
 use crate::metrics::CascadeMetrics;
 use budget::Budget;
-pub use config::{Escalation, EscalationConfig, Mode};
+pub use config::{ConfidenceSpec, Escalation, EscalationConfig, Mode, Pricing, TargetSpec};
 use shadow::{MicroAnswer, ShadowLog};
-use signals::{judge, Observed, Signals};
 pub use signals::Reason;
-use target::{Failure, Remote, Target};
+use signals::{judge, Observed, Signals};
 pub use target::FailureKind;
+use target::{Failure, Remote, Target};
 
 /// Request header (HTTP) and request parameter (OIP) forcing a side.
 pub const ESCALATE: &str = "x-ferrite-escalate";
@@ -331,9 +331,7 @@ impl Cascade {
         let escalates = self.admit(wants, false);
         let replayed = held.into_iter().map(|h| h.generation.replay(h.events)).collect();
         match verdict.reason.filter(|_| escalates) {
-            Some(reason) => {
-                self.escalate(reason, verdict.confidence, &request, Fallback::Held(replayed), strip).await
-            }
+            Some(reason) => self.escalate(reason, verdict.confidence, &request, Fallback::Held(replayed), strip).await,
             None => {
                 self.metrics.decided(OUTCOME_LOCAL);
                 Ok((self.micro_served(replayed, strip, None), self.micro_route(verdict.confidence)))
@@ -354,14 +352,8 @@ impl Cascade {
         self.metrics.escalated(reason.as_str());
         let prompt_tokens = request.prompt.len();
         let on_end = self.on_target_end();
-        let call = self.target.call(
-            &request.forward,
-            &request.options,
-            request.n,
-            request.stream,
-            prompt_tokens,
-            on_end,
-        );
+        let call =
+            self.target.call(&request.forward, &request.options, request.n, request.stream, prompt_tokens, on_end);
         match call.await {
             Ok(remote) => {
                 self.metrics.decided(OUTCOME_ESCALATED);

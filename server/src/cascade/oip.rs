@@ -35,7 +35,11 @@ fn with_route(mut reply: Reply, route: &Route) -> Reply {
 
 impl Cascade {
     /// Decodes an OIP request and answers it through the cascade (one choice).
-    async fn start_oip(&self, request: &InferRequest, streaming: bool) -> InferResult<(oip::TextRequest, Generation, Route)> {
+    async fn start_oip(
+        &self,
+        request: &InferRequest,
+        streaming: bool,
+    ) -> InferResult<(oip::TextRequest, Generation, Route)> {
         let escalate = forced(request)?;
         let mut decoded = oip::decode(request)?;
         let text = std::mem::take(&mut decoded.prompt);

@@ -17,26 +17,32 @@ use crate::llm::logprobs::finite;
 use crate::llm::request::Answer;
 
 /// Target calls of shadowed requests at once.
-pub const MAX_IN_FLIGHT: usize = 4;
+pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Records waiting for the writer.
 const QUEUE_RECORDS: usize = 1024;
 
 /// The micro answer of a shadowed request (its first choice).
 #[derive(Debug, Clone, PartialEq)]
-pub struct MicroAnswer {
-    pub text: String,
-    pub finish_reason: &'static str,
-    pub completion_tokens: usize,
-    pub prompt_tokens: usize,
+pub(crate) struct MicroAnswer {
+    pub(crate) text: String,
+    pub(crate) finish_reason: &'static str,
+    pub(crate) completion_tokens: usize,
+    pub(crate) prompt_tokens: usize,
     /// The sampled tokens' log-probabilities.
-    pub logprobs: Vec<f32>,
+    pub(crate) logprobs: Vec<f32>,
 }
 
 /// What the target answered (first choice) and how long it took, or why not.
-pub type MacroAnswer = Result<(Answer, f64), String>;
+pub(crate) type MacroAnswer = Result<(Answer, f64), String>;
 
 /// One record of the shadow log (the contract's format).
-pub fn record(model: &str, kind: &str, micro: &MicroAnswer, confidence: Option<f32>, answer: &MacroAnswer) -> Value {
+pub(crate) fn record(
+    model: &str,
+    kind: &str,
+    micro: &MicroAnswer,
+    confidence: Option<f32>,
+    answer: &MacroAnswer,
+) -> Value {
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let macro_answer = match answer {
         Ok((answer, seconds)) => json!({
@@ -60,7 +66,7 @@ pub fn record(model: &str, kind: &str, micro: &MicroAnswer, confidence: Option<f
 }
 
 /// The shadow log of one model.
-pub struct ShadowLog {
+pub(crate) struct ShadowLog {
     records: mpsc::Sender<Value>,
     in_flight: Arc<Semaphore>,
 }
@@ -68,7 +74,7 @@ pub struct ShadowLog {
 impl ShadowLog {
     /// Opens `path` for appending (its directory created) and starts the
     /// writer thread, which ends when the log is dropped.
-    pub fn open(model: &str, path: &Path) -> anyhow::Result<ShadowLog> {
+    pub(crate) fn open(model: &str, path: &Path) -> anyhow::Result<ShadowLog> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("escalation.shadowLog: cannot create {}: {e}", dir.display()))?;
@@ -85,7 +91,7 @@ impl ShadowLog {
             while let Some(record) = receiver.blocking_recv() {
                 let line = record.to_string();
                 if let Err(error) = writeln!(out, "{line}").and_then(|_| out.flush()) {
-                    tracing::warn!(model, file = shown, %error, "cannot write the shadow log");
+                    tracing::warn!(model = %model, file = %shown, %error, "cannot write the shadow log");
                 }
             }
         })?;
@@ -93,12 +99,12 @@ impl ShadowLog {
     }
 
     /// A slot for one more target call, if one is free.
-    pub fn slot(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn slot(&self) -> Option<OwnedSemaphorePermit> {
         self.in_flight.clone().try_acquire_owned().ok()
     }
 
     /// Queues a record; `false` when the writer is behind (dropped).
-    pub fn write(&self, record: Value) -> bool {
+    pub(crate) fn write(&self, record: Value) -> bool {
         self.records.try_send(record).is_ok()
     }
 }
@@ -126,7 +132,10 @@ mod tests {
         let record = record("m", "chat", &micro, Some(-0.5), &Ok((answer, 0.25)));
         assert_eq!(record["logprobs"], json!([-0.5, -9999.0]));
         assert_eq!(record["micro"], json!({"text": "4", "finish_reason": "stop", "completion_tokens": 1}));
-        assert_eq!(record["macro"], json!({"text": "four", "finish_reason": "stop", "completion_tokens": 2, "seconds": 0.25}));
+        assert_eq!(
+            record["macro"],
+            json!({"text": "four", "finish_reason": "stop", "completion_tokens": 2, "seconds": 0.25})
+        );
         assert_eq!((record["prompt_tokens"].as_u64(), record["kind"].as_str()), (Some(9), Some("chat")));
         assert!(record["time"].as_str().unwrap().ends_with('Z'));
         let failed = super::record("m", "oip", &micro, None, &Err("timeout".into()));

@@ -24,7 +24,8 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order the decision checks them.
-    pub const ALL: [Reason; 5] = [Reason::Forced, Reason::QueueFull, Reason::Length, Reason::Schema, Reason::Confidence];
+    pub const ALL: [Reason; 5] =
+        [Reason::Forced, Reason::QueueFull, Reason::Length, Reason::Schema, Reason::Confidence];
 
     /// The contract's name.
     pub fn as_str(self) -> &'static str {
@@ -43,7 +44,7 @@ impl Reason {
 /// 1`), so that at least a fraction `q` of the tokens are at or below it.
 /// No interpolation: the value is one of the tokens'. `None` without tokens.
 /// NaN counts as the lowest log-probability.
-pub fn quantile(logprobs: &[f32], q: f64) -> Option<f32> {
+pub(crate) fn quantile(logprobs: &[f32], q: f64) -> Option<f32> {
     if logprobs.is_empty() {
         return None;
     }
@@ -56,32 +57,32 @@ pub fn quantile(logprobs: &[f32], q: f64) -> Option<f32> {
 
 /// What the micro model answered for one choice, as far as it was held.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Observed {
+pub(crate) struct Observed {
     /// The sampled tokens' log-probabilities.
-    pub logprobs: Vec<f32>,
+    pub(crate) logprobs: Vec<f32>,
     /// How it ended, if it ended inside the held window.
-    pub finish: Option<FinishReason>,
+    pub(crate) finish: Option<FinishReason>,
     /// Its text, when it ended (for the schema check).
-    pub text: String,
+    pub(crate) text: String,
 }
 
 /// Which signals are on, and their settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Signals {
+pub(crate) struct Signals {
     /// `(quantile, threshold)` of the confidence signal, if on.
-    pub confidence: Option<(f64, f64)>,
-    pub on_length_cutoff: bool,
-    pub on_schema_failure: bool,
+    pub(crate) confidence: Option<(f64, f64)>,
+    pub(crate) on_length_cutoff: bool,
+    pub(crate) on_schema_failure: bool,
 }
 
 /// What the signals say about an answer of one or more choices.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// The least confident choice's confidence (`None`: no tokens, or the
     /// confidence signal is off and no quantile is set).
-    pub confidence: Option<f32>,
+    pub(crate) confidence: Option<f32>,
     /// The first signal that fired (length > schema > confidence).
-    pub reason: Option<Reason>,
+    pub(crate) reason: Option<Reason>,
 }
 
 /// Applies the signals to the choices. `json_expected`: the request set a
@@ -89,13 +90,15 @@ pub struct Verdict {
 /// streaming, inside the held window); confidence judges the least
 /// confident choice over the tokens seen. `quantile` is the one reported
 /// when the confidence signal is off (shadow records, the header).
-pub fn judge(choices: &[Observed], signals: &Signals, json_expected: bool, quantile_when_off: f64) -> Verdict {
+pub(crate) fn judge(choices: &[Observed], signals: &Signals, json_expected: bool, quantile_when_off: f64) -> Verdict {
     let q = signals.confidence.map_or(quantile_when_off, |(q, _)| q);
     let confidence = choices.iter().filter_map(|c| quantile(&c.logprobs, q)).reduce(f32::min);
     let length = signals.on_length_cutoff && choices.iter().any(|c| c.finish == Some(FinishReason::Length));
     let schema = signals.on_schema_failure
         && json_expected
-        && choices.iter().any(|c| c.finish.is_some() && serde_json::from_str::<serde::de::IgnoredAny>(&c.text).is_err());
+        && choices
+            .iter()
+            .any(|c| c.finish.is_some() && serde_json::from_str::<serde::de::IgnoredAny>(&c.text).is_err());
     let unsure = match (signals.confidence, confidence) {
         (Some((_, threshold)), Some(value)) => (value as f64) < threshold,
         _ => false,
@@ -160,7 +163,10 @@ mod tests {
         let never = Signals { confidence: Some((0.1, -100.0)), ..ALL_ON };
         assert_eq!(judge(&[unsure.clone()], &never, false, 0.1).reason, None);
         // n > 1: the least confident choice decides.
-        assert_eq!(judge(&[sure, unsure], &ALL_ON, true, 0.1), Verdict { confidence: Some(-3.0), reason: Some(Reason::Confidence) });
+        assert_eq!(
+            judge(&[sure, unsure], &ALL_ON, true, 0.1),
+            Verdict { confidence: Some(-3.0), reason: Some(Reason::Confidence) }
+        );
     }
 
     #[test]
@@ -173,6 +179,9 @@ mod tests {
         assert_eq!(judge(&[empty], &ALL_ON, false, 0.1), Verdict { confidence: None, reason: None });
         // Confidence off: reported at the fallback quantile, never a reason.
         let off = Signals { confidence: None, ..ALL_ON };
-        assert_eq!(judge(&[answer(&[-9.0, -0.1], None, "")], &off, false, 0.1), Verdict { confidence: Some(-9.0), reason: None });
+        assert_eq!(
+            judge(&[answer(&[-9.0, -0.1], None, "")], &off, false, 0.1),
+            Verdict { confidence: Some(-9.0), reason: None }
+        );
     }
 }

@@ -49,12 +49,12 @@ impl FailureKind {
 
 /// A failed target call.
 #[derive(Debug, Clone)]
-pub struct Failure {
-    pub kind: FailureKind,
+pub(crate) struct Failure {
+    pub(crate) kind: FailureKind,
     /// Whether the target counts as down (connect error, timeout, 5xx).
-    pub down: bool,
+    pub(crate) down: bool,
     /// What happened (no secrets: the key is never in it).
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Failure {
@@ -90,7 +90,7 @@ fn error_text(error: &reqwest::Error) -> String {
 }
 
 /// The target's answer to a call.
-pub enum Remote {
+pub(crate) enum Remote {
     /// A whole answer: one per choice.
     Whole(Vec<Answer>),
     /// A stream being read by a task: each choice's events.
@@ -98,7 +98,7 @@ pub enum Remote {
 }
 
 /// The client of one model's target.
-pub struct Target {
+pub(crate) struct Target {
     client: reqwest::Client,
     url: String,
     model: String,
@@ -108,7 +108,7 @@ pub struct Target {
 
 impl Target {
     /// A pooled client for the settings' target.
-    pub fn new(escalation: &Escalation) -> anyhow::Result<Target> {
+    pub(crate) fn new(escalation: &Escalation) -> anyhow::Result<Target> {
         let timeout = escalation.config.timeout();
         let client = reqwest::Client::builder()
             .connect_timeout(timeout)
@@ -126,7 +126,7 @@ impl Target {
     }
 
     /// The target's model name.
-    pub fn model(&self) -> &str {
+    pub(crate) fn model(&self) -> &str {
         &self.model
     }
 
@@ -134,7 +134,7 @@ impl Target {
     /// head, then the events through a task that ends when the stream does
     /// or every receiver is dropped. `on_end` gets the completion tokens
     /// served (or the failure) once the answer has been read.
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         forward: &Forward,
         options: &GenerateOptions,
@@ -151,7 +151,13 @@ impl Target {
             let left = deadline.saturating_duration_since(Instant::now());
             let bytes = match tokio::time::timeout(left, read_limited(response)).await {
                 Ok(result) => result?,
-                Err(_) => return Err(Failure { kind: FailureKind::Timeout, down: true, message: "reading the answer timed out".into() }),
+                Err(_) => {
+                    return Err(Failure {
+                        kind: FailureKind::Timeout,
+                        down: true,
+                        message: "reading the answer timed out".into(),
+                    })
+                }
             };
             let answers = parse_answer(kind, &bytes, n, prompt_tokens).map_err(Failure::error)?;
             on_end(Ok(answers.iter().map(|a| a.usage.completion_tokens).sum()));
@@ -220,7 +226,7 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failur
 /// OpenAI requests go as they came, with the target's `model`, `stream` as
 /// asked, and usage requested in streams; OIP text requests become
 /// `/completions` requests with the same settings.
-pub fn request_body(
+pub(crate) fn request_body(
     forward: &Forward,
     options: &GenerateOptions,
     n: usize,
@@ -291,7 +297,7 @@ fn choice_usage(index: usize, prompt_tokens: usize, completion_tokens: usize) ->
 
 /// Reads a whole answer (chat: `choices[].message.content`; completions:
 /// `choices[].text`) into `n` answers, in `index` order.
-pub fn parse_answer(kind: TextKind, body: &[u8], n: usize, prompt_hint: usize) -> Result<Vec<Answer>, String> {
+pub(crate) fn parse_answer(kind: TextKind, body: &[u8], n: usize, prompt_hint: usize) -> Result<Vec<Answer>, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("the target's answer is not JSON: {e}"))?;
     let choices = value["choices"].as_array().ok_or("the target's answer has no 'choices'")?;
     let usage = &value["usage"];
@@ -324,14 +330,14 @@ pub fn parse_answer(kind: TextKind, body: &[u8], n: usize, prompt_hint: usize) -
 /// Splits a server-sent event stream into its `data` payloads (events end
 /// with a blank line; only `data:` fields matter; `\r\n` or `\n`).
 #[derive(Debug, Default)]
-pub struct SseReader {
+pub(crate) struct SseReader {
     buffer: Vec<u8>,
     data: String,
 }
 
 impl SseReader {
     /// Feeds bytes; returns the payloads of the events they completed.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buffer.extend_from_slice(bytes);
         let mut events = Vec::new();
         while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
@@ -353,14 +359,14 @@ impl SseReader {
     }
 
     /// Bytes not yet part of a whole line.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.buffer.len() + self.data.len()
     }
 }
 
 /// What one streamed chunk says.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Chunk {
+pub(crate) enum Chunk {
     /// New text of a choice, and its finish reason if it ended.
     Choice { index: usize, text: String, finish: Option<FinishReason> },
     /// The usage of the whole request.
@@ -370,7 +376,7 @@ pub enum Chunk {
 }
 
 /// Reads one `data` payload of a streamed answer.
-pub fn parse_chunk(kind: TextKind, data: &str) -> Result<Vec<Chunk>, String> {
+pub(crate) fn parse_chunk(kind: TextKind, data: &str) -> Result<Vec<Chunk>, String> {
     if data.trim() == "[DONE]" {
         return Ok(vec![Chunk::Done]);
     }
@@ -402,7 +408,7 @@ pub fn parse_chunk(kind: TextKind, data: &str) -> Result<Vec<Chunk>, String> {
 }
 
 /// Per-choice state of a stream being turned into events.
-pub struct StreamEvents {
+pub(crate) struct StreamEvents {
     kind: TextKind,
     finish: Vec<Option<FinishReason>>,
     usage: Option<(usize, usize)>,
@@ -412,17 +418,18 @@ pub struct StreamEvents {
 
 impl StreamEvents {
     /// For `n` choices of `kind`.
-    pub fn new(kind: TextKind, n: usize) -> StreamEvents {
+    pub(crate) fn new(kind: TextKind, n: usize) -> StreamEvents {
         StreamEvents { kind, finish: vec![None; n], usage: None, pieces: 0, done: false }
     }
 
     /// The events of one payload, by choice; an error ends the stream.
-    pub fn data(&mut self, data: &str) -> Result<Vec<(usize, Event)>, String> {
+    pub(crate) fn data(&mut self, data: &str) -> Result<Vec<(usize, Event)>, String> {
         let mut events = Vec::new();
         for chunk in parse_chunk(self.kind, data)? {
             match chunk {
                 Chunk::Choice { index, text, finish } => {
-                    let slot = self.finish.get_mut(index).ok_or_else(|| format!("the target streamed choice {index}"))?;
+                    let slot =
+                        self.finish.get_mut(index).ok_or_else(|| format!("the target streamed choice {index}"))?;
                     if !text.is_empty() {
                         self.pieces += 1;
                         events.push((index, Event::Text { text, logprobs: Vec::new() }));
@@ -431,7 +438,9 @@ impl StreamEvents {
                         *slot = finish;
                     }
                 }
-                Chunk::Usage { prompt_tokens, completion_tokens } => self.usage = Some((prompt_tokens, completion_tokens)),
+                Chunk::Usage { prompt_tokens, completion_tokens } => {
+                    self.usage = Some((prompt_tokens, completion_tokens))
+                }
                 Chunk::Done => self.done = true,
             }
         }
@@ -439,38 +448,34 @@ impl StreamEvents {
     }
 
     /// Whether `[DONE]` came.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.done
     }
 
     /// The last events of each choice once the stream has ended: `Done`
     /// (with the usage, when the target sent it) if it finished, else an
     /// error. Also the completion tokens served.
-    pub fn end(&self, prompt_hint: usize) -> (Vec<Event>, usize) {
+    pub(crate) fn end(&self, prompt_hint: usize) -> (Vec<Event>, usize) {
         let (prompt_tokens, completion_tokens) = self.usage.unwrap_or((prompt_hint, self.pieces));
         let events = self
             .finish
             .iter()
             .enumerate()
             .map(|(index, finish)| match (finish, self.done) {
-                (Some(reason), _) | (None, true) => Event::Done {
-                    text: String::new(),
-                    logprobs: Vec::new(),
-                    finish_reason: reason_or_stop(*finish),
-                    usage: choice_usage(index, prompt_tokens, completion_tokens),
-                },
                 (None, false) => Event::Error(InferError::new(
                     crate::error::ErrorKind::Unavailable,
                     "the escalation target's stream ended before the answer did",
                 )),
+                _ => Event::Done {
+                    text: String::new(),
+                    logprobs: Vec::new(),
+                    finish_reason: finish.unwrap_or(FinishReason::Stop),
+                    usage: choice_usage(index, prompt_tokens, completion_tokens),
+                },
             })
             .collect();
         (events, completion_tokens)
     }
-}
-
-fn reason_or_stop(reason: Option<FinishReason>) -> FinishReason {
-    reason.unwrap_or(FinishReason::Stop)
 }
 
 /// Reads a streamed answer into the choices' channels until it ends, fails,
@@ -491,7 +496,9 @@ async fn pump(
             return;
         }
         let chunk = match tokio::time::timeout_at(deadline.into(), response.chunk()).await {
-            Err(_) => break Some(Failure { kind: FailureKind::Timeout, down: true, message: "the stream timed out".into() }),
+            Err(_) => {
+                break Some(Failure { kind: FailureKind::Timeout, down: true, message: "the stream timed out".into() })
+            }
             Ok(Err(error)) => break Some(Failure::of(&error)),
             Ok(Ok(None)) => break None,
             Ok(Ok(Some(chunk))) => chunk,
@@ -547,7 +554,8 @@ mod tests {
 
     #[test]
     fn whole_answers_of_both_endpoints() {
-        let chat = br#"{"choices": [{"index": 1, "message": {"role": "assistant", "content": "b"}, "finish_reason": "length"},
+        let chat =
+            br#"{"choices": [{"index": 1, "message": {"role": "assistant", "content": "b"}, "finish_reason": "length"},
                                     {"index": 0, "message": {"content": "a"}, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 7, "completion_tokens": 5}}"#;
         let answers = parse_answer(TextKind::Chat, chat, 2, 0).unwrap();
@@ -578,10 +586,13 @@ mod tests {
     fn streamed_chunks_become_events_per_choice() {
         let mut state = StreamEvents::new(TextKind::Chat, 2);
         let events = state
-            .data(r#"{"choices": [{"index": 1, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}"#)
+            .data(
+                r#"{"choices": [{"index": 1, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}"#,
+            )
             .unwrap();
         assert!(events.is_empty(), "no text, no event");
-        let events = state.data(r#"{"choices": [{"index": 1, "delta": {"content": "Hi"}, "finish_reason": null}]}"#).unwrap();
+        let events =
+            state.data(r#"{"choices": [{"index": 1, "delta": {"content": "Hi"}, "finish_reason": null}]}"#).unwrap();
         assert_eq!(events, vec![(1, Event::Text { text: "Hi".into(), logprobs: vec![] })]);
         state.data(r#"{"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}"#).unwrap();
         state.data(r#"{"choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]}"#).unwrap();
@@ -590,8 +601,12 @@ mod tests {
         assert!(state.is_done());
         let (events, tokens) = state.end(0);
         assert_eq!(tokens, 9);
-        assert!(matches!(&events[0], Event::Done { finish_reason: FinishReason::Length, usage, .. } if usage.completion_tokens == 9 && usage.prompt_tokens == 4));
-        assert!(matches!(&events[1], Event::Done { finish_reason: FinishReason::Stop, usage, .. } if usage.completion_tokens == 0));
+        assert!(
+            matches!(&events[0], Event::Done { finish_reason: FinishReason::Length, usage, .. } if usage.completion_tokens == 9 && usage.prompt_tokens == 4)
+        );
+        assert!(
+            matches!(&events[1], Event::Done { finish_reason: FinishReason::Stop, usage, .. } if usage.completion_tokens == 0)
+        );
         // Completions stream `text`; a stream cut short ends in an error.
         let mut state = StreamEvents::new(TextKind::Completion, 1);
         let events = state.data(r#"{"choices": [{"index": 0, "text": " x", "finish_reason": null}]}"#).unwrap();
@@ -609,7 +624,9 @@ mod tests {
         let options = GenerateOptions::default();
         let forward = Forward::OpenAi {
             kind: TextKind::Chat,
-            body: Bytes::from_static(br#"{"model": "micro", "messages": [], "stream_options": {"include_usage": false}}"#),
+            body: Bytes::from_static(
+                br#"{"model": "micro", "messages": [], "stream_options": {"include_usage": false}}"#,
+            ),
         };
         let (path, body) = request_body(&forward, &options, 1, false, "macro").unwrap();
         assert_eq!(path, "/chat/completions");

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,8 +32,8 @@ use crate::llm::request::{Event, FinishReason, GenerateOptions, TokenLogprob, Us
 use crate::llm::structured::ResponseFormat;
 use crate::llm::template::ChatMessage;
 use crate::llm::{Generation, MAX_STOP_STRINGS};
-use crate::model::Routed;
 use crate::model::Model;
+use crate::model::Routed;
 use crate::state::ServerState;
 
 type AppState = Arc<ServerState>;
