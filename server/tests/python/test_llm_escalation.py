@@ -4,9 +4,10 @@ it records every request and answers a fixed text, whole or streamed, and can be
 slow or failing.
 
 Two servers: one with a model repository whose models each carry their own
-`ferrite.json` `escalation` settings (one per behaviour: confidence, length, schema,
-budget, dead and slow targets, queue full, shadow), and one serving the model with
-`--escalation-file` (forced sides, streaming, OIP gRPC). The model directory comes from
+`ferrite.json` `escalation` settings (one per behaviour: confidence, length and schema,
+budget, a failing target, queue full, shadow; each model loads its own engine, so they
+are few), and one serving the model with `--escalation-file` (forced sides, streaming,
+OIP gRPC). The model directory comes from
 `make models` (see test_llm.py).
 """
 
@@ -48,6 +49,12 @@ class StandIn:
             def log_message(self, *args):  # quiet
                 pass
 
+            def end_headers(self):
+                # One request per connection: a closed stand-in refuses the next one.
+                self.send_header("connection", "close")
+                self.close_connection = True
+                super().end_headers()
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 with stand_in.lock:
@@ -85,7 +92,6 @@ class StandIn:
             def stream(self, chat, n, body):
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
-                self.send_header("connection", "close")
                 self.end_headers()
 
                 def send(value):
@@ -103,7 +109,6 @@ class StandIn:
                     send({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-                self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -125,12 +130,11 @@ class StandIn:
 
 @pytest.fixture(scope="module")
 def targets():
-    good, slow, broken = StandIn(), StandIn(delay=3.0), StandIn(status=500)
-    dead_port = fl.free_ports(1)[0]  # nothing listens there
-    yield {"good": good.url, "slow": slow.url, "broken": broken.url, "dead": f"http://127.0.0.1:{dead_port}/v1",
-           "stand_ins": {"good": good, "slow": slow, "broken": broken}}
-    for s in (good, slow, broken):
-        s.close()
+    """`good` answers; `flaky` is made slow, failing, then closed by the tests."""
+    good, flaky = StandIn(), StandIn()
+    yield {"good": good.url, "flaky": flaky.url, "stand_ins": {"good": good, "flaky": flaky}}
+    good.close()
+    flaky.close()
 
 
 def settings(url, **fields):
@@ -148,15 +152,15 @@ def repository_models(targets, shadow_log):
                 pricing={"inputPerMillionTokens": 10, "outputPerMillionTokens": 30},
             )
         },
-        "schema": {"escalation": settings(good, onSchemaFailure=True, onLengthCutoff=False)},
         "half": {"escalation": settings(good, confidence={"threshold": 0}, maxEscalationFraction=0.5)},
-        "dead": {"escalation": settings(targets["dead"], confidence={"threshold": 0}, decideAfterTokens=4)},
-        "slow": {"escalation": settings(targets["slow"], confidence={"threshold": 0}, timeoutSeconds=1)},
-        "broken": {"escalation": settings(targets["broken"], confidence={"threshold": 0})},
+        "flaky": {
+            "escalation": settings(targets["flaky"], confidence={"threshold": 0}, decideAfterTokens=4, timeoutSeconds=1)
+        },
+        # Also the schema signal (no length signal, no confidence).
         "queue": {
             "max_batch_size": 1,
             "max_queue_size": 1,
-            "escalation": settings(good, onQueueFull=True),
+            "escalation": settings(good, onQueueFull=True, onSchemaFailure=True, onLengthCutoff=False),
         },
         "shadow": {"escalation": settings(good, mode="shadow", confidence={"threshold": -1}, shadowLog=str(shadow_log))},
     }
@@ -335,6 +339,12 @@ def test_oip_grpc_parameters(file_server, targets):
 # ------------------------------------------------------------------ signals, per model
 
 
+def test_no_target_up_gauge_before_a_target_call(repo_server):
+    samples = metrics(repo_server)
+    assert not fl.metric_find(samples, "ferrite_escalation_target_up")
+    assert fl.metric_find(samples, "ferrite_cascade_tokens_total", model="all", side="micro"), "families exist"
+
+
 def test_confidence_threshold_zero_escalates_and_minus_100_does_not(repo_server):
     status, hdrs, reply = chat(repo_server, "all")
     assert status == 200 and content(reply) == MACRO_TEXT
@@ -355,7 +365,7 @@ def test_length_cutoff(repo_server):
 
 def test_schema_failure(repo_server):
     fmt = {"type": "json_object"}
-    status, hdrs, reply = chat(repo_server, "schema", content="Give me a JSON object about Paris.", max_tokens=3,
+    status, hdrs, reply = chat(repo_server, "queue", content="Give me a JSON object about Paris.", max_tokens=3,
                                response_format=fmt)
     assert status == 200 and content(reply) == MACRO_TEXT, reply
     assert hdrs["x-ferrite-escalation"] == "schema"
@@ -368,26 +378,32 @@ def test_budget_fraction(repo_server):
     assert served.count(MACRO) == 3 and served.count("half") == 3, served
 
 
-def test_dead_target_falls_back_to_the_micro_answer(repo_server):
+def test_failing_targets_fall_back_to_the_micro_answer(repo_server, targets):
+    flaky = targets["stand_ins"]["flaky"]
+    status, hdrs, reply = chat(repo_server, "flaky")
+    assert status == 200 and content(reply) == MACRO_TEXT, "answering, at first"
+    # Slow: timeoutSeconds 1, the target takes 3.
+    flaky.delay = 3.0
     started = time.monotonic()
-    status, hdrs, reply = chat(repo_server, "dead")
+    status, hdrs, reply = chat(repo_server, "flaky")
     assert status == 200 and "Paris" in content(reply)
-    assert hdrs["x-ferrite-served-by"] == "dead" and hdrs["x-ferrite-fallback"] == "unreachable"
+    assert hdrs["x-ferrite-served-by"] == "flaky" and hdrs["x-ferrite-fallback"] == "timeout"
     assert hdrs["x-ferrite-escalation"] == "confidence"
-    assert time.monotonic() - started < 30
-    # Streaming: the target fails before its first byte; the held answer is replayed.
-    status, hdrs, (text, _) = chat(repo_server, "dead", stream=True)
-    assert status == 200 and text == content(reply) and hdrs["x-ferrite-fallback"] == "unreachable"
-
-
-def test_slow_and_failing_targets_fall_back(repo_server):
+    assert time.monotonic() - started < 3
+    micro = content(reply)
+    # An error status.
+    flaky.delay, flaky.status = 0.0, 500
+    status, hdrs, reply = chat(repo_server, "flaky")
+    assert status == 200 and content(reply) == micro and hdrs["x-ferrite-fallback"] == "error"
+    # Gone: nothing listens.
+    flaky.close()
     started = time.monotonic()
-    status, hdrs, reply = chat(repo_server, "slow")
-    assert status == 200 and "Paris" in content(reply)
-    assert hdrs["x-ferrite-fallback"] == "timeout"
-    assert time.monotonic() - started < 3, "timeoutSeconds 1, the target takes 3"
-    status, hdrs, reply = chat(repo_server, "broken")
-    assert status == 200 and "Paris" in content(reply) and hdrs["x-ferrite-fallback"] == "error"
+    status, hdrs, reply = chat(repo_server, "flaky")
+    assert status == 200 and content(reply) == micro and hdrs["x-ferrite-fallback"] == "unreachable"
+    assert time.monotonic() - started < 10
+    # Streaming: the target fails before its first byte; the held answer is replayed, then continued.
+    status, hdrs, (text, _) = chat(repo_server, "flaky", stream=True)
+    assert status == 200 and text == micro and hdrs["x-ferrite-fallback"] == "unreachable"
 
 
 def test_queue_full_is_forwarded(repo_server, targets):
@@ -429,18 +445,19 @@ def test_shadow_mode_serves_micro_and_records_both(repo_server, shadow_log):
 def test_metrics(repo_server):
     chat(repo_server, "all")
     chat(repo_server, "none")
-    chat(repo_server, "dead")
     samples = metrics(repo_server)
     m = lambda name, **labels: fl.metric_sum(samples, name, **labels)  # noqa: E731
     assert m("ferrite_escalations_total", model="all", reason="confidence") >= 1
     assert m("ferrite_cascade_decisions_total", model="all", outcome="escalated") >= 1
     assert m("ferrite_cascade_decisions_total", model="none", outcome="local") >= 1
-    assert m("ferrite_cascade_decisions_total", model="dead", outcome="fallback") >= 1
+    assert m("ferrite_cascade_decisions_total", model="flaky", outcome="fallback") >= 4
     assert m("ferrite_escalation_confidence_count", model="none") >= 1
     assert m("ferrite_cascade_tokens_total", model="none", side="micro") > 0
     assert m("ferrite_cascade_tokens_total", model="all", side="macro") >= 5
     assert m("ferrite_escalation_target_duration_seconds_count", model="all") >= 1
-    assert m("ferrite_escalation_target_errors_total", model="dead", kind="unreachable") >= 1
+    for kind in ("timeout", "error", "unreachable"):
+        assert m("ferrite_escalation_target_errors_total", model="flaky", kind=kind) >= 1, kind
     assert m("ferrite_escalation_spend_avoided_dollars_total", model="none") > 0
     assert fl.metric_find(samples, "ferrite_escalation_target_up", model="all") == [({"model": "all"}, 1.0)]
-    assert fl.metric_find(samples, "ferrite_escalation_target_up", model="dead") == [({"model": "dead"}, 0.0)]
+    assert fl.metric_find(samples, "ferrite_escalation_target_up", model="flaky") == [({"model": "flaky"}, 0.0)]
+
