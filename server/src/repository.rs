@@ -344,10 +344,7 @@ impl Repository {
     /// Finds the versions of `name`, the settings to load them with and
     /// their escalation settings (the `--escalation-file`'s, else the
     /// model's `ferrite.json`'s; only for LLMs).
-    fn discover(
-        &self,
-        name: &str,
-    ) -> InferResult<(Vec<(u64, VersionSource)>, ModelSettings, Option<EscalationConfig>)> {
+    fn discover(&self, name: &str) -> InferResult<Discovered> {
         let for_llms = |versions: &[(u64, VersionSource)], escalation: Option<EscalationConfig>| {
             escalation.filter(|_| versions.iter().any(|(_, source)| matches!(source, VersionSource::Llm(_))))
         };
@@ -378,6 +375,9 @@ impl Repository {
         Ok((versions, settings, escalation))
     }
 }
+
+/// What a model's load starts from: its versions, settings and escalation.
+type Discovered = (Vec<(u64, VersionSource)>, ModelSettings, Option<EscalationConfig>);
 
 /// `root/name` if `name` is a plain directory name (no path tricks).
 fn safe_join(root: &Path, name: &str) -> Option<PathBuf> {

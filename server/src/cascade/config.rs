@@ -192,7 +192,7 @@ impl EscalationConfig {
             if !(c.quantile > 0.0 && c.quantile <= 1.0) {
                 return Err(format!("escalation.confidence.quantile must be in (0, 1], not {}", c.quantile));
             }
-            if !(c.threshold <= 0.0) {
+            if c.threshold.is_nan() || c.threshold > 0.0 {
                 return Err(format!(
                     "escalation.confidence.threshold must be <= 0 (a log-probability), not {}",
                     c.threshold

@@ -148,20 +148,23 @@ mod tests {
         let sure = answer(&[-0.1, -0.2], Some(FinishReason::Stop), "{}");
         let unsure = answer(&[-3.0, -2.0], Some(FinishReason::Stop), "{}");
         let cut = answer(&[-3.0, -0.2], Some(FinishReason::Length), "{\"a\":");
-        assert_eq!(judge(&[sure.clone()], &ALL_ON, true, 0.1), Verdict { confidence: Some(-0.2), reason: None });
-        assert_eq!(judge(&[unsure.clone()], &ALL_ON, true, 0.1).reason, Some(Reason::Confidence));
-        assert_eq!(judge(&[cut.clone()], &ALL_ON, true, 0.1).reason, Some(Reason::Length));
+        assert_eq!(
+            judge(std::slice::from_ref(&sure), &ALL_ON, true, 0.1),
+            Verdict { confidence: Some(-0.2), reason: None }
+        );
+        assert_eq!(judge(std::slice::from_ref(&unsure), &ALL_ON, true, 0.1).reason, Some(Reason::Confidence));
+        assert_eq!(judge(std::slice::from_ref(&cut), &ALL_ON, true, 0.1).reason, Some(Reason::Length));
         let no_length = Signals { on_length_cutoff: false, ..ALL_ON };
-        assert_eq!(judge(&[cut.clone()], &no_length, true, 0.1).reason, Some(Reason::Schema));
+        assert_eq!(judge(std::slice::from_ref(&cut), &no_length, true, 0.1).reason, Some(Reason::Schema));
         // Without response_format the text need not be JSON.
-        assert_eq!(judge(&[cut.clone()], &no_length, false, 0.1).reason, Some(Reason::Confidence));
+        assert_eq!(judge(std::slice::from_ref(&cut), &no_length, false, 0.1).reason, Some(Reason::Confidence));
         let only_confidence = Signals { on_schema_failure: false, ..no_length };
         assert_eq!(judge(&[cut], &only_confidence, true, 0.1).reason, Some(Reason::Confidence));
         // Threshold 0 escalates any answer with a token; -100 none.
         let zero = Signals { confidence: Some((0.1, 0.0)), ..ALL_ON };
-        assert_eq!(judge(&[sure.clone()], &zero, false, 0.1).reason, Some(Reason::Confidence));
+        assert_eq!(judge(std::slice::from_ref(&sure), &zero, false, 0.1).reason, Some(Reason::Confidence));
         let never = Signals { confidence: Some((0.1, -100.0)), ..ALL_ON };
-        assert_eq!(judge(&[unsure.clone()], &never, false, 0.1).reason, None);
+        assert_eq!(judge(std::slice::from_ref(&unsure), &never, false, 0.1).reason, None);
         // n > 1: the least confident choice decides.
         assert_eq!(
             judge(&[sure, unsure], &ALL_ON, true, 0.1),
