@@ -478,6 +478,44 @@ mod tests {
         assert!(check_context(100, 1, Some(usize::MAX), 16).is_err());
     }
 
+    #[tokio::test]
+    async fn held_events_replay_first_observed_and_stripped() {
+        use request::{FinishReason, TokenLogprob, TokenText, Usage};
+        let entry = TokenLogprob {
+            token: TokenText { id: 1, bytes: b"a".to_vec(), text: "a".into() },
+            logprob: -0.5,
+            top: vec![],
+        };
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut generation = Generation::from_events(receiver, 3);
+        sender.send(Event::Text { text: "a".into(), logprobs: vec![entry.clone()] }).unwrap();
+        let held = vec![generation.next().await.unwrap()];
+        let done = Event::Done {
+            text: String::new(),
+            logprobs: vec![entry],
+            finish_reason: FinishReason::Stop,
+            usage: Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 0 },
+        };
+        sender.send(done).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+        let counter = seen.clone();
+        let observer: Observer = Box::new(move |event: &Event| {
+            if let Event::Text { logprobs, .. } | Event::Done { logprobs, .. } = event {
+                *counter.lock().unwrap() += logprobs.len();
+            }
+        });
+        let mut generation = generation.replay(held).stripped(true).observed(observer);
+        assert!(
+            matches!(generation.next().await, Some(Event::Text { text, logprobs }) if text == "a" && logprobs.is_empty())
+        );
+        assert!(matches!(generation.next().await, Some(Event::Done { logprobs, .. }) if logprobs.is_empty()));
+        assert!(generation.next().await.is_none());
+        assert_eq!(*seen.lock().unwrap(), 2, "the observer sees the log-probabilities before they are stripped");
+        // A whole answer known in advance.
+        let answer = Generation::replayed(vec![Event::Text { text: "x".into(), logprobs: vec![] }], 1).collect().await;
+        assert!(answer.is_err(), "events that never end are an error, not a hang");
+    }
+
     #[test]
     fn stop_strings_are_bounded() {
         assert!(check_stop(&["\n".repeat(MAX_STOP_BYTES)]).is_ok());
