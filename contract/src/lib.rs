@@ -172,6 +172,11 @@ pub mod serve {
     /// File of API keys, one per line: gRPC and HTTP inference calls then
     /// need `authorization: Bearer <key>` (health and metrics stay open).
     pub const API_KEY_FILE: Flag = Flag::value("api-key-file");
+    /// JSON file holding an `escalation` object (micro -> macro settings,
+    /// the same fields as `ferrite.json`'s `escalation` key, the target
+    /// already resolved to a URL): applies to every LLM the server loads,
+    /// over what their `ferrite.json` says.
+    pub const ESCALATION_FILE: Flag = Flag::value("escalation-file");
 
     /// Every flag of `serve` in the contract.
     pub const FLAGS: &[Flag] = &[
@@ -193,6 +198,7 @@ pub mod serve {
         TLS_KEY,
         TLS_CLIENT_CA,
         API_KEY_FILE,
+        ESCALATION_FILE,
     ];
 }
 
@@ -250,6 +256,21 @@ pub mod metrics {
     pub const INFLIGHT_REQUESTS: &str = "ferrite_inflight_requests";
     /// The label of both gauges that names the model.
     pub const MODEL_LABEL: &str = "model";
+    /// Counter: a cascade's decisions per request, by [`OUTCOME_LABEL`]
+    /// ([`OUTCOME_LOCAL`], [`OUTCOME_ESCALATED`], [`OUTCOME_FALLBACK`]): the
+    /// escalation rate in a ModelDeployment's status.
+    pub const CASCADE_DECISIONS: &str = "ferrite_cascade_decisions_total";
+    /// The label of [`CASCADE_DECISIONS`] that says how a request was answered.
+    pub const OUTCOME_LABEL: &str = "outcome";
+    /// Answered by the micro model.
+    pub const OUTCOME_LOCAL: &str = "local";
+    /// Answered by the escalation target.
+    pub const OUTCOME_ESCALATED: &str = "escalated";
+    /// Meant for the target, which failed: answered by the micro model.
+    pub const OUTCOME_FALLBACK: &str = "fallback";
+    /// Gauge: 1 when the last call to a model's escalation target
+    /// succeeded, 0 when it failed (absent before the first call).
+    pub const ESCALATION_TARGET_UP: &str = "ferrite_escalation_target_up";
 }
 
 /// Exit statuses of `ferrite-server` that the operator interprets.

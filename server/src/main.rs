@@ -48,6 +48,8 @@ fn provider_parser() -> impl clap::builder::TypedValueParser<Value = contract::E
         .map(|name| name.parse::<contract::ExecutionProvider>().expect("one of the possible values"))
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve models until SIGTERM (then drain and exit 0).
@@ -274,6 +276,11 @@ struct ServeArgs {
     /// health checks; the metrics port needs none.
     #[arg(long = flags::API_KEY_FILE.name(), env = "FERRITE_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
+    /// JSON file of an `escalation` object (docs/escalation.md): micro ->
+    /// macro escalation for every LLM served, over their ferrite.json's
+    /// `escalation` key. Checked at start.
+    #[arg(long = flags::ESCALATION_FILE.name(), env = "FERRITE_ESCALATION_FILE")]
+    escalation_file: Option<PathBuf>,
 }
 
 /// `--model-control-mode`: the contract's names, listed in `--help`.
@@ -340,6 +347,7 @@ impl ServeArgs {
                 client_ca: self.tls_client_ca,
             }),
             api_key_file: self.api_key_file,
+            escalation_file: self.escalation_file,
         }
     }
 }

@@ -25,6 +25,8 @@ pub(crate) mod tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Semaphore;
 
@@ -260,7 +262,26 @@ impl Llm {
         }
         let prompt_tokens = request.prompt.len();
         let receiver = self.engine.submit(request)?;
-        Ok(Generation { receiver, record: None, finished: false, prompt_tokens })
+        Ok(Generation::from_events(receiver, prompt_tokens))
+    }
+
+    /// Starts the `n` generations of a request, one per choice, on the same
+    /// prompt. With a seed, choice `i` gets `seed + i`: each choice differs,
+    /// and the request as a whole is reproducible. If one cannot start,
+    /// those already started are dropped (cancelled). Not counted.
+    pub(crate) async fn generate_choices(
+        &self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        n: usize,
+    ) -> InferResult<Vec<Generation>> {
+        let mut generations = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut options = options.clone();
+            options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
+            generations.push(self.generate(prompt.to_vec(), &options).await?);
+        }
+        Ok(generations)
     }
 
     /// Stops taking requests.
@@ -312,17 +333,69 @@ pub(crate) fn check_context(
     }
 }
 
+/// Sees each event of a generation as it is read (before log-probabilities
+/// are stripped): the cascade counts tokens and records shadow answers.
+pub(crate) type Observer = Box<dyn FnMut(&Event) + Send>;
+
 /// A running request: its events, and (when counted) its outcome
-/// recorded once it ends. Dropping it cancels the request.
+/// recorded once it ends. Dropping it cancels the request. The events come
+/// from the engine, from an escalation target, or are replayed (a held
+/// micro answer): the frontends read them all the same way.
 pub struct Generation {
     receiver: UnboundedReceiver<Event>,
+    /// Events read before the receiver's (a replayed, held answer).
+    held: VecDeque<Event>,
     record: Option<RequestRecord>,
     finished: bool,
+    /// Drop the log-probabilities from the events (computed for the
+    /// cascade, not asked for by the client).
+    strip_logprobs: bool,
+    observer: Option<Observer>,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
 }
 
 impl Generation {
+    /// The generation whose events arrive on `receiver` (an engine's, or a
+    /// task reading a remote answer); it ends at the first `Done` or
+    /// `Error`, and with an error if the sender goes away before.
+    pub fn from_events(receiver: UnboundedReceiver<Event>, prompt_tokens: usize) -> Generation {
+        Generation {
+            receiver,
+            held: VecDeque::new(),
+            record: None,
+            finished: false,
+            strip_logprobs: false,
+            observer: None,
+            prompt_tokens,
+        }
+    }
+
+    /// A generation of known events only (a whole remote answer).
+    pub fn replayed(events: Vec<Event>, prompt_tokens: usize) -> Generation {
+        let (_, receiver) = tokio::sync::mpsc::unbounded_channel();
+        Generation::from_events(receiver, prompt_tokens).replay(events)
+    }
+
+    /// This generation with `events` (read from it before) read again first.
+    pub(crate) fn replay(mut self, events: Vec<Event>) -> Generation {
+        self.held = events.into();
+        self.finished = false;
+        self
+    }
+
+    /// Events without their log-probabilities, when `strip`.
+    pub(crate) fn stripped(mut self, strip: bool) -> Generation {
+        self.strip_logprobs = strip;
+        self
+    }
+
+    /// `observer` sees every event read from now on.
+    pub(crate) fn observed(mut self, observer: Observer) -> Generation {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Records the outcome in `record` when the generation ends (as
     /// cancelled if it is dropped first).
     pub fn counted(mut self, record: RequestRecord) -> Generation {
@@ -335,8 +408,22 @@ impl Generation {
         if self.finished {
             return None;
         }
-        let event =
-            self.receiver.recv().await.unwrap_or_else(|| Event::Error(InferError::internal("the LLM engine stopped")));
+        let mut event = match self.held.pop_front() {
+            Some(event) => event,
+            None => self
+                .receiver
+                .recv()
+                .await
+                .unwrap_or_else(|| Event::Error(InferError::internal("the LLM engine stopped"))),
+        };
+        if let Some(observer) = &mut self.observer {
+            observer(&event);
+        }
+        if self.strip_logprobs {
+            if let Event::Text { logprobs, .. } | Event::Done { logprobs, .. } = &mut event {
+                logprobs.clear();
+            }
+        }
         let result = match &event {
             Event::Done { .. } => Ok(()),
             Event::Error(error) => Err(error.kind),
@@ -389,6 +476,44 @@ mod tests {
         assert!(check_context(100, 100, None, 16).is_err());
         assert!(check_context(100, 1, Some(0), 16).is_err());
         assert!(check_context(100, 1, Some(usize::MAX), 16).is_err());
+    }
+
+    #[tokio::test]
+    async fn held_events_replay_first_observed_and_stripped() {
+        use request::{FinishReason, TokenLogprob, TokenText, Usage};
+        let entry = TokenLogprob {
+            token: TokenText { id: 1, bytes: b"a".to_vec(), text: "a".into() },
+            logprob: -0.5,
+            top: vec![],
+        };
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut generation = Generation::from_events(receiver, 3);
+        sender.send(Event::Text { text: "a".into(), logprobs: vec![entry.clone()] }).unwrap();
+        let held = vec![generation.next().await.unwrap()];
+        let done = Event::Done {
+            text: String::new(),
+            logprobs: vec![entry],
+            finish_reason: FinishReason::Stop,
+            usage: Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 0 },
+        };
+        sender.send(done).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+        let counter = seen.clone();
+        let observer: Observer = Box::new(move |event: &Event| {
+            if let Event::Text { logprobs, .. } | Event::Done { logprobs, .. } = event {
+                *counter.lock().unwrap() += logprobs.len();
+            }
+        });
+        let mut generation = generation.replay(held).stripped(true).observed(observer);
+        assert!(
+            matches!(generation.next().await, Some(Event::Text { text, logprobs }) if text == "a" && logprobs.is_empty())
+        );
+        assert!(matches!(generation.next().await, Some(Event::Done { logprobs, .. }) if logprobs.is_empty()));
+        assert!(generation.next().await.is_none());
+        assert_eq!(*seen.lock().unwrap(), 2, "the observer sees the log-probabilities before they are stripped");
+        // A whole answer known in advance.
+        let answer = Generation::replayed(vec![Event::Text { text: "x".into(), logprobs: vec![] }], 1).collect().await;
+        assert!(answer.is_err(), "events that never end are an error, not a hang");
     }
 
     #[test]
