@@ -6,9 +6,10 @@
 //! the oldest one kept, while fewer have been taken), so the span is the
 //! window rounded up to a scrape. Per pod, the increase since the base is
 //! counted; a counter that went down (the server restarted) counts from
-//! zero; a pod absent from the base counts from zero if it started after
-//! the base (its counters began then), else not at all (its history before
-//! the operator saw it is unknown).
+//! zero. A pod absent from the base counts from zero if it started after
+//! the base (its counters began then; start times have whole seconds, so
+//! within the base's second counts), else from the first scrape that saw it
+//! (its history before that is unknown).
 
 use std::collections::VecDeque;
 
@@ -79,16 +80,24 @@ impl Window {
         let since = base.map_or(now - window_seconds, |b| b.at);
         let mut totals = PodCounters::default();
         for pod in &current.pods {
-            let before = base.and_then(|b| b.pods.iter().find(|p| p.key == pod.key));
+            let find = |sample: &Sample| sample.pods.iter().find(|p| p.key == pod.key).map(|p| p.counters);
+            let in_base = base.and_then(find);
+            let started_inside = pod.started_at.is_some_and(|t| t + 1.0 > since);
+            let before = match in_base {
+                Some(counters) => Some(counters),
+                // Started inside the window: all it counted is new.
+                None if started_inside => Some(PodCounters::default()),
+                // Seen first by a later scrape: count from there.
+                None => self.samples.iter().take(self.samples.len() - 1).find_map(find),
+            };
             let delta = |now: f64, then: Option<f64>| match then {
                 Some(then) if now >= then => now - then,
                 // Restarted: the counter began again from zero.
                 Some(_) => now,
-                None if pod.started_at.is_some_and(|t| t >= since) => now,
                 None => 0.0,
             };
             let c = &pod.counters;
-            let b = before.map(|p| p.counters);
+            let b = before;
             totals.local += delta(c.local, b.map(|b| b.local));
             totals.escalated += delta(c.escalated, b.map(|b| b.escalated));
             totals.fallback += delta(c.fallback, b.map(|b| b.fallback));
@@ -163,6 +172,18 @@ mod tests {
         );
         assert_eq!((s.escalated, s.total), (3, 12), "{s:?}");
         assert_eq!((s.target_reachable, calls.reporting), (Some(true), 2));
+        // Next time, c counts from the scrape that first saw it.
+        let (s, _) = w.record(sample(1020.0, vec![pod("c", 0.0, 1004.0, 1001.0, 0.0, Some(true))]), 60.0);
+        assert_eq!((s.escalated, s.total), (1, 5), "{s:?}");
+    }
+
+    #[test]
+    fn a_start_time_in_the_bases_second_counts_as_after_it() {
+        let mut w = Window::default();
+        w.record(sample(1000.4, vec![]), 60.0);
+        // The API server keeps whole seconds: 1000 may be 1000.9.
+        let (s, _) = w.record(sample(1010.0, vec![pod("a", 1000.0, 2.0, 2.0, 0.0, None)]), 60.0);
+        assert_eq!((s.escalated, s.total), (2, 4), "{s:?}");
     }
 
     #[test]
