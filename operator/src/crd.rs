@@ -467,16 +467,74 @@ impl ModelDeployment {
 /// with every object's keys sorted: the text must not depend on whether
 /// serde_json's `preserve_order` is on, which a workspace build turns on
 /// for every crate when one dependency asks for it (llguidance does).
+///
+/// Plain words that YAML 1.1 reads as booleans (`off`, `on`, `yes`, `no`,
+/// `y`, `n`) are quoted: serde_yaml writes YAML 1.2 and leaves them bare,
+/// but kubectl and Helm read YAML 1.1, and would turn the enum value `off`
+/// of `spec.escalation.mode` into `false`.
 pub fn crd_yaml() -> anyhow::Result<String> {
     use kube::CustomResourceExt;
     let mut value = serde_json::to_value(ModelDeployment::crd())?;
     value.sort_all_objects();
-    Ok(serde_yaml::to_string(&value)?)
+    Ok(quote_yaml11_booleans(&serde_yaml::to_string(&value)?))
+}
+
+/// Quotes list items and mapping values that are exactly a YAML 1.1 boolean
+/// word (see [`crd_yaml`]); lines inside block scalars (descriptions) are
+/// left alone.
+fn quote_yaml11_booleans(text: &str) -> String {
+    const WORDS: &[&str] = &["y", "n", "yes", "no", "on", "off"];
+    let mut out = String::with_capacity(text.len());
+    // The indentation of the block scalar being read, if any.
+    let mut block: Option<usize> = None;
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if block.is_some_and(|b| indent > b || line.trim().is_empty()) {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        block = None;
+        let trimmed = line.trim_end();
+        let (head, word) = match trimmed.rsplit_once(": ") {
+            Some((key, word)) => (format!("{key}: "), word),
+            _ => match trimmed.trim_start().strip_prefix("- ") {
+                Some(word) => (format!("{}- ", &trimmed[..indent]), word),
+                None => (String::new(), ""),
+            },
+        };
+        if WORDS.contains(&word.to_ascii_lowercase().as_str()) {
+            out.push_str(&format!("{head}'{word}'\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if trimmed.ends_with('|') || trimmed.ends_with("|-") || trimmed.ends_with('>') || trimmed.ends_with(">-") {
+            block = Some(indent);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml_11_booleans_are_quoted_outside_block_scalars() {
+        let text = "enum:\n- cascade\n- off\nmode: on\ndescription: |-\n  - off\n  no\nx: offline\n";
+        assert_eq!(
+            quote_yaml11_booleans(text),
+            "enum:\n- cascade\n- 'off'\nmode: 'on'\ndescription: |-\n  - off\n  no\nx: offline\n"
+        );
+        let crd = crd_yaml().unwrap();
+        assert!(crd.contains("- 'off'"), "the mode enum");
+        // The same document as before, for a YAML 1.2 reader.
+        let reread: serde_json::Value = serde_yaml::from_str(&crd).unwrap();
+        let mut value = serde_json::to_value(<ModelDeployment as kube::CustomResourceExt>::crd()).unwrap();
+        value.sort_all_objects();
+        assert_eq!(reread, value);
+    }
 
     /// The resource spells each provider as the server's command line does,
     /// and its schema allows exactly the contract's providers.
