@@ -27,7 +27,8 @@ pub struct EscalationSpec {
     pub target: EscalationTarget,
     /// `cascade` (the micro model answers, escalating when a signal fires),
     /// `shadow` (the micro model answers; the target is asked too and both
-    /// answers are recorded, to calibrate the threshold), or `off`.
+    /// answers are recorded, to calibrate the threshold), or `off` (quote
+    /// it in YAML, `mode: "off"`: a bare off is the boolean false there).
     #[serde(default)]
     pub mode: EscalationMode,
     /// Escalate when the answer's token log-probabilities are low. Absent:
@@ -55,10 +56,6 @@ pub struct EscalationSpec {
     /// sliding window of `windowSeconds`; beyond it, the micro model
     /// answers. 0 to 1.
     #[serde(default = "default_max_escalation_fraction")]
-    // The schema's default as an integer: a whole-number float (1.0) reads
-    // back from the API server as 1, which server-side apply of the CRD
-    // then takes for a different value.
-    #[schemars(extend("default" = 1))]
     #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("spec.escalation.maxEscalationFraction must be between 0 and 1"))]
     pub max_escalation_fraction: f64,
     /// The budget's sliding window, in seconds; also the window of
@@ -69,7 +66,6 @@ pub struct EscalationSpec {
     /// Longest the whole call to the target may take, in seconds; more than
     /// 0 and at most 600.
     #[serde(default = "default_timeout_seconds")]
-    #[schemars(extend("default" = 30))]
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 600.0").message("spec.escalation.timeoutSeconds must be more than 0 and at most 600"))]
     pub timeout_seconds: f64,
     /// The target's prices, for the spend-avoided figures
