@@ -177,7 +177,11 @@ fn now_seconds() -> f64 {
 
 /// The condition's `(status, reason, message)`. `target_exists` is whether a
 /// `modelDeployment` target exists (`None` for a URL target).
-pub fn target_condition(md: &ModelDeployment, observed: &Observed, target_exists: Option<bool>) -> (&'static str, &'static str, String) {
+pub fn target_condition(
+    md: &ModelDeployment,
+    observed: &Observed,
+    target_exists: Option<bool>,
+) -> (&'static str, &'static str, String) {
     let url = settings(md).map(|s| s.target.url).unwrap_or_default();
     let calls = observed.calls;
     if target_exists == Some(false) {
@@ -191,7 +195,9 @@ pub fn target_condition(md: &ModelDeployment, observed: &Observed, target_exists
     }
     match (calls.reporting, calls.failing) {
         (0, _) => ("Unknown", REASON_NOT_CALLED, format!("no pod has called {url} yet")),
-        (n, 0) => ("True", REASON_REACHABLE, format!("the last call to {url} succeeded on every pod that made one ({n})")),
+        (n, 0) => {
+            ("True", REASON_REACHABLE, format!("the last call to {url} succeeded on every pod that made one ({n})"))
+        }
         (n, failing) => (
             "False",
             REASON_UNREACHABLE,
@@ -205,7 +211,12 @@ pub fn target_condition(md: &ModelDeployment, observed: &Observed, target_exists
 
 /// Adds `status.escalation` and the condition to the reconciler's status,
 /// keeping the condition's transition time while its status holds.
-pub fn apply(status: &mut ModelDeploymentStatus, md: &ModelDeployment, observed: &Observed, target_exists: Option<bool>) {
+pub fn apply(
+    status: &mut ModelDeploymentStatus,
+    md: &ModelDeployment,
+    observed: &Observed,
+    target_exists: Option<bool>,
+) {
     if active(md).is_none() {
         return;
     }

@@ -149,7 +149,12 @@ where
 }
 
 /// Removes the object of kind `K` named `name`, if the ModelDeployment owns it.
-async fn delete_owned_named<K>(client: &Client, md: &ModelDeployment, name: &str, kind: &'static str) -> Result<(), Error>
+async fn delete_owned_named<K>(
+    client: &Client,
+    md: &ModelDeployment,
+    name: &str,
+    kind: &'static str,
+) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,

@@ -673,7 +673,8 @@ mod tests {
         assert_ne!(again[escalation::HASH_ANNOTATION], hash);
 
         // A ModelDeployment target: its label, for the target's NetworkPolicy.
-        m.spec.escalation = Some(serde_json::from_value(serde_json::json!({"target": {"modelDeployment": "macro"}})).unwrap());
+        m.spec.escalation =
+            Some(serde_json::from_value(serde_json::json!({"target": {"modelDeployment": "macro"}})).unwrap());
         let labels = template(&deployment(&m, &config())).metadata.unwrap().labels.unwrap();
         assert_eq!(labels[escalation::ESCALATES_TO_LABEL], "macro");
     }

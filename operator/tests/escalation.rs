@@ -38,7 +38,9 @@ async fn bad_escalation_specs_are_refused_by_cel_rules_and_good_ones_get_the_def
         (md(json!({"modelDeployment": "macro", "model": "m"})), "go with url"),
         (md(json!({"modelDeployment": "Not_A_Name"})), "must be the name of a ModelDeployment"),
         (
-            md(json!({"url": "https://x.example/v1", "model": "m", "apiKeySecretRef": {"name": "Bad_Name", "key": "k"}})),
+            md(
+                json!({"url": "https://x.example/v1", "model": "m", "apiKeySecretRef": {"name": "Bad_Name", "key": "k"}}),
+            ),
             "a Secret name must be a DNS subdomain",
         ),
         // The CEL rule at the object's root sees its name.
@@ -109,7 +111,10 @@ async fn bad_escalation_specs_are_refused_by_cel_rules_and_good_ones_get_the_def
     let e = by_name.spec.escalation.unwrap();
     assert_eq!(serde_json::to_value(e.mode).unwrap(), "cascade");
     assert_eq!((e.decide_after_tokens, e.window_seconds, e.max_escalation_fraction), (16, 60, 1.0));
-    assert_eq!((e.timeout_seconds, e.on_schema_failure, e.on_length_cutoff, e.on_queue_full), (30.0, true, false, false));
+    assert_eq!(
+        (e.timeout_seconds, e.on_schema_failure, e.on_length_cutoff, e.on_queue_full),
+        (30.0, true, false, false)
+    );
     let hosted = with(json!({
         "target": {"url": "https://llm.example.com/v1", "model": "large",
                    "apiKeySecretRef": {"name": "hosted-llm", "key": "api-key"}},
@@ -195,7 +200,8 @@ async fn the_operator_mounts_the_settings_and_reports_rate_and_target() {
     let settings: serde_json::Value = serde_json::from_str(&cm.data.unwrap()["escalation.json"]).unwrap();
     assert_eq!(settings["target"], json!({"url": format!("http://macro.{ns}.svc:8000/v1"), "model": "macro"}));
     assert_eq!(cm.metadata.owner_references.unwrap()[0].kind, "ModelDeployment");
-    let deployment = eventually("the Deployment exists", WAIT, || async { deployments.get_opt("micro").await.ok()? }).await;
+    let deployment =
+        eventually("the Deployment exists", WAIT, || async { deployments.get_opt("micro").await.ok()? }).await;
     let template = deployment.spec.unwrap().template;
     assert!(template.metadata.unwrap().annotations.unwrap().contains_key("ferrite.dev/escalation-hash"));
     let args = template.spec.unwrap().containers[0].args.clone().unwrap();

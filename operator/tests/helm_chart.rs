@@ -105,8 +105,7 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         "apply install.yaml",
     );
     namespace(&client, "examples").await;
-    for example in
-    [
+    for example in [
         "cpu-resnet50.yaml",
         "gpu-resnet50.yaml",
         "fixed-replicas.yaml",
@@ -114,8 +113,7 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         "secured-resnet50.yaml",
         "escalation-to-deployment.yaml",
         "escalation-to-url.yaml",
-    ]
-    {
+    ] {
         let path = format!("manifests/examples/{example}");
         assert_ok(&run(&kubectl, &["apply", "--dry-run=server", "-n", "examples", "-f", &path], Some(plane)), &path);
     }

@@ -101,9 +101,13 @@ pub fn family_samples(text: &str, family: &str) -> Result<Vec<(Labels, f64)>, Sc
         if &line[..name_len] != family {
             continue;
         }
-        let sample = parse_sample(&line[name_len..]).map_err(|message| ScrapeError::Parse { line: index + 1, message })?;
+        let sample =
+            parse_sample(&line[name_len..]).map_err(|message| ScrapeError::Parse { line: index + 1, message })?;
         if !sample.value.is_finite() {
-            return Err(ScrapeError::Parse { line: index + 1, message: format!("{} is not a finite number", sample.value) });
+            return Err(ScrapeError::Parse {
+                line: index + 1,
+                message: format!("{} is not a finite number", sample.value),
+            });
         }
         samples.push((sample.labels, sample.value));
     }

@@ -196,8 +196,11 @@ mod tests {
     #[test]
     fn one_failing_pod_makes_the_target_unreachable_and_no_report_says_nothing() {
         let mut w = Window::default();
-        let pods =
-            vec![pod("a", 0.0, 0.0, 0.0, 0.0, Some(true)), pod("b", 0.0, 0.0, 0.0, 0.0, Some(false)), pod("c", 0.0, 0.0, 0.0, 0.0, None)];
+        let pods = vec![
+            pod("a", 0.0, 0.0, 0.0, 0.0, Some(true)),
+            pod("b", 0.0, 0.0, 0.0, 0.0, Some(false)),
+            pod("c", 0.0, 0.0, 0.0, 0.0, None),
+        ];
         let (s, calls) = w.record(sample(1000.0, pods), 60.0);
         assert_eq!((s.target_reachable, calls), (Some(false), TargetCalls { reporting: 2, failing: 1 }));
         let (s, calls) = w.record(sample(1010.0, vec![pod("c", 0.0, 0.0, 0.0, 0.0, None)]), 60.0);

@@ -103,7 +103,9 @@ pub fn settings(md: &ModelDeployment) -> Option<Settings> {
 fn resolve(spec: &EscalationSpec, namespace: &str) -> Settings {
     let target = &spec.target;
     let target = match &target.model_deployment {
-        Some(name) => ResolvedTarget { url: model_deployment_url(name, namespace), model: name.clone(), api_key_file: None },
+        Some(name) => {
+            ResolvedTarget { url: model_deployment_url(name, namespace), model: name.clone(), api_key_file: None }
+        }
         None => ResolvedTarget {
             url: target.url.clone().unwrap_or_default(),
             model: target.model.clone().unwrap_or_default(),
@@ -296,7 +298,8 @@ mod tests {
     #[test]
     fn the_hash_follows_the_settings() {
         let a = template_annotations(&md(json!({"target": {"modelDeployment": "macro"}}))).unwrap();
-        let b = template_annotations(&md(json!({"target": {"modelDeployment": "macro"}, "windowSeconds": 30}))).unwrap();
+        let b =
+            template_annotations(&md(json!({"target": {"modelDeployment": "macro"}, "windowSeconds": 30}))).unwrap();
         assert_eq!(a[HASH_ANNOTATION].len(), 16);
         assert_ne!(a, b);
         assert_eq!(a, template_annotations(&md(json!({"target": {"modelDeployment": "macro"}}))).unwrap());

@@ -93,10 +93,8 @@ pub fn network_policy(md: &ModelDeployment, scrapers: &MetricsScrapers) -> Optio
     ];
     // The default (the own namespace) already lets escalating pods in.
     if !spec.from.is_empty() {
-        ingress.push(NetworkPolicyIngressRule {
-            from: Some(vec![escalating_pods(md)]),
-            ports: Some(ports(&[HTTP_PORT])),
-        });
+        ingress
+            .push(NetworkPolicyIngressRule { from: Some(vec![escalating_pods(md)]), ports: Some(ports(&[HTTP_PORT])) });
     }
 
     let owner = md.controller_owner_ref(&()).expect("a ModelDeployment from the API has a name and uid");
