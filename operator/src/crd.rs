@@ -52,6 +52,13 @@ pub use escalation::{ConfidenceSignal, EscalationMode, EscalationSpec, Escalatio
         description = "Queued plus in-flight requests"
     ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoints.grpc"),
+    printcolumn(
+        name = "Escalated",
+        type_ = "number",
+        json_path = ".status.escalation.rate",
+        description = "Fraction of requests escalated over spec.escalation.windowSeconds",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[kube(validation = Rule::new("!has(self.spec.escalation) || !has(self.spec.escalation.target.modelDeployment) || self.spec.escalation.target.modelDeployment != self.metadata.name").message("spec.escalation.target.modelDeployment must name another ModelDeployment, not this one"))]

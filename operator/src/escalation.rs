@@ -46,6 +46,9 @@ pub const REASON_MISSING: &str = "TargetMissing";
 pub const REASON_NOT_CALLED: &str = "TargetNotCalled";
 /// Least time between two scrapes of one ModelDeployment's pods.
 pub const SCRAPE_PERIOD: Duration = Duration::from_secs(10);
+/// What is kept for a ModelDeployment not scraped for this long is dropped:
+/// an escalating one is reconciled every [`SCRAPE_PERIOD`], so it is gone.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Longest one pod's scrape may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pods scraped at once.
@@ -160,6 +163,7 @@ pub async fn observe(memory: &Memory, http: &reqwest::Client, md: &ModelDeployme
         .await;
     let sample = Sample { at: now_seconds(), pods: scraped.into_iter().flatten().collect() };
     let mut guard = memory.0.lock().expect("not poisoned");
+    guard.retain(|_, tracked| tracked.scraped_at.elapsed() < FORGET_AFTER);
     let tracked = guard.entry(uid).or_insert_with(|| Tracked {
         window: Window::default(),
         scraped_at: Instant::now(),
