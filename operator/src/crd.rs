@@ -13,6 +13,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+mod escalation;
+pub use escalation::{ConfidenceSignal, EscalationMode, EscalationSpec, EscalationStatus, EscalationTarget, Pricing};
+
 /// A model served by ferrite-server pods, scaled on the depth of their
 /// request queues.
 // Each `printcolumn(...)` repeats the same keys, which clippy mistakes for
@@ -49,8 +52,16 @@ use serde::{Deserialize, Serialize};
         description = "Queued plus in-flight requests"
     ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoints.grpc"),
+    printcolumn(
+        name = "Escalated",
+        type_ = "number",
+        json_path = ".status.escalation.rate",
+        description = "Fraction of requests escalated over spec.escalation.windowSeconds",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[kube(validation = Rule::new("!has(self.spec.escalation) || !has(self.spec.escalation.target.modelDeployment) || self.spec.escalation.target.modelDeployment != self.metadata.name").message("spec.escalation.target.modelDeployment must name another ModelDeployment, not this one"))]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are exclusive: set a fixed replica count or autoscaling, not both"))]
 #[x_kube(validation = Rule::new("!has(self.gpus) || self.gpus == 0 || self.runtime.executionProvider != 'cpu'").message("spec.gpus needs spec.runtime.executionProvider cuda or tensorrt"))]
 #[x_kube(validation = Rule::new("self.runtime.executionProvider == 'cpu' || (has(self.gpus) && self.gpus > 0)").message("executionProvider cuda or tensorrt needs spec.gpus of 1 or more"))]
@@ -105,6 +116,10 @@ pub struct ModelDeploymentSpec {
     /// A NetworkPolicy owned by the ModelDeployment; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+    /// Micro -> macro escalation (LLM models only): requests the model
+    /// should not answer go to a bigger one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationSpec>,
 }
 
 /// Where the model comes from.
@@ -428,7 +443,12 @@ pub struct ModelDeploymentStatus {
     /// In-cluster addresses of the model's APIs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
-    /// Ready, Progressing and Degraded, with reasons.
+    /// Escalations over the last window, with `spec.escalation` (mode
+    /// cascade or shadow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationStatus>,
+    /// Ready, Progressing and Degraded, with reasons; with `spec.escalation`
+    /// also EscalationTargetReachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -454,16 +474,74 @@ impl ModelDeployment {
 /// with every object's keys sorted: the text must not depend on whether
 /// serde_json's `preserve_order` is on, which a workspace build turns on
 /// for every crate when one dependency asks for it (llguidance does).
+///
+/// Plain words that YAML 1.1 reads as booleans (`off`, `on`, `yes`, `no`,
+/// `y`, `n`) are quoted: serde_yaml writes YAML 1.2 and leaves them bare,
+/// but kubectl and Helm read YAML 1.1, and would turn the enum value `off`
+/// of `spec.escalation.mode` into `false`.
 pub fn crd_yaml() -> anyhow::Result<String> {
     use kube::CustomResourceExt;
     let mut value = serde_json::to_value(ModelDeployment::crd())?;
     value.sort_all_objects();
-    Ok(serde_yaml::to_string(&value)?)
+    Ok(quote_yaml11_booleans(&serde_yaml::to_string(&value)?))
+}
+
+/// Quotes list items and mapping values that are exactly a YAML 1.1 boolean
+/// word (see [`crd_yaml`]); lines inside block scalars (descriptions) are
+/// left alone.
+fn quote_yaml11_booleans(text: &str) -> String {
+    const WORDS: &[&str] = &["y", "n", "yes", "no", "on", "off"];
+    let mut out = String::with_capacity(text.len());
+    // The indentation of the block scalar being read, if any.
+    let mut block: Option<usize> = None;
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if block.is_some_and(|b| indent > b || line.trim().is_empty()) {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        block = None;
+        let trimmed = line.trim_end();
+        let (head, word) = match trimmed.rsplit_once(": ") {
+            Some((key, word)) => (format!("{key}: "), word),
+            _ => match trimmed.trim_start().strip_prefix("- ") {
+                Some(word) => (format!("{}- ", &trimmed[..indent]), word),
+                None => (String::new(), ""),
+            },
+        };
+        if WORDS.contains(&word.to_ascii_lowercase().as_str()) {
+            out.push_str(&format!("{head}'{word}'\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if trimmed.ends_with('|') || trimmed.ends_with("|-") || trimmed.ends_with('>') || trimmed.ends_with(">-") {
+            block = Some(indent);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml_11_booleans_are_quoted_outside_block_scalars() {
+        let text = "enum:\n- cascade\n- off\nmode: on\ndescription: |-\n  - off\n  no\nx: offline\n";
+        assert_eq!(
+            quote_yaml11_booleans(text),
+            "enum:\n- cascade\n- 'off'\nmode: 'on'\ndescription: |-\n  - off\n  no\nx: offline\n"
+        );
+        let crd = crd_yaml().unwrap();
+        assert!(crd.contains("- 'off'"), "the mode enum");
+        // The same document as before, for a YAML 1.2 reader.
+        let reread: serde_json::Value = serde_yaml::from_str(&crd).unwrap();
+        let mut value = serde_json::to_value(<ModelDeployment as kube::CustomResourceExt>::crd()).unwrap();
+        value.sort_all_objects();
+        assert_eq!(reread, value);
+    }
 
     /// The resource spells each provider as the server's command line does,
     /// and its schema allows exactly the contract's providers.
