@@ -1,0 +1,3 @@
+//! Micro -> macro escalation (issue 14): the cascade backend and its calibration.
+
+pub mod calibrate;
