@@ -76,6 +76,11 @@ class Answers:
     def count(self, text: str) -> int:
         return len(self.encode(text)) if self.encode else len(text.split())
 
+    def chat_prompt_tokens(self, messages: list[dict]) -> int:
+        """Prompt tokens of a chat request, counted as OpenAI documents for its
+        chat models: each message's content plus 3, plus 3 for the reply."""
+        return sum(self.count(str(m.get("content") or "")) + 3 for m in messages) + 3
+
 
 def make_handler(answers: Answers, delay_s: float, stats: dict, lock: threading.Lock):
     class Handler(BaseHTTPRequestHandler):
@@ -114,7 +119,7 @@ def make_handler(answers: Answers, delay_s: float, stats: dict, lock: threading.
                 messages = body.get("messages") or []
                 users = [m.get("content") for m in messages if m.get("role") == "user"]
                 text = users[-1] if users and isinstance(users[-1], str) else ""
-                prompt_tokens = sum(answers.count(str(m.get("content") or "")) + 3 for m in messages) + 3
+                prompt_tokens = answers.chat_prompt_tokens(messages)
                 kind = "chat"
             elif self.path == "/v1/completions":
                 text = body.get("prompt") or ""
