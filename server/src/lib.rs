@@ -16,7 +16,7 @@ pub(crate) mod auth;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub(crate) mod budget;
-pub(crate) mod cascade;
+pub mod cascade;
 pub mod config;
 pub(crate) mod describe;
 pub(crate) mod error;
@@ -38,8 +38,6 @@ pub mod tensor;
 pub(crate) mod tensor_model;
 pub mod tls;
 pub mod transport;
-/// `ferrite-server calibrate`: the escalation threshold from a shadow log.
-pub use cascade::calibrate;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod untrusted;
 

@@ -79,7 +79,7 @@ struct CalibrateArgs {
     target_fraction: f64,
     /// Quantile of each answer's token log-probabilities taken as its
     /// confidence (`escalation.confidence.quantile`), in (0, 1].
-    #[arg(long, default_value_t = ferrite_server::calibrate::DEFAULT_QUANTILE)]
+    #[arg(long, default_value_t = ferrite_server::cascade::calibrate::DEFAULT_QUANTILE)]
     quantile: f64,
 }
 
@@ -88,7 +88,7 @@ impl CalibrateArgs {
     fn run(&self) -> Result<String, String> {
         let text = std::fs::read_to_string(&self.shadow_log)
             .map_err(|e| format!("cannot read {}: {e}", self.shadow_log.display()))?;
-        let report = ferrite_server::calibrate::calibrate(&text, self.target_fraction, self.quantile)
+        let report = ferrite_server::cascade::calibrate::calibrate(&text, self.target_fraction, self.quantile)
             .map_err(|e| e.to_string())?;
         serde_json::to_string(&report).map_err(|e| e.to_string())
     }
@@ -304,6 +304,11 @@ struct ServeArgs {
     /// health checks; the metrics port needs none.
     #[arg(long = flags::API_KEY_FILE.name(), env = "FERRITE_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
+    /// JSON file of an `escalation` object (docs/escalation.md): micro ->
+    /// macro escalation for every LLM served, over their ferrite.json's
+    /// `escalation` key. Checked at start.
+    #[arg(long = flags::ESCALATION_FILE.name(), env = "FERRITE_ESCALATION_FILE")]
+    escalation_file: Option<PathBuf>,
 }
 
 /// `--model-control-mode`: the contract's names, listed in `--help`.
@@ -370,6 +375,7 @@ impl ServeArgs {
                 client_ca: self.tls_client_ca,
             }),
             api_key_file: self.api_key_file,
+            escalation_file: self.escalation_file,
         }
     }
 }
@@ -534,7 +540,7 @@ mod tests {
         };
         assert!(parse(&[]).is_err(), "--target-fraction is required");
         let args = parse(&["--target-fraction", "0.5"]).unwrap();
-        assert_eq!(args.quantile, ferrite_server::calibrate::DEFAULT_QUANTILE);
+        assert_eq!(args.quantile, ferrite_server::cascade::calibrate::DEFAULT_QUANTILE);
         let report: serde_json::Value = serde_json::from_str(&args.run().unwrap()).unwrap();
         assert_eq!(report["records"], 2);
         assert_eq!(report["escalated"], 1);
