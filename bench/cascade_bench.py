@@ -332,13 +332,18 @@ def micro_summary(results: list[dict]) -> dict:
         scores = [-f(r["logprobs"]) for r in ok]
         out["auroc"][name] = auroc(scores, wrong)
         out["roc"][name] = [(round(x, 4), round(y, 4)) for x, y in roc_points(scores, wrong)]
-    # the server's x-ferrite-confidence against the same quantile computed here
-    diffs = [abs(float(r["headers"]["x-ferrite-confidence"]) - SIGNALS["p10"](r["logprobs"]))
-             for r in ok if "x-ferrite-confidence" in r["headers"]]
-    out["confidence_header"] = {"present": len(diffs), "max_abs_diff": max(diffs) if diffs else None}
+    out["confidence_header"] = confidence_header(ok)
     tokens = [r["usage"].get("completion_tokens") or len(r["logprobs"]) for r in ok]
     out["completion_tokens_mean"] = statistics.mean(tokens) if tokens else None
     return out
+
+
+def confidence_header(results: list[dict]) -> dict:
+    """The server's x-ferrite-confidence against the same quantile computed here
+    from the answer's `logprobs`: on how many answers, and the largest difference."""
+    diffs = [abs(float(r["headers"]["x-ferrite-confidence"]) - SIGNALS["p10"](r["logprobs"]))
+             for r in results if "x-ferrite-confidence" in r["headers"] and r["logprobs"]]
+    return {"present": len(diffs), "of": len(results), "max_abs_diff": max(diffs) if diffs else None}
 
 
 def macro_cost(record: dict, answers: macro_standin.Answers) -> float:
@@ -357,6 +362,8 @@ def cascade_summary(results: list[dict], by_id: dict, threshold: float, micro: d
                          + (r["usage"].get("completion_tokens") or 0) * MACRO_OUT) / 1e6 for r in escalated)
     # what the micro cell's log-probs predicted this threshold would escalate
     predicted = sum(SIGNALS["p10"](m["logprobs"]) < threshold for m in micro if "error" not in m)
+    micro_right = {m["id"]: m["correct"] for m in micro if "error" not in m}
+    local = [r for r in ok if r not in escalated]
     n = len(ok)
     return {
         "threshold": threshold, "requests": len(results), "errors": len(results) - n,
@@ -367,7 +374,11 @@ def cascade_summary(results: list[dict], by_id: dict, threshold: float, micro: d
                     for reason in {r["headers"].get("x-ferrite-escalation") for r in escalated}},
         "accuracy": sum(r["correct"] for r in ok) / n if n else None,
         "escalated_fixed": sum(r["correct"] for r in escalated),
-        "micro_wrong_kept": sum(not r["correct"] for r in ok if r not in escalated),
+        # the signal's precision: escalated requests the micro model had answered wrong
+        "escalated_micro_wrong": sum(not micro_right.get(r["id"], True) for r in escalated),
+        "micro_wrong_kept": sum(not r["correct"] for r in local),
+        "confidence_header": confidence_header(local),
+        "served": [[r["id"], r["headers"].get("x-ferrite-served-by"), r["correct"]] for r in ok],
         "cost_per_1000": {"micro": 1000 * micro_dollars_per_request,
                           "macro": 1000 * macro_dollars / n if n else None,
                           "total": 1000 * (micro_dollars_per_request + macro_dollars / n) if n else None},
@@ -431,7 +442,8 @@ def main() -> None:
     node_per_s = k["node_price_per_hour"] / 3600
     data = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "knobs": k,
-            "model": MODEL_DIR.name, "max_tokens": MAX_TOKENS, "quantile": QUANTILE,
+            "model": MODEL_DIR.name, "binary": str(FERRITE.relative_to(ROOT)) if FERRITE.is_relative_to(ROOT)
+            else FERRITE.name, "max_tokens": MAX_TOKENS, "quantile": QUANTILE,
             "decide_after_tokens": DECIDE_AFTER, "node": NODE,
             "macro_price": {"input_per_million": MACRO_IN, "output_per_million": MACRO_OUT},
             "load_average": [round(os.getloadavg()[0], 2)], "cells": {}}
@@ -442,11 +454,18 @@ def main() -> None:
         proc, url = start_ferrite("micro", k, escalation_settings("shadow", standin_url, "macro", None, shadow_log), work)
         try:
             micro, wall = run_set(url, records, k["concurrency"])
-            time.sleep(1.0)  # the shadow calls finish after the answers
+            # the shadow calls end after the answers: wait for their records
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (not shadow_log.exists()
+                                                   or len(shadow_log.read_text().splitlines()) < len(records)):
+                time.sleep(0.5)
         finally:
             proc.stop()
         m = micro_summary(micro)
         m["wall_seconds"] = wall
+        m["answers"] = [{"id": r["id"], "text": r.get("text"), "correct": r.get("correct"),
+                         "logprobs": [round(x, 4) for x in r.get("logprobs", [])], "error": r.get("error")}
+                        for r in micro]
         m["requests_per_s"] = len(records) / wall
         m["dollars_per_request"] = node_per_s * wall / len(records)
         m["all_macro_cost_per_1000"] = 1000 * statistics.mean(macro_cost(r, answers) for r in records)
@@ -614,7 +633,10 @@ def report(data: dict) -> None:
          "so the figures say how well the signal finds the micro model's own mistakes). "
          f"{m['requests']} prompts of bench/cascade/labelled_set.jsonl (arithmetic, capitals, yes/no, sentiment; "
          f"{'the whole set' if m['requests'] == 300 else 'the first ' + str(m['requests'])}), chat completions, "
-         f"temperature 0, `max_tokens` {data['max_tokens']}, {k['concurrency']} clients.", "",
+         f"temperature 0, `max_tokens` {data['max_tokens']}, {k['concurrency']} clients. Server binary: "
+         f"`{data.get('binary')}`" + (" (a debug build: slower than `make release`'s, so the micro cost and the "
+                                      "latencies are upper bounds)" if "debug" in str(data.get("binary")) else "")
+         + ".", "",
          "## Micro model alone", "",
          f"Accuracy **{f3(m['accuracy'])}** ({m['errors']} errors); by category: "
          + ", ".join(f"{c} {f3(v['accuracy'])} (n={v['n']})" for c, v in m["by_category"].items()) + ".", "",
@@ -624,11 +646,14 @@ def report(data: dict) -> None:
     names = {"mean": "mean token log-prob", "min": "minimum token log-prob",
              "p10": f"10th percentile (the server's quantile {data['quantile']}, nearest rank from below)"}
     L += [f"| {names[s]} | {f3(v)} |" for s, v in m["auroc"].items()]
-    ch = m["confidence_header"]
-    diff = "-" if ch["max_abs_diff"] is None else f"{ch['max_abs_diff']:.4f}"
-    L += ["", f"The server's `x-ferrite-confidence` header was on {ch['present']} of {m['requests']} answers; largest "
-          f"difference from the 10th percentile computed here from the answer's `logprobs`: {diff} "
-          "(the header has 4 decimals).",
+    heads = [c["confidence_header"] for c in data["cells"]["cascade"] if c.get("confidence_header")]
+    present, of = sum(h["present"] for h in heads), sum(h["of"] for h in heads)
+    diffs = [h["max_abs_diff"] for h in heads if h["max_abs_diff"] is not None]
+    diff = "-" if not diffs else f"{max(diffs):.4f}"
+    L += ["", f"In the cascade cells the server's `x-ferrite-confidence` header was on {present} of {of} answers the "
+          f"micro model served; largest difference from the 10th percentile computed here from the answer's "
+          f"`logprobs`: {diff} (the header has 4 decimals; the server computes in f32). In shadow mode the "
+          f"server sent it on {m['confidence_header']['present']} of {m['requests']} answers.",
           f"Shadow log: {m['shadow_log']}.", "",
           "## Cascade: quality and cost", "",
           "Each threshold is what `ferrite-server calibrate --shadow-log LOG --target-fraction F --quantile "
@@ -641,18 +666,20 @@ def report(data: dict) -> None:
           "answer is generated before the decision). Macro = the escalated requests' tokens as the target reported "
           f"them (SmolLM2's tokenizer, OpenAI's per-message accounting) at ${MACRO_IN:.0f} / ${MACRO_OUT:.0f} per "
           "million input / output tokens (GPT-4-class list price).", "",
-          "| asked | threshold | escalated | predicted from the micro cell | fallbacks | mistakes fixed | mistakes kept "
+          "| asked | threshold | escalated | predicted from the micro cell | fallbacks | escalated that micro had wrong | mistakes kept "
           "| p50 local | p50 escalated | decisions (metrics) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for c in data["cells"]["cascade"]:
         dec = (c.get("metrics") or {}).get("decisions") or {}
         L.append(f"| {c['target_fraction']:.0%} | {c['threshold']:.4f} | {c['escalated']} ({c['escalated_fraction']:.1%}) | "
-                 f"{c['predicted_fraction']:.1%} | {c['fallbacks']} | {c['escalated_fixed']} | {c['micro_wrong_kept']} | "
+                 f"{c['predicted_fraction']:.1%} | {c['fallbacks']} | {c['escalated_micro_wrong']} of {c['escalated']} | "
+                 f"{c['micro_wrong_kept']} | "
                  f"{fmt_ms(c['latency_ms_p50']['local'])} | {fmt_ms(c['latency_ms_p50']['escalated'])} | "
                  + (", ".join(f"{o} {int(v)}" for o, v in sorted(dec.items())) or "-") + " |")
     L += ["", "\"predicted\": the fraction the threshold escalates among the micro cell's answers (the same greedy "
-          "answers, so it should match). Mistakes fixed: escalated requests answered right; mistakes kept: wrong "
-          "answers served by the micro model.", ""]
+          "answers; batching at 4 clients can move a log-prob slightly). \"Escalated that micro had wrong\": the "
+          "signal's precision (the micro cell's answer to that prompt was wrong); mistakes kept: wrong answers the "
+          "micro model served.", ""]
     if lat:
         L += ["## Added latency of a cascade decision", "",
               f"Streaming, one client, {lat['plain']['requests']} requests of {LATENCY_TOKENS} tokens "
