@@ -186,7 +186,9 @@ mod tests {
     /// A shadow record as the server writes it.
     fn line(logprobs: &[f64], micro: &str, macro_: Option<&str>) -> String {
         let macro_side = match macro_ {
-            Some(text) => serde_json::json!({"text": text, "finish_reason": "stop", "completion_tokens": 1, "seconds": 0.1}),
+            Some(text) => {
+                serde_json::json!({"text": text, "finish_reason": "stop", "completion_tokens": 1, "seconds": 0.1})
+            }
             None => serde_json::json!({"error": "timeout"}),
         };
         serde_json::json!({
@@ -226,9 +228,8 @@ mod tests {
     #[test]
     fn threshold_escalates_the_target_fraction() {
         // Ten records with single-token answers: confidences -1.0 .. -0.1.
-        let log: String = (1..=10)
-            .map(|i| line(&[-(i as f64) / 10.0], "a", Some(if i >= 8 { "b" } else { "a" })) + "\n")
-            .collect();
+        let log: String =
+            (1..=10).map(|i| line(&[-(i as f64) / 10.0], "a", Some(if i >= 8 { "b" } else { "a" })) + "\n").collect();
         let report = calibrate(&log, 0.2, 0.1).unwrap();
         assert_eq!(report.records, 10);
         // ascending: -1.0, -0.9, ...; the 0.2 quantile at position 1.8: -0.9 + 0.8 * 0.1
