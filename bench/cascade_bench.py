@@ -66,7 +66,7 @@ from servers import free_port  # noqa: E402
 
 ROOT = HERE.parent
 CACHE = ROOT / ".cache"
-FERRITE = Path(os.environ.get("BENCH_CASCADE_FERRITE", ROOT / "target" / "release" / "ferrite-server"))
+FERRITE = Path(os.environ.get("BENCH_CASCADE_FERRITE", ROOT / "target" / "release" / "ferrite-server")).absolute()
 MODEL_DIR = Path(os.environ.get("BENCH_CASCADE_MODEL_DIR", CACHE / "models" / "smollm2-135m-instruct-int4"))
 ORT_LIB = Path(os.environ.get("ORT_DYLIB_PATH", CACHE / "onnxruntime" / "libonnxruntime.so"))
 LLAMA_SERVER = CACHE / "bench" / "llama-server"
@@ -684,6 +684,10 @@ def report(data: dict) -> None:
           f"{data['quantile']}` picked from the micro cell's shadow log; each row is a fresh ferrite-server with "
           "that threshold in `--escalation-file` (mode `cascade`, the stand-in as target), the same prompts.", ""]
     L += cost_table(data)
+    rand = ", ".join(f"{m['accuracy'] + c['escalated_fraction'] * (1 - m['accuracy']):.3f} at {c['escalated_fraction']:.1%}"
+                     for c in data["cells"]["cascade"])
+    L += ["", f"For comparison, escalating the same fractions at random (no signal) would give accuracy {rand} "
+          "(micro accuracy plus the fraction times its error rate): the difference is what the confidence signal buys."]
     L += ["", f"Cost: micro = the node's price ({data['node']}, ${k['node_price_per_hour']}/h) times the micro cell's "
           f"wall time per request ({m['wall_seconds']:.1f} s for {m['requests']} requests at {k['concurrency']} "
           f"clients: {m['requests_per_s']:.2f} requests/s); every request pays it, escalated or not (the micro "
