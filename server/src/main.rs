@@ -48,6 +48,8 @@ fn provider_parser() -> impl clap::builder::TypedValueParser<Value = contract::E
         .map(|name| name.parse::<contract::ExecutionProvider>().expect("one of the possible values"))
 }
 
+// Parsed once at startup: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve models until SIGTERM (then drain and exit 0).
