@@ -565,7 +565,7 @@ def llama_cell(k: dict, data: dict, micro: list[dict], work: Path) -> dict:
     records = list(labels_by_id.values())[: k["llama_sample"]]
     try:
         proc, url = start_ferrite("cascade-llama", k, escalation_settings(
-            "cascade", f"http://127.0.0.1:{port}/v1", MODEL, middle["threshold"]), work)
+            "cascade", f"http://127.0.0.1:{port}/v1", "llama-server", middle["threshold"]), work)
         try:
             res, wall = run_set(url, records, k["concurrency"])
             metrics = cascade_metrics(proc)
