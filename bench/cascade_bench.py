@@ -733,7 +733,10 @@ def report(data: dict) -> None:
               "|---|---|---|---|---|---|---|",
               f"| {ll['escalated']} ({ll['escalated_fraction']:.1%}) | {f3(ll['accuracy'])} | "
               f"{f3(ll['micro_accuracy_same_prompts'])} | {ll['fallbacks']} | {fmt_ms(ll['latency_ms_p50']['local'])} | "
-              f"{fmt_ms(ll['latency_ms_p50']['escalated'])} | {ll['errors']} |", ""]
+              f"{fmt_ms(ll['latency_ms_p50']['escalated'])} | {ll['errors']} |", "",
+              "An escalated request waits for the whole micro answer and then llama-server's, both servers on the "
+              "same 2 CPUs with 2 threads each (and the machine shared): its latency is that contention, not the "
+              "cascade's overhead (see the decision latency above).", ""]
     elif ll:
         L += ["## llama-server as the target", "", f"Skipped: {ll['skipped']}.", ""]
     L += [f"![ROC of the signals; accuracy and cost against escalated fraction]({images[0]})", "",
