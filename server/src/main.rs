@@ -64,6 +64,36 @@ enum Command {
     /// operator, not fetched. Exit status 0 on success, 1 on failure.
     #[cfg(feature = "fetch")]
     Fetch(FetchArgs),
+    /// Print (JSON) the escalation threshold that escalates a given
+    /// fraction of the requests a `shadow`-mode log recorded, and how many
+    /// escalated and kept answers differ from the macro model's. Exit
+    /// status 0 on success, 1 on a missing or malformed log.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args, Debug)]
+struct CalibrateArgs {
+    /// The shadow log (JSON lines, `escalation.shadowLog`).
+    #[arg(long)]
+    shadow_log: PathBuf,
+    /// Fraction of requests to escalate, in [0, 1].
+    #[arg(long)]
+    target_fraction: f64,
+    /// Quantile of each answer's token log-probabilities taken as its
+    /// confidence (`escalation.confidence.quantile`), in (0, 1].
+    #[arg(long, default_value_t = ferrite_server::cascade::calibrate::DEFAULT_QUANTILE)]
+    quantile: f64,
+}
+
+impl CalibrateArgs {
+    /// The report as one JSON line, or the error to print.
+    fn run(&self) -> Result<String, String> {
+        let text = std::fs::read_to_string(&self.shadow_log)
+            .map_err(|e| format!("cannot read {}: {e}", self.shadow_log.display()))?;
+        let report = ferrite_server::cascade::calibrate::calibrate(&text, self.target_fraction, self.quantile)
+            .map_err(|e| e.to_string())?;
+        serde_json::to_string(&report).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(feature = "fetch")]
@@ -392,6 +422,16 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Calibrate(args) => match args.run() {
+            Ok(report) => {
+                println!("{report}");
+                Ok(())
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                std::process::exit(1);
+            }
+        },
     }
 }
 
@@ -478,6 +518,41 @@ mod tests {
             serve_options(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]).unwrap();
         let tls = options.tls.unwrap();
         assert_eq!(tls.client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+    }
+
+    /// `calibrate` reads a shadow log and reports; a missing log is an error
+    /// naming the file.
+    #[test]
+    fn calibrate_reads_a_shadow_log() {
+        let path = std::env::temp_dir().join(format!("ferrite-calibrate-{}.jsonl", std::process::id()));
+        let log = concat!(
+            r#"{"logprobs": [-2.0, -0.1], "micro": {"text": "Lyon"}, "macro": {"text": "Paris"}}"#,
+            "\n",
+            r#"{"logprobs": [-0.1], "micro": {"text": "Paris"}, "macro": {"text": "paris"}}"#,
+            "\n"
+        );
+        std::fs::write(&path, log).unwrap();
+        let parse = |extra: &[&str]| {
+            let base = ["ferrite-server", "calibrate", "--shadow-log", path.to_str().unwrap()];
+            match Cli::try_parse_from(base.iter().chain(extra)).map(|cli| cli.command) {
+                Ok(Command::Calibrate(args)) => Ok(args),
+                Ok(other) => panic!("parsed {other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        assert!(parse(&[]).is_err(), "--target-fraction is required");
+        let args = parse(&["--target-fraction", "0.5"]).unwrap();
+        assert_eq!(args.quantile, ferrite_server::cascade::calibrate::DEFAULT_QUANTILE);
+        let report: serde_json::Value = serde_json::from_str(&args.run().unwrap()).unwrap();
+        assert_eq!(report["records"], 2);
+        assert_eq!(report["escalated"], 1);
+        assert_eq!(report["escalated_disagree"], 1);
+        assert_eq!(report["kept_disagree"], 0);
+        let args = parse(&["--target-fraction", "0.5", "--quantile", "0"]).unwrap();
+        assert!(args.run().unwrap_err().contains("--quantile"));
+        std::fs::remove_file(&path).unwrap();
+        let missing = parse(&["--target-fraction", "0.5"]).unwrap().run().unwrap_err();
+        assert!(missing.starts_with("cannot read ") && missing.contains("ferrite-calibrate-"), "{missing}");
     }
 
     /// A command line as the operator builds it parses, and means what the

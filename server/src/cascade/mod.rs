@@ -13,6 +13,7 @@
 //! answers everything and both answers are recorded.
 
 pub(crate) mod budget;
+pub mod calibrate;
 pub(crate) mod config;
 pub(crate) mod oip;
 pub(crate) mod request;
