@@ -44,6 +44,7 @@ import concurrent.futures as cf
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -100,12 +101,12 @@ def knobs() -> dict:
 
 # ----------------------------------------------------------------------------- signals
 def quantile_lower(values: list[float], q: float) -> float:
-    """The server's confidence: nearest rank from below (sorted ascending, index
-    floor(q * (n - 1))); 0 for an empty answer."""
+    """The server's confidence (server/src/cascade/signals.rs): nearest rank from
+    below, the ceil(q * n)-th smallest value; 0 for an empty answer."""
     if not values:
         return 0.0
     v = sorted(values)
-    return v[int(q * (len(v) - 1))]
+    return v[min(max(math.ceil(q * len(v)), 1), len(v)) - 1]
 
 
 SIGNALS = {

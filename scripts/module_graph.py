@@ -27,7 +27,7 @@ SERVER = [
     ["state", "describe"],
     ["repository"],
     ["model"],
-    ["tensor_model", "llm"],  # backends
+    ["tensor_model", "llm", "cascade"],  # backends (the cascade wraps an LLM's)
     ["backend", "scheduler", "admission", "batch", "budget"],
     ["config", "stats", "metrics", "inference", "policy"],
     ["runtime"],  # the only user of ONNX Runtime
@@ -36,7 +36,9 @@ SERVER = [
 ]
 OPERATOR = [
     ["main", "run"],
-    ["reconcile", "autoscale"],  # the control loops: reconcile; scrape -> decide -> scale
+    # the control loops: reconcile; scrape -> decide -> scale; the escalation
+    # status that reconcile reads from the pods' metrics
+    ["reconcile", "autoscale", "escalation"],
     ["status"],
     ["resources"],  # builders of the owned objects (access, network_policy, replicas inside)
     ["policy", "telemetry"],

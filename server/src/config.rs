@@ -1,6 +1,8 @@
 //! Per-model settings: the server-wide defaults from the command line,
 //! overridden by an optional `ferrite.json` next to the model's versions.
 
+pub mod escalation;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,7 +33,7 @@ pub struct ModelSettingsFile {
     pub execution_provider: Option<ExecutionProvider>,
     /// An LLM's micro -> macro escalation (docs/escalation.md); checked when
     /// the model loads. `--escalation-file` replaces it.
-    pub escalation: Option<crate::cascade::EscalationConfig>,
+    pub escalation: Option<escalation::EscalationConfig>,
 }
 
 /// An execution provider by the contract's name (`cpu`, `cuda`, `tensorrt`).
@@ -268,7 +270,7 @@ mod tests {
         assert!(err.contains("unknown field `threshold`"), "{err}");
         let file: ModelSettingsFile =
             serde_json::from_str(r#"{"max_queue_size": 4, "escalation": {"mode": "off"}}"#).unwrap();
-        assert_eq!(file.escalation.unwrap().mode, crate::cascade::Mode::Off);
+        assert_eq!(file.escalation.unwrap().mode, escalation::Mode::Off);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! the confidences (linear interpolation, as pandas' `Series.quantile`),
 //! since the cascade escalates the *low* ones (`confidence < threshold`).
 
+use super::signals;
 use serde::{Deserialize, Serialize};
 
 /// Quantile of the token log-probabilities used when `--quantile` is not
@@ -91,17 +92,17 @@ enum MacroSide {
 }
 
 /// The confidence of an answer: the `q`-quantile of its sampled tokens'
-/// log-probabilities, nearest rank from below (sorted ascending, index
-/// floor(q * (n - 1))), as the server computes it; an answer without
-/// tokens has confidence 0 (nothing to doubt).
+/// log-probabilities, by the server's own definition
+/// ([`signals::quantile_index`]: nearest rank, lower side), so a threshold picked
+/// here fires on the same answers there; an answer without tokens has
+/// confidence 0 (the server never escalates it on confidence).
 pub fn confidence(logprobs: &[f64], q: f64) -> f64 {
     if logprobs.is_empty() {
         return 0.0;
     }
     let mut sorted = logprobs.to_vec();
     sorted.sort_by(f64::total_cmp);
-    let index = ((q * (sorted.len() - 1) as f64).floor() as usize).min(sorted.len() - 1);
-    sorted[index]
+    sorted[signals::quantile_index(sorted.len(), q)]
 }
 
 /// Linear-interpolation quantile of ascending `sorted` (pandas' default),
@@ -203,11 +204,12 @@ mod tests {
     #[test]
     fn confidence_is_the_lower_nearest_rank_quantile() {
         let lp = [-0.5, -3.0, -0.1, -1.0, -2.0];
-        // sorted: -3, -2, -1, -0.5, -0.1; n - 1 = 4
-        assert_eq!(confidence(&lp, 0.1), -3.0); // floor(0.4) = 0
-        assert_eq!(confidence(&lp, 0.25), -2.0); // floor(1.0) = 1
-        assert_eq!(confidence(&lp, 0.5), -1.0);
-        assert_eq!(confidence(&lp, 0.99), -0.5); // floor(3.96) = 3
+        // sorted: -3, -2, -1, -0.5, -0.1; the ceil(q * 5)-th smallest
+        assert_eq!(confidence(&lp, 0.1), -3.0); // ceil(0.5) = 1
+        assert_eq!(confidence(&lp, 0.25), -2.0); // ceil(1.25) = 2
+        assert_eq!(confidence(&lp, 0.5), -1.0); // ceil(2.5) = 3
+        assert_eq!(confidence(&lp, 0.7), -0.5); // ceil(3.5) = 4
+        assert_eq!(confidence(&lp, 0.99), -0.1); // ceil(4.95) = 5
         assert_eq!(confidence(&lp, 1.0), -0.1);
         assert_eq!(confidence(&[-0.7], 0.1), -0.7);
         assert_eq!(confidence(&[], 0.1), 0.0);
@@ -220,7 +222,7 @@ mod tests {
         let mut lp = vec![-0.01; 19];
         lp.push(-4.0);
         assert_eq!(confidence(&lp, 0.01), -4.0);
-        // one token in twenty lies below the 0.1 quantile's rank (floor(1.9) = 1)
+        // one token in twenty lies below the 0.1 quantile's rank (ceil(2.0) = 2)
         assert_eq!(confidence(&lp, 0.1), -0.01);
         assert!(lp.iter().sum::<f64>() / lp.len() as f64 > -0.25);
     }

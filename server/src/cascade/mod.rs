@@ -14,7 +14,6 @@
 
 pub(crate) mod budget;
 pub mod calibrate;
-pub(crate) mod config;
 pub(crate) mod oip;
 pub(crate) mod request;
 pub(crate) mod shadow;
@@ -27,12 +26,12 @@ use std::time::Instant;
 use ferrite_contract::metrics::{OUTCOME_ESCALATED, OUTCOME_FALLBACK, OUTCOME_LOCAL};
 use futures::future::join_all;
 
+pub use crate::config::escalation::{ConfidenceSpec, Escalation, EscalationConfig, Mode, Pricing, TargetSpec};
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::llm::request::{Event, GenerateOptions, Usage};
 use crate::llm::{Generation, Llm, Observer};
 use crate::metrics::CascadeMetrics;
 use budget::Budget;
-pub use config::{ConfidenceSpec, Escalation, EscalationConfig, Mode, Pricing, TargetSpec};
 pub use request::{
     Escalate, Forward, Route, TextKind, TextRequest, CONFIDENCE, ESCALATE, ESCALATION, FALLBACK, SERVED_BY,
 };

@@ -50,9 +50,15 @@ pub(crate) fn quantile(logprobs: &[f32], q: f64) -> Option<f32> {
     }
     let mut sorted: Vec<f32> = logprobs.iter().map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v }).collect();
     sorted.sort_by(f32::total_cmp);
-    let n = sorted.len();
+    Some(sorted[quantile_index(sorted.len(), q)])
+}
+
+/// Where the `q`-quantile of `n > 0` ascending values is: the
+/// `ceil(q * n)`-th smallest (the smallest when `q * n < 1`), as an index.
+/// `calibrate` reads shadow logs with the same rule.
+pub(crate) fn quantile_index(n: usize, q: f64) -> usize {
     let rank = (q.clamp(0.0, 1.0) * n as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, n) - 1])
+    rank.clamp(1, n) - 1
 }
 
 /// What the micro model answered for one choice, as far as it was held.

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::cascade::config::Escalation;
 use crate::cascade::{Forward, TextKind};
+use crate::config::escalation::Escalation;
 use crate::error::InferError;
 use crate::llm::request::{Answer, Event, FinishReason, GenerateOptions, Usage};
 use crate::llm::structured::ResponseFormat;
