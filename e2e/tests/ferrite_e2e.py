@@ -28,6 +28,7 @@ import make_test_models as models  # noqa: E402
 
 LLM_MODEL_DIR = ROOT / ".cache/models/smollm2-135m-instruct-int4"  # make models
 NODE_IP = "10.88.0.1"  # the bridge address of the local cluster (e2e/cluster/env.sh)
+HELLO_IMAGE = "ferrite.local/hello:1"  # tiny static HTTP server and client, imported by up.sh
 
 
 def k8s_bin() -> Path:
@@ -158,6 +159,23 @@ def kill_container(pod: dict) -> None:
     container_id = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
     subprocess.run(["bash", "-c", f'source "{ROOT}/e2e/cluster/env.sh" && ctr_ tasks kill -s SIGKILL {container_id}'],
                    check=True, capture_output=True, text=True, timeout=30)
+
+
+def run_pod(namespace: str, name: str, args: list[str], image: str = HELLO_IMAGE,
+            timeout: float = 90) -> tuple[str, str]:
+    """Runs a one-shot pod (`image` with `args`, default: the hello client)
+    until it ends; returns its phase (Succeeded or Failed) and its log."""
+    apply(namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                 "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
+                                 "command": ["/hello"], "args": args}]},
+    })
+    phase = eventually(f"pod {namespace}/{name} has ended", timeout, lambda: (
+        lambda p: p if p in ("Succeeded", "Failed") else None)(
+            pod(namespace, name).get("status", {}).get("phase")))
+    return phase, kubectl("-n", namespace, "logs", name, check=False)
 
 
 def dump(namespace: str) -> None:

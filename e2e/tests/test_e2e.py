@@ -418,3 +418,34 @@ def test_8_hostile_clients_and_specs_change_nothing(operator, model_server, name
     out = subprocess.run([e2e.KUBECTL, "-n", namespace, "apply", "-f", "-"], input=json.dumps(leaky),
                          capture_output=True, text=True)
     assert out.returncode != 0 and "uriFrom" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- 9
+def test_9_cluster_dns_pod_reaches_service_by_name(cluster, namespace):
+    """Cluster DNS (CoreDNS on the bridge address, e2e/cluster/up.sh): a pod
+    reaches a Service by `NAME`, `NAME.NS.svc` and `NAME.NS.svc.cluster.local`,
+    as in a real cluster; a missing name in the cluster domain is answered
+    NXDOMAIN by CoreDNS itself (no name outside the machine is looked up)."""
+    apply(namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "hello"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "hello"}},
+                 "template": {"metadata": {"labels": {"app": "hello"}},
+                              "spec": {"automountServiceAccountToken": False,
+                                       "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                                       "containers": [{"name": "hello", "image": e2e.HELLO_IMAGE,
+                                                       "imagePullPolicy": "Never",
+                                                       "ports": [{"containerPort": 8080}],
+                                                       "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                                                                          "periodSeconds": 1}}]}}},
+    })
+    apply(namespace, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hello"},
+                      "spec": {"selector": {"app": "hello"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    kubectl("-n", namespace, "rollout", "status", "deploy/hello", "--timeout=90s", timeout=100)
+    t0 = time.monotonic()
+    for i, name in enumerate(["hello", f"hello.{namespace}.svc", f"hello.{namespace}.svc.cluster.local"]):
+        phase, out = e2e.run_pod(namespace, f"by-name-{i}", ["-get", f"http://{name}/"])
+        log(f"pod -> http://{name}/: {phase}: {out.strip()[:100]}")
+        assert phase == "Succeeded" and out.startswith("hello from hello-"), (name, phase, out)
+    record("dns_three_pods_by_service_name_s", round(time.monotonic() - t0, 1))
+    phase, out = e2e.run_pod(namespace, "missing", ["-get", f"http://nosuch.{namespace}.svc.cluster.local./"])
+    assert phase == "Failed" and "no such host" in out, (phase, out)
