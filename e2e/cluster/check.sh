@@ -132,13 +132,15 @@ step "   refused: $((d1 - d0)) packet(s) dropped by FERRITE-FORWARD"
 
 step "6. cluster DNS ($DNS_IP): a pod reaches the Service by its names"
 for name in hello "hello.$NS.svc" "hello.$NS.svc.$CLUSTER_DOMAIN"; do
-  out="$(run_pod "dns-$(tr . - <<<"$name" | cut -c1-40)" -get "http://$name/" 2>&1)" || fail "pod -> http://$name/ (cluster DNS): $out"
+  pod="dns-$(tr . - <<<"$name" | cut -c1-40)"
+  run_pod "$pod" -get "http://$name/" || fail "pod -> http://$name/ (cluster DNS)"
   # the Service answered: "hello from <pod> ..."
-  grep -q 'hello from' <<<"$out" || fail "http://$name/ answered something else: $out"
+  k -n "$NS" logs "$pod" | grep -q '^hello from hello-' || fail "http://$name/ answered something else"
 done
 # A name in the cluster domain that does not exist: CoreDNS answers for the
 # zone itself (NXDOMAIN, Go says "no such host"), no timeout.
-if out="$(run_pod dns-missing -get "http://nosuch.$NS.svc.$CLUSTER_DOMAIN./" 2>&1)"; then fail "nosuch.$NS.svc resolved: $out"; fi
+if run_pod dns-missing -get "http://nosuch.$NS.svc.$CLUSTER_DOMAIN./"; then fail "nosuch.$NS.svc resolved"; fi
+out="$(k -n "$NS" logs dns-missing 2>&1)"
 grep -q 'no such host' <<<"$out" || fail "nosuch.$NS.svc: expected NXDOMAIN (no such host), got: $out"
 step "   hello, hello.$NS.svc, hello.$NS.svc.$CLUSTER_DOMAIN answered; a missing name is NXDOMAIN"
 
