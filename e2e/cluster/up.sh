@@ -422,6 +422,7 @@ subjects:
 EOF
 dns_health="$(free_port)"; echo "DNS_HEALTH_PORT=$dns_health" >>"$STATE/ports"
 dns_ready="$(free_port)"; echo "DNS_READY_PORT=$dns_ready" >>"$STATE/ports"
+dns_metrics="$(free_port)"; echo "DNS_METRICS_PORT=$dns_metrics" >>"$STATE/ports"
 # No `loop` plugin: its start-up probe is a query for a random name that
 # `forward` would send out of the machine; the preflight above rules out the
 # loop it guards against (the host resolving through $DNS_IP).
@@ -431,6 +432,8 @@ cat >"$STATE/config/Corefile" <<EOF
     errors
     health 127.0.0.1:$dns_health
     ready 127.0.0.1:$dns_ready
+    # coredns_forward_requests_total: tests check that none of their lookups left the machine
+    prometheus 127.0.0.1:$dns_metrics
     kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
         kubeconfig $STATE/coredns.kubeconfig ferrite
         fallthrough in-addr.arpa ip6.arpa
@@ -539,6 +542,7 @@ FERRITE_NODE_IP=$BRIDGE_IP
 FERRITE_POD_CIDR=$NODE_POD_CIDR
 FERRITE_SERVICE_CIDR=$SERVICE_CIDR
 FERRITE_DNS_IP=$DNS_IP
+FERRITE_DNS_METRICS_URL=http://127.0.0.1:$dns_metrics/metrics
 FERRITE_CLUSTER_DOMAIN=$CLUSTER_DOMAIN
 FERRITE_PAUSE_IMAGE=$PAUSE_IMAGE
 FERRITE_HELLO_IMAGE=$HELLO_IMAGE

@@ -232,6 +232,22 @@ def chat(host: str, model: str, prompt: str, headers: dict[str, str] | None = No
                           {"error": e.read()[:500].decode(errors="replace")})
 
 
+def cluster_env() -> dict[str, str]:
+    """The running local cluster's .cache/k8s/cluster/env (e2e/cluster/up.sh)."""
+    text = (ROOT / ".cache/k8s/cluster/env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def dns_counters() -> tuple[float, float]:
+    """The cluster DNS's queries answered, and queries it sent to the host's
+    resolver (connections taken for them: every forwarded query takes one)."""
+    with urllib.request.urlopen(cluster_env()["FERRITE_DNS_METRICS_URL"], timeout=10) as response:
+        text = response.read().decode()
+    forwarded = (metric(text, "coredns_proxy_conn_cache_hits_total")
+                 + metric(text, "coredns_proxy_conn_cache_misses_total"))
+    return metric(text, "coredns_dns_requests_total"), forwarded
+
+
 def dump(namespace: str) -> None:
     """What a failing test shows: the objects, events and the operator's recent logs."""
     for args in (["get", "mdep,deploy,rs,pods,svc,pdb", "-o", "wide"], ["get", "mdep", "-o", "yaml"],

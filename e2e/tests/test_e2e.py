@@ -442,6 +442,7 @@ def test_9_cluster_dns_pod_reaches_service_by_name(cluster, namespace):
     apply(namespace, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hello"},
                       "spec": {"selector": {"app": "hello"}, "ports": [{"port": 80, "targetPort": 8080}]}})
     kubectl("-n", namespace, "rollout", "status", "deploy/hello", "--timeout=90s", timeout=100)
+    queries0, forwarded0 = e2e.dns_counters()
     t0 = time.monotonic()
     for i, name in enumerate(["hello", f"hello.{namespace}.svc", f"hello.{namespace}.svc.cluster.local"]):
         phase, out = e2e.run_pod(namespace, f"by-name-{i}", ["-get", f"http://{name}/"])
@@ -450,6 +451,11 @@ def test_9_cluster_dns_pod_reaches_service_by_name(cluster, namespace):
     record("dns_three_pods_by_service_name_s", round(time.monotonic() - t0, 1))
     phase, out = e2e.run_pod(namespace, "missing", ["-get", f"http://nosuch.{namespace}.svc.cluster.local./"])
     assert phase == "Failed" and "no such host" in out, (phase, out)
+    queries, forwarded = e2e.dns_counters()
+    record("dns_queries_answered_by_cluster_dns", queries - queries0)
+    # The lookups reached CoreDNS, and it answered them all itself.
+    assert queries - queries0 >= 4, (queries0, queries)
+    assert forwarded == forwarded0, f"{forwarded - forwarded0} queries went to the host's resolver"
 
 
 # ---------------------------------------------------------------- 10

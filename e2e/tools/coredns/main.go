@@ -18,7 +18,7 @@ import (
 	_ "github.com/coredns/coredns/plugin/health"
 	_ "github.com/coredns/coredns/plugin/kubernetes"
 	_ "github.com/coredns/coredns/plugin/log"
-	_ "github.com/coredns/coredns/plugin/loop"
+	_ "github.com/coredns/coredns/plugin/metrics"
 	_ "github.com/coredns/coredns/plugin/ready"
 )
 
@@ -29,11 +29,11 @@ var directives = []string{
 	"bind",
 	"ready",
 	"health",
+	"prometheus",
 	"errors",
 	"log",
 	"cache",
 	"kubernetes",
-	"loop",
 	"forward",
 }
 
