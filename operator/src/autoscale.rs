@@ -49,7 +49,7 @@ use crate::crd::ModelDeployment;
 
 pub use decide::{decide, Decision, DecisionInput, Direction, Observation, Recommendations, ScalePolicy};
 pub use metrics::AutoscaleMetrics;
-pub use scrape::{parse_load, scrape, PodLoad, ScrapeError, INFLIGHT, QUEUE_DEPTH};
+pub use scrape::{family_samples, fetch_metrics, parse_load, scrape, Labels, PodLoad, ScrapeError, INFLIGHT, QUEUE_DEPTH};
 pub use status::{write_status, AutoscalerStatus, StatusMemory};
 
 /// Field manager of the autoscaler's writes.

@@ -13,6 +13,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+mod escalation;
+pub use escalation::{ConfidenceSignal, EscalationMode, EscalationSpec, EscalationStatus, EscalationTarget, Pricing};
+
 /// A model served by ferrite-server pods, scaled on the depth of their
 /// request queues.
 // Each `printcolumn(...)` repeats the same keys, which clippy mistakes for
@@ -51,6 +54,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoints.grpc"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[kube(validation = Rule::new("!has(self.spec.escalation) || !has(self.spec.escalation.target.modelDeployment) || self.spec.escalation.target.modelDeployment != self.metadata.name").message("spec.escalation.target.modelDeployment must name another ModelDeployment, not this one"))]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are exclusive: set a fixed replica count or autoscaling, not both"))]
 #[x_kube(validation = Rule::new("!has(self.gpus) || self.gpus == 0 || self.runtime.executionProvider != 'cpu'").message("spec.gpus needs spec.runtime.executionProvider cuda or tensorrt"))]
 #[x_kube(validation = Rule::new("self.runtime.executionProvider == 'cpu' || (has(self.gpus) && self.gpus > 0)").message("executionProvider cuda or tensorrt needs spec.gpus of 1 or more"))]
@@ -105,6 +109,10 @@ pub struct ModelDeploymentSpec {
     /// A NetworkPolicy owned by the ModelDeployment; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+    /// Micro -> macro escalation (LLM models only): requests the model
+    /// should not answer go to a bigger one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationSpec>,
 }
 
 /// Where the model comes from.
@@ -428,7 +436,12 @@ pub struct ModelDeploymentStatus {
     /// In-cluster addresses of the model's APIs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
-    /// Ready, Progressing and Degraded, with reasons.
+    /// Escalations over the last window, with `spec.escalation` (mode
+    /// cascade or shadow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<EscalationStatus>,
+    /// Ready, Progressing and Degraded, with reasons; with `spec.escalation`
+    /// also EscalationTargetReachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

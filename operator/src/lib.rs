@@ -3,6 +3,7 @@
 
 pub mod autoscale;
 pub mod crd;
+pub mod escalation;
 pub mod health;
 pub mod leader;
 pub mod policy;

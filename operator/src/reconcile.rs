@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+use crate::escalation;
 use crate::resources::network_policy;
 use crate::resources::{self, BuildConfig, INSTANCE_LABEL};
 use crate::status;
@@ -69,12 +70,23 @@ pub struct Context {
     pub config: BuildConfig,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    /// The scrapes behind each escalating ModelDeployment's status.
+    pub escalation: escalation::Memory,
+    /// The client of those scrapes (no redirects, no proxy).
+    pub http: reqwest::Client,
 }
 
 impl Context {
     pub fn new(client: Client, config: BuildConfig, metrics: Metrics, identity: &str) -> Context {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_string()) };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, config, metrics }
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            metrics,
+            escalation: escalation::Memory::default(),
+            http: crate::autoscale::scrape_client(),
+        }
     }
 
     /// Publishes an Event on a ModelDeployment; failures are only logged.
@@ -133,11 +145,19 @@ where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
 {
+    delete_owned_named::<K>(client, md, &md.name_any(), kind).await
+}
+
+/// Removes the object of kind `K` named `name`, if the ModelDeployment owns it.
+async fn delete_owned_named<K>(client: &Client, md: &ModelDeployment, name: &str, kind: &'static str) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
     let api: Api<K> = Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
-    let name = md.name_any();
-    let existing = api.get_opt(&name).await.map_err(|source| Error::Read { kind, source: Box::new(source) })?;
+    let existing = api.get_opt(name).await.map_err(|source| Error::Read { kind, source: Box::new(source) })?;
     if existing.is_some_and(|o| o.owner_references().iter().any(|o| Some(&o.uid) == md.metadata.uid.as_ref())) {
-        api.delete(&name, &Default::default())
+        api.delete(name, &Default::default())
             .await
             .map_err(|source| Error::Delete { kind, source: Box::new(source) })?;
     }
@@ -198,6 +218,17 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     let service = resources::service(md);
     let budget = resources::pod_disruption_budget(md);
     let network_policy = network_policy::network_policy(md, &ctx.config.scrapers);
+    let escalation_settings = resources::escalation::config_map(md);
+    // The settings first: the pods mount them.
+    match &escalation_settings {
+        Some(config_map) => {
+            apply(&ctx.client, &namespace, config_map, "ConfigMap").await?;
+        }
+        None => {
+            let name = resources::escalation::config_map_name(md);
+            delete_owned_named::<ConfigMap>(&ctx.client, md, &name, "ConfigMap").await?
+        }
+    }
     let deployment = apply(&ctx.client, &namespace, &deployment, "Deployment").await?;
     apply(&ctx.client, &namespace, &service, "Service").await?;
     match &budget {
@@ -220,13 +251,44 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         .await
         .map_err(|source| Error::Read { kind: "Pod", source: Box::new(source) })?
         .items;
-    let new_status = status::compute(md, Some(&deployment), &pods);
+    let mut new_status = status::compute(md, Some(&deployment), &pods);
+    let escalating = escalation::active(md).is_some();
+    if let Some(spec) = escalation::active(md) {
+        let target_exists = match &spec.target.model_deployment {
+            Some(target) => Some(model_deployment_exists(&ctx.client, &namespace, target).await?),
+            None => None,
+        };
+        let observed = escalation::observe(&ctx.escalation, &ctx.http, md, &pods).await;
+        escalation::apply(&mut new_status, md, &observed, target_exists);
+    } else {
+        ctx.escalation.forget(md);
+    }
     announce_changes(md, &new_status, ctx).await;
     write_status(&ctx.client, md, &new_status).await?;
 
-    // Look again soon while things are moving.
+    // Look again soon while things are moving; an escalating deployment's
+    // rate and target are read every scrape period.
     let settled = new_status.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "False");
-    Ok(Action::requeue(if settled { RESYNC } else { Duration::from_secs(5) }))
+    let next = if !settled {
+        Duration::from_secs(5)
+    } else if escalating {
+        escalation::SCRAPE_PERIOD
+    } else {
+        RESYNC
+    };
+    Ok(Action::requeue(next))
+}
+
+/// Whether ModelDeployment `name` exists in `namespace` (a list by name:
+/// the operator's rights on ModelDeployments are list and watch).
+async fn model_deployment_exists(client: &Client, namespace: &str, name: &str) -> Result<bool, Error> {
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().fields(&format!("metadata.name={name}"));
+    let found = api
+        .list_metadata(&params)
+        .await
+        .map_err(|source| Error::Read { kind: "ModelDeployment", source: Box::new(source) })?;
+    Ok(!found.items.is_empty())
 }
 
 /// Writes the reconciler's status fields (server-side apply, field manager
@@ -260,7 +322,8 @@ async fn announce_changes(md: &ModelDeployment, new: &ModelDeploymentStatus, ctx
             continue;
         }
         let bad = (condition.type_ == status::READY && condition.status == "False")
-            || (condition.type_ == status::DEGRADED && condition.status == "True");
+            || (condition.type_ == status::DEGRADED && condition.status == "True")
+            || (condition.type_ == escalation::TARGET_REACHABLE && condition.status == "False");
         let type_ = if bad { EventType::Warning } else { EventType::Normal };
         let note = format!("{} is {}: {}", condition.type_, condition.status, condition.message);
         ctx.event(md, type_, &condition.reason, note).await;
@@ -310,6 +373,7 @@ async fn run_one(
         .owns(api::<Service>(client, namespace), owned.clone())
         .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
         .owns(api::<NetworkPolicy>(client, namespace), owned.clone())
+        .owns(api::<ConfigMap>(client, namespace), owned.clone())
         // Pod changes (crashes, image pulls) feed the status conditions.
         .watches(api::<Pod>(client, namespace), watcher::Config::default().labels(INSTANCE_LABEL), |pod: Pod| {
             let name = pod.labels().get(INSTANCE_LABEL)?.clone();

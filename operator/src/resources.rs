@@ -21,6 +21,7 @@ use crate::crd::{Endpoints, ModelDeployment};
 use crate::policy::Policy;
 
 pub mod access;
+pub mod escalation;
 pub mod network_policy;
 mod replicas;
 
@@ -189,7 +190,7 @@ fn server_args(md: &ModelDeployment) -> Vec<String> {
         .value(serve::INTRA_OP_THREADS, spec.runtime.intra_op_threads.to_string())
         .value(serve::EXECUTION_PROVIDER, spec.runtime.execution_provider.as_str())
         .value(serve::SHUTDOWN_GRACE_SECONDS, DRAIN_SECONDS.to_string());
-    access::server_args(md, args).into_args()
+    escalation::server_args(md, access::server_args(md, args)).into_args()
 }
 
 /// `ferrite-server fetch ...` of the init container, from the contract's
@@ -261,7 +262,7 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
     };
 
     let mut server_mounts = vec![models_mount, mount("tmp", "/tmp", false)];
-    for (volume, mount) in access::server_volumes(md) {
+    for (volume, mount) in access::server_volumes(md).into_iter().chain(escalation::server_volumes(md)) {
         volumes.push(volume);
         server_mounts.push(mount);
     }
@@ -340,7 +341,11 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(md)), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(md).into_iter().chain(escalation::template_label(md)).collect()),
+                    annotations: escalation::template_annotations(md),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(pod),
             },
             ..DeploymentSpec::default()
@@ -584,7 +589,16 @@ mod tests {
         secured.spec.tls = Some(TlsSpec { secret_name: "cert".into(), client_auth: true });
         secured.spec.auth =
             Some(AuthSpec { api_key_secret_ref: SecretKeyRef { name: "keys".into(), key: "keys".into() } });
-        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m"), secured] {
+        let mut escalating = md("s3://bucket/m/");
+        escalating.spec.escalation = Some(
+            serde_json::from_value(serde_json::json!({
+                "target": {"url": "https://api.example.com/v1", "model": "big",
+                           "apiKeySecretRef": {"name": "k", "key": "k"}},
+                "mode": "shadow",
+            }))
+            .unwrap(),
+        );
+        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m"), secured, escalating] {
             let pod = pod(&deployment(&m, &config()));
             let server = &pod.containers[0];
             let args = contract_args(server.args.as_deref().unwrap(), serve::SUBCOMMAND, serve::FLAGS);
@@ -619,6 +633,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn escalation_mounts_its_settings_and_key_and_rolls_the_pods_on_a_change() {
+        let plain = deployment(&md("s3://bucket/m/"), &config());
+        let template = |d: &Deployment| d.spec.clone().unwrap().template;
+        assert_eq!(template(&plain).metadata.unwrap().annotations, None, "nothing added without escalation");
+
+        let mut m = md("s3://bucket/m/");
+        m.spec.escalation = Some(
+            serde_json::from_value(serde_json::json!({
+                "target": {"url": "https://api.example.com/v1", "model": "big",
+                           "apiKeySecretRef": {"name": "hosted", "key": "token"}},
+            }))
+            .unwrap(),
+        );
+        let d = deployment(&m, &config());
+        let meta = template(&d).metadata.unwrap();
+        let hash = meta.annotations.unwrap()[escalation::HASH_ANNOTATION].clone();
+        assert_eq!(meta.labels.unwrap().get(escalation::ESCALATES_TO_LABEL), None, "a URL target");
+        let server = &pod(&d).containers[0];
+        let args = server.args.clone().unwrap();
+        assert!(
+            args.windows(2).any(|w| w == ["--escalation-file", "/etc/ferrite/escalation/escalation.json"]),
+            "{args:?}"
+        );
+        assert!(!args.iter().any(|a| a.contains("hosted") || a.contains("token")), "no secret on the command line");
+        assert!(server.env.is_none(), "no secret in the environment");
+        let mounts: Vec<_> =
+            server.volume_mounts.iter().flatten().map(|m| (m.mount_path.as_str(), m.read_only)).collect();
+        assert!(mounts.contains(&("/etc/ferrite/escalation", Some(true))), "{mounts:?}");
+        assert!(mounts.contains(&("/var/run/secrets/ferrite/escalation", Some(true))), "{mounts:?}");
+        assert_eq!(d.spec.as_ref().unwrap().selector.match_labels, Some(selector_labels(&m)), "selector unchanged");
+
+        // Another setting: another hash, so the pods roll.
+        m.spec.escalation.as_mut().unwrap().timeout_seconds = 5.0;
+        let again = template(&deployment(&m, &config())).metadata.unwrap().annotations.unwrap();
+        assert_ne!(again[escalation::HASH_ANNOTATION], hash);
+
+        // A ModelDeployment target: its label, for the target's NetworkPolicy.
+        m.spec.escalation = Some(serde_json::from_value(serde_json::json!({"target": {"modelDeployment": "macro"}})).unwrap());
+        let labels = template(&deployment(&m, &config())).metadata.unwrap().labels.unwrap();
+        assert_eq!(labels[escalation::ESCALATES_TO_LABEL], "macro");
     }
 
     #[test]

@@ -153,6 +153,8 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
         last_scale_time: None,
         selector: Some(selector_string(md)),
         endpoints: Some(endpoints(md)),
+        // With spec.escalation, added by `escalation::status::apply`.
+        escalation: None,
         conditions,
     }
 }
@@ -179,6 +181,7 @@ pub fn policy_violation(md: &ModelDeployment, violation: &Violation) -> ModelDep
         last_scale_time: None,
         selector: Some(selector_string(md)),
         endpoints: None,
+        escalation: None,
         conditions,
     }
 }

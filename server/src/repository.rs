@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
+use crate::cascade::EscalationConfig;
 use crate::config::{ModelSettings, ModelSettingsFile};
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::keyed_lock::KeyedLocks;
@@ -109,6 +110,8 @@ pub struct Repository {
     loads: Mutex<HashMap<String, watch::Receiver<Option<InferResult<()>>>>>,
     /// Held by a load or unload of the model, so they run one at a time.
     operations: KeyedLocks,
+    /// `--escalation-file`: every LLM's escalation, over its `ferrite.json`.
+    escalation: Option<EscalationConfig>,
 }
 
 impl Repository {
@@ -130,7 +133,15 @@ impl Repository {
             readiness,
             loads: Mutex::default(),
             operations: KeyedLocks::default(),
+            escalation: None,
         }
+    }
+
+    /// This repository with `escalation` for every LLM it loads (the
+    /// `--escalation-file`), whatever their `ferrite.json` says.
+    pub fn with_escalation(mut self, escalation: Option<EscalationConfig>) -> Self {
+        self.escalation = escalation;
+        self
     }
 
     /// Loads every model the sources name. A model that fails to load is
@@ -175,14 +186,15 @@ impl Repository {
 
     async fn load_as(&self, name: &str, at_startup: bool) -> InferResult<()> {
         let _one_at_a_time = self.operations.lock(name).await;
-        let (versions, settings) = self.discover(name)?;
+        let (versions, settings, escalation) = self.discover(name)?;
         let runtime = self.runtime.clone();
         let model_name = name.to_string();
         let loaded = tokio::task::spawn_blocking(move || {
             versions
                 .into_iter()
                 .map(|(version, source)| {
-                    Model::load(&runtime, &model_name, version, &source, settings).map(|m| (version, Arc::new(m)))
+                    Model::load(&runtime, &model_name, version, &source, settings, escalation.as_ref())
+                        .map(|m| (version, Arc::new(m)))
                 })
                 .collect::<anyhow::Result<BTreeMap<_, _>>>()
         })
@@ -329,13 +341,23 @@ impl Repository {
         names
     }
 
-    /// Finds the versions of `name` and the settings to load them with.
-    fn discover(&self, name: &str) -> InferResult<(Vec<(u64, VersionSource)>, ModelSettings)> {
+    /// Finds the versions of `name`, the settings to load them with and
+    /// their escalation settings (the `--escalation-file`'s, else the
+    /// model's `ferrite.json`'s; only for LLMs).
+    fn discover(
+        &self,
+        name: &str,
+    ) -> InferResult<(Vec<(u64, VersionSource)>, ModelSettings, Option<EscalationConfig>)> {
+        let for_llms = |versions: &[(u64, VersionSource)], escalation: Option<EscalationConfig>| {
+            escalation.filter(|_| versions.iter().any(|(_, source)| matches!(source, VersionSource::Llm(_))))
+        };
         if let Some(path) = self.sources.files.get(name) {
-            return Ok((vec![(1, source_of_path(path))], self.defaults));
+            let versions = vec![(1, source_of_path(path))];
+            let escalation = for_llms(&versions, self.escalation.clone());
+            return Ok((versions, self.defaults, escalation));
         }
         if let Some((_, bytes)) = self.sources.embedded.as_ref().filter(|(n, _)| n == name) {
-            return Ok((vec![(1, VersionSource::Onnx(ModelBytes::Embedded(bytes)))], self.defaults));
+            return Ok((vec![(1, VersionSource::Onnx(ModelBytes::Embedded(bytes)))], self.defaults, None));
         }
         let not_in_repository = || InferError::not_found(format!("model '{name}' is not in the model repository"));
         let root = self.sources.repository.as_ref().ok_or_else(not_in_repository)?;
@@ -343,17 +365,17 @@ impl Repository {
         if !dir.is_dir() {
             return Err(not_in_repository());
         }
-        let settings = ModelSettingsFile::read(&dir)
-            .map(|file| self.defaults.with_overrides(&file))
-            .map_err(|e| InferError::invalid(format!("{e:#}")))?;
+        let file = ModelSettingsFile::read(&dir).map_err(|e| InferError::invalid(format!("{e:#}")))?;
+        let settings = self.defaults.with_overrides(&file);
         let versions = model_versions(&dir);
+        let escalation = for_llms(&versions, self.escalation.clone().or(file.escalation));
         if versions.is_empty() {
             return Err(InferError::new(
                 ErrorKind::InvalidArgument,
                 format!("model '{name}' has no version directory with a {MODEL_FILE}"),
             ));
         }
-        Ok((versions, settings))
+        Ok((versions, settings, escalation))
     }
 }
 

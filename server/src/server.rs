@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub tls: Option<TlsFiles>,
     /// API keys the gRPC and HTTP ports require; none: no key needed.
     pub api_key_file: Option<std::path::PathBuf>,
+    /// Escalation settings for every LLM (an `escalation` object), over
+    /// what their `ferrite.json` says.
+    pub escalation_file: Option<std::path::PathBuf>,
 }
 
 /// A model failed to load at startup and `exit_on_load_failure` was set.
@@ -84,10 +87,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         None => None,
     };
     let api_keys = options.api_key_file.as_deref().map(ApiKeys::read).transpose()?.map(Arc::new);
+    // Checked before anything loads: a bad file fails the start.
+    let escalation = options.escalation_file.as_deref().map(crate::cascade::EscalationConfig::read).transpose()?;
     let runtime = Arc::new(Runtime::load(&options.onnxruntime)?);
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = Box::new(HealthSink(health.clone()));
-    let repository = Arc::new(Repository::new(runtime, options.sources.clone(), options.defaults, readiness));
+    let repository = Arc::new(
+        Repository::new(runtime, options.sources.clone(), options.defaults, readiness).with_escalation(escalation),
+    );
     let budget = crate::budget::Budget::new(options.max_inflight_bytes);
     let state =
         Arc::new(ServerState::new(repository.clone(), options.max_message_bytes, options.policy, budget.clone()));

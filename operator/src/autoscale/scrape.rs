@@ -78,6 +78,38 @@ pub async fn scrape(
     parse_load(&text, model)
 }
 
+/// GETs a pod's metrics text (`http://<podIP>:8002/metrics`), with the same
+/// bounds as [`scrape`]: `timeout` over the whole exchange, at most 8 MiB.
+pub async fn fetch_metrics(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<String, ScrapeError> {
+    match tokio::time::timeout(timeout, fetch(client, url, timeout)).await {
+        Ok(result) => result,
+        Err(_) => Err(ScrapeError::Timeout(timeout)),
+    }
+}
+
+/// Every sample of `family` in Prometheus text, as `(labels, value)`. Lines
+/// of other families are skipped unchecked; a malformed sample of `family`
+/// is an error, as in [`parse_load`]. An absent family gives no samples.
+pub fn family_samples(text: &str, family: &str) -> Result<Vec<(Labels, f64)>, ScrapeError> {
+    let mut samples = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_len = line.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')).unwrap_or(line.len());
+        if &line[..name_len] != family {
+            continue;
+        }
+        let sample = parse_sample(&line[name_len..]).map_err(|message| ScrapeError::Parse { line: index + 1, message })?;
+        if !sample.value.is_finite() {
+            return Err(ScrapeError::Parse { line: index + 1, message: format!("{} is not a finite number", sample.value) });
+        }
+        samples.push((sample.labels, sample.value));
+    }
+    Ok(samples)
+}
+
 async fn fetch(client: &reqwest::Client, url: &str, timeout: Duration) -> Result<String, ScrapeError> {
     let http_err =
         |e: reqwest::Error| if e.is_timeout() { ScrapeError::Timeout(timeout) } else { ScrapeError::Http(e) };
@@ -156,7 +188,7 @@ pub fn parse_load(text: &str, model: &str) -> Result<PodLoad, ScrapeError> {
 }
 
 /// Label names and unescaped values, in the order written.
-type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, String)>;
 
 /// A sample's labels and value.
 #[derive(Debug, PartialEq)]

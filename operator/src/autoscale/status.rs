@@ -295,8 +295,11 @@ mod tests {
 
         // The reconciler's apply, for an object whose status carries the
         // autoscaler's fields.
-        let md = md("u1", json!({"queueDepth": 9, "lastScaleTime": "2026-01-01T00:00:00+00:00"}));
-        let reconciler = keys(serde_json::to_value(crate::status::compute(&md, None, &[])).unwrap());
+        let mut md = md("u1", json!({"queueDepth": 9, "lastScaleTime": "2026-01-01T00:00:00+00:00"}));
+        md.spec.escalation = Some(serde_json::from_value(json!({"target": {"modelDeployment": "macro"}})).unwrap());
+        let mut status = crate::status::compute(&md, None, &[]);
+        crate::escalation::apply(&mut status, &md, &Default::default(), Some(true));
+        let reconciler = keys(serde_json::to_value(status).unwrap());
         assert!(autoscaler.is_disjoint(&reconciler), "both write {:?}", autoscaler.intersection(&reconciler));
 
         let crd = serde_json::to_value(ModelDeployment::crd()).unwrap();

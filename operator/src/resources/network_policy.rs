@@ -3,20 +3,25 @@
 //! its own namespace), to the metrics port only from the operator (which
 //! scrapes queue depth), the Prometheus the operator is configured with, and
 //! the peers in `metricsFrom`. Egress stays open: the fetch container
-//! downloads the model. A pure builder; NetworkPolicies are enforced only by
-//! network plugins that implement them.
+//! downloads the model, and an escalating server calls its target (another
+//! ModelDeployment or a hosted URL). When `from` names the clients, the
+//! pods of the namespace's ModelDeployments that escalate to this one (pod
+//! label `ferrite.dev/escalates-to: <name>`) may reach the HTTP port too. A
+//! pure builder; NetworkPolicies are enforced only by network plugins that
+//! implement them.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{ModelDeployment, NetworkPeer};
-use crate::resources::{selector_labels, GRPC_PORT, HTTP_PORT, METRICS_PORT};
+use crate::resources::escalation::ESCALATES_TO_LABEL;
+use crate::resources::{selector_labels, GRPC_PORT, HTTP_PORT, INSTANCE_LABEL, METRICS_PORT};
 
 /// The label every namespace carries with its own name.
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -82,6 +87,18 @@ pub fn network_policy(md: &ModelDeployment, scrapers: &MetricsScrapers) -> Optio
     }
     metrics_peers.extend(spec.metrics_from.iter().map(peer));
 
+    let mut ingress = vec![
+        NetworkPolicyIngressRule { from: Some(model_peers), ports: Some(ports(&[HTTP_PORT, GRPC_PORT])) },
+        NetworkPolicyIngressRule { from: Some(metrics_peers), ports: Some(ports(&[METRICS_PORT])) },
+    ];
+    // The default (the own namespace) already lets escalating pods in.
+    if !spec.from.is_empty() {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![escalating_pods(md)]),
+            ports: Some(ports(&[HTTP_PORT])),
+        });
+    }
+
     let owner = md.controller_owner_ref(&()).expect("a ModelDeployment from the API has a name and uid");
     let mut labels = selector_labels(md);
     labels.insert("app.kubernetes.io/managed-by".into(), "ferrite-operator".into());
@@ -96,13 +113,26 @@ pub fn network_policy(md: &ModelDeployment, scrapers: &MetricsScrapers) -> Optio
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(selector(selector_labels(md))),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule { from: Some(model_peers), ports: Some(ports(&[HTTP_PORT, GRPC_PORT])) },
-                NetworkPolicyIngressRule { from: Some(metrics_peers), ports: Some(ports(&[METRICS_PORT])) },
-            ]),
+            ingress: Some(ingress),
             ..NetworkPolicySpec::default()
         }),
     })
+}
+
+/// Pods of this namespace's ModelDeployments that escalate to `md` (the
+/// operator labels them; see [`crate::resources::escalation`]).
+fn escalating_pods(md: &ModelDeployment) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(ESCALATES_TO_LABEL.to_string(), md.name_any())])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: INSTANCE_LABEL.into(),
+                operator: "Exists".into(),
+                values: None,
+            }]),
+        }),
+        ..NetworkPolicyPeer::default()
+    }
 }
 
 /// Parses `key=value,key2=value2` (a flag's label set); empty: no labels.
@@ -193,6 +223,22 @@ mod tests {
         let metrics = rules[1].from.clone().unwrap();
         assert_eq!(metrics.len(), 2, "the operator and metricsFrom, no Prometheus configured");
         assert_eq!(metrics[1].namespace_selector.clone().unwrap().match_labels.unwrap()["team"], "sre");
+        // Pods escalating to this deployment reach its HTTP port, and only that.
+        assert_eq!(rules.len(), 3);
+        assert_eq!(port_numbers(&rules[2]), [IntOrString::Int(8000)]);
+        let escalating = rules[2].from.clone().unwrap();
+        let selector = escalating[0].pod_selector.clone().unwrap();
+        assert_eq!(selector.match_labels.unwrap()[ESCALATES_TO_LABEL], "resnet");
+        assert_eq!(selector.match_expressions.unwrap()[0].key, INSTANCE_LABEL);
+        assert!(escalating[0].namespace_selector.is_none(), "the own namespace only");
+    }
+
+    #[test]
+    fn the_default_peers_need_no_rule_for_escalating_pods() {
+        let policy =
+            network_policy(&md(serde_json::json!({"model": {"uri": "s3://b/m"}, "networkPolicy": {}})), &scrapers())
+                .unwrap();
+        assert_eq!(ingress(&policy).len(), 2, "the own namespace is let in already");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +25,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::cascade::{Escalate, Forward, Route, TextKind, TextRequest, ESCALATE};
 use crate::error::{ErrorKind, InferError};
 use crate::llm::logprobs::{chat_entry, finite, MAX_TOP_LOGPROBS};
 use crate::llm::request::{Event, FinishReason, GenerateOptions, TokenLogprob, Usage};
@@ -31,6 +33,7 @@ use crate::llm::structured::ResponseFormat;
 use crate::llm::template::ChatMessage;
 use crate::llm::{Generation, MAX_STOP_STRINGS};
 use crate::model::Model;
+use crate::model::Routed;
 use crate::state::ServerState;
 
 type AppState = Arc<ServerState>;
@@ -406,7 +409,7 @@ const BODY_SLACK_BYTES: usize = 64 << 10;
 /// loaded models' longest prompt allows is not read past that; the model is
 /// found by reading only the `model` field (the rest skipped, nothing
 /// kept), and only then is the whole body parsed.
-async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, RequestBody), InferError> {
+async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, RequestBody, Bytes), InferError> {
     let largest = state.repository.loaded(None).iter().filter_map(|m| m.max_prompt_bytes()).max();
     let Some(largest) = largest else {
         // Read and dropped (nothing kept), so that the client gets the 404.
@@ -434,7 +437,7 @@ async fn read_request(state: &ServerState, body: Body) -> Result<(Arc<Model>, Re
     if bytes.len() > limit {
         return Err(too_large(limit));
     }
-    Ok((model, parse(&bytes)?))
+    Ok((model, parse(&bytes)?, bytes))
 }
 
 /// Reads a body of at most `limit` bytes; `None` when it is longer. The
@@ -456,23 +459,22 @@ async fn read_body(body: Body, limit: usize, drain: usize) -> Result<Option<Byte
     Ok((seen <= limit).then(|| Bytes::from(kept)))
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Body) -> ApiResult<Response> {
-    let (model, mut request) = read_request(&state, body).await?;
+async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let escalate = forced_side(&headers)?;
+    let (model, mut request, bytes) = read_request(&state, body).await?;
     let messages = request.messages.take().ok_or_else(|| InferError::invalid("'messages' is required"))?;
     let messages = messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content.0 }).collect();
     let (options, n) = request.options(Kind::Chat)?;
     let prompt = model.chat_prompt(messages).await?;
-    let generations = generate(&model, prompt, &options, n).await?;
+    let forward = Forward::OpenAi { kind: TextKind::Chat, body: bytes };
+    let routed = generate(&model, prompt, options.clone(), n, request.stream, forward, escalate).await?;
     let reply = Reply::new(Kind::Chat, model.name.clone(), options.logprobs.is_some());
-    if request.stream {
-        Ok(reply.stream(generations, request.include_usage()).into_response())
-    } else {
-        Ok(Json(reply.collect(generations).await?).into_response())
-    }
+    respond(reply, routed, &request).await
 }
 
-async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Response> {
-    let (model, mut request) = read_request(&state, body).await?;
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let escalate = forced_side(&headers)?;
+    let (model, mut request, bytes) = read_request(&state, body).await?;
     if request.echo {
         return Err(InferError::invalid("echo is not supported").into());
     }
@@ -481,32 +483,56 @@ async fn completions(State(state): State<AppState>, body: Body) -> ApiResult<Res
         Prompt::Text(text) => model.text_prompt(text).await?,
         Prompt::Tokens(tokens) => model.token_prompt(tokens)?,
     };
-    let generations = generate(&model, prompt, &options, n).await?;
+    let forward = Forward::OpenAi { kind: TextKind::Completion, body: bytes };
+    let routed = generate(&model, prompt, options.clone(), n, request.stream, forward, escalate).await?;
     let reply = Reply::new(Kind::Completion, model.name.clone(), options.logprobs.is_some());
-    if request.stream {
-        Ok(reply.stream(generations, request.include_usage()).into_response())
-    } else {
-        Ok(Json(reply.collect(generations).await?).into_response())
+    respond(reply, routed, &request).await
+}
+
+/// The side the `x-ferrite-escalate` header forces (checked on every
+/// request; models without escalation settings ignore it).
+fn forced_side(headers: &HeaderMap) -> Result<Option<Escalate>, InferError> {
+    match headers.get(ESCALATE) {
+        None => Ok(None),
+        Some(value) => Escalate::parse(Some(value.to_str().unwrap_or("<not text>"))),
     }
 }
 
-/// Starts the `n` generations of a request, one per choice, on the same
-/// prompt. With a seed, choice `i` gets `seed + i`: each choice differs,
-/// and the request as a whole is reproducible. If one cannot start, those
-/// already started are dropped (cancelled).
+/// Starts the `n` choices of a request (through the model's cascade, if
+/// it has one). Without a cascade the request body is not kept.
 async fn generate(
     model: &Model,
     prompt: Vec<u32>,
-    options: &GenerateOptions,
+    options: GenerateOptions,
     n: usize,
-) -> Result<Vec<Generation>, InferError> {
-    let mut generations = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut options = options.clone();
-        options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
-        generations.push(model.generate(prompt.clone(), &options).await?);
+    stream: bool,
+    forward: Forward,
+    escalate: Option<Escalate>,
+) -> Result<Routed, InferError> {
+    model.generate_text(TextRequest { prompt, options, n, stream, forward, escalate }).await
+}
+
+/// The reply, streamed or whole, with the route's headers.
+async fn respond(reply: Reply, routed: Routed, request: &RequestBody) -> ApiResult<Response> {
+    let Routed { generations, route } = routed;
+    let mut response = if request.stream {
+        reply.stream(generations, request.include_usage()).into_response()
+    } else {
+        Json(reply.collect(generations).await?).into_response()
+    };
+    if let Some(route) = route {
+        add_route_headers(response.headers_mut(), &route);
     }
-    Ok(generations)
+    Ok(response)
+}
+
+/// `x-ferrite-served-by` and the rest of the route, as response headers.
+fn add_route_headers(headers: &mut HeaderMap, route: &Route) {
+    for (name, value) in route.fields() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
 }
 
 /// Which endpoint a reply belongs to.

@@ -25,6 +25,8 @@ pub(crate) mod tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Semaphore;
 
@@ -260,7 +262,26 @@ impl Llm {
         }
         let prompt_tokens = request.prompt.len();
         let receiver = self.engine.submit(request)?;
-        Ok(Generation { receiver, record: None, finished: false, prompt_tokens })
+        Ok(Generation::from_events(receiver, prompt_tokens))
+    }
+
+    /// Starts the `n` generations of a request, one per choice, on the same
+    /// prompt. With a seed, choice `i` gets `seed + i`: each choice differs,
+    /// and the request as a whole is reproducible. If one cannot start,
+    /// those already started are dropped (cancelled). Not counted.
+    pub(crate) async fn generate_choices(
+        &self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        n: usize,
+    ) -> InferResult<Vec<Generation>> {
+        let mut generations = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut options = options.clone();
+            options.seed = options.seed.map(|seed| seed.wrapping_add(i as u64));
+            generations.push(self.generate(prompt.to_vec(), &options).await?);
+        }
+        Ok(generations)
     }
 
     /// Stops taking requests.
@@ -312,17 +333,69 @@ pub(crate) fn check_context(
     }
 }
 
+/// Sees each event of a generation as it is read (before log-probabilities
+/// are stripped): the cascade counts tokens and records shadow answers.
+pub(crate) type Observer = Box<dyn FnMut(&Event) + Send>;
+
 /// A running request: its events, and (when counted) its outcome
-/// recorded once it ends. Dropping it cancels the request.
+/// recorded once it ends. Dropping it cancels the request. The events come
+/// from the engine, from an escalation target, or are replayed (a held
+/// micro answer): the frontends read them all the same way.
 pub struct Generation {
     receiver: UnboundedReceiver<Event>,
+    /// Events read before the receiver's (a replayed, held answer).
+    held: VecDeque<Event>,
     record: Option<RequestRecord>,
     finished: bool,
+    /// Drop the log-probabilities from the events (computed for the
+    /// cascade, not asked for by the client).
+    strip_logprobs: bool,
+    observer: Option<Observer>,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
 }
 
 impl Generation {
+    /// The generation whose events arrive on `receiver` (an engine's, or a
+    /// task reading a remote answer); it ends at the first `Done` or
+    /// `Error`, and with an error if the sender goes away before.
+    pub fn from_events(receiver: UnboundedReceiver<Event>, prompt_tokens: usize) -> Generation {
+        Generation {
+            receiver,
+            held: VecDeque::new(),
+            record: None,
+            finished: false,
+            strip_logprobs: false,
+            observer: None,
+            prompt_tokens,
+        }
+    }
+
+    /// A generation of known events only (a whole remote answer).
+    pub fn replayed(events: Vec<Event>, prompt_tokens: usize) -> Generation {
+        let (_, receiver) = tokio::sync::mpsc::unbounded_channel();
+        Generation::from_events(receiver, prompt_tokens).replay(events)
+    }
+
+    /// This generation with `events` (read from it before) read again first.
+    pub(crate) fn replay(mut self, events: Vec<Event>) -> Generation {
+        self.held = events.into();
+        self.finished = false;
+        self
+    }
+
+    /// Events without their log-probabilities, when `strip`.
+    pub(crate) fn stripped(mut self, strip: bool) -> Generation {
+        self.strip_logprobs = strip;
+        self
+    }
+
+    /// `observer` sees every event read from now on.
+    pub(crate) fn observed(mut self, observer: Observer) -> Generation {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Records the outcome in `record` when the generation ends (as
     /// cancelled if it is dropped first).
     pub fn counted(mut self, record: RequestRecord) -> Generation {
@@ -335,8 +408,22 @@ impl Generation {
         if self.finished {
             return None;
         }
-        let event =
-            self.receiver.recv().await.unwrap_or_else(|| Event::Error(InferError::internal("the LLM engine stopped")));
+        let mut event = match self.held.pop_front() {
+            Some(event) => event,
+            None => self
+                .receiver
+                .recv()
+                .await
+                .unwrap_or_else(|| Event::Error(InferError::internal("the LLM engine stopped"))),
+        };
+        if let Some(observer) = &mut self.observer {
+            observer(&event);
+        }
+        if self.strip_logprobs {
+            if let Event::Text { logprobs, .. } | Event::Done { logprobs, .. } = &mut event {
+                logprobs.clear();
+            }
+        }
         let result = match &event {
             Event::Done { .. } => Ok(()),
             Event::Error(error) => Err(error.kind),

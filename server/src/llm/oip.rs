@@ -259,7 +259,7 @@ async fn start(llm: &Llm, request: &InferRequest) -> InferResult<(TextRequest, G
 
 /// The replies of a started generation: one per engine step, or one in all
 /// when the request sets `stream: false`.
-fn replies(decoded: TextRequest, generation: Generation) -> ReplyStream {
+pub(crate) fn replies(decoded: TextRequest, generation: Generation) -> ReplyStream {
     if decoded.stream == Some(false) {
         let once = async move { Ok(final_reply(generation.collect().await?, Some(true))) };
         return stream::once(once).boxed();
@@ -327,7 +327,7 @@ fn add_logprobs(parameters: &mut Parameters, logprobs: &[TokenLogprob]) {
 }
 
 /// The final (or only) reply, with the finish reason and token counts.
-fn final_reply(answer: Answer, final_flag: Option<bool>) -> Reply {
+pub(crate) fn final_reply(answer: Answer, final_flag: Option<bool>) -> Reply {
     let Answer { text, logprobs, finish_reason, usage } = answer;
     let mut parameters = Parameters::new();
     add_logprobs(&mut parameters, &logprobs);
