@@ -577,6 +577,9 @@ def test_10_micro_escalates_to_macro_by_service_name(operator, model_server, nam
     kubectl("-n", namespace, "delete", "mdep", "macro", "--wait=true", "--timeout=120s", timeout=130)
     eventually("the macro Service is gone", 60, lambda: not kubectl(
         "-n", namespace, "get", "svc", "macro", "--ignore-not-found", "-o", "name").strip())
+    # Its pods go after it (garbage collection, then their grace period);
+    # until then a pooled connection of the micro pod may still reach one.
+    eventually("the macro pods are gone", 120, lambda: not e2e.pods(namespace, "macro"))
     t3 = time.monotonic()
     alone = e2e.chat(micro, "micro", CASCADE_PROMPT, timeout=120)
     record("cascade_fallback_answer_s", round(time.monotonic() - t3, 2))
