@@ -38,6 +38,9 @@ CLUSTER_DOMAIN=cluster.local
 # below, bound to a ClusterRole that may only list/watch what it serves.
 DNS_IP=$BRIDGE_IP
 DNS_USER=ferrite-coredns
+# 1: names outside the cluster domain go on to the host's resolvers (as on a
+# real cluster); default 0: refused by CoreDNS, nothing leaves the machine.
+DNS_FORWARD="${FERRITE_CLUSTER_DNS_FORWARD:-0}"
 CNI_NETWORK=ferrite
 CNI_BIN_DIR=/usr/lib/cni         # Debian's containernetworking-plugins
 PAUSE_IMAGE=ferrite.local/pause:3.10

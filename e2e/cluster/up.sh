@@ -98,9 +98,11 @@ ss -Htln "sport = :$API_PORT" | grep -q "$BRIDGE_IP:$API_PORT" && die "$BRIDGE_I
 if dns_busy="$(ss -Hlun "sport = :53"; ss -Hltn "sport = :53")" && grep -qE "(0\.0\.0\.0|\*|\[::\]|$DNS_IP):53 " <<<"$dns_busy"; then
   die "port 53 is taken on all addresses or on $DNS_IP (cluster DNS binds $DNS_IP:53): $dns_busy"
 fi
-# Names outside the cluster go to the host's resolvers; one that is the
-# cluster DNS itself would loop.
-grep -qE "^nameserver[[:space:]]+$DNS_IP([[:space:]]|\$)" /etc/resolv.conf && die "/etc/resolv.conf names $DNS_IP, the cluster DNS address"
+# With FERRITE_CLUSTER_DNS_FORWARD=1 names outside the cluster go to the
+# host's resolvers; one that is the cluster DNS itself would loop.
+if [[ "$DNS_FORWARD" == 1 ]] && grep -qE "^nameserver[[:space:]]+$DNS_IP([[:space:]]|\$)" /etc/resolv.conf; then
+  die "/etc/resolv.conf names $DNS_IP, the cluster DNS address"
+fi
 
 # ---------------------------------------------------------------- state + baseline
 mkdir -p "$STATE"/{certs,etcd,containerd,cni/net.d,cni/networks,kubelet,pod-logs,config,before}
@@ -398,7 +400,8 @@ EOF
 daemon kube-proxy "$K8S_BIN/kube-proxy" --config="$STATE/config/kube-proxy.yaml" --v=1
 
 # ---------------------------------------------------------------- cluster DNS
-step "cluster DNS: CoreDNS on $DNS_IP:53 (kubernetes plugin as $DNS_USER; other names to the host's resolver)"
+if [[ "$DNS_FORWARD" == 1 ]]; then dns_other="other names to the host's resolver"; else dns_other="other names: SERVFAIL, not forwarded"; fi
+step "cluster DNS: CoreDNS on $DNS_IP:53 (kubernetes plugin as $DNS_USER; $dns_other)"
 # Least privilege: list/watch of what the kubernetes plugin serves (Services,
 # EndpointSlices, Namespaces; no Pods: the Corefile has no `pods verified`).
 kubectl_ apply -f - >/dev/null <<EOF
@@ -423,9 +426,17 @@ EOF
 dns_health="$(free_port)"; echo "DNS_HEALTH_PORT=$dns_health" >>"$STATE/ports"
 dns_ready="$(free_port)"; echo "DNS_READY_PORT=$dns_ready" >>"$STATE/ports"
 dns_metrics="$(free_port)"; echo "DNS_METRICS_PORT=$dns_metrics" >>"$STATE/ports"
+# Names outside the cluster domain: by default answered SERVFAIL here, at once
+# (no plugin serves them), so no lookup a pod makes leaves the machine: the
+# server image's ONNX Runtime looks up a telemetry host, and a resolver that
+# exhausts the search list (a Service just deleted) tries the bare name
+# `<svc>.<ns>.svc.`. FERRITE_CLUSTER_DNS_FORWARD=1 forwards them to the host's
+# resolvers, as a real cluster does (never in tests).
 # No `loop` plugin: its start-up probe is a query for a random name that
 # `forward` would send out of the machine; the preflight above rules out the
 # loop it guards against (the host resolving through $DNS_IP).
+dns_forward_line="# no forward: names outside $CLUSTER_DOMAIN get SERVFAIL (FERRITE_CLUSTER_DNS_FORWARD=1 forwards them)"
+[[ "$DNS_FORWARD" == 1 ]] && dns_forward_line="forward . /etc/resolv.conf"
 cat >"$STATE/config/Corefile" <<EOF
 .:53 {
     bind $DNS_IP
@@ -439,7 +450,7 @@ cat >"$STATE/config/Corefile" <<EOF
         fallthrough in-addr.arpa ip6.arpa
         ttl 5
     }
-    forward . /etc/resolv.conf
+    $dns_forward_line
     cache 30
 }
 EOF
