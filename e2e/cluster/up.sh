@@ -17,7 +17,7 @@
 # out of (or into) the bridge from any other interface is dropped, nothing is
 # masqueraded to the outside. Cluster DNS: CoreDNS (built from its Go module)
 # as a host process on 10.88.0.1:53, the kubelet's clusterDNS; names outside
-# cluster.local go to the host's resolver. iptables rules are
+# cluster.local get SERVFAIL (FERRITE_CLUSTER_DNS_FORWARD=1: the host's resolver). iptables rules are
 # only added (chains KUBE-*, CNI-*, FERRITE-*), never flushed; down.sh removes
 # exactly those and checks the rules from before are intact.
 set -euo pipefail
