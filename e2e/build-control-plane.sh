@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build the Kubernetes control-plane binaries (and helm) from the Go modules
-# pinned in e2e/tools/go.mod and e2e/tools/helm/go.mod, into a cache that
-# survives `cargo clean`:
+# Build the Kubernetes control-plane binaries (and helm, and CoreDNS) from the
+# Go modules pinned in e2e/tools/go.mod, e2e/tools/helm/go.mod and
+# e2e/tools/coredns/go.mod, into a cache that survives `cargo clean`:
 #
 #   .cache/k8s/<k8s-version>/bin/<name>          the binaries
 #   .cache/k8s/<k8s-version>/stamps/<name>       what each one was built from
@@ -9,7 +9,7 @@
 #
 # Usage: e2e/build-control-plane.sh [name...]
 #   names: etcd kube-apiserver kube-controller-manager kube-scheduler kubelet
-#          kube-proxy kubectl helm
+#          kube-proxy kubectl helm coredns
 #   default: etcd kube-apiserver kube-controller-manager kubectl
 #   `--print-bin-dir` prints the bin dir and exits (for Makefiles and harnesses).
 #
@@ -22,12 +22,14 @@ E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$E2E_DIR/.." && pwd)"
 TOOLS="$E2E_DIR/tools"
 HELM_TOOLS="$TOOLS/helm"
+COREDNS_TOOLS="$TOOLS/coredns"
 
 # The single source of the versions is go.mod; read them from there.
 modver() { awk -v m="$1" '$1 == "require" { $1 = ""; $0 = $0 } $1 == m && $2 ~ /^v/ { print $2; exit }' "$2"; }
 K8S_VERSION="$(modver k8s.io/kubernetes "$TOOLS/go.mod")"
 HELM_VERSION="$(modver helm.sh/helm/v3 "$HELM_TOOLS/go.mod")"
-[[ -n "$K8S_VERSION" && -n "$HELM_VERSION" ]] || { echo "cannot read pinned versions from go.mod" >&2; exit 1; }
+COREDNS_VERSION="$(modver github.com/coredns/coredns "$COREDNS_TOOLS/go.mod")"
+[[ -n "$K8S_VERSION" && -n "$HELM_VERSION" && -n "$COREDNS_VERSION" ]] || { echo "cannot read pinned versions from go.mod" >&2; exit 1; }
 
 CACHE="${FERRITE_K8S_CACHE:-$ROOT/.cache/k8s}/$K8S_VERSION"
 BIN="$CACHE/bin"
@@ -61,6 +63,10 @@ for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   HELM_X+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$helm_k8s_minor"
 done
 
+# coredns: its own main (e2e/tools/coredns/main.go: only the plugins the
+# cluster's Corefile uses); the version it reports is the pinned module's.
+COREDNS_X=" -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
+
 # name -> module dir, main package, extra ldflags
 spec() {
   case "$1" in
@@ -68,6 +74,7 @@ spec() {
     kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kube-proxy|kubectl)
                              echo "$TOOLS|k8s.io/kubernetes/cmd/$1|$K8S_X" ;;
     helm)                    echo "$HELM_TOOLS|helm.sh/helm/v3/cmd/helm|$HELM_X" ;;
+    coredns)                 echo "$COREDNS_TOOLS|.|$COREDNS_X" ;;
     *) return 1 ;;
   esac
 }
@@ -81,7 +88,8 @@ for n in "${NAMES[@]}"; do
   IFS='|' read -r dir pkg xflags <<<"$(spec "$n")"
   # A stamp records everything that decides the output: the pins, the
   # toolchain and the flags. Change any of them and the binary is rebuilt.
-  want="$( { cat "$dir/go.mod" "$dir/go.sum"; echo "$go_version|$pkg|$xflags"; } | sha256sum | cut -d' ' -f1)"
+  # A main package of our own ("."): its sources count too.
+  want="$( { cat "$dir/go.mod" "$dir/go.sum"; [[ "$pkg" != . ]] || cat "$dir"/*.go; echo "$go_version|$pkg|$xflags"; } | sha256sum | cut -d' ' -f1)"
   # One lock per binary: a concurrent run building the same binary is waited
   # for (then its result is up to date); other binaries are not held up.
   exec 9>"$STAMPS/$n.lock"

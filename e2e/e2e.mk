@@ -26,7 +26,7 @@ control-plane-down: ## stop what control-plane-up started and remove its state
 
 # The local single-node cluster (e2e/cluster/): containerd + runc + CNI bridge
 # from Debian, the components below from pinned Go modules. Needs root.
-CLUSTER_BINS ?= etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl
+CLUSTER_BINS ?= etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl coredns
 
 .PHONY: cluster-bins cluster-up cluster-down cluster-check
 

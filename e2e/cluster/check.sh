@@ -8,7 +8,10 @@
 #      through the `kubernetes` Service with the pod's ServiceAccount token;
 #   4. `kubectl logs` and `kubectl exec` work (apiserver -> kubelet);
 #   5. a pod cannot reach an address outside this machine (198.51.100.1,
-#      TEST-NET-2): dropped by the cluster's FORWARD rule, counted there.
+#      TEST-NET-2): dropped by the cluster's FORWARD rule, counted there;
+#   6. cluster DNS: a pod reaches the Service by the names `hello`,
+#      `hello.<ns>.svc` and `hello.<ns>.svc.cluster.local`; a missing name in
+#      cluster.local is NXDOMAIN (answered by CoreDNS, nothing forwarded).
 # Removes its namespace at the end. Exit status 0 only if all pass.
 #   e2e/cluster/check.sh [--keep]
 set -euo pipefail
@@ -126,5 +129,19 @@ if run_pod to-outside -timeout 2s -get http://198.51.100.1/ 2>/dev/null; then fa
 d1="$(drops)"
 ((d1 > d0)) || fail "the request did not hit the FORWARD drop rule ($d0 -> $d1 packets)"
 step "   refused: $((d1 - d0)) packet(s) dropped by FERRITE-FORWARD"
+
+step "6. cluster DNS ($DNS_IP): a pod reaches the Service by its names"
+for name in hello "hello.$NS.svc" "hello.$NS.svc.$CLUSTER_DOMAIN"; do
+  pod="dns-$(tr . - <<<"$name" | cut -c1-40)"
+  run_pod "$pod" -get "http://$name/" || fail "pod -> http://$name/ (cluster DNS)"
+  # the Service answered: "hello from <pod> ..."
+  k -n "$NS" logs "$pod" | grep -q '^hello from hello-' || fail "http://$name/ answered something else"
+done
+# A name in the cluster domain that does not exist: CoreDNS answers for the
+# zone itself (NXDOMAIN, Go says "no such host"), no timeout.
+if run_pod dns-missing -get "http://nosuch.$NS.svc.$CLUSTER_DOMAIN./"; then fail "nosuch.$NS.svc resolved"; fi
+out="$(k -n "$NS" logs dns-missing 2>&1)"
+grep -q 'no such host' <<<"$out" || fail "nosuch.$NS.svc: expected NXDOMAIN (no such host), got: $out"
+step "   hello, hello.$NS.svc, hello.$NS.svc.$CLUSTER_DOMAIN answered; a missing name is NXDOMAIN"
 
 step "all checks passed"

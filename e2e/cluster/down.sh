@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop the local cluster that e2e/cluster/up.sh started and undo everything it
-# did to this machine: every process (kubelet, kube-proxy, scheduler, controller
-# manager, apiserver, etcd, containerd, shims, containers), mounts, network
+# did to this machine: every process (kubelet, kube-proxy, coredns, scheduler,
+# controller manager, apiserver, etcd, containerd, shims, containers), mounts, network
 # namespaces, the bridge and its route, the iptables chains the cluster created
 # (kube-proxy --cleanup, then any KUBE-*/CNI-*/FERRITE-* chain that was not
 # there before, with the jumps to it), sysctls, cgroups, and the state dir.
@@ -83,9 +83,9 @@ if [[ ! -s "$STATE/before/cgroups" ]]; then
 fi
 
 # 3. the rest of the control plane.
-step "stopping kube-proxy, kube-apiserver, etcd"
+step "stopping coredns, kube-proxy, kube-apiserver, etcd"
 # the apiserver drains for a while on TERM; a throwaway cluster need not wait
-STOP_WAIT=3 stop kube-proxy kube-apiserver
+STOP_WAIT=3 stop coredns kube-proxy kube-apiserver
 stop etcd
 for pid in $(pids_mentioning "$STATE/"); do
   log "still running, killing: $({ tr '\0' ' ' </proc/"$pid"/cmdline; } 2>/dev/null | cut -c1-120)"

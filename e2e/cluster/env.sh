@@ -9,7 +9,7 @@ ROOT="$(cd "$E2E_DIR/.." && pwd)"
 source "$E2E_DIR/lib.sh"
 
 K8S_BIN="${K8S_BIN:-$("$E2E_DIR/build-control-plane.sh" --print-bin-dir)}"
-CLUSTER_BINS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+CLUSTER_BINS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl coredns)
 
 # Runtime state: certificates, etcd data, containerd root/state, kubelet root,
 # logs, pids, and what the machine looked like before (iptables, sysctls).
@@ -33,6 +33,14 @@ KUBERNETES_SVC_IP=10.96.0.1
 API_PORT=6443
 KUBELET_PORT=10250
 CLUSTER_DOMAIN=cluster.local
+# Cluster DNS: CoreDNS as a host process on the bridge address (UDP+TCP 53);
+# the kubelet's clusterDNS. Its kubernetes plugin reads the API as the user
+# below, bound to a ClusterRole that may only list/watch what it serves.
+DNS_IP=$BRIDGE_IP
+DNS_USER=ferrite-coredns
+# 1: names outside the cluster domain go on to the host's resolvers (as on a
+# real cluster); default 0: refused by CoreDNS, nothing leaves the machine.
+DNS_FORWARD="${FERRITE_CLUSTER_DNS_FORWARD:-0}"
 CNI_NETWORK=ferrite
 CNI_BIN_DIR=/usr/lib/cni         # Debian's containernetworking-plugins
 PAUSE_IMAGE=ferrite.local/pause:3.10
@@ -49,7 +57,7 @@ SYSCTLS=(net.ipv4.ip_forward vm.overcommit_memory vm.panic_on_oom kernel.panic
   net.bridge.bridge-nf-call-ip6tables net.netfilter.nf_conntrack_max)
 
 # Process names in start order; down.sh stops them in reverse.
-PROCS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet)
+PROCS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy coredns kubelet)
 
 ctr_() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
 kubectl_() { "$K8S_BIN/kubectl" --kubeconfig "$STATE/admin.kubeconfig" "$@"; }

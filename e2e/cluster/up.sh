@@ -15,7 +15,9 @@
 # the bridge; the apiserver (6443) and kubelet (10250) listen on 10.88.0.1 only,
 # everything else on 127.0.0.1. Pods cannot reach beyond this machine: forwarding
 # out of (or into) the bridge from any other interface is dropped, nothing is
-# masqueraded to the outside, and pods get no DNS server. iptables rules are
+# masqueraded to the outside. Cluster DNS: CoreDNS (built from its Go module)
+# as a host process on 10.88.0.1:53, the kubelet's clusterDNS; names outside
+# cluster.local get SERVFAIL (FERRITE_CLUSTER_DNS_FORWARD=1: the host's resolver). iptables rules are
 # only added (chains KUBE-*, CNI-*, FERRITE-*), never flushed; down.sh removes
 # exactly those and checks the rules from before are intact.
 set -euo pipefail
@@ -92,6 +94,15 @@ if iptables-save 2>/dev/null | grep -qE '^:(KUBE|CNI)-' || ip6tables-save 2>/dev
   die "iptables already has KUBE-*/CNI-* chains: another Kubernetes or CNI runs here (or a crashed one left them); not starting next to it"
 fi
 ss -Htln "sport = :$API_PORT" | grep -q "$BRIDGE_IP:$API_PORT" && die "$BRIDGE_IP:$API_PORT in use"
+# CoreDNS binds $DNS_IP:53; a wildcard listener on 53 (a local resolver) would take it.
+if dns_busy="$(ss -Hlun "sport = :53"; ss -Hltn "sport = :53")" && grep -qE "(0\.0\.0\.0|\*|\[::\]|$DNS_IP):53 " <<<"$dns_busy"; then
+  die "port 53 is taken on all addresses or on $DNS_IP (cluster DNS binds $DNS_IP:53): $dns_busy"
+fi
+# With FERRITE_CLUSTER_DNS_FORWARD=1 names outside the cluster go to the
+# host's resolvers; one that is the cluster DNS itself would loop.
+if [[ "$DNS_FORWARD" == 1 ]] && grep -qE "^nameserver[[:space:]]+$DNS_IP([[:space:]]|\$)" /etc/resolv.conf; then
+  die "/etc/resolv.conf names $DNS_IP, the cluster DNS address"
+fi
 
 # ---------------------------------------------------------------- state + baseline
 mkdir -p "$STATE"/{certs,etcd,containerd,cni/net.d,cni/networks,kubelet,pod-logs,config,before}
@@ -153,6 +164,7 @@ cert_leaf "$C" 365 kubelet-serving "/O=system:nodes/CN=system:node:$NODE_NAME" "
 cert_leaf "$C" 365 kube-proxy "/CN=system:kube-proxy" "$CERT_CLIENT"
 cert_leaf "$C" 365 kube-scheduler "/CN=system:kube-scheduler" "$CERT_CLIENT"
 cert_leaf "$C" 365 kube-controller-manager "/CN=system:kube-controller-manager" "$CERT_CLIENT"
+cert_leaf "$C" 365 coredns "/CN=$DNS_USER" "$CERT_CLIENT"
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$C/sa.key" 2>/dev/null
 openssl pkey -in "$C/sa.key" -pubout -out "$C/sa.pub" 2>/dev/null
 chmod 600 "$C"/*.key
@@ -178,7 +190,7 @@ current-context: ferrite
 EOF
   chmod 600 "$1"
 }
-for u in admin kubelet kube-proxy kube-scheduler kube-controller-manager; do kubeconfig "$STATE/$u.kubeconfig" "$u"; done
+for u in admin kubelet kube-proxy kube-scheduler kube-controller-manager coredns; do kubeconfig "$STATE/$u.kubeconfig" "$u"; done
 
 # ---------------------------------------------------------------- network
 step "network: bridge $BRIDGE $BRIDGE_IP/24, route $SERVICE_CIDR, forwarding confined to the bridge"
@@ -220,10 +232,12 @@ cat >"$STATE/cni/net.d/10-ferrite.conflist" <<EOF
   ]
 }
 EOF
-# DNS: no CoreDNS; pods get a resolv.conf whose only server is their own
-# loopback, so names fail fast and no query leaves the machine.
+# The kubelet's resolvConf: what pods with dnsPolicy Default get (ClusterFirst
+# ones, the usual, get the cluster DNS $DNS_IP and the cluster search list
+# instead). Default pods have no server but their own loopback: lookups fail
+# at once.
 cat >"$STATE/config/resolv.conf" <<EOF
-# ferrite local cluster: no cluster DNS. Use Service ClusterIPs or pod IPs.
+# ferrite local cluster: dnsPolicy Default pods have no DNS (ClusterFirst ones use $DNS_IP).
 nameserver 127.0.0.1
 options ndots:1 timeout:1 attempts:1
 EOF
@@ -385,6 +399,66 @@ conntrack:
 EOF
 daemon kube-proxy "$K8S_BIN/kube-proxy" --config="$STATE/config/kube-proxy.yaml" --v=1
 
+# ---------------------------------------------------------------- cluster DNS
+if [[ "$DNS_FORWARD" == 1 ]]; then dns_other="other names to the host's resolver"; else dns_other="other names: SERVFAIL, not forwarded"; fi
+step "cluster DNS: CoreDNS on $DNS_IP:53 (kubernetes plugin as $DNS_USER; $dns_other)"
+# Least privilege: list/watch of what the kubernetes plugin serves (Services,
+# EndpointSlices, Namespaces; no Pods: the Corefile has no `pods verified`).
+kubectl_ apply -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "ferrite:coredns"}
+rules:
+- apiGroups: [""]
+  resources: [services, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "ferrite:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "ferrite:coredns"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: $DNS_USER}
+EOF
+dns_health="$(free_port)"; echo "DNS_HEALTH_PORT=$dns_health" >>"$STATE/ports"
+dns_ready="$(free_port)"; echo "DNS_READY_PORT=$dns_ready" >>"$STATE/ports"
+dns_metrics="$(free_port)"; echo "DNS_METRICS_PORT=$dns_metrics" >>"$STATE/ports"
+# Names outside the cluster domain: by default answered SERVFAIL here, at once
+# (no plugin serves them), so no lookup a pod makes leaves the machine: the
+# server image's ONNX Runtime looks up a telemetry host, and a resolver that
+# exhausts the search list (a Service just deleted) tries the bare name
+# `<svc>.<ns>.svc.`. FERRITE_CLUSTER_DNS_FORWARD=1 forwards them to the host's
+# resolvers, as a real cluster does (never in tests).
+# No `loop` plugin: its start-up probe is a query for a random name that
+# `forward` would send out of the machine; the preflight above rules out the
+# loop it guards against (the host resolving through $DNS_IP).
+dns_forward_line="# no forward: names outside $CLUSTER_DOMAIN get SERVFAIL (FERRITE_CLUSTER_DNS_FORWARD=1 forwards them)"
+[[ "$DNS_FORWARD" == 1 ]] && dns_forward_line="forward . /etc/resolv.conf"
+cat >"$STATE/config/Corefile" <<EOF
+.:53 {
+    bind $DNS_IP
+    errors
+    health 127.0.0.1:$dns_health
+    ready 127.0.0.1:$dns_ready
+    # coredns_forward_requests_total: tests check that none of their lookups left the machine
+    prometheus 127.0.0.1:$dns_metrics
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+        kubeconfig $STATE/coredns.kubeconfig ferrite
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }
+    $dns_forward_line
+    cache 30
+}
+EOF
+daemon coredns "$K8S_BIN/coredns" -conf "$STATE/config/Corefile"
+# /ready answers 200 once the kubernetes plugin has synced Services and
+# EndpointSlices: from then on no pod's lookup of a Service fails for want of it.
+READY_TIMEOUT=30 wait_http coredns "http://127.0.0.1:$dns_ready/ready"
+
 # ---------------------------------------------------------------- kubelet
 step "kubelet (node $NODE_NAME, $BRIDGE_IP)"
 kubelet_health="$(free_port)"; echo "KUBELET_HEALTHZ_PORT=$kubelet_health" >>"$STATE/ports"
@@ -409,6 +483,7 @@ failCgroupV1: false
 failSwapOn: false
 resolvConf: $STATE/config/resolv.conf
 clusterDomain: $CLUSTER_DOMAIN
+clusterDNS: [$DNS_IP]
 podLogsDir: $STATE/pod-logs
 podCIDR: $NODE_POD_CIDR
 maxPods: 110
@@ -477,6 +552,9 @@ FERRITE_NODE_NAME=$NODE_NAME
 FERRITE_NODE_IP=$BRIDGE_IP
 FERRITE_POD_CIDR=$NODE_POD_CIDR
 FERRITE_SERVICE_CIDR=$SERVICE_CIDR
+FERRITE_DNS_IP=$DNS_IP
+FERRITE_DNS_METRICS_URL=http://127.0.0.1:$dns_metrics/metrics
+FERRITE_CLUSTER_DOMAIN=$CLUSTER_DOMAIN
 FERRITE_PAUSE_IMAGE=$PAUSE_IMAGE
 FERRITE_HELLO_IMAGE=$HELLO_IMAGE
 EOF

@@ -30,7 +30,10 @@ from ferrite_e2e import ROOT, helm, kubectl, log
 CLUSTER_OUT = ROOT / ".cache/k8s/cluster"
 KUBECONFIG = CLUSTER_OUT / "kubeconfig"
 RELEASE, RELEASE_NS = "ferrite-e2e", "ferrite-e2e-system"
-IMAGES = [ROOT / ".cache/images/ferrite-server.oci.tar", ROOT / ".cache/images/ferrite-operator.oci.tar"]
+# E2E_IMAGES_DIR: image archives from elsewhere than `make images`' default
+# (a branch's images, built with `make images IMAGES_OUT=DIR`).
+IMAGES_DIR = Path(os.environ.get("E2E_IMAGES_DIR") or ROOT / ".cache/images")
+IMAGES = [IMAGES_DIR / "ferrite-server.oci.tar", IMAGES_DIR / "ferrite-operator.oci.tar"]
 
 RESULTS: dict[str, object] = {}
 

@@ -12,11 +12,14 @@ import http.client
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_test_models as models  # noqa: E402
 
 LLM_MODEL_DIR = ROOT / ".cache/models/smollm2-135m-instruct-int4"  # make models
+LLM_FP32_MODEL_DIR = ROOT / ".cache/models/smollm2-135m-instruct-fp32"  # make models
 NODE_IP = "10.88.0.1"  # the bridge address of the local cluster (e2e/cluster/env.sh)
+HELLO_IMAGE = "ferrite.local/hello:1"  # tiny static HTTP server and client, imported by up.sh
 
 
 def k8s_bin() -> Path:
@@ -160,6 +165,89 @@ def kill_container(pod: dict) -> None:
                    check=True, capture_output=True, text=True, timeout=30)
 
 
+def run_pod(namespace: str, name: str, args: list[str], image: str = HELLO_IMAGE,
+            timeout: float = 90) -> tuple[str, str]:
+    """Runs a one-shot pod (`image` with `args`, default: the hello client)
+    until it ends; returns its phase (Succeeded or Failed) and its log."""
+    apply(namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                 "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                 "containers": [{"name": "c", "image": image, "imagePullPolicy": "Never",
+                                 "command": ["/hello"], "args": args}]},
+    })
+    phase = eventually(f"pod {namespace}/{name} has ended", timeout, lambda: (
+        lambda p: p if p in ("Succeeded", "Failed") else None)(
+            pod(namespace, name).get("status", {}).get("phase")))
+    return phase, kubectl("-n", namespace, "logs", name, check=False)
+
+
+def pod_metrics(namespace: str, name: str) -> str:
+    """The /metrics text of every running pod of ModelDeployment `name`,
+    read from the pod IPs (the host reaches them on the bridge)."""
+    texts = []
+    for p in pods(namespace, name):
+        ip = (p.get("status") or {}).get("podIP")
+        if ip and not p["metadata"].get("deletionTimestamp"):
+            with urllib.request.urlopen(f"http://{ip}:8002/metrics", timeout=10) as response:
+                texts.append(response.read().decode())
+    return "\n".join(texts)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', series))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@dataclass
+class ChatAnswer:
+    """One OpenAI chat completion: HTTP status, headers (lower-cased), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: dict
+
+
+def chat(host: str, model: str, prompt: str, headers: dict[str, str] | None = None,
+         max_tokens: int = 8, timeout: float = 120) -> ChatAnswer:
+    """POST /v1/chat/completions (greedy) to host:8000; HTTP errors are returned, not raised."""
+    body = json.dumps({"model": model, "temperature": 0, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    request = urllib.request.Request(f"http://{host}:8000/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return ChatAnswer(response.status, {k.lower(): v for k, v in response.headers.items()},
+                              json.load(response))
+    except urllib.error.HTTPError as e:
+        return ChatAnswer(e.code, {k.lower(): v for k, v in e.headers.items()},
+                          {"error": e.read()[:500].decode(errors="replace")})
+
+
+def cluster_env() -> dict[str, str]:
+    """The running local cluster's .cache/k8s/cluster/env (e2e/cluster/up.sh)."""
+    text = (ROOT / ".cache/k8s/cluster/env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def dns_counters() -> tuple[float, float]:
+    """The cluster DNS's queries answered, and queries it sent to the host's
+    resolver (connections taken for them: every forwarded query takes one)."""
+    with urllib.request.urlopen(cluster_env()["FERRITE_DNS_METRICS_URL"], timeout=10) as response:
+        text = response.read().decode()
+    forwarded = (metric(text, "coredns_proxy_conn_cache_hits_total")
+                 + metric(text, "coredns_proxy_conn_cache_misses_total"))
+    return metric(text, "coredns_dns_requests_total"), forwarded
+
+
 def dump(namespace: str) -> None:
     """What a failing test shows: the objects, events and the operator's recent logs."""
     for args in (["get", "mdep,deploy,rs,pods,svc,pdb", "-o", "wide"], ["get", "mdep", "-o", "yaml"],
@@ -260,10 +348,11 @@ def write_models(directory: Path) -> None:
     (directory / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
     # The LLM model directory (`make models`) as one archive: HTTP cannot list
     # a directory, so fetch unpacks a .tar instead.
-    if LLM_MODEL_DIR.is_dir():
-        with tarfile.open(directory / "smollm2.tar", "w") as tar:
-            tar.add(LLM_MODEL_DIR, arcname=LLM_MODEL_DIR.name,
-                    filter=lambda info: None if info.name.rsplit("/", 1)[-1].startswith(".") else info)
+    for model_dir, archive in ((LLM_MODEL_DIR, "smollm2.tar"), (LLM_FP32_MODEL_DIR, "smollm2-fp32.tar")):
+        if model_dir.is_dir():
+            with tarfile.open(directory / archive, "w") as tar:
+                tar.add(model_dir, arcname=model_dir.name,
+                        filter=lambda info: None if info.name.rsplit("/", 1)[-1].startswith(".") else info)
 
 
 # ------------------------------------------------------------ load

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -418,3 +419,181 @@ def test_8_hostile_clients_and_specs_change_nothing(operator, model_server, name
     out = subprocess.run([e2e.KUBECTL, "-n", namespace, "apply", "-f", "-"], input=json.dumps(leaky),
                          capture_output=True, text=True)
     assert out.returncode != 0 and "uriFrom" in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------- 9
+def test_9_cluster_dns_pod_reaches_service_by_name(cluster, namespace):
+    """Cluster DNS (CoreDNS on the bridge address, e2e/cluster/up.sh): a pod
+    reaches a Service by `NAME`, `NAME.NS.svc` and `NAME.NS.svc.cluster.local`,
+    as in a real cluster; a missing name in the cluster domain is answered
+    NXDOMAIN by CoreDNS itself (no name outside the machine is looked up)."""
+    apply(namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "hello"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "hello"}},
+                 "template": {"metadata": {"labels": {"app": "hello"}},
+                              "spec": {"automountServiceAccountToken": False,
+                                       "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                                       "containers": [{"name": "hello", "image": e2e.HELLO_IMAGE,
+                                                       "imagePullPolicy": "Never",
+                                                       "ports": [{"containerPort": 8080}],
+                                                       "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                                                                          "periodSeconds": 1}}]}}},
+    })
+    apply(namespace, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hello"},
+                      "spec": {"selector": {"app": "hello"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    kubectl("-n", namespace, "rollout", "status", "deploy/hello", "--timeout=90s", timeout=100)
+    queries0, forwarded0 = e2e.dns_counters()
+    t0 = time.monotonic()
+    for i, name in enumerate(["hello", f"hello.{namespace}.svc", f"hello.{namespace}.svc.cluster.local"]):
+        phase, out = e2e.run_pod(namespace, f"by-name-{i}", ["-get", f"http://{name}/"])
+        log(f"pod -> http://{name}/: {phase}: {out.strip()[:100]}")
+        assert phase == "Succeeded" and out.startswith("hello from hello-"), (name, phase, out)
+    record("dns_three_pods_by_service_name_s", round(time.monotonic() - t0, 1))
+    phase, out = e2e.run_pod(namespace, "missing", ["-get", f"http://nosuch.{namespace}.svc.cluster.local./"])
+    assert phase == "Failed" and "no such host" in out, (phase, out)
+    queries, forwarded = e2e.dns_counters()
+    record("dns_queries_answered_by_cluster_dns", queries - queries0)
+    # The lookups reached CoreDNS, and it answered them all itself.
+    assert queries - queries0 >= 4, (queries0, queries)
+    assert forwarded == forwarded0, f"{forwarded - forwarded0} queries went to the host's resolver"
+
+
+# ---------------------------------------------------------------- 10
+CASCADE_PROMPT = "What is the capital of France?"
+MICRO_QUEUE = {"maxBatchSize": 1, "maxQueueSize": 1}  # a burst of a few requests fills it
+BURST = 12
+
+
+def escalation_condition(namespace: str) -> dict | None:
+    return e2e.condition(e2e.get_mdep(namespace, "micro"), "EscalationTargetReachable")
+
+
+def test_10_micro_escalates_to_macro_by_service_name(operator, model_server, namespace):
+    """Issue 14 on the cluster: ModelDeployment `micro` (SmolLM2 int4)
+    escalates to ModelDeployment `macro` (SmolLM2 fp32 standing in), named by
+    reference: the operator resolves it to http://macro.<ns>.svc:8000/v1 and
+    the pod reaches it through cluster DNS. Forced and confidence escalations
+    arrive at the macro pod (headers, both pods' metrics, the micro status);
+    a burst past the micro queue is forwarded (onQueueFull) with no failed
+    request; with the macro deployment deleted the micro one keeps answering
+    (marked as a fallback) and its condition says the target is gone."""
+    for model_dir in (e2e.LLM_MODEL_DIR, e2e.LLM_FP32_MODEL_DIR):
+        if not model_dir.is_dir():
+            pytest.fail(f"{model_dir} is missing: run `make models`", pytrace=False)
+    t0 = time.monotonic()
+    apply(namespace, model_deployment("macro", model_server.url("smollm2-fp32.tar"), replicas=1,
+                                      runtime={"intraOpThreads": 1}))
+    # Threshold 0 escalates every answer (its log-probabilities are below 0):
+    # `x-ferrite-escalate: never` is the way to a local answer.
+    apply(namespace, model_deployment(
+        "micro", model_server.url("smollm2.tar"), replicas=1, runtime={"intraOpThreads": 1},
+        batching=MICRO_QUEUE,
+        escalation={"mode": "cascade", "target": {"modelDeployment": "macro"},
+                    "confidence": {"quantile": 0.1, "threshold": 0.0},
+                    "onQueueFull": True, "timeoutSeconds": 30}))
+    e2e.wait_ready(namespace, "macro", timeout=300)
+    e2e.wait_ready(namespace, "micro", timeout=300)
+    record("cascade_apply_to_both_ready_s", round(time.monotonic() - t0, 1))
+    micro = e2e.service_ip(namespace, "micro")
+    macro_served = lambda: e2e.metric(e2e.pod_metrics(namespace, "macro"), "ferrite_requests_total",  # noqa: E731
+                                      model="macro", outcome="success")
+    before = macro_served()
+
+    local = e2e.chat(micro, "micro", CASCADE_PROMPT, {"x-ferrite-escalate": "never"})
+    assert local.status == 200, local
+    assert local.headers.get("x-ferrite-served-by") == "micro", local.headers
+    # `never` answers without judging: no confidence, no escalation.
+    assert "x-ferrite-escalation" not in local.headers and "x-ferrite-confidence" not in local.headers, local.headers
+
+    t1 = time.monotonic()
+    forced = e2e.chat(micro, "micro", CASCADE_PROMPT, {"x-ferrite-escalate": "always"})
+    record("cascade_forced_escalation_s", round(time.monotonic() - t1, 2))
+    assert forced.status == 200, forced
+    assert forced.headers.get("x-ferrite-served-by") == "macro", forced.headers
+    assert forced.headers.get("x-ferrite-escalation") == "forced", forced.headers
+    assert forced.body["choices"][0]["message"]["content"], forced.body
+
+    unsure = e2e.chat(micro, "micro", CASCADE_PROMPT)
+    assert unsure.status == 200, unsure
+    assert unsure.headers.get("x-ferrite-served-by") == "macro", unsure.headers
+    assert unsure.headers.get("x-ferrite-escalation") == "confidence", unsure.headers
+    log(f"micro: {local.body['choices'][0]['message']['content']!r}; "
+        f"macro: {forced.body['choices'][0]['message']['content']!r}")
+
+    # Both escalations arrived at the macro pod, and only they did.
+    assert macro_served() - before == 2, (before, macro_served())
+    text = e2e.pod_metrics(namespace, "micro")
+    assert e2e.metric(text, "ferrite_escalations_total", model="micro", reason="forced") == 1, text
+    assert e2e.metric(text, "ferrite_escalations_total", model="micro", reason="confidence") == 1, text
+    assert e2e.metric(text, "ferrite_escalation_target_up", model="micro") == 1, text
+
+    def reported():
+        md = e2e.get_mdep(namespace, "micro")
+        status = (md.get("status") or {}).get("escalation") or {}
+        c = e2e.condition(md, "EscalationTargetReachable")
+        return (md if status.get("escalated", 0) >= 2 and status.get("targetReachable") is True
+                and c and c["status"] == "True" else None)
+    md = eventually("micro's status shows the escalations and a reachable target", 90, reported)
+    log(f"micro status.escalation {md['status']['escalation']}, condition {escalation_condition(namespace)}")
+    assert 0 < md["status"]["escalation"]["rate"] <= 1, md["status"]
+
+    # A burst past the micro queue (1 running + 1 waiting): the rest is
+    # forwarded instead of refused.
+    before = macro_served()
+    answers: list[e2e.ChatAnswer | Exception] = []
+    lock = threading.Lock()
+
+    def one():
+        try:
+            a = e2e.chat(micro, "micro", CASCADE_PROMPT, timeout=120)
+        except Exception as e:  # noqa: BLE001 - every failure counts
+            a = e
+        with lock:
+            answers.append(a)
+
+    t2 = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(BURST)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    record("cascade_burst_s", round(time.monotonic() - t2, 1))
+    failed = [a for a in answers if not isinstance(a, e2e.ChatAnswer) or a.status != 200]
+    reasons: dict[str, int] = {}
+    for a in answers:
+        if isinstance(a, e2e.ChatAnswer):
+            reason = a.headers.get("x-ferrite-escalation", "none")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    record("cascade_burst_failed_requests", len(failed))
+    record("cascade_burst_escalation_reasons", reasons)
+    assert len(answers) == BURST and not failed, failed
+    assert reasons.get("queue_full", 0) >= 1, reasons
+    assert all(a.headers.get("x-ferrite-served-by") == "macro" for a in answers), reasons
+    assert macro_served() - before == BURST
+    text = e2e.pod_metrics(namespace, "micro")
+    assert e2e.metric(text, "ferrite_escalations_total", model="micro", reason="queue_full") == reasons["queue_full"]
+
+    # The macro deployment goes: the micro one answers itself, marked.
+    kubectl("-n", namespace, "delete", "mdep", "macro", "--wait=true", "--timeout=120s", timeout=130)
+    eventually("the macro Service is gone", 60, lambda: not kubectl(
+        "-n", namespace, "get", "svc", "macro", "--ignore-not-found", "-o", "name").strip())
+    # Its pods go after it (garbage collection, then their grace period);
+    # until then a pooled connection of the micro pod may still reach one.
+    eventually("the macro pods are gone", 120, lambda: not e2e.pods(namespace, "macro"))
+    t3 = time.monotonic()
+    alone = e2e.chat(micro, "micro", CASCADE_PROMPT, timeout=120)
+    record("cascade_fallback_answer_s", round(time.monotonic() - t3, 2))
+    assert alone.status == 200, alone
+    assert alone.headers.get("x-ferrite-served-by") == "micro", alone.headers
+    assert alone.headers.get("x-ferrite-fallback") in ("unreachable", "timeout", "error"), alone.headers
+    # judged (so it carries its confidence), meant for the target, answered here
+    assert float(alone.headers["x-ferrite-confidence"]) < 0.0, alone.headers
+    assert alone.headers.get("x-ferrite-escalation") == "confidence", alone.headers
+    assert alone.body["choices"][0]["message"]["content"], alone.body
+
+    def gone():
+        c = escalation_condition(namespace)
+        return c if c and c["status"] == "False" and c["reason"] in ("TargetMissing", "TargetUnreachable") else None
+    c = eventually("micro's condition says the target is missing or unreachable", 90, gone)
+    log(f"after deleting macro: {c}")
+    assert e2e.metric(e2e.pod_metrics(namespace, "micro"), "ferrite_escalation_target_up", model="micro") == 0
