@@ -227,8 +227,52 @@ pub mod fetch {
     /// Most files the fetch may write.
     pub const MAX_FILES: Flag = Flag::value("max-files");
 
+    /// The node's model cache (a hostPath shared by the pods of a node):
+    /// when set, the model is looked up there, downloaded into it under a
+    /// file lock when missing, and [`DEST`] is the cache entry the server
+    /// container mounts read-only (see `ferrite_fetch::cache`).
+    pub const CACHE_DIR: Flag = Flag::value("cache-dir");
+    /// Most bytes the node cache may hold; least recently used entries that
+    /// no pod uses are evicted beyond it.
+    pub const CACHE_MAX_BYTES: Flag = Flag::value("cache-max-bytes");
+    /// Who may share an entry fetched without a SHA-256 (the ModelDeployment's
+    /// namespace): entries with a verified SHA-256 are shared across scopes,
+    /// the others only within one.
+    pub const CACHE_SCOPE: Flag = Flag::value("cache-scope");
+    /// The cache entry's file that a serving pod holds a shared `flock` on
+    /// for as long as it runs, so that eviction skips the entries in use.
+    pub const CACHE_IN_USE_FILE: &str = ".ferrite-in-use";
+
     /// Every flag of `fetch` in the contract.
-    pub const FLAGS: &[Flag] = &[URI, DEST, MODEL_NAME, SHA256, MAX_BYTES, MAX_FILES];
+    pub const FLAGS: &[Flag] =
+        &[URI, DEST, MODEL_NAME, SHA256, MAX_BYTES, MAX_FILES, CACHE_DIR, CACHE_MAX_BYTES, CACHE_SCOPE];
+}
+
+/// `ferrite-operator activator`: the proxy that holds the requests of a
+/// ModelDeployment scaled to zero. It listens on the server's ports
+/// ([`crate::ports`]), so a Service's endpoints can point at it or at the
+/// pods alike, and reports what it holds on [`crate::ports::METRICS`] at
+/// [`crate::metrics::PATH`], which the operator's autoscaler scrapes.
+pub mod activator {
+    use crate::Flag;
+
+    /// The subcommand of `ferrite-operator`.
+    pub const SUBCOMMAND: &str = "activator";
+    /// `ferrite-operator run`'s flag naming the activator's Service
+    /// (`namespace/name`): its ready endpoints are where a scaled-to-zero
+    /// model's Service points, and the pods the autoscaler scrapes.
+    pub const SERVICE: Flag = Flag::value("activator-service");
+    /// Gauge: requests held for a ModelDeployment, by [`NAMESPACE_LABEL`]
+    /// and [`NAME_LABEL`].
+    pub const HELD_REQUESTS: &str = "ferrite_activator_held_requests";
+    /// Counter: requests the activator received for a ModelDeployment (held
+    /// or forwarded at once), by [`NAMESPACE_LABEL`] and [`NAME_LABEL`]:
+    /// activity that keeps a model from scaling to zero.
+    pub const REQUESTS: &str = "ferrite_activator_requests_total";
+    /// The ModelDeployment's namespace.
+    pub const NAMESPACE_LABEL: &str = "namespace";
+    /// The ModelDeployment's name.
+    pub const NAME_LABEL: &str = "name";
 }
 
 /// Health endpoints that the pods' probes use when gRPC probes cannot
@@ -256,6 +300,10 @@ pub mod metrics {
     pub const INFLIGHT_REQUESTS: &str = "ferrite_inflight_requests";
     /// The label of both gauges that names the model.
     pub const MODEL_LABEL: &str = "model";
+    /// Counter: inference requests received, by model and outcome. The
+    /// autoscaler sums it: a model whose sum does not move (and whose queue
+    /// stays empty) is idle, which scale to zero waits for.
+    pub const REQUESTS_TOTAL: &str = "ferrite_requests_total";
     /// Counter: a cascade's decisions per request, by [`OUTCOME_LABEL`]
     /// ([`OUTCOME_LOCAL`], [`OUTCOME_ESCALATED`], [`OUTCOME_FALLBACK`]): the
     /// escalation rate in a ModelDeployment's status.

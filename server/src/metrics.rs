@@ -94,7 +94,7 @@ impl Metrics {
             metric
         };
         let requests = IntCounterVec::new(
-            Opts::new("ferrite_requests_total", "Inference requests by model and outcome (success or failure reason)"),
+            Opts::new(contract::REQUESTS_TOTAL, "Inference requests by model and outcome (success or failure reason)"),
             &[MODEL, "outcome"],
         )
         .expect("valid counter");
