@@ -10,7 +10,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -101,7 +101,7 @@ impl Ports {
     }
 }
 
-fn start_server(ports: Ports, repo: &PathBuf, ort: &PathBuf, llm: &PathBuf) -> Process {
+fn start_server(ports: Ports, repo: &Path, ort: &Path, llm: &Path) -> Process {
     let log = std::fs::File::create(std::env::temp_dir().join("ferrite-activator-test-server.log")).unwrap();
     let child = Command::new(repo_root().join("target/debug/ferrite-server"))
         .args(["serve", "--host", "127.0.0.1"])
@@ -119,7 +119,7 @@ fn start_server(ports: Ports, repo: &PathBuf, ort: &PathBuf, llm: &PathBuf) -> P
     Process(child)
 }
 
-fn start_activator(kubeconfig: &std::path::Path, ns: &str, own: Ports, pod: Ports, log: &PathBuf) -> Process {
+fn start_activator(kubeconfig: &Path, ns: &str, own: Ports, pod: Ports, log: &Path) -> Process {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ferrite-operator"))
         .args(["--log-format", "text", "activator", "--host", "127.0.0.1"])
@@ -210,10 +210,12 @@ async fn raw_grpc_infer(ports: Ports, authority: &str, timeout: &str) -> (String
     use prost::Message;
 
     let socket = tokio::net::TcpStream::connect(("127.0.0.1", ports.grpc)).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(socket))
-            .await
-            .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(socket),
+    )
+    .await
+    .unwrap();
     tokio::spawn(connection);
     let message = grpc_request("raw").encode_to_vec();
     let mut frame = vec![0u8];
@@ -278,7 +280,13 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     let infer_url = format!("http://127.0.0.1:{}/v2/models/{TENSOR_MODEL}/infer", own.http);
 
     // Unknown models: 404 / NOT_FOUND, with a reason.
-    let unknown = http.post(&infer_url).header("host", format!("nope.{ns}")).header("content-type", "application/json").body(kserve_request().to_string()).send().await;
+    let unknown = http
+        .post(&infer_url)
+        .header("host", format!("nope.{ns}"))
+        .header("content-type", "application/json")
+        .body(kserve_request().to_string())
+        .send()
+        .await;
     let unknown = unknown.unwrap();
     assert_eq!(unknown.status(), 404);
     assert!(unknown.text().await.unwrap().contains("no ModelDeployment matches"));
@@ -302,7 +310,14 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     {
         let (http, url, host) = (http.clone(), infer_url.clone(), format!("{MD}.{ns}.svc.cluster.local:8000"));
         held.spawn(async move {
-            let response = http.post(url).header("host", host).header("content-type", "application/json").body(kserve_request().to_string()).send().await.unwrap();
+            let response = http
+                .post(url)
+                .header("host", host)
+                .header("content-type", "application/json")
+                .body(kserve_request().to_string())
+                .send()
+                .await
+                .unwrap();
             let status = response.status();
             check_kserve_answer("HTTP/1.1 KServe v2", status, &response.text().await.unwrap());
             "http"
@@ -311,7 +326,14 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     {
         let (http, url, host) = (http.clone(), infer_url.clone(), format!("{cluster_ip}:8000"));
         held.spawn(async move {
-            let response = http.post(url).header("host", host).header("content-type", "application/json").body(kserve_request().to_string()).send().await.unwrap();
+            let response = http
+                .post(url)
+                .header("host", host)
+                .header("content-type", "application/json")
+                .body(kserve_request().to_string())
+                .send()
+                .await
+                .unwrap();
             let status = response.status();
             check_kserve_answer("by ClusterIP", status, &response.text().await.unwrap());
             "cluster-ip"
@@ -327,7 +349,13 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
             .unwrap();
         let url = format!("http://{name}:{}/v2/models/{TENSOR_MODEL}/infer", own.http);
         held.spawn(async move {
-            let response = h2.post(url).header("content-type", "application/json").body(kserve_request().to_string()).send().await.unwrap();
+            let response = h2
+                .post(url)
+                .header("content-type", "application/json")
+                .body(kserve_request().to_string())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.version(), reqwest::Version::HTTP_2);
             let status = response.status();
             check_kserve_answer("h2c KServe v2", status, &response.text().await.unwrap());
@@ -339,7 +367,14 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
         held.spawn(async move {
             let body = json!({"model": LLM, "messages": [{"role": "user", "content": "Hi"}],
                 "max_tokens": 4, "stream": true});
-            let response = http.post(url).header("host", MD).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
+            let response = http
+                .post(url)
+                .header("host", MD)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200);
             let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
             assert!(content_type.starts_with("text/event-stream"), "{content_type}");
@@ -367,7 +402,13 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     .await;
 
     // Full: the next ones are refused at once.
-    let full = http.post(&infer_url).header("host", format!("{MD}.{ns}")).header("content-type", "application/json").body(kserve_request().to_string()).send().await;
+    let full = http
+        .post(&infer_url)
+        .header("host", format!("{MD}.{ns}"))
+        .header("content-type", "application/json")
+        .body(kserve_request().to_string())
+        .send()
+        .await;
     let full = full.unwrap();
     assert_eq!(full.status(), 429);
     assert!(full.text().await.unwrap().contains("--max-held"));
@@ -414,7 +455,14 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
         responses += 1;
     }
     assert_eq!(responses, 3);
-    let response = http.post(&infer_url).header("host", MD).header("content-type", "application/json").body(kserve_request().to_string()).send().await.unwrap();
+    let response = http
+        .post(&infer_url)
+        .header("host", MD)
+        .header("content-type", "application/json")
+        .body(kserve_request().to_string())
+        .send()
+        .await
+        .unwrap();
     let status = response.status();
     check_kserve_answer("forwarded at once", status, &response.text().await.unwrap());
 
@@ -424,7 +472,14 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     make_ready(&pods, "zero-stale", "127.0.0.2").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..4 {
-        let response = http.post(&infer_url).header("host", MD).header("content-type", "application/json").body(kserve_request().to_string()).send().await.unwrap();
+        let response = http
+            .post(&infer_url)
+            .header("host", MD)
+            .header("content-type", "application/json")
+            .body(kserve_request().to_string())
+            .send()
+            .await
+            .unwrap();
         let status = response.status();
         check_kserve_answer(&format!("with a stale pod, request {i}"), status, &response.text().await.unwrap());
     }

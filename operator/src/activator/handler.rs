@@ -36,7 +36,12 @@ pub struct Activator {
 impl Activator {
     /// Answers `request`, which arrived from `client` on a port whose pods'
     /// counterpart is `pod_port`.
-    pub async fn handle(&self, mut request: Request<Incoming>, pod_port: u16, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        pod_port: u16,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
         let dialect = Dialect::of(&request);
         let key = match route::resolve(authority(&request).as_deref(), self.view.as_ref()) {
             Ok(key) => key,

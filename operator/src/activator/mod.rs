@@ -7,15 +7,15 @@
 //! learns which pods are ready by watching them itself. The operator's
 //! autoscaler scrapes its held counts from `/metrics` and scales up.
 //!
-//! - [`route`]: which ModelDeployment a request is for (Host / `:authority`).
-//! - [`view`]: ModelDeployments, Services and ready pods, watched.
-//! - [`hold`]: the bounded per-ModelDeployment hold queue and the wait.
-//! - [`deadline`]: `grpc-timeout`.
-//! - [`proxy`]: forwarding to a pod, bodies streamed both ways.
-//! - [`reply`]: the activator's own answers (errors in the client's dialect).
-//! - [`handler`]: one request's way through these.
-//! - [`serve`]: the proxy ports' accept loops.
-//! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`route`] - which ModelDeployment a request is for (Host / `:authority`).
+//! - [`view`] - ModelDeployments, Services and ready pods, watched.
+//! - [`hold`] - the bounded per-ModelDeployment hold queue and the wait.
+//! - [`deadline`] - `grpc-timeout`.
+//! - [`proxy`] - forwarding to a pod, bodies streamed both ways.
+//! - [`reply`] - the activator's own answers (errors in the client's dialect).
+//! - [`handler`] - one request's way through these.
+//! - [`serve`] - the proxy ports' accept loops.
+//! - [`metrics`] - `/metrics`, `/healthz`, `/readyz`.
 
 pub mod deadline;
 pub mod handler;
@@ -103,8 +103,7 @@ pub async fn run_with(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let telemetry =
-        tokio::spawn(metrics::serve(telemetry, metrics.clone(), ready.clone(), stopped(stop_rx.clone())));
+    let telemetry = tokio::spawn(metrics::serve(telemetry, metrics.clone(), ready.clone(), stopped(stop_rx.clone())));
 
     let (view, watches) = ClusterView::start(&client, &options.namespaces);
     let activator = Arc::new(Activator {
@@ -121,7 +120,13 @@ pub async fn run_with(
         namespaces = ?options.namespaces, "activator starting"
     );
     let servers = [
-        tokio::spawn(serve::serve(http, Protocols::Http1AndH2c, activator.clone(), options.pod_http_port, stop_rx.clone())),
+        tokio::spawn(serve::serve(
+            http,
+            Protocols::Http1AndH2c,
+            activator.clone(),
+            options.pod_http_port,
+            stop_rx.clone(),
+        )),
         tokio::spawn(serve::serve(grpc, Protocols::H2cOnly, activator.clone(), options.pod_grpc_port, stop_rx.clone())),
     ];
     tokio::pin!(shutdown);

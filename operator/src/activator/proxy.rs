@@ -99,7 +99,8 @@ impl Upstream {
         }
         let http2 = parts.version == Version::HTTP_2;
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-        let first = self.pick(key, pods).ok_or_else(|| ForwardError { key: key.clone(), detail: "no ready pod".into() })?;
+        let first =
+            self.pick(key, pods).ok_or_else(|| ForwardError { key: key.clone(), detail: "no ready pod".into() })?;
         let mut failures = Vec::new();
         let mut target = Some(first);
         let mut more_pods = Some(more_pods);

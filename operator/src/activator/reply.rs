@@ -3,9 +3,9 @@
 //! `grpc-message`) that tritonclient and grpcurl read, OpenAI's error object
 //! on `/v1/` paths, and KServe's `{"error": message}` elsewhere.
 
-use bytes::Bytes;
 use axum::http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{Request, Response, StatusCode};
+use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 
