@@ -29,7 +29,7 @@ const MD: &str = "zero";
 /// The tensor model and the LLM the server behind it serves.
 const TENSOR_MODEL: &str = "add_sub";
 const LLM: &str = "smollm";
-const MAX_HELD: usize = 5;
+const MAX_HELD: usize = 6;
 
 /// A child process killed on drop.
 struct Process(Child);
@@ -395,6 +395,23 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
             "grpc-unary"
         });
     }
+    {
+        // Bidirectional streaming: the call is held as a whole, then all
+        // three messages go through.
+        let mut grpc = grpc.clone();
+        held.spawn(async move {
+            let requests = futures::stream::iter((0..3).map(|i| grpc_request(&format!("stream-{i}"))));
+            let mut stream = grpc.model_stream_infer(requests).await.expect("ModelStreamInfer").into_inner();
+            let mut responses = 0;
+            while let Some(message) = stream.message().await.expect("stream message") {
+                assert!(message.error_message.is_empty(), "{}", message.error_message);
+                check_grpc_answer("gRPC stream", message.infer_response.as_ref().expect("a response"));
+                responses += 1;
+            }
+            assert_eq!(responses, 3);
+            "grpc-stream"
+        });
+    }
     assert_eq!(held.len(), MAX_HELD);
     eventually("the held gauge shows every held request", Duration::from_secs(10), || async {
         (metric(own, "ferrite_activator_held_requests", &ns).await? == MAX_HELD as f64).then_some(())
@@ -414,8 +431,6 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     assert!(full.text().await.unwrap().contains("--max-held"));
     let status = grpc.model_infer(grpc_request("full")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-    // gRPC streaming would be one more: take the place of none, check below
-    // once there is room.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(held.try_join_next().is_none(), "nothing is answered while no pod is ready");
 
@@ -439,22 +454,14 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     };
     tokio::time::timeout(Duration::from_secs(30), all).await.expect("held requests answered after the pod is ready");
     answered.sort();
-    assert_eq!(answered, ["cluster-ip", "grpc-unary", "h2c", "http", "sse"]);
+    assert_eq!(answered, ["cluster-ip", "grpc-stream", "grpc-unary", "h2c", "http", "sse"]);
     let released_after = marked_ready.elapsed();
     eprintln!("all {MAX_HELD} held requests answered {released_after:?} after the pod was marked Ready");
     assert_eq!(metric(own, "ferrite_activator_held_requests", &ns).await, Some(0.0));
 
-    // With a ready pod: forwarded at once, never held - gRPC bidirectional
-    // streaming among them.
-    let requests = futures::stream::iter((0..3).map(|i| grpc_request(&format!("stream-{i}"))));
-    let mut stream = grpc.model_stream_infer(requests).await.expect("ModelStreamInfer").into_inner();
-    let mut responses = 0;
-    while let Some(message) = stream.message().await.expect("stream message") {
-        assert!(message.error_message.is_empty(), "{}", message.error_message);
-        check_grpc_answer("gRPC stream", message.infer_response.as_ref().expect("a response"));
-        responses += 1;
-    }
-    assert_eq!(responses, 3);
+    // With a ready pod: forwarded at once, never held.
+    let response = grpc.model_infer(grpc_request("at-once")).await.expect("gRPC ModelInfer");
+    check_grpc_answer("gRPC at once", response.get_ref());
     let response = http
         .post(&infer_url)
         .header("host", MD)
@@ -485,8 +492,8 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     }
 
     // Every request for the ModelDeployment counted: 1 deadline, MAX_HELD
-    // held, 2 refused as full, 1 stream, 1 at once, 4 with a stale pod.
-    let expected = (1 + MAX_HELD + 2 + 1 + 1 + 4) as f64;
+    // held, 2 refused as full, 2 at once, 4 with a stale pod.
+    let expected = (1 + MAX_HELD + 2 + 2 + 4) as f64;
     assert_eq!(metric(own, "ferrite_activator_requests_total", &ns).await, Some(expected));
 
     // SIGTERM: it drains and exits (waited for without blocking this
