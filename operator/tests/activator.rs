@@ -140,8 +140,13 @@ fn start_activator(kubeconfig: &Path, ns: &str, own: Ports, pod: Ports, log: &Pa
 /// A sample of the activator's `/metrics`: the value of `metric` for the
 /// ModelDeployment.
 async fn metric(ports: Ports, metric: &str, ns: &str) -> Option<f64> {
+    metric_of(ports, metric, ns, MD).await
+}
+
+/// The value of `metric` for ModelDeployment `ns/name`.
+async fn metric_of(ports: Ports, metric: &str, ns: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", ports.metrics)).await.ok()?.text().await.ok()?;
-    let series = format!("{metric}{{name=\"{MD}\",namespace=\"{ns}\"}} ");
+    let series = format!("{metric}{{name=\"{name}\",namespace=\"{ns}\"}} ");
     text.lines().find_map(|line| line.strip_prefix(&series)).and_then(|v| v.trim().parse().ok())
 }
 
@@ -304,6 +309,28 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
     assert!(message.contains("became ready within"), "the activator's answer: {message}");
     assert!(waited >= Duration::from_millis(650) && waited < Duration::from_secs(5), "{waited:?}");
+
+    // A ModelDeployment deleted while a request waits for it: 404 at once.
+    let doomed = model_deployment("doomed", json!({"model": {"uri": "s3://models/x.onnx"}}));
+    create(&client, &ns, &doomed).await;
+    let waiting = tokio::spawn({
+        let (http, url, host) = (http.clone(), infer_url.clone(), format!("doomed.{ns}"));
+        async move {
+            let body = kserve_request().to_string();
+            let response = http.post(url).header("host", host).header("content-type", "application/json").body(body);
+            let response = response.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    });
+    eventually("the request for doomed is held", Duration::from_secs(10), || async {
+        (metric_of(own, "ferrite_activator_held_requests", &ns, "doomed").await? == 1.0).then_some(())
+    })
+    .await;
+    let models: Api<ferrite_operator::crd::ModelDeployment> = Api::namespaced(client.clone(), &ns);
+    models.delete("doomed", &Default::default()).await.expect("delete doomed");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("answered").unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("was deleted"), "{body}");
 
     // MAX_HELD requests of every kind, held while no pod is ready.
     let mut held = tokio::task::JoinSet::new();
@@ -506,7 +533,8 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     .await;
     assert!(exit.success(), "the activator exits cleanly on SIGTERM: {exit:?}");
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert_eq!(log.matches("hold started").count(), 1 + MAX_HELD, "{log}");
+    assert_eq!(log.matches("hold started").count(), 2 + MAX_HELD, "{log}");
+    assert_eq!(log.matches("hold released: ModelDeployment deleted").count(), 1, "{log}");
     assert_eq!(log.matches("hold released: pod ready, forwarding").count(), MAX_HELD, "{log}");
     assert_eq!(log.matches("hold released: deadline passed").count(), 1, "{log}");
     assert!(log.contains("wait_ms="), "{log}");

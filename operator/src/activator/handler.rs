@@ -48,6 +48,12 @@ impl Activator {
             Err(error) => return self.refuse(dialect, Failure::NotFound, &error.to_string()),
         };
         self.metrics.received(&key);
+        if self.view.model(&key).is_some_and(|md| md.spec.tls.is_some()) {
+            // Its pods speak TLS, which a plain proxy can neither terminate
+            // nor pass through; the CRD refuses minReplicas 0 with spec.tls.
+            let message = format!("ModelDeployment {key} serves TLS (spec.tls), which the activator cannot proxy");
+            return self.refuse(dialect, Failure::Unavailable, &message);
+        }
         let arrived = Instant::now();
         let client_timeout =
             request.headers().get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
