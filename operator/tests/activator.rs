@@ -29,7 +29,9 @@ const MD: &str = "zero";
 /// The tensor model and the LLM the server behind it serves.
 const TENSOR_MODEL: &str = "add_sub";
 const LLM: &str = "smollm";
-const MAX_HELD: usize = 6;
+/// Held at once: one of each kind, and a burst of plain HTTP requests.
+const BURST: usize = 100;
+const MAX_HELD: usize = 6 + BURST;
 
 /// A child process killed on drop.
 struct Process(Child);
@@ -439,6 +441,17 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
             "grpc-stream"
         });
     }
+    for _ in 0..BURST {
+        let (http, url, host) = (http.clone(), infer_url.clone(), format!("{MD}.{ns}"));
+        held.spawn(async move {
+            let body = kserve_request().to_string();
+            let response = http.post(url).header("host", host).header("content-type", "application/json").body(body);
+            let response = response.send().await.unwrap();
+            let status = response.status();
+            check_kserve_answer("burst", status, &response.text().await.unwrap());
+            "burst"
+        });
+    }
     assert_eq!(held.len(), MAX_HELD);
     eventually("the held gauge shows every held request", Duration::from_secs(10), || async {
         (metric(own, "ferrite_activator_held_requests", &ns).await? == MAX_HELD as f64).then_some(())
@@ -481,6 +494,8 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     };
     tokio::time::timeout(Duration::from_secs(30), all).await.expect("held requests answered after the pod is ready");
     answered.sort();
+    assert_eq!(answered.iter().filter(|kind| **kind == "burst").count(), BURST);
+    answered.retain(|kind| *kind != "burst");
     assert_eq!(answered, ["cluster-ip", "grpc-stream", "grpc-unary", "h2c", "http", "sse"]);
     let released_after = marked_ready.elapsed();
     eprintln!("all {MAX_HELD} held requests answered {released_after:?} after the pod was marked Ready");
