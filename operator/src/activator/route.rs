@@ -34,8 +34,13 @@ impl fmt::Display for ModelKey {
 /// What a Host value names, before looking at the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostTarget {
-    /// A DNS-style name: the ModelDeployment's name and, when given, its namespace.
-    Name { name: String, namespace: Option<String> },
+    /// A DNS-style name.
+    Name {
+        /// The ModelDeployment's name.
+        name: String,
+        /// Its namespace, when the host names one.
+        namespace: Option<String>,
+    },
     /// An IP address (a Service's ClusterIP when the client dialled one).
     Ip(IpAddr),
 }
@@ -54,7 +59,12 @@ pub enum RouteError {
     Unknown(String),
     /// A bare name that exists in several namespaces.
     #[error("host {host:?} matches ModelDeployments in several namespaces ({namespaces}); use NAME.NAMESPACE")]
-    Ambiguous { host: String, namespaces: String },
+    Ambiguous {
+        /// The host as sent.
+        host: String,
+        /// The namespaces, comma-separated.
+        namespaces: String,
+    },
 }
 
 /// The cluster state routing needs.
