@@ -240,10 +240,16 @@ fn watch_namespaces_render_roles_only_in_those_namespaces() {
     let Some(helm) = helm() else { return };
     let docs = render(&helm, &["watchNamespaces={ml,ml-staging}"]);
     assert!(of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty());
-    let namespaces = |kind: &str, prefix: &str| -> Vec<String> {
+    // By the names of the operator's (its rights, its lease) or the
+    // activator's objects.
+    let namespaces = |kind: &str, owner: &str| -> Vec<String> {
+        let names = match owner {
+            "ferrite-operator" => ["ferrite-operator", "ferrite-operator-leader-election"],
+            other => [other, other],
+        };
         of_kind(&docs, kind)
             .iter()
-            .filter(|d| d["metadata"]["name"].as_str().unwrap().starts_with(prefix))
+            .filter(|d| names.contains(&d["metadata"]["name"].as_str().unwrap()))
             .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_string())
             .collect()
     };
