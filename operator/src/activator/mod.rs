@@ -103,7 +103,10 @@ pub async fn run_with(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let telemetry = tokio::spawn(metrics::serve(telemetry, metrics.clone(), ready.clone(), stopped(stop_rx.clone())));
+    // The metrics outlive the proxy ports: held requests still count while
+    // they drain.
+    let (telemetry_stop, telemetry_stopped) = watch::channel(false);
+    let telemetry = tokio::spawn(metrics::serve(telemetry, metrics.clone(), ready.clone(), stopped(telemetry_stopped)));
 
     let (view, watches) = ClusterView::start(&client, &options.namespaces);
     let activator = Arc::new(Activator {
@@ -151,6 +154,7 @@ pub async fn run_with(
     for watch in watches {
         watch.abort();
     }
+    let _ = telemetry_stop.send(true);
     let _ = telemetry.await;
     tracing::info!("stopped");
     Ok(())
