@@ -3,9 +3,9 @@
 //! by kube reflectors. Every watch event bumps a counter that held requests
 //! wait on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -29,10 +29,16 @@ struct Scope {
     pods: Store<Pod>,
 }
 
+/// Pods by namespace and instance label, as of one version of the view:
+/// a thousand held requests woken by one event look up their own pods
+/// instead of each scanning them all.
+type PodIndex = HashMap<(String, String), Vec<Arc<Pod>>>;
+
 /// What the activator knows of the cluster.
 pub struct ClusterView {
     scopes: Vec<Scope>,
     changes: watch::Sender<u64>,
+    pod_index: Mutex<Option<(u64, Arc<PodIndex>)>>,
 }
 
 impl ClusterView {
@@ -56,7 +62,7 @@ impl ClusterView {
             tasks.push(task);
             scopes.push(Scope { namespace, models, services, pods });
         }
-        (Arc::new(ClusterView { scopes, changes }), tasks)
+        (Arc::new(ClusterView { scopes, changes, pod_index: Mutex::new(None) }), tasks)
     }
 
     /// Waits until every watch has listed once.
@@ -83,11 +89,36 @@ impl ClusterView {
         self.scope(&key.namespace)?.models.get(&ObjectRef::new(&key.name).within(&key.namespace))
     }
 
+    /// The pod index of the current version, rebuilt when a watch event
+    /// moved the version. The version is read before the stores, so the
+    /// index is never older than the version it is filed under.
+    fn pod_index(&self) -> Arc<PodIndex> {
+        let version = *self.changes.borrow();
+        let mut cached = self.pod_index.lock().expect("pod index");
+        if let Some((built, index)) = cached.as_ref() {
+            if *built == version {
+                return index.clone();
+            }
+        }
+        let mut index = PodIndex::new();
+        for pod in self.scopes.iter().flat_map(|s| s.pods.state()) {
+            let instance = pod.labels().get(INSTANCE_LABEL).cloned();
+            if let (Some(namespace), Some(instance)) = (pod.namespace(), instance) {
+                index.entry((namespace, instance)).or_default().push(pod);
+            }
+        }
+        let index = Arc::new(index);
+        *cached = Some((version, index.clone()));
+        index
+    }
+
     /// The ready pods of `key`, by IP (sorted), or why there are none.
     pub fn ready_pods(&self, key: &ModelKey) -> Readiness<Vec<IpAddr>> {
-        let Some(scope) = self.scope(&key.namespace) else { return Readiness::Gone };
         let Some(model) = self.model(key) else { return Readiness::Gone };
-        let pods = scope.pods.state();
+        let selector = selector_labels(&model);
+        let Some(instance) = selector.get(INSTANCE_LABEL) else { return Readiness::Gone };
+        let index = self.pod_index();
+        let pods = index.get(&(key.namespace.clone(), instance.clone())).map_or(&[][..], Vec::as_slice);
         let ips = ready_ips(&model, pods.iter().map(|p| p.as_ref()));
         if ips.is_empty() {
             Readiness::Waiting
