@@ -5,8 +5,10 @@
 //! once the test (playing kubelet) marks a pod Ready at the server's address,
 //! every one of them is answered by the server. Beyond `--max-held`: 429 /
 //! RESOURCE_EXHAUSTED; a short `grpc-timeout`: DEADLINE_EXCEEDED; an unknown
-//! model: 404 / NOT_FOUND; a stale ready pod that refuses connections: the
-//! request goes to another ready pod.
+//! model: 404 / NOT_FOUND (also for a held request whose ModelDeployment is
+//! deleted); a stale ready pod that refuses connections: the request goes to
+//! another ready pod; SIGTERM: unready, and a held request is still forwarded
+//! during the drain.
 
 mod support;
 
@@ -244,8 +246,13 @@ async fn raw_grpc_infer(ports: Ports, authority: &str, timeout: &str) -> (String
 }
 
 fn pod_object(name: &str) -> Pod {
+    pod_of(MD, name)
+}
+
+/// A pod of ModelDeployment `model`.
+fn pod_of(model: &str, name: &str) -> Pod {
     serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {INSTANCE_LABEL: MD}},
+        "metadata": {"name": name, "labels": {INSTANCE_LABEL: model}},
         "spec": {"containers": [{"name": "server", "image": "ferrite-server:test"}]},
     }))
     .unwrap()
@@ -538,9 +545,34 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     let expected = (1 + MAX_HELD + 2 + 2 + 4) as f64;
     assert_eq!(metric(own, "ferrite_activator_requests_total", &ns).await, Some(expected));
 
-    // SIGTERM: it drains and exits (waited for without blocking this
-    // runtime, whose clients must answer the HTTP/2 GOAWAY handshake).
+    // SIGTERM while a request is held: not ready any more, but the held
+    // request still counts in /metrics, and is forwarded when a pod becomes
+    // Ready during the drain. Then it exits (waited for without blocking
+    // this runtime, whose clients must answer the HTTP/2 GOAWAY handshake).
+    create(&client, &ns, &model_deployment("late", json!({"model": {"uri": "s3://models/add_sub.onnx"}}))).await;
+    let late = tokio::spawn({
+        let (http, url, host) = (http.clone(), infer_url.clone(), format!("late.{ns}"));
+        async move {
+            let body = kserve_request().to_string();
+            let response = http.post(url).header("host", host).header("content-type", "application/json").body(body);
+            let response = response.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    });
+    eventually("the request for late is held", Duration::from_secs(10), || async {
+        (metric_of(own, "ferrite_activator_held_requests", &ns, "late").await? == 1.0).then_some(())
+    })
+    .await;
     let _ = Command::new("kill").args(["-TERM", &activator.0.id().to_string()]).status();
+    eventually("the activator is not ready after SIGTERM", Duration::from_secs(10), || async {
+        (reqwest::get(&readyz).await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    assert_eq!(metric_of(own, "ferrite_activator_held_requests", &ns, "late").await, Some(1.0));
+    pods.create(&PostParams::default(), &pod_of("late", "late-1")).await.expect("create pod");
+    make_ready(&pods, "late-1", "127.0.0.1").await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), late).await.expect("answered").unwrap();
+    check_kserve_answer("held across SIGTERM", status, &body);
     let exit = eventually("the activator exits on SIGTERM", Duration::from_secs(15), || {
         let exit = activator.0.try_wait().unwrap();
         async move { exit }
@@ -548,9 +580,9 @@ async fn holds_requests_until_a_pod_is_ready_then_forwards_every_kind() {
     .await;
     assert!(exit.success(), "the activator exits cleanly on SIGTERM: {exit:?}");
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert_eq!(log.matches("hold started").count(), 2 + MAX_HELD, "{log}");
+    assert_eq!(log.matches("hold started").count(), 3 + MAX_HELD, "{log}");
     assert_eq!(log.matches("hold released: ModelDeployment deleted").count(), 1, "{log}");
-    assert_eq!(log.matches("hold released: pod ready, forwarding").count(), MAX_HELD, "{log}");
+    assert_eq!(log.matches("hold released: pod ready, forwarding").count(), MAX_HELD + 1, "{log}");
     assert_eq!(log.matches("hold released: deadline passed").count(), 1, "{log}");
     assert!(log.contains("wait_ms="), "{log}");
     assert!(log.contains("trying another ready pod"), "{log}");
