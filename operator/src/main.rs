@@ -67,8 +67,8 @@ struct ActivatorArgs {
     #[arg(long, env = "FERRITE_ACTIVATOR_MAX_HELD", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_held: u32,
     /// Longest hold in seconds; a shorter gRPC `grpc-timeout` wins. Past it:
-    /// HTTP 504 / gRPC DEADLINE_EXCEEDED.
-    #[arg(long, env = "FERRITE_ACTIVATOR_HOLD_TIMEOUT_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    /// HTTP 504 / gRPC DEADLINE_EXCEEDED. At most a day.
+    #[arg(long, env = "FERRITE_ACTIVATOR_HOLD_TIMEOUT_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     hold_timeout_seconds: u64,
     /// Watched namespace (repeatable, or comma-separated); none: all.
     #[arg(long = "namespace", env = "FERRITE_WATCH_NAMESPACES", value_delimiter = ',')]
