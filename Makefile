@@ -93,8 +93,9 @@ storage-servers: ## MinIO and fake-gcs-server (pinned Go modules), Azurite (npm)
 	fetch/storage-servers.sh
 
 # The operator's tests run against a real API server, and start
-# ferrite-server processes with the test models (venv).
-test-rust: deny venv ort control-plane storage-servers build
+# ferrite-server processes with the test models (venv); the activator's
+# test streams SSE from the SmolLM2 model (models).
+test-rust: deny venv ort control-plane storage-servers build models
 	cargo test --workspace
 
 manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/install.yaml

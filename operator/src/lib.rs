@@ -1,6 +1,7 @@
 //! ferrite-operator: reconciles `ModelDeployment`s into ferrite-server pods
 //! and scales them on the depth of their request queues.
 
+pub mod activator;
 pub mod autoscale;
 pub mod crd;
 pub mod escalation;

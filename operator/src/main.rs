@@ -1,10 +1,12 @@
 //! The `ferrite-operator` command line.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 
 use clap::{Args, Parser, Subcommand};
+use ferrite_operator::activator::ActivatorOptions;
 use ferrite_operator::policy::{self, Policy};
 use ferrite_operator::resources::network_policy::{self, MetricsScrapers};
 use ferrite_operator::run::{run, RunOptions};
@@ -33,6 +35,51 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the ModelDeployment CustomResourceDefinition as YAML.
     Crdgen,
+    /// Hold the requests of ModelDeployments that have no ready pod and
+    /// forward them once one is (scale from zero).
+    #[command(name = ferrite_contract::activator::SUBCOMMAND)]
+    Activator(ActivatorArgs),
+}
+
+/// Flags of `ferrite-operator activator`.
+#[derive(Args, Debug)]
+struct ActivatorArgs {
+    /// Port of HTTP/1.1 and h2c requests (the server's HTTP port).
+    #[arg(long, env = "FERRITE_ACTIVATOR_HTTP_PORT", default_value_t = ferrite_contract::ports::HTTP)]
+    http_port: u16,
+    /// Port of gRPC (h2c) requests.
+    #[arg(long, env = "FERRITE_ACTIVATOR_GRPC_PORT", default_value_t = ferrite_contract::ports::GRPC)]
+    grpc_port: u16,
+    /// Port of /metrics, /healthz and /readyz.
+    #[arg(long, env = "FERRITE_ACTIVATOR_METRICS_PORT", default_value_t = ferrite_contract::ports::METRICS)]
+    metrics_port: u16,
+    /// Address the three ports listen on.
+    #[arg(long, env = "FERRITE_ACTIVATOR_HOST", default_value = "0.0.0.0")]
+    host: std::net::IpAddr,
+    /// Pods' port that HTTP requests are forwarded to.
+    #[arg(long, env = "FERRITE_ACTIVATOR_POD_HTTP_PORT", default_value_t = ferrite_contract::ports::HTTP)]
+    pod_http_port: u16,
+    /// Pods' port that gRPC requests are forwarded to.
+    #[arg(long, env = "FERRITE_ACTIVATOR_POD_GRPC_PORT", default_value_t = ferrite_contract::ports::GRPC)]
+    pod_grpc_port: u16,
+    /// Most requests held per ModelDeployment; more get HTTP 429 / gRPC
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FERRITE_ACTIVATOR_MAX_HELD", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_held: u32,
+    /// Longest hold in seconds; a shorter gRPC `grpc-timeout` wins. Past it:
+    /// HTTP 504 / gRPC DEADLINE_EXCEEDED. At most a day.
+    #[arg(long, env = "FERRITE_ACTIVATOR_HOLD_TIMEOUT_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    hold_timeout_seconds: u64,
+    /// Watched namespace (repeatable, or comma-separated); none: all.
+    #[arg(long = "namespace", env = "FERRITE_WATCH_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Seconds it keeps serving after SIGTERM, not ready, while the
+    /// endpoints pointing at it are updated.
+    #[arg(long, env = "FERRITE_ACTIVATOR_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    shutdown_delay_seconds: u64,
+    /// Then, the longest wait for open requests (held ones included).
+    #[arg(long, env = "FERRITE_ACTIVATOR_DRAIN_SECONDS", default_value_t = 45)]
+    drain_seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -179,6 +226,23 @@ async fn main() -> anyhow::Result<()> {
         Command::Crdgen => {
             print!("{}", ferrite_operator::crd::crd_yaml()?);
             Ok(())
+        }
+        Command::Activator(args) => {
+            init_logging(cli.log_format);
+            let addr = |port| SocketAddr::new(args.host, port);
+            ferrite_operator::activator::run(ActivatorOptions {
+                http_addr: addr(args.http_port),
+                grpc_addr: addr(args.grpc_port),
+                metrics_addr: addr(args.metrics_port),
+                pod_http_port: args.pod_http_port,
+                pod_grpc_port: args.pod_grpc_port,
+                max_held: args.max_held as usize,
+                hold_timeout: Duration::from_secs(args.hold_timeout_seconds),
+                namespaces: non_empty(args.namespaces),
+                shutdown_delay: Duration::from_secs(args.shutdown_delay_seconds),
+                drain_timeout: Duration::from_secs(args.drain_seconds),
+            })
+            .await
         }
         Command::Run(args) => {
             let args = *args;

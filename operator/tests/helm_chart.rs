@@ -151,6 +151,31 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
     ] {
         assert!(can(verb, resource, ns), "the operator needs to {verb} {resource} in {ns}");
     }
+    // The activator only reads ModelDeployments, Services and pods.
+    let activator = "system:serviceaccount:ferrite-system:ferrite-activator";
+    let activator_can = |verb: &str, resource: &str, ns: &str| {
+        let out = run(&kubectl, &["auth", "can-i", verb, resource, "-n", ns, "--as", activator], Some(plane));
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for resource in ["modeldeployments.ferrite.dev", "services", "pods"] {
+        for verb in ["get", "list", "watch"] {
+            assert!(activator_can(verb, resource, "examples"), "the activator needs to {verb} {resource}");
+        }
+        for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+            assert!(!activator_can(verb, resource, "examples"), "the activator must not {verb} {resource}");
+        }
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "configmaps"),
+        ("list", "endpointslices.discovery.k8s.io"),
+        ("list", "deployments.apps"),
+        ("patch", "deployments.apps/scale"),
+        ("create", "events"),
+        ("get", "leases.coordination.k8s.io"),
+    ] {
+        assert!(!activator_can(verb, resource, "examples"), "the activator must not {verb} {resource}");
+    }
     for (verb, resource, ns) in [
         ("create", "modeldeployments.ferrite.dev", "examples"),
         ("patch", "modeldeployments.ferrite.dev", "examples"),
@@ -190,11 +215,24 @@ fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml:
     docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect()
 }
 
-/// The operator container's environment, name -> value.
-fn operator_env(docs: &[serde_yaml::Value]) -> std::collections::BTreeMap<String, String> {
-    let deployment = of_kind(docs, "Deployment")[0];
+/// The object of `kind` named `name`.
+fn named<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    of_kind(docs, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The first container's environment of Deployment `name`, name -> value.
+fn container_env(docs: &[serde_yaml::Value], name: &str) -> std::collections::BTreeMap<String, String> {
+    let deployment = named(docs, "Deployment", name);
     let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].as_sequence().unwrap();
     env.iter().filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string()))).collect()
+}
+
+/// The operator container's environment, name -> value.
+fn operator_env(docs: &[serde_yaml::Value]) -> std::collections::BTreeMap<String, String> {
+    container_env(docs, "ferrite-operator")
 }
 
 #[test]
@@ -202,12 +240,26 @@ fn watch_namespaces_render_roles_only_in_those_namespaces() {
     let Some(helm) = helm() else { return };
     let docs = render(&helm, &["watchNamespaces={ml,ml-staging}"]);
     assert!(of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty());
-    let namespaces = |kind: &str| -> Vec<String> {
-        of_kind(&docs, kind).iter().map(|d| d["metadata"]["namespace"].as_str().unwrap().to_string()).collect()
+    // By the names of the operator's (its rights, its lease) or the
+    // activator's objects.
+    let namespaces = |kind: &str, owner: &str| -> Vec<String> {
+        let names = match owner {
+            "ferrite-operator" => ["ferrite-operator", "ferrite-operator-leader-election"],
+            other => [other, other],
+        };
+        of_kind(&docs, kind)
+            .iter()
+            .filter(|d| names.contains(&d["metadata"]["name"].as_str().unwrap()))
+            .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_string())
+            .collect()
     };
     // One Role per watched namespace, and the leader-election Role at home.
-    assert_eq!(namespaces("Role"), ["ml", "ml-staging", "ferrite-system"]);
-    assert_eq!(namespaces("RoleBinding"), ["ml", "ml-staging", "ferrite-system"]);
+    assert_eq!(namespaces("Role", "ferrite-operator"), ["ml", "ml-staging", "ferrite-system"]);
+    assert_eq!(namespaces("RoleBinding", "ferrite-operator"), ["ml", "ml-staging", "ferrite-system"]);
+    // The activator reads the same namespaces, and nothing at home.
+    assert_eq!(namespaces("Role", "ferrite-activator"), ["ml", "ml-staging"]);
+    assert_eq!(namespaces("RoleBinding", "ferrite-activator"), ["ml", "ml-staging"]);
+    assert_eq!(container_env(&docs, "ferrite-activator")["FERRITE_WATCH_NAMESPACES"], "ml,ml-staging");
     for binding in of_kind(&docs, "RoleBinding") {
         assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some("ferrite-system"));
     }
@@ -215,7 +267,7 @@ fn watch_namespaces_render_roles_only_in_those_namespaces() {
 
     // Cluster-wide by default; confined to the release namespace on request.
     let docs = render(&helm, &[]);
-    assert_eq!(of_kind(&docs, "ClusterRole").len(), 1);
+    assert_eq!(of_kind(&docs, "ClusterRole").len(), 2, "the operator's and the activator's");
     assert_eq!(operator_env(&docs)["FERRITE_WATCH_NAMESPACES"], "");
     let docs = render(&helm, &["rbac.clusterWide=false"]);
     assert!(of_kind(&docs, "ClusterRole").is_empty());
@@ -262,4 +314,89 @@ fn policy_values_become_operator_flags() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("invalid value"), "{stderr}");
+}
+
+#[test]
+fn the_activator_is_non_root_read_only_and_reads_only() {
+    let Some(helm) = helm() else { return };
+    let docs = render(&helm, &["activator.maxHeld=50", "activator.holdTimeoutSeconds=20"]);
+    let deployment = named(&docs, "Deployment", "ferrite-activator");
+    assert_eq!(deployment["spec"]["replicas"].as_i64(), Some(2));
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"].as_str(), Some("ferrite-activator"));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"].as_str(), Some("RuntimeDefault"));
+    let container = &pod["containers"][0];
+    let operator = &named(&docs, "Deployment", "ferrite-operator")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], operator["image"], "the operator's image");
+    assert_eq!(container["args"].as_sequence().unwrap().len(), 1);
+    assert_eq!(container["args"][0].as_str(), Some(ferrite_contract::activator::SUBCOMMAND));
+    let security = &container["securityContext"];
+    assert_eq!(security["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(security["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(security["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    assert_eq!(security["seccompProfile"]["type"].as_str(), Some("RuntimeDefault"));
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"].as_str(), Some(path));
+        assert_eq!(container[probe]["httpGet"]["port"].as_str(), Some("metrics"));
+    }
+    let ports: Vec<(String, i64)> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p["containerPort"].as_i64().unwrap()))
+        .collect();
+    // The server's ports: a Service's endpoints may point here or at pods.
+    use ferrite_contract::ports;
+    let expected = [("http", ports::HTTP), ("grpc", ports::GRPC), ("metrics", ports::METRICS)];
+    assert_eq!(ports, expected.map(|(name, port)| (name.to_string(), i64::from(port))));
+
+    let service = named(&docs, "Service", "ferrite-activator");
+    let service_ports: Vec<(String, i64)> = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_string(), p["port"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(service_ports, ports);
+    assert_eq!(service["spec"]["selector"]["app.kubernetes.io/component"].as_str(), Some("activator"));
+    named(&docs, "ServiceAccount", "ferrite-activator");
+    let budget = named(&docs, "PodDisruptionBudget", "ferrite-activator");
+    assert_eq!(budget["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+
+    // Read-only rights: get, list and watch of exactly these resources.
+    let role = named(&docs, "ClusterRole", "ferrite-activator");
+    let mut granted = Vec::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let verbs: Vec<&str> = rule["verbs"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
+        for resource in rule["resources"].as_sequence().unwrap() {
+            granted.push(resource.as_str().unwrap().to_string());
+        }
+    }
+    granted.sort();
+    assert_eq!(granted, ["modeldeployments", "pods", "services"]);
+    let binding = named(&docs, "ClusterRoleBinding", "ferrite-activator");
+    assert_eq!(binding["subjects"][0]["name"].as_str(), Some("ferrite-activator"));
+
+    // The activator parses what the chart renders: past its command line
+    // (clap exits 2 on a bad value), it stops only for want of a cluster.
+    let env = container_env(&docs, "ferrite-activator");
+    assert_eq!(env["FERRITE_ACTIVATOR_MAX_HELD"], "50");
+    assert_eq!(env["FERRITE_ACTIVATOR_HOLD_TIMEOUT_SECONDS"], "20");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferrite-operator"))
+        .arg(ferrite_contract::activator::SUBCOMMAND)
+        .args(["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--host", "127.0.0.1"])
+        .envs(&env)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("invalid value"), "{stderr}");
+
+    let docs = render(&helm, &["activator.enabled=false"]);
+    assert!(docs.iter().all(|d| !d["metadata"]["name"].as_str().unwrap_or("").contains("activator")));
 }
