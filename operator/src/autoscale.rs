@@ -411,6 +411,8 @@ pub async fn scale_step_with_activator(
             "{}", if current == 0 { "scaled up from zero" } else { "scaled to zero" });
     } else if decision.changed {
         tracing::info!(%namespace, %name, from = current, to = decision.replicas, reason = %decision.reason, "scaled");
+    } else if zero.draining {
+        tracing::info!(%namespace, %name, replicas = current, reason = %decision.reason, "draining to zero");
     } else {
         tracing::debug!(%namespace, %name, replicas = current, reason = %decision.reason, "holding");
     }

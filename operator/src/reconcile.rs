@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+#[allow(deprecated)]
+use k8s_openapi::api::core::v1::Endpoints as LegacyEndpoints;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -410,6 +412,7 @@ async fn apply_service(
             apply(&ctx.client, &namespace, &slice, "EndpointSlice").await?;
             let selectorless = activation::service(md, Mode::Activator);
             apply(&ctx.client, &namespace, &selectorless, "Service").await?;
+            delete_legacy_endpoints(&ctx.client, &namespace, &name).await?;
             for stale in activation::stale_pod_slices(&list_slices().await?) {
                 match slices.delete(&stale, &Default::default()).await {
                     Ok(_) => {}
@@ -438,6 +441,24 @@ async fn apply_service(
             Ok(false)
         }
     }
+}
+
+/// Deletes the v1 Endpoints the endpoints controller left for a Service
+/// that lost its selector (the mirroring controller would copy its pod IPs
+/// into a slice, and kube-proxy would send traffic there).
+#[allow(deprecated)]
+async fn delete_legacy_endpoints(client: &Client, namespace: &str, name: &str) -> Result<(), Error> {
+    let api: Api<LegacyEndpoints> = Api::namespaced(client.clone(), namespace);
+    let existing = api.get_opt(name).await.map_err(|source| Error::Read { kind: "Endpoints", source: Box::new(source) })?;
+    let (key, value) = activation::LEGACY_ENDPOINTS_MANAGER;
+    if existing.is_some_and(|e| e.labels().get(key).map(String::as_str) == Some(value)) {
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => return Err(Error::Delete { kind: "Endpoints", source: Box::new(source) }),
+        }
+    }
+    Ok(())
 }
 
 /// Whether ModelDeployment `name` exists in `namespace` (a list by name:

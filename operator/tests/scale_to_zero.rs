@@ -303,8 +303,12 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
         list.items.iter().any(|e| e.reason.as_deref() == Some("ScaledToZero") && e.event_time.is_some()).then_some(())
     })
     .await;
-    // The Service stays with the activator at zero.
+    // The Service stays with the activator at zero, and nothing else lists
+    // the old pod (neither the controller's slice nor a mirrored one).
     assert!(services.get(NAME).await.unwrap().spec.unwrap().selector.is_none());
+    let listed = slices.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}"))).await.unwrap();
+    let names: Vec<String> = listed.items.iter().map(|s| s.name_any()).collect();
+    assert_eq!(names, [format!("{NAME}-activator")], "only the activator's slice");
 
     // A request arrives at the activator and is held: up at once.
     *counts.lock().unwrap() = (1, 1);

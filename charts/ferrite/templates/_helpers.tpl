@@ -141,6 +141,11 @@ pods.
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# ... and the v1 Endpoints the endpoints controller leaves behind then (the
+# mirroring controller would copy the old pod IPs back into a slice).
+- apiGroups: [""]
+  resources: ["endpoints"]
+  verbs: ["get", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

@@ -14,7 +14,9 @@
 //! operator deletes the controller's slices in activator mode: the
 //! EndpointSlice controller ignores a Service without a selector, and leaves
 //! its last slices (the old pod IPs) in place, which kube-proxy would keep
-//! using.
+//! using; the endpoints controller likewise leaves its v1 Endpoints, which
+//! the mirroring controller then copies into a slice of the pod IPs. Both
+//! are deleted when the selector goes.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +39,12 @@ pub const MANAGED_BY_OPERATOR: &str = "ferrite-operator";
 /// [`MANAGED_BY_LABEL`] of the slices the EndpointSlice controller writes
 /// for a Service with a selector.
 pub const MANAGED_BY_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+/// [`MANAGED_BY_LABEL`] of the slices the mirroring controller copies from
+/// a selector-less Service's v1 Endpoints.
+pub const MANAGED_BY_MIRRORING: &str = "endpointslicemirroring-controller.k8s.io";
+/// Label of the v1 Endpoints the endpoints controller writes for a Service
+/// with a selector, and its value.
+pub const LEGACY_ENDPOINTS_MANAGER: (&str, &str) = ("endpoints.kubernetes.io/managed-by", "endpoint-controller");
 /// Annotation the autoscaler puts on a Deployment it is about to scale to
 /// zero (value: when, RFC 3339): the Service goes to activator mode first.
 pub const DRAIN_ANNOTATION: &str = "ferrite.dev/scale-to-zero-drain-since";
@@ -217,12 +225,16 @@ pub fn pods_listed(slices: &[EndpointSlice]) -> bool {
         .any(|s| s.endpoints.iter().any(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true)))
 }
 
-/// The controller's slices left behind when the Service lost its selector
-/// (names to delete in activator mode).
+/// The controllers' slices left behind when the Service lost its selector
+/// (names to delete in activator mode): the EndpointSlice controller's and
+/// the mirroring controller's.
 pub fn stale_pod_slices(slices: &[EndpointSlice]) -> Vec<String> {
     slices
         .iter()
-        .filter(|s| s.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_CONTROLLER))
+        .filter(|s| {
+            let manager = s.labels().get(MANAGED_BY_LABEL).map(String::as_str);
+            manager == Some(MANAGED_BY_CONTROLLER) || manager == Some(MANAGED_BY_MIRRORING)
+        })
         .map(|s| s.name_any())
         .collect()
 }
@@ -339,7 +351,8 @@ mod tests {
         assert!(pods_listed(&[ready.clone(), ours.clone()]));
         assert!(!pods_listed(&[unready.clone(), ours.clone()]), "no ready pod: keep the activator");
         assert!(!pods_listed(&[ours.clone()]), "our own slice is not a pod");
-        assert_eq!(stale_pod_slices(&[ready.clone(), ours.clone(), unready]), ["m-abc", "m-def"]);
+        let mirrored = slice("m-xyz", MANAGED_BY_MIRRORING, json!([{"addresses": ["10.1.0.1"]}]), json!([]));
+        assert_eq!(stale_pod_slices(&[ready.clone(), ours.clone(), unready, mirrored]), ["m-abc", "m-def", "m-xyz"]);
 
         let m = md(0);
         let selectorless = service(&m, Mode::Activator);
