@@ -352,7 +352,9 @@ async fn record_outcome(ctx: &Context, md: &ModelDeployment, outcome: &ScaleOutc
         tracing::warn!(name = %md.name_any(), %error, "cannot write autoscaler status");
     }
     if outcome.to_zero() || outcome.from_zero() {
-        let reason = if outcome.to_zero() { "ScaledToZero" } else { "ScaledFromZero" };
+        // Not the Ready condition's reasons (ScaledToZero, ScalingFromZero),
+        // which the reconciler announces when the status follows.
+        let reason = if outcome.to_zero() { "ScaledDownToZero" } else { "ScaledUpFromZero" };
         ctx.unique_event(md, reason, outcome.reason.clone()).await;
     } else if outcome.changed {
         let reason = match outcome.direction {

@@ -298,9 +298,16 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     })
     .await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    eventually("a ScaledToZero Event", Duration::from_secs(10), || async {
+    eventually("a ScaledDownToZero Event of the autoscaler's", Duration::from_secs(10), || async {
         let list = events.list(&ListParams::default()).await.ok()?;
-        list.items.iter().any(|e| e.reason.as_deref() == Some("ScaledToZero") && e.event_time.is_some()).then_some(())
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("ScaledDownToZero")
+                    && e.event_time.is_some()
+                    && e.note.as_deref().is_some_and(|n| n.contains("idle for"))
+            })
+            .then_some(())
     })
     .await;
     // The Service stays with the activator at zero, and nothing else lists
@@ -344,7 +351,9 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     })
     .await;
     let list = events.list(&ListParams::default()).await.unwrap();
-    assert!(list.items.iter().any(|e| e.reason.as_deref() == Some("ScaledFromZero")), "a ScaledFromZero Event");
+    let from_zero: Vec<_> = list.items.iter().filter(|e| e.reason.as_deref() == Some("ScaledUpFromZero")).collect();
+    assert_eq!(from_zero.len(), 1, "one ScaledUpFromZero Event");
+    assert!(from_zero[0].note.as_deref().unwrap_or_default().contains("1 request held by the activator"));
 }
 
 #[tokio::test]

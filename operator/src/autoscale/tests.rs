@@ -666,8 +666,12 @@ async fn scrape_a_real_ferrite_server() {
         assert!(status.unwrap().unwrap().is_success());
     }
 
-    // Idle again: the gauges return to zero.
-    assert_eq!(scrape(&http, &url, "demo", Duration::from_secs(2)).await.unwrap(), PodLoad::default());
+    // Idle again: the gauges return to zero; the request counter kept all
+    // 65 requests (what idleness for scale to zero watches).
+    assert_eq!(
+        scrape(&http, &url, "demo", Duration::from_secs(2)).await.unwrap(),
+        PodLoad { queued: 0, inflight: 0, requests: 65 }
+    );
     // A model the server does not serve: families exist, no series: zero.
     assert_eq!(scrape(&http, &url, "absent", Duration::from_secs(2)).await.unwrap(), PodLoad::default());
     // observe_pods over the real pod and a dead one.
