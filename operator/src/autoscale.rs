@@ -319,9 +319,8 @@ pub async fn scale_step_with_activator(
     // Activity: the pods' counters and the activator's, known only when
     // every Ready pod and every activator pod was read.
     let counts = activator.and_then(|a| a.for_model(&namespace, &name));
-    let requests = counts
-        .filter(|_| observation.pods_failed == 0)
-        .map(|c| c.requests.saturating_add(observation.requests));
+    let requests =
+        counts.filter(|_| observation.pods_failed == 0).map(|c| c.requests.saturating_add(observation.requests));
     let idle_for = zero.idleness.observe(now, requests, observation.load() > 0);
 
     // A fresh history (new leader, restart): wait a full scale-down window
@@ -460,7 +459,8 @@ async fn apply_replicas(
     replicas: u32,
     drain: Option<&str>,
 ) -> Result<(), kube::Error> {
-    let mut metadata = serde_json::json!({ "name": read.name_any(), "resourceVersion": read.metadata.resource_version });
+    let mut metadata =
+        serde_json::json!({ "name": read.name_any(), "resourceVersion": read.metadata.resource_version });
     if let Some(since) = drain {
         metadata["annotations"] = serde_json::json!({ DRAIN_ANNOTATION: since });
     }

@@ -25,7 +25,9 @@ use serde::Serialize;
 
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
 use crate::escalation;
-use crate::resources::activation::{self, ActivatorEndpoints, Mode, MANAGED_BY_CONTROLLER, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
+use crate::resources::activation::{
+    self, ActivatorEndpoints, Mode, MANAGED_BY_CONTROLLER, MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
+};
 use crate::resources::network_policy;
 use crate::resources::{self, BuildConfig, INSTANCE_LABEL};
 use crate::status;
@@ -449,7 +451,8 @@ async fn apply_service(
 #[allow(deprecated)]
 async fn delete_legacy_endpoints(client: &Client, namespace: &str, name: &str) -> Result<(), Error> {
     let api: Api<LegacyEndpoints> = Api::namespaced(client.clone(), namespace);
-    let existing = api.get_opt(name).await.map_err(|source| Error::Read { kind: "Endpoints", source: Box::new(source) })?;
+    let existing =
+        api.get_opt(name).await.map_err(|source| Error::Read { kind: "Endpoints", source: Box::new(source) })?;
     let (key, value) = activation::LEGACY_ENDPOINTS_MANAGER;
     if existing.is_some_and(|e| e.labels().get(key).map(String::as_str) == Some(value)) {
         match api.delete(name, &Default::default()).await {

@@ -147,8 +147,7 @@ pub async fn run_with(
                 Some(&format!("{}={name}", activation::SERVICE_NAME_LABEL)),
             ),
         });
-        let ctx =
-            Arc::new(Context::new(client.clone(), build, metrics.clone(), &identity).with_activator(activator));
+        let ctx = Arc::new(Context::new(client.clone(), build, metrics.clone(), &identity).with_activator(activator));
         let namespaces = options.watch_namespaces.clone();
         let controller = tokio::spawn({
             let (ctx, stopped) = (ctx.clone(), stopped());

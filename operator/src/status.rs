@@ -150,7 +150,9 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
             READY,
             true,
             SCALING_FROM_ZERO,
-            format!("scaling up from zero, 0/{desired} replicas ready: requests are held by the activator until one is"),
+            format!(
+                "scaling up from zero, 0/{desired} replicas ready: requests are held by the activator until one is"
+            ),
             generation,
         ),
         (Some((reason, message)), false) => condition(READY, false, reason, message.clone(), generation),
@@ -229,7 +231,9 @@ pub fn scale_to_zero_condition(md: &ModelDeployment, activator: &ActivatorState)
             SCALE_TO_ZERO,
             true,
             "ActivatorReady",
-            format!("scales to zero after {after}s without a request; the activator {service} holds requests meanwhile"),
+            format!(
+                "scales to zero after {after}s without a request; the activator {service} holds requests meanwhile"
+            ),
             generation,
         ),
     })
@@ -418,7 +422,10 @@ mod tests {
             "restartCount": 1, "lastState": {"terminated": {"exitCode": 3, "message": "bad model"}},
             "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}));
         let broken = compute(&zero_md(Some(SCALED_TO_ZERO)), Some(&scaled(1, 0)), &[crash]);
-        assert_eq!((get(&broken, READY).status.as_str(), get(&broken, READY).reason.as_str()), ("False", "ModelLoadFailed"));
+        assert_eq!(
+            (get(&broken, READY).status.as_str(), get(&broken, READY).reason.as_str()),
+            ("False", "ModelLoadFailed")
+        );
     }
 
     #[test]
@@ -429,7 +436,8 @@ mod tests {
         assert_eq!((missing.status.as_str(), missing.reason.as_str()), ("False", ACTIVATOR_MISSING));
         assert!(missing.message.contains("--activator-service") && missing.message.contains("kept at 1 replica"));
         let service = "ferrite-system/ferrite-activator".to_string();
-        let down = scale_to_zero_condition(&m, &ActivatorState::Configured { service: service.clone(), ready_endpoints: 0 });
+        let down =
+            scale_to_zero_condition(&m, &ActivatorState::Configured { service: service.clone(), ready_endpoints: 0 });
         assert_eq!(down.unwrap().reason, ACTIVATOR_UNAVAILABLE);
         let up = scale_to_zero_condition(&m, &ActivatorState::Configured { service, ready_endpoints: 2 }).unwrap();
         assert_eq!(up.status, "True");

@@ -291,7 +291,8 @@ fn operator_args(docs: &[serde_yaml::Value]) -> Vec<String> {
 fn the_activator_service_reaches_the_operator_when_enabled() {
     let Some(helm) = helm() else { return };
     let values: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/ferrite/values.yaml")).unwrap()).unwrap();
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/ferrite/values.yaml")).unwrap())
+            .unwrap();
     let flag = |docs: &[serde_yaml::Value]| {
         let args = operator_args(docs);
         args.iter().position(|a| a == "--activator-service").map(|i| args[i + 1].clone())

@@ -92,9 +92,8 @@ impl Drop for Server {
 fn start_server(ip: &str) -> Option<Server> {
     let root = repo_root();
     let binary = root.join("target/debug/ferrite-server");
-    let ort = std::env::var("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or(root.join(".cache/onnxruntime/libonnxruntime.so"));
+    let ort =
+        std::env::var("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or(root.join(".cache/onnxruntime/libonnxruntime.so"));
     for (path, how) in [(&binary, "cargo build -p ferrite-server"), (&ort, "make ort")] {
         if !path.exists() {
             missing(format!("{} is missing: run `{how}`", path.display()))?;
@@ -230,7 +229,8 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     // Plays scheduler and kubelet for the model's pods: bound to the node,
     // Running and Ready at `ip`, where the real ferrite-server listens.
     let make_pods_ready = || async {
-        let list = pods.list(&ListParams::default().labels(&format!("ferrite.dev/model-deployment={NAME}"))).await.ok()?;
+        let list =
+            pods.list(&ListParams::default().labels(&format!("ferrite.dev/model-deployment={NAME}"))).await.ok()?;
         let mut any = false;
         for pod in list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
             let name = pod.name_any();
@@ -313,7 +313,8 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     // The Service stays with the activator at zero, and nothing else lists
     // the old pod (neither the controller's slice nor a mirrored one).
     assert!(services.get(NAME).await.unwrap().spec.unwrap().selector.is_none());
-    let listed = slices.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}"))).await.unwrap();
+    let listed =
+        slices.list(&ListParams::default().labels(&format!("kubernetes.io/service-name={NAME}"))).await.unwrap();
     let names: Vec<String> = listed.items.iter().map(|s| s.name_any()).collect();
     assert_eq!(names, [format!("{NAME}-activator")], "only the activator's slice");
 

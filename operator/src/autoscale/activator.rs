@@ -43,7 +43,8 @@ impl ActivatorSnapshot {
     /// The counts of ModelDeployment `namespace/name`: zeros when no pod
     /// saw it; `None` when the round is not [`complete`](Self::complete).
     pub fn for_model(&self, namespace: &str, name: &str) -> Option<ActivatorCounts> {
-        self.complete().then(|| self.counts.get(&(namespace.to_string(), name.to_string())).copied().unwrap_or_default())
+        self.complete()
+            .then(|| self.counts.get(&(namespace.to_string(), name.to_string())).copied().unwrap_or_default())
     }
 
     /// Held requests of a model from the pods that answered, complete or not

@@ -343,7 +343,10 @@ ferrite_inflight_requests{model="a"} 1.0e0
 ferrite_queue_depth{model="line\nbreak"} 6
 ferrite_inflight_requests{model="we\"ird\\name",other="\\"} 1
 "#;
-        assert_eq!(parse_load(text, "we\"ird\\name").unwrap(), PodLoad { queued: 5, inflight: 1, ..PodLoad::default() });
+        assert_eq!(
+            parse_load(text, "we\"ird\\name").unwrap(),
+            PodLoad { queued: 5, inflight: 1, ..PodLoad::default() }
+        );
         assert_eq!(parse_load(text, "line\nbreak").unwrap(), PodLoad { queued: 6, inflight: 0, ..PodLoad::default() });
     }
 

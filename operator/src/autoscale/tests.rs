@@ -212,7 +212,10 @@ async fn scrape_errors_are_typed() {
     assert!(matches!(err, ScrapeError::MissingFamily(_)), "{err:?}");
 
     let pod = FakePod::start("m", 3, 4).await;
-    assert_eq!(scrape(&http, &pod.url, "m", t).await.unwrap(), PodLoad { queued: 3, inflight: 4, ..PodLoad::default() });
+    assert_eq!(
+        scrape(&http, &pod.url, "m", t).await.unwrap(),
+        PodLoad { queued: 3, inflight: 4, ..PodLoad::default() }
+    );
 }
 
 #[tokio::test]
@@ -261,7 +264,10 @@ async fn observe_sums_pods_and_counts_failures() {
         target(&closed_endpoint(), false),
     ];
     let obs = observe_pods(&http, &targets, "m", Duration::from_millis(500)).await;
-    assert_eq!(obs, Observation { queued: 35, inflight: 8, pods_scraped: 3, pods_failed: 1, pods_unready: 1, held: 0, requests: 0 });
+    assert_eq!(
+        obs,
+        Observation { queued: 35, inflight: 8, pods_scraped: 3, pods_failed: 1, pods_unready: 1, held: 0, requests: 0 }
+    );
     assert_eq!(observe_pods(&http, &[], "m", Duration::from_millis(500)).await, Observation::default());
 }
 

@@ -129,7 +129,13 @@ impl ActivatorEndpoints {
         let port = self.metrics_port;
         self.addresses
             .iter()
-            .map(|ip| if ip.contains(':') { format!("http://[{ip}]:{port}{path}") } else { format!("http://{ip}:{port}{path}") })
+            .map(|ip| {
+                if ip.contains(':') {
+                    format!("http://[{ip}]:{port}{path}")
+                } else {
+                    format!("http://{ip}:{port}{path}")
+                }
+            })
             .collect()
     }
 }
@@ -149,7 +155,12 @@ pub fn scales_to_zero(md: &ModelDeployment) -> bool {
 /// ready endpoint; without one, a model whose pods are Ready stays in pod
 /// mode (a drain waits), and one with none goes to the activator anyway
 /// (there is nothing better to send its requests to).
-pub fn wanted_mode(md: &ModelDeployment, deployment: Option<&Deployment>, activator: bool, activator_ready: bool) -> Mode {
+pub fn wanted_mode(
+    md: &ModelDeployment,
+    deployment: Option<&Deployment>,
+    activator: bool,
+    activator_ready: bool,
+) -> Mode {
     if !activator || !scales_to_zero(md) {
         return Mode::Pods;
     }
@@ -309,7 +320,8 @@ mod tests {
         let port_names: Vec<_> = service.spec.unwrap().ports.unwrap().into_iter().map(|p| p.name.unwrap()).collect();
         assert_eq!(port_names, ["http", "grpc", "metrics"], "the same ports in both modes");
 
-        let activator = ActivatorEndpoints { addresses: vec!["10.0.0.7".into(), "10.0.0.8".into()], ..Default::default() };
+        let activator =
+            ActivatorEndpoints { addresses: vec!["10.0.0.7".into(), "10.0.0.8".into()], ..Default::default() };
         let slice = activator_slice(&m, &activator);
         assert_eq!(slice.metadata.name.as_deref(), Some("m-activator"));
         let labels = slice.metadata.labels.clone().unwrap();
@@ -345,9 +357,24 @@ mod tests {
 
     #[test]
     fn pod_slices_decide_when_the_activator_can_go_and_what_is_stale() {
-        let ready = slice("m-abc", MANAGED_BY_CONTROLLER, json!([{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}]), json!([]));
-        let unready = slice("m-def", MANAGED_BY_CONTROLLER, json!([{"addresses": ["10.1.0.2"], "conditions": {"ready": false}}]), json!([]));
-        let ours = slice("m-activator", MANAGED_BY_OPERATOR, json!([{"addresses": ["10.0.0.7"], "conditions": {"ready": true}}]), json!([]));
+        let ready = slice(
+            "m-abc",
+            MANAGED_BY_CONTROLLER,
+            json!([{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}]),
+            json!([]),
+        );
+        let unready = slice(
+            "m-def",
+            MANAGED_BY_CONTROLLER,
+            json!([{"addresses": ["10.1.0.2"], "conditions": {"ready": false}}]),
+            json!([]),
+        );
+        let ours = slice(
+            "m-activator",
+            MANAGED_BY_OPERATOR,
+            json!([{"addresses": ["10.0.0.7"], "conditions": {"ready": true}}]),
+            json!([]),
+        );
         assert!(pods_listed(&[ready.clone(), ours.clone()]));
         assert!(!pods_listed(&[unready.clone(), ours.clone()]), "no ready pod: keep the activator");
         assert!(!pods_listed(&[ours.clone()]), "our own slice is not a pod");

@@ -191,8 +191,14 @@ mod tests {
         assert_eq!(rules.len(), 3);
         assert_eq!(port_numbers(&rules[2]), [IntOrString::Int(8000), IntOrString::Int(8001)]);
         let peer = &rules[2].from.as_ref().unwrap()[0];
-        assert_eq!(peer.namespace_selector.clone().unwrap().match_labels.unwrap()[NAMESPACE_NAME_LABEL], "ferrite-system");
-        assert_eq!(peer.pod_selector.clone().unwrap().match_labels.unwrap()["app.kubernetes.io/component"], "activator");
+        assert_eq!(
+            peer.namespace_selector.clone().unwrap().match_labels.unwrap()[NAMESPACE_NAME_LABEL],
+            "ferrite-system"
+        );
+        assert_eq!(
+            peer.pod_selector.clone().unwrap().match_labels.unwrap()["app.kubernetes.io/component"],
+            "activator"
+        );
         assert_eq!(ingress(&network_policy(&md(spec), &scrapers()).unwrap()).len(), 2, "no activator: no rule");
     }
 

@@ -15,12 +15,28 @@ fn policy(min: u32, max: u32, target: u32, up: u64, down: u64) -> ScalePolicy {
 }
 
 fn obs(queued: u64, inflight: u64, scraped: u32, failed: u32) -> Option<Observation> {
-    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: failed, pods_unready: 0, held: 0, requests: 0 })
+    Some(Observation {
+        queued,
+        inflight,
+        pods_scraped: scraped,
+        pods_failed: failed,
+        pods_unready: 0,
+        held: 0,
+        requests: 0,
+    })
 }
 
 /// An observation where `unready` of the `scraped` pods are not Ready.
 fn unready(queued: u64, inflight: u64, scraped: u32, unready: u32) -> Option<Observation> {
-    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: 0, pods_unready: unready, held: 0, requests: 0 })
+    Some(Observation {
+        queued,
+        inflight,
+        pods_scraped: scraped,
+        pods_failed: 0,
+        pods_unready: unready,
+        held: 0,
+        requests: 0,
+    })
 }
 
 struct Case {
@@ -412,7 +428,15 @@ fn decision_table() {
             current: 4,
             history: &[],
             seed: None,
-            observation: Some(Observation { queued: 0, inflight: 0, pods_scraped: 2, pods_failed: 1, pods_unready: 1, held: 0, requests: 0 }),
+            observation: Some(Observation {
+                queued: 0,
+                inflight: 0,
+                pods_scraped: 2,
+                pods_failed: 1,
+                pods_unready: 1,
+                held: 0,
+                requests: 0,
+            }),
             want: 4,
             want_record: None,
             reason: "holding: 1 of 3 scrapes failed, 1 pods not Ready",
@@ -480,7 +504,15 @@ fn zero_policy() -> ScalePolicy {
 }
 
 fn held(queued: u64, scraped: u32, failed: u32, held: u64) -> Option<Observation> {
-    Some(Observation { queued, inflight: 0, pods_scraped: scraped, pods_failed: failed, pods_unready: 0, held, requests: 0 })
+    Some(Observation {
+        queued,
+        inflight: 0,
+        pods_scraped: scraped,
+        pods_failed: failed,
+        pods_unready: 0,
+        held,
+        requests: 0,
+    })
 }
 
 /// `(name, policy, current, observation, idle seconds, want, want_record, reason)`
@@ -499,7 +531,16 @@ fn scale_to_zero_table() {
         ("no metrics at all: never zero", z, 1, None, Some(300), 1, None, "no metrics observed"),
         ("at zero, nothing held: stays", z, 0, held(0, 0, 0, 0), None, 0, None, "no request held"),
         ("at zero, the activator unread: stays", z, 0, None, None, 0, None, "no request held"),
-        ("at zero, one held: one replica at once", z, 0, held(0, 0, 0, 1), None, 1, Some(1), "scaling up from zero to 1"),
+        (
+            "at zero, one held: one replica at once",
+            z,
+            0,
+            held(0, 0, 0, 1),
+            None,
+            1,
+            Some(1),
+            "scaling up from zero to 1",
+        ),
         ("at zero, nine held: ceil(9/4)", z, 0, held(0, 0, 0, 9), None, 3, Some(3), "9 requests held"),
         ("at zero, a flood: maxReplicas", z, 0, held(0, 0, 0, 1000), None, 5, Some(5), "to 5"),
         (
@@ -522,7 +563,16 @@ fn scale_to_zero_table() {
             Some(3),
             "queue 12 (queued 6, in-flight 0, held by the activator 6)",
         ),
-        ("minReplicas 0 without an activator: kept at 1", policy(1, 5, 4, 0, 60), 0, held(0, 0, 0, 0), Some(300), 1, None, "holding"),
+        (
+            "minReplicas 0 without an activator: kept at 1",
+            policy(1, 5, 4, 0, 60),
+            0,
+            held(0, 0, 0, 0),
+            Some(300),
+            1,
+            None,
+            "holding",
+        ),
     ];
     let now = Instant::now() + Duration::from_secs(10_000);
     for (name, policy, current, observation, idle, want, want_record, reason) in cases {
@@ -561,7 +611,8 @@ fn idleness_restarts_on_any_activity() {
 
 #[test]
 fn scale_to_zero_needs_min_zero_and_an_activator() {
-    let spec: AutoscalingSpec = serde_json::from_value(serde_json::json!({"minReplicas": 0, "maxReplicas": 3})).unwrap();
+    let spec: AutoscalingSpec =
+        serde_json::from_value(serde_json::json!({"minReplicas": 0, "maxReplicas": 3})).unwrap();
     let p = ScalePolicy::from_spec(&spec, true);
     assert_eq!((p.min_replicas, p.scale_to_zero), (1, Some(Duration::from_secs(300))), "default 300 s, floor 1");
     assert_eq!(ScalePolicy::from_spec(&spec, false).scale_to_zero, None, "no activator: never zero");
@@ -569,6 +620,7 @@ fn scale_to_zero_needs_min_zero_and_an_activator() {
         serde_json::from_value(serde_json::json!({"minReplicas": 0, "maxReplicas": 3, "scaleToZeroAfterSeconds": 5}))
             .unwrap();
     assert_eq!(ScalePolicy::from_spec(&spec, true).scale_to_zero, Some(Duration::from_secs(5)));
-    let spec: AutoscalingSpec = serde_json::from_value(serde_json::json!({"minReplicas": 1, "maxReplicas": 3})).unwrap();
+    let spec: AutoscalingSpec =
+        serde_json::from_value(serde_json::json!({"minReplicas": 1, "maxReplicas": 3})).unwrap();
     assert_eq!(ScalePolicy::from_spec(&spec, true).scale_to_zero, None);
 }
