@@ -53,7 +53,7 @@ impl ActivatorSnapshot {
         self.counts.get(&(namespace.to_string(), name.to_string())).map_or(0, |c| c.held)
     }
 
-    fn add(&mut self, other: HashMap<(String, String), ActivatorCounts>) {
+    fn add(&mut self, other: CountsByModel) {
         for (key, counts) in other {
             let sum = self.counts.entry(key).or_default();
             sum.held = sum.held.saturating_add(counts.held);
@@ -62,10 +62,13 @@ impl ActivatorSnapshot {
     }
 }
 
+/// Counts by ModelDeployment `(namespace, name)`.
+pub type CountsByModel = HashMap<(String, String), ActivatorCounts>;
+
 /// The per-ModelDeployment counts of one activator pod's metrics text.
 /// Absent families read as zero (a fresh activator exports its counters
 /// from the first request on); malformed samples are an error.
-pub fn parse_activator(text: &str) -> Result<HashMap<(String, String), ActivatorCounts>, ScrapeError> {
+pub fn parse_activator(text: &str) -> Result<CountsByModel, ScrapeError> {
     let mut counts: HashMap<(String, String), ActivatorCounts> = HashMap::new();
     for (family, held) in [(HELD_REQUESTS, true), (REQUESTS, false)] {
         for (labels, value) in family_samples(text, family)? {
@@ -85,17 +88,16 @@ pub fn parse_activator(text: &str) -> Result<HashMap<(String, String), Activator
 
 /// Scrapes every activator pod's metrics (`urls`) concurrently and sums them.
 pub async fn observe_activator(http: &reqwest::Client, urls: &[String], timeout: Duration) -> ActivatorSnapshot {
-    let results: Vec<(String, Result<HashMap<(String, String), ActivatorCounts>, ScrapeError>)> =
-        stream::iter(urls.to_vec())
-            .map(|url: String| -> futures::future::BoxFuture<'_, _> {
-                Box::pin(async move {
-                    let result = fetch_metrics(http, &url, timeout).await.and_then(|text| parse_activator(&text));
-                    (url, result)
-                })
+    let results: Vec<(String, Result<CountsByModel, ScrapeError>)> = stream::iter(urls.to_vec())
+        .map(|url: String| -> futures::future::BoxFuture<'_, _> {
+            Box::pin(async move {
+                let result = fetch_metrics(http, &url, timeout).await.and_then(|text| parse_activator(&text));
+                (url, result)
             })
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
     let mut snapshot = ActivatorSnapshot::default();
     for (url, result) in results {
         match result {

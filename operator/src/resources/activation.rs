@@ -377,15 +377,18 @@ mod tests {
         );
         assert!(pods_listed(&[ready.clone(), ours.clone()]));
         assert!(!pods_listed(&[unready.clone(), ours.clone()]), "no ready pod: keep the activator");
-        assert!(!pods_listed(&[ours.clone()]), "our own slice is not a pod");
+        assert!(!pods_listed(std::slice::from_ref(&ours)), "our own slice is not a pod");
         let mirrored = slice("m-xyz", MANAGED_BY_MIRRORING, json!([{"addresses": ["10.1.0.1"]}]), json!([]));
         assert_eq!(stale_pod_slices(&[ready.clone(), ours.clone(), unready, mirrored]), ["m-abc", "m-def", "m-xyz"]);
 
         let m = md(0);
         let selectorless = service(&m, Mode::Activator);
         let with_selector = service(&m, Mode::Pods);
-        assert!(settled_in_activator_mode(&m, Some(&selectorless), &[ours.clone()]));
-        assert!(!settled_in_activator_mode(&m, Some(&with_selector), &[ours.clone()]), "selector still there");
+        assert!(settled_in_activator_mode(&m, Some(&selectorless), std::slice::from_ref(&ours)));
+        assert!(
+            !settled_in_activator_mode(&m, Some(&with_selector), std::slice::from_ref(&ours)),
+            "selector still there"
+        );
         assert!(!settled_in_activator_mode(&m, Some(&selectorless), &[ours.clone(), ready]), "stale pod slice");
         assert!(!settled_in_activator_mode(&m, Some(&selectorless), &[]), "no activator slice");
         assert!(!settled_in_activator_mode(&m, None, &[ours]), "no Service");
