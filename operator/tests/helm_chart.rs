@@ -199,9 +199,17 @@ fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml:
     docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect()
 }
 
+/// The operator's Deployment (the chart also has the activator's).
+fn operator_deployment(docs: &[serde_yaml::Value]) -> &serde_yaml::Value {
+    of_kind(docs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-operator")))
+        .expect("the operator's Deployment")
+}
+
 /// The operator container's environment, name -> value.
 fn operator_env(docs: &[serde_yaml::Value]) -> std::collections::BTreeMap<String, String> {
-    let deployment = of_kind(docs, "Deployment")[0];
+    let deployment = operator_deployment(docs);
     let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].as_sequence().unwrap();
     env.iter().filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string()))).collect()
 }
@@ -275,10 +283,7 @@ fn policy_values_become_operator_flags() {
 
 /// The operator's `run` arguments in a rendered chart.
 fn operator_args(docs: &[serde_yaml::Value]) -> Vec<String> {
-    let deployment = of_kind(docs, "Deployment")
-        .into_iter()
-        .find(|d| d["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-operator")))
-        .expect("the operator's Deployment");
+    let deployment = operator_deployment(docs);
     let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap();
     args.iter().map(|a| a.as_str().unwrap().to_string()).collect()
 }
