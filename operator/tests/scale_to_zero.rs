@@ -266,8 +266,28 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     });
     served.await;
 
-    // Idle (no request anywhere): the Service switches to the activator,
-    // and only afterwards do the replicas go to zero.
+    // Idle: the drain starts (the Service to the activator), and a request
+    // arrives during it. The activator forwards it to the still Ready pod
+    // (here: its counter moves), so the drain is cancelled: the Service goes
+    // back to the pod, which was never scaled away.
+    eventually("a first drain: the Service points at the activator", Duration::from_secs(60), || async {
+        let s = services.get(NAME).await.ok()?;
+        s.spec?.selector.is_none().then_some(())
+    })
+    .await;
+    *counts.lock().unwrap() = (0, 1);
+    eventually("the drain cancelled: the Service back with the pod", Duration::from_secs(30), || async {
+        let s = services.get(NAME).await.ok()?;
+        let ours = slices.get_opt(&format!("{NAME}-activator")).await.ok()?;
+        let d = deployments.get(NAME).await.ok()?;
+        let marked = d.annotations().contains_key("ferrite.dev/scale-to-zero-drain-since");
+        (s.spec?.selector.is_some() && ours.is_none() && !marked).then_some(())
+    })
+    .await;
+    assert_eq!(replicas(&deployments.get(NAME).await.unwrap()), 1, "a request during the drain keeps the pod");
+
+    // Idle again (no request anywhere): the Service switches to the
+    // activator, and only afterwards do the replicas go to zero.
     let idle_from = Instant::now();
     let switched = eventually("the Service points at the activator", Duration::from_secs(60), || async {
         let s = services.get(NAME).await.ok()?;
@@ -319,7 +339,7 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     assert_eq!(names, [format!("{NAME}-activator")], "only the activator's slice");
 
     // A request arrives at the activator and is held: up at once.
-    *counts.lock().unwrap() = (1, 1);
+    *counts.lock().unwrap() = (1, 2);
     let held_at = Instant::now();
     let up_at = eventually("scaled up from zero", Duration::from_secs(10), || async {
         (replicas(&deployments.get(NAME).await.ok()?) == 1).then(Instant::now)
@@ -339,7 +359,7 @@ async fn an_idle_model_goes_to_zero_through_the_activator_and_a_held_request_bri
     // The pod turns Ready: the activator forwards what it held, and the
     // Service goes back to the pods once the EndpointSlice controller lists one.
     eventually("the new pod exists", Duration::from_secs(30), make_pods_ready).await;
-    *counts.lock().unwrap() = (0, 1);
+    *counts.lock().unwrap() = (0, 2);
     eventually("the Service back in pod mode, the activator's slice gone", Duration::from_secs(30), || async {
         let s = services.get(NAME).await.ok()?;
         let ours = slices.get_opt(&format!("{NAME}-activator")).await.ok()?;
