@@ -31,6 +31,7 @@
 //! [`FIELD_MANAGER`]), the reconciler everything else, `desiredReplicas`
 //! included (see [`status`](self::status) for the table and why).
 
+pub mod activator;
 mod decide;
 mod metrics;
 mod scrape;
@@ -40,14 +41,38 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use crate::crd::ModelDeployment;
+use crate::resources::activation::{self, DRAIN_ANNOTATION, SERVICE_NAME_LABEL};
 
-pub use decide::{decide, Decision, DecisionInput, Direction, Observation, Recommendations, ScalePolicy};
+/// How long the Service must have pointed at the activator before the
+/// replicas go to zero. The API shows the switch at once, but every node's
+/// kube-proxy applies it on its own watch and sync: a few seconds, during
+/// which a connection may still reach a pod. Three seconds covers a loaded
+/// kube-proxy's sync on a small cluster; the pods' preStop sleep (5 s) and
+/// drain cover what is in flight after that.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(3);
+
+/// Scale-to-zero memory of one ModelDeployment, kept by the caller next to
+/// its [`Recommendations`].
+#[derive(Clone, Debug, Default)]
+pub struct ZeroMemory {
+    /// Since when the model has been idle.
+    pub idleness: Idleness,
+    /// When the Service was first seen in activator mode during a drain.
+    pub settled_since: Option<Instant>,
+    /// Whether the last step left the Deployment marked for a drain (the
+    /// caller then steps every tick, not every scrape interval).
+    pub draining: bool,
+}
+
+pub use activator::{observe_activator, parse_activator, ActivatorCounts, ActivatorSnapshot};
+pub use decide::{decide, Decision, DecisionInput, Direction, Idleness, Observation, Recommendations, ScalePolicy};
 pub use metrics::AutoscaleMetrics;
 pub use scrape::{
     family_samples, fetch_metrics, parse_load, scrape, Labels, PodLoad, ScrapeError, INFLIGHT, QUEUE_DEPTH,
@@ -85,6 +110,18 @@ pub struct ScaleOutcome {
     pub pods_scraped: u32,
     /// Pods whose scrape failed.
     pub pods_failed: u32,
+}
+
+impl ScaleOutcome {
+    /// Whether the step took the model to zero replicas.
+    pub fn to_zero(&self) -> bool {
+        self.changed && self.new_replicas == 0
+    }
+
+    /// Whether the step scaled the model up from zero replicas.
+    pub fn from_zero(&self) -> bool {
+        self.changed && self.old_replicas == 0 && self.new_replicas > 0
+    }
 }
 
 /// A pod to scrape.
@@ -196,6 +233,7 @@ pub async fn observe_pods(
             Ok(load) => {
                 obs.queued = obs.queued.saturating_add(load.queued);
                 obs.inflight = obs.inflight.saturating_add(load.inflight);
+                obs.requests = obs.requests.saturating_add(load.requests);
                 obs.pods_scraped += 1;
                 obs.pods_unready += u32::from(!target.ready);
             }
@@ -236,22 +274,54 @@ pub async fn scale_step(
     http: &reqwest::Client,
     now: Instant,
 ) -> anyhow::Result<Option<ScaleOutcome>> {
+    scale_step_with_activator(client, md, state, &mut ZeroMemory::default(), None, targets, http, now).await
+}
+
+/// [`scale_step`] with scale to zero: `activator` is the latest scrape of
+/// the activator pods (`None` when the operator has no activator, and then
+/// `minReplicas: 0` is kept at 1), `zero` the model's memory across steps.
+///
+/// Going to zero takes several steps (one per tick): the step that finds the
+/// model idle marks the Deployment ([`DRAIN_ANNOTATION`]), on which the
+/// reconciler switches the Service to activator mode; the following steps
+/// wait until the API shows the switch ([`activation::settled_in_activator_mode`])
+/// and [`DRAIN_WAIT`] has passed since, decide again on fresh metrics (any
+/// request meanwhile cancels: the mark is removed and the Service returns
+/// to the pods), and only then apply zero replicas.
+#[allow(clippy::too_many_arguments)]
+pub async fn scale_step_with_activator(
+    client: kube::Client,
+    md: &ModelDeployment,
+    state: &mut Recommendations,
+    zero: &mut ZeroMemory,
+    activator: Option<&ActivatorSnapshot>,
+    targets: impl FnOnce(&str) -> Vec<ScrapeTarget>,
+    http: &reqwest::Client,
+    now: Instant,
+) -> anyhow::Result<Option<ScaleOutcome>> {
     let Some(spec) = md.spec.autoscaling.as_ref() else {
         return Ok(None);
     };
     let name = md.name_any();
     let namespace = md.namespace().ok_or_else(|| anyhow::anyhow!("ModelDeployment {name} has no namespace"))?;
-    let policy = ScalePolicy::from_spec(spec);
+    let policy = ScalePolicy::from_spec(spec, activator.is_some());
     let timeout = scrape_timeout(Duration::from_secs(spec.scrape_interval_seconds.max(1) as u64));
     let model = md.model_name();
-    let deployments = Api::<Deployment>::namespaced(client, &namespace);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &namespace);
     let read = |what: kube::Error| anyhow::Error::new(what).context(format!("reading Deployment {namespace}/{name}"));
 
     let Some(mut deployment) = deployments.get_opt(&name).await.map_err(read)? else {
         return Ok(None);
     };
     let uid = deployment.metadata.uid.clone().unwrap_or_default();
-    let observation = observe_pods(http, &targets(&uid), &model, timeout).await;
+    let mut observation = observe_pods(http, &targets(&uid), &model, timeout).await;
+    observation.held = activator.map_or(0, |a| a.held(&namespace, &name));
+    // Activity: the pods' counters and the activator's, known only when
+    // every Ready pod and every activator pod was read.
+    let counts = activator.and_then(|a| a.for_model(&namespace, &name));
+    let requests =
+        counts.filter(|_| observation.pods_failed == 0).map(|c| c.requests.saturating_add(observation.requests));
+    let idle_for = zero.idleness.observe(now, requests, observation.load() > 0);
 
     // A fresh history (new leader, restart): wait a full scale-down window
     // before removing replicas someone chose before us.
@@ -262,18 +332,61 @@ pub async fn scale_step(
     let (current, decision) = loop {
         attempts += 1;
         let current = replicas_of(&deployment);
-        let decision = decide(&DecisionInput {
+        let mut decision = decide(&DecisionInput {
             policy,
             current_replicas: current,
             history: state,
             observation: Some(observation),
             now,
+            idle_for,
         });
-        if !decision.changed && crate::resources::owns_replicas(&deployment.metadata, FIELD_MANAGER) {
+        let marked = deployment.annotations().get(DRAIN_ANNOTATION).cloned();
+        let mut mark = None;
+        if decision.replicas == 0 && current > 0 {
+            let wait = match &marked {
+                None => Some("switching the Service to the activator first".to_string()),
+                Some(_) if !activation_settled(&client, md).await? => {
+                    zero.settled_since = None;
+                    Some("waiting for the Service to point at the activator".to_string())
+                }
+                Some(_) => {
+                    let since = *zero.settled_since.get_or_insert(now);
+                    let left = DRAIN_WAIT.saturating_sub(now.saturating_duration_since(since));
+                    (!left.is_zero()).then(|| {
+                        format!("the Service points at the activator; zero in {:.1}s (kube-proxy)", left.as_secs_f64())
+                    })
+                }
+            };
+            if let Some(wait) = wait {
+                mark = Some(marked.clone().unwrap_or_else(|| chrono::Utc::now().to_rfc3339()));
+                decision = Decision {
+                    replicas: current,
+                    changed: false,
+                    direction: Direction::Hold,
+                    record: None,
+                    reason: format!("{}; {wait}", decision.reason),
+                    ..decision
+                };
+            }
+        }
+        if mark.is_none() {
+            zero.settled_since = None;
+        }
+        let owned = crate::resources::owns_replicas(&deployment.metadata, FIELD_MANAGER);
+        if !decision.changed && owned && mark == marked {
+            zero.draining = mark.is_some();
             break (current, decision);
         }
-        match apply_replicas(&deployments, &deployment, decision.replicas).await {
-            Ok(()) => break (current, decision),
+        match apply_replicas(&deployments, &deployment, decision.replicas, mark.as_deref()).await {
+            Ok(()) => {
+                zero.draining = mark.is_some();
+                if mark.is_some() && marked.is_none() {
+                    tracing::info!(%namespace, %name, reason = %decision.reason, "scale to zero: draining to the activator");
+                } else if mark.is_none() && marked.is_some() && decision.replicas > 0 {
+                    tracing::info!(%namespace, %name, reason = %decision.reason, "scale to zero cancelled: back to the pods");
+                }
+                break (current, decision);
+            }
             Err(kube::Error::Api(status)) if status.code == 409 && attempts < 2 => {
                 tracing::info!(%namespace, %name, "the Deployment changed since it was read; deciding again");
                 deployment = deployments
@@ -291,8 +404,14 @@ pub async fn scale_step(
     if let Some(recommendation) = decision.record {
         state.record(now, recommendation, policy.longest_window());
     }
-    if decision.changed {
+    if decision.changed && (decision.replicas == 0 || current == 0) {
+        // The line the cold-start breakdown looks for, with the Event.
+        tracing::info!(%namespace, %name, from = current, to = decision.replicas, reason = %decision.reason,
+            "{}", if current == 0 { "scaled up from zero" } else { "scaled to zero" });
+    } else if decision.changed {
         tracing::info!(%namespace, %name, from = current, to = decision.replicas, reason = %decision.reason, "scaled");
+    } else if zero.draining {
+        tracing::info!(%namespace, %name, replicas = current, reason = %decision.reason, "draining to zero");
     } else {
         tracing::debug!(%namespace, %name, replicas = current, reason = %decision.reason, "holding");
     }
@@ -303,10 +422,26 @@ pub async fn scale_step(
         changed: decision.changed,
         direction: decision.direction,
         reason: decision.reason,
-        queue_depth: (observation.pods_scraped > 0).then(|| observation.load()),
+        queue_depth: (observation.pods_scraped > 0 || observation.held > 0).then(|| observation.load()),
         pods_scraped: observation.pods_scraped,
         pods_failed: observation.pods_failed,
     }))
+}
+
+/// Whether the model's Service is settled in activator mode (read now from
+/// the API, not a cache: the wait before zero counts from what it shows).
+async fn activation_settled(client: &kube::Client, md: &ModelDeployment) -> anyhow::Result<bool> {
+    let namespace = md.namespace().unwrap_or_default();
+    let name = md.name_any();
+    let service = Api::<Service>::namespaced(client.clone(), &namespace)
+        .get_opt(&name)
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("reading Service {namespace}/{name}")))?;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), &namespace)
+        .list(&kube::api::ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={name}")))
+        .await
+        .map_err(|e| anyhow::Error::new(e).context(format!("listing the EndpointSlices of {namespace}/{name}")))?;
+    Ok(activation::settled_in_activator_mode(md, service.as_ref(), &slices.items))
 }
 
 /// The Deployment's replica count (the API server defaults it to 1; never
@@ -315,13 +450,24 @@ fn replicas_of(deployment: &Deployment) -> u32 {
     deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as u32
 }
 
-/// Applies `replicas` as the autoscaler's field, on the condition that the
-/// Deployment is still at `read`'s resourceVersion.
-async fn apply_replicas(deployments: &Api<Deployment>, read: &Deployment, replicas: u32) -> Result<(), kube::Error> {
+/// Applies `replicas` as the autoscaler's field, with the drain mark when
+/// `drain` (the autoscaler's too: an apply without it removes it), on the
+/// condition that the Deployment is still at `read`'s resourceVersion.
+async fn apply_replicas(
+    deployments: &Api<Deployment>,
+    read: &Deployment,
+    replicas: u32,
+    drain: Option<&str>,
+) -> Result<(), kube::Error> {
+    let mut metadata =
+        serde_json::json!({ "name": read.name_any(), "resourceVersion": read.metadata.resource_version });
+    if let Some(since) = drain {
+        metadata["annotations"] = serde_json::json!({ DRAIN_ANNOTATION: since });
+    }
     let patch = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": { "name": read.name_any(), "resourceVersion": read.metadata.resource_version },
+        "metadata": metadata,
         "spec": { "replicas": replicas },
     });
     deployments.patch(&read.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;

@@ -39,6 +39,12 @@ pub use escalation::{ConfidenceSignal, EscalationMode, EscalationSpec, Escalatio
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why Ready is what it is: ModelServing, ScaledToZero (idle, requests held by the activator), ScalingFromZero, or a problem"
+    ),
+    printcolumn(
         name = "Replicas",
         type_ = "integer",
         json_path = ".status.readyReplicas",
@@ -62,6 +68,7 @@ pub use escalation::{ConfidenceSignal, EscalationMode, EscalationSpec, Escalatio
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[kube(validation = Rule::new("!has(self.spec.escalation) || !has(self.spec.escalation.target.modelDeployment) || self.spec.escalation.target.modelDeployment != self.metadata.name").message("spec.escalation.target.modelDeployment must name another ModelDeployment, not this one"))]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas != 0 || !has(self.tls)").message("spec.autoscaling.minReplicas 0 (scale to zero) cannot be combined with spec.tls: while the model is at zero its requests go through the activator, which proxies plain HTTP and h2c and cannot terminate the pods' TLS"))]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are exclusive: set a fixed replica count or autoscaling, not both"))]
 #[x_kube(validation = Rule::new("!has(self.gpus) || self.gpus == 0 || self.runtime.executionProvider != 'cpu'").message("spec.gpus needs spec.runtime.executionProvider cuda or tensorrt"))]
 #[x_kube(validation = Rule::new("self.runtime.executionProvider == 'cpu' || (has(self.gpus) && self.gpus > 0)").message("executionProvider cuda or tensorrt needs spec.gpus of 1 or more"))]
@@ -344,14 +351,20 @@ impl Default for BatchingSpec {
 }
 
 /// Built-in autoscaling: `ceil((queued + in-flight) / targetQueueDepth)`
-/// replicas, within `minReplicas..maxReplicas`.
+/// replicas, within `minReplicas..maxReplicas`; with `minReplicas: 0`, zero
+/// after `scaleToZeroAfterSeconds` without a request (see
+/// docs/scale-to-zero.md).
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("spec.autoscaling.minReplicas must not exceed maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.scaleToZeroAfterSeconds) || self.minReplicas == 0").message("spec.autoscaling.scaleToZeroAfterSeconds needs minReplicas 0: it is the idle time before scaling to zero, which only minReplicas 0 allows"))]
 pub struct AutoscalingSpec {
-    /// Fewest replicas.
+    /// Fewest replicas. 0 scales the model to zero once it has been idle for
+    /// `scaleToZeroAfterSeconds`; its requests are then held by the
+    /// activator, and the first one scales it up again (needs the chart's
+    /// activator; not with `spec.tls`).
     #[serde(default = "default_min_replicas")]
-    #[x_kube(validation = Rule::new("self >= 1").message("spec.autoscaling.minReplicas must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.autoscaling.minReplicas must not be negative (0 scales to zero when idle)"))]
     pub min_replicas: i32,
     /// Most replicas.
     #[x_kube(validation = Rule::new("self >= 1").message("spec.autoscaling.maxReplicas must be at least 1"))]
@@ -372,6 +385,30 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_scrape_interval")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 300").message("spec.autoscaling.scrapeIntervalSeconds must be between 1 and 300"))]
     pub scrape_interval_seconds: i32,
+    /// With `minReplicas: 0`: seconds without any request (no new request
+    /// on the pods or the activator, nothing queued or in flight) before the
+    /// model scales to zero. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("spec.autoscaling.scaleToZeroAfterSeconds must be at least 1"))]
+    pub scale_to_zero_after_seconds: Option<i32>,
+}
+
+/// `scaleToZeroAfterSeconds` when `minReplicas` is 0 and it is not set.
+pub const DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS: i32 = 300;
+
+impl AutoscalingSpec {
+    /// Whether the spec asks for scale to zero (`minReplicas: 0`).
+    pub fn scales_to_zero(&self) -> bool {
+        self.min_replicas == 0
+    }
+
+    /// The idle time before scaling to zero, when the spec asks for it.
+    pub fn scale_to_zero_after(&self) -> Option<std::time::Duration> {
+        self.scales_to_zero().then(|| {
+            let seconds = self.scale_to_zero_after_seconds.unwrap_or(DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS).max(1);
+            std::time::Duration::from_secs(seconds as u64)
+        })
+    }
 }
 
 fn default_min_replicas() -> i32 {

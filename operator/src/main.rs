@@ -127,6 +127,21 @@ struct RunArgs {
     /// This replica's name in the Lease (the pod name); defaults to the host name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The activator's Service, `namespace/name`: ModelDeployments with
+    /// `minReplicas: 0` scale to zero, their requests held by its pods.
+    /// Without it they are kept at one replica.
+    #[arg(long = ferrite_contract::activator::SERVICE.name(), env = "FERRITE_ACTIVATOR_SERVICE", value_parser = parse_service_ref)]
+    activator_service: Option<(String, String)>,
+}
+
+/// `namespace/name`.
+fn parse_service_ref(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("{text:?} is not namespace/name")),
+    }
 }
 
 type Labels = BTreeMap<String, String>;
@@ -259,11 +274,13 @@ async fn main() -> anyhow::Result<()> {
                     prometheus: (!args.prometheus_namespace_labels.is_empty()
                         || !args.prometheus_pod_labels.is_empty())
                     .then_some((args.prometheus_namespace_labels, args.prometheus_pod_labels)),
+                    activator_namespace: args.activator_service.as_ref().map(|(ns, _)| ns.clone()),
                 },
                 metrics_addr: args.metrics_addr,
                 lease_name: args.lease_name,
                 lease_namespace: args.lease_namespace,
                 identity,
+                activator_service: args.activator_service,
             })
             .await
         }

@@ -7,14 +7,17 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+#[allow(deprecated)]
+use k8s_openapi::api::core::v1::Endpoints as LegacyEndpoints;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -22,6 +25,9 @@ use serde::Serialize;
 
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
 use crate::escalation;
+use crate::resources::activation::{
+    self, ActivatorEndpoints, Mode, MANAGED_BY_CONTROLLER, MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
+};
 use crate::resources::network_policy;
 use crate::resources::{self, BuildConfig, INSTANCE_LABEL};
 use crate::status;
@@ -74,18 +80,98 @@ pub struct Context {
     pub escalation: escalation::Memory,
     /// The client of those scrapes (no redirects, no proxy).
     pub http: reqwest::Client,
+    /// The activator (`--activator-service`), when there is one.
+    pub activator: Option<Activator>,
+    /// This replica's name (the Events' reporting instance).
+    pub identity: String,
+}
+
+/// The activator the operator was given: its Service, and a cache of that
+/// Service's EndpointSlices (the activator pods).
+#[derive(Clone)]
+pub struct Activator {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// Its EndpointSlices, kept current by a watch.
+    pub slices: Store<EndpointSlice>,
+}
+
+impl Activator {
+    /// `namespace/name`.
+    pub fn service(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The activator pods as the cache shows them now.
+    pub fn endpoints(&self) -> ActivatorEndpoints {
+        let slices = self.slices.state();
+        ActivatorEndpoints::from_slices(slices.iter().map(|s| s.as_ref()))
+    }
 }
 
 impl Context {
     pub fn new(client: Client, config: BuildConfig, metrics: Metrics, identity: &str) -> Context {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_string()) };
         Context {
+            identity: identity.to_string(),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
             metrics,
             escalation: escalation::Memory::default(),
             http: crate::autoscale::scrape_client(),
+            activator: None,
+        }
+    }
+
+    /// The context with an activator for scale-to-zero models.
+    pub fn with_activator(mut self, activator: Option<Activator>) -> Context {
+        self.activator = activator;
+        self
+    }
+
+    /// What the status says of the activator.
+    pub fn activator_state(&self) -> status::ActivatorState {
+        match &self.activator {
+            None => status::ActivatorState::Missing,
+            Some(a) => status::ActivatorState::Configured {
+                service: a.service(),
+                ready_endpoints: a.endpoints().addresses.len(),
+            },
+        }
+    }
+
+    /// Publishes an Event of its own for a scale to or from zero: a new
+    /// object every time, with its own `eventTime` (microseconds) and note.
+    /// The [`Recorder`] folds repeats of a reason within six minutes into a
+    /// series on the first Event, keeping the first note; the cold-start
+    /// breakdown reads each transition's time.
+    pub async fn unique_event(&self, md: &ModelDeployment, reason: &str, note: String) {
+        use k8s_openapi::api::events::v1::Event as K8sEvent;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let reference = md.object_ref(&());
+        let event = K8sEvent {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("{}.{:x}", md.name_any(), now.as_nanosecond())),
+                namespace: md.namespace(),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(now)),
+            action: Some("Scale".into()),
+            reason: Some(reason.into()),
+            note: Some(note),
+            regarding: Some(reference),
+            reporting_controller: Some(crate::resources::AUTOSCALER_FIELD_MANAGER.into()),
+            reporting_instance: Some(self.identity.clone()),
+            type_: Some("Normal".into()),
+            ..Default::default()
+        };
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &md.namespace().unwrap_or_default());
+        if let Err(error) = api.create(&kube::api::PostParams::default(), &event).await {
+            tracing::warn!(%error, "cannot publish event");
         }
     }
 
@@ -220,7 +306,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         .map_err(|source| Error::Read { kind: "Deployment", source: Box::new(source) })?;
     let mut deployment = resources::deployment(md, &ctx.config);
     resources::set_replicas(&mut deployment, md, existing.as_ref());
-    let service = resources::service(md);
+    let service = activation::service(md, Mode::Pods);
     let budget = resources::pod_disruption_budget(md);
     let network_policy = network_policy::network_policy(md, &ctx.config.scrapers);
     let escalation_settings = resources::escalation::config_map(md);
@@ -235,7 +321,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         }
     }
     let deployment = apply(&ctx.client, &namespace, &deployment, "Deployment").await?;
-    apply(&ctx.client, &namespace, &service, "Service").await?;
+    let activator = ctx.activator.as_ref().map(Activator::endpoints);
+    let activator_ready = activator.as_ref().is_some_and(|a| !a.addresses.is_empty());
+    let mode = activation::wanted_mode(md, Some(&deployment), activator.is_some(), activator_ready);
+    let switching = apply_service(ctx, md, &service, mode, activator.as_ref()).await?;
     match &budget {
         Some(budget) => {
             apply(&ctx.client, &namespace, budget, "PodDisruptionBudget").await?;
@@ -257,6 +346,11 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         .map_err(|source| Error::Read { kind: "Pod", source: Box::new(source) })?
         .items;
     let mut new_status = status::compute(md, Some(&deployment), &pods);
+    if let Some(mut condition) = status::scale_to_zero_condition(md, &ctx.activator_state()) {
+        let previous = md.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+        status::carry_transition_times(std::slice::from_mut(&mut condition), &previous);
+        new_status.conditions.push(condition);
+    }
     let escalating = escalation::active(md).is_some();
     if let Some(spec) = escalation::active(md) {
         let target_exists = match &spec.target.model_deployment {
@@ -274,7 +368,11 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     // Look again soon while things are moving; an escalating deployment's
     // rate and target are read every scrape period.
     let settled = new_status.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "False");
-    let next = if !settled {
+    let next = if switching {
+        // The pods' slice is not there yet: look again soon (its watch
+        // usually triggers a reconciliation first).
+        Duration::from_secs(1)
+    } else if !settled {
         Duration::from_secs(5)
     } else if escalating {
         escalation::SCRAPE_PERIOD
@@ -282,6 +380,88 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         RESYNC
     };
     Ok(Action::requeue(next))
+}
+
+/// Applies the model's Service in `mode` (see [`activation`]), the
+/// activator's EndpointSlice with it, and removes what the other mode left.
+/// `service` is the pod-mode Service. Returns whether a switch to the pods is
+/// still under way (the activator's slice stays until the EndpointSlice
+/// controller lists a ready pod, so that new connections always have
+/// somewhere to go).
+async fn apply_service(
+    ctx: &Context,
+    md: &ModelDeployment,
+    service: &Service,
+    mode: Mode,
+    activator: Option<&ActivatorEndpoints>,
+) -> Result<bool, Error> {
+    let namespace = md.namespace().unwrap_or_default();
+    let name = md.name_any();
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &namespace);
+    let list_slices = || async {
+        slices
+            .list(&ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={name}")))
+            .await
+            .map(|l| l.items)
+            .map_err(|source| Error::Read { kind: "EndpointSlice", source: Box::new(source) })
+    };
+    match (mode, activator) {
+        (Mode::Activator, Some(activator)) => {
+            // The activator's slice first, then the selector goes: no moment
+            // without an endpoint. Then the controller's slices, which it
+            // leaves behind for a Service without a selector.
+            let slice = activation::activator_slice(md, activator);
+            apply(&ctx.client, &namespace, &slice, "EndpointSlice").await?;
+            let selectorless = activation::service(md, Mode::Activator);
+            apply(&ctx.client, &namespace, &selectorless, "Service").await?;
+            delete_legacy_endpoints(&ctx.client, &namespace, &name).await?;
+            for stale in activation::stale_pod_slices(&list_slices().await?) {
+                match slices.delete(&stale, &Default::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => return Err(Error::Delete { kind: "EndpointSlice", source: Box::new(source) }),
+                }
+            }
+            if md.status.as_ref().is_none_or(|s| s.ready_replicas > 0) {
+                tracing::info!(namespace = %namespace, %name, activator = ?activator.addresses, "Service in activator mode");
+            }
+            Ok(false)
+        }
+        _ => {
+            apply(&ctx.client, &namespace, service, "Service").await?;
+            let ours = activation::slice_name(md);
+            let present = slices
+                .get_opt(&ours)
+                .await
+                .map_err(|source| Error::Read { kind: "EndpointSlice", source: Box::new(source) })?;
+            let Some(_) = present else { return Ok(false) };
+            if !activation::pods_listed(&list_slices().await?) {
+                return Ok(true);
+            }
+            delete_owned_named::<EndpointSlice>(&ctx.client, md, &ours, "EndpointSlice").await?;
+            tracing::info!(namespace = %namespace, %name, "Service back in pod mode: the activator's slice removed");
+            Ok(false)
+        }
+    }
+}
+
+/// Deletes the v1 Endpoints the endpoints controller left for a Service
+/// that lost its selector (the mirroring controller would copy its pod IPs
+/// into a slice, and kube-proxy would send traffic there).
+#[allow(deprecated)]
+async fn delete_legacy_endpoints(client: &Client, namespace: &str, name: &str) -> Result<(), Error> {
+    let api: Api<LegacyEndpoints> = Api::namespaced(client.clone(), namespace);
+    let existing =
+        api.get_opt(name).await.map_err(|source| Error::Read { kind: "Endpoints", source: Box::new(source) })?;
+    let (key, value) = activation::LEGACY_ENDPOINTS_MANAGER;
+    if existing.is_some_and(|e| e.labels().get(key).map(String::as_str) == Some(value)) {
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => return Err(Error::Delete { kind: "Endpoints", source: Box::new(source) }),
+        }
+    }
+    Ok(())
 }
 
 /// Whether ModelDeployment `name` exists in `namespace` (a list by name:
@@ -373,8 +553,33 @@ async fn run_one(
     }
     let client = &ctx.client;
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=ferrite-operator");
-    Controller::new(api::<ModelDeployment>(client, namespace), watcher::Config::default())
+    let controller = Controller::new(api::<ModelDeployment>(client, namespace), watcher::Config::default());
+    let mds = controller.store();
+    // The activator's pods changed: every scale-to-zero model's slice lists them.
+    let controller = match &ctx.activator {
+        Some(activator) => {
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &activator.namespace);
+            let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", activator.name));
+            controller.watches(api, config, move |_: EndpointSlice| {
+                mds.state()
+                    .iter()
+                    .filter(|md| activation::scales_to_zero(md))
+                    .map(|md| ObjectRef::from_obj(md.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+        }
+        None => controller,
+    };
+    let pod_slices = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_CONTROLLER}"));
+    controller
         .owns(api::<Deployment>(client, namespace), owned.clone())
+        .owns(api::<EndpointSlice>(client, namespace), owned.clone())
+        // The pods' slices of a model Service: a switch back to the pods
+        // completes when the controller lists a ready one.
+        .watches(api::<EndpointSlice>(client, namespace), pod_slices, |slice: EndpointSlice| {
+            let name = slice.labels().get(SERVICE_NAME_LABEL)?.clone();
+            Some(ObjectRef::<ModelDeployment>::new(&name).within(&slice.namespace()?))
+        })
         .owns(api::<Service>(client, namespace), owned.clone())
         .owns(api::<PodDisruptionBudget>(client, namespace), owned.clone())
         .owns(api::<NetworkPolicy>(client, namespace), owned.clone())

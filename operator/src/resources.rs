@@ -21,6 +21,7 @@ use crate::crd::{Endpoints, ModelDeployment};
 use crate::policy::Policy;
 
 pub mod access;
+pub mod activation;
 pub mod escalation;
 pub mod network_policy;
 mod replicas;
@@ -110,7 +111,10 @@ pub fn desired_replicas(md: &ModelDeployment, deployment: Option<&Deployment>) -
     match (&md.spec.autoscaling, md.spec.replicas) {
         (Some(auto), _) => {
             let current = deployment.and_then(|d| d.spec.as_ref()?.replicas);
-            current.unwrap_or(auto.min_replicas).clamp(auto.min_replicas, auto.max_replicas.max(auto.min_replicas))
+            // A new scale-to-zero model starts with one replica: its first
+            // load shows the spec works; idleness takes it to zero later.
+            let start = auto.min_replicas.max(1);
+            current.unwrap_or(start).clamp(auto.min_replicas, auto.max_replicas.max(auto.min_replicas))
         }
         (None, Some(replicas)) => replicas,
         (None, None) => 1,
@@ -530,6 +534,7 @@ mod tests {
             scale_up_stabilization_seconds: 0,
             scale_down_stabilization_seconds: 120,
             scrape_interval_seconds: 5,
+            scale_to_zero_after_seconds: None,
         });
         assert_eq!(desired_replicas(&m, None), 2);
         let mut d = deployment(&m, &config());

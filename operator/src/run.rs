@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -23,12 +24,15 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
-use crate::autoscale::{self, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory};
+use crate::autoscale::{
+    self, ActivatorSnapshot, AutoscaleMetrics, Direction, Recommendations, ScaleOutcome, StatusMemory, ZeroMemory,
+};
 use crate::crd::ModelDeployment;
 use crate::health::{Health, Heartbeat};
 use crate::leader::{fenced_client, Election, FenceLayer, LeaseConfig};
 use crate::policy::Policy;
 use crate::reconcile::{self, Context};
+use crate::resources::activation;
 use crate::resources::network_policy::MetricsScrapers;
 use crate::resources::{BuildConfig, INSTANCE_LABEL};
 use crate::telemetry::{self, Metrics};
@@ -61,6 +65,9 @@ pub struct RunOptions {
     pub lease_namespace: String,
     /// This process's name in the lease (the pod name in a cluster).
     pub identity: String,
+    /// The activator's Service (`--activator-service`, `namespace/name`):
+    /// scale to zero needs it.
+    pub activator_service: Option<(String, String)>,
 }
 
 /// Runs until SIGTERM or Ctrl-C; an error when leadership was lost.
@@ -131,7 +138,16 @@ pub async fn run_with(
             policy: options.policy.clone(),
             scrapers: options.scrapers.clone(),
         };
-        let ctx = Arc::new(Context::new(client.clone(), build, metrics.clone(), &identity));
+        let activator = options.activator_service.as_ref().map(|(namespace, name)| reconcile::Activator {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            slices: cache::<EndpointSlice>(
+                &client,
+                Some(namespace),
+                Some(&format!("{}={name}", activation::SERVICE_NAME_LABEL)),
+            ),
+        });
+        let ctx = Arc::new(Context::new(client.clone(), build, metrics.clone(), &identity).with_activator(activator));
         let namespaces = options.watch_namespaces.clone();
         let controller = tokio::spawn({
             let (ctx, stopped) = (ctx.clone(), stopped());
@@ -226,12 +242,18 @@ async fn watch_controller(
 /// Per-ModelDeployment memory of the autoscaler.
 struct Scaled {
     recommendations: Recommendations,
+    zero: ZeroMemory,
     status: StatusMemory,
     next_due: Instant,
 }
 
-/// Every second, runs an autoscaling step for each autoscaled
-/// ModelDeployment whose scrape interval has passed.
+/// Longest scrape of the activator pods: the loop ticks every second.
+const ACTIVATOR_SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Every second, scrapes the activator pods once (all models at once, so a
+/// held request is seen within about a second) and runs an autoscaling step
+/// for each autoscaled ModelDeployment whose scrape interval has passed, or
+/// that has requests held, or that is being drained to zero.
 async fn autoscale_loop(
     ctx: Arc<Context>,
     namespace: Option<String>,
@@ -252,6 +274,13 @@ async fn autoscale_loop(
             _ = &mut shutdown => return,
         }
         heartbeat.beat();
+        let activator: Option<ActivatorSnapshot> = match &ctx.activator {
+            Some(activator) => {
+                let urls = activator.endpoints().metrics_urls();
+                Some(autoscale::observe_activator(&http, &urls, ACTIVATOR_SCRAPE_TIMEOUT).await)
+            }
+            None => None,
+        };
         let now = Instant::now();
         let current = mds.state();
         state.retain(|key, _| current.iter().any(|md| &ObjectRef::from_obj(md.as_ref()) == key));
@@ -264,10 +293,13 @@ async fn autoscale_loop(
             let key = ObjectRef::from_obj(md.as_ref());
             let entry = state.entry(key).or_insert_with(|| Scaled {
                 recommendations: Recommendations::new(),
+                zero: ZeroMemory::default(),
                 status: StatusMemory::default(),
                 next_due: now,
             });
-            if now < entry.next_due {
+            let held = activator.as_ref().map_or(0, |a| a.held(&md.namespace().unwrap_or_default(), &md.name_any()));
+            let urgent = spec.scales_to_zero() && (held > 0 || entry.zero.draining);
+            if now < entry.next_due && !urgent {
                 continue;
             }
             entry.next_due = now + Duration::from_secs(spec.scrape_interval_seconds.max(1) as u64);
@@ -286,7 +318,16 @@ async fn autoscale_loop(
                     ferrite_contract::ports::METRICS,
                 )
             };
-            let step = autoscale::scale_step(ctx.client.clone(), &md, &mut entry.recommendations, targets, &http, now);
+            let step = autoscale::scale_step_with_activator(
+                ctx.client.clone(),
+                &md,
+                &mut entry.recommendations,
+                &mut entry.zero,
+                activator.as_ref(),
+                targets,
+                &http,
+                now,
+            );
             match tokio::time::timeout(STEP_TIMEOUT, step).await {
                 Ok(Ok(Some(outcome))) => {
                     metrics.observe(&outcome);
@@ -309,7 +350,12 @@ async fn record_outcome(ctx: &Context, md: &ModelDeployment, outcome: &ScaleOutc
     if let Err(error) = autoscale::write_status(&ctx.client, md, outcome, memory, chrono::Utc::now()).await {
         tracing::warn!(name = %md.name_any(), %error, "cannot write autoscaler status");
     }
-    if outcome.changed {
+    if outcome.to_zero() || outcome.from_zero() {
+        // Not the Ready condition's reasons (ScaledToZero, ScalingFromZero),
+        // which the reconciler announces when the status follows.
+        let reason = if outcome.to_zero() { "ScaledDownToZero" } else { "ScaledUpFromZero" };
+        ctx.unique_event(md, reason, outcome.reason.clone()).await;
+    } else if outcome.changed {
         let reason = match outcome.direction {
             Direction::Up => "ScaledUp",
             Direction::Down => "ScaledDown",

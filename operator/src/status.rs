@@ -16,6 +16,17 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// The reason of every condition of a ModelDeployment the policy refuses.
 pub const POLICY_VIOLATION: &str = "PolicyViolation";
+/// Condition of a `minReplicas: 0` ModelDeployment: whether it can scale to
+/// zero (an activator holds its requests meanwhile).
+pub const SCALE_TO_ZERO: &str = "ScaleToZero";
+/// Ready=True at zero: idle, requests are held by the activator.
+pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+/// Ready=True from zero until a pod is Ready: requests are held meanwhile.
+pub const SCALING_FROM_ZERO: &str = "ScalingFromZero";
+/// ScaleToZero=False: the operator runs without `--activator-service`.
+pub const ACTIVATOR_MISSING: &str = "ActivatorMissing";
+/// ScaleToZero=False: the activator has no ready endpoint.
+pub const ACTIVATOR_UNAVAILABLE: &str = "ActivatorUnavailable";
 
 /// Exit status of `ferrite-server serve --exit-on-load-failure` when a
 /// model fails to load.
@@ -119,8 +130,31 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
 
     let problem = pods.iter().filter_map(pod_problem).next();
     let serving = ready > 0;
+    // Scale to zero: Ready stays True at zero and on the way up from it,
+    // since the activator holds requests and the first one scales up; only
+    // a pod problem makes it False (see docs/scale-to-zero.md).
+    let to_zero = crate::resources::activation::scales_to_zero(md);
+    let previous_ready = previous.conditions.iter().find(|c| c.type_ == READY);
+    let was_at_zero = previous_ready.is_some_and(|c| c.reason == SCALED_TO_ZERO || c.reason == SCALING_FROM_ZERO);
     let ready_condition = match (&problem, serving) {
         (_, true) => condition(READY, true, "ModelServing", format!("{ready}/{desired} replicas serving"), generation),
+        (_, false) if to_zero && desired == 0 => condition(
+            READY,
+            true,
+            SCALED_TO_ZERO,
+            "scaled to zero while idle: requests are held by the activator, and the first one scales the model up"
+                .into(),
+            generation,
+        ),
+        (None, false) if to_zero && was_at_zero => condition(
+            READY,
+            true,
+            SCALING_FROM_ZERO,
+            format!(
+                "scaling up from zero, 0/{desired} replicas ready: requests are held by the activator until one is"
+            ),
+            generation,
+        ),
         (Some((reason, message)), false) => condition(READY, false, reason, message.clone(), generation),
         (None, false) if desired == 0 => {
             condition(READY, false, "ScaledToZero", "no replicas wanted".into(), generation)
@@ -157,6 +191,52 @@ pub fn compute(md: &ModelDeployment, deployment: Option<&Deployment>, pods: &[Po
         escalation: None,
         conditions,
     }
+}
+
+/// What the operator knows of the activator, for [`scale_to_zero_condition`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActivatorState {
+    /// No `--activator-service`.
+    Missing,
+    /// Configured as `namespace/name`, with this many ready endpoints.
+    Configured { service: String, ready_endpoints: usize },
+}
+
+/// The ScaleToZero condition of a `minReplicas: 0` ModelDeployment (`None`
+/// for the others): True when an activator can hold its requests at zero,
+/// False with [`ACTIVATOR_MISSING`] or [`ACTIVATOR_UNAVAILABLE`] (it is then
+/// kept at one replica, or not taken to zero, until one can).
+pub fn scale_to_zero_condition(md: &ModelDeployment, activator: &ActivatorState) -> Option<Condition> {
+    let auto = md.spec.autoscaling.as_ref().filter(|a| a.scales_to_zero())?;
+    let generation = md.metadata.generation;
+    let after = auto.scale_to_zero_after().map_or(0, |d| d.as_secs());
+    Some(match activator {
+        ActivatorState::Missing => condition(
+            SCALE_TO_ZERO,
+            false,
+            ACTIVATOR_MISSING,
+            "spec.autoscaling.minReplicas is 0, but the operator runs without --activator-service (chart value \
+             activator.enabled): nothing would hold the model's requests at zero, so it is kept at 1 replica"
+                .into(),
+            generation,
+        ),
+        ActivatorState::Configured { service, ready_endpoints: 0 } => condition(
+            SCALE_TO_ZERO,
+            false,
+            ACTIVATOR_UNAVAILABLE,
+            format!("the activator {service} has no ready endpoint: the model is not scaled to zero until it has one"),
+            generation,
+        ),
+        ActivatorState::Configured { service, .. } => condition(
+            SCALE_TO_ZERO,
+            true,
+            "ActivatorReady",
+            format!(
+                "scales to zero after {after}s without a request; the activator {service} holds requests meanwhile"
+            ),
+            generation,
+        ),
+    })
 }
 
 /// The status of a ModelDeployment outside the operator's policy: no pods
@@ -295,6 +375,73 @@ mod tests {
         m.status = Some(old);
         let second = compute(&m, Some(&deployment(2, 2)), &[]);
         assert_eq!(get(&second, READY).last_transition_time.0, k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    }
+
+    fn zero_md(previous_ready_reason: Option<&str>) -> ModelDeployment {
+        let spec: ModelDeploymentSpec = serde_json::from_value(
+            json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}}),
+        )
+        .unwrap();
+        let mut md = ModelDeployment::new("m", spec);
+        md.metadata.generation = Some(3);
+        if let Some(reason) = previous_ready_reason {
+            md.status = Some(ModelDeploymentStatus {
+                conditions: vec![condition(READY, true, reason, String::new(), Some(3))],
+                ..Default::default()
+            });
+        }
+        md
+    }
+
+    fn scaled(replicas: i32, ready: i32) -> Deployment {
+        let mut d = deployment(ready, replicas);
+        d.spec = Some(serde_json::from_value(json!({"replicas": replicas, "selector": {}, "template": {}})).unwrap());
+        d.status.as_mut().unwrap().replicas = Some(replicas);
+        d
+    }
+
+    #[test]
+    fn ready_stays_true_at_zero_and_on_the_way_up() {
+        let at_zero = compute(&zero_md(Some("ModelServing")), Some(&scaled(0, 0)), &[]);
+        let ready = get(&at_zero, READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", SCALED_TO_ZERO));
+        assert!(ready.message.contains("held by the activator"), "{}", ready.message);
+        assert_eq!((at_zero.replicas, at_zero.desired_replicas), (0, 0));
+        assert_eq!(get(&at_zero, PROGRESSING).status, "False");
+
+        let rising = compute(&zero_md(Some(SCALED_TO_ZERO)), Some(&scaled(1, 0)), &[]);
+        let ready = get(&rising, READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", SCALING_FROM_ZERO));
+
+        let served = compute(&zero_md(Some(SCALING_FROM_ZERO)), Some(&scaled(1, 1)), &[]);
+        assert_eq!(get(&served, READY).reason, "ModelServing");
+
+        // A new model is Starting, not ScalingFromZero; a broken pod is a problem.
+        assert_eq!(get(&compute(&zero_md(None), Some(&scaled(1, 0)), &[]), READY).reason, "Starting");
+        let crash = pod(json!({"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 1, "lastState": {"terminated": {"exitCode": 3, "message": "bad model"}},
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}));
+        let broken = compute(&zero_md(Some(SCALED_TO_ZERO)), Some(&scaled(1, 0)), &[crash]);
+        assert_eq!(
+            (get(&broken, READY).status.as_str(), get(&broken, READY).reason.as_str()),
+            ("False", "ModelLoadFailed")
+        );
+    }
+
+    #[test]
+    fn the_scale_to_zero_condition_says_why_not() {
+        assert!(scale_to_zero_condition(&md(), &ActivatorState::Missing).is_none(), "not minReplicas 0");
+        let m = zero_md(None);
+        let missing = scale_to_zero_condition(&m, &ActivatorState::Missing).unwrap();
+        assert_eq!((missing.status.as_str(), missing.reason.as_str()), ("False", ACTIVATOR_MISSING));
+        assert!(missing.message.contains("--activator-service") && missing.message.contains("kept at 1 replica"));
+        let service = "ferrite-system/ferrite-activator".to_string();
+        let down =
+            scale_to_zero_condition(&m, &ActivatorState::Configured { service: service.clone(), ready_endpoints: 0 });
+        assert_eq!(down.unwrap().reason, ACTIVATOR_UNAVAILABLE);
+        let up = scale_to_zero_condition(&m, &ActivatorState::Configured { service, ready_endpoints: 2 }).unwrap();
+        assert_eq!(up.status, "True");
+        assert!(up.message.contains("after 300s"), "{}", up.message);
     }
 
     #[test]

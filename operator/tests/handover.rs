@@ -96,6 +96,7 @@ impl Replica {
             lease_name: format!("ferrite-{ns}"),
             lease_namespace: ns.to_string(),
             identity: identity.to_string(),
+            activator_service: None,
         };
         let lease = LeaseConfig::new(&options.lease_name, ns, identity);
         let metrics = Metrics::new();

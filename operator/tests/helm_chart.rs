@@ -139,6 +139,11 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("get", "deployments.apps", "examples"),
         ("patch", "deployments.apps/scale", "examples"),
         ("patch", "services", "examples"),
+        ("get", "services", "examples"),
+        ("patch", "endpointslices.discovery.k8s.io", "examples"),
+        ("delete", "endpointslices.discovery.k8s.io", "examples"),
+        ("watch", "endpointslices.discovery.k8s.io", "examples"),
+        ("delete", "endpoints", "examples"),
         ("delete", "poddisruptionbudgets.policy", "examples"),
         ("delete", "networkpolicies.networking.k8s.io", "examples"),
         ("patch", "configmaps", "examples"),
@@ -185,6 +190,10 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         ("delete", "deployments.apps", "examples"),
         ("delete", "services", "examples"),
         ("update", "services", "examples"),
+        ("update", "endpointslices.discovery.k8s.io", "examples"),
+        ("deletecollection", "endpointslices.discovery.k8s.io", "examples"),
+        ("patch", "endpoints", "examples"),
+        ("create", "endpoints", "examples"),
         ("delete", "pods", "examples"),
         ("get", "secrets", "examples"),
         ("update", "configmaps", "examples"),
@@ -399,4 +408,57 @@ fn the_activator_is_non_root_read_only_and_reads_only() {
 
     let docs = render(&helm, &["activator.enabled=false"]);
     assert!(docs.iter().all(|d| !d["metadata"]["name"].as_str().unwrap_or("").contains("activator")));
+}
+
+/// The operator's Deployment (the chart also has the activator's).
+fn operator_deployment(docs: &[serde_yaml::Value]) -> &serde_yaml::Value {
+    named(docs, "Deployment", "ferrite-operator")
+}
+
+/// The operator's `run` arguments in a rendered chart.
+fn operator_args(docs: &[serde_yaml::Value]) -> Vec<String> {
+    let deployment = operator_deployment(docs);
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap();
+    args.iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+/// With the activator enabled (the chart's `activator:` values, written
+/// with its templates), the operator gets `--activator-service` naming the
+/// activator's Service in the release namespace; without, it does not, and
+/// ModelDeployments with `minReplicas: 0` are kept at one replica.
+#[test]
+fn the_activator_service_reaches_the_operator_when_enabled() {
+    let Some(helm) = helm() else { return };
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/ferrite/values.yaml")).unwrap())
+            .unwrap();
+    let flag = |docs: &[serde_yaml::Value]| {
+        let args = operator_args(docs);
+        args.iter().position(|a| a == "--activator-service").map(|i| args[i + 1].clone())
+    };
+    let has_block = !values["activator"].is_null();
+    let enabled = values["activator"]["enabled"].as_bool() == Some(true);
+    let docs = render(&helm, &[]);
+    assert_eq!(flag(&docs), enabled.then(|| "ferrite-system/ferrite-activator".to_string()));
+    if has_block {
+        // Both settings, whatever the default.
+        assert_eq!(flag(&render(&helm, &["activator.enabled=false"])), None);
+        let on = render(&helm, &["activator.enabled=true", "watchNamespaces={ml}"]);
+        assert_eq!(flag(&on).as_deref(), Some("ferrite-system/ferrite-activator"));
+        // Watching other namespaces, the operator may still read the
+        // activator's endpoints at home (and only read them).
+        let role = of_kind(&on, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["name"].as_str() == Some("ferrite-operator-activator-endpoints"))
+            .expect("a Role for the activator's endpoints");
+        assert_eq!(role["metadata"]["namespace"].as_str(), Some("ferrite-system"));
+        assert_eq!(role["rules"][0]["verbs"], serde_yaml::from_str::<serde_yaml::Value>("[list, watch]").unwrap());
+    }
+    // The operator parses the flag's value (clap exits 2 on a bad one).
+    let output = Command::new(env!("CARGO_BIN_EXE_ferrite-operator"))
+        .args(["run", "--activator-service", "no-slash"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("namespace/name"));
 }

@@ -202,6 +202,7 @@ async fn network_policies_pass_a_server_side_dry_run_and_follow_the_spec() {
             parse_labels("kubernetes.io/metadata.name=monitoring").unwrap(),
             parse_labels("app.kubernetes.io/name=prometheus").unwrap(),
         )),
+        activator_namespace: Some("ferrite-system".into()),
     };
     let shapes = [
         json!({}),

@@ -130,9 +130,22 @@ pods.
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["patch"]
+# get: the autoscaler checks a Service switched to the activator before
+# scaling to zero.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Scale to zero: the <model>-activator slice of a Service in activator mode
+# (applied, deleted back in pod mode), and the controller's slices it
+# leaves behind when the selector goes (deleted).
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# ... and the v1 Endpoints the endpoints controller leaves behind then (the
+# mirroring controller would copy the old pod IPs back into a slice).
+- apiGroups: [""]
+  resources: ["endpoints"]
+  verbs: ["get", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

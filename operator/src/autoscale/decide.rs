@@ -30,6 +30,23 @@
 //! not answer its metrics port is skipped, not counted as a failed scrape:
 //! a starting or crash-looping pod must not freeze scale-down. When no pod
 //! answers at all, the count holds.
+//!
+//! Scale to zero (`minReplicas: 0`, [`ScalePolicy::scale_to_zero`] set by
+//! the caller only when an activator is configured) adds two rules before
+//! the ones above:
+//!
+//! - at zero, requests held by the activator ([`Observation::held`]) scale
+//!   up at once to `max(1, ceil(held / targetQueueDepth))` within
+//!   `maxReplicas`; without any, the count stays at zero;
+//! - above zero, a model idle for `scaleToZeroAfterSeconds`
+//!   ([`DecisionInput::idle_for`], kept by [`Idleness`]: request counters
+//!   unchanged, nothing queued, in flight or held) with every scrape read
+//!   goes to zero. The caller switches the Service to the activator first and
+//!   only applies the zero after the switch has settled (see
+//!   `crate::autoscale`).
+//!
+//! Otherwise the range is `[1, maxReplicas]` as for `minReplicas: 1`, and
+//! held requests count as load like queued ones while the pods start.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -55,13 +72,18 @@ pub struct ScalePolicy {
     pub scale_up_window: Duration,
     /// How long a lower count must be wanted before scaling down.
     pub scale_down_window: Duration,
+    /// How long the model must be idle before going to zero; `None`: never
+    /// (`minReplicas` above 0, or no activator to hold its requests).
+    pub scale_to_zero: Option<Duration>,
 }
 
 impl ScalePolicy {
     /// The policy of a spec. The CRD's CEL rules already refuse bad values;
     /// this still clamps them so a spec written before a rule existed cannot
-    /// divide by zero or invert the range.
-    pub fn from_spec(spec: &AutoscalingSpec) -> ScalePolicy {
+    /// divide by zero or invert the range. `minReplicas: 0` becomes a floor
+    /// of 1 plus [`ScalePolicy::scale_to_zero`] when `activator` (an
+    /// activator is configured to hold the requests), else a plain floor of 1.
+    pub fn from_spec(spec: &AutoscalingSpec, activator: bool) -> ScalePolicy {
         let min_replicas = spec.min_replicas.max(1) as u32;
         ScalePolicy {
             min_replicas,
@@ -69,6 +91,7 @@ impl ScalePolicy {
             target_queue_depth: spec.target_queue_depth.max(1) as u32,
             scale_up_window: Duration::from_secs(spec.scale_up_stabilization_seconds.max(0) as u64),
             scale_down_window: Duration::from_secs(spec.scale_down_stabilization_seconds.max(0) as u64),
+            scale_to_zero: spec.scale_to_zero_after().filter(|_| activator),
         }
     }
 
@@ -178,12 +201,53 @@ pub struct Observation {
     pub pods_failed: u32,
     /// Of `pods_scraped`, those not Ready: their load may only scale up.
     pub pods_unready: u32,
+    /// Requests the activator holds for the model
+    /// (`ferrite_activator_held_requests`): waiting for a Ready pod.
+    pub held: u64,
+    /// The pods' request counters (`ferrite_requests_total`) summed over the
+    /// pods read: activity, for [`Idleness`].
+    pub requests: u64,
 }
 
 impl Observation {
-    /// Queued plus in-flight requests.
+    /// Queued, in-flight and held requests.
     pub fn load(&self) -> u64 {
-        self.queued.saturating_add(self.inflight)
+        self.queued.saturating_add(self.inflight).saturating_add(self.held)
+    }
+}
+
+/// Whether a model is idle, and since when: the memory behind
+/// `scaleToZeroAfterSeconds`, one per ModelDeployment next to its
+/// [`Recommendations`]. Pure: the caller passes the clock.
+///
+/// Activity is the sum of the request counters (the pods'
+/// `ferrite_requests_total` for the model plus the activator's
+/// `ferrite_activator_requests_total` for the ModelDeployment): any change
+/// of the sum, up or down (a pod gone with its counter), or any queued,
+/// in-flight or held request restarts the idle time. An unknown sum (a Ready
+/// pod or the activator not read) is never idle.
+#[derive(Clone, Debug, Default)]
+pub struct Idleness {
+    last: Option<u64>,
+    since: Option<Instant>,
+}
+
+impl Idleness {
+    /// Records one observation at `now`: `requests` the counter sum (`None`:
+    /// unknown), `busy` whether anything is queued, in flight or held.
+    /// Returns how long the model has been idle (`None`: not known idle).
+    /// A fresh memory (a new leader) starts counting at its first reading.
+    pub fn observe(&mut self, now: Instant, requests: Option<u64>, busy: bool) -> Option<Duration> {
+        let Some(requests) = requests else {
+            self.last = None;
+            self.since = None;
+            return None;
+        };
+        if busy || self.last != Some(requests) || self.since.is_none() {
+            self.last = Some(requests);
+            self.since = Some(now);
+        }
+        self.since.map(|since| now.saturating_duration_since(since))
     }
 }
 
@@ -202,6 +266,9 @@ pub struct DecisionInput<'a> {
     pub observation: Option<Observation>,
     /// The time of this decision (the same clock as the history's entries).
     pub now: Instant,
+    /// How long the model has been idle ([`Idleness::observe`]); `None`:
+    /// not known idle. Read only with [`ScalePolicy::scale_to_zero`].
+    pub idle_for: Option<Duration>,
 }
 
 /// Which way a decision moved the replica count.
@@ -251,15 +318,54 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// The scale-to-zero rules (see the module documentation), or `None` when
+/// the ordinary ones decide.
+fn decide_zero(input: &DecisionInput, after: Duration) -> Option<Decision> {
+    let policy = input.policy;
+    let current = input.current_replicas;
+    let held = input.observation.map_or(0, |obs| obs.held);
+    if current == 0 {
+        if held == 0 {
+            return Some(finish(0, 0, None, None, "scaled to zero: no request held by the activator".into()));
+        }
+        let wanted = u32::try_from(held.div_ceil(u64::from(policy.target_queue_depth))).unwrap_or(u32::MAX);
+        let replicas = policy.clamp(wanted);
+        let reason = format!(
+            "{held} request{} held by the activator, target {} -> scaling up from zero to {replicas}",
+            if held == 1 { "" } else { "s" },
+            policy.target_queue_depth,
+        );
+        return Some(finish(0, replicas, Some(replicas), Some(replicas), reason));
+    }
+    let idle_for = input.idle_for?;
+    let obs = input.observation?;
+    let complete = obs.pods_failed == 0 && obs.load() == 0;
+    (idle_for >= after && complete).then(|| {
+        let reason = format!(
+            "idle for {}s (scaleToZeroAfterSeconds {}): no new request, nothing queued, in flight or held; \
+             scaling down from {current} to zero",
+            idle_for.as_secs(),
+            after.as_secs(),
+        );
+        finish(current, 0, Some(0), None, reason)
+    })
+}
+
 /// Decides the replica count; see the module documentation for the rules.
 pub fn decide(input: &DecisionInput) -> Decision {
+    if let Some(after) = input.policy.scale_to_zero {
+        if let Some(decision) = decide_zero(input, after) {
+            return decision;
+        }
+    }
     let policy = input.policy;
     let current = input.current_replicas;
     let in_range = policy.clamp(current);
     let range_note = || range_note(current, &policy);
 
     let obs = match input.observation {
-        Some(obs) if obs.pods_scraped > 0 => obs,
+        // Held requests are data too: pods are starting for them.
+        Some(obs) if obs.pods_scraped > 0 || obs.held > 0 => obs,
         other => {
             let why = match other {
                 Some(Observation { pods_failed, .. }) if pods_failed > 0 => {
@@ -280,8 +386,9 @@ pub fn decide(input: &DecisionInput) -> Decision {
     let wanted = obs.load().div_ceil(target);
     let recommendation = policy.clamp(u32::try_from(wanted).unwrap_or(u32::MAX));
     let pods = obs.pods_scraped + obs.pods_failed;
+    let held = if obs.held > 0 { format!(", held by the activator {}", obs.held) } else { String::new() };
     let summary = format!(
-        "queue {} (queued {}, in-flight {}) over {} pod{}, target {} -> {} replica{}",
+        "queue {} (queued {}, in-flight {}{held}) over {} pod{}, target {} -> {} replica{}",
         obs.load(),
         obs.queued,
         obs.inflight,
@@ -306,6 +413,8 @@ pub fn decide(input: &DecisionInput) -> Decision {
         .fold(recommendation, u32::max);
 
     let partial = match (obs.pods_failed, obs.pods_unready) {
+        // Only held requests: the pods are not serving yet.
+        _ if obs.pods_scraped == 0 => Some("no pod scraped yet".to_string()),
         (0, 0) => None,
         (failed, 0) => Some(format!("{failed} of {pods} scrapes failed")),
         (0, unready) => Some(format!("{unready} of {pods} pods not Ready")),

@@ -17,6 +17,8 @@ use std::time::Duration;
 pub const QUEUE_DEPTH: &str = ferrite_contract::metrics::QUEUE_DEPTH;
 /// Metric family of requests executing on a model's sessions (the contract's).
 pub const INFLIGHT: &str = ferrite_contract::metrics::INFLIGHT_REQUESTS;
+/// Counter family of requests received, by model and outcome (the contract's).
+pub const REQUESTS_TOTAL: &str = ferrite_contract::metrics::REQUESTS_TOTAL;
 /// The label that names the model in both families (the contract's).
 const MODEL_LABEL: &str = ferrite_contract::metrics::MODEL_LABEL;
 
@@ -31,6 +33,10 @@ pub struct PodLoad {
     pub queued: u64,
     /// Sum of `ferrite_inflight_requests{model=...}`.
     pub inflight: u64,
+    /// Sum of `ferrite_requests_total{model=...}` over every outcome: a
+    /// counter whose movement means the model is not idle (0 when absent: a
+    /// counter is exported from its first request on).
+    pub requests: u64,
 }
 
 /// Why a pod's load could not be read.
@@ -188,7 +194,12 @@ pub fn parse_load(text: &str, model: &str) -> Result<PodLoad, ScrapeError> {
     }
     // Gauges of counts: a negative sum would be a server bug; read it as idle.
     let count = |v: f64| v.max(0.0).round() as u64;
-    Ok(PodLoad { queued: count(sums[0]), inflight: count(sums[1]) })
+    let requests = family_samples(text, REQUESTS_TOTAL)?
+        .into_iter()
+        .filter(|(labels, _)| labels.iter().any(|(k, v)| k == MODEL_LABEL && v == model))
+        .map(|(_, value)| count(value))
+        .fold(0u64, u64::saturating_add);
+    Ok(PodLoad { queued: count(sums[0]), inflight: count(sums[1]), requests })
 }
 
 /// Label names and unescaped values, in the order written.
@@ -297,7 +308,7 @@ mod tests {
     #[test]
     fn parses_real_server_output() {
         assert!(SERVER_METRICS.contains("ferrite_queue_depth{model=\"demo\"} 0"));
-        assert_eq!(parse_load(SERVER_METRICS, "demo").unwrap(), PodLoad { queued: 0, inflight: 0 });
+        assert_eq!(parse_load(SERVER_METRICS, "demo").unwrap(), PodLoad { queued: 0, inflight: 0, requests: 1 });
         // Another model: both families exist, no series -> idle, not an error.
         assert_eq!(parse_load(SERVER_METRICS, "other").unwrap(), PodLoad::default());
     }
@@ -307,7 +318,7 @@ mod tests {
         let text = SERVER_METRICS
             .replace("ferrite_queue_depth{model=\"demo\"} 0", "ferrite_queue_depth{model=\"demo\"} 30")
             .replace("ferrite_inflight_requests{model=\"demo\"} 0", "ferrite_inflight_requests{model=\"demo\"} 7");
-        assert_eq!(parse_load(&text, "demo").unwrap(), PodLoad { queued: 30, inflight: 7 });
+        assert_eq!(parse_load(&text, "demo").unwrap(), PodLoad { queued: 30, inflight: 7, requests: 1 });
     }
 
     #[test]
@@ -322,8 +333,8 @@ ferrite_queue_depth{model="ab"} 1000
 ferrite_inflight_requests{ model = "a" , } 2 1712345678000
 ferrite_inflight_requests{model="a"} 1.0e0
 "#;
-        assert_eq!(parse_load(text, "a").unwrap(), PodLoad { queued: 7, inflight: 3 });
-        assert_eq!(parse_load(text, "b").unwrap(), PodLoad { queued: 100, inflight: 0 });
+        assert_eq!(parse_load(text, "a").unwrap(), PodLoad { queued: 7, inflight: 3, ..PodLoad::default() });
+        assert_eq!(parse_load(text, "b").unwrap(), PodLoad { queued: 100, inflight: 0, ..PodLoad::default() });
     }
 
     #[test]
@@ -332,8 +343,11 @@ ferrite_inflight_requests{model="a"} 1.0e0
 ferrite_queue_depth{model="line\nbreak"} 6
 ferrite_inflight_requests{model="we\"ird\\name",other="\\"} 1
 "#;
-        assert_eq!(parse_load(text, "we\"ird\\name").unwrap(), PodLoad { queued: 5, inflight: 1 });
-        assert_eq!(parse_load(text, "line\nbreak").unwrap(), PodLoad { queued: 6, inflight: 0 });
+        assert_eq!(
+            parse_load(text, "we\"ird\\name").unwrap(),
+            PodLoad { queued: 5, inflight: 1, ..PodLoad::default() }
+        );
+        assert_eq!(parse_load(text, "line\nbreak").unwrap(), PodLoad { queued: 6, inflight: 0, ..PodLoad::default() });
     }
 
     #[test]
@@ -372,7 +386,7 @@ ferrite_inflight_requests{model="we\"ird\\name",other="\\"} 1
         }
         // Garbage in unrelated families is skipped.
         let text = format!("ferrite_queue_depth{{model=\"m\"}} 2\nweird{{{{ ??? \n# random comment\n{ok}");
-        assert_eq!(parse_load(&text, "m").unwrap(), PodLoad { queued: 2, inflight: 0 });
+        assert_eq!(parse_load(&text, "m").unwrap(), PodLoad { queued: 2, inflight: 0, ..PodLoad::default() });
         // NaN of another model does not matter.
         let text = format!("ferrite_queue_depth{{model=\"x\"}} NaN\n{ok}");
         assert_eq!(parse_load(&text, "m").unwrap(), PodLoad::default());
@@ -381,6 +395,6 @@ ferrite_inflight_requests{model="we\"ird\\name",other="\\"} 1
     #[test]
     fn negative_gauges_read_as_zero_and_values_round() {
         let text = "ferrite_queue_depth{model=\"m\"} -3\nferrite_inflight_requests{model=\"m\"} 2.6\n";
-        assert_eq!(parse_load(text, "m").unwrap(), PodLoad { queued: 0, inflight: 3 });
+        assert_eq!(parse_load(text, "m").unwrap(), PodLoad { queued: 0, inflight: 3, ..PodLoad::default() });
     }
 }

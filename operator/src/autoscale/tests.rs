@@ -212,7 +212,10 @@ async fn scrape_errors_are_typed() {
     assert!(matches!(err, ScrapeError::MissingFamily(_)), "{err:?}");
 
     let pod = FakePod::start("m", 3, 4).await;
-    assert_eq!(scrape(&http, &pod.url, "m", t).await.unwrap(), PodLoad { queued: 3, inflight: 4 });
+    assert_eq!(
+        scrape(&http, &pod.url, "m", t).await.unwrap(),
+        PodLoad { queued: 3, inflight: 4, ..PodLoad::default() }
+    );
 }
 
 #[tokio::test]
@@ -243,7 +246,7 @@ async fn scrapes_follow_no_redirect() {
     assert_eq!(*visits.lock().unwrap(), 0, "the redirect target was never asked");
     // The target itself is a working endpoint (the test would prove nothing otherwise).
     let direct = scrape(&scrape_client(), &format!("http://{target}/metrics"), "m", Duration::from_secs(1)).await;
-    assert_eq!(direct.unwrap(), PodLoad { queued: 100, inflight: 0 });
+    assert_eq!(direct.unwrap(), PodLoad { queued: 100, inflight: 0, ..PodLoad::default() });
 }
 
 #[tokio::test]
@@ -261,7 +264,10 @@ async fn observe_sums_pods_and_counts_failures() {
         target(&closed_endpoint(), false),
     ];
     let obs = observe_pods(&http, &targets, "m", Duration::from_millis(500)).await;
-    assert_eq!(obs, Observation { queued: 35, inflight: 8, pods_scraped: 3, pods_failed: 1, pods_unready: 1 });
+    assert_eq!(
+        obs,
+        Observation { queued: 35, inflight: 8, pods_scraped: 3, pods_failed: 1, pods_unready: 1, held: 0, requests: 0 }
+    );
     assert_eq!(observe_pods(&http, &[], "m", Duration::from_millis(500)).await, Observation::default());
 }
 
@@ -666,8 +672,12 @@ async fn scrape_a_real_ferrite_server() {
         assert!(status.unwrap().unwrap().is_success());
     }
 
-    // Idle again: the gauges return to zero.
-    assert_eq!(scrape(&http, &url, "demo", Duration::from_secs(2)).await.unwrap(), PodLoad::default());
+    // Idle again: the gauges return to zero; the request counter kept all
+    // 65 requests (what idleness for scale to zero watches).
+    assert_eq!(
+        scrape(&http, &url, "demo", Duration::from_secs(2)).await.unwrap(),
+        PodLoad { queued: 0, inflight: 0, requests: 65 }
+    );
     // A model the server does not serve: families exist, no series: zero.
     assert_eq!(scrape(&http, &url, "absent", Duration::from_secs(2)).await.unwrap(), PodLoad::default());
     // observe_pods over the real pod and a dead one.

@@ -135,7 +135,13 @@ fn http_probe(path: String, period: i32, failures: i32) -> Probe {
 /// same questions go in plain HTTP to the metrics port.
 pub fn probes(md: &ModelDeployment) -> (Probe, Probe, Probe) {
     let model = md.model_name();
-    let timing = [(2, 150), (2, 2), (10, 3)];
+    // (periodSeconds, failureThreshold). The startup probe asks every
+    // second (300 tries: 5 minutes to load): the kubelet runs the readiness
+    // probe the moment the startup probe passes, so Ready trails the model
+    // load by at most a second - most of a cold start from zero for a small
+    // model, where a 2 s period cost up to 2 s. Readiness and liveness then
+    // ask less often.
+    let timing = [(1, 300), (2, 2), (10, 3)];
     let [startup, readiness, liveness] = timing;
     if md.spec.tls.is_some() {
         let ready = health::model_ready_path(&model);
@@ -173,6 +179,10 @@ mod tests {
             ("resnet".into(), "resnet".into(), "".into())
         );
         assert!([&startup, &readiness, &liveness].iter().all(|p| p.grpc.as_ref().unwrap().port == GRPC_PORT));
+        // Ready at most a second after the model loads (cold starts from
+        // zero), still 5 minutes to load.
+        assert_eq!(startup.period_seconds, Some(1));
+        assert_eq!(startup.period_seconds.unwrap() * startup.failure_threshold.unwrap(), 300);
     }
 
     #[test]

@@ -36,7 +36,14 @@ pub struct MetricsScrapers {
     /// Prometheus: its namespace's labels and its pods' labels; `None` when
     /// no Prometheus is configured.
     pub prometheus: Option<(BTreeMap<String, String>, BTreeMap<String, String>)>,
+    /// The activator's namespace (`--activator-service`), when there is one:
+    /// its pods ([`ACTIVATOR_POD_LABELS`]) forward the held requests of a
+    /// model scaled to zero, so they may reach the HTTP and gRPC ports.
+    pub activator_namespace: Option<String>,
 }
+
+/// Labels of the activator's pods (the chart's): `app.kubernetes.io/component: activator`.
+pub const ACTIVATOR_POD_LABELS: [(&str, &str); 1] = [("app.kubernetes.io/component", "activator")];
 
 fn selector(labels: BTreeMap<String, String>) -> LabelSelector {
     LabelSelector { match_labels: (!labels.is_empty()).then_some(labels), ..LabelSelector::default() }
@@ -91,6 +98,15 @@ pub fn network_policy(md: &ModelDeployment, scrapers: &MetricsScrapers) -> Optio
         NetworkPolicyIngressRule { from: Some(model_peers), ports: Some(ports(&[HTTP_PORT, GRPC_PORT])) },
         NetworkPolicyIngressRule { from: Some(metrics_peers), ports: Some(ports(&[METRICS_PORT])) },
     ];
+    if let Some(namespace) = &scrapers.activator_namespace {
+        let pods = ACTIVATOR_POD_LABELS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let peer = NetworkPolicyPeer {
+            namespace_selector: Some(selector(BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.clone())]))),
+            pod_selector: Some(selector(pods)),
+            ..NetworkPolicyPeer::default()
+        };
+        ingress.push(NetworkPolicyIngressRule { from: Some(vec![peer]), ports: Some(ports(&[HTTP_PORT, GRPC_PORT])) });
+    }
     // The default (the own namespace) already lets escalating pods in.
     if !spec.from.is_empty() {
         ingress
@@ -163,7 +179,27 @@ mod tests {
             operator_pod_labels: parse_labels("app.kubernetes.io/name=ferrite,app.kubernetes.io/component=operator")
                 .unwrap(),
             prometheus: Some((parse_labels("team=monitoring").unwrap(), parse_labels("app=prometheus").unwrap())),
+            activator_namespace: None,
         }
+    }
+
+    #[test]
+    fn the_activator_reaches_the_model_ports_when_there_is_one() {
+        let spec = serde_json::json!({"model": {"uri": "s3://b/m"}, "networkPolicy": {}});
+        let with = MetricsScrapers { activator_namespace: Some("ferrite-system".into()), ..scrapers() };
+        let rules = ingress(&network_policy(&md(spec.clone()), &with).unwrap());
+        assert_eq!(rules.len(), 3);
+        assert_eq!(port_numbers(&rules[2]), [IntOrString::Int(8000), IntOrString::Int(8001)]);
+        let peer = &rules[2].from.as_ref().unwrap()[0];
+        assert_eq!(
+            peer.namespace_selector.clone().unwrap().match_labels.unwrap()[NAMESPACE_NAME_LABEL],
+            "ferrite-system"
+        );
+        assert_eq!(
+            peer.pod_selector.clone().unwrap().match_labels.unwrap()["app.kubernetes.io/component"],
+            "activator"
+        );
+        assert_eq!(ingress(&network_policy(&md(spec), &scrapers()).unwrap()).len(), 2, "no activator: no rule");
     }
 
     fn ingress(policy: &NetworkPolicy) -> Vec<NetworkPolicyIngressRule> {

@@ -25,7 +25,7 @@ use crate::crd::ModelDeployment;
 /// the Deployment that exists now (`None` before the first apply):
 ///
 /// - a fixed count: the spec's number (as built);
-/// - autoscaling, no Deployment yet: `minReplicas`, so it starts in range;
+/// - autoscaling, no Deployment yet: `minReplicas` (1 for 0), so it starts in range;
 /// - autoscaling, the reconciler still the sole owner: the current count,
 ///   with the existing `resourceVersion` as a precondition;
 /// - autoscaling, the autoscaler owns the field (or nobody does): left out.
@@ -33,7 +33,8 @@ pub fn set_replicas(deployment: &mut Deployment, md: &ModelDeployment, existing:
     let Some(auto) = &md.spec.autoscaling else { return };
     let Some(spec) = deployment.spec.as_mut() else { return };
     match existing {
-        None => spec.replicas = Some(auto.min_replicas),
+        // A scale-to-zero model starts at 1 (see `desired_replicas`).
+        None => spec.replicas = Some(auto.min_replicas.max(1)),
         Some(existing) => {
             let held = owns_replicas(&existing.metadata, RECONCILER_FIELD_MANAGER)
                 && !owns_replicas(&existing.metadata, AUTOSCALER_FIELD_MANAGER);

@@ -10,16 +10,33 @@ fn policy(min: u32, max: u32, target: u32, up: u64, down: u64) -> ScalePolicy {
         target_queue_depth: target,
         scale_up_window: Duration::from_secs(up),
         scale_down_window: Duration::from_secs(down),
+        scale_to_zero: None,
     }
 }
 
 fn obs(queued: u64, inflight: u64, scraped: u32, failed: u32) -> Option<Observation> {
-    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: failed, pods_unready: 0 })
+    Some(Observation {
+        queued,
+        inflight,
+        pods_scraped: scraped,
+        pods_failed: failed,
+        pods_unready: 0,
+        held: 0,
+        requests: 0,
+    })
 }
 
 /// An observation where `unready` of the `scraped` pods are not Ready.
 fn unready(queued: u64, inflight: u64, scraped: u32, unready: u32) -> Option<Observation> {
-    Some(Observation { queued, inflight, pods_scraped: scraped, pods_failed: 0, pods_unready: unready })
+    Some(Observation {
+        queued,
+        inflight,
+        pods_scraped: scraped,
+        pods_failed: 0,
+        pods_unready: unready,
+        held: 0,
+        requests: 0,
+    })
 }
 
 struct Case {
@@ -55,6 +72,7 @@ fn run(case: &Case) {
         history: &history,
         observation: case.observation,
         now,
+        idle_for: None,
     });
     assert_eq!(d.replicas, case.want, "{}: replicas ({})", case.name, d.reason);
     assert_eq!(d.changed, case.want != case.current, "{}: changed", case.name);
@@ -410,7 +428,15 @@ fn decision_table() {
             current: 4,
             history: &[],
             seed: None,
-            observation: Some(Observation { queued: 0, inflight: 0, pods_scraped: 2, pods_failed: 1, pods_unready: 1 }),
+            observation: Some(Observation {
+                queued: 0,
+                inflight: 0,
+                pods_scraped: 2,
+                pods_failed: 1,
+                pods_unready: 1,
+                held: 0,
+                requests: 0,
+            }),
             want: 4,
             want_record: None,
             reason: "holding: 1 of 3 scrapes failed, 1 pods not Ready",
@@ -464,8 +490,137 @@ fn policy_from_spec_sanitizes() {
         scale_up_stabilization_seconds: -1,
         scale_down_stabilization_seconds: 300,
         scrape_interval_seconds: 5,
+        scale_to_zero_after_seconds: None,
     };
-    let p = ScalePolicy::from_spec(&spec);
+    let p = ScalePolicy::from_spec(&spec, false);
     assert_eq!(p, policy(1, 1, 1, 0, 300));
     assert_eq!(p.longest_window(), Duration::from_secs(300));
+}
+
+/// A scale-to-zero policy: range 1..=5, target 4, no up window, 60 s down
+/// window, zero after 30 s idle.
+fn zero_policy() -> ScalePolicy {
+    ScalePolicy { scale_to_zero: Some(Duration::from_secs(30)), ..policy(1, 5, 4, 0, 60) }
+}
+
+fn held(queued: u64, scraped: u32, failed: u32, held: u64) -> Option<Observation> {
+    Some(Observation {
+        queued,
+        inflight: 0,
+        pods_scraped: scraped,
+        pods_failed: failed,
+        pods_unready: 0,
+        held,
+        requests: 0,
+    })
+}
+
+/// `(name, policy, current, observation, idle seconds, want, want_record, reason)`
+type ZeroCase = (&'static str, ScalePolicy, u32, Option<Observation>, Option<u64>, u32, Option<u32>, &'static str);
+
+#[test]
+fn scale_to_zero_table() {
+    let z = zero_policy();
+    let cases: Vec<ZeroCase> = vec![
+        ("idle past the window: zero", z, 2, obs(0, 0, 2, 0), Some(30), 0, None, "scaling down from 2 to zero"),
+        ("idle, but not long enough: ordinary rules", z, 1, obs(0, 0, 1, 0), Some(29), 1, Some(1), "no change"),
+        ("idleness unknown: never zero", z, 1, obs(0, 0, 1, 0), None, 1, Some(1), "no change"),
+        ("a failed scrape: never zero", z, 2, obs(0, 0, 1, 1), Some(300), 2, None, "holding"),
+        ("work in flight: never zero", z, 1, obs(0, 1, 1, 0), Some(300), 1, Some(1), "no change"),
+        ("held while pods run: never zero", z, 1, held(0, 1, 0, 1), Some(300), 1, Some(1), "held by the activator 1"),
+        ("no metrics at all: never zero", z, 1, None, Some(300), 1, None, "no metrics observed"),
+        ("at zero, nothing held: stays", z, 0, held(0, 0, 0, 0), None, 0, None, "no request held"),
+        ("at zero, the activator unread: stays", z, 0, None, None, 0, None, "no request held"),
+        (
+            "at zero, one held: one replica at once",
+            z,
+            0,
+            held(0, 0, 0, 1),
+            None,
+            1,
+            Some(1),
+            "scaling up from zero to 1",
+        ),
+        ("at zero, nine held: ceil(9/4)", z, 0, held(0, 0, 0, 9), None, 3, Some(3), "9 requests held"),
+        ("at zero, a flood: maxReplicas", z, 0, held(0, 0, 0, 1000), None, 5, Some(5), "to 5"),
+        (
+            "pods starting, more held: up on held alone",
+            z,
+            1,
+            held(0, 0, 0, 12),
+            Some(0),
+            3,
+            None,
+            "no pod scraped yet, scaling up only: 1 -> 3",
+        ),
+        (
+            "held and queued add up",
+            z,
+            1,
+            held(6, 1, 0, 6),
+            Some(0),
+            3,
+            Some(3),
+            "queue 12 (queued 6, in-flight 0, held by the activator 6)",
+        ),
+        (
+            "minReplicas 0 without an activator: kept at 1",
+            policy(1, 5, 4, 0, 60),
+            0,
+            held(0, 0, 0, 0),
+            Some(300),
+            1,
+            None,
+            "holding",
+        ),
+    ];
+    let now = Instant::now() + Duration::from_secs(10_000);
+    for (name, policy, current, observation, idle, want, want_record, reason) in cases {
+        let history = Recommendations::new();
+        let d = decide(&DecisionInput {
+            policy,
+            current_replicas: current,
+            history: &history,
+            observation,
+            now,
+            idle_for: idle.map(Duration::from_secs),
+        });
+        assert_eq!(d.replicas, want, "{name}: replicas ({})", d.reason);
+        assert_eq!(d.changed, want != current, "{name}: changed");
+        assert_eq!(d.record, want_record, "{name}: record ({})", d.reason);
+        assert!(d.reason.contains(reason), "{name}: reason {:?} lacks {reason:?}", d.reason);
+    }
+}
+
+#[test]
+fn idleness_restarts_on_any_activity() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let mut idle = Idleness::default();
+    assert_eq!(idle.observe(at(0), Some(5), false), Some(Duration::ZERO), "the first reading starts the clock");
+    assert_eq!(idle.observe(at(10), Some(5), false), Some(Duration::from_secs(10)));
+    assert_eq!(idle.observe(at(11), Some(6), false), Some(Duration::ZERO), "a new request");
+    assert_eq!(idle.observe(at(20), Some(6), false), Some(Duration::from_secs(9)));
+    assert_eq!(idle.observe(at(21), Some(6), true), Some(Duration::ZERO), "something queued or held");
+    assert_eq!(idle.observe(at(25), Some(6), false), Some(Duration::from_secs(4)));
+    assert_eq!(idle.observe(at(26), Some(2), false), Some(Duration::ZERO), "a pod gone with its counter");
+    assert_eq!(idle.observe(at(27), None, false), None, "unknown: not idle");
+    assert_eq!(idle.observe(at(40), Some(2), false), Some(Duration::ZERO), "counting starts again after an unknown");
+    assert_eq!(idle.observe(at(41), Some(2), false), Some(Duration::from_secs(1)));
+}
+
+#[test]
+fn scale_to_zero_needs_min_zero_and_an_activator() {
+    let spec: AutoscalingSpec =
+        serde_json::from_value(serde_json::json!({"minReplicas": 0, "maxReplicas": 3})).unwrap();
+    let p = ScalePolicy::from_spec(&spec, true);
+    assert_eq!((p.min_replicas, p.scale_to_zero), (1, Some(Duration::from_secs(300))), "default 300 s, floor 1");
+    assert_eq!(ScalePolicy::from_spec(&spec, false).scale_to_zero, None, "no activator: never zero");
+    let spec: AutoscalingSpec =
+        serde_json::from_value(serde_json::json!({"minReplicas": 0, "maxReplicas": 3, "scaleToZeroAfterSeconds": 5}))
+            .unwrap();
+    assert_eq!(ScalePolicy::from_spec(&spec, true).scale_to_zero, Some(Duration::from_secs(5)));
+    let spec: AutoscalingSpec =
+        serde_json::from_value(serde_json::json!({"minReplicas": 1, "maxReplicas": 3})).unwrap();
+    assert_eq!(ScalePolicy::from_spec(&spec, true).scale_to_zero, None);
 }
