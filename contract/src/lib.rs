@@ -19,6 +19,8 @@
 
 #![warn(missing_docs)]
 
+mod cache_key;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -242,6 +244,8 @@ pub mod fetch {
     /// The cache entry's file that a serving pod holds a shared `flock` on
     /// for as long as it runs, so that eviction skips the entries in use.
     pub const CACHE_IN_USE_FILE: &str = ".ferrite-in-use";
+
+    pub use crate::cache_key::{entry_key, entry_sub_path, CACHE_ENTRIES_DIR};
 
     /// Every flag of `fetch` in the contract.
     pub const FLAGS: &[Flag] =
