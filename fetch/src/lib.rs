@@ -69,6 +69,7 @@
 //! | `backends` | reading: HTTP, object stores (built from the URI by `object_store`), local files |
 //! | `download` | one file into place: retries, resume, the writer thread, hashing |
 //! | [`archive`] | unpacking `.tar` / `.tar.gz` model directories |
+//! | [`cache`] | the node's model cache (`--cache-dir`): entries, locks, eviction |
 //! | [`limits`] | the byte and file caps |
 //! | `progress` | the progress lines |
 //!
@@ -90,6 +91,7 @@
 
 pub mod archive;
 mod backends;
+pub mod cache;
 mod download;
 mod failure;
 pub mod limits;
