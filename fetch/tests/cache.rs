@@ -164,7 +164,7 @@ async fn eviction_removes_the_least_recently_used_entry_not_in_use() {
     used_ago(dir.path(), &b, Duration::from_secs(60));
     used_ago(dir.path(), &a, Duration::from_secs(30));
     let c = fetch_cached(&opts[2], &cache).await.unwrap();
-    assert_eq!(c.eviction.as_ref().unwrap().evicted, [b.clone()]);
+    assert_eq!(c.eviction.as_ref().unwrap().evicted, std::slice::from_ref(&b));
     assert_eq!(c.eviction.unwrap().remaining_bytes, 2000);
     assert_eq!(entries(dir.path()), {
         let mut k = vec![a.clone(), c.key.clone()];
@@ -178,7 +178,7 @@ async fn eviction_removes_the_least_recently_used_entry_not_in_use() {
     let server_lock = hold_shared(&dir.path().join(format!("entries/{a}/a/{CACHE_IN_USE_FILE}"))).unwrap();
     let b2 = fetch_cached(&opts[1], &cache).await.unwrap();
     assert!(!is_hit(&b2));
-    assert_eq!(b2.eviction.unwrap().evicted, [c.key.clone()], "a is in use: the next one goes");
+    assert_eq!(b2.eviction.unwrap().evicted, std::slice::from_ref(&c.key), "a is in use: the next one goes");
     // The server exits: a can go now.
     drop(server_lock);
     used_ago(dir.path(), &b, Duration::from_secs(10));
