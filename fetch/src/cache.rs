@@ -87,7 +87,8 @@ pub struct CachedFetch {
     pub entry: PathBuf,
     /// Hit or miss.
     pub outcome: Outcome,
-    /// What the eviction after a download did (`None` on a hit).
+    /// What the eviction after a download did (`None` on a hit, or when it
+    /// failed: logged as a warning, the model is served all the same).
     pub eviction: Option<Eviction>,
 }
 
@@ -195,9 +196,15 @@ pub async fn fetch_cached(options: &FetchOptions, cache: &CacheOptions) -> Resul
             cache.max_bytes
         );
     }
-    let eviction =
-        evict(&cache.dir, cache.max_bytes, cache.grace).map_err(|e| io_error("cannot evict old entries", e))?;
-    Ok(CachedFetch { key, entry, outcome: Outcome::Miss(report), eviction: Some(eviction) })
+    // The model is in place: a failed eviction must not fail the pod.
+    let eviction = match evict(&cache.dir, cache.max_bytes, cache.grace) {
+        Ok(eviction) => Some(eviction),
+        Err(e) => {
+            tracing::warn!("model cache {}: cannot evict old entries: {e}", cache.dir.display());
+            None
+        }
+    };
+    Ok(CachedFetch { key, entry, outcome: Outcome::Miss(report), eviction })
 }
 
 /// Adds the in-use file, makes the staged repository read-only and renames

@@ -58,7 +58,9 @@ pub fn evict(cache_dir: &Path, max_bytes: u64, grace: Duration) -> io::Result<Ev
         }
         let path = item.path();
         let bytes = tree::size(&path).unwrap_or(0);
-        let last_used = layout.last_used(&key).or_else(|_| item.metadata()?.modified())?;
+        let Ok(last_used) = layout.last_used(&key).or_else(|_| item.metadata()?.modified()) else {
+            continue; // gone meanwhile
+        };
         entries.push(Entry { key, path, bytes, last_used });
     }
     clean_temporaries(&layout);
@@ -77,13 +79,21 @@ pub fn evict(cache_dir: &Path, max_bytes: u64, grace: Duration) -> io::Result<Ev
         // A fetch holds the key: it is reading or writing this entry.
         let Some(_key_lock) = KeyLock::try_acquire(&layout.lock_file(&entry.key))? else { continue };
         // Held until the entry is gone, so no server starts using it meanwhile.
-        let Some(_in_use) = lock_in_use_files(&entry.path)? else {
+        // Gone meanwhile: another fetch's eviction took it.
+        let in_use = match lock_in_use_files(&entry.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            other => other?,
+        };
+        let Some(_in_use) = in_use else {
             tracing::info!("model cache: not evicting {} ({} bytes): in use", entry.key, entry.bytes);
             continue;
         };
         let doomed = layout.temporary(&format!("evict-{}", entry.key));
         // A rename first: readers see the whole entry or none of it.
-        std::fs::rename(&entry.path, &doomed)?;
+        match std::fs::rename(&entry.path, &doomed) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            other => other?,
+        }
         tree::remove(&doomed)?;
         tracing::info!("model cache: evicted {} ({} bytes, least recently used)", entry.key, entry.bytes);
         if !oversized {
