@@ -58,8 +58,9 @@ async fn a_second_fetch_is_a_hit_from_a_read_only_entry() {
     let second = fetch_cached(&opts, &cache(dir.path(), "ml")).await.unwrap();
     assert!(is_hit(&second), "{second:?}");
     let lock = dir.path().join(format!("locks/{}.lock", first.key));
-    let since_use = SystemTime::now().duration_since(std::fs::metadata(lock).unwrap().modified().unwrap());
-    assert!(since_use.unwrap_or_default() < Duration::from_secs(60), "a hit is a use: {since_use:?}");
+    let last_use = std::fs::metadata(lock).unwrap().modified().unwrap();
+    let since_use = SystemTime::now().duration_since(last_use).unwrap_or_default();
+    assert!(since_use < Duration::from_secs(60), "a hit is a use: {since_use:?}");
     assert_eq!(server.count("GET", "/models/model.onnx"), 1, "a hit downloads nothing");
 
     // The entry is a model repository, nothing else, and --dest is not written.
