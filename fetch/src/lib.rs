@@ -35,6 +35,10 @@
 //!   HTTP cannot list, so an `http(s)://` URI ending with `/` is refused.
 //!   Files already in the destination that the source lacks are left alone.
 //!
+//! With a node cache (`--cache-dir`, [`cache`]) the model is written into
+//! the cache's entry instead (the same layout, under `entries/<key>/`),
+//! once per node, and `DEST` is not written.
+//!
 //! # Robustness
 //!
 //! Each file is streamed (never held in memory) into a temporary file in its
