@@ -19,6 +19,8 @@
 
 #![warn(missing_docs)]
 
+mod cache_key;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -229,8 +231,9 @@ pub mod fetch {
 
     /// The node's model cache (a hostPath shared by the pods of a node):
     /// when set, the model is looked up there, downloaded into it under a
-    /// file lock when missing, and [`DEST`] is the cache entry the server
-    /// container mounts read-only (see `ferrite_fetch::cache`).
+    /// file lock when missing, and [`DEST`] is not written: the server
+    /// container mounts the cache entry ([`entry_sub_path`]) read-only at
+    /// its model repository (see `ferrite_fetch::cache`).
     pub const CACHE_DIR: Flag = Flag::value("cache-dir");
     /// Most bytes the node cache may hold; least recently used entries that
     /// no pod uses are evicted beyond it.
@@ -242,6 +245,8 @@ pub mod fetch {
     /// The cache entry's file that a serving pod holds a shared `flock` on
     /// for as long as it runs, so that eviction skips the entries in use.
     pub const CACHE_IN_USE_FILE: &str = ".ferrite-in-use";
+
+    pub use crate::cache_key::{entry_key, entry_sub_path, CACHE_ENTRIES_DIR};
 
     /// Every flag of `fetch` in the contract.
     pub const FLAGS: &[Flag] =

@@ -47,6 +47,10 @@ PAUSE_IMAGE=ferrite.local/pause:3.10
 HELLO_IMAGE=ferrite.local/hello:1
 
 CONTAINERD_SOCK="$STATE/containerd/containerd.sock"
+# The node model cache (docs/model-cache.md): the chart's modelCache.hostPath.
+# Owned by the model pods' user (65532), who run non-root and write it.
+MODEL_CACHE_DIR="$STATE/model-cache"
+MODEL_CACHE_UID=65532
 IPT_MARK="ferrite-cluster"       # comment on the rules up.sh adds itself
 
 # Sysctls the cluster may change (kubelet's kernel defaults, kube-proxy, our

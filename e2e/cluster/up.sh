@@ -107,6 +107,9 @@ fi
 # ---------------------------------------------------------------- state + baseline
 mkdir -p "$STATE"/{certs,etcd,containerd,cni/net.d,cni/networks,kubelet,pod-logs,config,before}
 : >"$STATE/ports"
+# The node directory of the model cache, as a node image or a one-off job
+# prepares it on a real cluster: the pods that write it are not root.
+install -d -m 0755 -o "$MODEL_CACHE_UID" -g "$MODEL_CACHE_UID" "$MODEL_CACHE_DIR"
 trap 'rc=$?; if ((rc != 0)); then
   echo "up.sh failed (exit $rc); logs in $STATE/*.log" >&2
   if [[ "${KEEP_ON_FAILURE:-0}" == 1 ]]; then echo "KEEP_ON_FAILURE=1: leaving it running; e2e/cluster/down.sh cleans up" >&2
@@ -557,6 +560,7 @@ FERRITE_DNS_METRICS_URL=http://127.0.0.1:$dns_metrics/metrics
 FERRITE_CLUSTER_DOMAIN=$CLUSTER_DOMAIN
 FERRITE_PAUSE_IMAGE=$PAUSE_IMAGE
 FERRITE_HELLO_IMAGE=$HELLO_IMAGE
+FERRITE_MODEL_CACHE_DIR=$MODEL_CACHE_DIR
 EOF
 trap - EXIT
 step "cluster up: node $NODE_NAME Ready, Kubernetes $("$K8S_BIN/kubectl" version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])'), kubeconfig $OUT_DIR/kubeconfig"

@@ -35,6 +35,10 @@
 //!   HTTP cannot list, so an `http(s)://` URI ending with `/` is refused.
 //!   Files already in the destination that the source lacks are left alone.
 //!
+//! With a node cache (`--cache-dir`, [`cache`]) the model is written into
+//! the cache's entry instead (the same layout, under `entries/<key>/`),
+//! once per node, and `DEST` is not written.
+//!
 //! # Robustness
 //!
 //! Each file is streamed (never held in memory) into a temporary file in its
@@ -69,6 +73,7 @@
 //! | `backends` | reading: HTTP, object stores (built from the URI by `object_store`), local files |
 //! | `download` | one file into place: retries, resume, the writer thread, hashing |
 //! | [`archive`] | unpacking `.tar` / `.tar.gz` model directories |
+//! | [`cache`] | the node's model cache (`--cache-dir`): entries, locks, eviction |
 //! | [`limits`] | the byte and file caps |
 //! | `progress` | the progress lines |
 //!
@@ -90,6 +95,7 @@
 
 pub mod archive;
 mod backends;
+pub mod cache;
 mod download;
 mod failure;
 pub mod limits;

@@ -171,6 +171,42 @@ pub struct ModelSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("spec.model.maxFiles must be at least 1"))]
     pub max_files: Option<i64>,
+    /// Where the pods keep the downloaded model: `node` shares one copy per
+    /// node (a directory of the node, see docs/model-cache.md: a second pod
+    /// on the node starts without downloading), `none` downloads it into
+    /// each pod. Defaults to the operator's `--model-cache-default` (chart
+    /// value `modelCache.default`). Ignored for `pvc://` (mounted, never
+    /// downloaded), when the operator has no cache directory
+    /// (`--model-cache-host-path`), and with `uriFrom` (the entry's name
+    /// depends on the URI, which stays in the Secret).
+    /// A model with a `sha256` shares its entry with every namespace that
+    /// names the same content; without one, only within this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ModelCache>,
+}
+
+/// Where the pods keep the downloaded model (`spec.model.cache`).
+#[derive(schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelCache {
+    // Plain comments: documented variants would make a `oneOf` schema.
+    // In each pod's own volume: every pod downloads it.
+    #[default]
+    None,
+    // In the node's model cache, shared by the pods of the node.
+    Node,
+}
+
+impl std::str::FromStr for ModelCache {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "none" => Ok(ModelCache::None),
+            "node" => Ok(ModelCache::Node),
+            other => Err(format!("model cache '{other}': expected none or node")),
+        }
+    }
 }
 
 /// Where a value comes from (like an environment variable's `valueFrom`).

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 
 use clap::{Args, Parser, Subcommand};
 use ferrite_operator::activator::ActivatorOptions;
+use ferrite_operator::crd::ModelCache;
 use ferrite_operator::policy::{self, Policy};
 use ferrite_operator::resources::network_policy::{self, MetricsScrapers};
+use ferrite_operator::resources::ModelCacheConfig;
 use ferrite_operator::run::{run, RunOptions};
 
 /// ferrite operator: reconciles ModelDeployments into ferrite-server pods and
@@ -102,6 +104,8 @@ struct RunArgs {
     watch_namespaces: Vec<String>,
     #[command(flatten)]
     policy: PolicyArgs,
+    #[command(flatten)]
+    model_cache: ModelCacheArgs,
     /// Labels of the operator's own pods (`k=v,k2=v2`), which a
     /// ModelDeployment's NetworkPolicy lets reach the metrics port; empty:
     /// every pod of the operator's namespace.
@@ -145,6 +149,33 @@ fn parse_service_ref(text: &str) -> Result<(String, String), String> {
 }
 
 type Labels = BTreeMap<String, String>;
+
+/// The node model cache (docs/model-cache.md).
+#[derive(Args, Debug)]
+struct ModelCacheArgs {
+    /// spec.model.cache of a ModelDeployment that does not set it: none
+    /// (each pod downloads) or node (the node's cache).
+    #[arg(long, env = "FERRITE_MODEL_CACHE_DEFAULT", default_value = "none")]
+    model_cache_default: ModelCache,
+    /// The node directory holding the cache (a hostPath on every node,
+    /// existing and writable by uid 65532); empty: no cache.
+    #[arg(long, env = "FERRITE_MODEL_CACHE_HOST_PATH", default_value = "")]
+    model_cache_host_path: String,
+    /// Most bytes each node's cache holds (e.g. 50Gi); least recently used
+    /// entries no pod uses are evicted beyond it.
+    #[arg(long, env = "FERRITE_MODEL_CACHE_MAX_BYTES", default_value = "50Gi", value_parser = parse_byte_count)]
+    model_cache_max_bytes: u64,
+}
+
+impl ModelCacheArgs {
+    fn into_config(self) -> ModelCacheConfig {
+        ModelCacheConfig {
+            default: self.model_cache_default,
+            host_path: Some(self.model_cache_host_path).filter(|p| !p.trim().is_empty()),
+            max_bytes: self.model_cache_max_bytes,
+        }
+    }
+}
 
 /// The operator policy: what a ModelDeployment may ask for. A
 /// ModelDeployment outside it gets Ready=False, reason PolicyViolation, and
@@ -268,6 +299,7 @@ async fn main() -> anyhow::Result<()> {
                 server_image_pull_policy: Some(args.server_image_pull_policy).filter(|p| !p.is_empty()),
                 watch_namespaces: non_empty(args.watch_namespaces),
                 policy: args.policy.into_policy(),
+                model_cache: args.model_cache.into_config(),
                 scrapers: MetricsScrapers {
                     operator_namespace: args.lease_namespace.clone(),
                     operator_pod_labels: args.operator_pod_labels,

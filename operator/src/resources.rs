@@ -23,9 +23,11 @@ use crate::policy::Policy;
 pub mod access;
 pub mod activation;
 pub mod escalation;
+pub mod model_cache;
 pub mod network_policy;
 mod replicas;
 
+pub use model_cache::ModelCacheConfig;
 pub use network_policy::MetricsScrapers;
 pub use replicas::{owns_replicas, set_replicas};
 
@@ -70,6 +72,8 @@ pub struct BuildConfig {
     pub policy: Policy,
     /// Who may scrape the metrics port through a ModelDeployment's NetworkPolicy.
     pub scrapers: MetricsScrapers,
+    /// The node model cache (`--model-cache-*`).
+    pub model_cache: ModelCacheConfig,
 }
 
 /// Labels that select a ModelDeployment's pods.
@@ -200,7 +204,7 @@ fn server_args(md: &ModelDeployment) -> Vec<String> {
 /// `ferrite-server fetch ...` of the init container, from the contract's
 /// flags. A URI from a Secret is not here: the container's environment
 /// carries it ([`access::model_uri_env`]).
-fn fetch_args(md: &ModelDeployment, policy: &Policy) -> Vec<String> {
+fn fetch_args(md: &ModelDeployment, policy: &Policy) -> CommandLine {
     let mut args = CommandLine::new(fetch::SUBCOMMAND);
     if let Some(uri) = &md.spec.model.uri {
         args = args.value(fetch::URI, uri.clone());
@@ -213,7 +217,7 @@ fn fetch_args(md: &ModelDeployment, policy: &Policy) -> Vec<String> {
     if let Some(sha256) = &md.spec.model.sha256 {
         args = args.value(fetch::SHA256, sha256.clone());
     }
-    args.into_args()
+    args
 }
 
 /// The Deployment of ferrite-server pods.
@@ -245,23 +249,44 @@ pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
             }
         }
         None => {
-            // fetch stops at --max-bytes; the volume's limit backs it up
-            // (the kubelet evicts a pod whose emptyDir outgrows it).
-            volumes.push(empty_dir("models", Some(config.policy.model_max_bytes(md))));
             let env: Vec<_> = spec.env.iter().cloned().chain(access::model_uri_env(md)).collect();
-            init_containers.push(Container {
+            let fetch = Container {
                 name: "fetch".into(),
                 image: Some(image.clone()),
                 image_pull_policy: pull_policy.clone(),
-                args: Some(fetch_args(md, &config.policy)),
+                args: Some(fetch_args(md, &config.policy).into_args()),
                 env: (!env.is_empty()).then_some(env),
                 resources: Some(fetch_resources()),
                 volume_mounts: Some(vec![mount("models", MODELS_DIR, false), mount("tmp", "/tmp", false)]),
                 security_context: Some(restricted_security_context()),
                 termination_message_policy: Some("FallbackToLogsOnError".into()),
                 ..Container::default()
-            });
-            mount("models", MODELS_DIR, true)
+            };
+            match model_cache::plan(md, &config.model_cache) {
+                // The node's cache: fetch fills it, the server mounts its entry.
+                Some(plan) => {
+                    volumes.push(plan.volume());
+                    init_containers.push(Container {
+                        // The cache is shared by every namespace's pods on the
+                        // node and this container may write all of it: it runs
+                        // the operator's server image, never spec.image, whose
+                        // code could otherwise replace other namespaces' entries.
+                        image: Some(config.server_image.clone()),
+                        image_pull_policy: config.server_image_pull_policy.clone(),
+                        args: Some(plan.fetch_args(fetch_args(md, &config.policy)).into_args()),
+                        volume_mounts: Some(vec![plan.fetch_mount(), mount("tmp", "/tmp", false)]),
+                        ..fetch
+                    });
+                    plan.server_mount(MODELS_DIR)
+                }
+                None => {
+                    // fetch stops at --max-bytes; the volume's limit backs it up
+                    // (the kubelet evicts a pod whose emptyDir outgrows it).
+                    volumes.push(empty_dir("models", Some(config.policy.model_max_bytes(md))));
+                    init_containers.push(fetch);
+                    mount("models", MODELS_DIR, true)
+                }
+            }
         }
     };
 
@@ -411,8 +436,8 @@ pub fn pod_disruption_budget(md: &ModelDeployment) -> Option<PodDisruptionBudget
 mod tests {
     use super::*;
     use crate::crd::{
-        AuthSpec, AutoscalingSpec, ExecutionProvider, ModelDeploymentSpec, ModelSource, SecretKeyRef, TlsSpec,
-        UriSource,
+        AuthSpec, AutoscalingSpec, ExecutionProvider, ModelCache, ModelDeploymentSpec, ModelSource, SecretKeyRef,
+        TlsSpec, UriSource,
     };
 
     fn md(uri: &str) -> ModelDeployment {
@@ -429,7 +454,63 @@ mod tests {
             server_image_pull_policy: None,
             policy: Policy::default(),
             scrapers: MetricsScrapers::default(),
+            model_cache: ModelCacheConfig::default(),
         }
+    }
+
+    /// A cache configured, used by the ModelDeployments that ask for it.
+    fn cached_config() -> BuildConfig {
+        BuildConfig {
+            model_cache: ModelCacheConfig {
+                default: ModelCache::None,
+                host_path: Some("/var/lib/ferrite/model-cache".into()),
+                max_bytes: 8 << 30,
+            },
+            ..config()
+        }
+    }
+
+    #[test]
+    fn a_node_cache_mounts_one_entry_read_only_and_fetches_with_the_operators_image() {
+        let mut m = md("https://example.org/m.onnx");
+        m.spec.model.cache = Some(ModelCache::Node);
+        m.spec.model.sha256 = Some("c".repeat(64));
+        // A user's image must not run with the shared cache mounted.
+        m.spec.image = Some("registry.example/user/own:1".into());
+        m.spec.image_pull_policy = Some("Always".into());
+        let pod = pod(&deployment(&m, &cached_config()));
+        let volumes = pod.volumes.clone().unwrap();
+        assert!(volumes.iter().all(|v| v.name != "models"), "no per-pod model volume");
+        let cache = volumes.iter().find(|v| v.name == model_cache::VOLUME).unwrap().host_path.clone().unwrap();
+        assert_eq!((cache.path.as_str(), cache.type_.as_deref()), ("/var/lib/ferrite/model-cache", Some("Directory")));
+
+        let fetch = &pod.init_containers.as_ref().unwrap()[0];
+        assert_eq!(fetch.image.as_deref(), Some("ferrite-server:test"));
+        assert_eq!(fetch.image_pull_policy, None, "the operator's pull policy, not the resource's");
+        let fetch_cache = fetch.volume_mounts.iter().flatten().find(|v| v.name == model_cache::VOLUME).unwrap();
+        assert_eq!((fetch_cache.read_only, fetch_cache.sub_path.as_deref()), (Some(false), None));
+        assert_eq!(fetch.security_context, Some(restricted_security_context()));
+
+        let server = &pod.containers[0];
+        assert_eq!(server.image.as_deref(), Some("registry.example/user/own:1"), "the server runs the resource's");
+        let mounts = server.volume_mounts.clone().unwrap();
+        let entry = mounts.iter().find(|v| v.name == model_cache::VOLUME).unwrap();
+        let key =
+            ferrite_contract::fetch::entry_key("ml", "https://example.org/m.onnx", Some(&"c".repeat(64)), "resnet");
+        assert_eq!(entry.sub_path.as_deref(), Some(format!("entries/{key}").as_str()));
+        assert_eq!((entry.mount_path.as_str(), entry.read_only), (MODELS_DIR, Some(true)));
+        assert_eq!(mounts.iter().filter(|v| v.mount_path == MODELS_DIR).count(), 1);
+
+        // Without the cache the same resource fetches with its own image into an emptyDir.
+        m.spec.model.cache = Some(ModelCache::None);
+        let pod = super::tests::pod(&deployment(&m, &cached_config()));
+        assert_eq!(pod.init_containers.unwrap()[0].image.as_deref(), Some("registry.example/user/own:1"));
+        assert!(pod.volumes.unwrap().iter().all(|v| v.name != model_cache::VOLUME));
+        // pvc:// never uses it.
+        let mut claim = md("pvc://claim/m");
+        claim.spec.model.cache = Some(ModelCache::Node);
+        let pod = super::tests::pod(&deployment(&claim, &cached_config()));
+        assert!(pod.volumes.unwrap().iter().all(|v| v.name != model_cache::VOLUME));
     }
 
     fn pod(d: &Deployment) -> PodSpec {
@@ -603,8 +684,10 @@ mod tests {
             }))
             .unwrap(),
         );
-        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m"), secured, escalating] {
-            let pod = pod(&deployment(&m, &config()));
+        let mut cached = md("s3://bucket/m.onnx");
+        cached.spec.model.cache = Some(ModelCache::Node);
+        for m in [md("https://example.org/m.onnx"), gpu, md("pvc://claim/m"), secured, escalating, cached] {
+            let pod = pod(&deployment(&m, &cached_config()));
             let server = &pod.containers[0];
             let args = contract_args(server.args.as_deref().unwrap(), serve::SUBCOMMAND, serve::FLAGS);
             let value = |flag| args.iter().find(|(f, _)| *f == flag).and_then(|(_, v)| *v);
@@ -621,6 +704,17 @@ mod tests {
                     args.iter().any(|(f, _)| *f == fetch::MAX_BYTES)
                         && args.iter().any(|(f, _)| *f == fetch::MAX_FILES)
                 );
+                // The cache's flags come together, --cache-dir where the cache is mounted.
+                let value = |flag| args.iter().find(|(f, _)| *f == flag).and_then(|(_, v)| *v);
+                let uses_cache = m.spec.model.cache == Some(ModelCache::Node);
+                for flag in [fetch::CACHE_DIR, fetch::CACHE_SCOPE, fetch::CACHE_MAX_BYTES] {
+                    assert_eq!(value(flag).is_some(), uses_cache, "{flag}");
+                }
+                if uses_cache {
+                    let mounted = init.volume_mounts.iter().flatten().find(|v| v.name == model_cache::VOLUME);
+                    assert_eq!(value(fetch::CACHE_DIR), mounted.map(|v| v.mount_path.as_str()));
+                    assert_eq!(value(fetch::CACHE_SCOPE), Some("ml"));
+                }
             }
             // No port flags: the server's default ports, which are the contract's.
             let container_ports: Vec<_> = server.ports.iter().flatten().map(|p| p.container_port).collect();

@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub policy: Policy,
     /// Who may scrape model pods' metrics through their NetworkPolicies.
     pub scrapers: MetricsScrapers,
+    /// The node model cache.
+    pub model_cache: crate::resources::ModelCacheConfig,
     pub metrics_addr: SocketAddr,
     pub lease_name: String,
     pub lease_namespace: String,
@@ -137,6 +139,7 @@ pub async fn run_with(
             server_image_pull_policy: options.server_image_pull_policy.clone(),
             policy: options.policy.clone(),
             scrapers: options.scrapers.clone(),
+            model_cache: options.model_cache.clone(),
         };
         let activator = options.activator_service.as_ref().map(|(namespace, name)| reconcile::Activator {
             namespace: namespace.clone(),

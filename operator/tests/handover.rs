@@ -92,6 +92,7 @@ impl Replica {
             watch_namespaces: vec![ns.to_string()],
             policy: Default::default(),
             scrapers: Default::default(),
+            model_cache: Default::default(),
             metrics_addr: listener.local_addr().unwrap(),
             lease_name: format!("ferrite-{ns}"),
             lease_namespace: ns.to_string(),

@@ -27,6 +27,7 @@ pub(crate) mod keyed_lock;
 pub(crate) mod llm;
 pub(crate) mod metrics;
 pub(crate) mod model;
+pub mod model_cache;
 pub mod policy;
 pub mod repository;
 pub mod runtime;

@@ -143,10 +143,44 @@ struct FetchArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     max_files: u64,
+    /// The node's model cache (a directory shared by the pods of a node):
+    /// the model is looked up there, downloaded into it once under a file
+    /// lock when missing, and served from its entry `entries/<key>`, which
+    /// the operator mounts read-only as the server's model repository;
+    /// DEST is not written then. See docs/model-cache.md.
+    #[arg(long = contract::fetch::CACHE_DIR.name(), env = "FERRITE_CACHE_DIR", requires = "cache_scope")]
+    cache_dir: Option<PathBuf>,
+    /// Most bytes the cache's entries may hold: least recently used entries
+    /// no pod uses (nor used in the last 10 minutes) are evicted beyond it.
+    #[arg(
+        long = contract::fetch::CACHE_MAX_BYTES.name(),
+        env = "FERRITE_CACHE_MAX_BYTES",
+        default_value_t = 50 << 30,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    cache_max_bytes: u64,
+    /// Who shares a cache entry fetched without --sha256 (the namespace);
+    /// entries with a SHA-256 are shared by all. Required with --cache-dir.
+    #[arg(
+        long = contract::fetch::CACHE_SCOPE.name(),
+        env = "FERRITE_CACHE_SCOPE",
+        requires = "cache_dir"
+    )]
+    cache_scope: Option<String>,
 }
 
 #[cfg(feature = "fetch")]
 impl FetchArgs {
+    /// The cache's settings, with --cache-dir.
+    fn cache(&self) -> Option<ferrite_fetch::cache::CacheOptions> {
+        let dir = self.cache_dir.clone()?;
+        Some(ferrite_fetch::cache::CacheOptions::new(
+            dir,
+            self.cache_max_bytes,
+            self.cache_scope.clone().unwrap_or_default(),
+        ))
+    }
+
     fn into_options(self) -> ferrite_fetch::FetchOptions {
         let mut options = ferrite_fetch::FetchOptions::new(self.uri, self.dest, self.model_name);
         options.model_file = self.model_file;
@@ -403,6 +437,15 @@ async fn main() -> anyhow::Result<()> {
             if options.sources.embedded.is_some() {
                 tracing::info!("no model given: serving the embedded demo model 'demo'");
             }
+            // Held until the process exits: the node cache's eviction skips
+            // the entries this server reads.
+            let in_use = match &options.sources.repository {
+                Some(repository) => Some(ferrite_server::model_cache::hold_in_use_locks(repository)?),
+                None => None,
+            };
+            for path in in_use.iter().flat_map(|locks| locks.paths()) {
+                tracing::info!("model cache: holding {} while serving", path.display());
+            }
             match serve(options).await {
                 Err(error) if error.is::<ferrite_server::server::ModelLoadFailure>() => {
                     tracing::error!(%error, "exiting");
@@ -414,8 +457,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         #[cfg(feature = "fetch")]
-        Command::Fetch(args) => match ferrite_fetch::fetch(&args.into_options()).await {
-            Ok(_) => Ok(()),
+        Command::Fetch(args) => match run_fetch(args).await {
+            Ok(()) => Ok(()),
             Err(error) => {
                 // One line, credentials already removed.
                 eprintln!("error: {error}");
@@ -432,6 +475,15 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+    }
+}
+
+/// `fetch`, through the node cache with --cache-dir.
+#[cfg(feature = "fetch")]
+async fn run_fetch(args: FetchArgs) -> Result<(), ferrite_fetch::FetchError> {
+    match args.cache() {
+        Some(cache) => ferrite_fetch::cache::fetch_cached(&args.into_options(), &cache).await.map(drop),
+        None => ferrite_fetch::fetch(&args.into_options()).await.map(drop),
     }
 }
 

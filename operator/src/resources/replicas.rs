@@ -92,6 +92,7 @@ mod tests {
             server_image_pull_policy: None,
             policy: crate::policy::Policy::default(),
             scrapers: crate::resources::network_policy::MetricsScrapers::default(),
+            model_cache: Default::default(),
         };
         let mut d = deployment(md, &config);
         set_replicas(&mut d, md, existing);
