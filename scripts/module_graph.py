@@ -36,6 +36,9 @@ SERVER = [
 ]
 OPERATOR = [
     ["main", "run"],
+    # the activator: a data-path proxy of its own (`ferrite-operator
+    # activator`), reading the resource and its pods' labels, never the loops
+    ["activator"],
     # the control loops: reconcile; scrape -> decide -> scale; the escalation
     # status that reconcile reads from the pods' metrics
     ["reconcile", "autoscale", "escalation"],

@@ -104,7 +104,10 @@ def operator(cluster):
     t0 = time.monotonic()
     helm("install", RELEASE, str(ROOT / "charts/ferrite"), "-n", RELEASE_NS, "--create-namespace",
          "--set", "image.pullPolicy=Never", "--set", "serverImage.pullPolicy=Never",
-         "--set", "logFormat=text", "--wait", "--timeout", "180s")
+         "--set", "logFormat=text",
+         # The node model cache: the directory e2e/cluster/up.sh made for it.
+         "--set", f"modelCache.hostPath={e2e.cluster_env()['FERRITE_MODEL_CACHE_DIR']}",
+         "--wait", "--timeout", "180s")
     record("helm_install_to_operator_ready_s", round(time.monotonic() - t0, 1))
     yield {"release": RELEASE, "namespace": RELEASE_NS}
     if e2e.env_flag("E2E_KEEP_CLUSTER"):
