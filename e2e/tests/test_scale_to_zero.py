@@ -140,6 +140,7 @@ def test_11_scale_to_zero_holds_requests_and_loses_none(operator, model_server, 
                lambda: activator_slice(namespace, "mlp") and e2e.pods(namespace, "mlp"), interval=0.2)
     check_mlp(mlp_http(ip))
     wait_zero(namespace, "mlp")
+    check_mlp(mlp_grpc(ip))  # up from zero again, for a second scale-down
     during: list[str] = []
     eventually("the scale-down to zero has begun again", IDLE_S + 60,
                lambda: activator_slice(namespace, "mlp") and e2e.pods(namespace, "mlp"), interval=0.2)

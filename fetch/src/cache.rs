@@ -217,7 +217,12 @@ fn publish(staging: &Path, entry: &Path, model_name: &str) -> io::Result<()> {
     if entry.exists() {
         tree::remove(entry)?;
     }
+    // Moving a directory to another parent rewrites its `..`, which needs
+    // write permission on it (root skips the check, a pod's uid does not):
+    // the root stays writable until it is in place.
+    tree::set_root_writable(staging, true)?;
     std::fs::rename(staging, entry)?;
+    tree::set_root_writable(entry, false)?;
     if let Some(parent) = entry.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }

@@ -89,8 +89,9 @@ pub fn evict(cache_dir: &Path, max_bytes: u64, grace: Duration) -> io::Result<Ev
             continue;
         };
         let doomed = layout.temporary(&format!("evict-{}", entry.key));
-        // A rename first: readers see the whole entry or none of it.
-        match std::fs::rename(&entry.path, &doomed) {
+        // A rename first: readers see the whole entry or none of it (its
+        // root made writable: see `tree::set_root_writable`).
+        match tree::set_root_writable(&entry.path, true).and_then(|()| std::fs::rename(&entry.path, &doomed)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             other => other?,
         }

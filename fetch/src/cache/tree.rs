@@ -40,6 +40,12 @@ pub(crate) fn make_read_only(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
 }
 
+/// Makes the root of an entry writable (to move it to another parent
+/// directory: the move rewrites its `..`) or read-only again.
+pub(crate) fn set_root_writable(dir: &Path, writable: bool) -> io::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(if writable { 0o755 } else { DIR_MODE }))
+}
+
 /// Removes a tree made read-only by [`make_read_only`]: directories are
 /// made writable first (a file's own mode does not matter to unlink).
 pub(crate) fn remove(dir: &Path) -> io::Result<()> {
