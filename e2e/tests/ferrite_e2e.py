@@ -194,7 +194,7 @@ def pod_metrics(namespace: str, name: str) -> str:
     return "\n".join(texts)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
+def metric(text: str, name: str, /, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     total = 0.0
     for line in text.splitlines():
