@@ -51,7 +51,7 @@ def lease_holder(operator) -> str:
 
 def operator_pods(operator) -> list[dict]:
     return kubectl_json("-n", operator["namespace"], "get", "pods",
-                        "-l", "app.kubernetes.io/name=ferrite")["items"]
+                        "-l", "app.kubernetes.io/name=ferrite,app.kubernetes.io/component=operator")["items"]
 
 
 # ---------------------------------------------------------------- 1
