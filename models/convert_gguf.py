@@ -181,9 +181,11 @@ class G:
         return outs if n_out > 1 else outs[0]
 
 
-def attention_bias(g, seq, total, past, group):
+def attention_bias(g, seq, total, past, group, window=None):
     """The additive attention bias [b, 1, s, T] from `attention_mask` and the causal rule, and
-    the same tiled for the query heads of a KV head stacked as rows [b, 1, group * s, T]."""
+    the same tiled for the query heads of a KV head stacked as rows [b, 1, group * s, T].
+    With `window`, also the sliding-window pair (a query sees the `window` latest positions,
+    itself included; rows are left-padded, so cache columns differ as positions do)."""
     i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
     zero_s, one_s = g.const("c", i64(0)), g.const("c", i64(1))
     seq_s = g.op("Squeeze", [seq], "seq_s")
@@ -196,39 +198,115 @@ def attention_bias(g, seq, total, past, group):
     am_bool = g.op("Cast", ["attention_mask"], "am_bool", to=TensorProto.BOOL)
     am4 = g.op("Unsqueeze", [am_bool, g.const("c", i64([1, 2]))], "am4")  # [b,1,1,T]
     allowed = g.op("And", [am4, causal], "allowed")  # [b,1,s,T]
-    bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
-                          g.const("c", np.array(-1e9, np.float32))], "bias")
-    return bias, g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], "bias_g")  # rows g*s+t
+
+    def biases(allowed, hint):
+        bias = g.op("Where", [allowed, g.const("c", np.array(0.0, np.float32)),
+                              g.const("c", np.array(-1e9, np.float32))], hint)
+        return bias, g.op("Tile", [bias, g.const("c", i64([1, 1, group, 1]))], hint + "_g")  # rows g*s+t
+
+    if window is None:
+        return biases(allowed, "bias")
+    near = g.op("Less", [g.op("Sub", [qcol, kidx], "dist"), g.const("c", i64(window))], "near")  # [s,T]
+    return biases(allowed, "bias") + biases(g.op("And", [allowed, near], "allowed_swa"), "bias_swa")
+
+
+# Architectures this converter reads (GGUF `general.architecture`); Mistral and Llama 3
+# GGUFs are `llama` (llama.cpp's converter writes them so).
+ARCHITECTURES = ("llama", "qwen2", "phi3", "gemma2")
+
+
+def arch_config(gg: Gguf):
+    """The decoder's shape and per-family rules, from the GGUF metadata and tensor names."""
+    arch = gg.field("general.architecture")
+    if arch not in ARCHITECTURES:
+        sys.exit(f"unsupported architecture {arch!r} (this converter reads {', '.join(ARCHITECTURES)})")
+
+    def key(name, default=None):
+        return gg.field(f"{arch}.{name}", default)
+
+    c = dict(arch=arch)
+    c["L"] = int(key("block_count"))
+    c["hidden"] = int(key("embedding_length"))
+    c["n_head"] = int(key("attention.head_count"))
+    c["n_kv"] = int(key("attention.head_count_kv", c["n_head"]))
+    c["eps"] = float(key("attention.layer_norm_rms_epsilon"))
+    c["theta"] = float(key("rope.freq_base", 10000.0))
+    c["ctx"] = int(key("context_length"))
+    # head_dim: attention.key_length where it is not hidden / heads (Gemma 2)
+    c["hd"] = hd = int(key("attention.key_length", c["hidden"] // c["n_head"]))
+    if int(key("attention.value_length", hd)) != hd:
+        sys.exit("attention.value_length != key_length is not supported")
+    rot_dim = int(key("rope.dimension_count", hd))
+    if rot_dim != hd:
+        sys.exit(f"partial rotary embeddings (rope.dimension_count {rot_dim} < head_dim {hd}) are not supported")
+    # rotary frequencies (Hugging Face rotate-half convention), with the scalings GGUF carries
+    inv = 1.0 / (c["theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    scaling = key("rope.scaling.type")
+    if scaling == "linear":
+        inv = inv / float(key("rope.scaling.factor"))
+    elif scaling not in (None, "none"):
+        sys.exit(f"rope scaling {scaling!r} is not supported (none, linear, llama3 via rope_freqs)")
+    if gg.has("rope_freqs.weight"):
+        # Llama 3.1's rope scaling: llama.cpp stores each frequency's divisor
+        inv = inv / gg.f32("rope_freqs.weight").reshape(-1).astype(np.float64)
+    if gg.has("rope_factors_long.weight") or gg.has("rope_factors_short.weight"):
+        sys.exit("Phi-3 LongRoPE (rope_factors_long/short) is not supported: use a 4k-context Phi-3")
+    c["inv_freq"] = inv
+    # llama.cpp permutes Q/K rows only for the llama architecture (its rotary rotates pairs)
+    c["permuted"] = arch == "llama"
+    c["gemma"] = arch == "gemma2"
+    c["fused_qkv"] = gg.has("blk.0.attn_qkv.weight")
+    c["fused_gate_up"] = not gg.has("blk.0.ffn_gate.weight")
+    c["qkv_bias"] = gg.has("blk.0.attn_q.bias")
+    c["post_norms"] = gg.has("blk.0.post_attention_norm.weight")
+    c["act"] = "gelu_tanh" if c["gemma"] else "silu"
+    c["emb_scale"] = float(np.float32(np.sqrt(c["hidden"]))) if c["gemma"] else None
+    # Gemma 2's query scale is query_pre_attn_scalar ** -0.5, which GGUF does not carry:
+    # head_dim, except the 27B model (46 layers) whose scalar is hidden / heads (as llama.cpp)
+    scalar = c["hidden"] // c["n_head"] if (c["gemma"] and c["L"] == 46) else hd
+    c["attn_scale"] = 1.0 / np.sqrt(scalar)
+    c["attn_softcap"] = float(key("attn_logit_softcapping", 0.0) or 0.0) or None
+    c["final_softcap"] = float(key("final_logit_softcapping", 0.0) or 0.0) or None
+    window = key("attention.sliding_window")
+    window = int(window) if window else None
+    if window and arch == "gemma2":
+        c["swa_layers"] = {i for i in range(c["L"]) if i % 2 == 0}  # local, global, local, ...
+    elif window and arch == "phi3":
+        c["swa_layers"] = set(range(c["L"]))  # as transformers' Phi-3: every layer
+    else:
+        window, c["swa_layers"] = None, set()
+    c["window"] = window
+    return c
 
 
 def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, attention: str = "ops"):
-    arch = gg.field("general.architecture")
-    if arch != "llama":
-        sys.exit(f"unsupported architecture {arch!r} (only llama)")
-    L = int(gg.field("llama.block_count"))
-    hidden = int(gg.field("llama.embedding_length"))
-    n_head = int(gg.field("llama.attention.head_count"))
-    n_kv = int(gg.field("llama.attention.head_count_kv", n_head))
-    eps = float(gg.field("llama.attention.layer_norm_rms_epsilon"))
-    theta = float(gg.field("llama.rope.freq_base", 10000.0))
-    ctx = int(gg.field("llama.context_length"))
-    hd = hidden // n_head
-    rot_dim = int(gg.field("llama.rope.dimension_count", hd))
-    assert rot_dim == hd, "partial rotary not supported"
-    if gg.field("llama.rope.scaling.type") not in (None, "none"):
-        sys.exit("rope scaling not supported")
+    c = arch_config(gg)
+    arch, L, hidden, n_head, n_kv, eps, ctx, hd = (c[k] for k in ("arch", "L", "hidden", "n_head", "n_kv", "eps",
+                                                                  "ctx", "hd"))
+    if attention != "ops" and (c["attn_softcap"] or c["window"]):
+        sys.exit(f"--attention {attention} does not support soft-capping or sliding windows (use ops)")
+    q_dim = n_head * hd
     group = n_head // n_kv
     emb = gg.f32("token_embd.weight")  # [V, hidden]
     vocab = emb.shape[0]
     tied = not gg.has("output.weight")
-    log(f"llama: {L} layers, hidden {hidden}, heads {n_head}/{n_kv}, head_dim {hd}, vocab {vocab}, "
-        f"rope theta {theta:g}, eps {eps:g}, tied embeddings: {tied}, quant {quant}")
+    log(f"{arch}: {L} layers, hidden {hidden}, heads {n_head}/{n_kv}, head_dim {hd}, vocab {vocab}, "
+        f"rope theta {c['theta']:g}, eps {eps:g}, tied embeddings: {tied}, qkv bias: {c['qkv_bias']}, "
+        f"sliding window: {c['window']} on {len(c['swa_layers'])} layers, soft-caps: {c['attn_softcap']}/"
+        f"{c['final_softcap']}, quant {quant}")
 
     g = G()
     g.init("embed.weight", emb)
 
-    def linear(x, names, hint, n_heads_unpermute=None, out_dim=None):
-        """x @ concat(names).T ; names: list of GGUF weight names ([out, in] each)."""
+    def linear(x, names, hint, n_heads_unpermute=None, biases=None):
+        """x @ concat(names).T (+ concat(biases)); names: GGUF weight names ([out, in] each)."""
+        y = linear_nobias(x, names, hint, n_heads_unpermute)
+        if not biases:
+            return y
+        return g.op("Add", [y, g.init(hint + ".bias", np.concatenate([gg.f32(b).reshape(-1) for b in biases]))],
+                    hint + "_b")
+
+    def linear_nobias(x, names, hint, n_heads_unpermute):
         ws = []
         for nm in names:
             w = gg.f32(nm)
@@ -280,7 +358,7 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
     if not shared:
         total = g.op("Shape", ["attention_mask"], "total", start=1, end=2)
         past = g.op("Sub", [total, seq], "past")
-        bias, bias_g = attention_bias(g, seq, total, past, group)
+        bias, bias_g, *swa_bias = attention_bias(g, seq, total, past, group, c["window"])
     if attention == "gqa":
         # GroupQueryAttention: every row counts as full length (seqlens_k = T - 1), so it
         # appends the new keys at T like Concat does; `bias` hides the left padding.
@@ -295,8 +373,7 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
         batched_chunk = g.op("Squeeze", [batched_chunk], "batched_chunk_s")
 
     # rotary caches (HF rotate-half convention)
-    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    ang = np.outer(np.arange(ctx, dtype=np.float64), inv)
+    ang = np.outer(np.arange(ctx, dtype=np.float64), c["inv_freq"])
     cos = g.init("rope.cos", np.cos(ang).astype(np.float32))
     sin = g.init("rope.sin", np.sin(ang).astype(np.float32))
 
@@ -305,9 +382,9 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
     shp_q4 = g.op("Concat", [batch, g.const("c", i64([n_kv, -1, hd]))], "shp_q4", axis=0)
     shp_kv = g.op("Concat", [batch, seq, g.const("c", i64([n_kv, hd]))], "shp_kv", axis=0)
     shp_o5 = g.op("Concat", [batch, g.const("c", i64([n_kv, group])), seq, g.const("c", i64([hd]))], "shp_o5", axis=0)
-    shp_o3 = g.op("Concat", [batch, seq, g.const("c", i64([hidden]))], "shp_o3", axis=0)
-    split_qkv = g.const("c", i64([hidden, n_kv * hd, n_kv * hd]))
-    ffn = gg.t["blk.0.ffn_gate.weight"].shape[1]
+    shp_o3 = g.op("Concat", [batch, seq, g.const("c", i64([q_dim]))], "shp_o3", axis=0)
+    split_qkv = g.const("c", i64([q_dim, n_kv * hd, n_kv * hd]))
+    ffn = gg.t["blk.0.ffn_down.weight"].shape[0]  # GGUF shape [in, out]: in = ffn
     split_ffn = g.const("c", i64([int(ffn), int(ffn)]))
 
     def attention_ops(i, q, k, v, presents=None):
@@ -321,8 +398,11 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
         q = g.op("Transpose", [q], "q5t", perm=[0, 2, 3, 1, 4])  # [b,kv,g,s,hd]
         q = g.op("Reshape", [q, shp_q4], "q4")  # [b,kv,g*s,hd]
         sc = g.op("FusedMatMul", [q, pk], "scores", domain="com.microsoft", transA=0, transB=1,
-                  alpha=1.0 / np.sqrt(hd))
-        sc = g.op("Add", [sc, bias_g], "scores_m")
+                  alpha=float(c["attn_scale"]))
+        if c["attn_softcap"]:  # Gemma 2: cap * tanh(scores / cap)
+            cap = g.const("c", np.array(c["attn_softcap"], np.float32))
+            sc = g.op("Mul", [g.op("Tanh", [g.op("Div", [sc, cap], "sc_d")], "sc_t"), cap], "scores_c")
+        sc = g.op("Add", [sc, swa_bias[1] if i in c["swa_layers"] else bias_g], "scores_m")
         pr = g.op("Softmax", [sc], "probs", axis=-1)
         o = g.op("MatMul", [pr, pv], "ctx")  # [b,kv,g*s,hd]
         o = g.op("Reshape", [o, shp_o5], "ctx5")
@@ -331,6 +411,8 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
         return o, pk, pv
 
     h = g.op("Gather", ["embed.weight", "input_ids"], "h")
+    if c["emb_scale"]:  # Gemma: embeddings times sqrt(hidden) (the tied LM head is not scaled)
+        h = g.op("Mul", [h, g.const("c", np.array(c["emb_scale"], np.float32))], "h_scaled")
     resid = None
     x = None
     log("building layers")
@@ -345,8 +427,12 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
         else:
             x, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [x_attn_in, resid, f"l{i}.attn_norm"],
                                   "x", n_out=4, domain="com.microsoft", epsilon=eps)
-        qkv = linear(x, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], f"l{i}.qkv",
-                     {p + "attn_q.weight": n_head, p + "attn_k.weight": n_kv})
+        if c["fused_qkv"]:  # Phi-3: one [q; k; v] projection
+            qkv = linear(x, [p + "attn_qkv.weight"], f"l{i}.qkv", {})
+        else:
+            unpermute = {p + "attn_q.weight": n_head, p + "attn_k.weight": n_kv} if c["permuted"] else {}
+            qkv = linear(x, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], f"l{i}.qkv",
+                         unpermute, [p + f"attn_{n}.bias" for n in "qkv"] if c["qkv_bias"] else None)
         q, k, v = g.op("Split", [qkv, split_qkv], "qkv_s", n_out=3, axis=-1)
         q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], "q_rot", domain="com.microsoft",
                  num_heads=n_head, interleaved=0)
@@ -359,26 +445,38 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
             o = g.op("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                              "seqlens_k", "total_sequence_length"],
                      outputs=[g.name("ctx3")] + presents, n_out=3, domain="com.microsoft",
-                     num_heads=n_head, kv_num_heads=n_kv, scale=float(1.0 / np.sqrt(hd)))[0]
+                     num_heads=n_head, kv_num_heads=n_kv, scale=float(c["attn_scale"]))[0]
         elif attention == "gqa":
             # one fused op: appends k, v to the past (BNSH, as present.*), grouped-query
             # attention with `bias` (per-row padding) and its own causal rule, output [b, s, hidden]
             gqa = g.branch("gqa", lambda: g.op(
                 "GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                                         total_i32, "", "", "", bias], "gqa", n_out=3, domain="com.microsoft",
-                num_heads=n_head, kv_num_heads=n_kv, scale=float(1.0 / np.sqrt(hd))), 3)
+                num_heads=n_head, kv_num_heads=n_kv, scale=float(c["attn_scale"])), 3)
             ops = g.branch("attn_ops", lambda: attention_ops(i, q, k, v), 3)
             o = g.op("If", [batched_chunk], outputs=[g.name("ctx3")] + presents, n_out=3,
                      then_branch=ops, else_branch=gqa)[0]
         else:
             o, _, _ = attention_ops(i, q, k, v, presents)
         attn = linear(o, [p + "attn_output.weight"], f"l{i}.o", {})
+        if c["post_norms"]:  # Gemma 2: the attention output is normalized before the residual add
+            attn = g.op("SimplifiedLayerNormalization", [attn, g.init(f"l{i}.post_attn_norm",
+                        gg.f32(p + "post_attention_norm.weight"))], "attn_n", epsilon=eps, axis=-1, stash_type=1)
         x, _, _, resid = g.op("SkipSimplifiedLayerNormalization", [attn, resid, f"l{i}.ffn_norm"],
                               "x", n_out=4, domain="com.microsoft", epsilon=eps)
-        gu = linear(x, [p + "ffn_gate.weight", p + "ffn_up.weight"], f"l{i}.gate_up", {})
+        # Phi-3's ffn_up is already the fused [gate; up]
+        gu = linear(x, [p + "ffn_up.weight"] if c["fused_gate_up"] else [p + "ffn_gate.weight", p + "ffn_up.weight"],
+                    f"l{i}.gate_up", {})
         gate, up = g.op("Split", [gu, split_ffn], "gu_s", n_out=2, axis=-1)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], "sig")], "silu")
-        x_attn_in = linear(g.op("Mul", [act, up], "swiglu"), [p + "ffn_down.weight"], f"l{i}.down", {})
+        if c["act"] == "gelu_tanh":  # GeGLU (Gemma): FastGelu is the tanh approximation
+            act = g.op("FastGelu", [gate], "gelu", domain="com.microsoft")
+        else:  # SwiGLU
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], "sig")], "silu")
+        x_attn_in = linear(g.op("Mul", [act, up], "glu"), [p + "ffn_down.weight"], f"l{i}.down", {})
+        if c["post_norms"]:
+            x_attn_in = g.op("SimplifiedLayerNormalization", [x_attn_in, g.init(
+                f"l{i}.post_ffw_norm", gg.f32(p + "post_ffw_norm.weight"))], "ffn_n", epsilon=eps, axis=-1,
+                stash_type=1)
         if (i + 1) % 10 == 0 or i == L - 1:
             log(f"layer {i + 1}/{L}")
 
@@ -401,10 +499,11 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
     xn, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [last_x, last_r, "output_norm"], "xf", n_out=4,
                        domain="com.microsoft", epsilon=eps)
     head_name = "token_embd.weight" if tied else "output.weight"
+    logits = g.name("logits_raw") if c["final_softcap"] else "logits"
     if quant == "none":
         w = emb if tied else gg.f32(head_name)
         wn = "embed.weight" if tied else g.init("lm_head.weight", w)
-        g.op("FusedMatMul", [xn, wn], outputs=["logits"], domain="com.microsoft", transA=0, transB=1)
+        g.op("FusedMatMul", [xn, wn], outputs=[logits], domain="com.microsoft", transA=0, transB=1)
     else:
         qt = gg.qtype(head_name)
         if qt == QT.Q8_0:
@@ -415,15 +514,18 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
             b, s, z = rtn_nbits(emb if tied else gg.f32(head_name), 8, 32)
             ins = [xn, g.init("lm_head.qweight", b), g.init("lm_head.scales", s), g.init("lm_head.zp", z)]
             bits, k = 8, b.shape[1] * 32
-        g.op("MatMulNBits", ins, outputs=["logits"], domain="com.microsoft", K=k, N=b.shape[0], bits=bits,
+        g.op("MatMulNBits", ins, outputs=[logits], domain="com.microsoft", K=k, N=b.shape[0], bits=bits,
              block_size=32, accuracy_level=accuracy_level)
+    if c["final_softcap"]:  # Gemma 2: cap * tanh(logits / cap)
+        cap = g.const("c", np.array(c["final_softcap"], np.float32))
+        g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap], "lg_d")], "lg_t"), cap], outputs=["logits"])
 
-    graph = helper.make_graph(g.nodes, "ferrite_llama_decoder", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, f"ferrite_{arch}_decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="ferrite models/convert_gguf.py")
     model.ir_version = 8
-    meta = dict(L=L, n_kv=n_kv, hd=hd, vocab=vocab, ctx=ctx)
+    meta = dict(L=L, n_kv=n_kv, hd=hd, vocab=vocab, ctx=ctx, arch=arch)
     return model, meta
 
 
@@ -444,7 +546,19 @@ def bytes_to_unicode():
 GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
+# llama.cpp's `llama-bpe` (Llama 3) and `qwen2` pre-tokenizers: GPT-4-style splits, digits in
+# runs of up to three (Llama 3) or one by one (Qwen2).
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PAT = LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
 def pre_tokenizer_for(pre):
+    if pre in ("llama-bpe", "llama3", "qwen2"):
+        pat = QWEN2_PAT if pre == "qwen2" else LLAMA3_PAT
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pat}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     if pre in ("smollm", "gpt2", "starcoder", "refact", "codeshell", "default", None):
         # SmolLM/StarCoder: digits split one by one, then GPT-2's byte-level split.
         seq = []
@@ -510,8 +624,11 @@ def main():
                          "seqlens_k and total_sequence_length instead of attention_mask (a different "
                          "interface; models/bench_kv_layout.py)")
     ap.add_argument("--sha256", help="sha256 of the GGUF file (computed when absent)")
-    a = ap.parse_args()
+    convert(ap.parse_args())
 
+
+def convert(a):
+    """Writes the model directory a.outdir from a.gguf (a: main()'s options)."""
     log(f"reading {a.gguf}")
     gg = Gguf(a.gguf)
     digest = a.sha256 or sha256_file(a.gguf)
@@ -531,14 +648,14 @@ def main():
     tokens = gg.field("tokenizer.ggml.tokens")
     eos = int(gg.field("tokenizer.ggml.eos_token_id"))
     eos_ids = [eos]
-    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"):
+    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>"):
         if special in tokens and tokens.index(special) not in eos_ids:
             eos_ids.append(tokens.index(special))
     bos = gg.field("tokenizer.ggml.bos_token_id")
     pad = gg.field("tokenizer.ggml.padding_token_id", eos)
     cfg = {
         "format": 1,
-        "architecture": "llama",
+        "architecture": meta["arch"],
         "num_layers": meta["L"],
         "num_kv_heads": meta["n_kv"],
         "head_dim": meta["hd"],

@@ -1,0 +1,173 @@
+"""The GGUF -> ONNX converter on every LLM family it knows (docs/llm.md), without any
+download: for each family the test writes a small random-weight GGUF of that
+architecture (models/tiny_gguf.py, fixed seed), converts it (models/convert_gguf.py)
+and checks the graph against Hugging Face transformers' answers for the same file,
+recorded once by models/record_families.py into models/fixtures/families.*:
+
+- the GGUF written now is the one recorded, byte for byte (sha256);
+- the prompts (chat template + tokenizer from the GGUF) give the recorded token ids;
+- fp32 greedy tokens equal transformers' for 16 steps of every prompt, and with
+  transformers' tokens fed back, our top-64 logits at every step are within LOGIT_ATOL
+  of transformers' (absolute; logits are O(5));
+- the engine contract the server relies on: Optimum input/output names, a left-padded
+  batch gives each row's logits and tokens alone, a chunked prefill gives one prefill's.
+"""
+import hashlib
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+FIX = os.path.join(HERE, "fixtures")
+
+import convert_gguf  # noqa: E402
+import tiny_gguf  # noqa: E402
+from llm_reference import OnnxLlm  # noqa: E402
+
+LOGIT_ATOL = 1e-3
+FAMILIES = list(tiny_gguf.FAMILIES)
+_WORST = {}
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    with open(os.path.join(FIX, "families.json")) as f:
+        fams = json.load(f)["families"]
+    return fams, np.load(os.path.join(FIX, "families_logits.npz"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+_MODELS = {}
+
+
+def converted(family, workdir):
+    """(gguf path, OnnxLlm) of the family's tiny model, written and converted once."""
+    if family not in _MODELS:
+        path = str(workdir / f"tiny-{family}.gguf")
+        tiny_gguf.write(family, path)
+        out = str(workdir / family)
+        convert_gguf.convert(types.SimpleNamespace(gguf=path, outdir=out, quant="none", block_size=64,
+                                                   accuracy_level=4, attention="ops", sha256=None))
+        _MODELS[family] = (path, OnnxLlm(out))
+    return _MODELS[family]
+
+
+def prompt_ids(m, family, p):
+    f = tiny_gguf.FAMILIES[family]
+    text = m.chat_prompt([{"role": "user", "content": p["text"]}]) if p["kind"] == "chat" else p["text"]
+    bos = [m.cfg["bos_token_id"]] if m.cfg["add_bos_token"] else []
+    assert (text, f["add_bos"]) == (p["prompt"], bool(bos))
+    return bos + m.encode(text)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_is_the_recorded_one(family, workdir, recorded):
+    path, _ = converted(family, workdir)
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == recorded[0][family]["gguf_sha256"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_directory(family, workdir):
+    path, m = converted(family, workdir)
+    f = tiny_gguf.FAMILIES[family]
+    cfg = m.cfg
+    assert cfg["format"] == 1 and cfg["architecture"] == f["arch"]
+    assert (cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"]) == (f["layers"], f["kv"], f["head_dim"])
+    assert cfg["context_length"] == tiny_gguf.CONTEXT and cfg["quantization"] == "none"
+    tok = m.tokenizer
+    assert cfg["vocab_size"] == tok.get_vocab_size() == m.sess.get_outputs()[0].shape[2]
+    assert cfg["eos_token_ids"][0] == tok.token_to_id(f["eos"])
+    assert cfg["add_bos_token"] is f["add_bos"]
+    with open(os.path.join(m.dir, "chat_template.jinja")) as fh:
+        assert fh.read() == f["template"]
+    # special tokens stay whole
+    assert tok.encode(f["specials"][-1], add_special_tokens=False).ids == [tok.token_to_id(f["specials"][-1])]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_interface(family, workdir):
+    _, m = converted(family, workdir)
+    L = m.cfg["num_layers"]
+    kv = [f"{i}.{t}" for i in range(L) for t in ("key", "value")]
+    assert [i.name for i in m.sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids"] + [
+        "past_key_values." + k for k in kv]
+    assert [o.name for o in m.sess.get_outputs()] == ["logits"] + ["present." + k for k in kv]
+    assert m.sess.get_inputs()[3].shape == ["batch_size", m.kv, "past_sequence_length", m.hd]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_ids_as_recorded(family, workdir, recorded):
+    _, m = converted(family, workdir)
+    for p in recorded[0][family]["prompts"]:
+        assert prompt_ids(m, family, p) == p["prompt_ids"], p["text"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_and_logits_match_transformers(family, workdir, recorded):
+    _, m = converted(family, workdir)
+    fams, arrays = recorded
+    worst = 0.0
+    for i, p in enumerate(fams[family]["prompts"]):
+        got = m.greedy([p["prompt_ids"]], len(p["greedy"]))[0]
+        assert got == p["greedy"], f"{family} prompt {i}: greedy {got} != transformers' {p['greedy']}"
+        ours = m.teacher_forced(p["prompt_ids"], p["greedy"])  # [steps, V]
+        ids, ref = arrays[f"{family}.p{i}.ids"], arrays[f"{family}.p{i}.logits"]
+        diff = np.abs(np.take_along_axis(ours, ids.astype(np.int64), axis=1) - ref).max()
+        worst = max(worst, float(diff))
+        assert diff < LOGIT_ATOL, f"{family} prompt {i}: max |top-64 logit diff| {diff}"
+    _WORST[family] = worst
+    print(f"\n{family}: fp32 vs transformers, worst top-64 logit difference over "
+          f"{len(fams[family]['prompts'])} prompts x {len(p['greedy'])} steps: {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_single_runs(family, workdir, recorded):
+    _, m = converted(family, workdir)
+    rows = [p["prompt_ids"] for p in recorded[0][family]["prompts"][:4]]
+    assert len({len(r) for r in rows}) > 1
+    batched = m.greedy(rows, 6)
+    logits_b = m.prefill(rows)[0]
+    for b, r in enumerate(rows):
+        assert batched[b] == m.greedy([r], 6)[0], f"row {b}"
+        assert np.abs(logits_b[b] - m.prefill([r])[0][0]).max() < LOGIT_ATOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_prefill_in_chunks_equals_whole(family, workdir, recorded):
+    _, m = converted(family, workdir)
+    rows = [p["prompt_ids"] for p in recorded[0][family]["prompts"][:3]]
+    logits, past, mask, _ = m.prefill(rows)
+    n = mask.shape[1]
+    cut = n - min(len(r) for r in rows) // 2
+    ids = np.full((len(rows), n), m.cfg["pad_token_id"], np.int64)
+    pos = np.zeros((len(rows), n), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, n - len(r):] = r
+        pos[b, n - len(r):] = np.arange(len(r))
+    _, p1 = m.step(ids[:, :cut], mask[:, :cut], pos[:, :cut], m.empty_past(len(rows)))
+    l2, p2 = m.step(ids[:, cut:], mask, pos[:, cut:], p1)
+    assert np.abs(l2 - logits).max() < LOGIT_ATOL
+    for b, r in enumerate(rows):
+        assert max(np.abs(x[b, :, n - len(r):] - y[b, :, n - len(r):]).max() for x, y in zip(p2, past)) < LOGIT_ATOL
+
+
+def test_sliding_window_is_in_effect(workdir, recorded):
+    """Gemma 2's local layers see only the last `window` positions: prompts longer than
+    the window must differ from a graph that attends to everything (else the check above
+    would not cover the window)."""
+    path, m = converted("gemma2", workdir)
+    gg = convert_gguf.Gguf(path)
+    c = convert_gguf.arch_config(gg)
+    assert c["window"] == tiny_gguf.FAMILIES["gemma2"]["sliding_window"] and c["swa_layers"] == {0, 2}
+    long = [p["prompt_ids"] for p in recorded[0]["gemma2"]["prompts"] if len(p["prompt_ids"]) > c["window"]]
+    assert long, "no prompt longer than the sliding window"
