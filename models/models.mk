@@ -1,7 +1,9 @@
 # make models: LLM model directories (docs/llm.md) converted from a GGUF file, cached
 # under .cache/models/. Included by the top-level Makefile (uses its venv).
 #   make models        SmolLM2-135M-Instruct, fp32 and int4 (MatMulNBits)
-#   make test-models   the converter's checks against transformers / llama.cpp fixtures
+#   make test-models   the converter's checks against transformers / llama.cpp fixtures, and
+#                      every LLM family (Qwen2, Phi-3, Gemma 2, Mistral, Llama 3) on a tiny
+#                      random-weight GGUF the test writes itself (models/test_families.py)
 #   make llm-answer    greedy answer to "What is the capital of France?" (int4)
 .PHONY: models test-models llm-answer
 
@@ -10,8 +12,8 @@ LLM_MODEL_DIR ?= $(CURDIR)/.cache/models/smollm2-135m-instruct-int4
 models: venv ## LLM model directories (SmolLM2-135M-Instruct fp32 + int4) under .cache/models
 	$(PY) models/build_models.py
 
-test-models: models ## the GGUF -> ONNX converter against transformers and llama.cpp fixtures
-	$(PY) -m pytest -q models/test_converter.py
+test-models: models ## the GGUF -> ONNX converter against transformers and llama.cpp fixtures, per LLM family
+	$(PY) -m pytest -q models/test_converter.py models/test_families.py
 
 llm-answer: models ## ask the converted model the capital of France (greedy)
 	$(PY) models/llm_reference.py $(LLM_MODEL_DIR) "What is the capital of France?"

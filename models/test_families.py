@@ -161,13 +161,56 @@ def test_left_padded_prefill_in_chunks_equals_whole(family, workdir, recorded):
         assert max(np.abs(x[b, :, n - len(r):] - y[b, :, n - len(r):]).max() for x, y in zip(p2, past)) < LOGIT_ATOL
 
 
-def test_sliding_window_is_in_effect(workdir, recorded):
-    """Gemma 2's local layers see only the last `window` positions: prompts longer than
-    the window must differ from a graph that attends to everything (else the check above
-    would not cover the window)."""
-    path, m = converted("gemma2", workdir)
-    gg = convert_gguf.Gguf(path)
-    c = convert_gguf.arch_config(gg)
+# Each family's own rule, switched off one at a time: the recorded answers must then be
+# missed by far more than LOGIT_ATOL, so the checks above do cover that rule.
+KNOCKOUTS = [
+    ("qwen2", "q/k/v biases", dict(qkv_bias=False)),
+    ("phi3", "sliding window", dict(window=None, swa_layers=set())),
+    ("gemma2", "sliding window", dict(window=None, swa_layers=set())),
+    ("gemma2", "attention soft-cap", dict(attn_softcap=None)),
+    ("gemma2", "final soft-cap", dict(final_softcap=None)),
+    ("gemma2", "embedding scale", dict(emb_scale=None)),
+    ("gemma2", "query scale", dict(attn_scale=1.0 / np.sqrt(16))),
+    ("gemma2", "post norms", dict(post_norms=False)),
+    ("gemma2", "GeGLU", dict(act="silu")),
+    ("llama3", "rope_freqs", "no_rope_freqs"),
+    ("mistral", "Q/K unpermute", dict(permuted=False)),
+]
+
+
+@pytest.mark.parametrize("family,what,change", KNOCKOUTS, ids=[f"{f}-{w}" for f, w, _ in KNOCKOUTS])
+def test_family_rules_are_covered(family, what, change, workdir, recorded, monkeypatch):
+    import onnxruntime as ort
+
+    path, m = converted(family, workdir)
+    real = convert_gguf.arch_config
+
+    def changed(gg):
+        c = real(gg)
+        if change == "no_rope_freqs":
+            hd = c["hd"]
+            c["inv_freq"] = 1.0 / (c["theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        else:
+            c.update(change)
+        return c
+
+    monkeypatch.setattr(convert_gguf, "arch_config", changed)
+    model, _ = convert_gguf.build(convert_gguf.Gguf(path), "none")
+    m.sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    try:
+        fams, arrays = recorded
+        worst = 0.0
+        for i, p in enumerate(fams[family]["prompts"]):
+            ours = m.teacher_forced(p["prompt_ids"], p["greedy"])
+            ids, ref = arrays[f"{family}.p{i}.ids"], arrays[f"{family}.p{i}.logits"]
+            worst = max(worst, float(np.abs(np.take_along_axis(ours, ids.astype(np.int64), axis=1) - ref).max()))
+    finally:
+        _MODELS.pop(family)  # the next test converts again
+    print(f"\n{family} without its {what}: top-64 logits off by up to {worst:.2f}")
+    assert worst > 100 * LOGIT_ATOL
+
+
+def test_gemma2_layers_alternate_local_and_global(workdir):
+    path, _ = converted("gemma2", workdir)
+    c = convert_gguf.arch_config(convert_gguf.Gguf(path))
     assert c["window"] == tiny_gguf.FAMILIES["gemma2"]["sliding_window"] and c["swa_layers"] == {0, 2}
-    long = [p["prompt_ids"] for p in recorded[0]["gemma2"]["prompts"] if len(p["prompt_ids"]) > c["window"]]
-    assert long, "no prompt longer than the sliding window"
