@@ -569,25 +569,79 @@ def pre_tokenizer_for(pre):
     sys.exit(f"unsupported tokenizer.ggml.pre {pre!r}")
 
 
+SPM = "\u2581"  # SentencePiece's word-boundary mark
+
+
+def spm_merges(tokens, scores):
+    """BPE merges recovered from a SentencePiece vocabulary (GGUF stores scores, not merges):
+    every split of a token into two tokens, ranked by the token's score, as transformers'
+    `generate_merges` does (so both build the same tokenizer from the same GGUF)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for merge, score in dict(zip(tokens, scores)).items():
+        local = [(merge[:k], merge[k:], score) for k in range(1, len(merge))
+                 if merge[:k] in vocab and merge[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [[a, b] for a, b, _ in merges]
+
+
+def spm_tokenizer(gg: Gguf, arch):
+    """A SentencePiece (`tokenizer.ggml.model` llama) vocabulary as a BPE tokenizer with byte
+    fallback, shaped per family as transformers shapes it: Llama/Mistral put the boundary mark
+    before the first word (Metaspace), Phi-3 before the text by a normalizer, Gemma never
+    (and its vocabulary spells runs of spaces as spaces, its merges follow the vocabulary's
+    order rather than the scores)."""
+    tokens = list(gg.field("tokenizer.ggml.tokens"))
+    if arch == "gemma2":
+        tokens = [SPM * len(t) if " " in t and not t.strip() else t for t in tokens]
+        merges = spm_merges(tokens, [-i for i in range(len(tokens))])
+    else:
+        scores = gg.field("tokenizer.ggml.scores")
+        if scores is None:
+            sys.exit("a SentencePiece vocabulary without tokenizer.ggml.scores")
+        merges = spm_merges(tokens, [float(x) for x in scores])
+    decoder = [{"type": "Replace", "pattern": {"String": SPM}, "content": " "}, {"type": "ByteFallback"},
+               {"type": "Fuse"}]
+    to_spm = {"type": "Replace", "pattern": {"String": " "}, "content": SPM}
+    if arch == "gemma2":
+        normalizer = to_spm
+        pre = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
+    elif arch == "phi3":
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPM}, to_spm]}
+        pre = None
+    else:
+        normalizer = None
+        pre = {"type": "Metaspace", "replacement": SPM, "prepend_scheme": "first", "split": False}
+    if arch != "gemma2":
+        decoder.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    unk = "<unk>" if arch == "gemma2" and "<unk>" in tokens else None
+    model = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+             "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges}
+    return tokens, {"normalizer": normalizer, "pre_tokenizer": pre, "post_processor": None,
+                    "decoder": {"type": "Sequence", "decoders": decoder}, "model": model}
+
+
 def build_tokenizer(gg: Gguf):
     model = gg.field("tokenizer.ggml.model")
-    if model != "gpt2":
-        sys.exit(f"unsupported tokenizer model {model!r} (only gpt2 byte-level BPE)")
-    tokens = gg.field("tokenizer.ggml.tokens")
     types = gg.field("tokenizer.ggml.token_type")
+    if model == "llama":
+        tokens, parts = spm_tokenizer(gg, gg.field("general.architecture"))
+        return {"version": "1.0", "truncation": None, "padding": None,
+                "added_tokens": added_tokens(tokens, types, special_types=(2, 3)), **parts}
+    if model != "gpt2":
+        sys.exit(f"unsupported tokenizer model {model!r} (gpt2 byte-level BPE, llama SentencePiece)")
+    tokens = gg.field("tokenizer.ggml.tokens")
     merges = gg.field("tokenizer.ggml.merges")
     pre = gg.field("tokenizer.ggml.pre")
     vocab = {t: i for i, t in enumerate(tokens)}
-    added = []
-    for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty in (3, 4):  # CONTROL, USER_DEFINED
-            added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": ty == 3})
     tok = {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": added,
+        "added_tokens": added_tokens(tokens, types),
         "normalizer": None,
         "pre_tokenizer": pre_tokenizer_for(pre),
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
@@ -598,6 +652,13 @@ def build_tokenizer(gg: Gguf):
                   "ignore_merges": False, "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]},
     }
     return tok
+
+
+def added_tokens(tokens, types, special_types=(3,)):
+    """The tokens matched whole in text: CONTROL (special) and USER_DEFINED ones."""
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": ty in special_types}
+            for i, (t, ty) in enumerate(zip(tokens, types)) if ty in special_types or ty == 4]
 
 
 # --------------------------------------------------------------------------- main

@@ -7,7 +7,7 @@ graphs against it. Run ONCE by hand in a side venv (torch is not in the test ven
   /tmp/fixtures-venv/bin/pip install torch==2.15.0 transformers==5.23.0 accelerate==1.15.0 gguf==0.19.0 numpy==2.2.6
   /tmp/fixtures-venv/bin/python models/record_families.py
 
-transformers loads each GGUF itself (`gguf_file=`: its own dequantization, Q/K
+transformers loads each GGUF itself, tokenizer included (`gguf_file=`: its own dequantization, Q/K
 un-permutation, Gemma norm offset, fused Phi-3 tensors). A few settings are not in
 transformers' GGUF metadata mapping; they are set on its config from the same values
 the GGUF carries (or, for Llama 3's rope scaling, which GGUF stores as the `rope_freqs`
@@ -36,11 +36,19 @@ from record_fixtures import PROMPTS  # noqa: E402
 
 GREEDY = 16
 TOPK = 64
+# Texts only tokenized (and decoded back): spaces, newlines, digits, bytes outside the vocabulary.
+TOKENIZER_TEXTS = [
+    "  two  spaces, a tab\tand\n\nnew lines",
+    "Numbers 12345 and 3.14159; words don't split",
+    "Accents caf\u00e9 na\u00efve, emoji \U0001F642 and \u4e2d\u6587",
+    " leading space",
+]
 
 
 def prompt_ids(family, tok, kind, text):
     """The prompt text and ids as the server builds them: the GGUF's chat template rendered
-    with an empty bos_token, then BOS put before the ids when add_bos_token is set."""
+    with an empty bos_token, then BOS put before the ids when add_bos_token is set.
+    tok: transformers' tokenizer built from the GGUF (its own conversion of the vocabulary)."""
     import jinja2
 
     f = tiny_gguf.FAMILIES[family]
@@ -51,9 +59,9 @@ def prompt_ids(family, tok, kind, text):
                                                        add_generation_prompt=True, bos_token="", eos_token="")
     else:
         prompt = text
-    ids = tok.encode(prompt, add_special_tokens=False).ids
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if f["add_bos"]:
-        ids = [tok.token_to_id(f["bos"])] + ids
+        ids = [tok.convert_tokens_to_ids(f["bos"])] + ids
     return prompt, ids
 
 
@@ -83,16 +91,13 @@ def config_overrides(family, path):
 
 def record(family, workdir):
     import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from convert_gguf import Gguf, build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = os.path.join(workdir, f"tiny-{family}.gguf")
     tiny_gguf.write(family, path)
     with open(path, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
-    tok = Tokenizer.from_str(json.dumps(build_tokenizer(Gguf(path))))
+    tok = AutoTokenizer.from_pretrained(workdir, gguf_file=os.path.basename(path))
     overrides = config_overrides(family, path)
     cfg = AutoConfig.from_pretrained(workdir, gguf_file=os.path.basename(path))
     for k, v in overrides.items():
@@ -137,7 +142,11 @@ def record(family, workdir):
         arrays[f"{family}.p{i}.logits"] = np.array(vals, np.float32)
         records.append({"kind": kind, "text": text, "prompt": prompt, "prompt_ids": ids, "greedy": gen})
         print(f"  [{i}] {len(ids)} prompt tokens -> {gen}", flush=True)
-    return {"gguf_sha256": sha, "gguf_bytes": os.path.getsize(path), "hf_class": type(model).__name__,
+    texts = []
+    for t in TOKENIZER_TEXTS:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        texts.append({"text": t, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False)})
+    return {"gguf_sha256": sha, "tokenizer_texts": texts, "gguf_bytes": os.path.getsize(path), "hf_class": type(model).__name__,
             "config_overrides": overrides, "prompts": records}, arrays
 
 

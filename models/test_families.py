@@ -5,7 +5,10 @@ and checks the graph against Hugging Face transformers' answers for the same fil
 recorded once by models/record_families.py into models/fixtures/families.*:
 
 - the GGUF written now is the one recorded, byte for byte (sha256);
-- the prompts (chat template + tokenizer from the GGUF) give the recorded token ids;
+- the prompts (chat template + tokenizer from the GGUF) give the token ids of transformers'
+  own tokenizer for the GGUF (byte-level BPE for Qwen2 and Llama 3, SentencePiece-style for
+  Mistral, Phi-3 and Gemma 2), and so do texts with spaces, digits and bytes outside the
+  vocabulary;
 - fp32 greedy tokens equal transformers' for 16 steps of every prompt, and with
   transformers' tokens fed back, our top-64 logits at every step are within LOGIT_ATOL
   of transformers' (absolute; logits are O(5));
@@ -110,6 +113,16 @@ def test_prompt_ids_as_recorded(family, workdir, recorded):
     _, m = converted(family, workdir)
     for p in recorded[0][family]["prompts"]:
         assert prompt_ids(m, family, p) == p["prompt_ids"], p["text"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_as_transformers(family, workdir, recorded):
+    """Spaces, digits, bytes outside the vocabulary: the ids of transformers' own tokenizer
+    for the GGUF, and the text back."""
+    _, m = converted(family, workdir)
+    for t in recorded[0][family]["tokenizer_texts"]:
+        assert m.encode(t["text"]) == t["ids"], t["text"]
+        assert m.tokenizer.decode(t["ids"], skip_special_tokens=False) == t["decoded"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -86,17 +86,19 @@ FAMILIES = {
                   specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>",
                   pad="<|endoftext|>", add_bos=False),
     "phi3": dict(arch="phi3", name="tiny-phi3", hidden=96, heads=4, kv=2, head_dim=24, ffn=128, layers=3,
-                 theta=1e4, eps=1e-5, tied=False, fused=True, sliding_window=48, pre="default", template=PHI3_TEMPLATE,
-                 specials=["<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+                 theta=1e4, eps=1e-5, tied=False, fused=True, sliding_window=32, pre="default", template=PHI3_TEMPLATE,
+                 spm_front=["<unk>", "<s>", "</s>"],
+                 specials=["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
                  bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", add_bos=False),
     "gemma2": dict(arch="gemma2", name="tiny-gemma2", hidden=64, heads=4, kv=2, head_dim=32, ffn=128, layers=4,
                    theta=1e4, eps=1e-6, tied=True, sliding_window=16, attn_softcap=5.0, final_softcap=8.0,
-                   pre="default", template=GEMMA_TEMPLATE,
-                   specials=["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+                   pre="default", template=GEMMA_TEMPLATE, space_runs=["  ", "   "],
+                   spm_front=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
+                   specials=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
                    bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True),
     "mistral": dict(arch="llama", name="tiny-mistral", hidden=64, heads=8, kv=2, head_dim=8, ffn=160, layers=3,
                     theta=1e6, eps=1e-5, tied=False, permute=True, pre="default", template=MISTRAL_TEMPLATE,
-                    specials=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], bos="<s>", eos="</s>", pad="</s>",
+                    spm_front=["<unk>", "<s>", "</s>"], specials=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], bos="<s>", eos="</s>", pad="</s>",
                     add_bos=True),
     "llama3": dict(arch="llama", name="tiny-llama3", hidden=64, heads=4, kv=1, head_dim=16, ffn=128, layers=3,
                    theta=5e5, eps=1e-5, tied=True, permute=True, pre="llama-bpe", template=LLAMA3_TEMPLATE,
@@ -154,6 +156,57 @@ def toy_bpe(n_merges=N_MERGES):
     return tokens, [f"{a} {b}" for a, b in merges]
 
 
+def toy_spm(front, back, space_runs=(), n_merges=N_MERGES):
+    """(tokens, scores, types) of a SentencePiece-style BPE vocabulary (`tokenizer.ggml.model`
+    llama): `front` tokens, the 256 byte-fallback tokens <0xNN>, `space_runs` (Gemma spells runs
+    of spaces as spaces), the merged pieces in merge order (score -rank), the single characters
+    of CORPUS, then `back`. Merges are learned on CORPUS with spaces written as U+2581."""
+    mark = "\u2581"
+    text = mark + CORPUS.replace(" ", mark)
+    words = Counter(re.findall(mark + "*[^" + mark + "]+|" + mark + "+", text))
+    seqs = {w: tuple(w) for w in words}
+    chars = sorted({c for c in text if c != "\n"})
+    pieces = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, sq in seqs.items():
+            for a, b in zip(sq, sq[1:]):
+                if "\n" not in a + b:
+                    pairs[(a, b)] += words[w]
+        best = max(pairs.items(), key=lambda kv: (kv[1], tuple(-ord(c) for c in kv[0][0] + "\0" + kv[0][1])))[0]
+        pieces.append(best[0] + best[1])
+        for w, sq in seqs.items():
+            out, i = [], 0
+            while i < len(sq):
+                if i + 1 < len(sq) and (sq[i], sq[i + 1]) == best:
+                    out.append(sq[i] + sq[i + 1])
+                    i += 2
+                else:
+                    out.append(sq[i])
+                    i += 1
+            seqs[w] = tuple(out)
+    runs = {mark * len(r) for r in space_runs}  # already in the vocabulary, spelled with spaces
+    pieces = [p for p in dict.fromkeys(pieces) if p not in chars and p not in runs]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = list(front) + byte_tokens + list(space_runs) + pieces + chars + list(back)
+    scores = ([0.0] * (len(front) + 256 + len(space_runs)) + [-float(i) for i in range(len(pieces))]
+              + [-float(len(pieces) + j) for j in range(len(chars))] + [0.0] * len(back))
+    types = ([2 if t == "<unk>" else 3 for t in front] + [6] * 256 + [1] * (len(space_runs) + len(pieces) + len(chars))
+             + [3] * len(back))
+    return tokens, scores, types
+
+
+def vocabulary(f):
+    """(tokens, scores or None, types, merges or None) of a family's toy tokenizer."""
+    if f.get("spm_front") is not None:
+        back = [t for t in f["specials"] if t not in f["spm_front"]]
+        tokens, scores, types = toy_spm(f["spm_front"], back, f.get("space_runs", ()))
+        return tokens, scores, types, None
+    tokens, merges = toy_bpe()
+    tokens = tokens + f["specials"]
+    return tokens, None, [1] * (len(tokens) - len(f["specials"])) + [3] * len(f["specials"]), merges
+
+
 def permute(w, n_head):
     """llama.cpp's Q/K row order for the `llama` architecture (its rotary rotates pairs)."""
     rows = w.shape[0]
@@ -183,9 +236,7 @@ def write(family, path):
     f = FAMILIES[family]
     arch, H, nh, nkv, hd, ffn, L = f["arch"], f["hidden"], f["heads"], f["kv"], f["head_dim"], f["ffn"], f["layers"]
     rng = np.random.default_rng([SEED, sorted(FAMILIES).index(family)])
-    tokens, merges = toy_bpe()
-    tokens = tokens + f["specials"]
-    types = [1] * (len(tokens) - len(f["specials"])) + [3] * len(f["specials"])
+    tokens, scores, types, merges = vocabulary(f)
     V = len(tokens)
 
     def mat(rows, cols, scale=1.0):
@@ -215,11 +266,16 @@ def write(family, path):
     if "attn_softcap" in f:
         w.add_attn_logit_softcapping(f["attn_softcap"])
         w.add_final_logit_softcapping(f["final_softcap"])
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model("gpt2" if merges is not None else "llama")
     w.add_tokenizer_pre(f["pre"])
     w.add_token_list(tokens)
+    if scores is not None:
+        w.add_token_scores(scores)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if "<unk>" in tokens:
+        w.add_unk_token_id(tokens.index("<unk>"))
     if f["bos"]:
         w.add_bos_token_id(tokens.index(f["bos"]))
     w.add_eos_token_id(tokens.index(f["eos"]))
