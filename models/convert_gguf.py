@@ -47,6 +47,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -654,6 +655,20 @@ def build_tokenizer(gg: Gguf):
     return tok
 
 
+# A template that opens with the BOS text itself (Gemma, Llama 3, Mistral)
+BOS_OPENING = re.compile(r"^\s*\{\{-?\s*bos_token\s*-?\}\}")
+
+
+def chat_template(gg: Gguf):
+    """The GGUF's chat template, without its opening `{{ bos_token }}` where the GGUF also sets
+    add_bos_token: the server puts BOS before every prompt itself (llm.json's add_bos_token),
+    so the prompt starts with one BOS, as with transformers, not two."""
+    template = gg.field("tokenizer.chat_template") or ""
+    if gg.field("tokenizer.ggml.add_bos_token", False):
+        template = BOS_OPENING.sub("", template, count=1)
+    return template
+
+
 def added_tokens(tokens, types, special_types=(3,)):
     """The tokens matched whole in text: CONTROL (special) and USER_DEFINED ones."""
     return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
@@ -703,9 +718,9 @@ def convert(a):
     log("writing tokenizer.json, chat_template.jinja, llm.json")
     with open(os.path.join(a.outdir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(build_tokenizer(gg), f, ensure_ascii=False)
-    template = gg.field("tokenizer.chat_template")
+    template = chat_template(gg)
     with open(os.path.join(a.outdir, "chat_template.jinja"), "w", encoding="utf-8") as f:
-        f.write(template or "")
+        f.write(template)
     tokens = gg.field("tokenizer.ggml.tokens")
     eos = int(gg.field("tokenizer.ggml.eos_token_id"))
     eos_ids = [eos]

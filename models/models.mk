@@ -12,8 +12,8 @@ LLM_MODEL_DIR ?= $(CURDIR)/.cache/models/smollm2-135m-instruct-int4
 models: venv ## LLM model directories (SmolLM2-135M-Instruct fp32 + int4) under .cache/models
 	$(PY) models/build_models.py
 
-test-models: models ## the GGUF -> ONNX converter against transformers and llama.cpp fixtures, per LLM family
-	$(PY) -m pytest -q models/test_converter.py models/test_families.py
+test-models: models ort build ## the GGUF -> ONNX converter against transformers and llama.cpp fixtures, per LLM family
+	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q models/test_converter.py models/test_families.py
 
 llm-answer: models ## ask the converted model the capital of France (greedy)
 	$(PY) models/llm_reference.py $(LLM_MODEL_DIR) "What is the capital of France?"
