@@ -320,6 +320,8 @@ def build(gg: Gguf, quant: str, block_size: int = 64, accuracy_level: int = 4, a
             return g.op("MatMul", [x, wname], hint)
         # int4: re-quantize the dequantized weights (see rtn_nbits for why not the raw Q4_1 blocks)
         k = w.shape[1]
+        if k % block_size:
+            sys.exit(f"--block-size {block_size} does not divide {names[0]}'s input size {k}: use a smaller one")
         b, s, z = rtn_nbits(w, 4, block_size)
         n = b.shape[0]
         return g.op("MatMulNBits", [x, g.init(hint + ".qweight", b), g.init(hint + ".scales", s),
