@@ -270,6 +270,9 @@ def test_server_serves_every_family(workdir, recorded, tmp_path):
             p = recorded[0][family]["prompts"][0]
             assert p["kind"] == "chat"
             want = m.greedy([p["prompt_ids"]], 12, stop_at_eos=True)[0]
+            finish = "stop" if want[-1] in m.cfg["eos_token_ids"] else "length"
+            if finish == "stop":
+                want = want[:-1]  # the server neither counts nor writes the stop token
             body = {"model": family, "messages": [{"role": "user", "content": p["text"]}], "max_tokens": 12,
                     "temperature": 0}
             status, _, raw = server.http_request("POST", "/v1/chat/completions", json.dumps(body).encode(),
@@ -278,7 +281,10 @@ def test_server_serves_every_family(workdir, recorded, tmp_path):
             out = json.loads(raw)
             assert out["usage"]["prompt_tokens"] == len(p["prompt_ids"]), family
             assert out["usage"]["completion_tokens"] == len(want), family
-            assert out["choices"][0]["message"]["content"] == m.decode(want), family
+            assert out["choices"][0]["finish_reason"] == finish, family
+            # random weights pick byte-fallback tokens: the server holds back a trailing incomplete
+            # UTF-8 sequence where `tokenizers` writes one U+FFFD per byte
+            assert out["choices"][0]["message"]["content"] == m.decode(want).rstrip("\ufffd"), family
     finally:
         rc = server.terminate()
     assert rc == 0, server.log_tail()
