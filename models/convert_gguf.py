@@ -726,7 +726,9 @@ def convert(a):
     tokens = gg.field("tokenizer.ggml.tokens")
     eos = int(gg.field("tokenizer.ggml.eos_token_id"))
     eos_ids = [eos]
-    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>"):
+    # the turn and text ends of ChatML (SmolLM, Qwen), Llama 3, Phi-3 and Gemma
+    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
+                    "<end_of_turn>"):
         if special in tokens and tokens.index(special) not in eos_ids:
             eos_ids.append(tokens.index(special))
     bos = gg.field("tokenizer.ggml.bos_token_id")
