@@ -216,3 +216,27 @@ def test_minilm_directory_follows_the_contract(minilm):
     hf = minilm[1]
     for rel in ("model.onnx", "onnx/model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert os.path.exists(os.path.join(hf, rel)), rel
+
+
+# --- the reference pipeline (models/encoder_reference.py) ----------------------------
+
+def test_reference_embed_is_pooled_normalized_and_truncated(minilm):
+    sys.path.insert(0, HERE)
+    import encoder_reference as ref
+
+    out = minilm[0]
+    v = ref.embed(out, ["hello world", "A man is eating food."])
+    assert v.shape == (2, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(v[0, :5], [-0.0344773, 0.0310232, 0.0067350, 0.0261090, -0.0393620], atol=2e-5)
+    # Alone or with others: the same vector (each text runs unpadded).
+    np.testing.assert_array_equal(ref.embed(out, ["A man is eating food."])[0], v[1])
+    # Past max_length (256 tokens with [CLS] and [SEP]) the tail is cut: 300 words embed like 254.
+    words = [f"w{i % 7}" for i in range(300)]
+    long = ref.embed(out, [" ".join(words)])[0]
+    tok = ref.load(out)[1]
+    assert len(tok.encode(" ".join(words)).ids) == 256
+    kept = tok.decode(tok.encode(" ".join(words)).ids)
+    assert float(long @ ref.embed(out, [kept])[0]) > 0.99999
+    with pytest.raises(ValueError, match="task 'embedding', not 'rerank'"):
+        ref.rerank(out, "q", ["t"])
