@@ -113,6 +113,9 @@ async fn the_api_server_accepts_the_bundle_and_rbac_is_least_privilege() {
         "secured-resnet50.yaml",
         "escalation-to-deployment.yaml",
         "escalation-to-url.yaml",
+        "embed-minilm.yaml",
+        "rerank-minilm.yaml",
+        "classify-sentiment.yaml",
     ] {
         let path = format!("manifests/examples/{example}");
         assert_ok(&run(&kubectl, &["apply", "--dry-run=server", "-n", "examples", "-f", &path], Some(plane)), &path);
