@@ -133,10 +133,10 @@ class Layer:
         return buf.getvalue()
 
 
-def gzip_bytes(data):
+def gzip_bytes(data, level=9):
     buf = io.BytesIO()
     # No file name, mtime 0: the compressed bytes depend on the content alone.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=level) as gz:
         gz.write(data)
     return buf.getvalue()
 
@@ -155,13 +155,26 @@ LDD_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)\s+\(0x[0-9a-f]+\)\s*$")
 LDD_PLAIN = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
-def ldd(path):
-    """Return the absolute paths of the loader and of every library `path` needs."""
-    out = subprocess.run(["ldd", path], check=True, capture_output=True, text=True).stdout
+def ldd(path, lib_dirs=(), allow_missing=()):
+    """Return the absolute paths of the loader and of every library `path` needs
+    that is not in one of `lib_dirs` (searched first: their libraries go into
+    the image as --elf/--file items of their own). A library named in
+    `allow_missing` may be missing (the NVIDIA driver's libcuda.so.1, which the
+    container runtime mounts)."""
+    env = dict(os.environ)
+    if lib_dirs:
+        env["LD_LIBRARY_PATH"] = ":".join(os.path.abspath(d) for d in lib_dirs)
+    out = subprocess.run(["ldd", path], check=True, capture_output=True, text=True, env=env).stdout
+    mine = tuple(os.path.realpath(d) + "/" for d in lib_dirs)
     paths = []
     for line in out.splitlines():
         if "not found" in line:
+            if line.split()[0] in allow_missing:
+                continue
             sys.exit(f"build-oci: {path}: a library is missing on this machine: {line.strip()}")
+        m = LDD_ARROW.match(line)
+        if m and mine and os.path.realpath(m.group(2)).startswith(mine):
+            continue
         m = LDD_ARROW.match(line)
         if m:
             paths.append(m.group(2))
@@ -252,7 +265,7 @@ def build(args):
             layer.add_file(dest, src)
         app_layers.append(layer)
         if kind == "elf":
-            for lib in ldd(src):
+            for lib in ldd(src, args.lib_dir, args.allow_missing):
                 add_host_path(libs, lib)
     if libs.entries:
         layers.append(libs)
@@ -262,7 +275,8 @@ def build(args):
     diff_ids, layer_descs, history = [], [], []
     for layer in layers:
         raw = layer.tar_bytes()
-        gz = gzip_bytes(raw)
+        layer.entries = {}  # the bytes live on in `raw` only: GBs for the CUDA image
+        gz = gzip_bytes(raw, args.gzip_level)
         diff_ids.append(sha256(raw))
         d = sha256(gz)
         blobs[d] = gz
@@ -377,6 +391,14 @@ def main(argv=None):
         "--file", dest="items", action="append", type=lambda s: ("file", s),
         help="SRC:DEST any other file",
     )
+    p.add_argument("--lib-dir", action="append", default=[],
+                   help="directory searched first for the --elf files' libraries (LD_LIBRARY_PATH for ldd); its "
+                        "libraries are not copied into the libs layer: add them as --elf/--file items")
+    p.add_argument("--allow-missing", action="append", default=[], metavar="SONAME",
+                   help="a library that may be missing here and in the image (libcuda.so.1: the NVIDIA "
+                        "container runtime mounts the driver's)")
+    p.add_argument("--gzip-level", type=int, default=9, choices=range(1, 10),
+                   help="gzip level of the layers (9; the CUDA image's GBs take 6, twice as fast)")
     p.add_argument("--strip-debug", action="store_true",
                    help="drop debug sections from the --elf files (objcopy), for images of debug builds")
     p.add_argument("--entrypoint", action="append", required=True, help="repeat for each word")

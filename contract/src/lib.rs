@@ -301,6 +301,19 @@ pub mod activator {
     pub const NAME_LABEL: &str = "name";
 }
 
+/// `ferrite-operator run`'s settings that name what it puts in model pods.
+pub mod operator {
+    use crate::Flag;
+
+    /// The ferrite-server image for ModelDeployments whose execution provider
+    /// runs on a GPU (`cuda`, `tensorrt`): ONNX Runtime with its CUDA provider
+    /// and the CUDA libraries (`make images` writes `ferrite-server-cuda`).
+    pub const SERVER_CUDA_IMAGE: Flag = Flag::value("server-cuda-image");
+    /// The environment variable of [`SERVER_CUDA_IMAGE`] (the chart sets it
+    /// from `serverCudaImage`).
+    pub const SERVER_CUDA_IMAGE_ENV: &str = "FERRITE_SERVER_CUDA_IMAGE";
+}
+
 /// Health endpoints that the pods' probes use when gRPC probes cannot
 /// (`--tls-cert` set: the kubelet's gRPC probe speaks no TLS). They are
 /// served in plain HTTP on [`crate::ports::METRICS`], which carries no model
