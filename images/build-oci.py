@@ -259,7 +259,10 @@ def build(args):
         if not os.path.isfile(src):
             sys.exit(f"build-oci: {src}: no such file")
         layer = Layer(f"{kind} {dest}")
-        if kind == "elf" and args.strip_debug:
+        if kind == "lib":  # someone else's library: its bytes as shipped (the SBOM hashes them)
+            kind = "elf"
+            layer.add_file(dest, src)
+        elif kind == "elf" and args.strip_debug:
             layer.add_bytes(dest, without_debug_info(src), mode=os.stat(src).st_mode & 0o777)
         else:
             layer.add_file(dest, src)
@@ -386,6 +389,10 @@ def main(argv=None):
     p.add_argument(
         "--elf", dest="items", action="append", type=lambda s: ("elf", s), default=[],
         help="SRC:DEST an executable or shared library; its libraries (ldd) go into the libs layer",
+    )
+    p.add_argument(
+        "--lib", dest="items", action="append", type=lambda s: ("lib", s),
+        help="SRC:DEST a shared library taken as it is (never stripped), its libraries resolved like --elf's",
     )
     p.add_argument(
         "--file", dest="items", action="append", type=lambda s: ("file", s),

@@ -80,7 +80,7 @@ $(CUDA_IMAGE): images-release cuda-libs $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)
 	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py $(IMAGE_BUILD_FLAGS) --gzip-level 6 \
 	  --ref $(IMAGE_REGISTRY)/ferrite-server-cuda:$(IMAGE_VERSION) -o $@ \
 	  --lib-dir $(CUDA_LIB) --allow-missing $(CUDA_DRIVER_LIB) \
-	  $$(cd $(CUDA_LIB) && for f in lib*; do printf -- '--elf %s:%s ' $(CUDA_LIB)/$$f $(CUDA_IN_IMAGE)/$$f; done) \
+	  $$(cd $(CUDA_LIB) && for f in lib*; do printf -- '--lib %s:%s ' $(CUDA_LIB)/$$f $(CUDA_IN_IMAGE)/$$f; done) \
 	  --elf $(RELEASE_DIR)/ferrite-server:/usr/bin/ferrite-server \
 	  --entrypoint /usr/bin/ferrite-server \
 	  --env ORT_DYLIB_PATH=$(CUDA_IN_IMAGE)/libonnxruntime.so \

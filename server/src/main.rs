@@ -12,8 +12,8 @@ use ferrite_contract::{self as contract, serve as flags};
 use ferrite_server::config::{LlmLimits, ModelSettings};
 use ferrite_server::policy::{ModelControlMode, Policy};
 use ferrite_server::repository::Sources;
-use ferrite_server::server::{serve, ServeOptions};
 use ferrite_server::runtime::ProviderConfig;
+use ferrite_server::server::{serve, ServeOptions};
 use ferrite_server::tls::TlsFiles;
 use ferrite_server::transport::Limits;
 

@@ -270,7 +270,10 @@ impl Metrics {
             ),
             model_info: {
                 let metric = IntGaugeVec::new(
-                    Opts::new(contract::MODEL_INFO, "1 for each loaded model version, by the execution provider it runs on"),
+                    Opts::new(
+                        contract::MODEL_INFO,
+                        "1 for each loaded model version, by the execution provider it runs on",
+                    ),
                     &[MODEL, "version", contract::PROVIDER_LABEL],
                 )
                 .expect("valid gauge");

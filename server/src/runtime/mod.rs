@@ -121,7 +121,12 @@ impl Runtime {
         Ok(Session(session, ExecutionProvider::Cpu))
     }
 
-    fn build_session(&self, model: &ModelBytes, options: SessionOptions, spin: bool) -> Result<ort::session::Session, BuildError> {
+    fn build_session(
+        &self,
+        model: &ModelBytes,
+        options: SessionOptions,
+        spin: bool,
+    ) -> Result<ort::session::Session, BuildError> {
         let load = |e: anyhow::Error| BuildError::Load(e);
         let mut builder = self.builder(options, spin).map_err(load)?;
         let providers = self.providers.dispatch(options.execution_provider);

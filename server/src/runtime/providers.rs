@@ -121,7 +121,10 @@ mod tests {
         let cuda = config.dispatch(ExecutionProvider::Cuda);
         assert_eq!(cuda.iter().map(|d| d.name()).collect::<Vec<_>>(), ["CUDAExecutionProvider"]);
         let trt = config.dispatch(ExecutionProvider::Tensorrt);
-        assert_eq!(trt.iter().map(|d| d.name()).collect::<Vec<_>>(), ["TensorrtExecutionProvider", "CUDAExecutionProvider"]);
+        assert_eq!(
+            trt.iter().map(|d| d.name()).collect::<Vec<_>>(),
+            ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        );
     }
 
     #[test]
