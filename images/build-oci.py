@@ -141,6 +141,26 @@ def gzip_bytes(data, level=9):
     return buf.getvalue()
 
 
+def cached_gzip(raw, diff_id, level, cache_dir):
+    """gzip_bytes(raw, level), kept in `cache_dir` under the layer's diff_id:
+    the same layer compresses to the same bytes, so a rebuild reuses them
+    (the CUDA image's libraries take minutes to compress)."""
+    if not cache_dir:
+        return gzip_bytes(raw, level)
+    path = os.path.join(cache_dir, f"{diff_id.split(':')[1]}.{level}.gz")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            gz = f.read()
+        if gzip.decompress(gz) == raw:
+            return gz
+    gz = gzip_bytes(raw, level)
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(gz)
+    os.replace(path + ".tmp", path)
+    return gz
+
+
 def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -279,8 +299,9 @@ def build(args):
     for layer in layers:
         raw = layer.tar_bytes()
         layer.entries = {}  # the bytes live on in `raw` only: GBs for the CUDA image
-        gz = gzip_bytes(raw, args.gzip_level)
-        diff_ids.append(sha256(raw))
+        diff_id = sha256(raw)
+        gz = cached_gzip(raw, diff_id, args.gzip_level, args.layer_cache)
+        diff_ids.append(diff_id)
         d = sha256(gz)
         blobs[d] = gz
         layer_descs.append({"mediaType": MT_LAYER, "digest": d, "size": len(gz)})
@@ -405,7 +426,9 @@ def main(argv=None):
                    help="a library that may be missing here and in the image (libcuda.so.1: the NVIDIA "
                         "container runtime mounts the driver's)")
     p.add_argument("--gzip-level", type=int, default=9, choices=range(1, 10),
-                   help="gzip level of the layers (9; the CUDA image's GBs take 6, twice as fast)")
+                   help="gzip level of the layers (default 9; the CUDA image's GBs take 6)")
+    p.add_argument("--layer-cache", metavar="DIR",
+                   help="keep compressed layers here by diff_id and reuse them (same bytes, no recompression)")
     p.add_argument("--strip-debug", action="store_true",
                    help="drop debug sections from the --elf files (objcopy), for images of debug builds")
     p.add_argument("--entrypoint", action="append", required=True, help="repeat for each word")

@@ -74,10 +74,14 @@ $(CUDA_LIB)/.staged: $(CUDA_REQS) $(IMAGES_DIR)/cuda/stage.py | $(VENV)/.install
 	python3 $(IMAGES_DIR)/cuda/stage.py --requirements $(CUDA_REQS) --wheels $(CUDA_WHEELS) --out $(CUDA_LIB)
 
 # One layer per library (the big ones change rarely and are shared by pulls of
-# later versions), the server binary last. gzip level 6: the 2.3 GB of
-# libraries compress half as fast at 9 for 1% less.
+# later versions), the server binary last; the libraries as shipped (--lib: not
+# stripped, so the SBOM's hashes are the wheels' files). gzip level 6 (zlib's
+# default; 9 costs far more time on 2.3 GB for little), and compressed layers
+# kept by digest in .cache/images/layers: a rebuild recompresses only the
+# server's layer.
 $(CUDA_IMAGE): images-release cuda-libs $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)/sbom.py FORCE
 	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py $(IMAGE_BUILD_FLAGS) --gzip-level 6 \
+	  --layer-cache $(CURDIR)/.cache/images/layers \
 	  --ref $(IMAGE_REGISTRY)/ferrite-server-cuda:$(IMAGE_VERSION) -o $@ \
 	  --lib-dir $(CUDA_LIB) --allow-missing $(CUDA_DRIVER_LIB) \
 	  $$(cd $(CUDA_LIB) && for f in lib*; do printf -- '--lib %s:%s ' $(CUDA_LIB)/$$f $(CUDA_IN_IMAGE)/$$f; done) \

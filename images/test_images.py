@@ -67,6 +67,18 @@ def test_small_image_passes_and_is_reproducible(tmp_path):
         assert fa.read() == fb.read()  # byte for byte
 
 
+def test_layer_cache_gives_the_same_bytes(tmp_path):
+    cache = tmp_path / "layers"
+    plain = build(tmp_path / "plain.tar")
+    first = build(tmp_path / "first.tar", "--layer-cache", str(cache))
+    cached = sorted(os.listdir(cache))
+    assert cached and all(name.endswith(".9.gz") for name in cached)
+    again = build(tmp_path / "again.tar", "--layer-cache", str(cache))
+    assert sorted(os.listdir(cache)) == cached  # reused, nothing new
+    with open(plain, "rb") as a, open(first, "rb") as b, open(again, "rb") as c:
+        assert a.read() == b.read() == c.read()
+
+
 def test_layout_and_names(tmp_path):
     a = build(tmp_path / "a.tar")
     files = check.read_archive(a)
