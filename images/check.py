@@ -256,7 +256,7 @@ def extract_root(fs, root):
 
 
 def ldd_in_image(fs, fails, name, image_paths, env_dirs=(), allow_missing=()):
-    """Runs the image's own dynamic loader (`ld.so --list`, what ldd does) on
+    """Runs the image's own dynamic loader (in ldd's listing mode) on
     each of `image_paths` inside the image's extracted root filesystem, with
     the image's library path: every library must resolve to a file of the
     image ('not found' only for `allow_missing`). Returns {path: ldd lines}."""
@@ -274,8 +274,10 @@ def ldd_in_image(fs, fails, name, image_paths, env_dirs=(), allow_missing=()):
             if not fails.check(fs.file(loader)[1] is not None, f"{name}: loader {loader} not in the image"):
                 continue
             search = ":".join(root + d for d in list(env_dirs) + LIB_DIRS)
-            out = subprocess.run([root + loader, "--library-path", search, "--list", root + real],
-                                 capture_output=True, text=True)
+            # What ldd does: the loader lists instead of running. (`--list`
+            # stops at the first missing library; this lists them all.)
+            out = subprocess.run([root + loader, "--library-path", search, root + real],
+                                 capture_output=True, text=True, env={"LD_TRACE_LOADED_OBJECTS": "1"})
             lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
             listed[image_path] = lines
             for line in lines:

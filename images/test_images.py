@@ -240,8 +240,11 @@ CUDA_LIBRARIES = {
 
 def test_cuda_image_builds_and_its_libraries_resolve(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    # IMAGES_TEST_MAKE_ARGS: more make arguments, e.g. `-o images-release` to
+    # pack the debug binary already built without asking cargo again.
+    extra = os.environ.get("IMAGES_TEST_MAKE_ARGS", "").split()
     done = subprocess.run(
-        ["make", "--no-print-directory", "images-cuda", "IMAGE_PROFILE=debug", f"IMAGES_OUT={tmp_path}"],
+        ["make", "--no-print-directory", *extra, "images-cuda", "IMAGE_PROFILE=debug", f"IMAGES_OUT={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
