@@ -667,10 +667,9 @@ mod tests {
         cuda.spec.runtime.cuda_graph = true;
         let pod_spec = pod(&deployment(&cuda, &config()));
         assert_eq!(pod_spec.containers[0].image.as_deref(), Some("ferrite-server-cuda:test"));
-        // The fetch init container stays on the small CPU image.
-        if let Some(init) = &pod_spec.init_containers {
-            assert!(init.iter().all(|c| c.image.as_deref() == Some("ferrite-server:test")));
-        }
+        // The download runs the same image: the node pulls one.
+        let init = pod_spec.init_containers.clone().unwrap();
+        assert!(init.iter().all(|c| c.image.as_deref() == Some("ferrite-server-cuda:test")), "{init:?}");
         let args = pod_spec.containers[0].args.clone().unwrap();
         for flag in [serve::ALLOW_CPU_FALLBACK, serve::CUDA_GRAPH] {
             assert!(args.contains(&flag.arg()), "{flag} missing: {args:?}");
