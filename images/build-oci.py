@@ -6,9 +6,10 @@ The image holds only what is named on the command line plus what it needs to run
   base layer   /etc/passwd, /etc/group (root and nonroot, uid/gid 65532),
                /etc/nsswitch.conf, CA certificates, /tmp (1777), /home/nonroot
   libs layer   the dynamic loader and every shared library that `ldd` resolves
-               for the ELF files added with --elf (the exact host files; the
-               symbolic links on the way, such as /lib -> usr/lib, are kept)
-  one layer per --elf/--file, in the order given (rarely changing files first)
+               for the ELF files added with --elf or --lib (the exact host files;
+               the symbolic links on the way, such as /lib -> usr/lib, are kept),
+               except those found in a --lib-dir (added as items of their own)
+  one layer per --elf/--lib/--file, in the order given (rarely changing files first)
 
 There is no shell and no package manager. Every tar entry has mtime 0, uid/gid 0
 (except --chown'd paths) and a fixed mode; entries are sorted; gzip has no name or
@@ -20,7 +21,7 @@ the image named through the `org.opencontainers.image.ref.name` annotation
 `docker load` and `podman load` accept the same file. `ctr images import` reads it.
 
 This is the project's one OCI image writer: `make images` (images/images.mk)
-builds ferrite-server and ferrite-operator with it, and the local cluster
+builds ferrite-server, ferrite-server-cuda and ferrite-operator with it, and the local cluster
 (e2e/cluster/up.sh) its pause and hello images (static binaries, so --file:
 no libraries to resolve).
 

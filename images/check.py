@@ -13,8 +13,13 @@ For each archive:
     owned by anyone but root except the nonroot home, nothing world-writable but /tmp
   - libraries: every ELF file's interpreter (PT_INTERP) and DT_NEEDED libraries,
     recursively, resolve inside the image as the loader would (no ld.so.cache:
-    RUNPATH, then the default directories); with --ldd IMAGE_PATH=HOST_PATH the
-    file equals the host file and every library `ldd` lists for it is in the image
+    RUNPATH, the image's LD_LIBRARY_PATH, then the default directories; only
+    --allow-missing names may be absent: libcuda.so.1, which the NVIDIA
+    container runtime mounts); with --ldd IMAGE_PATH=HOST_PATH the file equals
+    the host file and every library `ldd` lists for it is in the image; with
+    --ldd-in-image IMAGE_PATH the image's own loader lists IMAGE_PATH's
+    libraries inside the extracted root filesystem, and each must be a file
+    of the image
   - --same-as OTHER: the two archives hold the same digests (reproducible build)
 
 Exit status 0 when every check passes; the failures are listed otherwise.
