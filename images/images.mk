@@ -56,11 +56,15 @@ IMAGE_LABELS = \
 	--label org.opencontainers.image.licenses=Apache-2.0 \
 	$(if $(IMAGE_SOURCE),--label org.opencontainers.image.source=$(IMAGE_SOURCE))
 
-.PHONY: images images-release images-load images-check images-smoke images-cuda cuda-libs
+.PHONY: images images-cpu images-release images-load images-check images-smoke images-cuda cuda-libs
 
 images: $(SERVER_IMAGE) $(CUDA_IMAGE) $(OPERATOR_IMAGE) ## OCI images of ferrite-server (CPU and CUDA) and ferrite-operator (.cache/images), no Docker needed
 
 images-cuda: $(CUDA_IMAGE) ## the ferrite-server-cuda image alone (GPU nodes; docs/gpu.md)
+
+# What the local cluster runs (make e2e, make demo): no GPU there, so not the
+# CUDA image (make test checks that one in images/test_images.py).
+images-cpu: $(SERVER_IMAGE) $(OPERATOR_IMAGE)
 
 # The wheels (about 1.6 GB) are downloaded once into .cache/cuda/wheels: pip
 # checks each against the hashes of images/cuda/requirements.txt and keeps
@@ -133,7 +137,7 @@ $(OPERATOR_IMAGE): images-release $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)/sbom.
 	$(SBOM) $@ -o $(@:.oci.tar=.cdx.json) --name ferrite-operator --version $(IMAGE_VERSION) \
 	  --cargo /usr/bin/ferrite-operator=ferrite-operator
 
-images-load: images ## import the images into the containerd at CONTAINERD_ADDRESS (namespace k8s.io)
+images-load: images-cpu ## import the images into the containerd at CONTAINERD_ADDRESS (namespace k8s.io)
 	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(SERVER_IMAGE)
 	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(OPERATOR_IMAGE)
 
@@ -148,7 +152,7 @@ images-check: images ## validate the image archives (layout, config, libraries, 
 	  --same-as $(OPERATOR_IMAGE)=$(IMAGES_OUT)/repro/ferrite-operator.oci.tar
 
 IMAGES_SMOKE_ADDRESS ?=
-images-smoke: images ## run the images with containerd + runc (server inference as uid 65532, operator crdgen)
+images-smoke: images-cpu ## run the images with containerd + runc (server inference as uid 65532, operator crdgen)
 	CONTAINERD_ADDRESS=$(IMAGES_SMOKE_ADDRESS) bash $(IMAGES_DIR)/smoke.sh $(IMAGES_OUT)
 
 .PHONY: FORCE
