@@ -61,3 +61,26 @@ def test_the_gpu_section_replaces_itself(tmp_path, monkeypatch):
     assert text.count("## GPU (NVIDIA)") == 1
     assert "ferrite / raw ONNX Runtime CUDA = 0.90" in text and "ferrite / Triton = 1.50" in text
     assert "llm text" in text and "cpu text" in text
+
+
+def test_report_writes_the_tables_and_the_plot(tmp_path, monkeypatch):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# Benchmarks\n")
+    monkeypatch.setattr(gpu_check, "DOCS", docs)
+    cells = [{"config": config, "batch": b, "concurrency": c, "images_per_s": 100.0 * b + c + i,
+              "p50_ms": 1.0, "p99_ms": 2.0}
+             for i, config in enumerate(gpu_check.CONFIGS) for b in gpu_check.BATCHES for c in gpu_check.CONCURRENCY]
+    llm = [{"provider": "cuda", "streams": n, "aggregate_tok_s": 50.0 * n, "ttft_median_ms": 20.0}
+           for n in gpu_check.LLM_STREAMS]
+    results = {"date": "2026-12-03", "gpu": "NVIDIA H200, 570.1, 143771 MiB", "onnxruntime": "1.31.1",
+               "suite": {"summary": "120 passed in 60.0s"},
+               "correctness": {"resnet50": {"max_abs_diff": 1e-4, "same_top1": True},
+                               "smollm2": {"cuda": "The capital of France is Paris.", "cpu": "same"}},
+               "resnet50": cells, "llm": llm}
+    gpu_check.report(results)
+    page = (docs / "benchmarks-gpu.md").read_text()
+    assert "| 64 | 64 | 6464 (1.0 / 2.0) | 6465 (1.0 / 2.0) | 6466 (1.0 / 2.0) |" in page, page
+    assert "| cuda | 64 | 3200 | 20 |" in page and "120 passed" in page and "Paris" in page
+    assert (docs / "bench-gpu-resnet50.png").stat().st_size > 10_000
+    assert "## GPU (NVIDIA)" in (docs / "benchmarks.md").read_text()
