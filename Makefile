@@ -24,7 +24,7 @@ include bench/bench.mk
 # make models: LLM model directories converted from GGUF (docs/llm.md).
 include models/models.mk
 
-.PHONY: help venv lock deny ort build release test test-rust test-python test-hostile demo-local fuzz bench-resnet50 manifests storage-servers clean
+.PHONY: help venv lock deny ort build release test test-rust test-python test-hostile demo-local fuzz bench-resnet50 manifests storage-servers clean gpu-check
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -76,6 +76,15 @@ release: ## build every binary (optimized), for benchmarks
 bench-resnet50: venv ort release ## ResNet-50 at concurrency 8, with and without dynamic batching
 	bash bench/resnet50.sh
 
+# On a machine with an NVIDIA GPU: the CUDA provider proven (tritonclient
+# model checks, ResNet-50 and SmolLM2 against the CPU) and measured against raw
+# ONNX Runtime CUDA and Triton; bench/gpu/results.json, docs/benchmarks-gpu.md.
+# The preflight (standard library) stops at once, non-zero, without a GPU.
+gpu-check: ## prove and measure ferrite on an NVIDIA GPU (a few minutes; fails loudly without one)
+	@python3 bench/gpu/gpu_check.py --preflight
+	$(MAKE) --no-print-directory venv ort release models cuda-libs
+	$(PY) bench/gpu/gpu_check.py
+
 demo-local: venv ort build ## no cluster: run the server on its embedded demo model as a local process and call it
 	$(PY) scripts/demo.py $(SERVER_BIN)
 
@@ -105,6 +114,7 @@ manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/in
 test-python: venv ort build models
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
 	$(PY) -m pytest -q images/test_images.py -k "not test_built_images"
+	$(PY) -m pytest -q bench/gpu/test_gpu_check.py
 
 # Every attack of docs/security.md against a running server, while a
 # well-behaved client keeps calling and the server's peak RSS is measured;

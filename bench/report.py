@@ -277,6 +277,12 @@ Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requiremen
         import llm_bench
 
         out += ["", llm_bench.summary_markdown(json.loads(llm.read_text()))]
+    gpu = ROOT / "bench" / "gpu" / "results.json"
+    if gpu.exists():  # the GPU section: its summary, written by bench/gpu/gpu_check.py (make gpu-check)
+        sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+        import gpu_check
+
+        out += ["", gpu_check.gpu_summary(json.loads(gpu.read_text()))]
     (out_dir / "benchmarks.md").write_text("\n".join(out))
     print(f"==> wrote {out_dir}/benchmarks.md and {', '.join(str(out_dir / x) for x in images)}")
     return 0

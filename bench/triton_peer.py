@@ -19,10 +19,13 @@ def log(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def setup(cache: Path, py: Path) -> dict:
+def setup(cache: Path, py: Path, requirements: Path = TRITON_REQUIREMENTS, venv_name: str = "triton-venv",
+          find_links: Path | None = None) -> dict:
     """tritonserver from the nvidia-pytriton wheel (downloaded once, unpacked,
     run in place), the Python backend with the stub for this Python, and a
-    virtualenv with numpy < 2 and onnxruntime for the model."""
+    virtualenv with numpy < 2 and onnxruntime for the model (`requirements`;
+    bench/gpu's has onnxruntime-gpu, found among the CUDA image's wheels in
+    `find_links`)."""
     wheels = cache / "wheels"
     wheel = next(iter(wheels.glob(f"nvidia_pytriton-{PYTRITON_VERSION}-*.whl")), None)
     if wheel is None:
@@ -56,16 +59,17 @@ def setup(cache: Path, py: Path) -> dict:
         shutil.copy2(f, python_backend / f.name)
     (python_backend / "triton_python_backend_stub").chmod(0o755)
 
-    venv = cache / "triton-venv"
-    stamp = hashlib.sha256(TRITON_REQUIREMENTS.read_bytes()).hexdigest()
+    venv = cache / venv_name
+    stamp = hashlib.sha256(requirements.read_bytes()).hexdigest()
     marker = venv / ".installed"
     if not marker.exists() or marker.read_text() != stamp:
-        log(f"building {venv.relative_to(ROOT)} ({TRITON_REQUIREMENTS.relative_to(ROOT)}: numpy<2, onnxruntime)")
+        log(f"building {venv.relative_to(ROOT)} ({requirements.relative_to(ROOT)}: numpy<2, onnxruntime)")
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable if sys.version_info[:2] == (3, 11) else "python3", "-m", "venv", str(venv)],
                        check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--progress-bar", "off", "-q",
-                        "-r", str(TRITON_REQUIREMENTS)], check=True)
+        links = ["--find-links", str(find_links)] if find_links else []
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--progress-bar", "off", "-q", *links,
+                        "-r", str(requirements)], check=True)
         marker.write_text(stamp)
     site = next((venv / "lib").glob("python3*/site-packages"))
     # The stub embeds the system's libpython in isolated mode (PYTHONPATH is
@@ -82,10 +86,11 @@ TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(string)": "TYPE_STRING", "
                 "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(double)": "TYPE_FP64"}
 
 
-def repository(repo: Path, models: dict[str, tuple[Path, tuple[list, list], int]], threads: int, site: Path) -> None:
+def repository(repo: Path, models: dict[str, tuple[Path, tuple[list, list], int]], threads: int, site: Path,
+               providers: str = "CPUExecutionProvider") -> None:
     """A Triton model repository: each model (its ONNX path, signature and
-    largest batch) served by bench/triton/model.py on onnxruntime, with
-    dynamic batching."""
+    largest batch) served by bench/triton/model.py on onnxruntime with
+    `providers` (comma-separated), with dynamic batching."""
     for name, (path, (inputs, outputs), max_batch) in models.items():
 
         def tensors(values):
@@ -98,7 +103,8 @@ def repository(repo: Path, models: dict[str, tuple[Path, tuple[list, list], int]
         d = repo / name
         (d / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / "bench" / "triton" / "model.py", d / "1" / "model.py")
-        params = {"onnx_path": str(path), "intra_op_threads": str(threads), "venv_site_packages": str(site)}
+        params = {"onnx_path": str(path), "intra_op_threads": str(threads), "venv_site_packages": str(site),
+                  "providers": providers}
         (d / "config.pbtxt").write_text(
             f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f"input [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n"

@@ -56,10 +56,10 @@ E2E_ARGS ?=
 
 .PHONY: e2e demo demo-down
 
-e2e: venv images cluster-bins control-plane models ## end-to-end tests on the local single-node cluster (needs root)
+e2e: venv images-cpu cluster-bins control-plane models ## end-to-end tests on the local single-node cluster (needs root)
 	$(PY) -m pytest -v -s -p no:cacheprovider e2e/tests $(E2E_ARGS)
 
-demo: venv images cluster-bins control-plane ## local cluster + Helm install + example ModelDeployment + tritonclient inference
+demo: venv images-cpu cluster-bins control-plane ## local cluster + Helm install + example ModelDeployment + tritonclient inference
 	bash $(E2E_DIR)/demo.sh
 
 demo-down: ## remove what demo made (and the cluster, if it started it)

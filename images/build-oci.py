@@ -6,9 +6,10 @@ The image holds only what is named on the command line plus what it needs to run
   base layer   /etc/passwd, /etc/group (root and nonroot, uid/gid 65532),
                /etc/nsswitch.conf, CA certificates, /tmp (1777), /home/nonroot
   libs layer   the dynamic loader and every shared library that `ldd` resolves
-               for the ELF files added with --elf (the exact host files; the
-               symbolic links on the way, such as /lib -> usr/lib, are kept)
-  one layer per --elf/--file, in the order given (rarely changing files first)
+               for the ELF files added with --elf or --lib (the exact host files;
+               the symbolic links on the way, such as /lib -> usr/lib, are kept),
+               except those found in a --lib-dir (added as items of their own)
+  one layer per --elf/--lib/--file, in the order given (rarely changing files first)
 
 There is no shell and no package manager. Every tar entry has mtime 0, uid/gid 0
 (except --chown'd paths) and a fixed mode; entries are sorted; gzip has no name or
@@ -20,7 +21,7 @@ the image named through the `org.opencontainers.image.ref.name` annotation
 `docker load` and `podman load` accept the same file. `ctr images import` reads it.
 
 This is the project's one OCI image writer: `make images` (images/images.mk)
-builds ferrite-server and ferrite-operator with it, and the local cluster
+builds ferrite-server, ferrite-server-cuda and ferrite-operator with it, and the local cluster
 (e2e/cluster/up.sh) its pause and hello images (static binaries, so --file:
 no libraries to resolve).
 
@@ -133,12 +134,32 @@ class Layer:
         return buf.getvalue()
 
 
-def gzip_bytes(data):
+def gzip_bytes(data, level=9):
     buf = io.BytesIO()
     # No file name, mtime 0: the compressed bytes depend on the content alone.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=level) as gz:
         gz.write(data)
     return buf.getvalue()
+
+
+def cached_gzip(raw, diff_id, level, cache_dir):
+    """gzip_bytes(raw, level), kept in `cache_dir` under the layer's diff_id:
+    the same layer compresses to the same bytes, so a rebuild reuses them
+    (the CUDA image's libraries take minutes to compress)."""
+    if not cache_dir:
+        return gzip_bytes(raw, level)
+    path = os.path.join(cache_dir, f"{diff_id.split(':')[1]}.{level}.gz")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            gz = f.read()
+        if gzip.decompress(gz) == raw:
+            return gz
+    gz = gzip_bytes(raw, level)
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(gz)
+    os.replace(path + ".tmp", path)
+    return gz
 
 
 def sha256(data):
@@ -155,13 +176,26 @@ LDD_ARROW = re.compile(r"^\s*(\S+)\s+=>\s+(\S+)\s+\(0x[0-9a-f]+\)\s*$")
 LDD_PLAIN = re.compile(r"^\s*(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
-def ldd(path):
-    """Return the absolute paths of the loader and of every library `path` needs."""
-    out = subprocess.run(["ldd", path], check=True, capture_output=True, text=True).stdout
+def ldd(path, lib_dirs=(), allow_missing=()):
+    """Return the absolute paths of the loader and of every library `path` needs
+    that is not in one of `lib_dirs` (searched first: their libraries go into
+    the image as --elf/--file items of their own). A library named in
+    `allow_missing` may be missing (the NVIDIA driver's libcuda.so.1, which the
+    container runtime mounts)."""
+    env = dict(os.environ)
+    if lib_dirs:
+        env["LD_LIBRARY_PATH"] = ":".join(os.path.abspath(d) for d in lib_dirs)
+    out = subprocess.run(["ldd", path], check=True, capture_output=True, text=True, env=env).stdout
+    mine = tuple(os.path.realpath(d) + "/" for d in lib_dirs)
     paths = []
     for line in out.splitlines():
         if "not found" in line:
+            if line.split()[0] in allow_missing:
+                continue
             sys.exit(f"build-oci: {path}: a library is missing on this machine: {line.strip()}")
+        m = LDD_ARROW.match(line)
+        if m and mine and os.path.realpath(m.group(2)).startswith(mine):
+            continue
         m = LDD_ARROW.match(line)
         if m:
             paths.append(m.group(2))
@@ -246,13 +280,16 @@ def build(args):
         if not os.path.isfile(src):
             sys.exit(f"build-oci: {src}: no such file")
         layer = Layer(f"{kind} {dest}")
-        if kind == "elf" and args.strip_debug:
+        if kind == "lib":  # someone else's library: its bytes as shipped (the SBOM hashes them)
+            kind = "elf"
+            layer.add_file(dest, src)
+        elif kind == "elf" and args.strip_debug:
             layer.add_bytes(dest, without_debug_info(src), mode=os.stat(src).st_mode & 0o777)
         else:
             layer.add_file(dest, src)
         app_layers.append(layer)
         if kind == "elf":
-            for lib in ldd(src):
+            for lib in ldd(src, args.lib_dir, args.allow_missing):
                 add_host_path(libs, lib)
     if libs.entries:
         layers.append(libs)
@@ -262,8 +299,10 @@ def build(args):
     diff_ids, layer_descs, history = [], [], []
     for layer in layers:
         raw = layer.tar_bytes()
-        gz = gzip_bytes(raw)
-        diff_ids.append(sha256(raw))
+        layer.entries = {}  # the bytes live on in `raw` only: GBs for the CUDA image
+        diff_id = sha256(raw)
+        gz = cached_gzip(raw, diff_id, args.gzip_level, args.layer_cache)
+        diff_ids.append(diff_id)
         d = sha256(gz)
         blobs[d] = gz
         layer_descs.append({"mediaType": MT_LAYER, "digest": d, "size": len(gz)})
@@ -374,9 +413,23 @@ def main(argv=None):
         help="SRC:DEST an executable or shared library; its libraries (ldd) go into the libs layer",
     )
     p.add_argument(
+        "--lib", dest="items", action="append", type=lambda s: ("lib", s),
+        help="SRC:DEST a shared library taken as it is (never stripped), its libraries resolved like --elf's",
+    )
+    p.add_argument(
         "--file", dest="items", action="append", type=lambda s: ("file", s),
         help="SRC:DEST any other file",
     )
+    p.add_argument("--lib-dir", action="append", default=[],
+                   help="directory searched first for the --elf files' libraries (LD_LIBRARY_PATH for ldd); its "
+                        "libraries are not copied into the libs layer: add them as --elf/--file items")
+    p.add_argument("--allow-missing", action="append", default=[], metavar="SONAME",
+                   help="a library that may be missing here and in the image (libcuda.so.1: the NVIDIA "
+                        "container runtime mounts the driver's)")
+    p.add_argument("--gzip-level", type=int, default=9, choices=range(1, 10),
+                   help="gzip level of the layers (default 9; the CUDA image's GBs take 6)")
+    p.add_argument("--layer-cache", metavar="DIR",
+                   help="keep compressed layers here by diff_id and reuse them (same bytes, no recompression)")
     p.add_argument("--strip-debug", action="store_true",
                    help="drop debug sections from the --elf files (objcopy), for images of debug builds")
     p.add_argument("--entrypoint", action="append", required=True, help="repeat for each word")

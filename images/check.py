@@ -13,8 +13,13 @@ For each archive:
     owned by anyone but root except the nonroot home, nothing world-writable but /tmp
   - libraries: every ELF file's interpreter (PT_INTERP) and DT_NEEDED libraries,
     recursively, resolve inside the image as the loader would (no ld.so.cache:
-    RUNPATH, then the default directories); with --ldd IMAGE_PATH=HOST_PATH the
-    file equals the host file and every library `ldd` lists for it is in the image
+    RUNPATH, the image's LD_LIBRARY_PATH, then the default directories; only
+    --allow-missing names may be absent: libcuda.so.1, which the NVIDIA
+    container runtime mounts); with --ldd IMAGE_PATH=HOST_PATH the file equals
+    the host file and every library `ldd` lists for it is in the image; with
+    --ldd-in-image IMAGE_PATH the image's own loader lists IMAGE_PATH's
+    libraries inside the extracted root filesystem, and each must be a file
+    of the image
   - --same-as OTHER: the two archives hold the same digests (reproducible build)
 
 Exit status 0 when every check passes; the failures are listed otherwise.
@@ -172,7 +177,11 @@ def elf_deps(data):
     return interp, needed, paths
 
 
-def check_libraries(fs, fails, name):
+def check_libraries(fs, fails, name, env_dirs=(), allow_missing=()):
+    """Every ELF file's interpreter and DT_NEEDED libraries, recursively, found
+    in the image: RUNPATH, the image's LD_LIBRARY_PATH (`env_dirs`), then the
+    default directories. `allow_missing` names libraries the container runtime
+    mounts (the NVIDIA driver's libcuda.so.1)."""
     elfs = {p: d for p, (m, d) in fs.entries.items() if m.isfile() and d[:4] == b"\x7fELF"}
     todo = list(elfs)
     seen = set()
@@ -190,7 +199,9 @@ def check_libraries(fs, fails, name):
             real, data = fs.file(interp)
             fails.check(data is not None, f"{name}: {path}: interpreter {interp} not in the image")
         for lib in needed:
-            dirs = [d.replace("$ORIGIN", posixpath.dirname(path)) for d in runpath] + LIB_DIRS
+            if lib in allow_missing:
+                continue
+            dirs = [d.replace("$ORIGIN", posixpath.dirname(path)) for d in runpath] + list(env_dirs) + LIB_DIRS
             found = None
             for d in dirs:
                 real, data = fs.file(posixpath.join(d, lib))
@@ -231,7 +242,63 @@ def check_ldd(fs, fails, name, image_path, host_path):
 # --- the whole check ------------------------------------------------------------
 
 
-def check_archive(path, ldd_pairs=(), verbose=True):
+def extract_root(fs, root):
+    """Writes the image's root filesystem under `root` (absolute symbolic links
+    kept inside it)."""
+    for path in sorted(fs.entries):
+        m, data = fs.entries[path]
+        dest = root + path
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if m.isdir():
+            os.makedirs(dest, exist_ok=True)
+        elif m.issym():
+            target = root + m.linkname if m.linkname.startswith("/") else m.linkname
+            os.symlink(target, dest)
+        elif m.isfile():
+            with open(dest, "wb") as f:
+                f.write(data)
+            os.chmod(dest, m.mode & 0o755)
+
+
+def ldd_in_image(fs, fails, name, image_paths, env_dirs=(), allow_missing=()):
+    """Runs the image's own dynamic loader (in ldd's listing mode) on
+    each of `image_paths` inside the image's extracted root filesystem, with
+    the image's library path: every library must resolve to a file of the
+    image ('not found' only for `allow_missing`). Returns {path: ldd lines}."""
+    import tempfile
+
+    listed = {}
+    with tempfile.TemporaryDirectory(prefix="ferrite-image-root-") as root:
+        extract_root(fs, root)
+        for image_path in image_paths:
+            real, data = fs.file(image_path)
+            if not fails.check(data is not None, f"{name}: {image_path} not in the image"):
+                continue
+            interp, _, _ = elf_deps(data)
+            loader = interp or "/lib64/ld-linux-x86-64.so.2"
+            if not fails.check(fs.file(loader)[1] is not None, f"{name}: loader {loader} not in the image"):
+                continue
+            search = ":".join(root + d for d in list(env_dirs) + LIB_DIRS)
+            # What ldd does: the loader lists instead of running. (`--list`
+            # stops at the first missing library; this lists them all.)
+            out = subprocess.run([root + loader, "--library-path", search, root + real],
+                                 capture_output=True, text=True, env={"LD_TRACE_LOADED_OBJECTS": "1"})
+            lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+            listed[image_path] = lines
+            for line in lines:
+                if "not found" in line:
+                    fails.check(line.split()[0] in allow_missing, f"{name}: {image_path}: {line} (ldd in the image)")
+                    continue
+                m = LDD_LINE.match(line)
+                if m and m.group(1) is not None:
+                    fails.check(os.path.realpath(m.group(2)).startswith(os.path.realpath(root) + "/"),
+                                f"{name}: {image_path}: {m.group(1)} resolved outside the image: {m.group(2)}")
+            fails.check(out.returncode == 0 or any("not found" in line for line in lines),
+                        f"{name}: {image_path}: the loader failed ({out.returncode}): {out.stderr.strip()[-300:]}")
+    return listed
+
+
+def check_archive(path, ldd_pairs=(), verbose=True, allow_missing=(), ldd_in_root=()):
     fails = Failures()
     name = os.path.basename(path)
     files = read_archive(path)
@@ -319,7 +386,10 @@ def check_archive(path, ldd_pairs=(), verbose=True):
         if m.mode & 0o002 and not m.issym():
             fails.check(p == "/tmp", f"{name}: {p} is world-writable")
 
-    summary["elf_files"] = check_libraries(fs, fails, name)
+    env_dirs = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if d]
+    summary["elf_files"] = check_libraries(fs, fails, name, env_dirs, allow_missing)
+    if ldd_in_root:
+        summary["ldd"] = ldd_in_image(fs, fails, name, ldd_in_root, env_dirs, allow_missing)
     for image_path, host_path in ldd_pairs:
         check_ldd(fs, fails, name, image_path, host_path)
     summary["paths"] = sorted(p for p, (m, _) in fs.entries.items() if not m.isdir())
@@ -339,6 +409,10 @@ def main(argv=None):
                    help="ARCHIVE_NAME:IMAGE_PATH=HOST_PATH: compare with the host file and its ldd")
     p.add_argument("--same-as", action="append", default=[],
                    help="A=B: archive A must hold exactly the blobs of archive B")
+    p.add_argument("--allow-missing", action="append", default=[], metavar="SONAME",
+                   help="a library the container runtime mounts (libcuda.so.1), not in the image")
+    p.add_argument("--ldd-in-image", action="append", default=[], metavar="ARCHIVE_NAME:IMAGE_PATH",
+                   help="run the image's loader on IMAGE_PATH inside the extracted image: all must resolve there")
     p.add_argument("--json", action="store_true", help="print the summaries as JSON")
     args = p.parse_args(argv)
 
@@ -351,7 +425,8 @@ def main(argv=None):
             if arch == os.path.basename(path):
                 image_path, _, host_path = pair.partition("=")
                 pairs.append((image_path, host_path))
-        fails, summary = check_archive(path, pairs)
+        in_root = [spec.partition(":")[2] for spec in args.ldd_in_image if spec.partition(":")[0] == os.path.basename(path)]
+        fails, summary = check_archive(path, pairs, allow_missing=args.allow_missing, ldd_in_root=in_root)
         summaries.append(summary)
         all_fails += fails
         if not args.json:
@@ -361,6 +436,10 @@ def main(argv=None):
             for l in summary.get("layers", []):
                 print(f"  layer {l['digest'][:19]} {l['size'] / 1e6:7.2f} MB gz {l['uncompressed'] / 1e6:7.2f} MB  {l['created_by']}")
             print(f"  ELF files: {', '.join(summary.get('elf_files', []))}")
+            for image_path, lines in summary.get("ldd", {}).items():
+                print(f"  ldd {image_path} (in the image):")
+                for line in lines:
+                    print(f"    {line}")
             print("  " + ("ok" if not fails else f"{len(fails)} failure(s)"))
     for spec in args.same_as:
         a, _, b = spec.partition("=")

@@ -3,7 +3,7 @@
 # Included from the top-level Makefile (`include images/images.mk`); uses its
 # `ort` target and ORT_LIB.
 #
-#   make images        .cache/images/ferrite-{server,operator}.oci.tar, each with its
+#   make images        .cache/images/ferrite-{server,server-cuda,operator}.oci.tar, each with its
 #                      SBOM beside it (ferrite-*.cdx.json, CycloneDX 1.5, images/sbom.py):
 #                      the crates linked in, the Debian packages of the libraries
 #                      copied from this machine, the ONNX Runtime wheel
@@ -36,6 +36,16 @@ CONTAINERD_ADDRESS ?= /run/containerd/containerd.sock
 CTR             ?= ctr
 
 SERVER_IMAGE    := $(IMAGES_OUT)/ferrite-server.oci.tar
+# The CUDA variant: ONNX Runtime from the pinned onnxruntime-gpu wheel and the
+# CUDA 13 libraries its CUDA provider needs, from NVIDIA's wheels (docs/gpu.md).
+CUDA_IMAGE      := $(IMAGES_OUT)/ferrite-server-cuda.oci.tar
+CUDA_REQS       := $(IMAGES_DIR)/cuda/requirements.txt
+CUDA_WHEELS     := $(CURDIR)/.cache/cuda/wheels
+CUDA_LIB        := $(CURDIR)/.cache/cuda/lib
+CUDA_IN_IMAGE   := /usr/lib/ferrite
+# The driver's library: the NVIDIA container runtime mounts it into GPU pods.
+CUDA_DRIVER_LIB := libcuda.so.1
+CUDA_PLATFORMS  := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 OPERATOR_IMAGE  := $(IMAGES_OUT)/ferrite-operator.oci.tar
 ORT_IN_IMAGE    := /usr/lib/ferrite/libonnxruntime.so
 SBOM            = SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/sbom.py
@@ -46,9 +56,55 @@ IMAGE_LABELS = \
 	--label org.opencontainers.image.licenses=Apache-2.0 \
 	$(if $(IMAGE_SOURCE),--label org.opencontainers.image.source=$(IMAGE_SOURCE))
 
-.PHONY: images images-release images-load images-check images-smoke
+.PHONY: images images-cpu images-release images-load images-check images-smoke images-cuda cuda-libs
 
-images: $(SERVER_IMAGE) $(OPERATOR_IMAGE) ## OCI images of ferrite-server and ferrite-operator (.cache/images), no Docker needed
+images: $(SERVER_IMAGE) $(CUDA_IMAGE) $(OPERATOR_IMAGE) ## OCI images of ferrite-server (CPU and CUDA) and ferrite-operator (.cache/images), no Docker needed
+
+images-cuda: $(CUDA_IMAGE) ## the ferrite-server-cuda image alone (GPU nodes; docs/gpu.md)
+
+# What the local cluster runs (make e2e, make demo): no GPU there, so not the
+# CUDA image (make test checks that one in images/test_images.py).
+images-cpu: $(SERVER_IMAGE) $(OPERATOR_IMAGE)
+
+# The wheels (about 1.6 GB) are downloaded once into .cache/cuda/wheels: pip
+# checks each against the hashes of images/cuda/requirements.txt and keeps
+# what is already there. stage.py takes the libraries out of them (again only
+# when the requirements change).
+cuda-libs: $(CUDA_LIB)/.staged ## the CUDA image's libraries from the pinned wheels (.cache/cuda/lib)
+$(CUDA_LIB)/.staged: $(CUDA_REQS) $(IMAGES_DIR)/cuda/stage.py | $(VENV)/.installed
+	@mkdir -p $(CUDA_WHEELS)
+	$(PY) -m pip download --quiet --no-deps --require-hashes --only-binary=:all: --python-version 3.11 \
+	  $(addprefix --platform ,$(CUDA_PLATFORMS)) -r $(CUDA_REQS) -d $(CUDA_WHEELS)
+	python3 $(IMAGES_DIR)/cuda/stage.py --requirements $(CUDA_REQS) --wheels $(CUDA_WHEELS) --out $(CUDA_LIB)
+
+# One layer per library (the big ones change rarely and are shared by pulls of
+# later versions), the server binary last; the libraries as shipped (--lib: not
+# stripped, so the SBOM's hashes are the wheels' files). gzip level 6 (zlib's
+# default; 9 costs far more time on 2.3 GB for little), and compressed layers
+# kept by digest in .cache/images/layers: a rebuild recompresses only the
+# server's layer.
+$(CUDA_IMAGE): images-release cuda-libs $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)/sbom.py FORCE
+	SOURCE_DATE_EPOCH=$(IMAGE_EPOCH) python3 $(IMAGES_DIR)/build-oci.py $(IMAGE_BUILD_FLAGS) --gzip-level 6 \
+	  --layer-cache $(CURDIR)/.cache/images/layers \
+	  --ref $(IMAGE_REGISTRY)/ferrite-server-cuda:$(IMAGE_VERSION) -o $@ \
+	  --lib-dir $(CUDA_LIB) --allow-missing $(CUDA_DRIVER_LIB) \
+	  $$(cd $(CUDA_LIB) && for f in lib*; do printf -- '--lib %s:%s ' $(CUDA_LIB)/$$f $(CUDA_IN_IMAGE)/$$f; done) \
+	  --elf $(RELEASE_DIR)/ferrite-server:/usr/bin/ferrite-server \
+	  --entrypoint /usr/bin/ferrite-server \
+	  --env ORT_DYLIB_PATH=$(CUDA_IN_IMAGE)/libonnxruntime.so \
+	  --env LD_LIBRARY_PATH=$(CUDA_IN_IMAGE) \
+	  --env NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+	  --env "NVIDIA_REQUIRE_CUDA=cuda>=13.0" \
+	  --expose 8000 --expose 8001 --expose 8002 \
+	  --label org.opencontainers.image.title=ferrite-server-cuda \
+	  --label "org.opencontainers.image.description=ferrite model server on NVIDIA GPUs: ONNX Runtime's CUDA provider" \
+	  $(IMAGE_LABELS)
+	$(SBOM) $@ -o $(@:.oci.tar=.cdx.json) --name ferrite-server-cuda --version $(IMAGE_VERSION) \
+	  --cargo /usr/bin/ferrite-server=ferrite-server --wheels $(CUDA_LIB)/provenance.json=$(CUDA_IN_IMAGE)
+	python3 $(IMAGES_DIR)/check.py $@ --allow-missing $(CUDA_DRIVER_LIB) \
+	  --ldd-in-image ferrite-server-cuda.oci.tar:$(CUDA_IN_IMAGE)/libonnxruntime_providers_cuda.so \
+	  --ldd-in-image ferrite-server-cuda.oci.tar:$(CUDA_IN_IMAGE)/libonnxruntime.so \
+	  --ldd-in-image ferrite-server-cuda.oci.tar:/usr/bin/ferrite-server
 
 # Cargo decides what is stale; the archives are rewritten each time (a few
 # seconds) and are byte-identical when nothing changed.
@@ -81,7 +137,7 @@ $(OPERATOR_IMAGE): images-release $(IMAGES_DIR)/build-oci.py $(IMAGES_DIR)/sbom.
 	$(SBOM) $@ -o $(@:.oci.tar=.cdx.json) --name ferrite-operator --version $(IMAGE_VERSION) \
 	  --cargo /usr/bin/ferrite-operator=ferrite-operator
 
-images-load: images ## import the images into the containerd at CONTAINERD_ADDRESS (namespace k8s.io)
+images-load: images-cpu ## import the images into the containerd at CONTAINERD_ADDRESS (namespace k8s.io)
 	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(SERVER_IMAGE)
 	$(CTR) --address $(CONTAINERD_ADDRESS) -n k8s.io images import --all-platforms $(OPERATOR_IMAGE)
 
@@ -96,7 +152,7 @@ images-check: images ## validate the image archives (layout, config, libraries, 
 	  --same-as $(OPERATOR_IMAGE)=$(IMAGES_OUT)/repro/ferrite-operator.oci.tar
 
 IMAGES_SMOKE_ADDRESS ?=
-images-smoke: images ## run the images with containerd + runc (server inference as uid 65532, operator crdgen)
+images-smoke: images-cpu ## run the images with containerd + runc (server inference as uid 65532, operator crdgen)
 	CONTAINERD_ADDRESS=$(IMAGES_SMOKE_ADDRESS) bash $(IMAGES_DIR)/smoke.sh $(IMAGES_OUT)
 
 .PHONY: FORCE

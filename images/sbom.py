@@ -17,6 +17,9 @@ Every regular file of the image is accounted for, read from the archive itself:
                          SHA-256 of the file in the image and, from pip's install report
                          (--pip-report, written by `make venv`), the wheel's file name and
                          SHA-256, the hash that --require-hashes checked.
+  --wheels PROV=DIR      the libraries images/cuda/stage.py took from pinned wheels
+                         (onnxruntime-gpu, NVIDIA's CUDA wheels) into DIR: one component
+                         per wheel with its file name and SHA-256 and each file's SHA-256.
   any other file         the Debian package that owns it on this machine (dpkg -S), with
                          the installed version (dpkg-query): build-oci.py copies the
                          shared libraries from the host. The CA bundle is generated from
@@ -231,6 +234,31 @@ def build(args):
         components.append(component)
         claimed.add(path)
 
+    for spec in args.wheels:
+        provenance, _, image_dir = spec.partition("=")
+        with open(provenance) as f:
+            for item in json.load(f)["install"]:
+                name, version = item["metadata"]["name"], item["metadata"]["version"]
+                info = item["download_info"]
+                component = {
+                    "type": "library",
+                    "bom-ref": f"pkg:pypi/{name}@{version}",
+                    "name": name,
+                    "version": version,
+                    "purl": f"pkg:pypi/{name}@{version}",
+                    "properties": [
+                        {"name": "ferrite:wheel", "value": info["url"].rsplit("/", 1)[-1]},
+                        {"name": "ferrite:wheel-sha256", "value": info["archive_info"]["hashes"]["sha256"]},
+                    ],
+                }
+                for target in item["ferrite_files"]:
+                    path = posixpath_join(image_dir, target).lstrip("/")
+                    if path not in files:
+                        sys.exit(f"sbom: /{path} (from {name}) is not in {args.archive}")
+                    component["properties"].append(file_property(path, files[path]))
+                    claimed.add(path)
+                components.append(component)
+
     distro = os_release_distro()
     debs, unowned = {}, []
     for path in sorted(set(files) - claimed):
@@ -293,6 +321,10 @@ def build(args):
     print(f"==> {args.output}: CycloneDX 1.5, " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
 
 
+def posixpath_join(directory, name):
+    return directory.rstrip("/") + "/" + name
+
+
 def host_triple():
     out = subprocess.run(["rustc", "-vV"], check=True, capture_output=True, text=True).stdout
     return next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("host: "))
@@ -306,6 +338,9 @@ def main(argv=None):
     p.add_argument("--version", required=True, help="the image's version")
     p.add_argument("--cargo", action="append", default=[], help="PATH=PACKAGE: PATH is that workspace package's binary")
     p.add_argument("--pypi", action="append", default=[], help="PATH=NAME==VERSION: PATH comes from that wheel")
+    p.add_argument("--wheels", action="append", default=[],
+                   help="PROVENANCE=IMAGE_DIR: the libraries images/cuda/stage.py took from wheels "
+                        "(its provenance.json), installed in IMAGE_DIR: one component per wheel")
     p.add_argument("--pip-report", help="pip's install report (pip install --report), for the wheels' hashes")
     p.add_argument("--workspace", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    help="the Cargo workspace (default: this repository)")

@@ -67,6 +67,18 @@ def test_small_image_passes_and_is_reproducible(tmp_path):
         assert fa.read() == fb.read()  # byte for byte
 
 
+def test_layer_cache_gives_the_same_bytes(tmp_path):
+    cache = tmp_path / "layers"
+    plain = build(tmp_path / "plain.tar")
+    first = build(tmp_path / "first.tar", "--layer-cache", str(cache))
+    cached = sorted(os.listdir(cache))
+    assert cached and all(name.endswith(".9.gz") for name in cached)
+    again = build(tmp_path / "again.tar", "--layer-cache", str(cache))
+    assert sorted(os.listdir(cache)) == cached  # reused, nothing new
+    with open(plain, "rb") as a, open(first, "rb") as b, open(again, "rb") as c:
+        assert a.read() == b.read() == c.read()
+
+
 def test_layout_and_names(tmp_path):
     a = build(tmp_path / "a.tar")
     files = check.read_archive(a)
@@ -209,3 +221,70 @@ def test_dockerfiles_pin_base_images_by_digest():
     assert len(froms) == 5, froms
     for line in froms:
         assert pinned.match(line), f"not pinned by digest: {line}"
+
+
+# The ferrite-server-cuda image (docs/gpu.md): built as `make images` builds it
+# (here from the debug server binary, into a temporary directory), then its
+# libraries are resolved by the image's own loader inside its extracted root
+# filesystem. Only libcuda.so.1 may be missing: the NVIDIA container runtime
+# mounts the driver's into GPU pods. The wheels (~1.6 GB) are downloaded once
+# into .cache/cuda/wheels.
+CUDA_LIBRARIES = {
+    "libonnxruntime.so", "libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so",
+    "libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcufft.so.12",
+    "libnvrtc.so.13", "libnvrtc-builtins.so.13.0",
+    *(f"libcudnn{p}.so.9" for p in ("", "_adv", "_cnn", "_engines_precompiled", "_engines_runtime_compiled",
+                                      "_engines_tensor_ir", "_ext", "_graph", "_heuristic", "_ops")),
+}
+
+
+def test_cuda_image_builds_and_its_libraries_resolve(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    # IMAGES_TEST_MAKE_ARGS: more make arguments, e.g. `-o images-release` to
+    # pack the debug binary already built without asking cargo again.
+    extra = os.environ.get("IMAGES_TEST_MAKE_ARGS", "").split()
+    done = subprocess.run(
+        ["make", "--no-print-directory", *extra, "images-cuda", "IMAGE_PROFILE=debug", f"IMAGES_OUT={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    archive = tmp_path / "ferrite-server-cuda.oci.tar"
+    provider = "/usr/lib/ferrite/libonnxruntime_providers_cuda.so"
+    fails, summary = check.check_archive(
+        str(archive), allow_missing=("libcuda.so.1",),
+        ldd_in_root=(provider, "/usr/lib/ferrite/libonnxruntime.so", "/usr/bin/ferrite-server"),
+    )
+    assert not fails, fails
+    libs = {p.rsplit("/", 1)[1] for p in summary["paths"] if p.startswith("/usr/lib/ferrite/")}
+    assert libs == CUDA_LIBRARIES, libs ^ CUDA_LIBRARIES  # nothing missing, nothing else
+    assert not any("tensorrt" in p or "libnvinfer" in p for p in summary["paths"])
+    env_vars = dict(e.split("=", 1) for e in summary["env"])
+    assert env_vars["ORT_DYLIB_PATH"] == "/usr/lib/ferrite/libonnxruntime.so"
+    assert env_vars["LD_LIBRARY_PATH"] == "/usr/lib/ferrite"
+    assert summary["entrypoint"] == ["/usr/bin/ferrite-server"] and summary["user"] == "65532:65532"
+
+    # ldd inside the image: the CUDA provider's libraries come from the image,
+    # the driver's libcuda.so.1 alone is not found.
+    lines = summary["ldd"][provider]
+    resolved = {line.split()[0]: line for line in lines if "=>" in line}
+    for soname in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libstdc++.so.6"):
+        assert soname in resolved and "not found" not in resolved[soname], lines
+    assert [line.split()[0] for line in lines if "not found" in line] == ["libcuda.so.1"], lines
+    assert not any("not found" in line for line in summary["ldd"]["/usr/bin/ferrite-server"])
+
+    # The SBOM: each wheel with its hash, the crates, the Debian libraries.
+    with open(str(archive).replace(".oci.tar", ".cdx.json")) as f:
+        bom = json.load(f)
+    by_name = {c["name"]: c for c in bom["components"]}
+    with open(os.path.join(HERE, "cuda", "requirements.txt")) as f:
+        pinned = dict(line.split()[0].split("==") for line in f if "==" in line and not line.startswith(" "))
+    for wheel, version in pinned.items():
+        component = by_name[wheel]
+        assert component["version"] == version and component["purl"] == f"pkg:pypi/{wheel}@{version}"
+        props = {p["name"]: p["value"] for p in component["properties"] if p["name"] != "ferrite:file"}
+        assert len(props["ferrite:wheel-sha256"]) == 64 and props["ferrite:wheel"].endswith(".whl")
+    assert {"ferrite-server", "tokio", "libc6"} <= set(by_name)
+    files = [p["value"].split()[0] for c in bom["components"] for p in c.get("properties", [])
+             if p["name"] == "ferrite:file"]
+    assert len(files) == len(set(files))
+    assert {f"/usr/lib/ferrite/{lib}" for lib in CUDA_LIBRARIES} <= set(files)

@@ -51,6 +51,10 @@ struct Args {
     /// batch size); at most --concurrency. 1: no batching.
     #[arg(long, default_value_t = 1, requires = "onnx")]
     batch_rows: usize,
+    /// With --onnx: the execution provider of the session (cpu, cuda,
+    /// tensorrt); a GPU provider that cannot start fails the run.
+    #[arg(long, default_value = "cpu", requires = "onnx")]
+    execution_provider: ferrite_server::runtime::ExecutionProvider,
     /// Concurrent requests (closed loop).
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
@@ -217,14 +221,14 @@ async fn call(mut client: GrpcInferenceServiceClient<Channel>, request: ModelInf
 /// Raw ONNX Runtime in this process: one session, called back to back; the
 /// ideal that a server with one instance can approach at `--concurrency`.
 fn run_in_process(args: &Args, path: &std::path::Path) -> anyhow::Result<Arc<Tally>> {
-    use ferrite_server::runtime::{ExecutionProvider, ModelBytes, Runtime, SessionOptions};
+    use ferrite_server::runtime::{ModelBytes, Runtime, SessionOptions};
     use ferrite_server::tensor::{DataType, Tensor};
 
     let library = std::env::var_os("ORT_DYLIB_PATH")
         .ok_or_else(|| anyhow::anyhow!("set ORT_DYLIB_PATH to the ONNX Runtime library"))?;
     let ort = Runtime::load(std::path::Path::new(&library))?;
     let threads = if args.threads > 0 { args.threads } else { ferrite_server::config::available_cpus() };
-    let options = SessionOptions { execution_provider: ExecutionProvider::Cpu, intra_op_threads: threads };
+    let options = SessionOptions { execution_provider: args.execution_provider, intra_op_threads: threads };
     let session = ort.session(&ModelBytes::File(path.to_path_buf()), options)?;
     let signature = session.signature()?;
     let clients = args.concurrency.max(1);

@@ -32,7 +32,12 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(_param(config, "intra_op_threads", "0"))
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(_param(config, "onnx_path"), options, providers=["CPUExecutionProvider"])
+        # bench/gpu: "CUDAExecutionProvider,CPUExecutionProvider"; the GPU run
+        # checks below that CUDA really took the model.
+        providers = _param(config, "providers", "CPUExecutionProvider").split(",")
+        self.session = ort.InferenceSession(_param(config, "onnx_path"), options, providers=providers)
+        if self.session.get_providers()[0] != providers[0]:
+            raise RuntimeError(f"onnxruntime runs on {self.session.get_providers()}, not {providers[0]}")
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.strings = {i.name for i in self.session.get_inputs() if i.type == "tensor(string)"}
         self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}

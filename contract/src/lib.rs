@@ -149,6 +149,21 @@ pub mod serve {
     pub const INTRA_OP_THREADS: Flag = Flag::value("intra-op-threads");
     /// One of the [`crate::ExecutionProvider`] names.
     pub const EXECUTION_PROVIDER: Flag = Flag::value("execution-provider");
+    /// GPU providers: when the requested provider cannot start, run the
+    /// model on the CPU (with a warning) instead of failing its load.
+    pub const ALLOW_CPU_FALLBACK: Flag = Flag::switch("allow-cpu-fallback");
+    /// GPU providers: the CUDA device ordinal (ONNX Runtime's `device_id`).
+    pub const GPU_DEVICE_ID: Flag = Flag::value("gpu-device-id");
+    /// GPU providers: most bytes of device memory ONNX Runtime's arena may
+    /// take (`gpu_mem_limit`); 0: no limit.
+    pub const GPU_MEM_LIMIT_BYTES: Flag = Flag::value("gpu-mem-limit-bytes");
+    /// GPU providers: capture and replay CUDA graphs (models with static
+    /// input shapes only).
+    pub const CUDA_GRAPH: Flag = Flag::switch("cuda-graph");
+    /// TensorRT: directory of the engine and timing caches.
+    pub const TRT_ENGINE_CACHE_DIR: Flag = Flag::value("trt-engine-cache-dir");
+    /// TensorRT: allow FP16 kernels.
+    pub const TRT_FP16: Flag = Flag::switch("trt-fp16");
     /// Seconds requests in flight get to finish after SIGTERM.
     pub const SHUTDOWN_GRACE_SECONDS: Flag = Flag::value("shutdown-grace-seconds");
     /// Port of the REST API, default [`crate::ports::HTTP`].
@@ -191,6 +206,12 @@ pub mod serve {
         INSTANCES,
         INTRA_OP_THREADS,
         EXECUTION_PROVIDER,
+        ALLOW_CPU_FALLBACK,
+        GPU_DEVICE_ID,
+        GPU_MEM_LIMIT_BYTES,
+        CUDA_GRAPH,
+        TRT_ENGINE_CACHE_DIR,
+        TRT_FP16,
         SHUTDOWN_GRACE_SECONDS,
         HTTP_PORT,
         GRPC_PORT,
@@ -280,6 +301,19 @@ pub mod activator {
     pub const NAME_LABEL: &str = "name";
 }
 
+/// `ferrite-operator run`'s settings that name what it puts in model pods.
+pub mod operator {
+    use crate::Flag;
+
+    /// The ferrite-server image for ModelDeployments whose execution provider
+    /// runs on a GPU (`cuda`, `tensorrt`): ONNX Runtime with its CUDA provider
+    /// and the CUDA libraries (`make images` writes `ferrite-server-cuda`).
+    pub const SERVER_CUDA_IMAGE: Flag = Flag::value("server-cuda-image");
+    /// The environment variable of [`SERVER_CUDA_IMAGE`] (the chart sets it
+    /// from `serverCudaImage`).
+    pub const SERVER_CUDA_IMAGE_ENV: &str = "FERRITE_SERVER_CUDA_IMAGE";
+}
+
 /// Health endpoints that the pods' probes use when gRPC probes cannot
 /// (`--tls-cert` set: the kubelet's gRPC probe speaks no TLS). They are
 /// served in plain HTTP on [`crate::ports::METRICS`], which carries no model
@@ -321,6 +355,12 @@ pub mod metrics {
     pub const OUTCOME_ESCALATED: &str = "escalated";
     /// Meant for the target, which failed: answered by the micro model.
     pub const OUTCOME_FALLBACK: &str = "fallback";
+    /// Gauge: 1 for each loaded model version, labelled by [`MODEL_LABEL`],
+    /// `version` and [`PROVIDER_LABEL`].
+    pub const MODEL_INFO: &str = "ferrite_model_info";
+    /// The label of [`MODEL_INFO`] naming the execution provider a model
+    /// actually runs on (`cpu` after an allowed fallback from a GPU).
+    pub const PROVIDER_LABEL: &str = "provider";
     /// Gauge: 1 when the last call to a model's escalation target
     /// succeeded, 0 when it failed (absent before the first call).
     pub const ESCALATION_TARGET_UP: &str = "ferrite_escalation_target_up";

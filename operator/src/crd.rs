@@ -339,6 +339,23 @@ pub struct RuntimeSpec {
     #[serde(default = "default_instances")]
     #[x_kube(validation = Rule::new("self >= 1").message("spec.runtime.instances must be at least 1"))]
     pub instances: i32,
+    /// GPU providers: when the provider cannot start (no GPU, no driver),
+    /// run the model on the CPU with a warning instead of failing the pod;
+    /// the model's config and `ferrite_model_info{provider}` then say `cpu`.
+    #[serde(default)]
+    pub allow_cpu_fallback: bool,
+    /// GPU providers: most bytes of device memory ONNX Runtime's arena may
+    /// take (`gpu_mem_limit`); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("spec.runtime.gpuMemoryLimitBytes must not be negative"))]
+    pub gpu_memory_limit_bytes: Option<i64>,
+    /// GPU providers: capture the model's kernel launches once as a CUDA
+    /// graph and replay it (models whose inputs have static shapes only).
+    #[serde(default)]
+    pub cuda_graph: bool,
+    /// tensorrt: allow FP16 kernels (engines are cached in the pod's /tmp).
+    #[serde(default)]
+    pub tensorrt_fp16: bool,
 }
 
 fn default_instances() -> i32 {
@@ -347,7 +364,15 @@ fn default_instances() -> i32 {
 
 impl Default for RuntimeSpec {
     fn default() -> Self {
-        RuntimeSpec { execution_provider: ExecutionProvider::Cpu, intra_op_threads: 0, instances: default_instances() }
+        RuntimeSpec {
+            execution_provider: ExecutionProvider::Cpu,
+            intra_op_threads: 0,
+            instances: default_instances(),
+            allow_cpu_fallback: false,
+            gpu_memory_limit_bytes: None,
+            cuda_graph: false,
+            tensorrt_fp16: false,
+        }
     }
 }
 

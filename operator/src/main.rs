@@ -89,7 +89,15 @@ struct RunArgs {
     /// ferrite-server image for model pods (a ModelDeployment may override it).
     #[arg(long, env = "FERRITE_SERVER_IMAGE", default_value = concat!("ferrite-server:", env!("CARGO_PKG_VERSION")))]
     server_image: String,
-    /// Pull policy of that image (Always, IfNotPresent, Never); empty leaves it to Kubernetes.
+    /// ferrite-server image for model pods on GPUs (executionProvider cuda or
+    /// tensorrt): the CUDA build (a ModelDeployment's spec.image still wins).
+    #[arg(
+        long = ferrite_contract::operator::SERVER_CUDA_IMAGE.name(),
+        env = ferrite_contract::operator::SERVER_CUDA_IMAGE_ENV,
+        default_value = concat!("ferrite-server-cuda:", env!("CARGO_PKG_VERSION"))
+    )]
+    server_cuda_image: String,
+    /// Pull policy of these images (Always, IfNotPresent, Never); empty leaves it to Kubernetes.
     #[arg(long, env = "FERRITE_SERVER_IMAGE_PULL_POLICY", default_value = "")]
     server_image_pull_policy: String,
     /// Watch only these namespaces (comma-separated); empty watches all.
@@ -296,6 +304,7 @@ async fn main() -> anyhow::Result<()> {
             let identity = lease_identity(args.identity);
             run(RunOptions {
                 server_image: args.server_image,
+                server_cuda_image: args.server_cuda_image,
                 server_image_pull_policy: Some(args.server_image_pull_policy).filter(|p| !p.is_empty()),
                 watch_namespaces: non_empty(args.watch_namespaces),
                 policy: args.policy.into_policy(),

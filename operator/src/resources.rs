@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{Endpoints, ModelDeployment};
+use crate::crd::{Endpoints, ModelDeployment, RuntimeSpec};
 use crate::policy::Policy;
 
 pub mod access;
@@ -66,7 +66,11 @@ const FETCH_RESOURCES: [[&str; 3]; 2] = [["cpu", "100m", "1"], ["memory", "64Mi"
 pub struct BuildConfig {
     /// Image of ferrite-server, used unless the resource names its own.
     pub server_image: String,
-    /// Pull policy of that image, unless the resource sets one.
+    /// Image of ferrite-server built with ONNX Runtime's CUDA provider, for
+    /// resources whose execution provider runs on a GPU (unless they name
+    /// their own image).
+    pub server_cuda_image: String,
+    /// Pull policy of these images, unless the resource sets one.
     pub server_image_pull_policy: Option<String>,
     /// What ModelDeployments may ask for; also the default download caps.
     pub policy: Policy,
@@ -184,6 +188,10 @@ fn server_resources(md: &ModelDeployment) -> Option<ResourceRequirements> {
     (resources != ResourceRequirements::default()).then_some(resources)
 }
 
+/// Where the TensorRT provider keeps its engines: under the pod's /tmp
+/// (an emptyDir), so a container restart does not build them again.
+pub const TRT_ENGINE_CACHE_DIR: &str = "/tmp/tensorrt-engines";
+
 /// `ferrite-server serve ...`, from the contract's flags.
 fn server_args(md: &ModelDeployment) -> Vec<String> {
     let spec = &md.spec;
@@ -198,7 +206,32 @@ fn server_args(md: &ModelDeployment) -> Vec<String> {
         .value(serve::INTRA_OP_THREADS, spec.runtime.intra_op_threads.to_string())
         .value(serve::EXECUTION_PROVIDER, spec.runtime.execution_provider.as_str())
         .value(serve::SHUTDOWN_GRACE_SECONDS, DRAIN_SECONDS.to_string());
+    let args = gpu_args(&spec.runtime, args);
     escalation::server_args(md, access::server_args(md, args)).into_args()
+}
+
+/// The GPU provider's options (nothing for the CPU).
+fn gpu_args(runtime: &RuntimeSpec, mut args: CommandLine) -> CommandLine {
+    let provider = ferrite_contract::ExecutionProvider::from(runtime.execution_provider);
+    if !provider.uses_gpu() {
+        return args;
+    }
+    if runtime.allow_cpu_fallback {
+        args = args.switch(serve::ALLOW_CPU_FALLBACK);
+    }
+    if let Some(bytes) = runtime.gpu_memory_limit_bytes.filter(|&b| b > 0) {
+        args = args.value(serve::GPU_MEM_LIMIT_BYTES, bytes.to_string());
+    }
+    if runtime.cuda_graph {
+        args = args.switch(serve::CUDA_GRAPH);
+    }
+    if provider == ferrite_contract::ExecutionProvider::Tensorrt {
+        args = args.value(serve::TRT_ENGINE_CACHE_DIR, TRT_ENGINE_CACHE_DIR);
+        if runtime.tensorrt_fp16 {
+            args = args.switch(serve::TRT_FP16);
+        }
+    }
+    args
 }
 
 /// `ferrite-server fetch ...` of the init container, from the contract's
@@ -220,11 +253,24 @@ fn fetch_args(md: &ModelDeployment, policy: &Policy) -> CommandLine {
     args
 }
 
+/// The server container's image: the resource's own, else the CUDA build for
+/// a GPU execution provider (the CPU build has no CUDA provider and would
+/// refuse the model), else the CPU build.
+pub fn server_image(md: &ModelDeployment, config: &BuildConfig) -> String {
+    match &md.spec.image {
+        Some(image) => image.clone(),
+        None if ferrite_contract::ExecutionProvider::from(md.spec.runtime.execution_provider).uses_gpu() => {
+            config.server_cuda_image.clone()
+        }
+        None => config.server_image.clone(),
+    }
+}
+
 /// The Deployment of ferrite-server pods.
 pub fn deployment(md: &ModelDeployment, config: &BuildConfig) -> Deployment {
     let spec = &md.spec;
     let model = md.model_name();
-    let image = spec.image.clone().unwrap_or_else(|| config.server_image.clone());
+    let image = server_image(md, config);
     let pull_policy = spec.image_pull_policy.clone().or_else(|| config.server_image_pull_policy.clone());
 
     let mut volumes = vec![empty_dir("tmp", None)];
@@ -451,6 +497,7 @@ mod tests {
     fn config() -> BuildConfig {
         BuildConfig {
             server_image: "ferrite-server:test".into(),
+            server_cuda_image: "ferrite-server-cuda:test".into(),
             server_image_pull_policy: None,
             policy: Policy::default(),
             scrapers: MetricsScrapers::default(),
@@ -603,6 +650,47 @@ mod tests {
         assert_eq!(limits[GPU_RESOURCE], Quantity("2".into()));
         assert!(pod.tolerations.unwrap().iter().any(|t| t.key.as_deref() == Some(GPU_RESOURCE)));
         assert!(pod.containers[0].args.as_ref().unwrap().windows(2).any(|w| w == ["--execution-provider", "cuda"]));
+    }
+
+    #[test]
+    fn gpu_providers_get_the_cuda_image_and_their_options() {
+        let cpu = md("https://example.org/m.onnx");
+        assert_eq!(pod(&deployment(&cpu, &config())).containers[0].image.as_deref(), Some("ferrite-server:test"));
+        let args = pod(&deployment(&cpu, &config())).containers[0].args.clone().unwrap();
+        assert!(!args.iter().any(|a| a.contains("fallback") || a.contains("gpu") || a.contains("trt")), "{args:?}");
+
+        let mut cuda = md("https://example.org/m.onnx");
+        cuda.spec.gpus = Some(1);
+        cuda.spec.runtime.execution_provider = ExecutionProvider::Cuda;
+        cuda.spec.runtime.allow_cpu_fallback = true;
+        cuda.spec.runtime.gpu_memory_limit_bytes = Some(4 << 30);
+        cuda.spec.runtime.cuda_graph = true;
+        let pod_spec = pod(&deployment(&cuda, &config()));
+        assert_eq!(pod_spec.containers[0].image.as_deref(), Some("ferrite-server-cuda:test"));
+        // The download runs the same image: the node pulls one.
+        let init = pod_spec.init_containers.clone().unwrap();
+        assert!(init.iter().all(|c| c.image.as_deref() == Some("ferrite-server-cuda:test")), "{init:?}");
+        let args = pod_spec.containers[0].args.clone().unwrap();
+        for flag in [serve::ALLOW_CPU_FALLBACK, serve::CUDA_GRAPH] {
+            assert!(args.contains(&flag.arg()), "{flag} missing: {args:?}");
+        }
+        assert!(args.windows(2).any(|w| w == [serve::GPU_MEM_LIMIT_BYTES.arg(), (4i64 << 30).to_string()]), "{args:?}");
+        assert!(!args.contains(&serve::TRT_ENGINE_CACHE_DIR.arg()), "{args:?}");
+
+        let mut trt = md("https://example.org/m.onnx");
+        trt.spec.gpus = Some(1);
+        trt.spec.runtime.execution_provider = ExecutionProvider::Tensorrt;
+        trt.spec.runtime.tensorrt_fp16 = true;
+        let pod_spec = pod(&deployment(&trt, &config()));
+        assert_eq!(pod_spec.containers[0].image.as_deref(), Some("ferrite-server-cuda:test"));
+        let args = pod_spec.containers[0].args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w == [serve::TRT_ENGINE_CACHE_DIR.arg(), TRT_ENGINE_CACHE_DIR.to_string()]));
+        assert!(args.contains(&serve::TRT_FP16.arg()) && !args.contains(&serve::ALLOW_CPU_FALLBACK.arg()), "{args:?}");
+        assert!(TRT_ENGINE_CACHE_DIR.starts_with("/tmp/"), "the cache must live on the pod's writable /tmp");
+
+        // A resource's own image wins over both.
+        trt.spec.image = Some("registry.example/ferrite-server-cuda:custom".into());
+        assert_eq!(server_image(&trt, &config()), "registry.example/ferrite-server-cuda:custom");
     }
 
     #[test]

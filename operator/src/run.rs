@@ -53,6 +53,8 @@ const CONTROLLER_STALL: Duration = Duration::from_secs(180);
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub server_image: String,
+    /// The server image for GPU ModelDeployments (`--server-cuda-image`).
+    pub server_cuda_image: String,
     pub server_image_pull_policy: Option<String>,
     /// Watch only these namespaces; empty for all.
     pub watch_namespaces: Vec<String>,
@@ -136,6 +138,7 @@ pub async fn run_with(
         let client = fenced_client(config, &FenceLayer::new(leadership.clone(), metrics.fence_counters()))?;
         let build = BuildConfig {
             server_image: options.server_image.clone(),
+            server_cuda_image: options.server_cuda_image.clone(),
             server_image_pull_policy: options.server_image_pull_policy.clone(),
             policy: options.policy.clone(),
             scrapers: options.scrapers.clone(),

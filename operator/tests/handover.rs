@@ -88,6 +88,7 @@ impl Replica {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let options = RunOptions {
             server_image: "ferrite-server:test".into(),
+            server_cuda_image: "ferrite-server-cuda:test".into(),
             server_image_pull_policy: None,
             watch_namespaces: vec![ns.to_string()],
             policy: Default::default(),

@@ -465,3 +465,18 @@ fn the_activator_service_reaches_the_operator_when_enabled() {
     assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stderr).contains("namespace/name"));
 }
+
+#[test]
+fn the_cuda_image_value_reaches_the_operator() {
+    let Some(helm) = helm() else { return };
+    let env = operator_env(&render(&helm, &[]));
+    let version = env!("CARGO_PKG_VERSION");
+    let variable = ferrite_contract::operator::SERVER_CUDA_IMAGE_ENV;
+    assert_eq!(env[variable], format!("ferrite-server-cuda:{version}"));
+    assert_eq!(env["FERRITE_SERVER_IMAGE"], format!("ferrite-server:{version}"));
+    let env = operator_env(&render(
+        &helm,
+        &["serverCudaImage.repository=registry.example/ml/ferrite-server-cuda", "serverCudaImage.tag=1.2.3"],
+    ));
+    assert_eq!(env[variable], "registry.example/ml/ferrite-server-cuda:1.2.3");
+}

@@ -109,7 +109,12 @@ impl ModelDescription {
             outputs: info.signature.outputs.iter().map(tensor).collect(),
             max_batch_size: info.max_batch_size.unwrap_or(0),
             instance_count: model.settings.instance_count,
-            device: match model.settings.execution_provider {
+            device: match info
+                .parameters
+                .get(crate::runtime::EXECUTION_PROVIDER_PARAMETER)
+                .and_then(|name| name.parse().ok())
+                .unwrap_or(model.settings.execution_provider)
+            {
                 ExecutionProvider::Cpu => DeviceKind::Cpu,
                 ExecutionProvider::Cuda | ExecutionProvider::Tensorrt => DeviceKind::Gpu,
             },

@@ -12,6 +12,7 @@ use ferrite_contract::{self as contract, serve as flags};
 use ferrite_server::config::{LlmLimits, ModelSettings};
 use ferrite_server::policy::{ModelControlMode, Policy};
 use ferrite_server::repository::Sources;
+use ferrite_server::runtime::ProviderConfig;
 use ferrite_server::server::{serve, ServeOptions};
 use ferrite_server::tls::TlsFiles;
 use ferrite_server::transport::Limits;
@@ -243,6 +244,29 @@ struct ServeArgs {
         default_value = contract::ExecutionProvider::Cpu.as_str()
     )]
     execution_provider: contract::ExecutionProvider,
+    /// GPU providers: when the requested provider cannot start (no GPU, no
+    /// driver, ONNX Runtime without CUDA), load the model on the CPU with a
+    /// warning instead of failing the load.
+    #[arg(long = flags::ALLOW_CPU_FALLBACK.name(), env = "FERRITE_ALLOW_CPU_FALLBACK")]
+    allow_cpu_fallback: bool,
+    /// GPU providers: the CUDA device ordinal.
+    #[arg(long = flags::GPU_DEVICE_ID.name(), env = "FERRITE_GPU_DEVICE_ID", default_value_t = 0)]
+    gpu_device_id: u32,
+    /// GPU providers: most bytes of device memory ONNX Runtime's arena may
+    /// take; 0: no limit.
+    #[arg(long = flags::GPU_MEM_LIMIT_BYTES.name(), env = "FERRITE_GPU_MEM_LIMIT_BYTES", default_value_t = 0)]
+    gpu_mem_limit_bytes: u64,
+    /// GPU providers: capture the model's launches once as a CUDA graph and
+    /// replay it; refused at load for inputs with dynamic shapes.
+    #[arg(long = flags::CUDA_GRAPH.name(), env = "FERRITE_CUDA_GRAPH")]
+    cuda_graph: bool,
+    /// TensorRT: directory of its engine and timing caches (built engines
+    /// survive a restart).
+    #[arg(long = flags::TRT_ENGINE_CACHE_DIR.name(), env = "FERRITE_TRT_ENGINE_CACHE_DIR")]
+    trt_engine_cache_dir: Option<PathBuf>,
+    /// TensorRT: allow FP16 kernels.
+    #[arg(long = flags::TRT_FP16.name(), env = "FERRITE_TRT_FP16")]
+    trt_fp16: bool,
     /// LLMs: longest prompt in bytes of text, refused before tokenizing;
     /// 0: the context length times 16 (or the longest token's bytes).
     #[arg(long, env = "FERRITE_LLM_MAX_PROMPT_BYTES", default_value_t = 0)]
@@ -403,6 +427,14 @@ impl ServeArgs {
             },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             onnxruntime: self.onnxruntime,
+            providers: ProviderConfig {
+                device_id: self.gpu_device_id,
+                gpu_mem_limit: Some(self.gpu_mem_limit_bytes).filter(|&b| b > 0),
+                cuda_graph: self.cuda_graph,
+                trt_engine_cache_dir: self.trt_engine_cache_dir,
+                trt_fp16: self.trt_fp16,
+                allow_cpu_fallback: self.allow_cpu_fallback,
+            },
             exit_on_load_failure: self.exit_on_load_failure,
             policy: Policy { model_control: self.model_control_mode, allow_priority: self.allow_priority },
             tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {

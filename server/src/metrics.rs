@@ -25,6 +25,9 @@ pub(crate) struct Metrics {
     pub request_duration: HistogramVec,
     pub batch_size: HistogramVec,
     pub model_load_duration: HistogramVec,
+    /// 1 for each loaded model version, labelled with the execution
+    /// provider it actually runs on (after any allowed CPU fallback).
+    pub model_info: IntGaugeVec,
     /// LLMs: time from admission to the first generated token.
     pub llm_time_to_first_token: HistogramVec,
     /// LLMs: time between successive tokens of one sequence.
@@ -265,6 +268,18 @@ impl Metrics {
                 "Time to load a model version",
                 exponential_buckets(0.01, 2.0, 16).expect("valid buckets"),
             ),
+            model_info: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        contract::MODEL_INFO,
+                        "1 for each loaded model version, by the execution provider it runs on",
+                    ),
+                    &[MODEL, "version", contract::PROVIDER_LABEL],
+                )
+                .expect("valid gauge");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
             registry,
         }
     }

@@ -96,10 +96,17 @@ impl Model {
         let seconds = started.elapsed().as_secs_f64();
         METRICS.model_load_duration.with_label_values(&[name]).observe(seconds);
         let info = backend.info();
+        let provider = info
+            .parameters
+            .get(crate::runtime::EXECUTION_PROVIDER_PARAMETER)
+            .map_or(settings.execution_provider.as_str(), String::as_str);
+        METRICS.model_info.with_label_values(&[name, &version.to_string(), provider]).set(1);
         tracing::info!(
             model = name,
             version,
             backend = info.name,
+            execution_provider = provider,
+            requested_provider = settings.execution_provider.as_str(),
             instances = settings.instance_count,
             threads = settings.threads_per_instance(),
             max_batch_size = info.max_batch_size.unwrap_or(settings.max_batch_size),
@@ -246,6 +253,10 @@ impl Model {
     /// Stops accepting requests; queued ones still finish.
     pub fn close(&self) {
         self.backend.close();
+        if let Some(provider) = self.info().parameters.get(crate::runtime::EXECUTION_PROVIDER_PARAMETER) {
+            // Gone from /metrics with the version (absent if never set).
+            let _ = METRICS.model_info.remove_label_values(&[&self.name, &self.version.to_string(), provider]);
+        }
     }
 
     fn record(&self) -> RequestRecord {

@@ -48,6 +48,9 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// The ONNX Runtime shared library.
     pub onnxruntime: std::path::PathBuf,
+    /// Settings of the GPU execution providers (device, memory, CUDA
+    /// graphs, TensorRT caches) and whether a model may fall back to the CPU.
+    pub providers: crate::runtime::ProviderConfig,
     /// Exit (with [`ModelLoadFailure`]) when a model fails to load at
     /// startup, instead of staying up and not ready: in Kubernetes the
     /// container's exit and its message tell the operator why.
@@ -89,7 +92,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let api_keys = options.api_key_file.as_deref().map(ApiKeys::read).transpose()?.map(Arc::new);
     // Checked before anything loads: a bad file fails the start.
     let escalation = options.escalation_file.as_deref().map(crate::cascade::EscalationConfig::read).transpose()?;
-    let runtime = Arc::new(Runtime::load(&options.onnxruntime)?);
+    let runtime = Arc::new(Runtime::load(&options.onnxruntime)?.with_providers(options.providers.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = Box::new(HealthSink(health.clone()));
     let repository = Arc::new(

@@ -11,7 +11,7 @@ use crate::backend::{Backend, BackendInfo};
 use crate::config::ModelSettings;
 use crate::error::{InferError, InferResult};
 use crate::inference::{InferRequest, Reply};
-use crate::runtime::{ModelBytes, Runtime, SessionOptions, Signature, TensorSpec};
+use crate::runtime::{ModelBytes, Runtime, SessionOptions, Signature, TensorSpec, EXECUTION_PROVIDER_PARAMETER};
 use crate::scheduler::{Job, Scheduler};
 use crate::stats::ModelStats;
 use crate::tensor::{Tensor, TensorData};
@@ -42,6 +42,7 @@ impl TensorModel {
             .map(|_| runtime.session(source, options))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let signature = sessions[0].signature()?;
+        let provider = sessions[0].execution_provider();
         let max_batch_size = batchable(&signature).then_some(settings.max_batch_size).filter(|&n| n > 1);
         let scheduler = Scheduler::start(name, sessions, settings, max_batch_size.is_some(), stats);
         let info = BackendInfo {
@@ -49,7 +50,7 @@ impl TensorModel {
             signature,
             optional_inputs: Vec::new(),
             max_batch_size,
-            parameters: BTreeMap::new(),
+            parameters: BTreeMap::from([(EXECUTION_PROVIDER_PARAMETER.to_string(), provider.to_string())]),
         };
         Ok(TensorModel { info, scheduler })
     }

@@ -106,6 +106,10 @@ ferrite-server image reference for model pods.
 {{- printf "%s:%s" .Values.serverImage.repository (default .Chart.AppVersion .Values.serverImage.tag) }}
 {{- end }}
 
+{{- define "ferrite.serverCudaImage" -}}
+{{- printf "%s:%s" .Values.serverCudaImage.repository (default .Chart.AppVersion .Values.serverCudaImage.tag) }}
+{{- end }}
+
 {{/*
 The rules the operator needs on the objects it reconciles and owns: exactly
 the verbs its code uses (docs/operator-security.md lists the calls). It reads

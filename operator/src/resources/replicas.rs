@@ -89,6 +89,7 @@ mod tests {
     fn applied(md: &ModelDeployment, existing: Option<&Deployment>) -> (Option<i32>, Option<String>) {
         let config = BuildConfig {
             server_image: "ferrite-server:test".into(),
+            server_cuda_image: "ferrite-server-cuda:test".into(),
             server_image_pull_policy: None,
             policy: crate::policy::Policy::default(),
             scrapers: crate::resources::network_policy::MetricsScrapers::default(),

@@ -105,6 +105,7 @@ impl Llm {
             intra_op_threads: settings.threads_per_instance(),
         };
         let session = runtime.session_without_spinning(&ModelBytes::File(dir.join(config::LLM_MODEL_FILE)), options)?;
+        let provider = session.execution_provider();
         let shape = CacheShape { layers: config.num_layers, heads: config.num_kv_heads, head_dim: config.head_dim };
         let decoder = Decoder::new(session, shape)?;
         let limits = Limits::resolve(&settings.llm, config.context_length, codec.longest_token_bytes(), shape);
@@ -133,7 +134,8 @@ impl Llm {
             stats,
         };
         let engine = Engine::start(decoder, model, engine_settings)?;
-        let info = oip::backend_info(&config, settings);
+        let mut info = oip::backend_info(&config, settings);
+        info.parameters.insert(crate::runtime::EXECUTION_PROVIDER_PARAMETER.to_string(), provider.to_string());
         let prompter = Prompter {
             codec,
             template,

@@ -5,6 +5,7 @@
 
 pub(crate) mod decoder;
 pub(crate) mod kv_cache;
+mod providers;
 mod strings;
 
 use std::path::Path;
@@ -23,6 +24,11 @@ compile_error!("ferrite copies tensors as little-endian bytes; big-endian hosts 
 /// Which ONNX Runtime execution provider runs a model: the contract's
 /// (`--execution-provider` names them, the operator passes them).
 pub use ferrite_contract::ExecutionProvider;
+pub use providers::ProviderConfig;
+
+/// The model configuration parameter (and the value of the metric label
+/// `provider`) that names the execution provider a model actually runs on.
+pub const EXECUTION_PROVIDER_PARAMETER: &str = "execution_provider";
 
 /// Settings of one ONNX Runtime session.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +51,7 @@ pub enum ModelBytes {
 /// The loaded ONNX Runtime library; one per process.
 pub struct Runtime {
     environment: ort::environment::Environment,
+    providers: ProviderConfig,
 }
 
 impl Runtime {
@@ -55,12 +62,23 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}", library.display()))?
             .with_name("ferrite")
             .build()?;
-        Ok(Runtime { environment })
+        Ok(Runtime { environment, providers: ProviderConfig::default() })
+    }
+
+    /// These GPU provider settings for every session from now on.
+    pub fn with_providers(mut self, providers: ProviderConfig) -> Runtime {
+        self.providers = providers;
+        self
+    }
+
+    /// The GPU provider settings.
+    pub fn providers(&self) -> &ProviderConfig {
+        &self.providers
     }
 
     /// Creates one session for a model.
     pub fn session(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
-        self.build_session(model, options, true).map(Session)
+        self.session_on_provider(model, options, true)
     }
 
     /// Creates one session whose intra-op threads sleep between operators
@@ -69,7 +87,38 @@ impl Runtime {
     /// shared or a cgroup quota throttles (measured on 2 shared cores: a
     /// decode step 30% faster without it).
     pub fn session_without_spinning(&self, model: &ModelBytes, options: SessionOptions) -> anyhow::Result<Session> {
-        self.build_session(model, options, false).map(Session)
+        self.session_on_provider(model, options, false)
+    }
+
+    /// A session on the requested provider; when that provider cannot
+    /// start, the load fails with [`providers::cannot_start`]'s message, or
+    /// (fallback allowed) the session runs on the CPU and says so.
+    fn session_on_provider(&self, model: &ModelBytes, options: SessionOptions, spin: bool) -> anyhow::Result<Session> {
+        let requested = options.execution_provider;
+        let error = match self.build_session(model, options, spin) {
+            Ok(session) => {
+                if requested.uses_gpu() && self.providers.cuda_graph {
+                    static_shapes(&session)?;
+                }
+                return Ok(Session(session, requested));
+            }
+            Err(error) if requested.uses_gpu() => error,
+            Err(error) => return Err(error.into_anyhow()),
+        };
+        if !self.providers.allow_cpu_fallback {
+            anyhow::bail!(match error {
+                BuildError::Provider(e) => providers::cannot_start(requested, e),
+                BuildError::Load(e) => format!("cannot load the model on execution provider '{requested}': {e}"),
+            });
+        }
+        let reason = match error {
+            BuildError::Provider(e) => format!("execution provider '{requested}' cannot start: {e}"),
+            BuildError::Load(e) => format!("cannot load the model on execution provider '{requested}': {e}"),
+        };
+        tracing::warn!(requested = %requested, provider = "cpu", %reason, "execution provider fallback: the model runs on the CPU");
+        let cpu = SessionOptions { execution_provider: ExecutionProvider::Cpu, ..options };
+        let session = self.build_session(model, cpu, spin).map_err(BuildError::into_anyhow)?;
+        Ok(Session(session, ExecutionProvider::Cpu))
     }
 
     fn build_session(
@@ -77,7 +126,24 @@ impl Runtime {
         model: &ModelBytes,
         options: SessionOptions,
         spin: bool,
-    ) -> anyhow::Result<ort::session::Session> {
+    ) -> Result<ort::session::Session, BuildError> {
+        let load = |e: anyhow::Error| BuildError::Load(e);
+        let mut builder = self.builder(options, spin).map_err(load)?;
+        let providers = self.providers.dispatch(options.execution_provider);
+        if !providers.is_empty() {
+            builder = builder.with_execution_providers(providers).map_err(|e| BuildError::Provider(e.to_string()))?;
+        }
+        let session = match model {
+            ModelBytes::File(path) => builder
+                .commit_from_file(path)
+                .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))
+                .map_err(load)?,
+            ModelBytes::Embedded(bytes) => builder.commit_from_memory(bytes).map_err(|e| load(e.into()))?,
+        };
+        Ok(session)
+    }
+
+    fn builder(&self, options: SessionOptions, spin: bool) -> anyhow::Result<ort::session::builder::SessionBuilder> {
         let mut builder = ort::session::Session::builder(&self.environment)?
             .with_intra_threads(options.intra_op_threads.max(1))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -86,33 +152,53 @@ impl Runtime {
         if !spin {
             builder = builder.with_intra_op_spinning(false).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        builder = match options.execution_provider {
-            ExecutionProvider::Cpu => builder,
-            ExecutionProvider::Cuda => builder
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-            ExecutionProvider::Tensorrt => builder
-                .with_execution_providers([
-                    ort::ep::TensorRT::default().build().error_on_failure(),
-                    ort::ep::CUDA::default().build().error_on_failure(),
-                ])
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        };
-        let session = match model {
-            ModelBytes::File(path) => builder
-                .commit_from_file(path)
-                .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", path.display()))?,
-            ModelBytes::Embedded(bytes) => builder.commit_from_memory(bytes)?,
-        };
-        Ok(session)
+        Ok(builder)
     }
+}
+
+/// Why a session could not be built: its provider would not start, or the
+/// model would not load.
+enum BuildError {
+    Provider(String),
+    Load(anyhow::Error),
+}
+
+impl BuildError {
+    fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            BuildError::Provider(e) => anyhow::anyhow!(e),
+            BuildError::Load(e) => e,
+        }
+    }
+}
+
+/// CUDA graphs replay one captured launch sequence, so every input shape
+/// must be fixed: refuses a model with a dynamic dimension.
+fn static_shapes(session: &ort::session::Session) -> anyhow::Result<()> {
+    for input in signature(session)?.inputs {
+        if input.shape.contains(&-1) {
+            anyhow::bail!(
+                "CUDA graphs need static input shapes, and input '{}' has shape {:?}: turn --cuda-graph off \
+                 or export the model with fixed shapes",
+                input.name,
+                input.shape
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One loaded model in ONNX Runtime. Runs block: callers keep them on
 /// threads of their own, off the async runtime.
-pub struct Session(ort::session::Session);
+pub struct Session(ort::session::Session, ExecutionProvider);
 
 impl Session {
+    /// The provider the session runs on: the one asked for, or the CPU
+    /// after an allowed fallback.
+    pub fn execution_provider(&self) -> ExecutionProvider {
+        self.1
+    }
+
     /// The model's inputs and outputs. Fails for inputs or outputs that are
     /// not tensors of a protocol datatype (maps, sequences, complex).
     pub fn signature(&self) -> anyhow::Result<Signature> {

@@ -130,6 +130,8 @@ class FerriteServer:
                 "--grpc-port", str(self.grpc_port),
                 "--metrics-port", str(self.metrics_port),
                 *self.extra_args,
+                # `make gpu-check` runs suites on the CUDA provider this way.
+                *os.environ.get("FERRITE_TEST_SERVER_ARGS", "").split(),
             ]
             self.cmd = cmd
             log = open(self.log_path, "ab")
