@@ -19,6 +19,7 @@ pub(crate) mod budget;
 pub mod cascade;
 pub mod config;
 pub(crate) mod describe;
+pub(crate) mod encoder;
 pub(crate) mod error;
 pub(crate) mod grpc;
 pub(crate) mod http;
