@@ -34,11 +34,13 @@ impl Budget {
     }
 
     /// Inputs taken.
+    #[cfg(test)]
     pub(crate) fn inputs(&self) -> usize {
         self.inputs
     }
 
     /// Tokens of the padded batch.
+    #[cfg(test)]
     pub(crate) fn padded_tokens(&self) -> usize {
         self.inputs * self.longest
     }
