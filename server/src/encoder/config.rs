@@ -41,6 +41,15 @@ impl Task {
             Task::Classification => "classification",
         }
     }
+
+    /// The name with its article, for messages ("an embedding").
+    pub(crate) fn with_article(self) -> &'static str {
+        match self {
+            Task::Embedding => "an embedding",
+            Task::Rerank => "a rerank",
+            Task::Classification => "a classification",
+        }
+    }
 }
 
 /// How token vectors become one sentence vector.

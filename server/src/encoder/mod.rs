@@ -227,10 +227,10 @@ impl Encoder {
     fn expect(&self, task: Task) -> InferResult<()> {
         if self.config.task != task {
             return Err(InferError::invalid(format!(
-                "model '{}' is a {} model, not a {} model",
+                "model '{}' is {} model, not {} model",
                 self.name,
-                self.config.task.as_str(),
-                task.as_str()
+                self.config.task.with_article(),
+                task.with_article()
             )));
         }
         Ok(())

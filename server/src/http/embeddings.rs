@@ -18,8 +18,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
 use serde::de::{self, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
-use serde_json::{json, Value};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::openai::OpenAiError;
 use crate::encoder::config::Task;
@@ -43,12 +42,14 @@ pub(crate) fn encoder_model(state: &ServerState, name: &str, task: Task) -> Resu
     match model.encoder() {
         Some(encoder) if encoder.task() == task => Ok(model),
         Some(encoder) => Err(InferError::invalid(format!(
-            "model '{name}' is a {} model, not a {} model",
-            encoder.task().as_str(),
-            task.as_str()
+            "model '{name}' is {} model, not {} model",
+            encoder.task().with_article(),
+            task.with_article()
         ))),
-        None => Err(InferError::invalid(format!("model '{name}' is not a {} model (it takes no text)", task.as_str())
-            + if model.generates_text() { "; it is a language model: use /v1/chat/completions" } else { "" })),
+        None => {
+            let hint = if model.generates_text() { "; it is a language model: use /v1/chat/completions" } else { "" };
+            Err(InferError::invalid(format!("model '{name}' is not {} model (it takes no text){hint}", task.with_article())))
+        }
     }
 }
 
@@ -172,12 +173,12 @@ async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesReje
         Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
     };
     match answer(&state, &body).await {
-        Ok(value) => Json(value).into_response(),
+        Ok(response) => Json(response).into_response(),
         Err(error) => OpenAiError::from(error).into_response(),
     }
 }
 
-async fn answer(state: &ServerState, body: &[u8]) -> Result<Value, InferError> {
+async fn answer(state: &ServerState, body: &[u8]) -> Result<EmbeddingsResponse, InferError> {
     let request: RequestBody =
         serde_json::from_slice(body).map_err(|e| InferError::invalid(format!("invalid request body: {e}")))?;
     let format = format(request.encoding_format.as_deref())?;
@@ -193,25 +194,54 @@ async fn answer(state: &ServerState, body: &[u8]) -> Result<Value, InferError> {
     Ok(response(&model.name, encoded, format))
 }
 
-fn response(model: &str, encoded: Encoded, format: Format) -> Value {
-    let data: Vec<Value> = encoded
+/// The answer, typed: f32 values are written in their shortest form.
+#[derive(Debug, Serialize)]
+struct EmbeddingsResponse {
+    object: &'static str,
+    data: Vec<EmbeddingObject>,
+    model: String,
+    usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingObject {
+    object: &'static str,
+    index: usize,
+    embedding: Embedding,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Embedding {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+fn response(model: &str, encoded: Encoded, format: Format) -> EmbeddingsResponse {
+    let data = encoded
         .rows
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(index, row)| {
             let embedding = match format {
-                Format::Float => json!(row),
-                Format::Base64 => json!(base64_floats(row)),
+                Format::Float => Embedding::Float(row),
+                Format::Base64 => Embedding::Base64(base64_floats(&row)),
             };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+            EmbeddingObject { object: "embedding", index, embedding }
         })
         .collect();
-    json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": encoded.tokens, "total_tokens": encoded.tokens},
-    })
+    EmbeddingsResponse {
+        object: "list",
+        data,
+        model: model.to_string(),
+        usage: Usage { prompt_tokens: encoded.tokens, total_tokens: encoded.tokens },
+    }
 }
 
 /// The floats as little-endian bytes in standard base64 (what OpenAI's
@@ -224,6 +254,7 @@ pub(crate) fn base64_floats(values: &[f32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn inputs(json: &str) -> Result<Vec<Input>, String> {
         serde_json::from_str::<Inputs>(json).map(|i| i.0).map_err(|e| e.to_string())
@@ -260,9 +291,16 @@ mod tests {
         assert!(format(Some("int8")).unwrap_err().message.contains("'float' or 'base64'"));
         let value = response("m", Encoded { rows: vec![vec![0.5, 0.25]], tokens: 7 }, Format::Float);
         assert_eq!(
-            value,
+            serde_json::to_value(value).unwrap(),
             json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}],
                    "model": "m", "usage": {"prompt_tokens": 7, "total_tokens": 7}})
         );
+        // Shortest f32 text, not the f64 expansion.
+        let text = serde_json::to_string(&response("m", Encoded { rows: vec![vec![0.1]], tokens: 1 }, Format::Float))
+            .unwrap();
+        assert!(text.contains("[0.1]"), "{text}");
+        let base64 = serde_json::to_value(response("m", Encoded { rows: vec![vec![1.0]], tokens: 1 }, Format::Base64))
+            .unwrap();
+        assert_eq!(base64["data"][0]["embedding"], "AACAPw==");
     }
 }

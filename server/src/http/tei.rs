@@ -22,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::de::{self, DeserializeOwned, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer};
-use serde_json::{json, Value};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::json;
 
 use super::embeddings::encoder_model;
 use crate::encoder::config::{Side, Task};
@@ -200,7 +200,12 @@ async fn embed(
     embed_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
 
-async fn embed_answer(state: &ServerState, selector: &Selector, headers: &HeaderMap, body: &[u8]) -> TeiResult<Value> {
+async fn embed_answer(
+    state: &ServerState,
+    selector: &Selector,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> TeiResult<Vec<Vec<f32>>> {
     let request: EmbedBody = parse(body)?;
     let texts = match request.inputs {
         Texts::One(text) => vec![text],
@@ -218,7 +223,7 @@ async fn embed_answer(state: &ServerState, selector: &Selector, headers: &Header
     let encode = EncodeRequest::new(inputs, truncation(&model, request.truncate, request.truncation_direction));
     let options = EmbedOptions { normalize: Some(request.normalize), dimensions: request.dimensions };
     let encoded = model.encode(encoder.embed(encode, options)).await?;
-    Ok(json!(encoded.rows))
+    Ok(encoded.rows)
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,7 +258,7 @@ async fn rerank_answer(
     selector: &Selector,
     headers: &HeaderMap,
     body: &[u8],
-) -> TeiResult<Value> {
+) -> TeiResult<Vec<Rank>> {
     let request: RerankBody = parse(body)?;
     if request.texts.is_empty() {
         return Err(TeiError::empty("`texts` cannot be empty"));
@@ -264,28 +269,34 @@ async fn rerank_answer(
     let texts = request.return_text.then(|| request.texts.clone());
     let (scores, _) =
         model.encode(encoder.rerank(&request.query, request.texts, truncation, request.raw_scores)).await?;
-    Ok(ranks(&scores, texts.as_deref())?)
+    ranks(&scores, texts)
+}
+
+/// One text's place in a rerank answer.
+#[derive(Debug, Serialize)]
+struct Rank {
+    index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    score: f32,
 }
 
 /// Ranks by score, best first (ties keep the texts' order).
-fn ranks(scores: &[f32], texts: Option<&[String]>) -> TeiResult<Value> {
+fn ranks(scores: &[f32], texts: Option<Vec<String>>) -> TeiResult<Vec<Rank>> {
     if scores.iter().any(|s| s.is_nan()) {
         return Err(TeiError { status: StatusCode::FAILED_DEPENDENCY, kind: "backend", message: "score is NaN".into() });
     }
+    let mut texts = texts.map(|texts| texts.into_iter().map(Some).collect::<Vec<_>>());
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    Ok(Value::Array(
-        order
-            .into_iter()
-            .map(|index| {
-                let mut rank = json!({"index": index, "score": scores[index]});
-                if let Some(texts) = texts {
-                    rank["text"] = json!(texts[index]);
-                }
-                rank
-            })
-            .collect(),
-    ))
+    Ok(order
+        .into_iter()
+        .map(|index| Rank {
+            index,
+            text: texts.as_mut().and_then(|t| t.get_mut(index)?.take()),
+            score: scores[index],
+        })
+        .collect())
 }
 
 /// `inputs` of /predict: one input (a string, or a pair as a list of two
@@ -376,7 +387,7 @@ async fn predict_answer(
     selector: &Selector,
     headers: &HeaderMap,
     body: &[u8],
-) -> TeiResult<Value> {
+) -> TeiResult<PredictResponse> {
     let request: PredictBody = parse(body)?;
     let (inputs, single) = match request.inputs {
         PredictInputs::One(input) => (vec![input], true),
@@ -390,23 +401,43 @@ async fn predict_answer(
     let encode = EncodeRequest::new(inputs, truncation(&model, request.truncate, request.truncation_direction));
     let encoded = model.encode(encoder.classify(encode, request.raw_scores)).await?;
     let mut predictions =
-        encoded.rows.iter().map(|row| predictions(row, encoder.labels())).collect::<TeiResult<Vec<Value>>>()?;
-    Ok(if single { predictions.pop().expect("one input") } else { Value::Array(predictions) })
+        encoded.rows.iter().map(|row| predictions(row, encoder.labels())).collect::<TeiResult<Vec<_>>>()?;
+    Ok(if single {
+        PredictResponse::One(predictions.pop().expect("one input"))
+    } else {
+        PredictResponse::Batch(predictions)
+    })
+}
+
+/// One label's score.
+#[derive(Debug, Serialize)]
+struct Prediction {
+    score: f32,
+    label: String,
+}
+
+/// A /predict answer: one input's predictions, or a batch's.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum PredictResponse {
+    One(Vec<Prediction>),
+    Batch(Vec<Vec<Prediction>>),
 }
 
 /// One input's labels and scores, best first.
-fn predictions(scores: &[f32], labels: &[String]) -> TeiResult<Value> {
+fn predictions(scores: &[f32], labels: &[String]) -> TeiResult<Vec<Prediction>> {
     if scores.iter().any(|s| s.is_nan()) {
         return Err(TeiError { status: StatusCode::FAILED_DEPENDENCY, kind: "backend", message: "score is NaN".into() });
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    Ok(Value::Array(
-        order
-            .into_iter()
-            .map(|i| json!({"score": scores[i], "label": labels.get(i).cloned().unwrap_or_else(|| format!("LABEL_{i}"))}))
-            .collect(),
-    ))
+    Ok(order
+        .into_iter()
+        .map(|i| Prediction {
+            score: scores[i],
+            label: labels.get(i).cloned().unwrap_or_else(|| format!("LABEL_{i}")),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -437,17 +468,17 @@ mod tests {
     #[test]
     fn ranks_and_predictions_are_sorted_best_first() {
         let texts = vec!["x".to_string(), "y".to_string(), "z".to_string()];
-        let value = ranks(&[0.1, 0.9, 0.5], Some(&texts)).unwrap();
+        let value = serde_json::to_value(ranks(&[0.1, 0.9, 0.5], Some(texts)).unwrap()).unwrap();
         assert_eq!(
             value,
             json!([{"index": 1, "score": 0.9f32, "text": "y"}, {"index": 2, "score": 0.5f32, "text": "z"},
                    {"index": 0, "score": 0.1f32, "text": "x"}])
         );
-        assert!(ranks(&[0.1], None).unwrap()[0].get("text").is_none());
+        assert!(serde_json::to_value(ranks(&[0.1], None).unwrap()).unwrap()[0].get("text").is_none());
         assert_eq!(ranks(&[f32::NAN], None).unwrap_err().status, StatusCode::FAILED_DEPENDENCY);
         let labels = vec!["NEGATIVE".to_string(), "POSITIVE".to_string()];
         assert_eq!(
-            predictions(&[0.25, 0.75], &labels).unwrap(),
+            serde_json::to_value(predictions(&[0.25, 0.75], &labels).unwrap()).unwrap(),
             json!([{"score": 0.75, "label": "POSITIVE"}, {"score": 0.25, "label": "NEGATIVE"}])
         );
     }
