@@ -61,7 +61,8 @@ pub(crate) struct Padded {
 pub(crate) fn pad(inputs: &[&Tokens], pad_id: i64) -> Padded {
     let longest = inputs.iter().map(|t| t.len()).max().unwrap_or(0);
     let size = inputs.len() * longest;
-    let (mut ids, mut mask, mut type_ids) = (Vec::with_capacity(size), Vec::with_capacity(size), Vec::with_capacity(size));
+    let (mut ids, mut mask, mut type_ids) =
+        (Vec::with_capacity(size), Vec::with_capacity(size), Vec::with_capacity(size));
     for tokens in inputs {
         let padding = longest - tokens.len();
         ids.extend_from_slice(&tokens.ids);

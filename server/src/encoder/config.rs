@@ -188,7 +188,8 @@ mod tests {
         assert!(err(r#"{"format": 1, "task": "embedding", "max_length": 1}"#).contains("max_length"));
         assert!(err(r#"{"format": 1, "task": "embedding", "max_length": 64, "max_batch_tokens": 8}"#)
             .contains("max_batch_tokens"));
-        assert!(err(r#"{"format": 1, "task": "embedding", "max_length": 8, "pooling": "max"}"#)
-            .contains("unknown variant"));
+        assert!(
+            err(r#"{"format": 1, "task": "embedding", "max_length": 8, "pooling": "max"}"#).contains("unknown variant")
+        );
     }
 }

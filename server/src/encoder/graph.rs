@@ -146,8 +146,9 @@ mod tests {
     fn inputs_are_checked() {
         use DataType::*;
         assert!(!check_inputs(&signature(&[(INPUT_IDS, Int64), (ATTENTION_MASK, Int64)])).unwrap());
-        assert!(check_inputs(&signature(&[(INPUT_IDS, Int64), (ATTENTION_MASK, Int64), (TOKEN_TYPE_IDS, Int64)]))
-            .unwrap());
+        assert!(
+            check_inputs(&signature(&[(INPUT_IDS, Int64), (ATTENTION_MASK, Int64), (TOKEN_TYPE_IDS, Int64)])).unwrap()
+        );
         let err = |s: Signature| check_inputs(&s).unwrap_err().to_string();
         assert!(err(signature(&[(INPUT_IDS, Int64)])).contains("no input 'attention_mask'"));
         assert!(err(signature(&[(INPUT_IDS, Int32), (ATTENTION_MASK, Int64)])).contains("not INT64"));

@@ -244,7 +244,8 @@ impl Encoder {
             Some(d) if d == self.width => Ok(None),
             Some(d) if self.config.dimensions.contains(&d) && d < self.width => Ok(Some(d)),
             Some(d) => {
-                let mut allowed: Vec<usize> = self.config.dimensions.iter().copied().filter(|&a| a <= self.width).collect();
+                let mut allowed: Vec<usize> =
+                    self.config.dimensions.iter().copied().filter(|&a| a <= self.width).collect();
                 allowed.push(self.width);
                 allowed.sort_unstable();
                 allowed.dedup();

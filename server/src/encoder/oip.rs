@@ -88,23 +88,23 @@ impl Backend for Encoder {
     fn infer(&self, request: InferRequest) -> BoxFuture<'_, InferResult<Reply>> {
         Box::pin(async move {
             let decoded = decode(&request, self.task())?;
-            let truncation = Truncation {
-                truncate: decoded.truncate,
-                side: decoded.side.unwrap_or(self.config.truncation_side),
-            };
+            let truncation =
+                Truncation { truncate: decoded.truncate, side: decoded.side.unwrap_or(self.config.truncation_side) };
             let count = decoded.texts.len() as i64;
             let (tensor, tokens) = match self.task() {
                 Task::Embedding => {
                     let options = EmbedOptions { normalize: decoded.normalize, dimensions: decoded.dimensions };
                     let inputs = decoded.texts.into_iter().map(Input::Text).collect();
-                    let request = EncodeRequest { inputs, truncation, priority: request.priority, deadline: request.deadline };
+                    let request =
+                        EncodeRequest { inputs, truncation, priority: request.priority, deadline: request.deadline };
                     let encoded = self.embed(request, options).await?;
                     let width = encoded.rows.first().map_or(0, Vec::len) as i64;
                     (fp32(EMBEDDING, vec![count, width], &encoded.rows), encoded.tokens)
                 }
                 Task::Classification => {
                     let inputs = decoded.texts.into_iter().map(Input::Text).collect();
-                    let request = EncodeRequest { inputs, truncation, priority: request.priority, deadline: request.deadline };
+                    let request =
+                        EncodeRequest { inputs, truncation, priority: request.priority, deadline: request.deadline };
                     let encoded = self.classify(request, decoded.raw_scores).await?;
                     (fp32(SCORES, vec![count, self.width() as i64], &encoded.rows), encoded.tokens)
                 }
@@ -151,7 +151,10 @@ pub(crate) fn decode(request: &InferRequest, task: Task) -> InferResult<Decoded>
             QUERY if task == Task::Rerank => {
                 let mut query = strings(tensor)?;
                 if query.len() != 1 {
-                    return Err(InferError::invalid(format!("input '{QUERY}' must hold one text, not {}", query.len())));
+                    return Err(InferError::invalid(format!(
+                        "input '{QUERY}' must hold one text, not {}",
+                        query.len()
+                    )));
                 }
                 decoded.query = query.pop();
             }
@@ -244,7 +247,11 @@ mod tests {
     fn texts_query_and_parameters_are_read() {
         let r = request(
             vec![bytes(TEXT_INPUT, &["a", "b"])],
-            &[("truncate", ParamValue::Bool(true)), ("dimensions", ParamValue::Int(128)), ("priority", ParamValue::Int(1))],
+            &[
+                ("truncate", ParamValue::Bool(true)),
+                ("dimensions", ParamValue::Int(128)),
+                ("priority", ParamValue::Int(1)),
+            ],
         );
         let d = decode(&r, Task::Embedding).unwrap();
         assert_eq!(d.texts, vec!["a", "b"]);
@@ -266,7 +273,12 @@ mod tests {
         let mut not_text = bytes(TEXT_INPUT, &["x"]);
         not_text.data = TensorData::Strings(vec![Bytes::from_static(&[0xff])]);
         assert!(err(request(vec![not_text], &[]), Task::Embedding).contains("not UTF-8"));
-        let fp = Tensor { name: TEXT_INPUT.into(), datatype: DataType::Fp32, shape: vec![1], data: TensorData::Raw(Bytes::from(vec![0u8; 4])) };
+        let fp = Tensor {
+            name: TEXT_INPUT.into(),
+            datatype: DataType::Fp32,
+            shape: vec![1],
+            data: TensorData::Raw(Bytes::from(vec![0u8; 4])),
+        };
         assert!(err(request(vec![fp], &[]), Task::Embedding).contains("must be BYTES"));
         assert!(err(request(vec![bytes(TEXT_INPUT, &["t"])], &[("truncate", ParamValue::Int(1))]), Task::Embedding)
             .contains("'truncate' must be a boolean"));

@@ -104,13 +104,7 @@ pub(crate) struct Limits {
 
 impl Queue {
     /// Starts one worker thread per graph.
-    pub(crate) fn start(
-        model: &str,
-        graphs: Vec<Graph>,
-        limits: Limits,
-        pad_id: i64,
-        stats: Arc<ModelStats>,
-    ) -> Queue {
+    pub(crate) fn start(model: &str, graphs: Vec<Graph>, limits: Limits, pad_id: i64, stats: Arc<ModelStats>) -> Queue {
         let state = Arc::new(State {
             waiting: Mutex::new(Waiting {
                 jobs: Admission::new(limits.max_queue, METRICS.queue_depth.with_label_values(&[model])),
@@ -146,8 +140,11 @@ impl Queue {
             return Ok(Vec::new());
         }
         let (reply, mut result) = oneshot::channel();
-        let collector =
-            Arc::new(Mutex::new(Collector { rows: vec![None; inputs.len()], missing: inputs.len(), reply: Some(reply) }));
+        let collector = Arc::new(Mutex::new(Collector {
+            rows: vec![None; inputs.len()],
+            missing: inputs.len(),
+            reply: Some(reply),
+        }));
         let id = {
             let mut waiting = self.state.lock();
             let id = waiting.next_id;

@@ -48,7 +48,10 @@ pub(crate) fn encoder_model(state: &ServerState, name: &str, task: Task) -> Resu
         ))),
         None => {
             let hint = if model.generates_text() { "; it is a language model: use /v1/chat/completions" } else { "" };
-            Err(InferError::invalid(format!("model '{name}' is not {} model (it takes no text){hint}", task.with_article())))
+            Err(InferError::invalid(format!(
+                "model '{name}' is not {} model (it takes no text){hint}",
+                task.with_article()
+            )))
         }
     }
 }
@@ -296,11 +299,11 @@ mod tests {
                    "model": "m", "usage": {"prompt_tokens": 7, "total_tokens": 7}})
         );
         // Shortest f32 text, not the f64 expansion.
-        let text = serde_json::to_string(&response("m", Encoded { rows: vec![vec![0.1]], tokens: 1 }, Format::Float))
-            .unwrap();
+        let text =
+            serde_json::to_string(&response("m", Encoded { rows: vec![vec![0.1]], tokens: 1 }, Format::Float)).unwrap();
         assert!(text.contains("[0.1]"), "{text}");
-        let base64 = serde_json::to_value(response("m", Encoded { rows: vec![vec![1.0]], tokens: 1 }, Format::Base64))
-            .unwrap();
+        let base64 =
+            serde_json::to_value(response("m", Encoded { rows: vec![vec![1.0]], tokens: 1 }, Format::Base64)).unwrap();
         assert_eq!(base64["data"][0]["embedding"], "AACAPw==");
     }
 }

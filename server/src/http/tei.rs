@@ -95,16 +95,14 @@ fn pick(state: &ServerState, selector: &Selector, headers: &HeaderMap, task: Tas
     if let Some(name) = named {
         return encoder_model(state, &name, task).map_err(|error| match error.kind {
             // TEI answers a model of another kind with 424.
-            ErrorKind::InvalidArgument => TeiError { status: StatusCode::FAILED_DEPENDENCY, kind: "backend", message: error.message },
+            ErrorKind::InvalidArgument => {
+                TeiError { status: StatusCode::FAILED_DEPENDENCY, kind: "backend", message: error.message }
+            }
             _ => error.into(),
         });
     }
-    let mut candidates: Vec<Arc<Model>> = state
-        .repository
-        .loaded(None)
-        .into_iter()
-        .filter(|m| m.encoder().is_some_and(|e| e.task() == task))
-        .collect();
+    let mut candidates: Vec<Arc<Model>> =
+        state.repository.loaded(None).into_iter().filter(|m| m.encoder().is_some_and(|e| e.task() == task)).collect();
     // The highest version of each model (`loaded` lists them in order).
     candidates.reverse();
     candidates.dedup_by(|a, b| a.name == b.name);
@@ -133,10 +131,6 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> TeiResult<T> {
         let status = if e.is_data() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
         TeiError { status, kind: "validation", message: format!("invalid request body: {e}") }
     })
-}
-
-fn read(state: &ServerState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
-    body.map_err(|rejection| super::limits::body_error(&rejection, state.max_message_bytes))
 }
 
 /// TEI's `truncation_direction`: `Right` or `Left` (any case).
@@ -193,9 +187,9 @@ async fn embed(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match read(&state, body) {
+    let body = match body {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
     };
     embed_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
@@ -215,7 +209,9 @@ async fn embed_answer(
         return Err(TeiError::empty("`inputs` cannot be empty"));
     }
     if request.prompt_name.is_some() {
-        return Err(InferError::invalid("prompt_name is not supported: ferrite's encoders have no named prompts").into());
+        return Err(
+            InferError::invalid("prompt_name is not supported: ferrite's encoders have no named prompts").into()
+        );
     }
     let model = pick(state, selector, headers, Task::Embedding)?;
     let encoder = model.encoder().expect("picked as an encoder");
@@ -246,9 +242,9 @@ async fn rerank(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match read(&state, body) {
+    let body = match body {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
     };
     rerank_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
@@ -284,18 +280,18 @@ struct Rank {
 /// Ranks by score, best first (ties keep the texts' order).
 fn ranks(scores: &[f32], texts: Option<Vec<String>>) -> TeiResult<Vec<Rank>> {
     if scores.iter().any(|s| s.is_nan()) {
-        return Err(TeiError { status: StatusCode::FAILED_DEPENDENCY, kind: "backend", message: "score is NaN".into() });
+        return Err(TeiError {
+            status: StatusCode::FAILED_DEPENDENCY,
+            kind: "backend",
+            message: "score is NaN".into(),
+        });
     }
     let mut texts = texts.map(|texts| texts.into_iter().map(Some).collect::<Vec<_>>());
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     Ok(order
         .into_iter()
-        .map(|index| Rank {
-            index,
-            text: texts.as_mut().and_then(|t| t.get_mut(index)?.take()),
-            score: scores[index],
-        })
+        .map(|index| Rank { index, text: texts.as_mut().and_then(|t| t.get_mut(index)?.take()), score: scores[index] })
         .collect())
 }
 
@@ -375,9 +371,9 @@ async fn predict(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match read(&state, body) {
+    let body = match body {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
     };
     predict_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
@@ -427,16 +423,17 @@ enum PredictResponse {
 /// One input's labels and scores, best first.
 fn predictions(scores: &[f32], labels: &[String]) -> TeiResult<Vec<Prediction>> {
     if scores.iter().any(|s| s.is_nan()) {
-        return Err(TeiError { status: StatusCode::FAILED_DEPENDENCY, kind: "backend", message: "score is NaN".into() });
+        return Err(TeiError {
+            status: StatusCode::FAILED_DEPENDENCY,
+            kind: "backend",
+            message: "score is NaN".into(),
+        });
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     Ok(order
         .into_iter()
-        .map(|i| Prediction {
-            score: scores[i],
-            label: labels.get(i).cloned().unwrap_or_else(|| format!("LABEL_{i}")),
-        })
+        .map(|i| Prediction { score: scores[i], label: labels.get(i).cloned().unwrap_or_else(|| format!("LABEL_{i}")) })
         .collect())
 }
 
