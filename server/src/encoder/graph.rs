@@ -7,6 +7,7 @@ use bytes::Bytes;
 use super::batch::Padded;
 use super::config::{Pooling, Task};
 use super::pooling::pool;
+use super::queue::Runner;
 use crate::error::{InferError, InferResult};
 use crate::runtime::{RunTimings, Session, Signature};
 use crate::tensor::{DataType, Tensor, TensorData};
@@ -49,10 +50,12 @@ impl Graph {
         }
         Ok(Graph { session, type_ids, output, pooling })
     }
+}
 
+impl Runner for Graph {
     /// Runs a batch: one row per input (the pooled vector, or the logits)
     /// and where the time went. `lengths` are the inputs' real tokens.
-    pub(crate) fn run(&mut self, batch: &Padded, lengths: &[usize]) -> InferResult<(Vec<Vec<f32>>, RunTimings)> {
+    fn run(&mut self, batch: &Padded, lengths: &[usize]) -> InferResult<(Vec<Vec<f32>>, RunTimings)> {
         let shape = vec![batch.rows as i64, batch.longest as i64];
         let tensor = |name: &str, values: &[i64]| {
             let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();

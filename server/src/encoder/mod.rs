@@ -29,7 +29,7 @@ use crate::runtime::{ModelBytes, Runtime, SessionOptions};
 use crate::stats::ModelStats;
 use config::{EncoderConfig, Task};
 use graph::Graph;
-use queue::{Limits, Queue, Rows};
+use queue::{Limits, Queue, Rows, Runner};
 use tokenize::{Input, TextEncoder, Truncation};
 
 /// Most inputs one request may carry (OpenAI's bound for embeddings).

@@ -14,14 +14,22 @@ use std::time::{Duration, Instant};
 use prometheus::Histogram;
 use tokio::sync::oneshot;
 
-use super::batch::{pad, Budget};
-use super::graph::Graph;
+use super::batch::{pad, Budget, Padded};
 use super::tokenize::Tokens;
 use crate::admission::Admission;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::Priority;
 use crate::metrics::{ModelMetrics, METRICS};
+use crate::runtime::RunTimings;
 use crate::stats::ModelStats;
+
+/// What runs a padded batch: an encoder graph (`graph::Graph`), or a
+/// stand-in in tests.
+pub(crate) trait Runner: Send + 'static {
+    /// One row per input (`lengths` are their real tokens), and where the
+    /// time went.
+    fn run(&mut self, batch: &Padded, lengths: &[usize]) -> InferResult<(Vec<Vec<f32>>, RunTimings)>;
+}
 
 /// What a request gets back: one row per input, in order.
 pub(crate) type Rows = Vec<Vec<f32>>;
@@ -104,7 +112,13 @@ pub(crate) struct Limits {
 
 impl Queue {
     /// Starts one worker thread per graph.
-    pub(crate) fn start(model: &str, graphs: Vec<Graph>, limits: Limits, pad_id: i64, stats: Arc<ModelStats>) -> Queue {
+    pub(crate) fn start<R: Runner>(
+        model: &str,
+        graphs: Vec<R>,
+        limits: Limits,
+        pad_id: i64,
+        stats: Arc<ModelStats>,
+    ) -> Queue {
         let state = Arc::new(State {
             waiting: Mutex::new(Waiting {
                 jobs: Admission::new(limits.max_queue, METRICS.queue_depth.with_label_values(&[model])),
@@ -279,7 +293,7 @@ impl State {
     }
 
     /// Runs a batch and hands every row to its request.
-    fn execute(&self, graph: &mut Graph, items: Vec<Item>, jobs: usize, queued: Duration) {
+    fn execute(&self, graph: &mut impl Runner, items: Vec<Item>, jobs: usize, queued: Duration) {
         let started = Instant::now();
         self.metrics.inflight.add(jobs as i64);
         self.metrics.batch_size.observe(items.len() as f64);
@@ -308,8 +322,115 @@ impl State {
     }
 }
 
-fn worker(state: Arc<State>, mut graph: Graph) {
+fn worker(state: Arc<State>, mut graph: impl Runner) {
     while let Some((items, jobs, queued)) = state.next_batch() {
         state.execute(&mut graph, items, jobs, queued);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers each input with its length and first id, and records the
+    /// inputs of every batch; waits for `gate` before each batch.
+    struct Echo {
+        batches: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<Mutex<()>>,
+    }
+
+    impl Runner for Echo {
+        fn run(&mut self, batch: &Padded, lengths: &[usize]) -> InferResult<(Vec<Vec<f32>>, RunTimings)> {
+            let _open = self.gate.lock().unwrap();
+            self.batches.lock().unwrap().push(batch.rows);
+            let rows = (0..batch.rows).map(|r| vec![lengths[r] as f32, batch.ids[r * batch.longest] as f32]).collect();
+            Ok((rows, RunTimings::default()))
+        }
+    }
+
+    fn tokens(first: i64, len: usize) -> Tokens {
+        let mut ids = vec![0; len];
+        ids[0] = first;
+        Tokens { ids, type_ids: vec![0; len] }
+    }
+
+    fn queue(
+        max_batch_tokens: usize,
+        max_batch_inputs: usize,
+        max_queue: usize,
+    ) -> (Queue, Arc<Mutex<Vec<usize>>>, Arc<Mutex<()>>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Mutex::new(()));
+        let echo = Echo { batches: batches.clone(), gate: gate.clone() };
+        let limits = Limits { max_batch_tokens, max_batch_inputs, max_queue };
+        let queue = Queue::start("encoder-queue-test", vec![echo], limits, 0, Arc::new(ModelStats::default()));
+        (queue, batches, gate)
+    }
+
+    #[tokio::test]
+    async fn a_request_spans_batches_and_gets_its_rows_in_order() {
+        let (queue, batches, _gate) = queue(40, 32, 8);
+        let inputs: Vec<Tokens> = (0..6).map(|i| tokens(i, 10)).collect();
+        let rows = queue.submit(inputs, Priority::Normal, None).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r[1] as i64).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5]);
+        assert!(rows.iter().all(|r| r[0] == 10.0));
+        // 40 tokens hold four inputs of 10.
+        assert_eq!(*batches.lock().unwrap(), vec![4, 2]);
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_share_a_batch() {
+        let (queue, batches, gate) = queue(1000, 32, 8);
+        let queue = Arc::new(queue);
+        // Hold the worker on its first batch while three more requests queue.
+        let closed = gate.lock().unwrap();
+        let first = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.submit(vec![tokens(100, 3)], Priority::Normal, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let others: Vec<_> = (0..3)
+            .map(|i| {
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.submit(vec![tokens(i, 2 + i as usize)], Priority::Normal, None).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(closed);
+        assert_eq!(first.await.unwrap().unwrap(), vec![vec![3.0, 100.0]]);
+        for (i, other) in others.into_iter().enumerate() {
+            assert_eq!(other.await.unwrap().unwrap(), vec![vec![2.0 + i as f32, i as f32]]);
+        }
+        assert_eq!(*batches.lock().unwrap(), vec![1, 3], "the three waiting requests ran as one batch");
+    }
+
+    #[tokio::test]
+    async fn full_queue_refuses_and_expired_requests_leave() {
+        let (queue, batches, gate) = queue(1000, 32, 1);
+        let queue = Arc::new(queue);
+        let closed = gate.lock().unwrap();
+        let running = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.submit(vec![tokens(1, 2)], Priority::Normal, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let deadline = Some(Instant::now() + Duration::from_millis(30));
+        let expiring = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.submit(vec![tokens(2, 2)], Priority::Normal, deadline).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let refused = queue.submit(vec![tokens(3, 2)], Priority::Normal, None).await.unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::QueueFull);
+        assert_eq!(expiring.await.unwrap().unwrap_err().kind, ErrorKind::DeadlineExceeded);
+        drop(closed);
+        assert!(running.await.unwrap().is_ok());
+        assert_eq!(*batches.lock().unwrap(), vec![1], "the expired request never ran");
+        assert!(queue.submit(Vec::new(), Priority::Normal, None).await.unwrap().is_empty());
+        queue.close();
+        assert_eq!(
+            queue.submit(vec![tokens(4, 2)], Priority::Normal, None).await.unwrap_err().kind,
+            ErrorKind::Unavailable
+        );
     }
 }

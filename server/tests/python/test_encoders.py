@@ -164,6 +164,14 @@ def test_openai_sdk_embeddings_match_the_reference(enc_server, want):
     assert abs(np.linalg.norm(one.data[0].embedding) - 1.0) < 1e-5
 
 
+def test_models_list_embedding_models(enc_server):
+    names = [m.id for m in openai_client(enc_server).models.list().data]
+    assert EMBED in names and "addsub" not in names and RERANK not in names, names
+    assert openai_client(enc_server).models.retrieve(EMBED).id == EMBED
+    status, body = enc_server.http_get("/v1/models/addsub")
+    assert status == 404, body
+
+
 def test_base64_is_the_same_floats(enc_server):
     status, floats = post(enc_server, "/v1/embeddings", {"model": EMBED, "input": SENTENCES[:3]})
     assert status == 200, floats
