@@ -332,16 +332,37 @@ fn worker(state: Arc<State>, mut graph: impl Runner) {
 mod tests {
     use super::*;
 
+    /// Holds the worker until opened.
+    #[derive(Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        fn wait(&self) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
     /// Answers each input with its length and first id, and records the
     /// inputs of every batch; waits for `gate` before each batch.
     struct Echo {
         batches: Arc<Mutex<Vec<usize>>>,
-        gate: Arc<Mutex<()>>,
+        gate: Arc<Gate>,
     }
 
     impl Runner for Echo {
         fn run(&mut self, batch: &Padded, lengths: &[usize]) -> InferResult<(Vec<Vec<f32>>, RunTimings)> {
-            let _open = self.gate.lock().unwrap();
+            self.gate.wait();
             self.batches.lock().unwrap().push(batch.rows);
             let rows = (0..batch.rows).map(|r| vec![lengths[r] as f32, batch.ids[r * batch.longest] as f32]).collect();
             Ok((rows, RunTimings::default()))
@@ -354,22 +375,26 @@ mod tests {
         Tokens { ids, type_ids: vec![0; len] }
     }
 
-    fn queue(
-        max_batch_tokens: usize,
-        max_batch_inputs: usize,
-        max_queue: usize,
-    ) -> (Queue, Arc<Mutex<Vec<usize>>>, Arc<Mutex<()>>) {
+    /// A queue over an [`Echo`], the batches it ran and its gate (closed).
+    struct Fixture {
+        queue: Arc<Queue>,
+        batches: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<Gate>,
+    }
+
+    fn fixture(max_batch_tokens: usize, max_batch_inputs: usize, max_queue: usize) -> Fixture {
         let batches = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(Mutex::new(()));
+        let gate = Arc::new(Gate::default());
         let echo = Echo { batches: batches.clone(), gate: gate.clone() };
         let limits = Limits { max_batch_tokens, max_batch_inputs, max_queue };
         let queue = Queue::start("encoder-queue-test", vec![echo], limits, 0, Arc::new(ModelStats::default()));
-        (queue, batches, gate)
+        Fixture { queue: Arc::new(queue), batches, gate }
     }
 
     #[tokio::test]
     async fn a_request_spans_batches_and_gets_its_rows_in_order() {
-        let (queue, batches, _gate) = queue(40, 32, 8);
+        let Fixture { queue, batches, gate } = fixture(40, 32, 8);
+        gate.open();
         let inputs: Vec<Tokens> = (0..6).map(|i| tokens(i, 10)).collect();
         let rows = queue.submit(inputs, Priority::Normal, None).await.unwrap();
         assert_eq!(rows.iter().map(|r| r[1] as i64).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5]);
@@ -380,10 +405,8 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_requests_share_a_batch() {
-        let (queue, batches, gate) = queue(1000, 32, 8);
-        let queue = Arc::new(queue);
-        // Hold the worker on its first batch while three more requests queue.
-        let closed = gate.lock().unwrap();
+        let Fixture { queue, batches, gate } = fixture(1000, 32, 8);
+        // The worker waits on its first batch while three more requests queue.
         let first = tokio::spawn({
             let queue = queue.clone();
             async move { queue.submit(vec![tokens(100, 3)], Priority::Normal, None).await }
@@ -396,7 +419,7 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(closed);
+        gate.open();
         assert_eq!(first.await.unwrap().unwrap(), vec![vec![3.0, 100.0]]);
         for (i, other) in others.into_iter().enumerate() {
             assert_eq!(other.await.unwrap().unwrap(), vec![vec![2.0 + i as f32, i as f32]]);
@@ -406,9 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_refuses_and_expired_requests_leave() {
-        let (queue, batches, gate) = queue(1000, 32, 1);
-        let queue = Arc::new(queue);
-        let closed = gate.lock().unwrap();
+        let Fixture { queue, batches, gate } = fixture(1000, 32, 1);
         let running = tokio::spawn({
             let queue = queue.clone();
             async move { queue.submit(vec![tokens(1, 2)], Priority::Normal, None).await }
@@ -423,7 +444,7 @@ mod tests {
         let refused = queue.submit(vec![tokens(3, 2)], Priority::Normal, None).await.unwrap_err();
         assert_eq!(refused.kind, ErrorKind::QueueFull);
         assert_eq!(expiring.await.unwrap().unwrap_err().kind, ErrorKind::DeadlineExceeded);
-        drop(closed);
+        gate.open();
         assert!(running.await.unwrap().is_ok());
         assert_eq!(*batches.lock().unwrap(), vec![1], "the expired request never ran");
         assert!(queue.submit(Vec::new(), Priority::Normal, None).await.unwrap().is_empty());
