@@ -350,6 +350,20 @@ def test_grpc_text_input(enc_server, want):
         client.close()
 
 
+def test_rest_text_input(enc_server, want):
+    import tritonclient.http as httpclient
+
+    client = enc_server.http_client()
+    try:
+        text = httpclient.InferInput("text_input", [3], "BYTES")
+        text.set_data_from_numpy(np.array([s.encode() for s in SENTENCES[:3]], dtype=np.object_), binary_data=False)
+        got = client.infer(EMBED, [text]).as_numpy("embedding")
+        assert got.shape == (3, 384)
+        assert_close_rows(got, want[:3], "REST infer")
+    finally:
+        client.close()
+
+
 def test_grpc_rerank_and_classify(enc_server, ref):
     import tritonclient.grpc as grpcclient
 
