@@ -105,8 +105,10 @@ impl Encoder {
             intra_op_threads: settings.threads_per_instance(),
         };
         let model = ModelBytes::File(dir.join(config::ENCODER_MODEL_FILE));
+        // Not spinning between operators: the worker shares the CPUs with
+        // tokenizing and the frontends, which a spinning thread would starve.
         let mut graphs = (0..settings.instance_count.max(1))
-            .map(|_| Graph::new(runtime.session(&model, options)?, config.task, config.pooling()))
+            .map(|_| Graph::new(runtime.session_without_spinning(&model, options)?, config.task, config.pooling()))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let width = warm_up(&text, &mut graphs, &config)?;
         check_width(&config, width)?;
