@@ -27,7 +27,7 @@ SERVER = [
     ["state", "describe"],
     ["repository"],
     ["model"],
-    ["tensor_model", "llm", "cascade"],  # backends (the cascade wraps an LLM's)
+    ["tensor_model", "llm", "encoder", "cascade"],  # backends (the cascade wraps an LLM's)
     ["backend", "scheduler", "admission", "batch", "budget"],
     ["config", "stats", "metrics", "inference", "policy"],
     ["runtime"],  # the only user of ONNX Runtime

@@ -73,6 +73,16 @@ impl<T> Admission<T> {
         self.high.iter().chain(self.normal.iter())
     }
 
+    /// The request that leaves next, to work on in place (the encoder takes
+    /// a long request's inputs a batch at a time).
+    pub(crate) fn front_mut(&mut self) -> Option<&mut T> {
+        if self.high.is_empty() {
+            self.normal.front_mut()
+        } else {
+            self.high.front_mut()
+        }
+    }
+
     /// Takes the request that leaves next.
     pub(crate) fn pop_front(&mut self) -> Option<T> {
         let item = self.high.pop_front().or_else(|| self.normal.pop_front());

@@ -1,7 +1,8 @@
 //! The one seam between a [`Model`](crate::model::Model) and what runs its
 //! requests. Today: tensor models (`tensor_model`: validation, queue,
-//! dynamic batcher, ONNX Runtime) and LLMs (`llm`: tokenizer, generation
-//! engine). Frontends never see a backend; they call `Model`.
+//! dynamic batcher, ONNX Runtime), LLMs (`llm`: tokenizer, generation
+//! engine) and encoders (`encoder`: tokenizer, batching by token count,
+//! pooling). Frontends never see a backend; they call `Model`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::runtime::Signature;
 #[derive(Debug, Clone)]
 pub struct BackendInfo {
     /// The backend's name in the model configuration (`onnxruntime`,
-    /// `ferrite_llm`).
+    /// `ferrite_llm`, `ferrite_encoder`).
     pub name: &'static str,
     /// The tensors requests give and answers carry.
     pub signature: Signature,

@@ -4,8 +4,9 @@
 //! The data path runs one way through these modules (docs/architecture.md
 //! draws it): frontends (`grpc`, `http`) -> `state` -> `model` (one
 //! request record, one description) -> a `backend` (`tensor_model`:
-//! validation, `admission`, `scheduler` and its batcher; or `llm`:
-//! tokenizer, chat template, `admission`, generation engine) -> `runtime`,
+//! validation, `admission`, `scheduler` and its batcher; `llm`:
+//! tokenizer, chat template, `admission`, generation engine; or `encoder`:
+//! tokenizer, batching by token count, pooling) -> `runtime`,
 //! the only module that uses ONNX Runtime. Only what the binaries use is
 //! public.
 
@@ -19,6 +20,7 @@ pub(crate) mod budget;
 pub mod cascade;
 pub mod config;
 pub(crate) mod describe;
+pub(crate) mod encoder;
 pub(crate) mod error;
 pub(crate) mod grpc;
 pub(crate) mod http;

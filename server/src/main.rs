@@ -200,8 +200,8 @@ struct ServeArgs {
     /// an optional DIR/<model>/ferrite.json overrides the settings below.
     #[arg(long = flags::MODEL_REPOSITORY.name(), env = "FERRITE_MODEL_REPOSITORY")]
     model_repository: Option<PathBuf>,
-    /// Serve one ONNX file, or an LLM model directory (with llm.json), as
-    /// NAME (version 1). Repeatable; in the environment, separate entries
+    /// Serve one ONNX file, an LLM model directory (with llm.json) or an
+    /// encoder model directory (with encoder.json) as NAME (version 1). Repeatable; in the environment, separate entries
     /// with commas.
     #[arg(long = "model", value_name = "NAME=PATH", env = "FERRITE_MODELS", value_delimiter = ',', value_parser = parse_model)]
     models: Vec<(String, PathBuf)>,

@@ -24,6 +24,8 @@ pub(crate) struct Metrics {
     pub compute_duration: HistogramVec,
     pub request_duration: HistogramVec,
     pub batch_size: HistogramVec,
+    /// Encoders: padded tokens per executed batch.
+    pub batch_tokens: HistogramVec,
     pub model_load_duration: HistogramVec,
     /// 1 for each loaded model version, labelled with the execution
     /// provider it actually runs on (after any allowed CPU fallback).
@@ -262,6 +264,11 @@ impl Metrics {
                 "ferrite_batch_size",
                 "Requests per executed batch",
                 exponential_buckets(1.0, 2.0, 11).expect("valid buckets"),
+            ),
+            batch_tokens: histogram(
+                "ferrite_batch_tokens",
+                "Encoders: padded tokens (inputs times the longest) per executed batch",
+                exponential_buckets(8.0, 2.0, 14).expect("valid buckets"),
             ),
             model_load_duration: histogram(
                 "ferrite_model_load_duration_seconds",

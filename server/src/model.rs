@@ -11,6 +11,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use crate::backend::{Backend, BackendInfo};
 use crate::cascade::{Cascade, EscalationConfig, Route, TextRequest};
 use crate::config::ModelSettings;
+use crate::encoder::Encoder;
 use crate::error::{ErrorKind, InferError, InferResult};
 use crate::inference::{InferRequest, InferResponse, Reply};
 use crate::llm::request::GenerateOptions;
@@ -28,6 +29,8 @@ pub enum VersionSource {
     Onnx(ModelBytes),
     /// An LLM model directory (docs/llm.md).
     Llm(PathBuf),
+    /// An encoder model directory (docs/encoders.md).
+    Encoder(PathBuf),
 }
 
 /// One loaded version of a model.
@@ -47,6 +50,8 @@ pub struct Model {
     llm: Option<Arc<Llm>>,
     /// The LLM's escalation to a bigger model, when its settings ask for one.
     cascade: Option<Arc<Cascade>>,
+    /// The same backend when it is an encoder, for the text frontends.
+    encoder: Option<Arc<Encoder>>,
 }
 
 /// The choices of a text request and, when the model has a cascade, how
@@ -73,12 +78,19 @@ impl Model {
     ) -> anyhow::Result<Model> {
         let started = Instant::now();
         let stats = Arc::new(ModelStats::default());
-        let (backend, llm, cascade): (Arc<dyn Backend>, _, _) = match source {
+        let (backend, llm, cascade, encoder): (Arc<dyn Backend>, _, _, _) = match source {
             VersionSource::Onnx(bytes) => {
                 if escalation.is_some() {
                     tracing::warn!(model = name, "escalation settings apply to LLMs only: ignored");
                 }
-                (Arc::new(TensorModel::load(runtime, name, bytes, settings, stats.clone())?), None, None)
+                (Arc::new(TensorModel::load(runtime, name, bytes, settings, stats.clone())?), None, None, None)
+            }
+            VersionSource::Encoder(dir) => {
+                if escalation.is_some() {
+                    tracing::warn!(model = name, "escalation settings apply to LLMs only: ignored");
+                }
+                let encoder = Arc::new(Encoder::load(runtime, name, dir, &settings, stats.clone())?);
+                (encoder.clone() as Arc<dyn Backend>, None, None, Some(encoder))
             }
             VersionSource::Llm(dir) => {
                 // Settings first: a bad one fails before the model is read.
@@ -87,9 +99,9 @@ impl Model {
                 match escalation {
                     Some(escalation) => {
                         let cascade = Arc::new(Cascade::new(name, llm.clone(), escalation)?);
-                        (cascade.clone() as Arc<dyn Backend>, Some(llm), Some(cascade))
+                        (cascade.clone() as Arc<dyn Backend>, Some(llm), Some(cascade), None)
                     }
-                    None => (llm.clone() as Arc<dyn Backend>, Some(llm), None),
+                    None => (llm.clone() as Arc<dyn Backend>, Some(llm), None, None),
                 }
             }
         };
@@ -113,7 +125,17 @@ impl Model {
             seconds,
             "model loaded"
         );
-        Ok(Model { name: name.to_string(), version, settings, stats, label: name.into(), backend, llm, cascade })
+        Ok(Model {
+            name: name.to_string(),
+            version,
+            settings,
+            stats,
+            label: name.into(),
+            backend,
+            llm,
+            cascade,
+            encoder,
+        })
     }
 
     /// What the backend tells about itself: signature, batching, parameters.
@@ -127,6 +149,22 @@ impl Model {
     /// [`Model::generate`].
     pub fn generates_text(&self) -> bool {
         self.llm.is_some()
+    }
+
+    /// The encoder, when the model is one (embeddings, rerank,
+    /// classification from text); its requests go through
+    /// [`Model::encode`] to be counted.
+    pub(crate) fn encoder(&self) -> Option<&Arc<Encoder>> {
+        self.encoder.as_ref()
+    }
+
+    /// Runs one encoder request (built on [`Model::encoder`]), counted as
+    /// one request of this model.
+    pub(crate) async fn encode<T>(&self, work: impl std::future::Future<Output = InferResult<T>>) -> InferResult<T> {
+        let record = self.record();
+        let result = work.await;
+        record.finish(result.as_ref().map(|_| ()).map_err(|e| e.kind));
+        result
     }
 
     /// Prompt tokens of a chat: the chat template applied, with the

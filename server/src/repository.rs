@@ -24,10 +24,13 @@ use crate::runtime::{ModelBytes, Runtime};
 /// File name of a model version inside `<repository>/<model>/<version>/`.
 pub const MODEL_FILE: &str = "model.onnx";
 
-/// An ONNX file, or an LLM directory when `path` is a directory with `llm.json`.
+/// An ONNX file, or an LLM directory when `path` is a directory with
+/// `llm.json`, or an encoder directory when it has `encoder.json`.
 fn source_of_path(path: &Path) -> VersionSource {
     if path.is_dir() && crate::llm::config::is_llm_dir(path) {
         VersionSource::Llm(path.to_path_buf())
+    } else if path.is_dir() && crate::encoder::config::is_encoder_dir(path) {
+        VersionSource::Encoder(path.to_path_buf())
     } else {
         VersionSource::Onnx(ModelBytes::File(path.to_path_buf()))
     }
@@ -386,7 +389,7 @@ fn safe_join(root: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// The numbered version directories of a model that hold a model file
-/// (LLMs: with `llm.json` next to it).
+/// (LLMs: with `llm.json` next to it; encoders: with `encoder.json`).
 fn model_versions(dir: &Path) -> Vec<(u64, VersionSource)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut versions: Vec<(u64, VersionSource)> = entries
@@ -399,6 +402,8 @@ fn model_versions(dir: &Path) -> Vec<(u64, VersionSource)> {
             }
             let source = if crate::llm::config::is_llm_dir(&entry.path()) {
                 VersionSource::Llm(entry.path())
+            } else if crate::encoder::config::is_encoder_dir(&entry.path()) {
+                VersionSource::Encoder(entry.path())
             } else {
                 VersionSource::Onnx(ModelBytes::File(file))
             };

@@ -3,9 +3,11 @@
 //! the Prometheus endpoint served on the metrics port.
 
 pub(crate) mod describe;
+pub(crate) mod embeddings;
 pub(crate) mod json;
 pub(crate) mod limits;
 pub(crate) mod openai;
+pub(crate) mod tei;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -90,6 +92,8 @@ pub(crate) fn router(state: AppState, body_timeout: std::time::Duration) -> Rout
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
         .merge(openai::routes())
+        .merge(embeddings::routes())
+        .merge(tei::routes())
         // Bodies over the limit are refused while being read (see `infer`).
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state((budget, body_timeout), limits::middleware))

@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::cascade::{Escalate, Forward, Route, TextKind, TextRequest, ESCALATE};
+use crate::encoder::config::Task;
 use crate::error::{ErrorKind, InferError};
 use crate::llm::logprobs::{chat_entry, finite, MAX_TOP_LOGPROBS};
 use crate::llm::request::{Event, FinishReason, GenerateOptions, TokenLogprob, Usage};
@@ -816,14 +817,23 @@ struct StreamState {
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    let mut names: Vec<String> =
-        state.repository.loaded(None).iter().filter(|m| m.generates_text()).map(|m| m.name.clone()).collect();
+    // Language and embedding models: what this API serves.
+    let mut names: Vec<String> = state
+        .repository
+        .loaded(None)
+        .iter()
+        .filter(|m| m.generates_text() || m.encoder().is_some_and(|e| e.task() == Task::Embedding))
+        .map(|m| m.name.clone())
+        .collect();
     names.dedup();
     Json(json!({"object": "list", "data": names.iter().map(|n| model_object(n)).collect::<Vec<_>>()}))
 }
 
 async fn get_model(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
-    llm_model(&state, &name)?;
+    if llm_model(&state, &name).is_err() {
+        super::embeddings::encoder_model(&state, &name, Task::Embedding)
+            .map_err(|_| InferError::not_found(format!("model '{name}' is not a language or embedding model")))?;
+    }
     Ok(Json(model_object(&name)))
 }
 
