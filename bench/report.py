@@ -277,6 +277,11 @@ Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requiremen
         import llm_bench
 
         out += ["", llm_bench.summary_markdown(json.loads(llm.read_text()))]
+    embed = ROOT / "bench" / "embed_results.json"
+    if embed.exists():  # the embeddings section, written by bench/embed_report.py (make bench-embed)
+        import embed_report
+
+        out += ["", embed_report.summary_markdown(json.loads(embed.read_text()))]
     (out_dir / "benchmarks.md").write_text("\n".join(out))
     print(f"==> wrote {out_dir}/benchmarks.md and {', '.join(str(out_dir / x) for x in images)}")
     return 0

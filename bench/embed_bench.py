@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""`make bench-embed`: text embeddings, ferrite-server against infinity and
+fastembed, on the same model (all-minilm-l6-v2 as `make models` builds it:
+the same model.onnx and tokenizer for everyone), the same machine and the
+same ONNX Runtime threads, in one interleaved run (issue 16).
+
+Configurations:
+  ferrite    ferrite-server (release build), OpenAI `POST /v1/embeddings`; its
+             encoder batching at its defaults, `intra_op_threads` = the CPUs
+  infinity   infinity (`infinity_emb v2`, infinity-emb from PyPI) with its
+             optimum/ONNX engine on CPU, OpenAI `POST /embeddings`; its
+             defaults (ONNX graph optimization, batch size 32), mean pooling
+  fastembed  fastembed's TextEmbedding in process (the limit: no server, no
+             HTTP), the same threads, called back to back
+
+Cells: short (~12 tokens) and long (~200 tokens) texts x 1 and 32 texts per
+request x 1, 8 and 64 concurrent closed-loop clients for the servers; 1 and
+32 texts per call for fastembed. Clients: our async client (bench/embed_load.py)
+on every server cell, and hey (Go, not ours) on the short-text cells, the
+same request body shape for both servers. Servers and clients run in the
+order ferrite, infinity, then reversed at the next concurrency.
+
+Every embedding is checked first: each configuration's vectors against the
+reference pipeline (tokenizers + onnxruntime + numpy pooling), cosine >= 0.9999.
+
+Writes bench/embed_results.json, docs/bench-embed.md, docs/bench-embed*.png
+and the "Embeddings" section of docs/benchmarks.md (bench/embed_report.py).
+
+Knobs (environment): BENCH_EMBED_SECONDS (4), BENCH_EMBED_WARMUP (1.5),
+BENCH_EMBED_CONFIGS (ferrite,infinity,fastembed), BENCH_EMBED_KINDS (short,long),
+BENCH_EMBED_BATCH (1,32), BENCH_EMBED_CONCURRENCY (1,8,64), BENCH_EMBED_CLIENTS
+(ours,hey), BENCH_EMBED_HEY_KINDS (short), BENCH_EMBED_FERRITE (the binary,
+target/release/ferrite-server), BENCH_EMBED_RESULTS, BENCH_EMBED_REPORT (1).
+
+Against servers already running (nothing started for them):
+
+    python bench/embed_bench.py --url ferrite=http://127.0.0.1:8000/v1/embeddings
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import embed_load  # noqa: E402
+import embed_peers as peers  # noqa: E402
+import embed_workload  # noqa: E402
+from bench import cpus, git_revision, machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = ROOT / ".venv" / "bin" / "python"
+FERRITE = Path(os.environ.get("BENCH_EMBED_FERRITE", ROOT / "target" / "release" / "ferrite-server"))
+ORT_LIB = Path(os.environ.get("ORT_DYLIB_PATH", ROOT / ".cache" / "onnxruntime" / "libonnxruntime.so"))
+RESULTS = Path(os.environ.get("BENCH_EMBED_RESULTS", ROOT / "bench" / "embed_results.json"))
+LOGS = ROOT / "target" / "bench-embed"  # this tree's (.cache may be shared)
+SERVERS = ["ferrite", "infinity"]
+FASTEMBED_RUN = ROOT / "bench" / "embed" / "fastembed_run.py"
+
+
+def log(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def env_list(name: str, default: list, cast=str) -> list:
+    value = os.environ.get(name)
+    return [cast(v) for v in value.split(",") if v] if value else default
+
+
+def knobs() -> dict:
+    return {
+        "seconds": float(os.environ.get("BENCH_EMBED_SECONDS", "4")),
+        "warmup": float(os.environ.get("BENCH_EMBED_WARMUP", "1.5")),
+        "configs": env_list("BENCH_EMBED_CONFIGS", SERVERS + ["fastembed"]),
+        "kinds": env_list("BENCH_EMBED_KINDS", list(embed_workload.KINDS)),
+        "batch": env_list("BENCH_EMBED_BATCH", [1, 32], int),
+        "concurrency": env_list("BENCH_EMBED_CONCURRENCY", [1, 8, 64], int),
+        "clients": env_list("BENCH_EMBED_CLIENTS", ["ours", "hey"]),
+        "hey_kinds": env_list("BENCH_EMBED_HEY_KINDS", ["short"]),
+    }
+
+
+def plan(k: dict, servers: list[str]) -> list[tuple]:
+    """(config, client, kind, batch, concurrency) in the order run."""
+    cells = []
+    for kind in k["kinds"]:
+        for batch in k["batch"]:
+            if "fastembed" in k["configs"]:
+                cells.append(("fastembed", "in-process", kind, batch, 1))
+            for i, c in enumerate(k["concurrency"]):
+                order = [(s, client) for client in k["clients"] if client == "ours" or kind in k["hey_kinds"]
+                         for s in servers]
+                cells += [(s, client, kind, batch, c) for s, client in (order if i % 2 == 0 else order[::-1])]
+    return cells
+
+
+def estimate(cells: list[tuple], k: dict) -> float:
+    per = k["warmup"] + k["seconds"] + 0.5
+    return sum(per + (3 if kind == "long" and batch * c >= 256 else 0) + (2 if cfg == "fastembed" else 0)
+               for cfg, _, kind, batch, c in cells)
+
+
+def fastembed(args: list[str], threads: int, stdin: str | None = None) -> str:
+    py = peers.VENV / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"{py} is missing: run `make bench-embed-venv` (bench/bench.mk)")
+    done = subprocess.run([str(py), str(FASTEMBED_RUN), *args, str(peers.peer_model_dir()), "--threads", str(threads)],
+                          input=stdin, capture_output=True, text=True, env=peers.peer_env(threads), timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"fastembed failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def verify(urls: dict[str, str], with_fastembed: bool, threads: int) -> dict[str, float]:
+    """Each configuration's embeddings of a few short and long texts against
+    the reference; returns the lowest cosine per configuration."""
+    import numpy as np
+
+    texts = embed_workload.texts("short")[:6] + embed_workload.texts("long")[:3]
+    want = peers.reference(texts)
+    checks = {name: peers.check(name, peers.fetch_openai(url, texts), want) for name, url in urls.items()}
+    if with_fastembed:
+        got = np.array(json.loads(fastembed(["embed"], threads, stdin=json.dumps(texts))), dtype=np.float32)
+        checks["fastembed"] = peers.check("fastembed", got, want)
+    log("checked against the reference (tokenizers + onnxruntime + numpy pooling): "
+        + ", ".join(f"{n} lowest cosine {c:.7f}" for n, c in checks.items()))
+    return checks
+
+
+def probe_ferrite(url: str) -> str | None:
+    """None when `url` answers embeddings; otherwise why not (a binary
+    built before the encoder endpoints answers 404)."""
+    try:
+        peers.fetch_openai(url, ["probe"])
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means not measurable; said loudly
+        return f"{type(e).__name__}: {e}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", action="append", default=[], metavar="NAME=URL",
+                   help="measure a running server (ferrite or infinity) at this OpenAI embeddings URL")
+    a = p.parse_args()
+    given = dict(u.split("=", 1) for u in a.url)
+    k = knobs()
+    threads = cpus()
+    LOGS.mkdir(parents=True, exist_ok=True)
+    versions = {"infinity-emb": peers.infinity_version()}
+    started = {}
+    urls: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    started_at = dt.datetime.now(dt.timezone.utc)
+    load_before = os.getloadavg()
+    try:
+        for name in [s for s in SERVERS if s in k["configs"]]:
+            if name in given:
+                urls[name] = given[name]
+                log(f"{name}: the running server at {given[name]}")
+                continue
+            log(f"starting {name} ({threads} ONNX Runtime threads)"
+                + ("; infinity optimizes the graph on its first start (a minute or two, cached)"
+                   if name == "infinity" else ""))
+            t0 = time.monotonic()
+            if name == "infinity":
+                started[name], urls[name] = peers.start_infinity(peers.peer_model_dir(), threads, LOGS)
+            else:
+                started[name], urls[name] = peers.start_ferrite(FERRITE, ORT_LIB, threads, LOGS)
+            log(f"{name} ready in {time.monotonic() - t0:.0f} s")
+        if "ferrite" in urls and (why := probe_ferrite(urls["ferrite"])):
+            skipped["ferrite"] = f"{urls['ferrite']} does not answer embeddings ({why[:300]})"
+            log(f"NOT MEASURING ferrite: {skipped['ferrite']}")
+            urls.pop("ferrite")
+            if "ferrite" in started:
+                started.pop("ferrite").stop()
+        checks = verify(urls, "fastembed" in k["configs"], threads)
+        servers = [s for s in SERVERS if s in urls]
+        cells = plan(k, servers)
+        log(f"{len(cells)} cells ({', '.join(servers + [c for c in k['configs'] if c == 'fastembed'])}; "
+            f"{', '.join(k['kinds'])} texts x batch {k['batch']} x concurrency {k['concurrency']}; "
+            f"clients {', '.join(k['clients'])}); estimated {estimate(cells, k) / 60:.1f} min")
+        results = []
+        t_start = time.monotonic()
+        for n, (cfg, client, kind, batch, c) in enumerate(cells, 1):
+            if cfg == "fastembed":
+                r = json.loads(fastembed(["measure", "--kind", kind, "--batch", str(batch), "--warmup",
+                                          str(k["warmup"]), "--seconds", str(k["seconds"])], threads))
+            elif client == "hey":
+                r = embed_load.hey(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], k["seconds"], LOGS / "bodies")
+            else:
+                r = embed_load.ours(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], k["seconds"])
+            r.update(config=cfg, client=client, kind=kind, batch=batch, concurrency=c,
+                     load_average_1min=round(os.getloadavg()[0], 2))
+            results.append(r)
+            failed = f", {r['failed']} FAILED ({r['first_error']})" if r["failed"] else ""
+            left = estimate(cells[n:], k)
+            print(f"[{n:2}/{len(cells)} {(time.monotonic() - t_start) / 60:4.1f} min, ~{left / 60:.1f} min left] "
+                  f"{kind:5} b={batch:<2} c={c:<2} {cfg:9} {client:10} {r['sentences_per_s']:9.1f} sentences/s  "
+                  f"p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms{failed}", flush=True)
+    finally:
+        for server in started.values():
+            server.stop()
+    token_counts = {kind: embed_workload.token_counts(str(peers.SERVED / "tokenizer.json"), kind)
+                    for kind in k["kinds"]}
+    out = {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "wall_seconds": round((dt.datetime.now(dt.timezone.utc) - started_at).total_seconds(), 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine(),
+        "revision": git_revision(),
+        "threads": threads,
+        "model": peers.NAME,
+        "versions": versions,
+        "urls_given": sorted(given),
+        "token_counts": token_counts,
+        "knobs": k,
+        "checks": checks,
+        "skipped": skipped,
+        "results": results,
+    }
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"results in {RESULTS.relative_to(ROOT) if RESULTS.is_relative_to(ROOT) else RESULTS}")
+    if os.environ.get("BENCH_EMBED_REPORT", "1") == "1":
+        subprocess.run([str(PY), str(ROOT / "bench" / "embed_report.py"), str(RESULTS)], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
