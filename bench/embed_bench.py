@@ -26,10 +26,15 @@ reference pipeline (tokenizers + onnxruntime + numpy pooling), cosine >= 0.9999.
 Writes bench/embed_results.json, docs/bench-embed.md, docs/bench-embed*.png
 and the "Embeddings" section of docs/benchmarks.md (bench/embed_report.py).
 
+Each cell: a warm-up (BENCH_EMBED_WARMUP seconds and one full round of the
+queue), then a window (BENCH_EMBED_SECONDS and at least one round).
+
 Knobs (environment): BENCH_EMBED_SECONDS (4), BENCH_EMBED_WARMUP (1.5),
 BENCH_EMBED_CONFIGS (ferrite,infinity,fastembed), BENCH_EMBED_KINDS (short,long),
 BENCH_EMBED_BATCH (1,32), BENCH_EMBED_CONCURRENCY (1,8,64), BENCH_EMBED_CLIENTS
-(ours,hey), BENCH_EMBED_HEY_KINDS (short), BENCH_EMBED_FERRITE (the binary,
+(ours,hey), BENCH_EMBED_HEY_KINDS (short), BENCH_EMBED_MAX_ROUND_TOKENS (32768:
+server cells whose queue round carries more tokens are left out and listed),
+BENCH_EMBED_CELL_LIMIT (45 s: warm-up and window each at most), BENCH_EMBED_FERRITE (the binary,
 target/release/ferrite-server), BENCH_EMBED_RESULTS, BENCH_EMBED_REPORT (1).
 
 Against servers already running (nothing started for them):
@@ -83,27 +88,48 @@ def knobs() -> dict:
         "concurrency": env_list("BENCH_EMBED_CONCURRENCY", [1, 8, 64], int),
         "clients": env_list("BENCH_EMBED_CLIENTS", ["ours", "hey"]),
         "hey_kinds": env_list("BENCH_EMBED_HEY_KINDS", ["short"]),
+        "max_round_tokens": int(os.environ.get("BENCH_EMBED_MAX_ROUND_TOKENS", "32768")),
+        "limit": float(os.environ.get("BENCH_EMBED_CELL_LIMIT", "45")),
     }
 
 
-def plan(k: dict, servers: list[str]) -> list[tuple]:
-    """(config, client, kind, batch, concurrency) in the order run."""
-    cells = []
+def round_tokens(kind: str, batch: int, c: int) -> int:
+    """Tokens a full round of the closed loop carries (every client's request)."""
+    return c * batch * (embed_workload.KINDS[kind] + 2)
+
+
+def plan(k: dict, servers: list[str]) -> tuple[list[tuple], list[tuple]]:
+    """(config, client, kind, batch, concurrency) in the order run, and the
+    server cells left out because one round of their queue carries more than
+    `max_round_tokens` (on 2 cores, 64 clients x 32 long texts is minutes
+    per round). Per cell, servers back to back, their order reversed at each
+    concurrency; our client before hey on each server (hey's window is sized
+    from our client's latency)."""
+    cells, left_out = [], []
     for kind in k["kinds"]:
         for batch in k["batch"]:
             if "fastembed" in k["configs"]:
                 cells.append(("fastembed", "in-process", kind, batch, 1))
             for i, c in enumerate(k["concurrency"]):
-                order = [(s, client) for client in k["clients"] if client == "ours" or kind in k["hey_kinds"]
-                         for s in servers]
-                cells += [(s, client, kind, batch, c) for s, client in (order if i % 2 == 0 else order[::-1])]
-    return cells
+                if round_tokens(kind, batch, c) > k["max_round_tokens"]:
+                    left_out.append((kind, batch, c))
+                    continue
+                clients = [cl for cl in k["clients"] if cl == "ours" or kind in k["hey_kinds"]]
+                for s in (servers if i % 2 == 0 else servers[::-1]):
+                    cells += [(s, cl, kind, batch, c) for cl in clients]
+    return cells, left_out
 
 
-def estimate(cells: list[tuple], k: dict) -> float:
-    per = k["warmup"] + k["seconds"] + 0.5
-    return sum(per + (3 if kind == "long" and batch * c >= 256 else 0) + (2 if cfg == "fastembed" else 0)
-               for cfg, _, kind, batch, c in cells)
+def estimate(cells: list[tuple], k: dict, rate: dict | None = None) -> float:
+    """Seconds the cells take: warm-up and window, and at least one round
+    of the queue each at `rate` tokens/s (a guess until measured)."""
+    tps = (rate or {}).get("tokens_per_s", 2000.0)
+    total = 0.0
+    for cfg, _, kind, batch, c in cells:
+        rnd = round_tokens(kind, batch, c) / tps
+        total += min(k["limit"], max(k["warmup"], rnd)) + min(k["limit"], max(k["seconds"], rnd)) + 0.5 \
+            + (2 if cfg == "fastembed" else 0)
+    return total
 
 
 def fastembed(args: list[str], threads: int, stdin: str | None = None) -> str:
@@ -181,25 +207,35 @@ def main() -> int:
                 started.pop("ferrite").stop()
         checks = verify(urls, "fastembed" in k["configs"], threads)
         servers = [s for s in SERVERS if s in urls]
-        cells = plan(k, servers)
+        cells, left_out = plan(k, servers)
+        for kind, batch, c in left_out:
+            log(f"leaving out {kind} texts x {batch} per request x {c} clients: one round is "
+                f"{round_tokens(kind, batch, c):,} tokens (BENCH_EMBED_MAX_ROUND_TOKENS {k['max_round_tokens']:,})")
         log(f"{len(cells)} cells ({', '.join(servers + [c for c in k['configs'] if c == 'fastembed'])}; "
             f"{', '.join(k['kinds'])} texts x batch {k['batch']} x concurrency {k['concurrency']}; "
             f"clients {', '.join(k['clients'])}); estimated {estimate(cells, k) / 60:.1f} min")
         results = []
+        rate = {}
         t_start = time.monotonic()
         for n, (cfg, client, kind, batch, c) in enumerate(cells, 1):
             if cfg == "fastembed":
                 r = json.loads(fastembed(["measure", "--kind", kind, "--batch", str(batch), "--warmup",
                                           str(k["warmup"]), "--seconds", str(k["seconds"])], threads))
             elif client == "hey":
-                r = embed_load.hey(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], k["seconds"], LOGS / "bodies")
+                ours = next((x for x in results if (x["config"], x["client"], x["kind"], x["batch"],
+                                                    x["concurrency"]) == (cfg, "ours", kind, batch, c)), None)
+                # Two rounds of the queue at least, as our client saw them.
+                window = min(k["limit"], max(k["seconds"], 2 * (ours["p50_ms"] / 1000 if ours else 0)))
+                r = embed_load.hey(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], window, LOGS / "bodies")
             else:
-                r = embed_load.ours(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], k["seconds"])
+                r = embed_load.ours(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], k["seconds"], k["limit"])
             r.update(config=cfg, client=client, kind=kind, batch=batch, concurrency=c,
                      load_average_1min=round(os.getloadavg()[0], 2))
             results.append(r)
+            if r["sentences_per_s"]:
+                rate["tokens_per_s"] = r["sentences_per_s"] * (embed_workload.KINDS[kind] + 2)
             failed = f", {r['failed']} FAILED ({r['first_error']})" if r["failed"] else ""
-            left = estimate(cells[n:], k)
+            left = estimate(cells[n:], k, rate)
             print(f"[{n:2}/{len(cells)} {(time.monotonic() - t_start) / 60:4.1f} min, ~{left / 60:.1f} min left] "
                   f"{kind:5} b={batch:<2} c={c:<2} {cfg:9} {client:10} {r['sentences_per_s']:9.1f} sentences/s  "
                   f"p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms{failed}", flush=True)
@@ -223,6 +259,8 @@ def main() -> int:
         "knobs": k,
         "checks": checks,
         "skipped": skipped,
+        "left_out": [{"kind": kind, "batch": b, "concurrency": c, "round_tokens": round_tokens(kind, b, c)}
+                     for kind, b, c in left_out],
         "results": results,
     }
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")

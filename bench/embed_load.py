@@ -59,12 +59,14 @@ def summary(latencies: list[float], failed: int, first_error: str | None, second
 
 
 async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup: float, seconds: float,
-                       batch: int) -> dict:
+                       batch: int, limit: float) -> dict:
     """`concurrency` workers, each sending its next request as soon as the
     last one is answered. The warm-up lasts `warmup` seconds and at least
-    until every worker has had one answer; the measured window then lasts
-    `seconds` and at least until 2 x concurrency requests completed in it
-    (capped at 4 x seconds), so the heaviest cells still see whole rounds.
+    until every worker has had one answer (one full round of the queue, so
+    the latencies measured are those of a full queue); the window then
+    lasts `seconds` and at least until `concurrency` requests completed in
+    it; either is cut at `limit` seconds. Counted: the requests that
+    complete inside the window (steady state: their rate is the server's).
     Workers finish the request they are on before stopping, so no backlog is
     left on the server for the next cell."""
     import aiohttp
@@ -93,45 +95,45 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
                 ok, error = False, f"{type(e).__name__}: {e}"
             t1 = time.perf_counter()
             warmed.add(wid)
-            start = window["start"]
-            if start is not None and t0 >= start and not stop.is_set():
+            if window["start"] is not None and not stop.is_set():
                 if ok:
                     latencies.append(t1 - t0)
                 else:
                     failed += 1
                     first_error = first_error or error
 
-    timeout = aiohttp.ClientTimeout(total=300)
+    timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks = [asyncio.create_task(worker(i, session)) for i in range(concurrency)]
         t_begin = time.perf_counter()
         while (time.perf_counter() - t_begin < warmup or len(warmed) < concurrency) and \
-                time.perf_counter() - t_begin < warmup + 120:
-            await asyncio.sleep(0.05)
+                time.perf_counter() - t_begin < limit:
+            await asyncio.sleep(0.02)
         window["start"] = start = time.perf_counter()
         while True:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
             elapsed = time.perf_counter() - start
-            if (elapsed >= seconds and len(latencies) + failed >= 2 * concurrency) or elapsed >= 4 * seconds:
+            if (elapsed >= seconds and len(latencies) + failed >= concurrency) or elapsed >= limit:
                 break
         stop.set()
         measured = time.perf_counter() - start
-        await asyncio.wait(tasks, timeout=120)
+        await asyncio.wait(tasks, timeout=600)
     return summary(latencies, failed, first_error, measured, batch)
 
 
-def ours(url: str, model: str, kind: str, batch: int, concurrency: int, warmup: float, seconds: float) -> dict:
+def ours(url: str, model: str, kind: str, batch: int, concurrency: int, warmup: float, seconds: float,
+         limit: float = 60) -> dict:
     """Our async client on one cell."""
-    return asyncio.run(_closed_loop(url, bodies(model, kind, batch), concurrency, warmup, seconds, batch))
+    return asyncio.run(_closed_loop(url, bodies(model, kind, batch), concurrency, warmup, seconds, batch, limit))
 
 
 def hey(url: str, model: str, kind: str, batch: int, concurrency: int, warmup: float, seconds: float,
         body_dir: Path) -> dict:
     """hey at its defaults (HTTP/1.1, a kept-alive connection per worker),
     `concurrency` workers, one fixed body (the first request of the cell):
-    a warm-up run, then the measured one, its per-request CSV turned into the
-    same figures as ours (requests that ended inside the -z window)."""
+    a warm-up run, then the measured one (-z `seconds`), its per-request CSV
+    turned into the same figures as ours."""
     if not HEY.exists():
         raise SystemExit(f"{HEY} is missing: run `make hey` (bench/bench.mk)")
     body_dir.mkdir(parents=True, exist_ok=True)
@@ -143,24 +145,24 @@ def hey(url: str, model: str, kind: str, batch: int, concurrency: int, warmup: f
         done = subprocess.run(base + ["-z", f"{z}s", url], capture_output=True, text=True, timeout=z + 400)
         if done.returncode != 0:
             raise SystemExit(f"hey failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return parse_hey_csv(done.stdout, seconds, batch)
+    return parse_hey_csv(done.stdout, batch)
 
 
-def parse_hey_csv(text: str, seconds: float, batch: int) -> dict:
-    """hey's per-request CSV (`-o csv`) as our figures: requests that ended
-    inside the -z window of `seconds` (hey lets running requests end after
-    it), non-200 answers counted as failures."""
-    latencies, failed, first_error = [], 0, None
+def parse_hey_csv(text: str, batch: int) -> dict:
+    """hey's per-request CSV (`-o csv`) as our figures. hey lets the
+    requests running at the end of its -z window finish; like hey's own
+    Requests/sec, the rate is every answered request over the time until the
+    last one ended. Non-200 answers count as failures."""
+    latencies, failed, first_error, end = [], 0, None, 0.0
     for row in csv.DictReader(io.StringIO(text)):
-        if float(row["offset"]) + float(row["response-time"]) > seconds:
-            continue
+        end = max(end, float(row["offset"]) + float(row["response-time"]))
         if row["status-code"] == "200":
             latencies.append(float(row["response-time"]))
         else:
             failed += 1
             first_error = first_error or f"HTTP {row['status-code']}"
     # hey's CSV lists answered requests only; transport errors go to its summary.
-    return summary(latencies, failed, first_error, seconds, batch)
+    return summary(latencies, failed, first_error, end, batch)
 
 
 def main() -> int:

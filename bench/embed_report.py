@@ -208,6 +208,12 @@ def report(data: dict) -> None:
         L += [busy_note(data), ""]
     if data.get("skipped"):
         L += ["**Not measured:** " + "; ".join(f"{n}: {why}" for n, why in data["skipped"].items()), ""]
+    if data.get("left_out"):
+        L += ["**Left out** (one round of the closed loop's queue carries more than "
+              f"{data['knobs']['max_round_tokens']:,} tokens, minutes per round on this machine; "
+              "`BENCH_EMBED_MAX_ROUND_TOKENS` raises the bound): "
+              + ", ".join(f"{KIND_NAMES[x['kind']]} x {x['batch']} per request x {x['concurrency']} clients "
+                          f"({x['round_tokens']:,} tokens)" for x in data["left_out"]) + ".", ""]
     L += ["## Targets (issue 16)", ""] + target_lines(data) + [""]
     L += ["## Results", "",
           "Sentences/s = texts embedded per second (requests x texts per request); p50/p99 = request latency. "

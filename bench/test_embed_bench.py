@@ -40,28 +40,31 @@ def test_percentile_and_summary():
     assert abs(s["p99_ms"] - 99) < 1e-9 and s["failed"] == 1
 
 
-def test_hey_csv_counts_the_window_and_failures():
+def test_hey_csv_rate_over_time_to_last_answer_and_failures():
     csv = ("response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n"
            "0.0100,0,0,0,0,0,200,0.5\n"
            "0.0200,0,0,0,0,0,429,1.0\n"
            "0.0300,0,0,0,0,0,200,1.9\n"
-           "0.5000,0,0,0,0,0,200,1.8\n")  # ends at 2.3 s: after the 2 s window
-    s = embed_load.parse_hey_csv(csv, 2.0, 1)
-    assert s["requests"] == 2 and s["failed"] == 1 and s["first_error"] == "HTTP 429"
-    assert s["sentences_per_s"] == 1.0
+           "0.5000,0,0,0,0,0,200,1.5\n")  # the last answer ends at 2.0 s
+    s = embed_load.parse_hey_csv(csv, 32)
+    assert s["requests"] == 3 and s["failed"] == 1 and s["first_error"] == "HTTP 429"
+    assert s["seconds"] == 2.0 and s["sentences_per_s"] == 48.0 and s["p99_ms"] == 500.0
 
 
 def test_plan_interleaves_and_reverses():
-    k = {"configs": ["ferrite", "infinity", "fastembed"], "kinds": ["short"], "batch": [1], "concurrency": [1, 8],
-         "clients": ["ours", "hey"], "hey_kinds": ["short"], "warmup": 1, "seconds": 1}
-    cells = embed_bench.plan(k, ["ferrite", "infinity"])
+    k = {"configs": ["ferrite", "infinity", "fastembed"], "kinds": ["short", "long"], "batch": [1, 32],
+         "concurrency": [1, 8, 64], "clients": ["ours", "hey"], "hey_kinds": ["short"], "warmup": 1, "seconds": 1,
+         "max_round_tokens": 32768, "limit": 45}
+    cells, left_out = embed_bench.plan(k, ["ferrite", "infinity"])
     assert cells[0] == ("fastembed", "in-process", "short", 1, 1)
-    at1 = [(c[0], c[1]) for c in cells if c[4] == 1 and c[0] != "fastembed"]
-    at8 = [(c[0], c[1]) for c in cells if c[4] == 8]
-    assert at1 == [("ferrite", "ours"), ("infinity", "ours"), ("ferrite", "hey"), ("infinity", "hey")]
-    assert at8 == at1[::-1]
-    k["hey_kinds"] = []
-    assert all(c[1] != "hey" for c in embed_bench.plan(k, ["ferrite"]))
+    at1 = [(c[0], c[1]) for c in cells if c[2:] == ("short", 1, 1) and c[0] != "fastembed"]
+    at8 = [(c[0], c[1]) for c in cells if c[2:] == ("short", 1, 8)]
+    assert at1 == [("ferrite", "ours"), ("ferrite", "hey"), ("infinity", "ours"), ("infinity", "hey")]
+    assert at8 == [("infinity", "ours"), ("infinity", "hey"), ("ferrite", "ours"), ("ferrite", "hey")]
+    # 8 x 32 x 200 tokens and more per round: left out; 64 x 32 short texts stay.
+    assert left_out == [("long", 32, 8), ("long", 32, 64)]
+    assert ("ferrite", "ours", "short", 32, 64) in cells
+    assert not any(c[1] == "hey" and c[2] == "long" for c in cells)
 
 
 def results(ferrite_c64=300.0, infinity_c64=150.0, ferrite_b32=95.0, fastembed_b32=100.0) -> dict:
