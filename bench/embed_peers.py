@@ -8,8 +8,9 @@ version directory .cache/models/encoders/all-minilm-l6-v2/1/ (model.onnx,
 tokenizer.json, encoder.json); the peers get a directory of their own under
 .cache/bench/embed/ holding links to the same model.onnx and tokenizer plus
 the Hugging Face files they read (config.json, tokenizer_config.json,
-special_tokens_map.json) from .cache/models/encoders-hf/, so that infinity's
-optimized graph, written next to the model, stays out of the shared cache.
+special_tokens_map.json, copied) from .cache/models/encoders-hf/, so that
+infinity's optimized graph, which it writes next to the model, stays out of
+the shared cache.
 """
 
 from __future__ import annotations
@@ -60,10 +61,16 @@ def peer_model_dir() -> Path:
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    # infinity hands optimum the path of the ONNX file it found, which
+    # optimum accepts only when the directory holds more than one: the
+    # Hub's layout (model.onnx and onnx/model.onnx, the same graph) is kept.
+    (out / "onnx").mkdir()
     (out / "model.onnx").symlink_to(model)
-    (out / "tokenizer.json").symlink_to(SERVED / "tokenizer.json")
+    (out / "onnx" / "model.onnx").symlink_to(model)
+    # Copies, not links: infinity's optimizer writes config.json here.
+    shutil.copy(SERVED / "tokenizer.json", out / "tokenizer.json")
     for f in PEER_FILES[:3]:
-        (out / f).symlink_to(HF_DIR / f)
+        shutil.copy(HF_DIR / f, out / f)
     stamp.write_text(digest)
     return out
 

@@ -210,9 +210,10 @@ def report(data: dict) -> None:
         L += ["**Not measured:** " + "; ".join(f"{n}: {why}" for n, why in data["skipped"].items()), ""]
     if data.get("left_out"):
         L += ["**Left out** (one round of the closed loop's queue carries more than "
-              f"{data['knobs']['max_round_tokens']:,} tokens, minutes per round on this machine; "
-              "`BENCH_EMBED_MAX_ROUND_TOKENS` raises the bound): "
-              + ", ".join(f"{KIND_NAMES[x['kind']]} x {x['batch']} per request x {x['concurrency']} clients "
+              f"{data['knobs']['max_round_tokens']:,} tokens: at the rate of 2 cores, a round alone outlasts the "
+              "cell's time limit; `BENCH_EMBED_MAX_ROUND_TOKENS` raises the bound): "
+              + ", ".join(f"{KIND_NAMES[x['kind']]}, {x['batch']} per request, {x['concurrency']} "
+                          f"client{'s' if x['concurrency'] > 1 else ''} "
                           f"({x['round_tokens']:,} tokens)" for x in data["left_out"]) + ".", ""]
     L += ["## Targets (issue 16)", ""] + target_lines(data) + [""]
     L += ["## Results", "",
