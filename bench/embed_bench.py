@@ -159,6 +159,15 @@ def verify(urls: dict[str, str], with_fastembed: bool, threads: int) -> dict[str
     return checks
 
 
+def cpu_seconds(server) -> float:
+    """User + system CPU time of a server process so far (all its threads)."""
+    try:
+        fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def probe_ferrite(url: str) -> str | None:
     """None when `url` answers embeddings; otherwise why not (a binary
     built before the encoder endpoints answers 404)."""
@@ -218,6 +227,8 @@ def main() -> int:
         rate = {}
         t_start = time.monotonic()
         for n, (cfg, client, kind, batch, c) in enumerate(cells, 1):
+            cpu_before = {name: cpu_seconds(server) for name, server in started.items()}
+            t_cell = time.monotonic()
             if cfg == "fastembed":
                 r = json.loads(fastembed(["measure", "--kind", kind, "--batch", str(batch), "--warmup",
                                           str(k["warmup"]), "--seconds", str(k["seconds"])], threads))
@@ -230,7 +241,12 @@ def main() -> int:
             else:
                 r = embed_load.ours(urls[cfg], peers.NAME, kind, batch, c, k["warmup"], k["seconds"], k["limit"])
             r.update(config=cfg, client=client, kind=kind, batch=batch, concurrency=c,
-                     load_average_1min=round(os.getloadavg()[0], 2))
+                     cell_seconds=round(time.monotonic() - t_cell, 2),
+                     load_average_1min=round(os.getloadavg()[0], 2),
+                     # CPU seconds each started server used during the cell (warm-up included):
+                     # the measured one's cost, and what the idle one takes meanwhile.
+                     server_cpu_seconds={name: round(cpu_seconds(server) - cpu_before[name], 2)
+                                         for name, server in started.items()})
             results.append(r)
             if r["sentences_per_s"]:
                 rate["tokens_per_s"] = r["sentences_per_s"] * (embed_workload.KINDS[kind] + 2)

@@ -131,6 +131,19 @@ def busy_note(data: dict) -> str:
             f"figures are lower and noisier than on a quiet machine.")
 
 
+def idle_note(data: dict) -> str:
+    """How much CPU each server took while the other configuration was
+    measured (both stay up through the run)."""
+    parts = []
+    for name in ("ferrite", "infinity"):
+        idle = [(r["server_cpu_seconds"][name], r["cell_seconds"]) for r in data["results"]
+                if name in r.get("server_cpu_seconds", {}) and r["config"] != name]
+        if idle:
+            parts.append(f"{name} {sum(c for c, _ in idle) / max(sum(t for _, t in idle), 1e-9) * 100:.1f}% of a CPU")
+    return ("While idle (the other configuration measured), the servers used: " + ", ".join(parts) + ".") \
+        if parts else ""
+
+
 def tables(data: dict, client: str) -> list[str]:
     k = data["knobs"]
     out = []
@@ -150,9 +163,10 @@ def tables(data: dict, client: str) -> list[str]:
                             f"{ms(fe['p99_ms'])} | | | | |")
         if rows:
             tc = data["token_counts"][kind]
-            out += [f"**{KIND_NAMES[kind].capitalize()}** ({tc['mean']:.0f} tokens on average, {tc['min']}-{tc['max']}):",
-                    "", "| texts / request | clients | ferrite sentences/s | p50 | p99 | infinity sentences/s | p50 | p99 "
-                    "| ferrite / infinity |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            title = (f"**{KIND_NAMES[kind].capitalize()}** ({tc['mean']:.0f} tokens on average, "
+                     f"{tc['min']}-{tc['max']}):")
+            out += [title, "", "| texts / request | clients | ferrite sentences/s | p50 | p99 | infinity sentences/s "
+                    "| p50 | p99 | ferrite / infinity |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
     return out
 
 
@@ -160,8 +174,9 @@ def target_lines(data: dict) -> list[str]:
     lines = []
     for what, value, goal, _ in targets(data):
         verdict = "not measured" if value is None else ("met" if value >= goal else "not met")
-        lines.append(f"- {what}: **{'-' if value is None else f'{value:.2f}x'}** (target {'>=' if goal > 1 else 'within 10%, >='} "
-                     f"{goal:.1f}x): {verdict}")
+        shown = "-" if value is None else f"{value:.2f}x"
+        bound = ">=" if goal > 1 else "within 10%, >="
+        lines.append(f"- {what}: **{shown}** (target {bound} {goal:.1f}x): {verdict}")
     return lines
 
 
@@ -249,13 +264,14 @@ def report(data: dict) -> None:
           "no server and no HTTP.",
           "- **ferrite**: `target/release/ferrite-server`, the model in a repository of its own, OpenAI "
           "`POST /v1/embeddings`.",
-          f"- **Load**: closed loop, {', '.join(map(str, k['concurrency']))} clients; each request carries 1 or 32 texts "
-          f"(`input` a list, `encoding_format` float); {k['warmup']} s warm-up (and at least one answer per client), "
-          f"then {k['seconds']} s measured (and at least two requests per client, up to 4x longer). Texts: "
+          f"- **Load**: closed loop, {', '.join(map(str, k['concurrency']))} clients; each request carries 1 or 32 "
+          f"texts (`input` a list, `encoding_format` float); {k['warmup']} s warm-up and at least one answer per "
+          f"client (a full round of the queue), then a window of {k['seconds']} s and at least as many completions "
+          f"as clients (each phase at most {k['limit']:.0f} s); the requests completed inside the window count. Texts: "
           "deterministic English-like sentences from common words (bench/embed_workload.py), 512 distinct per "
           "kind, cycled. hey runs the short-text cells with one fixed body per cell.",
           "- **Order**: per text kind and batch size, fastembed first, then the servers back to back, their order "
-          "reversed at each concurrency. Both servers are up throughout (the idle one waits on its socket).",
+          "reversed at each concurrency. Both servers are up throughout. " + idle_note(data),
           "", "## Reproducing", "", "```",
           "make bench-embed                     # peers' venv, hey, release build, models, then the run",
           "BENCH_EMBED_SECONDS=8 make bench-embed",

@@ -86,7 +86,8 @@ def results(ferrite_c64=300.0, infinity_c64=150.0, ferrite_b32=95.0, fastembed_b
             "machine": {"cpu_model": "x", "usable_cpus": 2, "memory_gib": 8}, "versions": {"infinity-emb": "0.0.78"},
             "token_counts": {"short": {"mean": 12.0, "min": 12, "max": 12}},
             "knobs": {"kinds": ["short"], "batch": [1, 32], "concurrency": [1, 8, 64], "clients": ["ours"],
-                      "warmup": 1, "seconds": 1, "configs": ["ferrite", "infinity", "fastembed"]},
+                      "warmup": 1, "seconds": 1, "limit": 45, "max_round_tokens": 32768,
+                      "configs": ["ferrite", "infinity", "fastembed"]},
             "checks": {"ferrite": 1.0, "infinity": 0.99999}, "skipped": {}, "results": rows}
 
 
