@@ -34,7 +34,8 @@ BENCH_EMBED_CONFIGS (ferrite,infinity,fastembed), BENCH_EMBED_KINDS (short,long)
 BENCH_EMBED_BATCH (1,32), BENCH_EMBED_CONCURRENCY (1,8,64), BENCH_EMBED_CLIENTS
 (ours,hey), BENCH_EMBED_HEY_KINDS (short), BENCH_EMBED_MAX_ROUND_TOKENS (32768:
 server cells whose queue round carries more tokens are left out and listed),
-BENCH_EMBED_CELL_LIMIT (45 s: warm-up and window each at most), BENCH_EMBED_FERRITE (the binary,
+BENCH_EMBED_CELL_LIMIT (45 s: warm-up and window each at most), BENCH_EMBED_FERRITE_REVISION
+(recorded: the source the ferrite binary was built from), BENCH_EMBED_FERRITE (the binary,
 target/release/ferrite-server), BENCH_EMBED_RESULTS, BENCH_EMBED_REPORT (1).
 
 Against servers already running (nothing started for them):
@@ -188,6 +189,8 @@ def main() -> int:
     threads = cpus()
     LOGS.mkdir(parents=True, exist_ok=True)
     versions = {"infinity-emb": peers.infinity_version()}
+    if os.environ.get("BENCH_EMBED_FERRITE_REVISION"):  # where the measured binary was built from
+        versions["ferrite-revision"] = os.environ["BENCH_EMBED_FERRITE_REVISION"]
     started = {}
     urls: dict[str, str] = {}
     skipped: dict[str, str] = {}

