@@ -250,6 +250,9 @@ def main() -> int:
                      # the measured one's cost, and what the idle one takes meanwhile.
                      server_cpu_seconds={name: round(cpu_seconds(server) - cpu_before[name], 2)
                                          for name, server in started.items()})
+            if cfg in started and r.get("cell_sentences") and r["server_cpu_seconds"][cfg] > 0:
+                # Load-insensitive: texts embedded per CPU-second the server spent in the cell.
+                r["sentences_per_cpu_s"] = round(r["cell_sentences"] / r["server_cpu_seconds"][cfg], 1)
             results.append(r)
             if r["sentences_per_s"]:
                 rate["tokens_per_s"] = r["sentences_per_s"] * (embed_workload.KINDS[kind] + 2)

@@ -72,6 +72,7 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
     import aiohttp
 
     counter = 0
+    answered = 0  # every 200 of the cell, warm-up and drain included
     latencies: list[float] = []
     failed = 0
     first_error = None
@@ -81,7 +82,7 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
     headers = {"content-type": "application/json"}
 
     async def worker(wid: int, session) -> None:
-        nonlocal counter, failed, first_error
+        nonlocal counter, failed, first_error, answered
         while not stop.is_set():
             body = payloads[counter % len(payloads)]
             counter += 1
@@ -94,6 +95,7 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 ok, error = False, f"{type(e).__name__}: {e}"
             t1 = time.perf_counter()
+            answered += ok
             warmed.add(wid)
             if window["start"] is not None and not stop.is_set():
                 if ok:
@@ -119,7 +121,7 @@ async def _closed_loop(url: str, payloads: list[bytes], concurrency: int, warmup
         stop.set()
         measured = time.perf_counter() - start
         await asyncio.wait(tasks, timeout=600)
-    return summary(latencies, failed, first_error, measured, batch)
+    return summary(latencies, failed, first_error, measured, batch) | {"cell_sentences": answered * batch}
 
 
 def ours(url: str, model: str, kind: str, batch: int, concurrency: int, warmup: float, seconds: float,
@@ -141,11 +143,13 @@ def hey(url: str, model: str, kind: str, batch: int, concurrency: int, warmup: f
     body.write_bytes(bodies(model, kind, batch)[0])
     base = [str(HEY), "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", str(body),
             "-t", "300", "-o", "csv"]
+    runs = []
     for z in (warmup, seconds):
         done = subprocess.run(base + ["-z", f"{z}s", url], capture_output=True, text=True, timeout=z + 400)
         if done.returncode != 0:
             raise SystemExit(f"hey failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return parse_hey_csv(done.stdout, batch)
+        runs.append(parse_hey_csv(done.stdout, batch))
+    return runs[1] | {"cell_sentences": (runs[0]["requests"] + runs[1]["requests"]) * batch}
 
 
 def parse_hey_csv(text: str, batch: int) -> dict:

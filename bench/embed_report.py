@@ -147,6 +147,32 @@ def idle_note(data: dict) -> str:
         if parts else ""
 
 
+def efficiency(data: dict) -> list[str]:
+    """Texts per server CPU-second per cell (our client): on a shared machine
+    the kernel hands a busy-waiting runtime more of the CPUs than one that
+    sleeps between operators, so throughput alone mixes speed with share."""
+    rows = []
+    k = data["knobs"]
+    for kind in k["kinds"]:
+        for batch in k["batch"]:
+            for c in k["concurrency"]:
+                f, i = (cell(data, s, "ours", kind, batch, c) for s in ("ferrite", "infinity"))
+                fe, ie = (x.get("sentences_per_cpu_s") if x else None for x in (f, i))
+                fc, ic = (x["server_cpu_seconds"][x["config"]] / x["cell_seconds"] if x and
+                          x.get("server_cpu_seconds", {}).get(x["config"]) is not None else None for x in (f, i))
+                if fe or ie:
+                    rows.append(f"| {KIND_NAMES[kind]} | {batch} | {c} | {num(fe)} | "
+                                f"{'-' if fc is None else f'{fc:.2f}'} | {num(ie)} | "
+                                f"{'-' if ic is None else f'{ic:.2f}'} | {ratio(fe, ie)} |")
+    if not rows:
+        return []
+    return ["Texts embedded per CPU-second of the server (warm-up and window together) and the CPUs it held "
+            "on average during the cell; on a shared machine this separates speed from the share of the CPUs "
+            "each got (a runtime that spins while waiting holds more of them):", "",
+            "| texts | per request | clients | ferrite texts/CPU-s | ferrite CPUs | infinity texts/CPU-s "
+            "| infinity CPUs | ferrite / infinity |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def tables(data: dict, client: str) -> list[str]:
     k = data["knobs"]
     out = []
@@ -242,6 +268,7 @@ def report(data: dict) -> None:
     hey = tables(data, "hey")
     if hey:
         L += ["hey (Go's net/http, a client we did not write; one fixed request body per cell):", ""] + hey
+    L += efficiency(data)
     L += [f"![Throughput]({images[0]})", "", f"![p99 latency]({images[1]})", ""]
     checks = ", ".join(f"{n} {c:.7f}" for n, c in data["checks"].items())
     L += ["## Method", "",
