@@ -55,7 +55,8 @@ def peer_model_dir() -> Path:
     digest = sha256(model)
     out = WORK / f"{NAME}-peers"
     stamp = out / ".stamp"
-    if stamp.exists() and stamp.read_text() == digest:
+    # A link whose target moved (another checkout) makes the directory stale too.
+    if stamp.exists() and stamp.read_text() == digest and (out / "model.onnx").exists():
         return out
     import shutil
 
