@@ -293,17 +293,27 @@ daemon() { # NAME CMD...
   setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null 8>&- &
   echo $! >"$STATE/$name.pid"
 }
-daemon containerd containerd --config "$STATE/config/containerd.toml"
-deadline=$((SECONDS + 30))
-until ctr_ version >/dev/null 2>&1; do
-  alive "$(cat "$STATE/containerd.pid")" || { tail -20 "$STATE/containerd.log" >&2; die "containerd exited"; }
-  ((SECONDS < deadline)) || die "containerd did not answer in 30s"
-  sleep 0.2
-done
+start_containerd() {
+  daemon containerd containerd --config "$STATE/config/containerd.toml"
+  local deadline=$((SECONDS + 30))
+  until ctr_ version >/dev/null 2>&1; do
+    alive "$(cat "$STATE/containerd.pid")" || { tail -20 "$STATE/containerd.log" >&2; die "containerd exited"; }
+    ((SECONDS < deadline)) || die "containerd did not answer in 30s"
+    sleep 0.2
+  done
+}
+start_containerd
 for img in pause hello; do
   ctr_ images import "$IMG_DIR/$img.oci.tar" >/dev/null
 done
 ctr_ images ls -q | grep -qx "$PAUSE_IMAGE" || die "pause image not imported"
+# The CRI plugin keeps its own list of images, filled from containerd's events
+# once its event loop runs - which can be after the socket answers, so an
+# import right after start may be missed (a CI run saw every sandbox fail with
+# "failed to pull ferrite.local/pause"). A restart makes it read them all from
+# the store; the kubelet check below proves it.
+stop_pid "$(cat "$STATE/containerd.pid")" 15
+start_containerd
 
 # ---------------------------------------------------------------- etcd
 step "etcd"
@@ -534,6 +544,15 @@ while :; do
     kubectl_ describe node "$NODE_NAME" >&2 2>&1 || true
     tail -n 40 "$STATE/kubelet.log" >&2
     die "node $NODE_NAME not Ready after ${READY_TIMEOUT}s (kubelet log: $STATE/kubelet.log)"
+  fi
+  sleep 0.5
+done
+# The kubelet lists the node's images through the CRI: the sandbox image must be
+# among them, or no pod can start (and only pod events would say why).
+until kubectl_ get node "$NODE_NAME" -o jsonpath='{.status.images[*].names}' 2>/dev/null | grep -q "$PAUSE_IMAGE"; do
+  if ((SECONDS >= deadline)); then
+    tail -n 20 "$STATE/containerd.log" >&2
+    die "the kubelet does not see the sandbox image $PAUSE_IMAGE through the CRI (containerd log: $STATE/containerd.log)"
   fi
   sleep 0.5
 done

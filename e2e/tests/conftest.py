@@ -102,12 +102,19 @@ def operator(cluster):
     helm("uninstall", RELEASE, "-n", RELEASE_NS, "--wait", check=False)
 
     t0 = time.monotonic()
-    helm("install", RELEASE, str(ROOT / "charts/ferrite"), "-n", RELEASE_NS, "--create-namespace",
-         "--set", "image.pullPolicy=Never", "--set", "serverImage.pullPolicy=Never",
-         "--set", "logFormat=text",
-         # The node model cache: the directory e2e/cluster/up.sh made for it.
-         "--set", f"modelCache.hostPath={e2e.cluster_env()['FERRITE_MODEL_CACHE_DIR']}",
-         "--wait", "--timeout", "180s")
+    try:
+        helm("install", RELEASE, str(ROOT / "charts/ferrite"), "-n", RELEASE_NS, "--create-namespace",
+             "--set", "image.pullPolicy=Never", "--set", "serverImage.pullPolicy=Never",
+             "--set", "logFormat=text",
+             # The node model cache: the directory e2e/cluster/up.sh made for it.
+             "--set", f"modelCache.hostPath={e2e.cluster_env()['FERRITE_MODEL_CACHE_DIR']}",
+             "--wait", "--timeout", "180s")
+    except AssertionError:
+        # "context deadline exceeded" alone says nothing: show why the pods did not start.
+        e2e.dump(RELEASE_NS)
+        print(kubectl("describe", "node", check=False), flush=True)
+        print(subprocess.run(["df", "-h", str(ROOT)], capture_output=True, text=True).stdout, flush=True)
+        raise
     record("helm_install_to_operator_ready_s", round(time.monotonic() - t0, 1))
     yield {"release": RELEASE, "namespace": RELEASE_NS}
     if e2e.env_flag("E2E_KEEP_CLUSTER"):
