@@ -1,11 +1,15 @@
 """Tests of `make bench-embed`'s pure parts: the texts, the figures from our
 client and from hey's CSV, the order of the cells, the targets and the
-report written from a results file (no server, no peer needed)."""
+report written from a results file (no peer needed; one test runs our
+client against a toy batching server)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -110,3 +114,55 @@ def test_report_writes_page_plots_and_section(tmp_path, monkeypatch):
     assert (tmp_path / "bench-embed.png").stat().st_size > 1000
     summary = (tmp_path / "benchmarks.md").read_text()
     assert "old" not in summary and "## Micro LLMs\nkept" in summary and "ferrite / infinity" in summary
+
+
+def test_closed_loop_reads_the_rate_of_a_server_that_answers_in_bursts():
+    """A server that batches every request of a round answers the whole round
+    at once: with 8 clients and 0.4 s rounds its rate is 20 requests/s. A
+    window that ends at a fixed time, between bursts, read about a third
+    less; the window that opens and closes on an answer reads the rate."""
+    from aiohttp import web
+
+    clients, round_s = 8, 0.4
+    ready = threading.Event()
+    loop_box: dict = {}
+
+    async def serve():
+        release = asyncio.Event()
+
+        async def batch_every_round():
+            while True:
+                await asyncio.sleep(round_s)
+                release.set()
+                await asyncio.sleep(0)
+                release.clear()
+
+        async def answer(request):
+            await request.read()
+            await release.wait()
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_post("/", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        loop_box["port"] = site._server.sockets[0].getsockname()[1]
+        loop_box["ticker"] = asyncio.create_task(batch_every_round())
+        ready.set()
+        await asyncio.Event().wait()
+
+    def run_server():
+        loop = asyncio.new_event_loop()
+        loop_box["loop"] = loop
+        loop.run_until_complete(serve())
+
+    threading.Thread(target=run_server, daemon=True).start()
+    assert ready.wait(10)
+    url = f"http://127.0.0.1:{loop_box['port']}/"
+    t0 = time.perf_counter()
+    r = asyncio.run(embed_load._closed_loop(url, [b"{}"], clients, 0.5, 1.0, 1, 20))
+    assert time.perf_counter() - t0 < 10
+    assert r["failed"] == 0
+    assert abs(r["requests_per_s"] - clients / round_s) / (clients / round_s) < 0.1, r
