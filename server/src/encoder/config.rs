@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::runtime::ExecutionProvider;
+
 /// File that marks a directory as an encoder model directory.
 pub(crate) const ENCODER_CONFIG_FILE: &str = "encoder.json";
 /// The encoder graph inside the directory.
@@ -16,9 +18,15 @@ pub(crate) const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The format version this server reads.
 pub(crate) const FORMAT: u32 = 1;
 
-/// Tokens one batch holds by default (padded: sequences times the longest),
-/// as text-embeddings-inference's `--max-batch-tokens`.
-pub(crate) const DEFAULT_MAX_BATCH_TOKENS: usize = 16384;
+/// Padded tokens (sequences times the longest) one batch holds by default on
+/// a GPU, as text-embeddings-inference's `--max-batch-tokens`.
+pub(crate) const DEFAULT_MAX_BATCH_TOKENS_GPU: usize = 16384;
+
+/// The same on the CPU, where bigger is slower past about a thousand tokens:
+/// attention's scores outgrow the caches. all-MiniLM-L6-v2 in ONNX Runtime
+/// on 2 threads (docs/encoders.md): 200-token texts 55 texts/s at 4 a batch,
+/// 45 at 32; 12-token texts peak at 64 a batch (768 tokens).
+pub(crate) const DEFAULT_MAX_BATCH_TOKENS_CPU: usize = 1024;
 
 /// What the model answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -142,9 +150,14 @@ impl EncoderConfig {
         self.pooling.unwrap_or(Pooling::Mean)
     }
 
-    /// Padded tokens one batch may hold.
-    pub(crate) fn max_batch_tokens(&self) -> usize {
-        self.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS.max(self.max_length))
+    /// Padded tokens one batch may hold: the file's, or the default of the
+    /// provider the model runs on.
+    pub(crate) fn max_batch_tokens(&self, provider: ExecutionProvider) -> usize {
+        let default = match provider {
+            ExecutionProvider::Cpu => DEFAULT_MAX_BATCH_TOKENS_CPU,
+            _ => DEFAULT_MAX_BATCH_TOKENS_GPU,
+        };
+        self.max_batch_tokens.unwrap_or(default.max(self.max_length))
     }
 }
 
@@ -168,7 +181,8 @@ mod tests {
         assert_eq!(config.pooling(), Pooling::Mean);
         assert!(config.normalize);
         assert_eq!(config.dimensions, vec![384, 256, 128]);
-        assert_eq!(config.max_batch_tokens(), DEFAULT_MAX_BATCH_TOKENS);
+        assert_eq!(config.max_batch_tokens(ExecutionProvider::Cpu), DEFAULT_MAX_BATCH_TOKENS_CPU);
+        assert_eq!(config.max_batch_tokens(ExecutionProvider::Cuda), DEFAULT_MAX_BATCH_TOKENS_GPU);
         let classifier = EncoderConfig::parse(
             br#"{"format": 1, "task": "classification", "max_length": 512, "truncation_side": "left",
                 "labels": ["NEGATIVE", "POSITIVE"]}"#,

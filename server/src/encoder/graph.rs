@@ -9,7 +9,7 @@ use super::config::{Pooling, Task};
 use super::pooling::pool;
 use super::queue::Runner;
 use crate::error::{InferError, InferResult};
-use crate::runtime::{RunTimings, Session, Signature};
+use crate::runtime::{ExecutionProvider, RunTimings, Session, Signature};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Graph input: token ids.
@@ -49,6 +49,11 @@ impl Graph {
             anyhow::bail!("output '{output}' is {}, not FP32", spec.datatype);
         }
         Ok(Graph { session, type_ids, output, pooling })
+    }
+
+    /// The provider the session runs on (after an allowed fallback, the CPU).
+    pub(crate) fn execution_provider(&self) -> ExecutionProvider {
+        self.session.execution_provider()
     }
 }
 

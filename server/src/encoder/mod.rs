@@ -113,7 +113,7 @@ impl Encoder {
         let width = warm_up(&text, &mut graphs, &config)?;
         check_width(&config, width)?;
         let limits = Limits {
-            max_batch_tokens: config.max_batch_tokens(),
+            max_batch_tokens: config.max_batch_tokens(graphs[0].execution_provider()),
             max_batch_inputs: settings.max_batch_size.max(1),
             max_queue: settings.max_queue_size.max(1),
         };
