@@ -10,8 +10,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -20,6 +18,7 @@ use base64::Engine;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::limits::ReadBody;
 use super::openai::OpenAiError;
 use crate::encoder::config::Task;
 use crate::encoder::tokenize::Input;
@@ -170,11 +169,7 @@ fn format(name: Option<&str>) -> Result<Format, InferError> {
     }
 }
 
-async fn embeddings(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
-    };
+async fn embeddings(State(state): State<AppState>, ReadBody(body): ReadBody) -> Response {
     match answer(&state, &body).await {
         Ok(response) => Json(response).into_response(),
         Err(error) => OpenAiError::from(error).into_response(),

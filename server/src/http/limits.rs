@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,6 +15,7 @@ use serde_json::json;
 
 use crate::budget::{BoxError, Budget, Counted, Held};
 use crate::error::{ErrorKind, InferError};
+use crate::state::ServerState;
 
 /// Counts each request against the budget until its response is sent, and
 /// bounds the time its body may take (`axum::middleware::from_fn_with_state`).
@@ -40,10 +43,25 @@ pub(crate) async fn middleware(
     response.map(|body| axum::body::Body::new(Held::new(body, hold)))
 }
 
+/// A request's body, read within the budget and the body timeout; a body
+/// that cannot be read is answered by [`body_error`] before the handler runs.
+pub(crate) struct ReadBody(pub(crate) Bytes);
+
+impl FromRequest<Arc<ServerState>> for ReadBody {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &Arc<ServerState>) -> Result<Self, Response> {
+        Bytes::from_request(request, state)
+            .await
+            .map(ReadBody)
+            .map_err(|rejection| body_error(&rejection, state.max_message_bytes))
+    }
+}
+
 /// Why a body could not be read: the budget (429) or the body timeout
 /// (408, not the 504 of a deadline passed in the queue), both found in the
 /// error's sources, or else a bad body (400).
-pub(crate) fn body_error(rejection: &BytesRejection, limit: usize) -> Response {
+fn body_error(rejection: &BytesRejection, limit: usize) -> Response {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(error) = source {
         if let Some(refused) = error.downcast_ref::<InferError>() {

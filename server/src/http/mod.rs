@@ -20,6 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use self::limits::ReadBody;
 use crate::describe::{ModelDescription, ModelStatistics};
 use crate::error::{ErrorKind, InferError};
 use crate::inference::{InferRequest, ParamValue, Priority};
@@ -225,7 +226,7 @@ async fn infer(
     state: State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: ReadBody,
 ) -> HttpResult<Response> {
     infer_version(state, Path((model, String::new())), headers, body).await
 }
@@ -234,12 +235,8 @@ async fn infer_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> HttpResult<Response> {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return Ok(limits::body_error(&rejection, state.max_message_bytes)),
-    };
     let header_length = match headers.get(json::HEADER_LENGTH) {
         Some(value) => Some(
             value

@@ -14,8 +14,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
 use super::embeddings::encoder_model;
+use super::limits::ReadBody;
 use crate::encoder::config::{Side, Task};
 use crate::encoder::tokenize::{Input, Truncation};
 use crate::encoder::{EmbedOptions, EncodeRequest};
@@ -185,12 +184,8 @@ async fn embed(
     State(state): State<AppState>,
     Query(selector): Query<Selector>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
-    };
     embed_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
 
@@ -240,12 +235,8 @@ async fn rerank(
     State(state): State<AppState>,
     Query(selector): Query<Selector>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
-    };
     rerank_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
 
@@ -369,12 +360,8 @@ async fn predict(
     State(state): State<AppState>,
     Query(selector): Query<Selector>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReadBody(body): ReadBody,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return super::limits::body_error(&rejection, state.max_message_bytes),
-    };
     predict_answer(&state, &selector, &headers, &body).await.map(Json).into_response()
 }
 
