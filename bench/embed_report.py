@@ -9,9 +9,11 @@ Usage: python bench/embed_report.py [bench/embed_results.json]
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -228,19 +230,8 @@ def summary_markdown(data: dict) -> str:
 
 
 def update_benchmarks_md(data: dict) -> None:
-    """Replace the "## Embeddings" section of docs/benchmarks.md (to the next
-    section or the end), or append it."""
-    path = DOCS / "benchmarks.md"
-    if not path.exists():
-        return
-    text = path.read_text()
-    section = summary_markdown(data)
-    m = re.search(r"^## Embeddings\n.*?(?=^## |\Z)", text, re.M | re.S)
-    if m:
-        text = text[:m.start()] + section + ("\n" if text[m.end():] else "") + text[m.end():]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Replace the "## Embeddings" section of docs/benchmarks.md, or append it."""
+    replace_section(DOCS / "benchmarks.md", "Embeddings", summary_markdown(data))
 
 
 def report(data: dict) -> None:

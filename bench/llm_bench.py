@@ -62,6 +62,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_workloads as wl  # noqa: E402
+from report import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -814,19 +815,8 @@ def summary_markdown(data):
 
 
 def update_benchmarks_md(data):
-    """Replace the "## Micro LLMs" section of docs/benchmarks.md (to the next
-    section or the end), or append it."""
-    path = DOCS / "benchmarks.md"
-    if not path.exists():
-        return
-    text = path.read_text()
-    section = summary_markdown(data)
-    m = re.search(r"^## Micro LLMs\n.*?(?=^## |\Z)", text, re.M | re.S)
-    if m:
-        text = text[:m.start()] + section + ("\n" if text[m.end():] else "") + text[m.end():]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Replace the "## Micro LLMs" section of docs/benchmarks.md, or append it."""
+    replace_section(DOCS / "benchmarks.md", "Micro LLMs", summary_markdown(data))
 
 
 def report(data):

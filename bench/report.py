@@ -8,6 +8,7 @@ Usage: python bench/report.py [bench/results.json [output directory, docs/]]
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,21 @@ CLIENT_NAMES = {
     "oha": "oha (HTTP/1.1 JSON, 1 connection per worker)",
 }
 
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Replace the `## heading` section of the page at `path` (to the next
+    section or the end) with `section`, or append it; the other benchmarks
+    write their own sections of docs/benchmarks.md this way."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    m = re.search(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", text, re.M | re.S)
+    if m:
+        text = text[:m.start()] + section + ("\n" if text[m.end():] else "") + text[m.end():]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 def ms(us: float) -> str:
     if us < 0:
